@@ -1,0 +1,150 @@
+"""`ModelConfig`: every architectural choice of a decoder-only transformer, in one dataclass.
+
+One config describes GPT-2-style models (learned positions, LayerNorm, GELU, biases) and Llama-style
+models (RoPE, RMSNorm, SwiGLU, grouped-query attention) alike, so the same model file, trainer, engine and
+exporters serve both. Presets live in `lmforge/presets.py` and are looked up by exact name only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.errors import UserError
+
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu")
+POSITIONS = ("rope", "learned", "sinusoidal")
+ROPE_SCALING_TYPES = ("linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder-only transformer. Defaults describe a small Llama-style model."""
+
+    vocab_size: int = 8192
+    context_length: int = 256  # longest sequence the model attends over (positions 0..context_length-1)
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; in between = GQA
+    head_dim: int | None = None  # None = d_model // n_heads
+    d_ff: int | None = None  # MLP hidden width; None = 4*d_model (gelu) or Llama's 8/3*d_model rounded (swiglu)
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"  # swiglu | gelu (tanh approximation, as GPT-2)
+    positions: str = "rope"  # rope | learned | sinusoidal
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type": "linear", "factor": f} or Llama-3's {"type": "llama3", ...}
+    attention_bias: bool = False  # biases on q, k, v and the output projection
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2 style)
+    mlp_bias: bool = False
+    tie_embeddings: bool = True  # output projection shares the token embedding matrix
+    dropout: float = 0.0
+    init_std: float = 0.02
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_heads if self.n_heads else 0
+        if self.d_ff is None:
+            if self.mlp == "swiglu":
+                # Llama: 2/3 of 4*d keeps the parameter count of a 4*d GELU MLP; round up to a multiple of 64.
+                self.d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+            else:
+                self.d_ff = 4 * self.d_model
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse shapes that cannot be built, each with the reason in one line."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UserError(f"invalid model config: {msg}")
+
+        for k in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+            need(isinstance(getattr(self, k), int) and getattr(self, k) > 0, f"{k} must be a positive integer, got {getattr(self, k)!r}")
+        need(self.n_heads % self.n_kv_heads == 0, f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        need(self.norm in NORMS, f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        need(self.mlp in MLPS, f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
+        need(self.positions in POSITIONS, f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        if self.positions == "rope":
+            need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
+            need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        if self.positions == "sinusoidal":
+            need(self.d_model % 2 == 0, f"sinusoidal positions need an even d_model, got {self.d_model}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            need(kind in ROPE_SCALING_TYPES, f"rope_scaling type must be one of {', '.join(ROPE_SCALING_TYPES)}, got {kind!r}")
+            need(float(self.rope_scaling.get("factor", 0)) > 0, "rope_scaling needs a positive factor")
+
+    # ----------------------------------------------------------------------------------------------
+    def num_params(self, *, include_embeddings: bool = True) -> int:
+        """Parameter count computed from the shape alone (equals `sum(p.numel())` of the built model).
+
+        Used to plan a run (memory, FLOPs) before building anything. `include_embeddings=False` leaves out
+        the token and position tables, which is the count that FLOPs-per-token estimates use.
+        """
+        d, h, kv, hd, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
+        norm_p = 2 * d if self.norm == "layernorm" else d
+        qkv_out = (h + 2 * kv) * hd
+        attn = d * qkv_out + h * hd * d
+        if self.attention_bias:
+            attn += qkv_out + d
+        elif self.qkv_bias:
+            attn += qkv_out
+        if self.mlp == "swiglu":
+            mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        else:
+            mlp = 2 * d * f + (f + d if self.mlp_bias else 0)
+        n = self.n_layers * (attn + mlp + 2 * norm_p) + norm_p
+        if not self.tie_embeddings:
+            n += self.vocab_size * d  # separate output projection
+        if include_embeddings:
+            n += self.vocab_size * d
+            if self.positions == "learned":
+                n += self.context_length * d
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), the PaLM/Chinchilla estimate.
+
+        6 * N for the matmuls with N the non-embedding parameters plus the output projection (the token
+        lookup is free; the output projection is a real matmul), plus 12 * layers * T * d_attn for attention
+        scores and values.
+        """
+        T = seq_len or self.context_length
+        n = self.num_params(include_embeddings=False) + (self.vocab_size * self.d_model if self.tie_embeddings else 0)
+        return 6 * n + 12 * self.n_layers * T * self.n_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def diff(self, other: "ModelConfig") -> list[str]:
+        """Human-readable differences (`field: mine -> theirs`), used to refuse resuming a different shape."""
+        out = []
+        for f in dataclasses.fields(self):
+            if not f.compare:
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                out.append(f"{f.name}: {a!r} -> {b!r}")
+        return out

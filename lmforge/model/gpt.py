@@ -1,0 +1,302 @@
+"""THE model: a decoder-only transformer, GPT-2 or Llama flavoured by `ModelConfig`.
+
+Reading order follows the data: token ids -> embeddings (+ learned or sinusoidal positions) -> n_layers x
+[norm -> causal self-attention (RoPE, grouped-query, SDPA) -> residual -> norm -> MLP -> residual] -> final
+norm -> output projection -> logits. Shapes in comments: B batch, T tokens in this call, S key/value slots,
+C d_model, H query heads, K key/value heads, D head_dim, V vocab.
+
+Training, quantization and distribution wrap this module from outside; it imports none of them. The
+optional `KVCache` argument is what the generation engine uses to decode one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.model.kv_cache import KVCache
+
+
+# ---------------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): rescale, don't re-centre; no bias.
+
+    Computed in float32 and cast back before the weight multiply, exactly as Llama does, so that bf16
+    activations don't lose the small variance terms and our logits match the reference implementation.
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------------------
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D) for i < D/2, with optional context-extension scaling.
+
+    - linear (Chen et al. 2023, "position interpolation"): every frequency divided by `factor`.
+    - llama3: high frequencies (short wavelengths) are kept, low ones divided by `factor`, and the band in
+      between interpolated smoothly, so that local word order is untouched while long-range positions
+      stretch to the longer context.
+    """
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    sc = cfg.rope_scaling
+    if sc:
+        kind = sc.get("type", sc.get("rope_type"))
+        factor = float(sc["factor"])
+        if kind == "linear":
+            inv_freq = inv_freq / factor
+        elif kind == "llama3":
+            low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+            orig = float(sc.get("original_max_position_embeddings", 8192))
+            wavelen = 2 * math.pi / inv_freq
+            smooth = ((orig / wavelen) - low) / (high - low)
+            scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+            between = (wavelen <= orig / low) & (wavelen >= orig / high)
+            scaled = torch.where(between, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+            inv_freq = scaled
+    return inv_freq.float()
+
+
+def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (context_length, D), halves repeated to match `rotate_half`."""
+    t = torch.arange(cfg.context_length, dtype=torch.float32)
+    freqs = torch.outer(t, rope_frequencies(cfg))  # (T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of each head by angle position * freq_i (Su et al. 2021, HF layout).
+
+    x: (B, H, T, D); cos/sin: (B or 1, 1, T, D). The dot product of a rotated query and key then depends
+    only on their distance, which is what lets attention generalise across positions.
+    """
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """Fixed sin/cos position encodings of "Attention Is All You Need" (sin on even, cos on odd dims)."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)
+    return pe
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention and MLP
+# ---------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Causal self-attention with H query heads sharing K key/value heads (MHA: K=H, GQA: 1<K<H, MQA: K=1).
+
+    q, k and v come from one fused projection (one matmul instead of three), and attention itself is
+    `F.scaled_dot_product_attention`, which dispatches to flash / memory-efficient kernels where available.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attention_bias)
+        self.dropout = cfg.dropout
+        self.use_rope = cfg.positions == "rope"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        slots: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, slots)  # (B, K, S, D): everything cached so far
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=K != H,  # K/V heads are shared by H/K query heads each, without copying them
+        )  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward. SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)), with gate and up
+    fused into one matmul; or GPT-2's proj(gelu(fc(x)))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        width = 2 * cfg.d_ff if self.swiglu else cfg.d_ff
+        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias)  # swiglu: [gate; up]
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2 onwards)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache, slots):
+        x = x + self.resid_dropout(self.attn(self.norm1(x), rope, mask, cache, slots))
+        return x + self.mlp(self.norm2(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one matrix to read tokens in and write them out
+        # Position tables are derived from the config, so they are buffers that checkpoints don't store.
+        if cfg.positions == "rope":
+            cos, sin = rope_cache(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.context_length, cfg.d_model), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, init_std) weights, zero biases, and the two projections that write
+        into the residual stream scaled by 1/sqrt(2 * n_layers) so its variance doesn't grow with depth."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")) else nn.init.zeros_(p)
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self) -> int:
+        """Real parameter count (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for token ids `idx` (B, T); (B, 1, V) with `last_only`.
+
+        Without a cache this is ordinary causal training/scoring: positions 0..T-1. With a `cache`, the new
+        tokens are written at `slots` (T,) of the cache (default: positions, or continuing after what the
+        cache holds) and attend to every earlier slot. `positions` (T,) or (B, T) give each token's position
+        when sequences of a batch are offset (left padding); `key_mask` (B, S) marks the cache slots each
+        sequence may attend to (False = padding).
+        """
+        B, T = idx.shape
+        cfg = self.config
+        if cache is not None and slots is None:
+            slots = torch.arange(cache.length, cache.length + T, device=idx.device)
+        if positions is None:
+            positions = slots if slots is not None else torch.arange(T, device=idx.device)
+        if int(positions.max()) >= cfg.context_length:
+            raise ValueError(f"position {int(positions.max())} is beyond the context length {cfg.context_length}")
+        pos2d = positions if positions.dim() == 2 else positions[None, :]  # (B or 1, T)
+
+        x = self.tok_emb(idx)  # (B, T, C)
+        if cfg.positions == "learned":
+            x = x + self.pos_emb(pos2d)
+        elif cfg.positions == "sinusoidal":
+            x = x + self.pos_table[pos2d]
+        x = self.drop(x)
+
+        rope = None
+        if cfg.positions == "rope":
+            rope = (self.rope_cos[pos2d][:, None], self.rope_sin[pos2d][:, None])  # (B|1, 1, T, D)
+
+        mask = None
+        if cache is not None:
+            S = cache.advance(slots)
+            key_slots = torch.arange(S, device=idx.device)
+            mask = key_slots[None, :] <= slots[:, None]  # (T, S): causal over cache slots
+            mask = mask[None, None]  # (1, 1, T, S)
+            if key_mask is not None:
+                # A padding query would otherwise see no key at all, and its softmax over nothing is NaN,
+                # which then leaks through the cached values of later layers; let every slot see itself.
+                itself = (key_slots[None, :] == slots[:, None])[None, None]
+                mask = (mask & key_mask[:, None, None, :S]) | itself  # (B, 1, T, S)
+        elif key_mask is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            itself = torch.eye(T, dtype=torch.bool, device=idx.device)
+            mask = (causal[None, None] & key_mask[:, None, None, :T]) | itself
+
+        for block in self.blocks:
+            x = block(x, rope, mask, cache, slots)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))  # (B, T, V)

@@ -1,0 +1,47 @@
+"""Exact-name model presets. A preset is looked up by its full name, never guessed from a path.
+
+`tiny` exists for tests; `small` trains usefully on a 2-core laptop CPU in minutes; `base` is the size
+one GPU pretrains in hours. The `llama-*` and `gpt2` presets copy the shapes of well-known open models
+(for benchmarks and memory planning), and train here from scratch like any other preset.
+"""
+
+from __future__ import annotations
+
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+
+_PRESETS: dict[str, dict] = {
+    # ~0.13M parameters: fast enough for unit tests.
+    "tiny": dict(vocab_size=512, context_length=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192),
+    # ~6.5M parameters, Llama-shaped: the laptop default.
+    "small": dict(vocab_size=8192, context_length=256, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=704),
+    # ~48M parameters, Llama-shaped.
+    "base": dict(vocab_size=32000, context_length=1024, d_model=512, n_layers=10, n_heads=8, n_kv_heads=8, d_ff=1408),
+    # nanoGPT-style small model: learned positions, LayerNorm, GELU, biases (for comparison with `small`).
+    "gpt-small": dict(vocab_size=8192, context_length=256, d_model=256, n_layers=6, n_heads=8, d_ff=1024,
+                      norm="layernorm", mlp="gelu", positions="learned", attention_bias=True, mlp_bias=True),
+    # GPT-2 (124M) shape.
+    "gpt2": dict(vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+                 norm="layernorm", mlp="gelu", positions="learned", attention_bias=True, mlp_bias=True),
+    # llama2.c "stories15M" shape.
+    "llama-15m": dict(vocab_size=32000, context_length=256, d_model=288, n_layers=6, n_heads=6, d_ff=768),
+    # SmolLM2-135M shape.
+    "llama-135m": dict(vocab_size=49152, context_length=2048, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                       d_ff=1536, rope_theta=100000.0),
+    # Llama-3.2-1B shape (GQA, Llama-3 rope scaling, tied embeddings): for memory and compute planning.
+    "llama-1b": dict(vocab_size=128256, context_length=131072, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                     d_ff=8192, rope_theta=500000.0,
+                     rope_scaling={"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def preset_names() -> list[str]:
+    return list(_PRESETS)
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """The config called exactly `name`, with `overrides` applied (e.g. vocab_size from the tokenizer)."""
+    if name not in _PRESETS:
+        raise UserError(f"unknown preset {name!r}; known presets: {', '.join(_PRESETS)}")
+    return ModelConfig(**{**_PRESETS[name], **overrides, "name": name})
