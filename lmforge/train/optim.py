@@ -1,0 +1,42 @@
+"""AdamW parameter groups and the learning-rate schedule (a pure function of the step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only. Norm gains and biases are scales and offsets, and embeddings are lookup tables
+    whose rows are touched rarely; decaying them pulls rare tokens towards zero for no regularisation gain
+    (GPT-3, nanoGPT, LitGPT all exempt them)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # tied weights appear once, under the embedding's name
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or "emb" in name.split(".")[-2]:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
+                   eps: float = 1e-8) -> torch.optim.AdamW:
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `decay_steps`, then flat.
+
+    `step` is the 0-based index of the update about to be taken. Example with lr=1e-3, min_lr=1e-4,
+    warmup 10, decay 110: step 0 -> 1e-4, step 9 -> 1e-3, step 60 -> 5.5e-4 (half way), step >= 110 -> 1e-4.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
