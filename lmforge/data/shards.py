@@ -27,7 +27,7 @@ from lmforge.errors import UserError
 from lmforge.io import atomic_write, atomic_write_json
 
 #: Bump when the on-disk layout or the split/chunking rules change: old caches then miss instead of lying.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: special-token text in documents is encoded as plain text
 
 #: Documents longer than this are cut (at a newline when possible) before `encode_batch`, so one huge
 #: file never becomes one huge tokenizer call: memory stays bounded and the progress bar keeps moving.
@@ -143,7 +143,7 @@ def _encoded_batches(docs: list[str], tokenizer, bar: tqdm) -> Iterator[np.ndarr
     pending_chars = 0
 
     def flush() -> np.ndarray:
-        encoded = tokenizer.encode_batch(pending)
+        encoded = tokenizer.encode_batch(pending, allow_special=False)
         if len(encoded) != len(pending):
             raise RuntimeError(f"encode_batch returned {len(encoded)} results for {len(pending)} texts")
         parts: list[np.ndarray] = []
@@ -240,7 +240,7 @@ def prepare_data(
 ) -> TokenData:
     """Tokenize the corpus `spec` with `tokenizer` into cached memmap shards, or reuse the cached ones.
 
-    `tokenizer` needs ``encode_batch(list[str]) -> list[list[int]]`` (no BOS), ``eos_id``, ``vocab_size``
+    `tokenizer` needs ``encode_batch(list[str], allow_special=False) -> list[list[int]]`` (no BOS; special-token text in raw documents stays text), ``eos_id``, ``vocab_size``
     and ``fingerprint()``. The cache key covers the corpus fingerprint (cheap: paths, sizes, mtimes),
     the tokenizer fingerprint, `val_fraction`, `seed`, `errors` and the format version, so a repeat run
     opens the memmaps without reading or tokenizing any text. `block_size` is not part of the key: it

@@ -27,7 +27,7 @@ class ByteTokenizer:
         self.calls = 0
         self.texts: list[str] = []
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], allow_special: bool = True) -> list[list[int]]:
         self.calls += 1
         self.texts.extend(texts)
         return [list(t.encode("utf-8")) for t in texts]

@@ -1,0 +1,682 @@
+"""Byte-level BPE tokenizer, ChatML chat template, and the Hugging Face directory layout.
+
+Why this design
+---------------
+* **Byte-level BPE via Hugging Face `tokenizers`.** Training and encoding run in the Rust library
+  (`models.BPE` + `trainers.BpeTrainer`), not in a Python merge loop, so a few hundred MB of text trains
+  in minutes and `encode_batch` uses every core.
+* **Exact round trip for any string.** Text is first split with a Llama-3-style regex (`Split`,
+  behaviour "isolated", which keeps every character: the pieces concatenate back to the input), then
+  `ByteLevel` maps each UTF-8 *byte* to one of 256 printable stand-in characters. The trainer starts from
+  `ByteLevel.alphabet()`, so all 256 bytes are in the vocabulary and nothing is ever `<unk>`; the
+  `ByteLevel` decoder maps the stand-ins back to bytes and decodes UTF-8. There is deliberately **no
+  normalizer** (no NFC, no lowercasing, no whitespace cleanup) and no prefix space, because each of those
+  rewrites the text and would break `decode(encode(s)) == s`. This holds for emoji, CJK, control
+  characters, ``"\\r\\n"``, leading spaces, NUL bytes -- any `str` Python can encode as UTF-8.
+* **Special tokens at fixed ids 0..3** (`SPECIAL_TOKENS`): the trainer adds them before the byte alphabet,
+  so `<|endoftext|>` is 0, `<|im_start|>` 1, `<|im_end|>` 2, `<|pad|>` 3 whatever the vocab size.
+  `<|endoftext|>` separates documents in pretraining data (EOS) and doubles as BOS; `<|im_end|>` ends a
+  chat turn, so generation stops on either (`eos_ids`).
+* **Special-token text inside raw input.** By default `encode` does what Hugging Face does: the literal
+  text ``"<|im_end|>"`` in the input becomes the control token (id 2). That is required so that a rendered
+  chat template (a plain string containing ``<|im_start|>``...) encodes to control tokens, and so that our
+  ids equal `transformers`' ids. The round trip still holds because `decode(..., skip_special_tokens=False)`
+  writes a control token back as its literal text. For untrusted text that must never turn into control
+  tokens (web documents, user messages you tokenize yourself) pass ``allow_special=False``: then
+  ``"<|im_end|>"`` is encoded as ordinary bytes (``<``, ``|``, ``im``...) and still round-trips.
+* **No BOS on chat encodes.** `transformers` tokenizes a rendered chat with ``add_special_tokens=False``;
+  the template itself decides every special token. Our ChatML template never emits a BOS and
+  `encode_chat` never prepends one, so there is never a doubled BOS and our ids equal theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+
+from lmforge.errors import UserError
+from lmforge.io import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "DEFAULT_CHAT_TEMPLATE",
+    "ENDOFTEXT",
+    "IM_START",
+    "IM_END",
+    "PAD",
+    "Tokenizer",
+    "train_tokenizer",
+]
+
+ENDOFTEXT = "<|endoftext|>"  # document separator; EOS of documents and BOS
+IM_START = "<|im_start|>"  # ChatML: start of a turn, followed by the role and "\n"
+IM_END = "<|im_end|>"  # ChatML: end of a turn ("end of turn" / EOT); generation stops here too
+PAD = "<|pad|>"  # padding only; never trained on
+SPECIAL_TOKENS: list[str] = [ENDOFTEXT, IM_START, IM_END, PAD]  # ids 0..3, in this order
+
+# Llama-3's pre-tokenization regex: contractions, words with one leading non-letter (usually the space),
+# numbers in groups of at most 3 digits, punctuation runs, newlines, other whitespace. Every character is
+# matched by some branch and the Split behaviour "isolated" keeps unmatched text anyway, so splitting
+# never drops or reorders anything (the round trip stays exact).
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# ChatML. `is not string` also catches a missing key and `content=None` (which, like transformers, we drop
+# before rendering). Never emits a BOS: see the module docstring.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "    {%- if message['role'] is not string or message['content'] is not string %}\n"
+    "        {{- raise_exception('every chat message needs a string \"role\" and a string \"content\"') }}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+_VERY_LARGE_INTEGER = int(1e30)  # what transformers writes for "no model_max_length"
+_CONFIG_KEY = "lmforge"  # our own settings inside tokenizer_config.json (transformers ignores the key)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Byte-level alphabet (the GPT-2 bytes<->unicode table used by tokenizers' ByteLevel)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters.
+
+    Printable Latin-1 bytes stand for themselves; the rest (control bytes, space, ...) are shifted to
+    U+0100 and up. `tokenizers`' ByteLevel uses exactly this table, so inverting it recovers a token's bytes.
+    """
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+_BYTE_TO_CHAR = _bytes_to_unicode()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+
+
+def _token_text_to_bytes(token: str) -> bytes:
+    """Mirror tokenizers' ByteLevel decoder for one token.
+
+    A token whose characters are all stand-ins becomes those bytes; any other token (e.g. a special token
+    containing a space) is passed through as its own UTF-8. Applying the same rule as the decoder keeps
+    `b"".join(token_bytes(i) ...)` byte-identical to what `decode` produces.
+    """
+    out = bytearray()
+    for ch in token:
+        b = _CHAR_TO_BYTE.get(ch)
+        if b is None:
+            return token.encode("utf-8")
+        out.append(b)
+    return bytes(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chat templates, rendered exactly as transformers renders them
+# ----------------------------------------------------------------------------------------------------
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+@lru_cache(maxsize=32)
+def _compile_chat_template(source: str) -> Any:
+    """Compile a chat template once per distinct source (cached), in transformers' sandboxed environment.
+
+    Chat templates travel with downloaded checkpoints, so they are untrusted code: the
+    `ImmutableSandboxedEnvironment` refuses access to dunder/internal attributes (`''.__class__...`) and
+    mutation of the inputs. Options, filters and globals match `transformers.utils.chat_template_utils`
+    so that any template renders to the same string here and there.
+    """
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _GenerationTag(jinja2.ext.Extension):
+        """Accept transformers' `{% generation %}...{% endgeneration %}` (assistant-mask markers) and
+        render the body unchanged, so templates that use it still compile here."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_passthrough"), [], [], body).set_lineno(lineno)
+
+        def _passthrough(self, caller: Any) -> str:
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        # Jinja's own tojson HTML-escapes (<, >, &, '), which would corrupt prompts.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    class _TemplateDict:
+        # `dict(...)` for templates without exposing the real type object.
+        def __call__(self, *args: Any, **kwargs: Any) -> dict:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+            return dict.fromkeys(*args, **kwargs)
+
+    class _TemplateNamespace(jinja2.utils.Namespace):
+        # Namespaces reject underscore-prefixed attributes, as in transformers.
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                _TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            _TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})"
+                )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise UserError(f"chat template is not valid Jinja (line {e.lineno}): {_one_line(e.message)}") from None
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild template inputs from plain JSON-like types (as transformers does), so the sandbox never sees
+    rich objects whose methods it does not know to be dangerous; anything else becomes "<TypeName>"."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if type(value).__module__ == "numpy" and callable(getattr(value, "item", None)) and getattr(value, "ndim", 1) == 0:
+        return _plain(value.item())  # numpy scalars: np.bool_(False) must stay falsy
+    return f"<{type(value).__name__}>"
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+    special_tokens: Mapping[str, str] | None = None,
+    **kwargs: Any,
+) -> str:
+    """Render `template` for one conversation the way `transformers`' `apply_chat_template` does.
+
+    Like transformers: keys whose value is None are dropped from each message, the template sees
+    `messages`, `tools`/`documents` (None unless given), `add_generation_prompt`, the named special tokens
+    and then the caller's kwargs (which win). Template errors (`raise_exception`, sandbox violations,
+    undefined values) become a one-line `UserError`.
+    """
+    import jinja2
+
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise UserError("a chat must be a list of messages like {'role': 'user', 'content': '...'}")
+    if len(messages) == 0:
+        raise UserError("cannot apply the chat template to an empty conversation; give at least one message")
+    chat = []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            raise UserError(f"chat messages must be dicts with 'role' and 'content', got {type(message).__name__}")
+        chat.append(_plain({k: v for k, v in message.items() if v is not None}))
+    compiled = _compile_chat_template(template)
+    context: dict[str, Any] = {"tools": None, "documents": None}
+    context.update(_plain(dict(special_tokens or {})))
+    context.update(_plain(kwargs))
+    context["messages"] = chat
+    context["add_generation_prompt"] = add_generation_prompt
+    try:
+        return compiled.render(**context)
+    except jinja2.exceptions.TemplateError as e:
+        kind = "blocked by the sandbox" if isinstance(e, jinja2.exceptions.SecurityError) else "failed"
+        raise UserError(f"chat template {kind}: {_one_line(e.message or e)}") from None
+    except (TypeError, ValueError) as e:  # e.g. 'str' + list inside the template
+        raise UserError(f"chat template failed: {_one_line(e)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def _new_backend() -> tokenizers.Tokenizer:
+    """An untrained byte-level BPE pipeline: Llama-3 split regex -> ByteLevel, no normalizer."""
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    min_frequency: int = 2,
+    show_progress: bool = True,
+) -> "Tokenizer":
+    """Train a byte-level BPE tokenizer on `texts` (streamed; any iterable of strings).
+
+    `vocab_size` counts everything: 4 special tokens (ids 0..3) + 256 byte tokens + merges. The trainer may
+    stop below it when the corpus has no more pairs seen `min_frequency` times. The result carries the
+    ChatML `DEFAULT_CHAT_TEMPLATE`.
+    """
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise UserError(f"vocab size must be an integer, got {vocab_size!r}")
+    if vocab_size < minimum:
+        raise UserError(
+            f"vocab size {vocab_size} is below the byte alphabet (256) + {len(SPECIAL_TOKENS)} special tokens "
+            f"= {minimum}"
+        )
+    if isinstance(texts, (str, bytes)):
+        raise UserError("train_tokenizer wants an iterable of texts (e.g. a list of strings), not a single string")
+
+    def checked(items: Iterable[Any]) -> Iterable[str]:
+        for t in items:
+            if not isinstance(t, str):
+                raise UserError(f"training texts must be strings, got {type(t).__name__}")
+            if t:
+                yield t
+
+    stream = iter(checked(texts))
+    first = next(stream, None)
+    if first is None:
+        raise UserError("no training text: the texts given to train the tokenizer were empty")
+
+    tk = _new_backend()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=show_progress,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(chain([first], stream), trainer=trainer)
+    for i, tok in enumerate(SPECIAL_TOKENS):  # the fixed-id promise that checkpoints rely on
+        assert tk.token_to_id(tok) == i, f"special token {tok} got id {tk.token_to_id(tok)}, expected {i}"
+    return Tokenizer(tk, chat_template=DEFAULT_CHAT_TEMPLATE)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+
+def _token_str(value: Any) -> str | None:
+    """A special token from a HF config: a string, an AddedToken dict {"content": ...}, or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise UserError(f"cannot read special token {value!r} from the tokenizer config")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus lmforge's special-token roles and chat template.
+
+    Construct it with `train_tokenizer` or `Tokenizer.load`. `backend` is the Rust tokenizer; use it for
+    anything not wrapped here. `encode` never asks the backend to add special tokens: a BOS is prepended
+    here only when `add_bos` is on, and never for chats.
+
+    When `add_bos=True` the backend gets (a copy with) a `TemplateProcessing` post-processor that prepends
+    the BOS, so `transformers` loading the saved directory adds the same BOS for plain text.
+    """
+
+    def __init__(
+        self,
+        tk: tokenizers.Tokenizer,
+        *,
+        chat_template: str | None = None,
+        bos_token: str | None = ENDOFTEXT,
+        eos_token: str | None = ENDOFTEXT,
+        eot_token: str | None = IM_END,
+        pad_token: str | None = PAD,
+        add_bos: bool = False,
+        extra_eos_tokens: Sequence[str] = (),
+        model_max_length: int | None = None,
+    ) -> None:
+        if not isinstance(tk, tokenizers.Tokenizer):
+            raise TypeError(f"Tokenizer wants a tokenizers.Tokenizer, got {type(tk).__name__}")
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.eot_token = eot_token
+        self.pad_token = pad_token
+        self.extra_eos_tokens = list(extra_eos_tokens)
+        self.add_bos = bool(add_bos)
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+
+        def lookup(role: str, token: str | None) -> int | None:
+            if token is None:
+                return None
+            i = tk.token_to_id(token)
+            if i is None:
+                raise UserError(f"{role} {token!r} is not in the tokenizer's vocabulary")
+            return i
+
+        self.bos_id = lookup("bos token", bos_token)
+        self.eos_id = lookup("eos token", eos_token)
+        self.eot_id = lookup("end-of-turn token", eot_token)
+        self.pad_id = lookup("pad token", pad_token)
+        extra = [lookup("extra eos token", t) for t in self.extra_eos_tokens]
+        self.eos_ids: list[int] = []
+        for i in [self.eos_id, self.eot_id, *extra]:
+            if i is not None and i not in self.eos_ids:
+                self.eos_ids.append(i)
+
+        if self.add_bos:
+            if self.bos_id is None:
+                raise UserError("add_bos is on but the tokenizer has no bos token")
+            tk = tokenizers.Tokenizer.from_str(tk.to_str())  # don't mutate the caller's object
+            tk.post_processor = processors.TemplateProcessing(
+                single=f"{bos_token}:0 $A:0",
+                pair=f"{bos_token}:0 $A:0 {bos_token}:1 $B:1",
+                special_tokens=[(bos_token, self.bos_id)],
+            )
+        self.backend: tokenizers.Tokenizer = tk
+        self._literal_backend: tokenizers.Tokenizer | None = None  # lazily: specials encoded as plain text
+        self._token_bytes: list[bytes] | None = None
+
+    # -- basic properties ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (the model's embedding needs at least this many rows)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+            f"eot={self.eot_token!r}, pad={self.pad_token!r}, add_bos={self.add_bos}, "
+            f"chat_template={'yes' if self.chat_template else 'no'})"
+        )
+
+    # -- encode / decode ----------------------------------------------------------------------------
+
+    def _backend_for(self, allow_special: bool) -> tokenizers.Tokenizer:
+        if allow_special:
+            return self.backend
+        if self._literal_backend is None:
+            # A separate copy, so flipping the flag never races with other threads using `backend`.
+            literal = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            literal.encode_special_tokens = True
+            self._literal_backend = literal
+        return self._literal_backend
+
+    def encode(self, text: str, *, add_bos: bool | None = None, allow_special: bool = True) -> list[int]:
+        """Token ids for `text`; `decode(encode(text)) == text` for every string.
+
+        `add_bos=None` uses `self.add_bos`. With `allow_special=True` (the default, as in transformers) the
+        literal text of a special token becomes that control token; with `allow_special=False` it is encoded
+        as ordinary text (use this for untrusted text).
+        """
+        ids = self._backend_for(allow_special).encode(text, add_special_tokens=False).ids
+        if self.add_bos if add_bos is None else add_bos:
+            if self.bos_id is None:
+                raise UserError("cannot add a BOS: the tokenizer has no bos token")
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def encode_batch(self, texts: list[str], *, allow_special: bool = True) -> list[list[int]]:
+        """Encode many texts in parallel (Rust threads). Never adds a BOS; see `encode` for `allow_special`."""
+        return [e.ids for e in self._backend_for(allow_special).encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """Text for `ids`. Special tokens come back as their literal text unless `skip_special_tokens`.
+
+        Byte sequences that are not valid UTF-8 (e.g. half of an emoji) decode to U+FFFD; ids outside the
+        vocabulary are ignored (that is the backend's behaviour).
+        """
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, id: int) -> bytes:
+        """The raw bytes token `id` stands for; special tokens give their UTF-8 text.
+
+        Concatenating these and decoding UTF-8 incrementally gives streaming output that never splits a
+        multi-byte character, and is byte-identical to `decode(ids)`.
+        """
+        table = self._token_bytes
+        if table is None:
+            vocab_size = self.vocab_size
+            table = []
+            for i in range(vocab_size):
+                tok = self.backend.id_to_token(i)
+                table.append(b"" if tok is None else _token_text_to_bytes(tok))
+            self._token_bytes = table
+        i = int(id)
+        if not 0 <= i < len(table):
+            raise IndexError(f"token id {i} is outside the vocabulary (0..{len(table) - 1})")
+        return table[i]
+
+    # -- chat ---------------------------------------------------------------------------------------
+
+    def _special_tokens_for_template(self) -> dict[str, str]:
+        # The named tokens transformers passes (only those that are set).
+        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def apply_chat_template(
+        self, messages: list[dict], *, add_generation_prompt: bool = False, **kwargs: Any
+    ) -> str:
+        """Render a conversation to text, string-identical to `transformers`' `apply_chat_template(...,
+        tokenize=False)`. `kwargs` reach the template and override the special-token variables."""
+        if self.chat_template is None:
+            raise UserError("this tokenizer has no chat template")
+        return render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self._special_tokens_for_template(),
+            **kwargs,
+        )
+
+    def encode_chat(
+        self, messages: list[dict], *, add_generation_prompt: bool = False, **kwargs: Any
+    ) -> list[int]:
+        """Render and encode a conversation. No BOS is prepended, whatever `add_bos` says: the template owns
+        every special token of a chat (this is what transformers does with `tokenize=True`)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.encode(text, add_bos=False)
+
+    # -- identity -----------------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """sha256 hex over the full backend JSON, the chat template and the special-token roles.
+
+        Used as the cache key for tokenized data: any change to vocab, merges, pre-tokenization, BOS
+        handling or the template yields a new key.
+        """
+        h = hashlib.sha256()
+        h.update(self.backend.to_str().encode("utf-8"))
+        meta = {
+            "chat_template": self.chat_template,
+            "bos": self.bos_token,
+            "eos": self.eos_token,
+            "eot": self.eot_token,
+            "pad": self.pad_token,
+            "extra_eos": self.extra_eos_tokens,
+            "add_bos": self.add_bos,
+        }
+        h.update(b"\0")
+        h.update(json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        return h.hexdigest()
+
+    # -- persistence --------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the Hugging Face layout (loadable by `transformers.AutoTokenizer`), every file atomically.
+
+        tokenizer.json (the backend), tokenizer_config.json, chat_template.jinja and special_tokens_map.json.
+        lmforge-only settings (end-of-turn token, extra EOS tokens) live under the "lmforge" key of
+        tokenizer_config.json, which transformers ignores.
+        """
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        added = self.backend.get_added_tokens_decoder()
+        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        named_values = {v for v in named.values() if v is not None}
+        additional = [t.content for _, t in sorted(added.items()) if t.special and t.content not in named_values]
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": None,  # byte-level BPE covers every byte; nothing is ever unknown
+            "add_bos_token": self.add_bos,
+            "add_eos_token": False,
+            "model_max_length": self.model_max_length if self.model_max_length is not None else _VERY_LARGE_INTEGER,
+            "clean_up_tokenization_spaces": False,  # "cleanup" rewrites " ." etc. and breaks the round trip
+            "added_tokens_decoder": {
+                str(i): {
+                    "content": t.content,
+                    "lstrip": t.lstrip,
+                    "normalized": t.normalized,
+                    "rstrip": t.rstrip,
+                    "single_word": t.single_word,
+                    "special": t.special,
+                }
+                for i, t in sorted(added.items())
+            },
+            "additional_special_tokens": additional,
+        }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        config[_CONFIG_KEY] = {"eot_token": self.eot_token, "extra_eos_tokens": self.extra_eos_tokens}
+        special_map: dict[str, Any] = {k: v for k, v in named.items() if v is not None}
+        special_map["additional_special_tokens"] = additional
+
+        atomic_write_text(d / "tokenizer.json", self.backend.to_str(pretty=True))
+        atomic_write_json(d / "tokenizer_config.json", config)
+        atomic_write_json(d / "special_tokens_map.json", special_map)
+        template_file = d / "chat_template.jinja"
+        if self.chat_template is not None:
+            atomic_write_text(template_file, self.chat_template)
+        elif template_file.exists():
+            template_file.unlink()  # a stale template from an earlier save would win on load
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """Load a directory written by `save` or by `transformers` (tokenizer.json required).
+
+        The chat template comes from chat_template.jinja if present, else tokenizer_config.json's
+        "chat_template". Without a tokenizer_config.json the lmforge defaults are used for whichever
+        special tokens the vocabulary has.
+        """
+        d = Path(directory)
+        if not d.is_dir():
+            raise UserError(f"tokenizer directory {d} does not exist")
+        tj = d / "tokenizer.json"
+        if not tj.is_file():
+            raise UserError(f"no tokenizer.json in {d}; expected a tokenizer saved by lmforge or transformers")
+        try:
+            tk = tokenizers.Tokenizer.from_file(str(tj))
+        except Exception as e:  # the Rust side raises plain Exception for bad JSON / unknown components
+            raise UserError(f"{tj} is not a valid tokenizer file: {_one_line(e)}") from None
+
+        def read_json(name: str) -> dict | None:
+            p = d / name
+            if not p.is_file():
+                return None
+            try:
+                obj = json.loads(p.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UserError(f"{p} is not valid JSON: {_one_line(e)}") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{p} should hold a JSON object")
+            return obj
+
+        config = read_json("tokenizer_config.json")
+        special_map = read_json("special_tokens_map.json") or {}
+        kwargs: dict[str, Any] = {}
+        if config is None and not special_map:
+            defaults = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": PAD, "eot_token": IM_END}
+            for k, v in defaults.items():
+                kwargs[k] = v if tk.token_to_id(v) is not None else None
+            config = {}
+        else:
+            config = config or {}
+            for k in ("bos_token", "eos_token", "pad_token"):
+                kwargs[k] = _token_str(config[k] if k in config else special_map.get(k))
+            ours = config.get(_CONFIG_KEY)
+            if isinstance(ours, Mapping):
+                kwargs["eot_token"] = _token_str(ours.get("eot_token"))
+                extra = ours.get("extra_eos_tokens") or []
+                kwargs["extra_eos_tokens"] = [t for t in (_token_str(x) for x in extra) if t is not None]
+            else:  # a foreign tokenizer: use ChatML's end of turn if it has one
+                kwargs["eot_token"] = IM_END if tk.token_to_id(IM_END) is not None else None
+        kwargs["add_bos"] = bool(config.get("add_bos_token", False))
+        mml = config.get("model_max_length")
+        kwargs["model_max_length"] = mml if isinstance(mml, int) and 0 < mml < 10**18 else None
+
+        template_file = d / "chat_template.jinja"
+        template = config.get("chat_template")
+        if template_file.is_file():
+            template = template_file.read_text(encoding="utf-8")
+        elif isinstance(template, list):  # transformers' named templates: [{"name": ..., "template": ...}]
+            named_templates = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+            template = named_templates.get("default")
+        if template is not None and not isinstance(template, str):
+            raise UserError(f"the chat_template in {d / 'tokenizer_config.json'} is not a string")
+        kwargs["chat_template"] = template
+        return cls(tk, **kwargs)
