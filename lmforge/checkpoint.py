@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
@@ -166,7 +166,7 @@ def _read_weights(p: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{p} is not a model directory: {f.name} is missing")
         try:
             tensors.update(load_file(f))
-        except (SafetensorsError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{f}: not a readable safetensors file ({e})") from None
     return tensors
 

@@ -263,7 +263,7 @@ def fit(
                 with autocast:
                     loss, _ = objective(fwd, batch)
                 (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
             loss_val = loss_sum / cfg.grad_accum
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
             if not (math.isfinite(loss_val) and math.isfinite(gnorm)):

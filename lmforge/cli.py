@@ -1,0 +1,269 @@
+"""The `lmforge` command: one table of subcommands, each a thin layer over a library function.
+
+User mistakes surface as `UserError` and become one line on stderr with exit code 2; a diverged run
+exits 1 with its one-line reason; an interrupted run saves and exits 0. Only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable
+
+from lmforge import __version__
+from lmforge.errors import UserError
+
+PROG = "lmforge"
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _train_default(name: str):
+    from lmforge.train.loop import TrainConfig
+
+    return {f.name: f.default for f in fields(TrainConfig)}[name]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=100)
+
+
+def _progress_enabled(args) -> bool:
+    return args.progress if args.progress is not None else sys.stderr.isatty()
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenizer train
+# ---------------------------------------------------------------------------------------------------
+def cmd_tokenizer_train(args) -> int:
+    from lmforge.data.corpus import load_documents
+    from lmforge.tokenizer import train_tokenizer
+    from lmforge.train.pretrain import check_writable
+
+    out = Path(args.out)
+    check_writable(out)
+    docs = load_documents(args.data, errors=args.errors)
+    t0 = time.perf_counter()
+    tok = train_tokenizer(docs, args.vocab_size, min_frequency=args.min_frequency, show_progress=_progress_enabled(args))
+    tok.save(out)
+    sample = docs[0][:2000]
+    ids = tok.encode(sample, allow_special=False)
+    print(f"trained a {tok.vocab_size:,}-token byte-level BPE on {sum(map(len, docs)):,} characters "
+          f"in {time.perf_counter() - t0:.1f}s -> {out}")
+    print(f"compression on the first document: {len(sample) / max(1, len(ids)):.2f} characters/token")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# pretrain
+# ---------------------------------------------------------------------------------------------------
+RECIPE_FLAGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "lr_decay_steps",
+                "weight_decay", "grad_clip", "eval_interval", "save_interval", "log_interval", "seed", "precision",
+                "compile")
+
+
+def cmd_pretrain(args) -> int:
+    from lmforge.train.loop import TrainingDiverged
+    from lmforge.train.pretrain import PretrainOptions, pretrain
+
+    if args.resume and args.out and Path(args.out) != Path(args.resume):
+        return _fail("--resume continues in its own directory; leave out --out")
+    out = args.resume or args.out
+    if not out:
+        return _fail("say where the model goes with --out DIR (or continue a run with --resume DIR)")
+    progress = _progress_enabled(args)
+    opts = PretrainOptions(
+        out=Path(out), data=args.data, preset=args.preset, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        context_length=args.context_length, dropout=args.dropout, val_fraction=args.val_fraction, errors=args.errors,
+        eval_tokens=args.eval_tokens, resume=bool(args.resume), dry_run=args.dry_run, device=args.device,
+        progress=progress, recipe={k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None},
+    )
+    if not progress:  # no terminal: a line per evaluation instead of a progress bar
+        def on_log(rec: dict) -> None:
+            if "val_loss" in rec:
+                print(f"step {rec['step']}: val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f})", flush=True)
+        opts.on_log = on_log
+    try:
+        result, summary = pretrain(opts)
+    except TrainingDiverged as e:
+        return _fail(str(e), code=1)
+    if result is None:
+        print(summary["plan_text"])
+        meta = summary["data_meta"]
+        print(f"tokens         {meta['train_tokens']:,} train / {meta['val_tokens']:,} validation from {summary['data']} "
+              f"({meta['chars'] / max(1, meta['train_tokens'] + meta['val_tokens']):.2f} characters/token)")
+        print(f"recipe         {summary['recipe'].max_steps} steps x {summary['plan']['tokens_per_step']:,} tokens on "
+              f"{summary['device']} (dry run: nothing was trained or written)")
+        return 0
+    status = "stopped early (signal)" if result.interrupted else "done"
+    line = f"{status}: step {result.step}, {result.tokens_seen:,} tokens, {result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.0f}s"
+    if result.val_loss is not None:
+        import math
+        line += f"; validation loss {result.val_loss:.4f} nats/token (ppl {math.exp(result.val_loss):.2f}, " \
+                f"{summary['val_nats_per_char']:.4f} nats/char)"
+    print(line)
+    print(f"model: {out}   loss curve: {summary['plot']}")
+    if args.samples and not result.interrupted:
+        from lmforge.engine.generate import generate_ids
+
+        model, tok = summary["model"], summary["tokenizer"]
+        model.eval()
+        for i in range(args.samples):
+            ids = list(generate_ids(model, [tok.bos_id], max_new_tokens=args.sample_tokens, temperature=0.8, top_k=40,
+                                    top_p=0.95, eos_ids=tuple(tok.eos_ids), seed=args.seed_sample + i))
+            text = tok.decode(ids, skip_special_tokens=True).strip()
+            print(f"--- sample {i + 1} ---\n{text}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------
+def _add_data_flags(p: argparse.ArgumentParser, data_default_help: str) -> None:
+    p.add_argument("--data", metavar="SPEC", help=f"text to train on: builtin:pydocs (the Python docs), a .txt/.md file, "
+                   f"a .jsonl file with a 'text' field, a directory of those, or several joined by commas "
+                   f"(default: {data_default_help})")
+    p.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                   help="what to do with bytes that are not UTF-8: stop and name the file and offset, or replace "
+                        "them with U+FFFD (default: strict)")
+
+
+def _add_progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show progress bars (default: when stderr is a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmforge.presets import preset_names
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="Own a language model on your own machine: train a tokenizer, pretrain, and (soon) fine-tune, "
+                    "evaluate, chat and serve.",
+        epilog="Run 'lmforge COMMAND --help' for the flags of a command.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # tokenizer train
+    tok = sub.add_parser("tokenizer", help="train byte-level BPE tokenizers", formatter_class=_Formatter)
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND")
+    tt = tok_sub.add_parser("train", help="train a BPE tokenizer on text and save it (tokenizer.json + config)",
+                            formatter_class=_Formatter,
+                            description="Train a byte-level BPE tokenizer with Hugging Face tokenizers. Any UTF-8 text "
+                                        "round-trips exactly; special tokens <|endoftext|>, <|im_start|>, <|im_end|>, "
+                                        "<|pad|> have ids 0-3; a ChatML chat template is included.")
+    _add_data_flags(tt, "builtin:pydocs")
+    tt.set_defaults(data="builtin:pydocs")
+    tt.add_argument("--vocab-size", type=_positive_int, default=8192, help="tokens in the vocabulary, specials included (default: 8192)")
+    tt.add_argument("--min-frequency", type=_positive_int, default=2, help="merge only pairs seen at least this often (default: 2)")
+    tt.add_argument("--out", required=True, metavar="DIR", help="directory to write the tokenizer files to (required)")
+    _add_progress_flag(tt)
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    # pretrain
+    pt = sub.add_parser(
+        "pretrain", help="pretrain a model from raw text (or resume a run)", formatter_class=_Formatter,
+        description="Train a decoder-only transformer on raw text. Trains a tokenizer on the data unless --tokenizer "
+                    "is given, tokenizes once into cached shards, then trains with AdamW, warmup + cosine decay, "
+                    "periodic validation and checkpoints. Writes a Hugging Face model directory (config.json, "
+                    "model.safetensors, tokenizer files), metrics.jsonl and loss.png into --out. Ctrl-C saves and "
+                    "stops; --resume continues exactly where a run stopped.",
+        epilog="examples:\n  lmforge pretrain --preset small --data builtin:pydocs --out runs/small --max-steps 3000\n"
+               "  lmforge pretrain --resume runs/small --max-steps 6000\n"
+               "  lmforge pretrain --preset small --data shakespeare.txt --out runs/shakes --dry-run")
+    pt.add_argument("--preset", metavar="NAME", help=f"model shape, one of: {', '.join(preset_names())} "
+                    f"(default: small; on --resume, the checkpoint's shape)")
+    _add_data_flags(pt, "builtin:pydocs; on --resume, the run's data")
+    pt.add_argument("--out", metavar="DIR", help="output model directory (required unless --resume)")
+    pt.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (same data order, optimizer and RNG state)")
+    pt.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs/token, a memory estimate and token "
+                    "counts, then stop without training")
+    pt.add_argument("--tokenizer", metavar="DIR", type=Path, help="use this tokenizer instead of training one on the data")
+    pt.add_argument("--vocab-size", type=_positive_int, help="vocabulary of the tokenizer trained on the data "
+                    "(default: the preset's)")
+    pt.add_argument("--context-length", type=_positive_int, help="tokens per training window = the model's context "
+                    "(default: the preset's)")
+    pt.add_argument("--dropout", type=_float, help="dropout probability (default: the preset's, 0)")
+    g = pt.add_argument_group("training recipe (on --resume, defaults come from the checkpoint)")
+    g.add_argument("--max-steps", type=_positive_int, help=f"optimizer steps to train to (default: {_train_default('max_steps')})")
+    g.add_argument("--batch-size", type=_positive_int, help=f"sequences per micro-batch (default: {_train_default('batch_size')})")
+    g.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--lr", type=_float, help=f"peak learning rate (default: {_train_default('lr')})")
+    g.add_argument("--min-lr", type=_float, help="learning rate at the end of the cosine decay (default: lr/10)")
+    g.add_argument("--warmup-steps", type=_nonneg_int, help="linear warmup steps (default: 100, at most a tenth of max-steps)")
+    g.add_argument("--lr-decay-steps", type=_positive_int, help="step at which the cosine reaches min-lr (default: max-steps)")
+    g.add_argument("--weight-decay", type=_float, help=f"AdamW weight decay on matrices (default: {_train_default('weight_decay')})")
+    g.add_argument("--grad-clip", type=_float, help=f"clip the gradient norm to this; 0 disables (default: {_train_default('grad_clip')})")
+    g.add_argument("--eval-interval", type=_positive_int, help=f"steps between validation runs (default: {_train_default('eval_interval')})")
+    g.add_argument("--save-interval", type=_nonneg_int, help=f"steps between checkpoints; 0 = only at the end (default: {_train_default('save_interval')})")
+    g.add_argument("--log-interval", type=_positive_int, help=f"steps between metrics lines (default: {_train_default('log_interval')})")
+    g.add_argument("--seed", type=int, help=f"seed for initialisation, data order and dropout (default: {_train_default('seed')})")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="autocast precision; auto = bf16 on "
+                   "GPUs that support it, fp32 on CPU (default: auto)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (default: off)")
+    pt.add_argument("--val-fraction", type=_float, default=0.05, help="share of the data held out for validation (default: 0.05)")
+    pt.add_argument("--eval-tokens", type=_positive_int, default=131072, help="validation tokens scored per evaluation (default: 131072)")
+    pt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    pt.add_argument("--samples", type=_nonneg_int, default=2, help="text samples to print when training ends (default: 2)")
+    pt.add_argument("--sample-tokens", type=_positive_int, default=80, help="tokens per printed sample (default: 80)")
+    pt.add_argument("--seed-sample", type=int, default=0, help="seed of the printed samples (default: 0)")
+    _add_progress_flag(pt)
+    pt.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable | None = getattr(args, "func", None)
+    if func is None:
+        if args.command == "tokenizer":
+            parser.parse_args(["tokenizer", "--help"])
+        parser.print_help()
+        return 2
+    try:
+        return func(args)
+    except UserError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Pretraining, end to end: text -> tokenizer -> token shards -> model -> `fit()` -> model directory.
+
+This module wires the pieces together (and resolves a `--resume`); the pieces themselves live in
+`tokenizer.py`, `data/`, `model/`, `train/loop.py` and `checkpoint.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lmforge import __version__
+from lmforge.checkpoint import Checkpointer, is_model_dir, load_config, load_model, read_lmforge_meta, read_trainer_state
+from lmforge.config import ModelConfig
+from lmforge.data.corpus import corpus_fingerprint, load_documents
+from lmforge.data.shards import TokenData, get_batch, prepare_data
+from lmforge.errors import UserError
+from lmforge.model.gpt import GPT
+from lmforge.paths import cache_dir
+from lmforge.presets import get_preset
+from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from lmforge.train import objectives
+from lmforge.train.loop import FitResult, TrainConfig, fit
+from lmforge.train.plan import estimate, format_plan
+
+DEFAULT_PRESET = "small"
+DEFAULT_DATA = "builtin:pydocs"
+
+
+class WindowBatches:
+    """Pretraining batches: random windows of the training tokens, and a fixed validation set.
+
+    Training window starts are a pure function of (seed, step, micro) through `get_batch`. Validation
+    uses consecutive non-overlapping windows from the start of the held-out tokens (up to `eval_tokens`),
+    built once, so every evaluation scores the same tokens and `val_chars_per_token` converts the loss
+    to nats per character exactly.
+    """
+
+    def __init__(self, data: TokenData, *, batch_size: int, block_size: int, grad_accum: int, seed: int,
+                 eval_tokens: int, device: torch.device) -> None:
+        self.data, self.B, self.T, self.accum, self.seed, self.device = data, batch_size, block_size, grad_accum, seed, device
+        self.tokens_per_batch = batch_size * block_size
+        val = np.asarray(data.val)
+        n_windows = max(1, min((len(val) - 1) // block_size, max(1, eval_tokens // block_size)))
+        x = torch.from_numpy(val[: n_windows * block_size].astype(np.int64)).view(n_windows, block_size)
+        y = torch.from_numpy(val[1: n_windows * block_size + 1].astype(np.int64)).view(n_windows, block_size)
+        self._val = [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)) for i in range(0, n_windows, batch_size)]
+        self.val_tokens = n_windows * block_size
+        # chars per token over the whole validation split: converts nats/token into nats/char.
+        self.val_chars_per_token = data.meta["val_chars"] / max(1, data.meta["val_tokens"])
+
+    def train_batch(self, step: int, micro: int):
+        x, y = get_batch(self.data.train, self.B, self.T, seed=self.seed, step=step * self.accum + micro)
+        return x.to(self.device), y.to(self.device)
+
+    def val_batches(self):
+        return self._val
+
+
+@dataclass
+class PretrainOptions:
+    out: Path
+    data: str | None = None  # None: builtin:pydocs, or the data of the run being resumed
+    preset: str | None = None  # None: small, or the resumed model's config
+    tokenizer: Path | None = None  # a directory with tokenizer.json; None: train one on the data
+    vocab_size: int | None = None
+    context_length: int | None = None
+    dropout: float | None = None
+    val_fraction: float = 0.05
+    errors: str = "strict"
+    eval_tokens: int = 131072
+    resume: bool = False
+    dry_run: bool = False
+    device: str = "auto"
+    progress: bool = True
+    recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields the user set explicitly
+    on_log: Callable[[dict], None] | None = None  # called with every metrics record
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+    return dev
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output directory we cannot write before spending minutes on data and training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to output directory {out}: {e.strerror or e}") from None
+
+
+def get_tokenizer(data: str, vocab_size: int, *, errors: str, progress: bool) -> Tokenizer:
+    """A BPE tokenizer trained on `data`, cached by (corpus fingerprint, vocab size) under LMFORGE_HOME."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"vocab size {vocab_size} is below the byte alphabet (256) + {len(SPECIAL_TOKENS)} special tokens "
+                        f"= {256 + len(SPECIAL_TOKENS)}")
+    key = hashlib.sha256(f"{corpus_fingerprint(data)}|{vocab_size}|{errors}|tok-v1".encode()).hexdigest()[:16]
+    where = cache_dir("tokenizers") / key
+    if (where / "tokenizer.json").is_file():
+        return Tokenizer.load(where)
+    tok = train_tokenizer(load_documents(data, errors=errors), vocab_size, show_progress=progress)
+    where.mkdir(parents=True, exist_ok=True)
+    tok.save(where)
+    return tok
+
+
+def _recipe(opts: PretrainOptions, saved: dict[str, Any] | None) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    base = {k: v for k, v in (saved or {}).items() if k in known}
+    cfg = TrainConfig(**{**base, **{k: v for k, v in opts.recipe.items() if v is not None}})
+    if "warmup_steps" not in opts.recipe and saved is None:
+        cfg.warmup_steps = min(cfg.warmup_steps, max(1, cfg.max_steps // 10))
+    for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_interval"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise UserError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    return cfg
+
+
+def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
+    """Run (or plan, with `dry_run`) a pretraining job. Returns the fit result and a summary dict."""
+    out = Path(opts.out)
+    device = resolve_device(opts.device)
+    saved_state = None
+    if opts.resume:
+        if not is_model_dir(out):
+            raise UserError(f"{out} is not a checkpoint to resume: it has no config.json")
+        saved_state, _ = read_trainer_state(out)
+        meta = read_lmforge_meta(out)
+        cfg = load_config(out)
+        if opts.preset is not None or opts.context_length is not None or opts.dropout is not None:
+            asked = get_preset(opts.preset or cfg.name, vocab_size=cfg.vocab_size,
+                               **{k: v for k, v in (("context_length", opts.context_length), ("dropout", opts.dropout)) if v is not None}) \
+                if opts.preset else cfg.replace(**{k: v for k, v in (("context_length", opts.context_length), ("dropout", opts.dropout)) if v is not None})
+            diff = cfg.diff(asked)
+            if diff:
+                raise UserError(f"cannot resume {out} with a different model shape ({'; '.join(diff)})")
+        data = opts.data or meta.get("lineage", {}).get("data") or DEFAULT_DATA
+        tokenizer = Tokenizer.load(out)
+    else:
+        data = opts.data or DEFAULT_DATA
+        preset = opts.preset or DEFAULT_PRESET
+        base = get_preset(preset)  # validates the name before any slow work
+        if opts.tokenizer is not None:
+            tokenizer = Tokenizer.load(opts.tokenizer)
+        else:
+            tokenizer = get_tokenizer(data, opts.vocab_size or base.vocab_size, errors=opts.errors, progress=opts.progress)
+        overrides = {"vocab_size": tokenizer.vocab_size}
+        if opts.context_length is not None:
+            overrides["context_length"] = opts.context_length
+        if opts.dropout is not None:
+            overrides["dropout"] = opts.dropout
+        cfg = get_preset(preset, **overrides)
+
+    recipe = _recipe(opts, saved_state["train_config"] if saved_state else None)
+    token_data = prepare_data(data, tokenizer, cache_dir("data"), val_fraction=opts.val_fraction, seed=0,
+                              errors=opts.errors, block_size=cfg.context_length, show_progress=opts.progress)
+    plan = estimate(cfg, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum, max_steps=recipe.max_steps,
+                    train_tokens=token_data.meta["train_tokens"])
+    summary: dict[str, Any] = {"plan": plan, "plan_text": format_plan(cfg, plan), "config": cfg, "data": data,
+                               "data_meta": token_data.meta, "recipe": recipe, "device": str(device)}
+    if opts.dry_run:
+        return None, summary
+
+    check_writable(out)
+    if opts.resume:
+        model = load_model(out, device=device)
+    else:
+        torch.manual_seed(recipe.seed)
+        model = GPT(cfg).to(device)
+    batches = WindowBatches(token_data, batch_size=recipe.batch_size, block_size=cfg.context_length,
+                            grad_accum=recipe.grad_accum, seed=recipe.seed, eval_tokens=opts.eval_tokens, device=device)
+    lineage = {"objective": "pretrain", "data": data, "data_fingerprint": token_data.meta.get("corpus_fingerprint"),
+               "preset": cfg.name, "parent": None, "tokenizer": str(opts.tokenizer) if opts.tokenizer else f"BPE trained on {data}",
+               "lmforge_version": __version__}
+    if opts.resume:
+        lineage = {**read_lmforge_meta(out).get("lineage", {}), "lmforge_version": __version__}
+    checkpointer = Checkpointer(out, tokenizer=tokenizer, lineage=lineage)
+    result = fit(model, objectives.pretrain, batches, recipe, checkpointer, resume=opts.resume, device=device,
+                 progress=opts.progress, description="pretrain", on_log=opts.on_log)
+    if result.val_loss is not None:
+        summary["val_nats_per_char"] = result.val_loss / batches.val_chars_per_token
+    summary.update(model=model, tokenizer=tokenizer, val_chars_per_token=batches.val_chars_per_token,
+                   val_tokens_scored=batches.val_tokens, plot=out / "loss.png")
+    return result, summary
