@@ -22,6 +22,7 @@ from lmforge.errors import UserError
 LLAMA_LIKE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 NATIVE = "LmforgeForCausalLM"
 SUPPORTED_ARCHITECTURES = [*LLAMA_LIKE, NATIVE]
+TRAINING_ONLY_FIELDS = ("dropout", "init_std", "name")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -67,6 +68,8 @@ def config_to_hf(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token
         "attention_dropout": 0.0,
         "use_cache": True,
         **common,
+        # What transformers has no key for (training-time settings); read back by config_from_hf.
+        "lmforge": {k: getattr(cfg, k) for k in TRAINING_ONLY_FIELDS},
     }
     if arch == "LlamaForCausalLM":
         d["attention_bias"] = cfg.attention_bias
@@ -97,6 +100,7 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
         scaling = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta")}
         scaling["type"] = kind
     n_heads = d["num_attention_heads"]
+    ours = {k: v for k, v in (d.get("lmforge") or {}).items() if k in TRAINING_ONLY_FIELDS}
     try:
         return ModelConfig(
             vocab_size=d["vocab_size"],
@@ -117,7 +121,7 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
             qkv_bias=arch == "Qwen2ForCausalLM",
             mlp_bias=bool(d.get("mlp_bias", False)),
             tie_embeddings=bool(d.get("tie_word_embeddings", arch != "LlamaForCausalLM" and arch != "MistralForCausalLM")),
-            name=d.get("_name_or_path") or LLAMA_LIKE[arch],
+            **{"name": d.get("_name_or_path") or LLAMA_LIKE[arch], **ours},
         )
     except KeyError as e:
         raise UserError(f"{source}: missing key {e.args[0]!r}") from None

@@ -198,6 +198,7 @@ def fit(
     cfg = cfg.resolved()
     device = torch.device(device)
     out = Path(checkpointer.directory)
+    out.mkdir(parents=True, exist_ok=True)
     metrics_path, plot_path = out / "metrics.jsonl", out / "loss.png"
     autocast, precision = autocast_context(device, cfg.precision)
 
