@@ -1,0 +1,125 @@
+"""The command line: the happy path end to end, and one clear line with exit code 2 for every user mistake."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(capsys, argv, *fragments):
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmforge: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+TINY = ["--preset", "tiny", "--max-steps", "3", "--batch-size", "2", "--eval-interval", "3", "--samples", "1",
+        "--sample-tokens", "5", "--no-progress"]
+
+
+def test_pretrain_dry_run_resume_and_shape_check(capsys, tmp_path, corpus_file):
+    code, out, _ = run(capsys, "pretrain", "--data", corpus_file, "--out", tmp_path / "m", "--dry-run", *TINY)
+    assert code == 0
+    for word in ("parameters", "FLOPs/token", "memory (est.)", "training tokens"):
+        assert word in out
+    assert not (tmp_path / "m").exists()  # a dry run writes nothing
+
+    code, out, _ = run(capsys, "pretrain", "--data", corpus_file, "--out", tmp_path / "m", *TINY)
+    assert code == 0 and "validation loss" in out and "nats/char" in out and "sample 1" in out
+    assert json.loads((tmp_path / "m" / "trainer_state" / "state.json").read_text())["step"] == 3
+
+    code, out, _ = run(capsys, "pretrain", "--resume", tmp_path / "m", "--max-steps", "5", "--no-progress", "--samples", "0")
+    assert code == 0 and "step 5" in out
+
+    assert_user_error(capsys, ["pretrain", "--resume", tmp_path / "m", "--preset", "small", "--max-steps", "6"],
+                      "different model shape", "d_model: 64 -> 256")
+
+
+def test_tokenizer_train(capsys, tmp_path, corpus_file):
+    code, out, _ = run(capsys, "tokenizer", "train", "--data", corpus_file, "--vocab-size", "300", "--out", tmp_path / "t",
+                       "--no-progress")
+    assert code == 0 and "characters/token" in out
+    assert (tmp_path / "t" / "tokenizer.json").is_file() and (tmp_path / "t" / "tokenizer_config.json").is_file()
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "latin1.txt").write_bytes("hello caf".encode() + b"\xe9 au lait\n" * 50)
+    (tmp_path / "short.txt").write_text("just a few words\n")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "not_a_model").mkdir()
+    return tmp_path
+
+
+def test_missing_data(capsys, bad_inputs):
+    assert_user_error(capsys, ["pretrain", "--data", bad_inputs / "nope.txt", "--out", bad_inputs / "o", *TINY], "nope.txt")
+
+
+def test_empty_data(capsys, bad_inputs):
+    assert_user_error(capsys, ["pretrain", "--data", bad_inputs / "empty.txt", "--out", bad_inputs / "o", *TINY], "empty")
+
+
+def test_non_utf8_names_file_and_offset(capsys, bad_inputs):
+    line = assert_user_error(capsys, ["tokenizer", "train", "--data", bad_inputs / "latin1.txt", "--vocab-size", "300",
+                                      "--out", bad_inputs / "t"], "latin1.txt", "9", "--errors replace")
+    assert "offset" in line or "byte" in line
+    code, _, _ = run(capsys, "tokenizer", "train", "--data", bad_inputs / "latin1.txt", "--vocab-size", "300",
+                     "--out", bad_inputs / "t", "--errors", "replace", "--no-progress")
+    assert code == 0
+
+
+def test_corpus_shorter_than_context(capsys, bad_inputs):
+    assert_user_error(capsys, ["pretrain", "--data", bad_inputs / "short.txt", "--out", bad_inputs / "o", *TINY], "too short")
+
+
+def test_vocab_below_byte_alphabet(capsys, bad_inputs, corpus_file):
+    assert_user_error(capsys, ["pretrain", "--data", corpus_file, "--out", bad_inputs / "o", "--vocab-size", "100", *TINY],
+                      "100", "260")
+    assert_user_error(capsys, ["tokenizer", "train", "--data", corpus_file, "--vocab-size", "200", "--out", bad_inputs / "t"],
+                      "200", "260")
+
+
+def test_unknown_preset_lists_known_ones(capsys, bad_inputs, corpus_file):
+    assert_user_error(capsys, ["pretrain", "--data", corpus_file, "--out", bad_inputs / "o", "--preset", "huge"],
+                      "huge", "tiny", "small", "base")
+
+
+def test_resume_from_a_directory_that_is_not_a_checkpoint(capsys, bad_inputs):
+    assert_user_error(capsys, ["pretrain", "--resume", bad_inputs / "not_a_model"], "not_a_model", "config.json")
+    assert_user_error(capsys, ["pretrain", "--resume", bad_inputs / "missing"], "missing")
+
+
+def test_unwritable_output_directory(capsys, bad_inputs, corpus_file):
+    assert_user_error(capsys, ["pretrain", "--data", corpus_file, "--out", bad_inputs / "a_file" / "sub", *TINY], "cannot write")
+    assert_user_error(capsys, ["tokenizer", "train", "--data", corpus_file, "--vocab-size", "300",
+                               "--out", bad_inputs / "a_file" / "sub"], "cannot write")
+
+
+def test_tokenizer_dir_that_is_not_a_tokenizer(capsys, bad_inputs, corpus_file):
+    assert_user_error(capsys, ["pretrain", "--data", corpus_file, "--out", bad_inputs / "o",
+                               "--tokenizer", bad_inputs / "not_a_model", *TINY], "not_a_model")
+
+
+def test_every_flag_documents_its_default():
+    from lmforge.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("pretrain",):
+        for action in sub.choices[name]._actions:
+            if action.option_strings and action.dest not in ("help", "out", "resume", "tokenizer", "dry_run", "progress"):
+                assert "default" in (action.help or ""), action.option_strings
