@@ -145,10 +145,12 @@ def plot_losses(history: list[dict], path: Path, title: str = "") -> None:
     if train:
         xs, ys = zip(*train)
         ax.plot(xs, ys, color="tab:blue", alpha=0.3, linewidth=1, label="train")
-        smooth, ema = [], ys[0]
-        for y in ys:
-            ema = 0.9 * ema + 0.1 * y
-            smooth.append(ema)
+        # Bias-corrected EMA (as TensorBoard): no drag towards the first value; smoothing scales with points.
+        beta = min(0.95, max(0.0, 1 - 10 / len(ys)))
+        smooth, ema = [], 0.0
+        for i, y in enumerate(ys, 1):
+            ema = beta * ema + (1 - beta) * y
+            smooth.append(ema / (1 - beta**i) if beta else y)
         ax.plot(xs, smooth, color="tab:blue", linewidth=1.5, label="train (EMA)")
     if val:
         xs, ys = zip(*val)

@@ -149,10 +149,9 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
         saved_state, _ = read_trainer_state(out)
         meta = read_lmforge_meta(out)
         cfg = load_config(out)
-        if opts.preset is not None or opts.context_length is not None or opts.dropout is not None:
-            asked = get_preset(opts.preset or cfg.name, vocab_size=cfg.vocab_size,
-                               **{k: v for k, v in (("context_length", opts.context_length), ("dropout", opts.dropout)) if v is not None}) \
-                if opts.preset else cfg.replace(**{k: v for k, v in (("context_length", opts.context_length), ("dropout", opts.dropout)) if v is not None})
+        changes = {k: v for k, v in (("context_length", opts.context_length), ("dropout", opts.dropout)) if v is not None}
+        if opts.preset or changes:
+            asked = get_preset(opts.preset, vocab_size=cfg.vocab_size, **changes) if opts.preset else cfg.replace(**changes)
             diff = cfg.diff(asked)
             if diff:
                 raise UserError(f"cannot resume {out} with a different model shape ({'; '.join(diff)})")
