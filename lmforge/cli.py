@@ -109,7 +109,7 @@ def cmd_pretrain(args) -> int:
     opts = PretrainOptions(
         out=Path(out), data=args.data, preset=args.preset, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         context_length=args.context_length, dropout=args.dropout, val_fraction=args.val_fraction, errors=args.errors,
-        eval_tokens=args.eval_tokens, resume=bool(args.resume), dry_run=args.dry_run, device=args.device,
+        eval_tokens=args.eval_tokens, resume=bool(args.resume), dry_run=args.dry_run, overwrite=args.overwrite, device=args.device,
         progress=progress, recipe={k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None},
     )
     if not progress:  # no terminal: a line per evaluation instead of a progress bar
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (same data order, optimizer and RNG state)")
     pt.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs/token, a memory estimate and token "
                     "counts, then stop without training")
+    pt.add_argument("--overwrite", action="store_true", help="start a new run in an --out that already holds a model "
+                    "(default: refuse, so a finished model is never lost by accident)")
     pt.add_argument("--tokenizer", metavar="DIR", type=Path, help="use this tokenizer instead of training one on the data")
     pt.add_argument("--vocab-size", type=_positive_int, help="vocabulary of the tokenizer trained on the data "
                     "(default: the preset's)")

@@ -41,6 +41,9 @@ def test_pretrain_dry_run_resume_and_shape_check(capsys, tmp_path, corpus_file):
     assert code == 0 and "validation loss" in out and "nats/char" in out and "sample 1" in out
     assert json.loads((tmp_path / "m" / "trainer_state" / "state.json").read_text())["step"] == 3
 
+    assert_user_error(capsys, ["pretrain", "--data", corpus_file, "--out", tmp_path / "m", *TINY], "already holds a model",
+                      "--resume")
+
     code, out, _ = run(capsys, "pretrain", "--resume", tmp_path / "m", "--max-steps", "5", "--no-progress", "--samples", "0")
     assert code == 0 and "step 5" in out
 
@@ -121,5 +124,5 @@ def test_every_flag_documents_its_default():
     sub = next(a for a in parser._actions if a.dest == "command")
     for name in ("pretrain",):
         for action in sub.choices[name]._actions:
-            if action.option_strings and action.dest not in ("help", "out", "resume", "tokenizer", "dry_run", "progress"):
+            if action.option_strings and action.dest not in ("help", "out", "resume", "tokenizer", "dry_run", "progress", "overwrite"):
                 assert "default" in (action.help or ""), action.option_strings

@@ -78,6 +78,7 @@ class PretrainOptions:
     eval_tokens: int = 131072
     resume: bool = False
     dry_run: bool = False
+    overwrite: bool = False  # replace a model already in `out` instead of refusing
     device: str = "auto"
     progress: bool = True
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields the user set explicitly
@@ -182,6 +183,9 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
     if opts.dry_run:
         return None, summary
 
+    if not opts.resume and is_model_dir(out) and not opts.overwrite:
+        raise UserError(f"{out} already holds a model; continue it with --resume {out}, "
+                        f"or pass --overwrite to start over there")
     check_writable(out)
     if opts.resume:
         model = load_model(out, device=device)
