@@ -14,7 +14,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lmforge-installed
 
 DEMO_OUT   ?= runs/demo
-DEMO_STEPS ?= 200
+DEMO_STEPS ?= 300
 
 .PHONY: setup demo test clean
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -30,24 +31,20 @@ def _train_default(name: str):
     return {f.name: f.default for f in fields(TrainConfig)}[name]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
-    return v
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= minimum, with a one-line message otherwise."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {v}")
+        return v
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
-    return v
+_positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
 
 
 def _float(text: str) -> float:
@@ -55,6 +52,11 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _para(text: str) -> str:
+    """Wrap a description paragraph (the formatter keeps line breaks so that examples stay as written)."""
+    return textwrap.fill(text, 100)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -173,20 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Formatter,
-        description="Own a language model on your own machine: train a tokenizer, pretrain, and (soon) fine-tune, "
-                    "evaluate, chat and serve.",
+        description=_para("Own a language model on your own machine: train a tokenizer, pretrain, and (soon) "
+                          "fine-tune, evaluate, chat and serve."),
         epilog="Run 'lmforge COMMAND --help' for the flags of a command.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # tokenizer train
     tok = sub.add_parser("tokenizer", help="train byte-level BPE tokenizers", formatter_class=_Formatter)
+    tok.set_defaults(group_parser=tok)
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND")
     tt = tok_sub.add_parser("train", help="train a BPE tokenizer on text and save it (tokenizer.json + config)",
                             formatter_class=_Formatter,
-                            description="Train a byte-level BPE tokenizer with Hugging Face tokenizers. Any UTF-8 text "
-                                        "round-trips exactly; special tokens <|endoftext|>, <|im_start|>, <|im_end|>, "
-                                        "<|pad|> have ids 0-3; a ChatML chat template is included.")
+                            description=_para("Train a byte-level BPE tokenizer with Hugging Face tokenizers. Any UTF-8 "
+                                              "text round-trips exactly; special tokens <|endoftext|>, <|im_start|>, "
+                                              "<|im_end|>, <|pad|> have ids 0-3; a ChatML chat template is included."))
     _add_data_flags(tt, "builtin:pydocs")
     tt.set_defaults(data="builtin:pydocs")
     tt.add_argument("--vocab-size", type=_positive_int, default=8192, help="tokens in the vocabulary, specials included (default: 8192)")
@@ -198,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     # pretrain
     pt = sub.add_parser(
         "pretrain", help="pretrain a model from raw text (or resume a run)", formatter_class=_Formatter,
-        description="Train a decoder-only transformer on raw text. Trains a tokenizer on the data unless --tokenizer "
+        description=_para("Train a decoder-only transformer on raw text. Trains a tokenizer on the data unless --tokenizer "
                     "is given, tokenizes once into cached shards, then trains with AdamW, warmup + cosine decay, "
                     "periodic validation and checkpoints. Writes a Hugging Face model directory (config.json, "
                     "model.safetensors, tokenizer files), metrics.jsonl and loss.png into --out. Ctrl-C saves and "
-                    "stops; --resume continues exactly where a run stopped.",
+                    "stops; --resume continues exactly where a run stopped."),
         epilog="examples:\n  lmforge pretrain --preset small --data builtin:pydocs --out runs/small --max-steps 3000\n"
                "  lmforge pretrain --resume runs/small --max-steps 6000\n"
                "  lmforge pretrain --preset small --data shakespeare.txt --out runs/shakes --dry-run")
@@ -246,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed-sample", type=int, default=0, help="seed of the printed samples (default: 0)")
     _add_progress_flag(pt)
     pt.set_defaults(func=cmd_pretrain)
+
+    for p in (tt, pt):  # short metavars keep the usage lines readable
+        for action in p._actions:
+            if action.metavar is None and action.type in (_positive_int, _nonneg_int, int):
+                action.metavar = "N"
+            elif action.metavar is None and action.type is _float:
+                action.metavar = "X"
     return parser
 
 
@@ -253,10 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable | None = getattr(args, "func", None)
-    if func is None:
-        if args.command == "tokenizer":
-            parser.parse_args(["tokenizer", "--help"])
-        parser.print_help()
+    if func is None:  # a command group without its subcommand, or nothing at all
+        print((getattr(args, "group_parser", None) or parser).format_help(), file=sys.stderr)
         return 2
     try:
         return func(args)
