@@ -140,16 +140,152 @@ def cmd_pretrain(args) -> int:
     print(line)
     print(f"model: {out}   loss curve: {summary['plot']}")
     if args.samples and not result.interrupted:
-        from lmforge.engine.generate import generate_ids
+        from lmforge.engine.generate import Engine
+        from lmforge.engine.sampling import SamplingParams
 
-        model, tok = summary["model"], summary["tokenizer"]
-        model.eval()
+        engine = Engine(summary["model"], summary["tokenizer"], fast=False)
         for i in range(args.samples):
-            ids = list(generate_ids(model, [tok.bos_id], max_new_tokens=args.sample_tokens, temperature=0.8, top_k=40,
-                                    top_p=0.95, eos_ids=tuple(tok.eos_ids), seed=args.seed_sample + i))
-            text = tok.decode(ids, skip_special_tokens=True).strip()
+            params = SamplingParams(max_new_tokens=args.sample_tokens, temperature=0.8, top_k=40, top_p=0.95, min_p=0.0,
+                                    seed=args.seed_sample + i)
+            text = engine.complete([""], params)[0].text.strip()
             print(f"--- sample {i + 1} ---\n{text}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate / score / run
+# ---------------------------------------------------------------------------------------------------
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "repeat_last_n", "seed")
+DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _sampling_params(args, **extra):
+    from lmforge.engine.sampling import SamplingParams
+
+    given = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    try:
+        return SamplingParams(**given, **extra).validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _load_engine(args):
+    import torch
+
+    from lmforge.engine.generate import Engine
+    from lmforge.train.pretrain import resolve_device
+
+    dtype = DTYPES[args.dtype]
+    return Engine.load(args.model, device=resolve_device(args.device), dtype=getattr(torch, dtype) if dtype else None,
+                       fast=not args.no_fast)
+
+
+def _token_text(tok, token_id: int) -> str:
+    """A token shown on its own: its bytes as text, with incomplete UTF-8 bytes as \\x escapes."""
+    raw = tok.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(chr(b) if b < 128 else f"\\x{b:02x}" for b in raw)
+
+
+def cmd_generate(args) -> int:
+    import math
+
+    engine = _load_engine(args)
+    tok = engine.tokenizer
+    prompt = args.prompt
+    if args.chat:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        prompt = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+    if args.beams > 1:
+        params = _sampling_params(args, num_beams=args.beams, length_penalty=args.length_penalty,
+                                  early_stopping=args.early_stopping, **({} if args.temperature is not None else {"temperature": 0.0}))
+        try:
+            hyps = engine.beam_search(prompt, params, n_best=args.n_best)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        for rank, h in enumerate(hyps, 1):
+            text = tok.decode([i for i in h.ids if i not in tok.eos_ids])
+            print(f"--- beam {rank}: score {h.score:.4f} (log-prob {h.sum_logprob:.3f}, {len(h.ids)} tokens, {h.finish_reason})")
+            print(text)
+        return 0
+    params = _sampling_params(args, stop=args.stop or [], logprobs=args.top_logprobs if args.show_probs else None)
+    try:
+        events = engine.generate([prompt], params)
+        if not args.show_probs:
+            if isinstance(prompt, str) and args.echo:
+                print(prompt, end="", flush=True)
+            finish = None
+            for ev in events:
+                print(ev.text, end="", flush=True)
+                finish = ev.finish_reason or finish
+            print()
+            if args.verbose:
+                print(f"[finish_reason: {finish}]", file=sys.stderr)
+            return 0
+        print(f"{'token':<20} {'prob':>7}   top alternatives")
+        for ev in events:
+            shown = repr(_token_text(tok, ev.token_id))  # quoted, so spaces and newlines are visible
+            alts = "  ".join(f"{_token_text(tok, i)!r} {math.exp(lp):.1%}" for i, lp in (ev.top_logprobs or [])
+                             if i != ev.token_id)
+            print(f"{shown:<20} {math.exp(ev.logprob):>7.1%}   {alts}")
+            if ev.finish_reason:
+                print(f"[finish_reason: {ev.finish_reason}]")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
+def cmd_score(args) -> int:
+    import math
+
+    if (args.file is None) == (args.text is None):
+        raise UserError("give exactly one of --file PATH or --text TEXT")
+    if args.file is not None:
+        from lmforge.data.corpus import load_documents
+
+        text = "\n".join(load_documents(str(args.file), errors=args.errors))
+    else:
+        text = args.text
+    engine = _load_engine(args)
+    try:
+        r = engine.score(text)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    tok = engine.tokenizer
+    n = len(r.logprobs)
+    print(f"tokens scored        {n:,} ({r.n_chars:,} characters)")
+    print(f"total log-likelihood {r.total_logprob:,.3f} nats")
+    print(f"mean surprisal       {-r.total_logprob / n:.4f} nats/token = {-r.total_logprob / n / math.log(2):.4f} bits/token")
+    print(f"per character        {-r.total_logprob / max(1, r.n_chars):.4f} nats/char")
+    print(f"perplexity           {r.perplexity:.3f}")
+    offset = len(r.ids) - n  # ids[offset + i] is the token of logprobs[i]
+    worst = sorted(range(n), key=lambda i: r.logprobs[i])[: args.top]
+    if worst:
+        print(f"\nmost surprising tokens (surprisal in bits, with the text before them):")
+        for i in worst:
+            j = offset + i
+            before = tok.decode(r.ids[max(offset, j - 8):j], skip_special_tokens=True)[-40:]
+            print(f"  {-r.logprobs[i] / math.log(2):6.2f}  ...{before!r} -> {_token_text(tok, r.ids[j])!r}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from lmforge.chat import ChatSession, answer_once, repl
+
+    engine = _load_engine(args)
+    if engine.tokenizer.chat_template is None:
+        raise UserError(f"{args.model} has no chat template (tokenizer_config.json chat_template); "
+                        f"use `lmforge generate` for plain text completion")
+    session = ChatSession(engine, system=args.system, params=_sampling_params(args))
+    if not sys.stdin.isatty():
+        try:
+            return answer_once(session, sys.stdin.read())
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return repl(session)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,7 +386,77 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_flag(pt)
     pt.set_defaults(func=cmd_pretrain)
 
-    for p in (tt, pt):  # short metavars keep the usage lines readable
+    # generate / score / run
+    def add_model_flags(p):
+        p.add_argument("model", metavar="MODEL", help="a model directory (config.json, model.safetensors, tokenizer files)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+        p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weights dtype; auto keeps the checkpoint's "
+                       "(default: auto)")
+        p.add_argument("--no-fast", action="store_true", help="don't use lmforge's CPU matrix-vector kernel for batch-1 "
+                       "decoding (default: use it when it builds)")
+
+    def add_sampling_flags(p):
+        from lmforge.engine.sampling import SamplingParams
+
+        d = SamplingParams()
+        p.add_argument("--max-new-tokens", type=_positive_int, help=f"most tokens to generate (default: {d.max_new_tokens})")
+        p.add_argument("--temperature", type=_float, help=f"softmax temperature; 0 = greedy (default: {d.temperature})")
+        p.add_argument("--top-k", type=_nonneg_int, help=f"sample among the k most likely tokens; 0 = off (default: {d.top_k})")
+        p.add_argument("--top-p", type=_float, help=f"nucleus: the smallest set with this much probability; 1 = off (default: {d.top_p})")
+        p.add_argument("--min-p", type=_float, help=f"drop tokens below min-p x the top probability; 0 = off (default: {d.min_p})")
+        p.add_argument("--repetition-penalty", type=_float, help=f"divide the logits of recent tokens (HF); 1 = off (default: {d.repetition_penalty})")
+        p.add_argument("--presence-penalty", type=_float, help=f"subtract from tokens already present (OpenAI) (default: {d.presence_penalty})")
+        p.add_argument("--frequency-penalty", type=_float, help=f"subtract per occurrence (OpenAI) (default: {d.frequency_penalty})")
+        p.add_argument("--repeat-last-n", type=int, help=f"tokens the penalties look back over; 0 = off, -1 = all (default: {d.repeat_last_n})")
+        p.add_argument("--seed", type=int, help="seed for reproducible sampling (default: random)")
+
+    gen = sub.add_parser("generate", help="continue a prompt with any decoding strategy", formatter_class=_Formatter,
+                         description=_para("Generate a continuation of --prompt with the KV-cached engine: greedy, "
+                                           "sampling (temperature, top-k, top-p, min-p, penalties) or beam search, "
+                                           "streamed as it is produced. --show-probs prints every token with its "
+                                           "probability and the top alternatives."),
+                         epilog='examples:\n  lmforge generate runs/small --prompt "The with statement" --temperature 0.7 --seed 1\n'
+                                '  lmforge generate runs/small --prompt "def " --beams 4 --length-penalty 1.0\n'
+                                '  lmforge generate runs/small --prompt "Return the" --show-probs')
+    add_model_flags(gen)
+    gen.add_argument("--prompt", default="", help="text to continue (default: empty = start from BOS)")
+    gen.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
+    gen.add_argument("--system", help="system prompt, with --chat")
+    add_sampling_flags(gen)
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text; repeatable (default: none)")
+    gen.add_argument("--beams", type=_positive_int, default=1, help="beam search with this many beams; 1 = off (default: 1)")
+    gen.add_argument("--length-penalty", type=_float, default=1.0, help="beam score = log-prob / length^this (default: 1.0)")
+    gen.add_argument("--early-stopping", action="store_true", help="stop beam search once enough beams ended (default: off)")
+    gen.add_argument("--n-best", type=_positive_int, default=1, help="beam hypotheses to print (default: 1)")
+    gen.add_argument("--show-probs", action="store_true", help="print each token with its probability and alternatives")
+    gen.add_argument("--top-logprobs", type=_int_at_least(0), default=5, help="alternatives shown by --show-probs, up to 20 (default: 5)")
+    gen.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    gen.add_argument("--verbose", action="store_true", help="report the finish reason on stderr")
+    gen.set_defaults(func=cmd_generate)
+
+    sc = sub.add_parser("score", help="log-likelihood, perplexity and the most surprising tokens of a text",
+                        formatter_class=_Formatter,
+                        description=_para("Score a text under the model: total log-likelihood, perplexity, nats per "
+                                          "character and the tokens the model found most surprising. Texts longer than "
+                                          "the context are scored in half-overlapping windows."))
+    add_model_flags(sc)
+    sc.add_argument("--file", type=Path, help="text file to score")
+    sc.add_argument("--text", help="text to score")
+    sc.add_argument("--errors", choices=["strict", "replace"], default="strict", help="non-UTF-8 bytes in --file (default: strict)")
+    sc.add_argument("--top", type=_nonneg_int, default=10, help="surprising tokens to list (default: 10)")
+    sc.set_defaults(func=cmd_score)
+
+    rn = sub.add_parser("run", help="chat with a model in the terminal", formatter_class=_Formatter,
+                        description=_para("A multi-turn chat through the model's chat template, like `ollama run`. "
+                                          "Type /? for commands (/set, /show, /clear, /bye); wrap multi-line messages "
+                                          "in triple quotes; Ctrl-C stops an answer. Without a terminal, reads one "
+                                          "message from stdin and prints the answer."))
+    add_model_flags(rn)
+    rn.add_argument("--system", help="system prompt (default: none)")
+    add_sampling_flags(rn)
+    rn.set_defaults(func=cmd_run)
+
+    for p in (tt, pt, gen, sc, rn):  # short metavars keep the usage lines readable
         for action in p._actions:
             if action.metavar is None and action.type in (_positive_int, _nonneg_int, int):
                 action.metavar = "N"

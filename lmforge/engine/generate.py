@@ -1,36 +1,302 @@
-"""Autoregressive generation over the KV cache: prefill the prompt in one forward pass, then one token
-per step, each step feeding only the new token (its keys and values join the cache)."""
+"""The generation engine shared by the CLI, the HTTP server and the web UI.
+
+`Engine.generate(prompts, params)` prefills every prompt in one forward pass over a preallocated KV cache,
+then decodes one token per step for the whole batch, yielding a `TokenEvent` per sequence and step: the
+token, its text delta (always whole UTF-8 characters), its log-probability and the top alternatives, and a
+finish reason when the sequence ends (EOS, a stop string, max_new_tokens, or the context limit).
+
+Prompts of different lengths are left-padded into one batch: each sequence gets its own positions and a
+key mask over the cache, so the padded batch computes exactly what each prompt would alone.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
 
-from lmforge.engine.sampling import sample
-from lmforge.model.gpt import GPT
+from lmforge.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from lmforge.engine.sampling import SamplingParams, process_logits, token_logprobs
 from lmforge.model.kv_cache import KVCache
 
 
-@torch.inference_mode()
-def generate_ids(model: GPT, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40,
-                 top_p: float = 0.9, min_p: float = 0.0, eos_ids: tuple[int, ...] = (), seed: int | None = None) -> Iterator[int]:
-    """Yield generated token ids one by one until EOS, `max_new_tokens`, or the context limit."""
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    cfg = model.config
-    budget = min(max_new_tokens, cfg.context_length - len(prompt))
-    if budget <= 0:
-        raise ValueError(f"the prompt ({len(prompt)} tokens) leaves no room in the context ({cfg.context_length})")
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    cache = KVCache.for_model(cfg, 1, len(prompt) + budget, dtype=next(model.parameters()).dtype, device=device)
-    logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[:, -1]
-    for _ in range(budget):
-        tok = int(sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=gen)[0])
-        yield tok
-        if tok in eos_ids:
+@dataclass
+class TokenEvent:
+    """One step of one sequence. `token_id` is None only for a final event that carries no token."""
+
+    seq: int
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" (max tokens or context)
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.ids),
+                "total_tokens": len(self.prompt_ids) + len(self.ids)}
+
+
+@dataclass
+class ScoreResult:
+    ids: list[int]
+    logprobs: list[float]  # log p(ids[i] | ids[:i]) for every scored token (the first is conditioned on BOS)
+    n_chars: int
+
+    @property
+    def total_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.total_logprob / max(1, len(self.logprobs)))
+
+
+class Engine:
+    """A loaded model plus its tokenizer, ready to generate and score.
+
+    `fast=True` swaps the linear layers for `FastLinear` (a bandwidth-bound matrix-vector kernel for the
+    batch-1 decode step, see engine/fastpath.py) when that kernel can be built on this machine.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, fast: bool = True) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        if fast:
+            from lmforge.engine import fastpath
+
+            if fastpath.available():
+                fastpath.accelerate(self.model)
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    @classmethod
+    def load(cls, path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, fast: bool = True) -> "Engine":
+        """An engine for the model directory at `path` (weights, config and tokenizer from the same place)."""
+        from lmforge.checkpoint import load_model
+        from lmforge.tokenizer import Tokenizer
+
+        model = load_model(path, device=device, dtype=dtype)
+        return cls(model, Tokenizer.load(path), fast=fast)
+
+    # ------------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt. Text gets the tokenizer's BOS when it uses one; an empty prompt starts from
+        BOS, and is refused when the tokenizer has none (there would be nothing to condition on)."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+            bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if not ids:
+            if self.tokenizer.bos_id is None:
+                raise ValueError("the prompt is empty and this model has no BOS token to start from")
+            ids = [self.tokenizer.bos_id]
+        if len(ids) >= self.config.context_length:
+            raise ValueError(f"the prompt is {len(ids)} tokens; the context is {self.config.context_length} tokens, "
+                             f"which leaves no room to generate")
+        return ids
+
+    def _eos_ids(self, params: SamplingParams) -> set[int]:
+        eos = set() if params.ignore_eos else set(self.tokenizer.eos_ids)
+        return eos | set(params.stop_token_ids)
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Stream events for a batch of prompts (sampling or greedy; beam search is `beam_search`)."""
+        params = (params or SamplingParams()).validate()
+        if params.num_beams > 1:
+            raise ValueError("beam search returns whole hypotheses, not a token stream; use Engine.beam_search")
+        if not prompts:
             return
-        logits = model(torch.tensor([[tok]], device=device), cache=cache)[:, -1]
+        encoded = [self.encode_prompt(p) for p in prompts]
+        yield from self._generate_ids(encoded, params)
+
+    def _generate_ids(self, encoded: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent]:
+        cfg, dev = self.config, self.device
+        B, P = len(encoded), max(map(len, encoded))
+        budgets = [min(params.max_new_tokens, cfg.context_length - len(ids)) for ids in encoded]
+        S = P + max(budgets)
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+
+        idx = torch.full((B, P), pad, dtype=torch.long)
+        positions = torch.zeros((B, P), dtype=torch.long)
+        key_mask = torch.zeros((B, S), dtype=torch.bool)
+        for b, ids in enumerate(encoded):
+            n = len(ids)
+            idx[b, P - n:] = torch.tensor(ids)
+            positions[b, P - n:] = torch.arange(n)
+            key_mask[b, P - n:P] = True
+        padded = any(len(ids) != P for ids in encoded)
+        idx, positions, key_mask = idx.to(dev), positions.to(dev), key_mask.to(dev)
+        cache = KVCache.for_model(cfg, B, S, dtype=self.dtype, device=dev)
+
+        # Penalty window: the last repeat_last_n tokens of prompt + output, padded with -1.
+        window = {0: 0, -1: S}.get(params.repeat_last_n, params.repeat_last_n)
+        history = [list(ids) for ids in encoded]
+        penalties = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        generators = []
+        for b in range(B):
+            g = torch.Generator(device=dev)
+            g.manual_seed(params.seed + b if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            generators.append(g)
+        eos = self._eos_ids(params)
+        detok = [IncrementalDetokenizer(self.tokenizer) for _ in range(B)]
+        stops = [StopMatcher(params.stop) if params.stop else None for _ in range(B)]
+        done = [False] * B
+        n_out = [0] * B
+        k_top = params.logprobs or 0
+
+        logits = self.model(idx, positions=positions if padded else None, cache=cache,
+                            key_mask=key_mask if padded else None, last_only=True)[:, -1].float()
+        next_pos = positions[:, -1] + 1
+        step_slot = P
+        while True:
+            prev = None
+            if penalties and window:
+                prev = torch.full((B, window), -1, dtype=torch.long)
+                for b in range(B):
+                    tail = history[b][-window:]
+                    if tail:
+                        prev[b, :len(tail)] = torch.tensor(tail)
+                prev = prev.to(dev)
+            processed = process_logits(logits, params, prev) if not params.greedy or prev is not None or params.logit_bias else logits
+            if params.greedy:
+                chosen = processed.argmax(dim=-1)
+            else:
+                probs = torch.softmax(processed, dim=-1)
+                chosen = torch.stack([torch.multinomial(probs[b], 1, generator=generators[b])[0] for b in range(B)])
+            if params.logprobs is not None:
+                lp, top_ids, top_lp = token_logprobs(logits, chosen, k_top)
+                lp, top_ids, top_lp = lp.tolist(), top_ids.tolist(), top_lp.tolist()
+            chosen_list = chosen.tolist()
+
+            for b in range(B):
+                if done[b]:
+                    continue
+                tok = chosen_list[b]
+                n_out[b] += 1
+                history[b].append(tok)
+                ev = TokenEvent(seq=b, token_id=tok, text="")
+                if params.logprobs is not None:
+                    ev.logprob = lp[b]
+                    ev.top_logprobs = list(zip(top_ids[b], top_lp[b]))
+                if tok in eos:
+                    ev.text, _ = self._finish_text(detok[b], stops[b])
+                    ev.finish_reason = "stop"
+                else:
+                    delta = detok[b].add(tok)
+                    if stops[b] is not None:
+                        delta, hit = stops[b].push(delta)
+                        if hit:
+                            ev.finish_reason = "stop"
+                    ev.text = delta
+                    if ev.finish_reason is None and n_out[b] >= budgets[b]:
+                        tail, stopped = self._finish_text(detok[b], stops[b])
+                        ev.text += tail
+                        ev.finish_reason = "stop" if stopped else "length"
+                if ev.finish_reason:
+                    done[b] = True
+                yield ev
+            if all(done):
+                return
+            # Feed every row its new token (finished rows too: their output is ignored, and keeping the
+            # batch shape fixed avoids reshuffling the cache).
+            key_mask[:, step_slot] = True
+            logits = self.model(chosen[:, None], positions=next_pos[:, None] if padded else None, cache=cache,
+                                slots=torch.tensor([step_slot], device=dev),
+                                key_mask=key_mask if padded else None)[:, -1].float()
+            next_pos = next_pos + 1
+            step_slot += 1
+
+    @staticmethod
+    def _finish_text(detok: IncrementalDetokenizer, stop: StopMatcher | None) -> tuple[str, bool]:
+        """The text still held back at the end of a sequence, and whether a stop string ended it."""
+        tail = detok.flush()
+        if stop is None:
+            return tail, False
+        text, hit = stop.push(tail)
+        if hit:
+            return text, True
+        text += stop.flush()
+        return text, stop.stopped
+
+    # ------------------------------------------------------------------------------------------------
+    def complete(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Completion]:
+        """Run `generate` to the end and collect one `Completion` per prompt."""
+        params = (params or SamplingParams()).validate()
+        encoded = [self.encode_prompt(p) for p in prompts]
+        out = [Completion(prompt_ids=ids) for ids in encoded]
+        if params.prompt_logprobs:
+            for c in out:
+                c.prompt_logprobs = [None] + self.score_ids(c.prompt_ids).logprobs
+        for ev in self._generate_ids(encoded, params):
+            c = out[ev.seq]
+            if ev.token_id is not None:
+                c.ids.append(ev.token_id)
+            c.text += ev.text
+            if ev.logprob is not None:
+                c.logprobs.append(ev.logprob)
+                c.top_logprobs.append(ev.top_logprobs or [])
+            if ev.finish_reason:
+                c.finish_reason = ev.finish_reason
+        return out
+
+    def beam_search(self, prompt: str | Sequence[int], params: SamplingParams, n_best: int = 1):
+        from lmforge.engine.beam import beam_search
+
+        params = params.validate()
+        ids = self.encode_prompt(prompt)
+        return beam_search(self.model, ids, num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
+                           length_penalty=params.length_penalty, early_stopping=params.early_stopping,
+                           eos_ids=tuple(self._eos_ids(params)), n_best=n_best)
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score_ids(self, ids: list[int]) -> ScoreResult:
+        """log p(ids[i] | ids[:i]) for i >= 1, in windows of the context length that overlap by half, so
+        that every token after the first window still sees at least half a context of history."""
+        C = self.config.context_length
+        logprobs: list[float] = []
+        start = 0  # first token of the current window
+        scored = 1  # tokens [0, scored) are done (token 0 has no context)
+        while scored < len(ids):
+            window = ids[start:start + C]
+            logits = self.model(torch.tensor([window], device=self.device)).float()
+            logp = torch.log_softmax(logits[0, :-1], dim=-1)
+            targets = torch.tensor(window[1:], device=self.device)
+            token_lp = logp.gather(-1, targets[:, None])[:, 0].tolist()
+            first = scored - start - 1  # index in token_lp of the first not-yet-scored target
+            logprobs.extend(token_lp[first:])
+            scored = start + len(window)
+            start = max(start + 1, scored - C // 2)
+        return ScoreResult(ids=ids, logprobs=logprobs, n_chars=0)
+
+    def score(self, text: str) -> ScoreResult:
+        """Score a text: every token is conditioned on BOS (when the tokenizer has one) and what precedes it."""
+        ids = self.tokenizer.encode(text, allow_special=False)
+        if not ids:
+            raise ValueError("nothing to score: the text is empty")
+        bos = self.tokenizer.bos_id
+        if bos is not None:
+            ids = [bos] + ids
+        result = self.score_ids(ids)  # without a BOS the first token has no context and is not scored
+        result.n_chars = len(text)
+        return result

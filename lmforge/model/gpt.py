@@ -137,6 +137,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
+        causal: bool,
         cache: KVCache | None,
         slots: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -154,7 +155,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=mask is None,
+            is_causal=causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=K != H,  # K/V heads are shared by H/K query heads each, without copying them
         )  # (B, H, T, D)
@@ -194,8 +195,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, cache, slots):
-        x = x + self.resid_dropout(self.attn(self.norm1(x), rope, mask, cache, slots))
+    def forward(self, x, rope, mask, causal, cache, slots):
+        x = x + self.resid_dropout(self.attn(self.norm1(x), rope, mask, causal, cache, slots))
         return x + self.mlp(self.norm2(x))
 
 
@@ -279,8 +280,11 @@ class GPT(nn.Module):
         if cfg.positions == "rope":
             rope = (self.rope_cos[pos2d][:, None], self.rope_sin[pos2d][:, None])  # (B|1, 1, T, D)
 
-        mask = None
-        if cache is not None:
+        mask, causal = None, True
+        if cache is not None and T == 1 and key_mask is None:
+            cache.advance(slots)  # one new token sees every cached slot: no mask needed at all
+            causal = False
+        elif cache is not None:
             S = cache.advance(slots)
             key_slots = torch.arange(S, device=idx.device)
             mask = key_slots[None, :] <= slots[:, None]  # (T, S): causal over cache slots
@@ -296,7 +300,7 @@ class GPT(nn.Module):
             mask = (causal[None, None] & key_mask[:, None, None, :T]) | itself
 
         for block in self.blocks:
-            x = block(x, rope, mask, cache, slots)
+            x = block(x, rope, mask, causal, cache, slots)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # (B, T, V)

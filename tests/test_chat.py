@@ -1,0 +1,111 @@
+"""`lmforge run`: the chat session, the REPL commands, context trimming, and the pipe mode."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmforge.chat import ChatSession, repl
+from lmforge.checkpoint import Checkpointer
+from lmforge.engine.generate import Engine
+from lmforge.engine.sampling import SamplingParams
+from lmforge.model.gpt import GPT
+from lmforge.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size, context_length=128))
+    d = tmp_path_factory.mktemp("chatmodel")
+    Checkpointer(d, tokenizer=tiny_tokenizer).save(model, None, [], {"step": 0})
+    return d
+
+
+@pytest.fixture
+def session(model_dir):
+    return ChatSession(Engine.load(model_dir, fast=False), system="You are terse.",
+                       params=SamplingParams(max_new_tokens=8, seed=0))
+
+
+def drive(session, lines):
+    it = iter(lines)
+
+    def read_line(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    code = repl(session, out=out, read_line=read_line)
+    return code, out.getvalue()
+
+
+def test_rendered_prompt_matches_the_template_without_double_bos(session):
+    session.messages = [{"role": "user", "content": "hi"}]
+    ids, dropped = session.prompt_ids()
+    tok = session.engine.tokenizer
+    expected = tok.apply_chat_template([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"}],
+                                       add_generation_prompt=True)
+    assert tok.decode(ids) == expected and dropped == 0
+    assert expected.endswith("<|im_start|>assistant\n") and ids[0] != ids[1]
+
+
+def test_repl_commands(session):
+    code, out = drive(session, ["/set temperature 0.3", "/set top_k 7", "/set temperature hot", "/set bogus 1",
+                                "/show", "hello there", "/clear", "/show", '"""', "two", 'lines"""', "/bye"])
+    assert code == 0
+    assert "Set parameter 'temperature' to '0.3'" in out and session.params.top_k == 7
+    assert "temperature needs a float" in out and "unknown setting 'bogus'" in out
+    assert "temperature=0.3" in out and "top_k=7" in out
+    assert "Cleared the conversation." in out
+    assert session.messages[0] == {"role": "user", "content": "two\nlines"}  # multi-line message, after /clear
+
+
+def test_bad_setting_value_keeps_previous(session):
+    _, out = drive(session, ["/set top_p 1.5"])
+    assert "top_p" in out and session.params.top_p == 0.9
+
+
+def test_ctrl_c_stops_the_answer_but_not_the_chat(session, monkeypatch):
+    real = session.engine.generate
+
+    def interrupted(*a, **k):
+        for i, ev in enumerate(real(*a, **k)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield ev
+
+    monkeypatch.setattr(session.engine, "generate", interrupted)
+    code, out = drive(session, ["first question", "/show"])
+    assert code == 0 and "(stopped)" in out and "turns: 2 messages" in out
+
+
+def test_long_conversations_drop_the_oldest_turns(session):
+    session.params = SamplingParams(max_new_tokens=8, seed=0)
+    notes = []
+    for i in range(6):
+        session.reply(f"question number {i} about the model and the data", lambda t: None, notes.append)
+    assert notes and "dropped" in notes[0]
+    ids, _ = session.prompt_ids()
+    assert len(ids) <= session.engine.config.context_length
+    assert session.messages[-1]["role"] == "assistant"
+    assert "question number 5" in session.messages[-2]["content"]
+
+
+def test_run_through_a_pipe(model_dir):
+    env = {**os.environ, "LMFORGE_NO_KERNELS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "run", str(model_dir), "--max-new-tokens", "5", "--seed", "1"],
+                          input="hello\n", capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() != "" or proc.stdout == "\n"
+    assert "Traceback" not in proc.stderr
+    empty = subprocess.run([sys.executable, "-m", "lmforge", "run", str(model_dir)], input="", capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert empty.returncode == 2 and "no input" in empty.stderr
