@@ -59,6 +59,13 @@ def _para(text: str) -> str:
     return textwrap.fill(text, 100)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (no usage dump), still exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=34, width=100)
@@ -309,7 +316,7 @@ def _add_progress_flag(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lmforge.presets import preset_names
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, formatter_class=_Formatter,
         description=_para("Own a language model on your own machine: train a tokenizer, pretrain, and (soon) "
                           "fine-tune, evaluate, chat and serve."),
@@ -429,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--early-stopping", action="store_true", help="stop beam search once enough beams ended (default: off)")
     gen.add_argument("--n-best", type=_positive_int, default=1, help="beam hypotheses to print (default: 1)")
     gen.add_argument("--show-probs", action="store_true", help="print each token with its probability and alternatives")
-    gen.add_argument("--top-logprobs", type=_int_at_least(0), default=5, help="alternatives shown by --show-probs, up to 20 (default: 5)")
+    gen.add_argument("--top-logprobs", type=_nonneg_int, metavar="N", default=5, help="alternatives shown by --show-probs, up to 20 (default: 5)")
     gen.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     gen.add_argument("--verbose", action="store_true", help="report the finish reason on stderr")
     gen.set_defaults(func=cmd_generate)

@@ -10,7 +10,10 @@ from lmforge.cli import main
 
 
 def run(capsys, *argv):
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own checks
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -126,3 +129,59 @@ def test_every_flag_documents_its_default():
         for action in sub.choices[name]._actions:
             if action.option_strings and action.dest not in ("help", "out", "resume", "tokenizer", "dry_run", "progress", "overwrite"):
                 assert "default" in (action.help or ""), action.option_strings
+
+
+# --- generate / score ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    import torch
+
+    from lmforge.checkpoint import Checkpointer
+    from lmforge.model.gpt import GPT
+    from lmforge.presets import get_preset
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("clim")
+    Checkpointer(d, tokenizer=tiny_tokenizer).save(GPT(get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)), None, [], {})
+    return d
+
+
+def test_generate_streams_text_and_shows_probabilities(capsys, model_dir):
+    code, out, _ = run(capsys, "generate", model_dir, "--prompt", "the model", "--max-new-tokens", "6", "--seed", "1", "--no-fast")
+    assert code == 0 and out.endswith("\n")
+    code, out, _ = run(capsys, "generate", model_dir, "--prompt", "the", "--max-new-tokens", "4", "--temperature", "0",
+                       "--show-probs", "--top-logprobs", "3", "--no-fast")
+    lines = out.strip().splitlines()
+    assert code == 0 and lines[0].startswith("token") and len(lines) == 1 + 4 + 1 and "%" in lines[1]
+    code, out, _ = run(capsys, "generate", model_dir, "--prompt", "the", "--max-new-tokens", "4", "--beams", "3",
+                       "--n-best", "2", "--no-fast")
+    assert code == 0 and "beam 1: score" in out and "beam 2: score" in out
+
+
+def test_score_reports_likelihood(capsys, model_dir):
+    code, out, _ = run(capsys, "score", model_dir, "--text", "the model reads the next word.", "--no-fast")
+    assert code == 0 and "perplexity" in out and "total log-likelihood" in out and "most surprising" in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--max-new-tokens", "0"], "expected a number >= 1"),
+    (["--temperature", "-1"], "temperature"),
+    (["--temperature", "nan"], "temperature"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--top-p", "0"], "top_p"),
+    (["--min-p", "2"], "min_p"),
+    (["--beams", "2", "--temperature", "0.7"], "beam"),
+])
+def test_generate_bad_sampling_values(capsys, model_dir, argv, fragment):
+    code, out, err = run(capsys, "generate", model_dir, "--prompt", "the", "--no-fast", *argv)
+    assert code == 2 and fragment in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_generate_prompt_longer_than_context(capsys, model_dir):
+    assert_user_error(capsys, ["generate", model_dir, "--prompt", "the model reads the value. " * 40, "--no-fast"],
+                      "context")
+
+
+def test_generate_on_a_directory_that_is_not_a_model(capsys, tmp_path):
+    assert_user_error(capsys, ["generate", tmp_path, "--prompt", "x"], "config.json")
