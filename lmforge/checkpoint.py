@@ -185,24 +185,12 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
     model = model.to_empty(device=device)
     model.load_state_dict(sd, strict=True, assign=False)
     # Buffers (RoPE / sinusoidal tables) are derived from the config, not stored: rebuild them for real.
-    for name, buf in _derived_buffers(cfg).items():
-        getattr(model, name).copy_(buf)
+    model.reset_position_tables()  # derived from the config, not stored
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
-
-
-def _derived_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    from lmforge.model.gpt import rope_cache, sinusoidal_table
-
-    if cfg.positions == "rope":
-        cos, sin = rope_cache(cfg)
-        return {"rope_cos": cos, "rope_sin": sin}
-    if cfg.positions == "sinusoidal":
-        return {"pos_table": sinusoidal_table(cfg.context_length, cfg.d_model)}
-    return {}
 
 
 def read_lmforge_meta(path: str | os.PathLike) -> dict[str, Any]:

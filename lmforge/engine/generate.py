@@ -76,13 +76,21 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
-        if fast:
+        p = next(self.model.parameters())
+        if fast and p.device.type == "cpu":
             from lmforge.engine import fastpath
 
             if fastpath.available():
-                fastpath.accelerate(self.model)
-        p = next(self.model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+                low = p.dtype if p.dtype in (torch.bfloat16, torch.float16) else None
+                if low is not None:
+                    # Weight-only low precision, as llama.cpp does: matrices stay bf16/fp16 (half the bytes to
+                    # stream per token) while activations, norms and the KV cache run in fp32 -- CPUs without
+                    # native bf16 arithmetic compute fp32 much faster, and nothing is rounded twice.
+                    self.model.float()
+                    self.model.reset_position_tables()
+                fastpath.accelerate(self.model, dtype=low)
+        self.device = p.device
+        self.dtype = self.model.tok_emb.weight.dtype  # the activations' dtype, which the KV cache follows
 
     @classmethod
     def load(cls, path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, fast: bool = True) -> "Engine":

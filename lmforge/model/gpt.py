@@ -217,13 +217,25 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one matrix to read tokens in and write them out
         # Position tables are derived from the config, so they are buffers that checkpoints don't store.
+        for name, table in self.position_tables().items():
+            self.register_buffer(name, table, persistent=False)
+        self.reset_parameters()
+
+    def position_tables(self) -> dict[str, torch.Tensor]:
+        """The fixed position tables (float32), computed from the config."""
+        cfg = self.config
         if cfg.positions == "rope":
             cos, sin = rope_cache(cfg)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        elif cfg.positions == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.context_length, cfg.d_model), persistent=False)
-        self.reset_parameters()
+            return {"rope_cos": cos, "rope_sin": sin}
+        if cfg.positions == "sinusoidal":
+            return {"pos_table": sinusoidal_table(cfg.context_length, cfg.d_model)}
+        return {}
+
+    def reset_position_tables(self) -> None:
+        """Recompute the tables in place (after loading onto a device, or after a cast that rounded them)."""
+        for name, table in self.position_tables().items():
+            buf = getattr(self, name)
+            setattr(self, name, table.to(device=buf.device, dtype=torch.float32))
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, init_std) weights, zero biases, and the two projections that write
