@@ -422,6 +422,9 @@ def gemv(W: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> 
     return _gemv_into(k, W, x, bias, y)
 
 
+_UPCAST_ROWS = 64  # rows from which an fp32 GEMM on upcast weights beats a bf16/fp16 one (measured)
+
+
 class FastLinear(nn.Module):
     """`nn.Linear` for inference whose one-row case (batch-1 decode) runs the streaming kernel.
 
@@ -476,6 +479,10 @@ class FastLinear(nn.Module):
                 xf = x if x.dtype is _F32 and x.is_contiguous() else x.reshape(-1).float().contiguous()
                 y = _gemv_into(k, w, xf, b, torch.empty(*x.shape[:-1], self.out_features, dtype=_F32))
                 return y if x.dtype is _F32 else y.to(x.dtype)
+        if w.is_cpu and w.dtype is not _F32 and x.dtype is _F32 and x.numel() >= _UPCAST_ROWS * self.in_features:
+            # Many rows (a prefill): CPUs without native bf16/fp16 matmuls run them several times slower than
+            # fp32, so converting the weight once per call is cheaper than a low-precision GEMM.
+            return F.linear(x, w.float(), None if b is None else b.float())
         return F.linear(x.to(w.dtype), w, b).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -143,13 +143,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        qk, v = self.qkv(x).split([(H + K) * D, K * D], dim=-1)
+        qk = qk.view(B, T, H + K, D).transpose(1, 2)  # (B, H+K, T, D): queries and keys rotate alike
         if self.use_rope:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, *rope)  # one rotation for both (half the small ops of a decode step)
+        q, k = qk.split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, slots)  # (B, K, S, D): everything cached so far
         y = F.scaled_dot_product_attention(

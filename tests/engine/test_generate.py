@@ -163,3 +163,9 @@ def test_score_longer_than_context_uses_overlapping_windows(engine):
     long_text = "the model reads the next word and each layer counts the value. " * 30
     r = engine.score(long_text)
     assert len(r.logprobs) == len(r.ids) - 1 and all(lp <= 0 for lp in r.logprobs)
+
+
+def test_prompt_logprobs_on_request(engine):
+    c = engine.complete(["the model reads the value."], greedy(max_new_tokens=2, prompt_logprobs=True))[0]
+    assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(c.prompt_ids)
+    assert c.prompt_logprobs[1:] == pytest.approx(engine.score_ids(c.prompt_ids).logprobs, abs=1e-6)
