@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from lmforge.engine.detokenize import IncrementalDetokenizer, StopMatcher
-from lmforge.engine.sampling import SamplingParams, process_logits, token_logprobs
+from lmforge.engine.sampling import SamplingParams, penalty_window, process_logits, token_logprobs
 from lmforge.model.kv_cache import KVCache
 
 
@@ -156,10 +156,9 @@ class Engine:
         idx, positions, key_mask = idx.to(dev), positions.to(dev), key_mask.to(dev)
         cache = KVCache.for_model(cfg, B, S, dtype=self.dtype, device=dev)
 
-        # Penalty window: the last repeat_last_n tokens of prompt + output, padded with -1.
-        window = {0: 0, -1: S}.get(params.repeat_last_n, params.repeat_last_n)
-        history = [list(ids) for ids in encoded]
-        penalties = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        history = [list(ids) for ids in encoded]  # prompt + output so far: what the penalties look at
+        penalties = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty) \
+            and params.repeat_last_n != 0
         generators = []
         for b in range(B):
             g = torch.Generator(device=dev)
@@ -176,15 +175,9 @@ class Engine:
                             key_mask=key_mask if padded else None, last_only=True)[:, -1].float()
         next_pos = positions[:, -1] + 1
         step_slot = P
+        all_slots = torch.arange(S, device=dev)  # slices of it feed each step, no per-step allocation
         while True:
-            prev = None
-            if penalties and window:
-                prev = torch.full((B, window), -1, dtype=torch.long)
-                for b in range(B):
-                    tail = history[b][-window:]
-                    if tail:
-                        prev[b, :len(tail)] = torch.tensor(tail)
-                prev = prev.to(dev)
+            prev = penalty_window(history, params.repeat_last_n, dev) if penalties else None
             processed = process_logits(logits, params, prev) if not params.greedy or prev is not None or params.logit_bias else logits
             if params.greedy:
                 chosen = processed.argmax(dim=-1)
@@ -229,7 +222,7 @@ class Engine:
             # batch shape fixed avoids reshuffling the cache).
             key_mask[:, step_slot] = True
             logits = self.model(chosen[:, None], positions=next_pos[:, None] if padded else None, cache=cache,
-                                slots=torch.tensor([step_slot], device=dev),
+                                slots=all_slots[step_slot:step_slot + 1],
                                 key_mask=key_mask if padded else None)[:, -1].float()
             next_pos = next_pos + 1
             step_slot += 1

@@ -169,3 +169,12 @@ def test_prompt_logprobs_on_request(engine):
     c = engine.complete(["the model reads the value."], greedy(max_new_tokens=2, prompt_logprobs=True))[0]
     assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(c.prompt_ids)
     assert c.prompt_logprobs[1:] == pytest.approx(engine.score_ids(c.prompt_ids).logprobs, abs=1e-6)
+
+
+def test_repetition_penalty_reaches_the_engine(engine):
+    plain = engine.complete(["the"], greedy(max_new_tokens=30, ignore_eos=True))[0].ids
+    assert len(set(plain)) < len(plain)  # this random model repeats itself when left alone
+    prompt = engine.encode_prompt("the")
+    out = engine.complete([prompt], greedy(max_new_tokens=30, ignore_eos=True, repetition_penalty=1e4,
+                                           repeat_last_n=-1))[0].ids
+    assert len(set(out)) == len(out) and not set(out) & set(prompt)
