@@ -1,0 +1,267 @@
+"""The local model store: hostile names never escape it; add/list/show/rm/cp; damaged entries; resolve()."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmforge import store
+from lmforge.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    from lmforge.checkpoint import Checkpointer
+    from lmforge.model.gpt import GPT
+    from lmforge.presets import get_preset
+
+    d = tmp_path_factory.mktemp("src") / "tiny-model"
+    Checkpointer(d, tokenizer=tiny_tokenizer, lineage={"parent": "scratch"}).save(
+        GPT(get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)), None, [], {})
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------------
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.text(), st.text(alphabet="abc.:/\\-_~0\x00 ", max_size=12),
+                 st.from_regex(store.NAME_RE, fullmatch=True)))
+def test_fuzz_names_never_escape_the_store(name):
+    try:
+        store.validate_name(name)
+    except UserError:
+        return
+    root = store.models_root().resolve()
+    path = store.model_path(name)
+    assert path.is_relative_to(root) and path != root
+    assert path.parent.parent == root  # exactly models/NAME/TAG, nothing deeper or shallower
+
+
+@pytest.mark.parametrize("name", [
+    "../x", "/etc/passwd", "a/b", "a\\b", "..", ".", ".hidden", "x" * 65, "A", "Tiny", "na\x00me", "con:",
+    "x:", "x:y:z", "", " ", "x\n", "a..b", "x:..", "x:.", "x:.hidden", "x:" + "t" * 33, "con", "nul.txt",
+    "x:aux", "-x", "_x", "~", "~root", "é", "x y",
+])
+def test_hostile_names_are_refused_before_touching_disk(name, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("file-system call before the name was checked")
+
+    monkeypatch.setattr(store, "models_root", boom)
+    with pytest.raises(UserError, match="invalid model name"):
+        store.validate_name(name)
+    with pytest.raises(UserError, match="invalid model name"):
+        store.model_path(name)
+
+
+@pytest.mark.parametrize("name, norm", [
+    ("tiny", "tiny:latest"), ("tiny:latest", "tiny:latest"), ("llama-3.2_1b:q4", "llama-3.2_1b:q4"),
+    ("x" * 64 + ":" + "t" * 32, "x" * 64 + ":" + "t" * 32), ("0", "0:latest"),
+])
+def test_valid_names_are_normalised(name, norm):
+    assert store.validate_name(name) == norm
+    base, tag = norm.split(":")
+    assert store.model_path(name) == store.models_root().resolve() / base / tag
+
+
+def test_invalid_name_error_states_the_rule():
+    with pytest.raises(UserError) as e:
+        store.validate_name("Bad/Name")
+    assert "a-z 0-9" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Round trip
+# ---------------------------------------------------------------------------------------------------
+def test_add_list_show_cp_rm_round_trip(tiny_model_dir):
+    assert store.list_models() == []
+    path = store.add("tiny", tiny_model_dir)
+    assert path == store.model_path("tiny:latest") and (path / "config.json").is_file()
+    assert tiny_model_dir.is_dir()  # copied, not moved
+    assert not [p for p in store.models_root().iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+    (entry,) = store.list_models()
+    assert entry.name == "tiny:latest" and entry.path == path and entry.error is None
+    assert entry.architecture != "?" and entry.parameters and entry.parameters > 0
+    assert entry.size_bytes >= sum(f.stat().st_size for f in tiny_model_dir.rglob("*") if f.is_file()) > 0
+    assert entry.modified > 0
+
+    (path / "modelfile.json").write_text(json.dumps({"system": "You are terse.", "parameters": {"temperature": 0.2}}))
+    (path / "LICENSE").write_text("MIT")
+    (path / "README.md").write_text("# tiny")
+    info = store.show("tiny")
+    assert info["name"] == "tiny:latest" and info["error"] is None
+    assert info["config"]["architectures"] == [entry.architecture]
+    assert info["system"] == "You are terse." and info["defaults"] == {"temperature": 0.2}
+    assert info["lineage"].get("parent") == "scratch"
+    assert info["license"] == "MIT" and info["readme"] == "# tiny"
+    assert info["chat_template"] is None or isinstance(info["chat_template"], str)
+
+    cp = store.copy("tiny", "tiny:v2")
+    assert cp == store.model_path("tiny:v2") and (cp / "README.md").read_text() == "# tiny"
+    assert [e.name for e in store.list_models()] == ["tiny:latest", "tiny:v2"]
+    with pytest.raises(UserError, match="already exists"):
+        store.copy("tiny", "tiny:v2")
+    with pytest.raises(UserError, match="no model named"):
+        store.copy("absent", "other")
+
+    store.remove("tiny")
+    assert [e.name for e in store.list_models()] == ["tiny:v2"]
+    store.remove("tiny:v2")
+    assert store.list_models() == [] and not (store.models_root() / "tiny").exists()
+    with pytest.raises(UserError, match="no model named tiny:latest"):
+        store.remove("tiny")
+    with pytest.raises(UserError, match="no model named"):
+        store.show("tiny")
+
+
+def test_chat_template_from_tokenizer_config_or_jinja(tiny_model_dir):
+    path = store.add("t", tiny_model_dir)
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert store.show("t")["chat_template"] == "{{ messages }}"
+    (path / "tokenizer_config.json").write_text(json.dumps({}))
+    (path / "chat_template.jinja").write_text("J")
+    assert store.show("t")["chat_template"] == "J"
+
+
+def test_add_refuses_existing_name_unless_overwrite(tiny_model_dir):
+    store.add("m", tiny_model_dir)
+    with pytest.raises(UserError, match="already exists"):
+        store.add("m:latest", tiny_model_dir)
+    (store.model_path("m") / "marker").write_text("old")
+    path = store.add("m", tiny_model_dir, overwrite=True)
+    assert not (path / "marker").exists() and (path / "config.json").is_file()
+    assert [e.name for e in store.list_models()] == ["m:latest"]
+    assert not [p for p in store.models_root().iterdir() if p.name.startswith(".")]
+
+
+def test_add_refuses_non_model_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a model directory"):
+        store.add("x", tmp_path / "empty")
+    with pytest.raises(UserError, match="not a model directory"):
+        store.add("x", tmp_path / "missing")
+    (tmp_path / "f.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="not a model directory"):
+        store.add("x", tmp_path / "f.gguf")
+    with pytest.raises(UserError, match="invalid model name"):
+        store.add("../x", tmp_path)
+    assert store.list_models() == []
+
+
+def test_add_move(tiny_model_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "to-move"
+    shutil.copytree(tiny_model_dir, src)
+    path = store.add("moved", src, move=True)
+    assert not src.exists() and (path / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Damaged entries
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["delete", "garble", "not-an-object", "unknown-arch"])
+def test_damaged_entry_is_listed_with_error_and_removable(tiny_model_dir, damage):
+    store.add("good", tiny_model_dir)
+    bad = store.add("bad", tiny_model_dir)
+    cfg = bad / "config.json"
+    if damage == "delete":
+        cfg.unlink()
+    elif damage == "garble":
+        cfg.write_bytes(b"{not json\xff")
+    elif damage == "not-an-object":
+        cfg.write_text("[1, 2]")
+    else:
+        cfg.write_text(json.dumps({"architectures": ["NoSuchForCausalLM"]}))
+
+    entries = {e.name: e for e in store.list_models()}
+    assert list(entries) == ["bad:latest", "good:latest"]
+    assert entries["good:latest"].error is None
+    assert entries["bad:latest"].error and "\n" not in entries["bad:latest"].error
+    assert entries["bad:latest"].parameters is None
+    assert store.show("bad")["error"]
+
+    store.remove("bad")
+    assert [e.name for e in store.list_models()] == ["good:latest"]
+
+
+def test_list_ignores_temp_dirs_and_strays(tiny_model_dir):
+    store.add("good", tiny_model_dir)
+    root = store.models_root()
+    (root / ".tmp-123").mkdir()
+    (root / "README").write_text("stray file")
+    (root / "UPPER" / "latest").mkdir(parents=True)
+    (root / "good" / ".partial").mkdir()
+    assert [e.name for e in store.list_models()] == ["good:latest"]
+
+
+def test_list_on_missing_store_is_empty():
+    assert not store.models_root().exists()
+    assert store.list_models() == []
+
+
+def test_model_path_refuses_planted_symlink_escape(tmp_path):
+    (store.models_root()).mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    try:
+        os.symlink(outside, store.models_root() / "evil")
+    except (OSError, NotImplementedError):
+        pytest.skip("no symlinks here")
+    with pytest.raises(UserError, match="outside the model store"):
+        store.model_path("evil")
+
+
+# ---------------------------------------------------------------------------------------------------
+# resolve()
+# ---------------------------------------------------------------------------------------------------
+def test_resolve_precedence(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    stored = store.add("tiny", tiny_model_dir)
+    assert store.resolve("tiny") == stored
+    assert store.resolve("tiny:latest") == stored
+    assert store.resolve(str(tiny_model_dir)) == tiny_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "tiny")
+    assert store.resolve("tiny") == Path("tiny")  # a model directory here wins over the store name
+    assert store.resolve("./tiny") == Path("./tiny")
+    assert store.resolve("tiny:latest") == stored  # ":" is not a path separator; no such dir here
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert store.resolve("m.gguf") == Path("m.gguf")
+    assert store.resolve(str(tmp_path / "m.gguf")) == tmp_path / "m.gguf"
+
+    (tmp_path / "plain").mkdir()  # a directory that is not a model does not shadow anything
+    store.add("plain", tiny_model_dir)
+    assert store.resolve("plain") == store.model_path("plain")
+
+
+def test_resolve_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for ref in ["nothing", "Bad", "x:y:z", "", "na\x00me"]:
+        with pytest.raises(UserError, match="no model named .* \\(see lmforge list\\)"):
+            store.resolve(ref)
+    for ref in ["./nothing", "../nothing", "~/no-such-model-here", "a/b", str(tmp_path / "missing")]:
+        with pytest.raises(UserError, match="no such file or directory"):
+            store.resolve(ref)
+    (tmp_path / "notmodel").mkdir()
+    with pytest.raises(UserError, match="not a model directory"):
+        store.resolve("./notmodel")
+    (tmp_path / "f.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="not a model directory"):
+        store.resolve("./f.bin")
+
+
+def test_resolve_path_like_ref_never_falls_back_to_store(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store.add("tiny", tiny_model_dir)
+    with pytest.raises(UserError, match="no such file or directory"):
+        store.resolve("./tiny")
