@@ -271,7 +271,7 @@ def cmd_score(args) -> int:
     offset = len(r.ids) - n  # ids[offset + i] is the token of logprobs[i]
     worst = sorted(range(n), key=lambda i: r.logprobs[i])[: args.top]
     if worst:
-        print(f"\nmost surprising tokens (surprisal in bits, with the text before them):")
+        print("\nmost surprising tokens (surprisal in bits, with the text before them):")
         for i in worst:
             j = offset + i
             before = tok.decode(r.ids[max(offset, j - 8):j], skip_special_tokens=True)[-40:]

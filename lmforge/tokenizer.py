@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json, atomic_write_text
@@ -305,6 +305,19 @@ def _new_backend() -> tokenizers.Tokenizer:
     return tk
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a vocabulary that cannot hold every byte plus the special tokens (callers check early, before
+    reading a corpus)."""
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise UserError(f"vocab size must be an integer, got {vocab_size!r}")
+    if vocab_size < minimum:
+        raise UserError(
+            f"vocab size {vocab_size} is below the byte alphabet (256) + {len(SPECIAL_TOKENS)} special tokens "
+            f"= {minimum}"
+        )
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
@@ -318,14 +331,7 @@ def train_tokenizer(
     stop below it when the corpus has no more pairs seen `min_frequency` times. The result carries the
     ChatML `DEFAULT_CHAT_TEMPLATE`.
     """
-    minimum = 256 + len(SPECIAL_TOKENS)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise UserError(f"vocab size must be an integer, got {vocab_size!r}")
-    if vocab_size < minimum:
-        raise UserError(
-            f"vocab size {vocab_size} is below the byte alphabet (256) + {len(SPECIAL_TOKENS)} special tokens "
-            f"= {minimum}"
-        )
+    check_vocab_size(vocab_size)
     if isinstance(texts, (str, bytes)):
         raise UserError("train_tokenizer wants an iterable of texts (e.g. a list of strings), not a single string")
 

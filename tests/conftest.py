@@ -35,3 +35,20 @@ def tiny_tokenizer():
     from lmforge.tokenizer import train_tokenizer
 
     return train_tokenizer([make_corpus()], 320, show_progress=False)
+
+
+def save_tiny_model(directory, tokenizer, *, context_length: int = 64, embedding_scale: float = 1.0):
+    """Save a seeded random `tiny` model with `tokenizer` as a model directory; returns the directory.
+    `embedding_scale` > 1 sharpens the (tied) output distribution, so greedy text varies across prompts."""
+    import torch
+
+    from lmforge.checkpoint import Checkpointer
+    from lmforge.model.gpt import GPT
+    from lmforge.presets import get_preset
+
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=context_length))
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(embedding_scale)
+    Checkpointer(directory, tokenizer=tokenizer).save(model, None, [], {"step": 0})
+    return directory

@@ -8,23 +8,16 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lmforge.chat import ChatSession, repl
-from lmforge.checkpoint import Checkpointer
 from lmforge.engine.generate import Engine
 from lmforge.engine.sampling import SamplingParams
-from lmforge.model.gpt import GPT
-from lmforge.presets import get_preset
+from conftest import save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):
-    torch.manual_seed(0)
-    model = GPT(get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size, context_length=128))
-    d = tmp_path_factory.mktemp("chatmodel")
-    Checkpointer(d, tokenizer=tiny_tokenizer).save(model, None, [], {"step": 0})
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("chatmodel"), tiny_tokenizer, context_length=128)
 
 
 @pytest.fixture

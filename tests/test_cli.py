@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lmforge.cli import main
+from conftest import save_tiny_model
 
 
 def run(capsys, *argv):
@@ -134,16 +135,7 @@ def test_every_flag_documents_its_default():
 # --- generate / score ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):
-    import torch
-
-    from lmforge.checkpoint import Checkpointer
-    from lmforge.model.gpt import GPT
-    from lmforge.presets import get_preset
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("clim")
-    Checkpointer(d, tokenizer=tiny_tokenizer).save(GPT(get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)), None, [], {})
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("clim"), tiny_tokenizer)
 
 
 def test_generate_streams_text_and_shows_probabilities(capsys, model_dir):

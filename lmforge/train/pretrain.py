@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,14 +18,13 @@ import torch
 
 from lmforge import __version__
 from lmforge.checkpoint import Checkpointer, is_model_dir, load_config, load_model, read_lmforge_meta, read_trainer_state
-from lmforge.config import ModelConfig
 from lmforge.data.corpus import corpus_fingerprint, load_documents
 from lmforge.data.shards import TokenData, get_batch, prepare_data
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.paths import cache_dir
 from lmforge.presets import get_preset
-from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from lmforge.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 from lmforge.train import objectives
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.plan import estimate, format_plan
@@ -52,7 +51,6 @@ class WindowBatches:
         x = torch.from_numpy(val[: n_windows * block_size].astype(np.int64)).view(n_windows, block_size)
         y = torch.from_numpy(val[1: n_windows * block_size + 1].astype(np.int64)).view(n_windows, block_size)
         self._val = [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)) for i in range(0, n_windows, batch_size)]
-        self.val_tokens = n_windows * block_size
         # chars per token over the whole validation split: converts nats/token into nats/char.
         self.val_chars_per_token = data.meta["val_chars"] / max(1, data.meta["val_tokens"])
 
@@ -110,9 +108,7 @@ def check_writable(out: Path) -> None:
 
 def get_tokenizer(data: str, vocab_size: int, *, errors: str, progress: bool) -> Tokenizer:
     """A BPE tokenizer trained on `data`, cached by (corpus fingerprint, vocab size) under LMFORGE_HOME."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise UserError(f"vocab size {vocab_size} is below the byte alphabet (256) + {len(SPECIAL_TOKENS)} special tokens "
-                        f"= {256 + len(SPECIAL_TOKENS)}")
+    check_vocab_size(vocab_size)  # before the corpus is read or fingerprinted
     key = hashlib.sha256(f"{corpus_fingerprint(data)}|{vocab_size}|{errors}|tok-v1".encode()).hexdigest()[:16]
     where = cache_dir("tokenizers") / key
     if (where / "tokenizer.json").is_file():
@@ -204,6 +200,5 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
                  progress=opts.progress, description="pretrain", on_log=opts.on_log)
     if result.val_loss is not None:
         summary["val_nats_per_char"] = result.val_loss / batches.val_chars_per_token
-    summary.update(model=model, tokenizer=tokenizer, val_chars_per_token=batches.val_chars_per_token,
-                   val_tokens_scored=batches.val_tokens, plot=out / "loss.png")
+    summary.update(model=model, tokenizer=tokenizer, plot=out / "loss.png")
     return result, summary

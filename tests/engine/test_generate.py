@@ -7,24 +7,16 @@ import math
 import pytest
 import torch
 
-from lmforge.checkpoint import Checkpointer
 from lmforge.engine.generate import Engine
 from lmforge.engine.sampling import SamplingParams
-from lmforge.model.gpt import GPT
-from lmforge.presets import get_preset
+from conftest import save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):
-    """A tiny random model saved as a model directory, with a sharp output distribution (scaled logits) so
-    that greedy and sampled texts are varied but reproducible."""
-    torch.manual_seed(0)
-    model = GPT(get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size, context_length=128))
-    with torch.no_grad():
-        model.tok_emb.weight.mul_(8.0)
-    d = tmp_path_factory.mktemp("model")
-    Checkpointer(d, tokenizer=tiny_tokenizer).save(model, None, [], {"step": 0})
-    return d
+    """A tiny random model with a sharp output distribution, so greedy and sampled texts are varied but
+    reproducible."""
+    return save_tiny_model(tmp_path_factory.mktemp("model"), tiny_tokenizer, context_length=128, embedding_scale=8.0)
 
 
 @pytest.fixture(scope="module")
