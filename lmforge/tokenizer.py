@@ -27,10 +27,21 @@ Why this design
 * **No BOS on chat encodes.** `transformers` tokenizes a rendered chat with ``add_special_tokens=False``;
   the template itself decides every special token. Our ChatML template never emits a BOS and
   `encode_chat` never prepends one, so there is never a doubled BOS and our ids equal theirs.
+* **Foreign tokenizers add the BOS transformers adds.** When a tokenizer.json exists, transformers 5 drops
+  ``add_bos_token``/``add_eos_token`` from tokenizer_config.json and uses tokenizer.json's post-processor
+  as it is: Llama-3 (no ``add_bos_token`` at all), Llama-2 and Mistral prepend their BOS through a
+  ``TemplateProcessing`` post-processor there. `Tokenizer.load` therefore reads ``add_bos`` off the backend
+  (by encoding a probe with and without special tokens), so plain-text prompts get exactly the BOS
+  transformers adds, and chats still get none from us (their template renders ``{{ bos_token }}`` itself).
+  Our own `save` keeps the two in agreement: ``add_bos=True`` writes the post-processor too.
+* **Generation stops where transformers stops.** `load_hf_tokenizer` (for model directories) adds every id
+  that generation_config.json lists as ``eos_token_id`` (Llama-3 Instruct: 128001, 128008, 128009) to
+  `eos_ids`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -55,6 +66,7 @@ __all__ = [
     "IM_END",
     "PAD",
     "Tokenizer",
+    "load_hf_tokenizer",
     "train_tokenizer",
 ]
 
@@ -375,6 +387,21 @@ def _token_str(value: Any) -> str | None:
     raise UserError(f"cannot read special token {value!r} from the tokenizer config")
 
 
+def _backend_adds_bos(tk: tokenizers.Tokenizer, bos_id: int | None) -> bool:
+    """True when the backend's own post-processor puts `bos_id` in front of a plain-text encode.
+
+    Probed rather than parsed: post-processors come as TemplateProcessing, RobertaProcessing, Sequence...,
+    and only what they produce matters. (Anything they append after the text, such as an EOS, is not ours
+    to add to a prompt and is ignored.)
+    """
+    if bos_id is None or tk.post_processor is None:
+        return False
+    probe = "a"
+    plain = tk.encode(probe, add_special_tokens=False).ids
+    special = tk.encode(probe, add_special_tokens=True).ids
+    return special[:1] == [bos_id] and special[1 : 1 + len(plain)] == plain
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus lmforge's special-token roles and chat template.
 
@@ -383,7 +410,8 @@ class Tokenizer:
     here only when `add_bos` is on, and never for chats.
 
     When `add_bos=True` the backend gets (a copy with) a `TemplateProcessing` post-processor that prepends
-    the BOS, so `transformers` loading the saved directory adds the same BOS for plain text.
+    the BOS, so `transformers` loading the saved directory adds the same BOS for plain text; a backend whose
+    post-processor already does that (Llama-3's) is kept as it is.
     """
 
     def __init__(
@@ -431,6 +459,7 @@ class Tokenizer:
         if self.add_bos:
             if self.bos_id is None:
                 raise UserError("add_bos is on but the tokenizer has no bos token")
+        if self.add_bos and not _backend_adds_bos(tk, self.bos_id):
             tk = tokenizers.Tokenizer.from_str(tk.to_str())  # don't mutate the caller's object
             tk.post_processor = processors.TemplateProcessing(
                 single=f"{bos_token}:0 $A:0",
@@ -440,6 +469,23 @@ class Tokenizer:
         self.backend: tokenizers.Tokenizer = tk
         self._literal_backend: tokenizers.Tokenizer | None = None  # lazily: specials encoded as plain text
         self._token_bytes: list[bytes] | None = None
+
+    def with_extra_eos_ids(self, ids: Iterable[int]) -> "Tokenizer":
+        """A copy that also ends generation on each token id in `ids` (kept in `extra_eos_tokens`, so it is
+        saved and loaded with the tokenizer). Ids already in `eos_ids` are skipped."""
+        new = copy.copy(self)
+        new.extra_eos_tokens = list(self.extra_eos_tokens)
+        new.eos_ids = list(self.eos_ids)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise UserError(f"an eos token id must be an integer, got {i!r}")
+            token = self.backend.id_to_token(i)
+            if token is None:
+                raise UserError(f"eos token id {i} is not in the tokenizer's vocabulary (size {self.vocab_size})")
+            if i not in new.eos_ids:
+                new.eos_ids.append(i)
+                new.extra_eos_tokens.append(token)
+        return new
 
     # -- basic properties ---------------------------------------------------------------------------
 
@@ -671,7 +717,10 @@ class Tokenizer:
                 kwargs["extra_eos_tokens"] = [t for t in (_token_str(x) for x in extra) if t is not None]
             else:  # a foreign tokenizer: use ChatML's end of turn if it has one
                 kwargs["eot_token"] = IM_END if tk.token_to_id(IM_END) is not None else None
-        kwargs["add_bos"] = bool(config.get("add_bos_token", False))
+        # Like transformers 5, tokenizer.json's post-processor decides (tokenizer_config's add_bos_token is
+        # ignored when a tokenizer.json exists): see the module docstring.
+        bos = kwargs["bos_token"]
+        kwargs["add_bos"] = _backend_adds_bos(tk, None if bos is None else tk.token_to_id(bos))
         mml = config.get("model_max_length")
         kwargs["model_max_length"] = mml if isinstance(mml, int) and 0 < mml < 10**18 else None
 
@@ -686,3 +735,32 @@ class Tokenizer:
             raise UserError(f"the chat_template in {d / 'tokenizer_config.json'} is not a string")
         kwargs["chat_template"] = template
         return cls(tk, **kwargs)
+
+
+def load_hf_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a model directory (ours or one saved by transformers), as transformers uses it.
+
+    `Tokenizer.load` (which gives plain text the BOS transformers would add), plus the EOS ids generation
+    stops on: generation_config.json's ``eos_token_id`` (an int or a list; e.g. Llama-3 Instruct lists
+    128001, 128008 and 128009, while its tokenizer's eos_token is only <|eot_id|>), or config.json's when
+    the generation config gives none, as transformers falls back to it.
+    """
+    tok = Tokenizer.load(model_dir)
+    d = Path(model_dir)
+    for name in ("generation_config.json", "config.json"):
+        p = d / name
+        if not p.is_file():
+            continue
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{p} is not valid JSON: {_one_line(e)}") from None
+        eos = obj.get("eos_token_id") if isinstance(obj, dict) else None
+        if eos is None:
+            continue
+        ids = eos if isinstance(eos, list) else [eos]
+        try:
+            return tok.with_extra_eos_ids(ids)
+        except UserError as e:
+            raise UserError(f"{p}: {e}") from None
+    return tok

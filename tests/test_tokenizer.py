@@ -268,6 +268,35 @@ def test_add_bos_tokenizer(tok, tmp_path):
     assert loaded.fingerprint() == bos_tok.fingerprint()
 
 
+def test_add_bos_is_read_from_tokenizer_json(tok, tmp_path):
+    """As in transformers 5, tokenizer.json's post-processor decides whether plain text gets a BOS."""
+    bos_tok = Tokenizer(tok.backend, chat_template=tok.chat_template, add_bos=True)
+    assert Tokenizer(bos_tok.backend, add_bos=True).backend is bos_tok.backend  # already prepends it: kept
+    bos_tok.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for flag in (None, False):
+        if flag is None:
+            cfg.pop("add_bos_token")
+        else:
+            cfg["add_bos_token"] = flag
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+        loaded = Tokenizer.load(tmp_path)
+        assert loaded.add_bos and loaded.encode("hi there") == [0] + tok.encode("hi there")
+        assert loaded.encode_chat(MESSAGES)[0] != 0
+
+
+def test_with_extra_eos_ids(tok, tmp_path):
+    t = tok.with_extra_eos_ids([2, 3, 100])
+    assert t.eos_ids == [0, 2, 3, 100] and tok.eos_ids == [0, 2]  # a copy; known ids are not repeated
+    assert t.extra_eos_tokens == ["<|pad|>", tok.backend.id_to_token(100)]
+    t.save(tmp_path)
+    assert Tokenizer.load(tmp_path).eos_ids == [0, 2, 3, 100]
+    with pytest.raises(UserError, match="not in the tokenizer's vocabulary"):
+        tok.with_extra_eos_ids([10**6])
+    with pytest.raises(UserError, match="integer"):
+        tok.with_extra_eos_ids(["2"])
+
+
 # ------------------------------------------------------------------------------------------ chat template
 
 
