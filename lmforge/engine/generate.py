@@ -94,12 +94,12 @@ class Engine:
 
     @classmethod
     def load(cls, path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, fast: bool = True) -> "Engine":
-        """An engine for the model directory at `path` (weights, config and tokenizer from the same place)."""
-        from lmforge.checkpoint import load_model
-        from lmforge.tokenizer import Tokenizer
+        """An engine for the model at `path`: a model directory or a .gguf file (weights, config, tokenizer
+        and stop tokens from the same place)."""
+        from lmforge.loaders.auto import load
 
-        model = load_model(path, device=device, dtype=dtype)
-        return cls(model, Tokenizer.load(path), fast=fast)
+        loaded = load(path, device=device, dtype=dtype)
+        return cls(loaded.model, loaded.tokenizer, fast=fast)
 
     # ------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
