@@ -114,6 +114,10 @@ def cmd_pretrain(args) -> int:
     out = args.resume or args.out
     if not out:
         return _fail("say where the model goes with --out DIR (or continue a run with --resume DIR)")
+    if args.name:  # checked now, not after an hour of training
+        from lmforge.store import validate_name
+
+        args.name = validate_name(args.name)
     progress = _progress_enabled(args)
     opts = PretrainOptions(
         out=Path(out), data=args.data, preset=args.preset, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
@@ -146,6 +150,11 @@ def cmd_pretrain(args) -> int:
                 f"{summary['val_nats_per_char']:.4f} nats/char)"
     print(line)
     print(f"model: {out}   loss curve: {summary['plot']}")
+    if args.name and not result.interrupted:
+        from lmforge.store import import_model
+
+        import_model(out, args.name, overwrite=True)  # lineage (data, config, recipe) travels in lmforge.json
+        print(f"added to the store as {args.name}: lmforge run {args.name}")
     if args.samples and not result.interrupted:
         from lmforge.engine.generate import Engine
         from lmforge.engine.sampling import SamplingParams
@@ -164,28 +173,43 @@ def cmd_pretrain(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                   "frequency_penalty", "repeat_last_n", "seed")
+MODEL_HELP = "a model in the store (see lmforge list), a model directory, or a .gguf file"
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _sampling_params(args, **extra):
+def _sampling_params(args, defaults: dict | None = None, **extra):
+    """SamplingParams from the flags, over the model's Modelfile defaults, over lmforge's defaults."""
     from lmforge.engine.sampling import SamplingParams
 
-    given = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    given = {**(defaults or {})}
+    given.update({k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None})
+    if "stop" in extra:  # --stop adds to the Modelfile's stop strings
+        extra["stop"] = [*given.pop("stop", []), *extra["stop"]]
+    given.update(extra)
     try:
-        return SamplingParams(**given, **extra).validate()
+        return SamplingParams(**given).validate()
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def _load_engine(args):
+def _load(args):
+    """MODEL (store name, directory or .gguf) -> `Loaded` (model, tokenizer, Modelfile settings)."""
     import torch
 
-    from lmforge.engine.generate import Engine
+    from lmforge.loaders.auto import load
+    from lmforge.store import resolve
     from lmforge.train.pretrain import resolve_device
 
     dtype = DTYPES[args.dtype]
-    return Engine.load(args.model, device=resolve_device(args.device), dtype=getattr(torch, dtype) if dtype else None,
-                       fast=not args.no_fast)
+    return load(resolve(args.model), device=resolve_device(args.device),
+                dtype=getattr(torch, dtype) if dtype else None, allow_pickle=args.allow_pickle)
+
+
+def _load_engine(args):
+    from lmforge.engine.generate import Engine
+
+    loaded = _load(args)
+    return Engine(loaded.model, loaded.tokenizer, fast=not args.no_fast), loaded.modelfile
 
 
 def _token_text(tok, token_id: int) -> str:
@@ -200,14 +224,15 @@ def _token_text(tok, token_id: int) -> str:
 def cmd_generate(args) -> int:
     import math
 
-    engine = _load_engine(args)
+    engine, mf = _load_engine(args)
     tok = engine.tokenizer
     prompt = args.prompt
     if args.chat:
-        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        system = args.system if args.system is not None else mf.system
+        msgs = ([{"role": "system", "content": system}] if system else []) + mf.messages + [{"role": "user", "content": prompt}]
         prompt = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
     if args.beams > 1:
-        params = _sampling_params(args, num_beams=args.beams, length_penalty=args.length_penalty,
+        params = _sampling_params(args, mf.parameters, num_beams=args.beams, length_penalty=args.length_penalty,
                                   early_stopping=args.early_stopping, **({} if args.temperature is not None else {"temperature": 0.0}))
         try:
             hyps = engine.beam_search(prompt, params, n_best=args.n_best)
@@ -218,7 +243,8 @@ def cmd_generate(args) -> int:
             print(f"--- beam {rank}: score {h.score:.4f} (log-prob {h.sum_logprob:.3f}, {len(h.ids)} tokens, {h.finish_reason})")
             print(text)
         return 0
-    params = _sampling_params(args, stop=args.stop or [], logprobs=args.top_logprobs if args.show_probs else None)
+    params = _sampling_params(args, mf.parameters, stop=args.stop or [],
+                              logprobs=args.top_logprobs if args.show_probs else None)
     try:
         events = engine.generate([prompt], params)
         if not args.show_probs:
@@ -256,7 +282,7 @@ def cmd_score(args) -> int:
         text = "\n".join(load_documents(str(args.file), errors=args.errors))
     else:
         text = args.text
-    engine = _load_engine(args)
+    engine, _ = _load_engine(args)
     try:
         r = engine.score(text)
     except ValueError as e:
@@ -282,17 +308,210 @@ def cmd_score(args) -> int:
 def cmd_run(args) -> int:
     from lmforge.chat import ChatSession, answer_once, repl
 
-    engine = _load_engine(args)
+    engine, mf = _load_engine(args)
     if engine.tokenizer.chat_template is None:
         raise UserError(f"{args.model} has no chat template (tokenizer_config.json chat_template); "
                         f"use `lmforge generate` for plain text completion")
-    session = ChatSession(engine, system=args.system, params=_sampling_params(args))
+    session = ChatSession(engine, system=args.system if args.system is not None else mf.system,
+                          params=_sampling_params(args, mf.parameters), messages=[dict(m) for m in mf.messages])
     if not sys.stdin.isatty():
         try:
             return answer_once(session, sys.stdin.read())
         except ValueError as e:
             raise UserError(str(e)) from None
     return repl(session)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model store: import / pull / list / show / rm / cp / create, and export
+# ---------------------------------------------------------------------------------------------------
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _human_count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _ago(t: float) -> str:
+    s = max(0.0, time.time() - t)
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if s >= size:
+            n = int(s // size)
+            return f"{n} {unit[:-1] if n == 1 else unit} ago"
+    return "just now"
+
+
+def _name_from_path(path: Path) -> str:
+    import re
+
+    stem = path.name[:-5] if path.name.lower().endswith(".gguf") else path.name
+    base = re.sub(r"[^a-z0-9._-]", "-", stem.lower()).lstrip("._-")[:64]
+    if not base:
+        raise UserError(f"cannot derive a model name from {path}; give one with --name")
+    return base
+
+
+def cmd_import(args) -> int:
+    from lmforge.store import import_model, validate_name
+
+    src = Path(args.source).expanduser()
+    name = validate_name(args.name or _name_from_path(src.resolve()))
+    path = import_model(src, name, allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+    print(f"imported {src} as {name} ({path})")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from lmforge.store import pull
+
+    path = pull(args.repo, name=args.name, filename=args.file, revision=args.revision, overwrite=args.overwrite)
+    print(f"pulled {args.repo} into {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from lmforge.store import list_models
+
+    entries = list_models()
+    if not entries:
+        print("no models yet: add one with lmforge import PATH, lmforge pull REPO, or lmforge pretrain --name NAME")
+        return 0
+    rows = [("NAME", "ARCHITECTURE", "PARAMETERS", "DTYPE/QUANT", "SIZE", "MODIFIED")]
+    for e in entries:
+        arch = e.architecture.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
+        rows.append((e.name, arch if not e.error else f"DAMAGED: {e.error}"[:60], _human_count(e.parameters),
+                     e.dtype or "?", _human_size(e.size_bytes), _ago(e.modified)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_show(args) -> int:
+    import json
+
+    from lmforge.store import show
+
+    info = show(args.model)
+    mf = info.get("modelfile") or {}
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    if args.template:
+        print(info.get("chat_template") or "(no chat template)")
+        return 0
+    if args.system:
+        print(info.get("system") or "(no system prompt)")
+        return 0
+    if args.parameters:
+        for k, v in (info.get("defaults") or {}).items():
+            for item in v if isinstance(v, list) else [v]:
+                print(f"{k:<20} {json.dumps(item) if isinstance(item, str) else item}")
+        return 0
+    if args.license:
+        print(info.get("license") or "(no license file)")
+        return 0
+    if args.modelfile:
+        print(f"# Modelfile of {info['name']}\nFROM {info['path']}")
+        if info.get("system"):
+            print(f'SYSTEM """{info["system"]}"""')
+        if mf.get("template"):
+            print(f'TEMPLATE """{mf["template"]}"""')
+        for k, v in (info.get("defaults") or {}).items():
+            for item in v if isinstance(v, list) else [v]:
+                print(f"PARAMETER {k} {json.dumps(item) if isinstance(item, str) else item}")
+        for m in mf.get("messages") or []:
+            print(f'MESSAGE {m["role"]} """{m["content"]}"""')
+        return 0
+    cfg = info.get("config") or {}
+    c = cfg.get("lmforge") if isinstance(cfg.get("lmforge"), dict) and "d_model" in cfg["lmforge"] else cfg
+
+    def first(*keys):
+        return next((c[k] for k in keys if isinstance(c, dict) and c.get(k) is not None), "?")
+
+    print(f"  {info['name']}" + (f"   [DAMAGED: {info['error']}]" if info.get("error") else ""))
+    print("  Model")
+    rows = [("architecture", info.get("architecture")), ("parameters", _human_count(info.get("parameters"))),
+            ("context length", first("max_position_embeddings", "n_positions", "context_length")),
+            ("embedding length", first("hidden_size", "n_embd", "d_model")),
+            ("layers", first("num_hidden_layers", "n_layer", "n_layers")),
+            ("dtype/quantization", info.get("dtype") or "?"), ("size on disk", _human_size(info.get("size_bytes") or 0)),
+            ("path", info.get("path"))]
+    for k, v in rows:
+        print(f"    {k:<20} {v}")
+    if info.get("defaults"):
+        print("\n  Parameters")
+        for k, v in info["defaults"].items():
+            print(f"    {k:<20} {v}")
+    if info.get("system"):
+        print("\n  System\n    " + "\n    ".join(info["system"].splitlines()))
+    if info.get("chat_template"):
+        t = info["chat_template"].splitlines()
+        print("\n  Template\n    " + "\n    ".join(t[:6]) + (f"\n    ... ({len(t) - 6} more lines: --template)" if len(t) > 6 else ""))
+    if info.get("lineage"):
+        print("\n  Lineage")
+        for k, v in info["lineage"].items():
+            print(f"    {k:<20} {v}")
+    if info.get("license"):
+        lic = info["license"].strip().splitlines()
+        print("\n  License\n    " + "\n    ".join(lic[:4]) + ("\n    ... (--license)" if len(lic) > 4 else ""))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from lmforge.store import remove, validate_name
+
+    for name in args.names:
+        remove(name)
+        print(f"deleted {validate_name(name)}")
+    return 0
+
+
+def cmd_cp(args) -> int:
+    from lmforge.store import copy, validate_name
+
+    copy(args.source, args.destination)
+    print(f"copied {validate_name(args.source)} to {validate_name(args.destination)}")
+    return 0
+
+
+def cmd_create(args) -> int:
+    from lmforge.store import create, validate_name
+
+    path = create(args.name, args.file, overwrite=args.overwrite)
+    print(f"created {validate_name(args.name)} ({path})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from lmforge.loaders.export import export_gguf, export_hf
+
+    if args.format == "hf" and args.type is not None:
+        raise UserError("--type is for --format gguf; for --format hf choose the weights' dtype with --out-dtype")
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    loaded = _load(args)
+    if args.format == "hf":
+        export_hf(loaded, out, dtype=getattr(torch, DTYPES[args.out_dtype] or "float32"))
+    else:
+        export_gguf(loaded, out, qtype=args.type or "f16")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    print(f"exported {args.model} to {out} ({args.format}{'' if args.format == 'hf' else ' ' + (args.type or 'f16')}, "
+          f"{_human_size(size)})")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(pt, "builtin:pydocs; on --resume, the run's data")
     pt.add_argument("--out", metavar="DIR", help="output model directory (required unless --resume)")
     pt.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (same data order, optimizer and RNG state)")
+    pt.add_argument("--name", help="also add the finished model to the store under this name (default: don't)")
     pt.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs/token, a memory estimate and token "
                     "counts, then stop without training")
     pt.add_argument("--overwrite", action="store_true", help="start a new run in an --out that already holds a model "
@@ -395,10 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # generate / score / run
     def add_model_flags(p):
-        p.add_argument("model", metavar="MODEL", help="a model directory (config.json, model.safetensors, tokenizer files)")
+        p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-        p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weights dtype; auto keeps the checkpoint's "
-                       "(default: auto)")
+        p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="dtype the weights are loaded in; auto = "
+                       "fp32, whatever the file stores (default: auto)")
+        p.add_argument("--allow-pickle", action="store_true", help="load pytorch_model.bin weights (only with "
+                       "torch.load(weights_only=True)); default: refuse pickles, which can run code")
         p.add_argument("--no-fast", action="store_true", help="don't use lmforge's CPU matrix-vector kernel for batch-1 "
                        "decoding (default: use it when it builds)")
 
@@ -463,7 +685,92 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(rn)
     rn.set_defaults(func=cmd_run)
 
-    for p in (tt, pt, gen, sc, rn):  # short metavars keep the usage lines readable
+    # the model store
+    im = sub.add_parser("import", help="add a Hugging Face model directory or a .gguf file to the model store",
+                        formatter_class=_Formatter,
+                        description=_para("Validate a model (config, tokenizer, weight names and shapes, or the GGUF "
+                                          "header) and copy it into the store under $LMFORGE_HOME/models, so that "
+                                          "every command can use it by name. Supported: Llama 2/3.x, Mistral, Qwen2, "
+                                          "GPT-2 and lmforge's own models; GGUF files of the llama and qwen2 "
+                                          "architectures (kept quantized as they are)."),
+                        epilog="examples:\n  lmforge import ~/Downloads/SmolLM2-135M-Instruct --name smol\n"
+                               "  lmforge import ~/models/qwen2.5-0.5b-instruct-q8_0.gguf --name qwen\n"
+                               "  lmforge import runs/small --name small")
+    im.add_argument("source", metavar="PATH", help="a model directory (config.json + safetensors + tokenizer.json) or a .gguf file")
+    im.add_argument("--name", help="store name, NAME or NAME:TAG (default: from the directory or file name)")
+    im.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights: read with "
+                    "torch.load(weights_only=True) and stored as safetensors (default: refuse pickles)")
+    im.add_argument("--overwrite", action="store_true", help="replace a model of the same name (default: refuse)")
+    im.set_defaults(func=cmd_import)
+
+    pl = sub.add_parser("pull", help="download a model from the Hugging Face Hub into the store", formatter_class=_Formatter,
+                        description=_para("Download a model repo (its safetensors, configs and tokenizer; never its "
+                                          "pickles) with huggingface_hub, then import it. Needs internet; offline, use "
+                                          "lmforge import on a downloaded copy."),
+                        epilog="examples:\n  lmforge pull HuggingFaceTB/SmolLM2-135M-Instruct --name smol\n"
+                               "  lmforge pull Qwen/Qwen2.5-0.5B-Instruct-GGUF --file qwen2.5-0.5b-instruct-q8_0.gguf --name qwen")
+    pl.add_argument("repo", metavar="OWNER/NAME", help="the Hugging Face repo id")
+    pl.add_argument("--name", help="store name (default: the repo name, lower-cased)")
+    pl.add_argument("--file", help="for GGUF repos: which .gguf file to download")
+    pl.add_argument("--revision", help="branch, tag or commit (default: main)")
+    pl.add_argument("--overwrite", action="store_true", help="replace a model of the same name (default: refuse)")
+    pl.set_defaults(func=cmd_pull)
+
+    ls = sub.add_parser("list", aliases=["ls"], help="list the models in the store", formatter_class=_Formatter,
+                        description=_para("Name, architecture, parameters, dtype or quantization, size on disk and "
+                                          "when it was added, for every model in the store. Damaged entries are "
+                                          "listed as such (and can still be removed)."))
+    ls.set_defaults(func=cmd_list)
+
+    sh = sub.add_parser("show", help="show a model's config, template, system prompt, defaults, lineage and license",
+                        formatter_class=_Formatter)
+    sh.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    for flag, what in (("--modelfile", "a Modelfile that recreates it"), ("--template", "the full chat template"),
+                       ("--system", "the system prompt"), ("--parameters", "the sampling defaults"),
+                       ("--license", "the license text"), ("--json", "everything, as JSON")):
+        sh.add_argument(flag, action="store_true", help=f"print only {what}")
+    sh.set_defaults(func=cmd_show)
+
+    rm = sub.add_parser("rm", help="remove models from the store", formatter_class=_Formatter)
+    rm.add_argument("names", metavar="NAME", nargs="+", help="store names (NAME or NAME:TAG)")
+    rm.set_defaults(func=cmd_rm)
+
+    cp = sub.add_parser("cp", help="copy a model in the store to a new name", formatter_class=_Formatter)
+    cp.add_argument("source", metavar="SOURCE", help="existing store name")
+    cp.add_argument("destination", metavar="DESTINATION", help="new store name")
+    cp.set_defaults(func=cmd_cp)
+
+    cr = sub.add_parser("create", help="create a model from a Modelfile (FROM, SYSTEM, TEMPLATE, PARAMETER, ...)",
+                        formatter_class=_Formatter,
+                        description=_para("Make a new store model from a base model plus a system prompt, a chat "
+                                          "template, sampling defaults, example messages and an adapter, written as "
+                                          "in Ollama's Modelfile. TEMPLATE is a Jinja chat template (the format of "
+                                          "tokenizer_config.json). The base model's files are hard-linked, not copied."),
+                        epilog='example Modelfile:\n  FROM smol\n  SYSTEM """You answer in one short sentence."""\n'
+                               '  PARAMETER temperature 0.2\n  PARAMETER stop "<|im_end|>"\n\n'
+                               "  lmforge create smol-terse -f Modelfile && lmforge run smol-terse")
+    cr.add_argument("name", metavar="NAME", help="store name for the new model")
+    cr.add_argument("-f", "--file", required=True, metavar="MODELFILE", help="the Modelfile (required)")
+    cr.add_argument("--overwrite", action="store_true", help="replace a model of the same name (default: refuse)")
+    cr.set_defaults(func=cmd_create)
+
+    ex = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file", formatter_class=_Formatter,
+                        description=_para("Export any model lmforge can load to the tools people already use: --format "
+                                          "hf for transformers and vLLM (Llama, Qwen2 or GPT-2 architecture), --format "
+                                          "gguf for llama.cpp, Ollama and LM Studio (llama or qwen2 architecture)."),
+                        epilog="examples:\n  lmforge export runs/small --format gguf --type q8_0 --out small.gguf\n"
+                               "  lmforge export runs/small --format hf --out small-hf")
+    add_model_flags(ex)
+    ex.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf (a directory) or gguf (one file) (required)")
+    ex.add_argument("--out", required=True, help="output directory (hf) or file (gguf) (required)")
+    ex.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], help="GGUF tensor type: f32, f16, or the "
+                    "llama.cpp quantizations q8_0 / q4_0; norms stay f32 (default: f16)")
+    ex.add_argument("--out-dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the exported "
+                    "HF weights (default: fp32)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    ex.set_defaults(func=cmd_export)
+
+    for p in (tt, pt, gen, sc, rn, ex):  # short metavars keep the usage lines readable
         for action in p._actions:
             if action.metavar is None and action.type in (_positive_int, _nonneg_int, int):
                 action.metavar = "N"

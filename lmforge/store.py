@@ -26,12 +26,14 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge.checkpoint import MARKER, STAGING, is_model_dir, recover
+from lmforge.modelfile import FILE as MODELFILE
 from lmforge.errors import UserError
 from lmforge.io import fsync_dir
 from lmforge.paths import home
@@ -41,7 +43,7 @@ NAME_RULE = ("model names are NAME or NAME:TAG, NAME 1-64 and TAG 1-32 character
              "each starting with a letter or digit")
 NAME_RE = re.compile(r"(?P<name>[a-z0-9][a-z0-9._-]{0,63})(?::(?P<tag>[a-z0-9][a-z0-9._-]{0,31}))?")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
-MODELFILE = "modelfile.json"
+GGUF_IN_STORE = "model.gguf"  # an imported GGUF file is kept as it is, quantized, under this name
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ class StoreEntry:
     path: Path
     architecture: str  # config.json "architectures"[0], or "?"
     parameters: int | None
-    dtype: str | None  # config.json "torch_dtype" (transformers 4.x) or "dtype" (5.x)
+    dtype: str | None  # config.json "torch_dtype" (transformers 4.x) or "dtype" (5.x); a GGUF's file type
     size_bytes: int  # all files, trainer state included
     modified: float  # mtime of the entry directory: when it was added to the store
     error: str | None = None  # set when the entry is damaged; the other fields are then best effort
@@ -123,6 +125,8 @@ def _entry(name: str, path: Path) -> StoreEntry:
         modified = 0.0
     entry = StoreEntry(name, path, "?", None, None, _dir_size(path), modified)
     cfg_file = path / "config.json"
+    if not cfg_file.is_file() and (path / GGUF_IN_STORE).is_file():
+        return _gguf_entry(entry, path / GGUF_IN_STORE)
     if not cfg_file.is_file():
         entry.error = "config.json is missing"
         return entry
@@ -143,6 +147,36 @@ def _entry(name: str, path: Path) -> StoreEntry:
     except Exception as e:  # noqa: BLE001 - a damaged entry is reported, never raised, by list
         entry.error = f"config.json: {e}"
     return entry
+
+
+def _gguf_entry(entry: StoreEntry, file: Path) -> StoreEntry:
+    from lmforge.loaders.gguf import describe_gguf
+
+    try:
+        d = describe_gguf(file)
+    except Exception as e:  # noqa: BLE001 - a damaged entry is reported, never raised, by list
+        entry.error = f"{file.name}: {e}"
+        return entry
+    entry.architecture, entry.parameters, entry.dtype = d["architecture"], d["parameters"], d["file_type"]
+    return entry
+
+
+def _gguf_config_dict(file: Path) -> dict[str, Any] | None:
+    from lmforge.loaders.gguf import describe_gguf
+
+    try:
+        return describe_gguf(file)["config"].to_dict()
+    except Exception:  # noqa: BLE001 - show what can be shown
+        return None
+
+
+def _gguf_template(file: Path) -> str | None:
+    from lmforge.loaders.gguf import describe_gguf
+
+    try:
+        return describe_gguf(file)["chat_template"]
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _valid(part: str, *, tag: bool) -> bool:
@@ -202,9 +236,22 @@ def _first_text(path: Path, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def show(name: str) -> dict[str, Any]:
-    """Everything known about one model; works on a damaged entry (see the "error" key)."""
-    norm, path = _existing(name)
+def show(ref: str) -> dict[str, Any]:
+    """Everything known about a model (a store name, a model directory or a .gguf file); works on a
+    damaged store entry (see the "error" key)."""
+    path = resolve(ref)
+    root = models_root().resolve()
+    real = path.resolve()
+    if real.is_relative_to(root) and len(real.relative_to(root).parts) == 2:
+        norm = ":".join(real.relative_to(root).parts)
+    else:
+        norm = str(path)
+    if path.is_file():  # a .gguf file outside the store
+        e = _gguf_entry(StoreEntry(norm, path, "?", None, None, path.stat().st_size, path.stat().st_mtime), path)
+        return {"name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
+                "dtype": e.dtype, "size_bytes": e.size_bytes, "modified": e.modified, "error": e.error,
+                "config": _gguf_config_dict(path), "chat_template": _gguf_template(path), "system": None,
+                "defaults": {}, "modelfile": {}, "lineage": {}, "lmforge": {}, "license": None, "readme": None}
     e = _entry(norm, path)
     info: dict[str, Any] = {
         "name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
@@ -215,6 +262,9 @@ def show(name: str) -> dict[str, Any]:
     except UserError:
         info["config"] = None
     info["chat_template"] = _chat_template(path)
+    if (path / GGUF_IN_STORE).is_file() and info["config"] is None:
+        info["config"] = _gguf_config_dict(path / GGUF_IN_STORE)
+        info["chat_template"] = _gguf_template(path / GGUF_IN_STORE)
     modelfile: dict[str, Any] = {}
     if (path / MODELFILE).is_file():
         try:
@@ -222,6 +272,8 @@ def show(name: str) -> dict[str, Any]:
             modelfile = m if isinstance(m, dict) else {}
         except UserError as err:
             info["error"] = info["error"] or str(err)
+    if isinstance(modelfile.get("template"), str):
+        info["chat_template"] = modelfile["template"]  # a Modelfile TEMPLATE replaces the tokenizer's
     info["system"] = modelfile.get("system")  # system prompt
     info["defaults"] = modelfile.get("parameters") or modelfile.get("defaults") or {}  # sampling defaults
     info["modelfile"] = modelfile
@@ -234,7 +286,7 @@ def show(name: str) -> dict[str, Any]:
             info["error"] = info["error"] or str(err)
     info["lineage"] = meta.get("lineage") or {}  # parent model, data, recipe, step
     info["lmforge"] = meta  # all of lmforge.json
-    info["license"] = _first_text(path, ("LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt"))
+    info["license"] = modelfile.get("license") or _first_text(path, ("LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt"))
     info["readme"] = _first_text(path, ("README.md", "README.txt", "README"))
     return info
 
@@ -263,7 +315,7 @@ def add(name: str, source_dir: str | os.PathLike, *, move: bool = False, overwri
     norm = validate_name(name)
     dst = model_path(norm)
     src = Path(source_dir).expanduser()
-    if not is_model_dir(src):
+    if not is_entry(src):
         raise UserError(f"{src} is not a model directory (it needs a config.json)")
     src = src.resolve()
     root = models_root().resolve()
@@ -321,7 +373,9 @@ def remove(name: str) -> None:
 def copy(src_name: str, dst_name: str) -> Path:
     """Copy model `src_name` to the new name `dst_name` (refused if it exists); returns the new path."""
     _norm, src = _existing(src_name)
-    validate_name(dst_name)
+    dst = validate_name(dst_name)
+    if model_path(dst).exists():
+        raise UserError(f"model {dst} already exists (remove it first with lmforge rm)")
     return add(dst_name, src)
 
 
@@ -331,6 +385,11 @@ def copy(src_name: str, dst_name: str) -> Path:
 def _looks_like_path(ref: str) -> bool:
     seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
     return any(s in ref for s in seps) or ref.startswith((".", "~"))
+
+
+def is_entry(path: Path) -> bool:
+    """A model directory, or a directory holding an imported GGUF file."""
+    return is_model_dir(path) or (path.is_dir() and (path / GGUF_IN_STORE).is_file())
 
 
 def _as_local(path: Path) -> Path | None:
@@ -352,7 +411,8 @@ def resolve(ref: str) -> Path:
         path = Path(ref).expanduser()
         found = _as_local(path)
         if found is None:
-            what = "no such file or directory" if not path.exists() else "not a model directory or a .gguf file"
+            what = ("no such file or directory" if not path.exists() else
+                    "not a model directory (it has no config.json)" if path.is_dir() else "not a model directory or a .gguf file")
             raise UserError(f"{ref}: {what}")
         return found
     if ref and "\x00" not in ref:
@@ -367,3 +427,251 @@ def resolve(ref: str) -> Path:
     if not path.is_dir():
         raise UserError(f"no model named {ref} (see lmforge list)")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# import / create / pull
+# ---------------------------------------------------------------------------------------------------
+# What an import copies from a model directory: the files transformers reads, our own, and the model's
+# license and card. Pickles, `original/` consolidated checkpoints, ONNX or GGUF siblings stay behind.
+_IMPORT_SUFFIXES = (".json", ".safetensors", ".jinja")
+_IMPORT_PREFIXES = ("LICENSE", "README", "NOTICE", "USE_POLICY", "license", "readme")
+
+
+def _wanted(name: str) -> bool:
+    return name.endswith(_IMPORT_SUFFIXES) or name.startswith(_IMPORT_PREFIXES)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link when possible (a `create` on top of a store model costs no space), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_lineage(directory: Path, **lineage: Any) -> None:
+    """Add `lineage` to lmforge.json (kept: what the model's own training recorded there)."""
+    from lmforge.io import atomic_write_json
+
+    f = directory / "lmforge.json"
+    meta: dict[str, Any] = {}
+    if f.is_file():
+        try:
+            m = json.loads(f.read_text(encoding="utf-8"))
+            meta = m if isinstance(m, dict) else {}
+        except (OSError, ValueError):
+            meta = {}
+        f.unlink()  # it may be a hard link shared with the parent model: write a new file, never through it
+    meta.setdefault("format_version", 1)
+    meta["lineage"] = {**(meta.get("lineage") or {}), **lineage}
+    atomic_write_json(f, meta)
+
+
+def check_model_dir(src: Path, *, allow_pickle: bool = False) -> str:
+    """Validate a Hugging Face model directory without loading its weights; returns its architecture.
+
+    Reads config.json (unsupported architectures and remote code are refused here, before anything is
+    copied), the tokenizer, and the names and shapes of the weights from the safetensors headers.
+    """
+    from lmforge.checkpoint import WeightFiles, expected_weight_shapes, load_config
+    from lmforge.loaders.hf import hf_architecture
+    from lmforge.tokenizer import load_hf_tokenizer
+
+    cfg = load_config(src)
+    load_hf_tokenizer(src)
+    weights = WeightFiles(src, allow_pickle=allow_pickle)
+    shapes = weights.shapes()
+    for name, shape in expected_weight_shapes(cfg).items():
+        if name not in shapes:
+            raise UserError(f"{src}: tensor {name!r} is missing from the weights")
+        if tuple(shapes[name]) != tuple(shape):
+            raise UserError(f"{src}: tensor {name!r} has shape {tuple(shapes[name])}, config.json implies {tuple(shape)}")
+    return hf_architecture(cfg)
+
+
+def import_model(source: str | os.PathLike, name: str, *, allow_pickle: bool = False, overwrite: bool = False,
+                 lineage: dict[str, Any] | None = None) -> Path:
+    """Add a Hugging Face model directory or a .gguf file to the store as `name`; returns the entry path.
+
+    The source is validated first (config, tokenizer, weight names and shapes; GGUF header and
+    metadata), so a broken or unsupported model never enters the store. Pickled weights are converted to
+    safetensors on the way in (only with `allow_pickle`), so the store itself never holds a pickle.
+    """
+    norm = validate_name(name)
+    if model_path(norm).exists() and not overwrite:
+        raise UserError(f"model {norm} already exists (remove it first with lmforge rm, or pass --overwrite)")
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise UserError(f"{source}: no such file or directory")
+    tmp = _temp_dir("import")
+    tmp.mkdir()
+    try:
+        if src.is_file():
+            if src.suffix.lower() != ".gguf":
+                raise UserError(f"{source}: not a model directory or a .gguf file")
+            from lmforge.loaders.gguf import describe_gguf
+
+            describe_gguf(src)  # header, metadata and tensor table checked before copying
+            shutil.copy2(src, tmp / GGUF_IN_STORE)
+            fmt = "gguf"
+        else:
+            recover(src)
+            if not (src / "config.json").is_file():
+                raise UserError(f"{source} is not a model directory: it has no config.json")
+            check_model_dir(src, allow_pickle=allow_pickle)
+            for f in sorted(src.iterdir()):
+                if f.is_file() and not f.is_symlink() and _wanted(f.name):
+                    shutil.copy2(f, tmp / f.name)
+            if not any(tmp.glob("*.safetensors")):
+                _convert_pickles(src, tmp)
+            fmt = "hf"
+        _write_lineage(tmp, imported_from=str(src.resolve()), imported_at=time.time(), source_format=fmt,
+                       **(lineage or {}))
+        return add(norm, tmp, move=True, overwrite=overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_pickles(src: Path, dst: Path) -> None:
+    """Write the weights of a pickle-only directory (already allowed by the caller) as model.safetensors."""
+    from safetensors.torch import save_file
+
+    from lmforge.checkpoint import WEIGHTS, WeightFiles
+
+    weights = WeightFiles(src, allow_pickle=True)
+    tensors = {k: weights[k].contiguous() for k in weights}
+    save_file(tensors, str(dst / WEIGHTS), metadata={"format": "pt"})
+    for stale in ("pytorch_model.bin.index.json",):
+        (dst / stale).unlink(missing_ok=True)
+
+
+def create(name: str, modelfile_path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """`lmforge create NAME -f Modelfile`: a new store entry = FROM's weights + this Modelfile's settings.
+
+    FROM may be a store name, a model directory or a .gguf file (paths relative to the Modelfile). Files of
+    a store model are hard-linked where the file system allows, so a derived model costs no extra space.
+    Settings of a FROM model that was itself created from a Modelfile are inherited and overridden.
+    """
+    from lmforge.io import atomic_write_json
+    from lmforge.modelfile import parse
+
+    norm = validate_name(name)
+    mf_file = Path(modelfile_path).expanduser()
+    if not mf_file.is_file():
+        raise UserError(f"{modelfile_path}: no such Modelfile")
+    try:
+        text = mf_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{modelfile_path}: unreadable ({e})") from None
+    mf = parse(text, source=str(modelfile_path))
+    if model_path(norm).exists() and not overwrite:
+        raise UserError(f"model {norm} already exists (remove it first with lmforge rm, or pass --overwrite)")
+    base_ref = mf.base
+    if _looks_like_path(base_ref) and not Path(base_ref).expanduser().is_absolute():
+        base_ref = str(mf_file.parent / base_ref)
+    base = resolve(base_ref)
+    tmp = _temp_dir("create")
+    tmp.mkdir()
+    try:
+        if base.is_file():  # a .gguf path
+            from lmforge.loaders.gguf import describe_gguf
+
+            describe_gguf(base)
+            shutil.copy2(base, tmp / GGUF_IN_STORE)
+            parent = None
+        else:
+            for f in sorted(base.iterdir()):
+                if f.is_file() and not f.is_symlink() and (_wanted(f.name) or f.name == GGUF_IN_STORE):
+                    _link_or_copy(f, tmp / f.name)
+            parent = _read_modelfile(base)
+        if parent is not None:
+            from lmforge.modelfile import Modelfile
+
+            mf = mf.merged_over(Modelfile.from_json(parent))
+        if mf.adapter:
+            adapter = Path(mf.adapter).expanduser()
+            if not adapter.is_absolute():
+                adapter = mf_file.parent / adapter
+            if not (adapter / "adapter_config.json").is_file():
+                raise UserError(f"{modelfile_path}: ADAPTER {mf.adapter} is not an adapter directory "
+                                f"(it needs adapter_config.json and adapter_model.safetensors)")
+            shutil.copytree(adapter, tmp / "adapter")
+            mf.adapter = "adapter"
+        (tmp / MODELFILE).unlink(missing_ok=True)  # possibly a hard link to the parent's
+        atomic_write_json(tmp / MODELFILE, mf.to_json())
+        _write_lineage(tmp, parent=mf.base, created_from_modelfile=str(mf_file.resolve()), created_at=time.time())
+        return add(norm, tmp, move=True, overwrite=overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_modelfile(directory: Path) -> dict[str, Any] | None:
+    f = directory / MODELFILE
+    if not f.is_file():
+        return None
+    m = _read_json(f)
+    return m if isinstance(m, dict) else None
+
+
+def default_name(repo_id: str) -> str:
+    """The store name `pull` uses for a Hub repo: its last component, lower-cased (`SmolLM2-135M` -> `smollm2-135m`)."""
+    base = repo_id.rstrip("/").rsplit("/", 1)[-1].lower()
+    base = re.sub(r"[^a-z0-9._-]", "-", base).lstrip("._-")[:64]
+    return validate_name(base or "model")
+
+
+_PULL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "LICENSE*", "README*", "NOTICE*", "USE_POLICY*"]
+
+
+def pull(repo_id: str, *, name: str | None = None, filename: str | None = None, revision: str | None = None,
+         overwrite: bool = False) -> Path:
+    """Download a model from the Hugging Face Hub (through `huggingface_hub`) and import it.
+
+    A safetensors repo is fetched without its pickles; a GGUF repo needs `filename` (which quantization).
+    Offline, or when the Hub refuses, the error says so and points to `lmforge import`.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", repo_id or "") or ".." in repo_id:
+        raise UserError(f"{repo_id!r} is not a Hugging Face repo id (OWNER/NAME)")
+    name = validate_name(name) if name else default_name(repo_id)
+    if model_path(name).exists() and not overwrite:
+        raise UserError(f"model {name} already exists (remove it first with lmforge rm, pass --name, or --overwrite)")
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors as hf_errors
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise UserError("lmforge pull needs the huggingface_hub package (pip install huggingface_hub)") from None
+    hint = (f"download it another way (for example `huggingface-cli download {repo_id}` on a machine with "
+            f"internet) and add it with `lmforge import PATH --name {name}`")
+    try:
+        if filename is not None:
+            if not filename.endswith(".gguf") or ".." in filename or filename.startswith(("/", "\\")):
+                raise UserError(f"--file {filename!r}: give the name of a .gguf file in the repo")
+            path = huggingface_hub.hf_hub_download(repo_id, filename, revision=revision,
+                                                   cache_dir=str(home() / "cache" / "hub"))
+            return import_model(path, name, overwrite=overwrite, lineage={"pulled_from": f"hf://{repo_id}/{filename}",
+                                                                         "revision": revision})
+        local = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=_PULL_PATTERNS,
+                                                  cache_dir=str(home() / "cache" / "hub"))
+    except UserError:
+        raise
+    except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError) as e:
+        raise UserError(f"cannot reach the Hugging Face Hub ({type(e).__name__}); {hint}") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise UserError(f"no model {repo_id!r} on the Hugging Face Hub (or it is private/gated: log in with "
+                        f"`huggingface-cli login`)") from None
+    except hf_errors.GatedRepoError:
+        raise UserError(f"{repo_id} is gated: accept its license on huggingface.co and log in with "
+                        f"`huggingface-cli login`") from None
+    except hf_errors.EntryNotFoundError:
+        raise UserError(f"{repo_id} has no file {filename!r}") from None
+    except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
+        raise UserError(f"download of {repo_id} failed ({' '.join(str(e).split())[:200]}); {hint}") from None
+    if not (Path(local) / "config.json").is_file():
+        try:
+            ggufs = sorted(f for f in huggingface_hub.list_repo_files(repo_id, revision=revision) if f.endswith(".gguf"))
+        except Exception:  # noqa: BLE001 - only used to make the message more helpful
+            ggufs = []
+        raise UserError(f"{repo_id} has no config.json; if it is a GGUF repo, choose a file with --file"
+                        + (f" ({', '.join(ggufs[:5])})" if ggufs else ""))
+    return import_model(local, name, overwrite=overwrite, lineage={"pulled_from": f"hf://{repo_id}", "revision": revision})

@@ -177,3 +177,102 @@ def test_generate_prompt_longer_than_context(capsys, model_dir):
 
 def test_generate_on_a_directory_that_is_not_a_model(capsys, tmp_path):
     assert_user_error(capsys, ["generate", tmp_path, "--prompt", "x"], "config.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model store and export through the CLI
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def model_dir(tmp_path, tiny_tokenizer):
+    return save_tiny_model(tmp_path / "tiny-src", tiny_tokenizer, embedding_scale=8.0)
+
+
+def test_store_commands_end_to_end(capsys, tmp_path, model_dir):
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "no models yet" in out
+    code, out, _ = run(capsys, "import", model_dir, "--name", "tiny")
+    assert code == 0 and "imported" in out and "tiny:latest" in out
+    code, out, _ = run(capsys, "list")
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "ARCHITECTURE", "PARAMETERS", "DTYPE/QUANT", "SIZE", "MODIFIED"]
+    assert lines[1].split()[:4] == ["tiny:latest", "Llama", "119.1K", "float32"]
+    code, out, _ = run(capsys, "show", "tiny")
+    assert code == 0 and "architecture" in out and "LlamaForCausalLM" in out and "Lineage" in out
+    code, out, _ = run(capsys, "show", "tiny", "--json")
+    assert json.loads(out)["name"] == "tiny:latest"
+
+    (tmp_path / "Modelfile").write_text('FROM tiny\nSYSTEM """Be brief."""\nPARAMETER temperature 0\n'
+                                        'PARAMETER num_predict 6\n')
+    code, out, _ = run(capsys, "create", "brief", "-f", tmp_path / "Modelfile")
+    assert code == 0 and "created brief:latest" in out
+    code, out, _ = run(capsys, "show", "brief", "--modelfile")
+    assert 'SYSTEM """Be brief."""' in out and "PARAMETER temperature 0" in out
+    code, out, _ = run(capsys, "show", "brief", "--system")
+    assert out.strip() == "Be brief."
+
+    # The Modelfile's defaults apply (greedy, 6 tokens); a flag overrides them.
+    code, out1, _ = run(capsys, "generate", "brief", "--prompt", "the model", "--no-fast")
+    code, out2, _ = run(capsys, "generate", "tiny", "--prompt", "the model", "--temperature", "0",
+                        "--max-new-tokens", "6", "--no-fast")
+    assert code == 0 and out1 == out2
+    code, out3, _ = run(capsys, "generate", "brief", "--prompt", "the model", "--max-new-tokens", "2", "--no-fast")
+    assert len(out3) < len(out1)
+
+    assert run(capsys, "cp", "tiny", "tiny:copy")[0] == 0
+    code, out, _ = run(capsys, "rm", "tiny", "tiny:copy")
+    assert code == 0 and "deleted tiny:latest" in out and "deleted tiny:copy" in out
+    code, out, _ = run(capsys, "list")
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["brief:latest"]
+
+
+def test_store_command_mistakes(capsys, tmp_path, model_dir):
+    assert_user_error(capsys, ["import", tmp_path / "nowhere"], "no such file or directory")
+    assert_user_error(capsys, ["import", model_dir, "--name", "../evil"], "invalid model name")
+    assert run(capsys, "import", model_dir, "--name", "tiny")[0] == 0
+    assert_user_error(capsys, ["import", model_dir, "--name", "tiny"], "already exists", "--overwrite")
+    assert_user_error(capsys, ["show", "nosuch"], "no model named nosuch")
+    assert_user_error(capsys, ["rm", "nosuch"], "no model named nosuch:latest")
+    assert_user_error(capsys, ["cp", "tiny", "tiny"], "already exists")
+    assert_user_error(capsys, ["generate", "nosuch", "--prompt", "x"], "no model named nosuch")
+    (tmp_path / "Modelfile").write_text("FROM tiny\nPARAMETER temperature hot\n")
+    assert_user_error(capsys, ["create", "x", "-f", tmp_path / "Modelfile"], "Modelfile:2", "needs a number")
+    assert_user_error(capsys, ["export", "tiny", "--format", "hf", "--out", tmp_path / "o", "--type", "q8_0"], "--type is for")
+
+
+def test_export_hf_loads_in_transformers_with_identical_logits(capsys, tmp_path, model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.checkpoint import load_model
+
+    code, out, err = run(capsys, "export", model_dir, "--format", "hf", "--out", tmp_path / "hf")
+    assert code == 0, err
+    ours = load_model(model_dir)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-4, rtol=0)
+    capsys.readouterr()  # transformers' own progress bar
+    assert_user_error(capsys, ["export", model_dir, "--format", "hf", "--out", tmp_path / "hf"], "already exists")
+
+
+def test_export_refuses_shapes_transformers_cannot_hold(capsys, tmp_path, tiny_tokenizer):
+    from lmforge.checkpoint import Checkpointer
+    from lmforge.model.gpt import GPT
+    from lmforge.presets import get_preset
+
+    cfg = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size, positions="sinusoidal")
+    Checkpointer(tmp_path / "sin", tokenizer=tiny_tokenizer).save(GPT(cfg), None, [], {})
+    assert_user_error(capsys, ["export", tmp_path / "sin", "--format", "hf", "--out", tmp_path / "o"],
+                      "sinusoidal positions")
+
+
+def test_pretrain_name_adds_the_model_to_the_store(capsys, tmp_path, corpus_file):
+    code, out, err = run(capsys, "pretrain", "--data", corpus_file, "--out", tmp_path / "m", "--name", "mine", *TINY)
+    assert code == 0, err
+    from lmforge import store
+
+    info = store.show("mine")
+    assert info["lineage"]["objective"] == "pretrain" and info["lineage"]["data"] == str(corpus_file)
+    assert_user_error(capsys, ["pretrain", "--data", corpus_file, "--out", tmp_path / "n", "--name", "Bad Name", *TINY],
+                      "invalid model name")

@@ -265,3 +265,162 @@ def test_resolve_path_like_ref_never_falls_back_to_store(tiny_model_dir, tmp_pat
     store.add("tiny", tiny_model_dir)
     with pytest.raises(UserError, match="no such file or directory"):
         store.resolve("./tiny")
+
+
+# ---------------------------------------------------------------------------------------------------
+# import / create / pull
+# ---------------------------------------------------------------------------------------------------
+def test_import_copies_only_model_files_and_records_lineage(tiny_model_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "download"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "pytorch_model.bin").write_bytes(b"not a pickle we will ever open")
+    (src / "original").mkdir()
+    (src / "original" / "consolidated.00.pth").write_bytes(b"x")
+    (src / "LICENSE").write_text("Apache-2.0\n")
+    path = store.import_model(src, "tiny")
+    names = {p.name for p in path.iterdir()}
+    assert "pytorch_model.bin" not in names and "original" not in names and "trainer_state" not in names
+    assert {"config.json", "model.safetensors", "tokenizer.json", "LICENSE", "lmforge.json"} <= names
+    info = store.show("tiny")
+    assert info["lineage"]["parent"] == "scratch"  # the model's own lineage is kept
+    assert info["lineage"]["imported_from"] == str(src.resolve()) and info["lineage"]["source_format"] == "hf"
+    assert info["license"].startswith("Apache")
+    from lmforge.loaders.auto import load
+
+    loaded = load(store.resolve("tiny"))
+    assert loaded.model.config.vocab_size == loaded.tokenizer.vocab_size
+
+
+def test_import_validates_before_copying(tiny_model_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = cfg["intermediate_size"] * 2
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="mlp.gate_proj.weight.*has shape"):
+        store.import_model(bad, "bad")
+    cfg["architectures"] = ["FalconForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="not supported.*LlamaForCausalLM"):
+        store.import_model(bad, "bad")
+    assert store.list_models() == []
+    assert not any(p.name.startswith(".import") for p in store.models_root().iterdir())
+
+
+def test_pickle_only_model_is_refused_then_converted_with_allow_pickle(tiny_model_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    src = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, src)
+    tensors = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    torch.save(tensors, src / "pytorch_model.bin")
+    with pytest.raises(UserError, match="pickled weights.*--allow-pickle"):
+        store.import_model(src, "p")
+    path = store.import_model(src, "p", allow_pickle=True)
+    assert (path / "model.safetensors").is_file() and not (path / "pytorch_model.bin").exists()
+    assert all(torch.equal(load_file(path / "model.safetensors")[k], v) for k, v in tensors.items())
+
+
+def test_allow_pickle_never_unpickles_code(tiny_model_dir, tmp_path):
+    import pickle
+    import shutil
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    src = tmp_path / "evil"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "model.safetensors").unlink()
+    (src / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(UserError, match="refused or unreadable as a weights-only pickle"):
+        store.import_model(src, "evil", allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_create_from_modelfile_inherits_and_hard_links(tiny_model_dir, tmp_path):
+    store.import_model(tiny_model_dir, "base")
+    mf = tmp_path / "Modelfile"
+    mf.write_text('FROM base\nSYSTEM """Be brief."""\nPARAMETER temperature 0.3\nPARAMETER stop "END"\n')
+    path = store.create("brief", mf)
+    info = store.show("brief")
+    assert info["system"] == "Be brief." and info["defaults"] == {"temperature": 0.3, "stop": ["END"]}
+    assert info["lineage"]["parent"] == "base"
+    base_weights = store.model_path("base") / "model.safetensors"
+    if os.stat(base_weights).st_ino == os.stat(path / "model.safetensors").st_ino:
+        assert os.stat(base_weights).st_nlink == 2  # hard-linked, no copy
+    # A model created from a created model inherits and overrides.
+    mf2 = tmp_path / "Modelfile2"
+    mf2.write_text("FROM brief\nPARAMETER top_k 5\n")
+    store.create("brief2", mf2)
+    info2 = store.show("brief2")
+    assert info2["system"] == "Be brief." and info2["defaults"] == {"temperature": 0.3, "stop": ["END"], "top_k": 5}
+    # Removing the parent leaves the child whole (hard links keep the data).
+    store.remove("base")
+    from lmforge.loaders.auto import load
+
+    loaded = load(store.resolve("brief"))
+    assert loaded.modelfile.system == "Be brief."
+
+
+def test_create_template_replaces_chat_template(tiny_model_dir, tmp_path):
+    mf = tmp_path / "Modelfile"
+    mf.write_text(f'FROM {tiny_model_dir}\nTEMPLATE """{{% for m in messages %}}[{{{{ m.role }}}}] {{{{ m.content }}}}\n'
+                  f'{{% endfor %}}"""\n')
+    store.create("templated", mf)
+    from lmforge.loaders.auto import load
+
+    tok = load(store.resolve("templated")).tokenizer
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("FROM nosuchmodel\n", "no model named nosuchmodel"),
+    ("FROM ./missing-dir\n", "no such file or directory"),
+    ("FROM base\nADAPTER ./nowhere\n", "is not an adapter directory"),
+])
+def test_create_errors(tiny_model_dir, tmp_path, text, message):
+    store.import_model(tiny_model_dir, "base", overwrite=True)
+    mf = tmp_path / "Modelfile"
+    mf.write_text(text)
+    with pytest.raises(UserError, match=message):
+        store.create("x", mf)
+
+
+def test_pull_offline_points_to_import(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="lmforge import PATH --name smollm2-135m"):
+        store.pull("HuggingFaceTB/SmolLM2-135M")
+
+
+@pytest.mark.parametrize("repo", ["../etc", "a/b/c", "", "a/..", "/abs"])
+def test_pull_refuses_bad_repo_ids(repo):
+    with pytest.raises(UserError, match="not a Hugging Face repo id"):
+        store.pull(repo)
+
+
+def test_pull_imports_what_huggingface_hub_downloads(tiny_model_dir, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None, cache_dir=None):
+        calls.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    path = store.pull("Org/Tiny-Model")
+    assert path == store.model_path("tiny-model:latest")
+    assert not any(p.endswith(".bin") or p == "*" for p in calls["allow_patterns"])  # never fetches pickles
+    assert store.show("tiny-model")["lineage"]["pulled_from"] == "hf://Org/Tiny-Model"

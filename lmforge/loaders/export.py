@@ -1,0 +1,66 @@
+"""`lmforge export`: send a model (ours or imported) to the tools people already use.
+
+`--format hf` writes a Hugging Face directory that transformers, vLLM and llama.cpp's converter read;
+`--format gguf` writes one GGUF file for llama.cpp, Ollama and LM Studio. Either way the chat template and
+the EOS tokens travel with the weights, and a Modelfile's sampling defaults become the exported
+generation defaults (generation_config.json for HF).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint import transaction, write_model_files
+from lmforge.errors import UserError
+from lmforge.loaders.auto import Loaded
+from lmforge.loaders.hf import NATIVE, hf_architecture
+
+# Modelfile parameter -> generation_config.json key (transformers' names).
+_GENERATION_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_new_tokens"}
+
+
+def _why_not_hf(cfg) -> str:
+    reasons = []
+    if cfg.positions == "sinusoidal":
+        reasons.append("sinusoidal positions")
+    if cfg.norm == "layernorm" and cfg.positions == "rope":
+        reasons.append("LayerNorm with RoPE")
+    if cfg.mlp == "gelu" and cfg.positions == "rope":
+        reasons.append("a GELU MLP with RoPE")
+    if cfg.positions == "learned" and not (cfg.attention_bias and cfg.mlp_bias and cfg.norm == "layernorm"):
+        reasons.append("learned positions without GPT-2's LayerNorm and biases")
+    return ", ".join(reasons) or "a combination of options no transformers architecture has"
+
+
+def export_hf(loaded: Loaded, out: Path, *, dtype: torch.dtype = torch.float32) -> None:
+    """Write `loaded` as a transformers-loadable directory (Llama, Qwen2 or GPT-2 architecture)."""
+    cfg = loaded.model.config
+    if hf_architecture(cfg) == NATIVE:
+        raise UserError(f"--format hf needs a shape transformers has a class for; this model has {_why_not_hf(cfg)} "
+                        f"(it stays loadable by lmforge in its own format)")
+    params = loaded.modelfile.parameters
+    generation = {v: params[k] for k, v in _GENERATION_KEYS.items() if k in params}
+    if generation:
+        generation["do_sample"] = params.get("temperature", 1.0) > 0
+    model = loaded.model.to(dtype)
+    try:
+        with transaction(out) as staging:
+            write_model_files(staging, model, tokenizer=loaded.tokenizer, generation=generation,
+                              lineage={"exported_from": str(loaded.source), "source_format": loaded.format})
+    finally:
+        loaded.model.float()
+
+
+def export_gguf(loaded: Loaded, out: Path, *, qtype: str = "f16") -> None:
+    """Write `loaded` as one GGUF file (llama or qwen2 architecture) with its tokenizer and chat template."""
+    from lmforge.loaders.gguf import write_gguf
+
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; --format gguf writes one file (e.g. --out model.gguf)")
+    model = loaded.model.float()
+    name = loaded.model.config.name or loaded.source.name
+    write_gguf(out, model.config, model.state_dict(), loaded.tokenizer, qtype=qtype, name=name,
+               eos_token_ids=list(loaded.tokenizer.eos_ids))

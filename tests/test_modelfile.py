@@ -1,0 +1,69 @@
+"""Modelfile parsing: Ollama's syntax, our Jinja TEMPLATE, and one clear error per mistake."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.errors import UserError
+from lmforge.modelfile import Modelfile, parse
+
+FULL = '''# a comment
+FROM smol
+system """You are terse.
+Answer in one line."""
+PARAMETER temperature 0.2
+PARAMETER top_k 20
+PARAMETER repeat_penalty 1.1
+PARAMETER num_predict 64
+PARAMETER stop "<|im_end|>"
+PARAMETER stop "\\nUser:"
+PARAMETER num_ctx 4096
+MESSAGE user Hi
+MESSAGE assistant """Hello."""
+LICENSE """MIT"""
+'''
+
+
+def test_full_modelfile():
+    mf = parse(FULL)
+    assert mf.base == "smol"
+    assert mf.system == "You are terse.\nAnswer in one line."
+    assert mf.parameters == {"temperature": 0.2, "top_k": 20, "repetition_penalty": 1.1, "max_new_tokens": 64,
+                             "stop": ["<|im_end|>", "\nUser:"]}
+    assert mf.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert mf.license == "MIT"
+    assert mf.ignored == ["num_ctx"]
+    assert Modelfile.from_json(mf.to_json()) == mf
+
+
+def test_jinja_template_accepted_and_single_line_triple_quotes():
+    mf = parse('FROM ./base\nTEMPLATE """{% for m in messages %}{{ m.content }}{% endfor %}"""\n')
+    assert mf.template == "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert mf.base == "./base"
+
+
+def test_merge_over_parent():
+    parent = parse("FROM a\nSYSTEM one\nPARAMETER temperature 0.5\nPARAMETER top_k 7\n")
+    child = parse("FROM b\nPARAMETER temperature 0.1\n").merged_over(parent)
+    assert child.system == "one" and child.parameters == {"temperature": 0.1, "top_k": 7}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("SYSTEM hi\n", "no FROM line"),
+    ("FROM a\nFROM b\n", "Modelfile:2: a Modelfile has one FROM"),
+    ("FROM a\nBANANA x\n", "Modelfile:2: unknown instruction 'BANANA'"),
+    ("FROM a\nPARAMETER warmth 2\n", "Modelfile:2: unknown parameter 'warmth'"),
+    ("FROM a\nPARAMETER top_k many\n", "Modelfile:2: PARAMETER top_k needs an integer"),
+    ("FROM a\nPARAMETER temperature\n", "PARAMETER temperature needs a value"),
+    ("FROM a\nPARAMETER top_p 1.5\n", "top_p"),
+    ('FROM a\nSYSTEM """never closed\n', "Modelfile:2: the \"\"\" opened here is never closed"),
+    ('FROM a\nPARAMETER stop "open\n', "Modelfile:2: unterminated or malformed quoted string"),
+    ("FROM a\nMESSAGE robot hi\n", "MESSAGE role must be one of"),
+    ('FROM a\nTEMPLATE """{{ .System }} {{ .Prompt }}"""\n', "Ollama Go template"),
+    ('FROM a\nTEMPLATE """{% for x in %}"""\n', "not valid Jinja"),
+    ("FROM\n", "FROM needs a value"),
+])
+def test_mistakes_name_the_line(text, message):
+    with pytest.raises(UserError, match=None) as e:
+        parse(text)
+    assert message in str(e.value)
