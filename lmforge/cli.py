@@ -501,6 +501,8 @@ def cmd_export(args) -> int:
     if args.format == "hf" and args.type is not None:
         raise UserError("--type is for --format gguf; for --format hf choose the weights' dtype with --out-dtype")
     out = Path(args.out).expanduser()
+    if args.format == "gguf" and out.is_dir():
+        raise UserError(f"{out} is a directory; --format gguf writes one file (e.g. --out model.gguf)")
     if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     loaded = _load(args)

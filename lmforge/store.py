@@ -153,7 +153,7 @@ def _gguf_entry(entry: StoreEntry, file: Path) -> StoreEntry:
     from lmforge.loaders.gguf import describe_gguf
 
     try:
-        d = describe_gguf(file)
+        d = describe_gguf(file, check_tokenizer=False)
     except Exception as e:  # noqa: BLE001 - a damaged entry is reported, never raised, by list
         entry.error = f"{file.name}: {e}"
         return entry
@@ -165,7 +165,7 @@ def _gguf_config_dict(file: Path) -> dict[str, Any] | None:
     from lmforge.loaders.gguf import describe_gguf
 
     try:
-        return describe_gguf(file)["config"].to_dict()
+        return describe_gguf(file, check_tokenizer=False)["config"].to_dict()
     except Exception:  # noqa: BLE001 - show what can be shown
         return None
 
@@ -174,7 +174,7 @@ def _gguf_template(file: Path) -> str | None:
     from lmforge.loaders.gguf import describe_gguf
 
     try:
-        return describe_gguf(file)["chat_template"]
+        return describe_gguf(file, check_tokenizer=False)["chat_template"]
     except Exception:  # noqa: BLE001
         return None
 

@@ -276,3 +276,48 @@ def test_pretrain_name_adds_the_model_to_the_store(capsys, tmp_path, corpus_file
     assert info["lineage"]["objective"] == "pretrain" and info["lineage"]["data"] == str(corpus_file)
     assert_user_error(capsys, ["pretrain", "--data", corpus_file, "--out", tmp_path / "n", "--name", "Bad Name", *TINY],
                       "invalid model name")
+
+
+def test_gguf_export_import_run_in_place_and_in_the_store(capsys, tmp_path, model_dir):
+    import torch
+
+    from lmforge.checkpoint import load_model
+    from lmforge.loaders.auto import load
+
+    out = tmp_path / "tiny.gguf"
+    code, text, err = run(capsys, "export", model_dir, "--format", "gguf", "--type", "f32", "--out", out)
+    assert code == 0 and "gguf f32" in text, err
+    ours, back = load_model(model_dir), load(out).model
+    ids = torch.randint(0, ours.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), ours(ids), atol=1e-5, rtol=0)
+    # A .gguf path runs in place, and gives the same greedy text as the directory it came from.
+    argv = ["--prompt", "the model", "--temperature", "0", "--max-new-tokens", "8", "--no-fast"]
+    assert run(capsys, "generate", out, *argv)[1] == run(capsys, "generate", model_dir, *argv)[1]
+    assert run(capsys, "export", model_dir, "--format", "gguf", "--type", "q8_0", "--out", tmp_path / "q8.gguf")[0] == 0
+    code, text, err = run(capsys, "import", tmp_path / "q8.gguf")
+    assert code == 0 and "as q8:latest" in text, err
+    code, text, _ = run(capsys, "list")
+    row = text.splitlines()[1].split()
+    assert row[:4] == ["q8:latest", "llama", "119.1K", "Q8_0"]
+    code, text, _ = run(capsys, "show", "q8")
+    assert "Template" in text and "<|im_start|>" in text
+    code, text, _ = run(capsys, "generate", "q8", "--prompt", "the model", "--max-new-tokens", "3")
+    assert code == 0
+    # Hostile: a truncated GGUF in the store is listed as damaged and can be removed.
+    f = store_path("q8") / "model.gguf"
+    f.write_bytes(f.read_bytes()[:1000])
+    code, text, _ = run(capsys, "list")
+    assert "DAMAGED" in text
+    assert_user_error(capsys, ["generate", "q8", "--prompt", "x"], "model.gguf")
+    assert run(capsys, "rm", "q8")[0] == 0
+    assert_user_error(capsys, ["import", tmp_path / "nope.gguf"], "no such file")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\xff" * 20)
+    assert_user_error(capsys, ["import", tmp_path / "bad.gguf"], "bad.gguf")
+    assert_user_error(capsys, ["export", model_dir, "--format", "gguf", "--out", tmp_path], "is a directory")
+
+
+def store_path(name):
+    from lmforge import store
+
+    return store.model_path(name)
