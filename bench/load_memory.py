@@ -1,6 +1,6 @@
 """Peak memory of loading a model directory, as a multiple of the loaded weights' bytes.
 
-    python bench/load_memory.py [--preset llama-135m] [--file-dtype bfloat16|float32]
+    python bench/load_memory.py [--preset llama-135m] [--file-dtype bfloat16|float32] [--gguf q8_0|f16|f32|q4_0]
 
 Saves a random model of the preset with transformers-style names, then loads it in a fresh process with
 `lmforge.checkpoint.load_model` and reports the peak RSS increase over the process's RSS right before
@@ -18,7 +18,8 @@ from pathlib import Path
 
 CHILD = r"""
 import resource, sys, threading, time, torch
-from lmforge.checkpoint import load_model
+from lmforge.loaders.auto import load
+def load_model(p): return load(p).model
 def status():
     out = {}
     for line in open("/proc/self/status"):
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-135m", help="model shape to save and load (default: llama-135m)")
     ap.add_argument("--file-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="dtype of the weights on disk; they load as float32 (default: bfloat16)")
+    ap.add_argument("--gguf", choices=["f32", "f16", "q8_0", "q4_0"], help="save as a GGUF file of this type instead "
+                    "of a safetensors directory (default: safetensors)")
     args = ap.parse_args()
 
     import torch
@@ -54,11 +57,23 @@ def main() -> None:
     from lmforge.presets import get_preset
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = GPT(get_preset(args.preset)).to(getattr(torch, args.file_dtype))
-        write_model_files(Path(tmp), model)
-        file_mb = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors")) / 2**20
+        model = GPT(get_preset(args.preset))
+        target = tmp
+        if args.gguf:
+            from lmforge.loaders.gguf import write_gguf
+            from lmforge.tokenizer import train_tokenizer
+
+            tok = train_tokenizer(["a few words of text to make a byte-level vocabulary"] * 10, 300, show_progress=False)
+            target = str(Path(tmp) / "model.gguf")
+            write_gguf(target, model.config, model.state_dict(), tok, qtype=args.gguf)
+            file_mb = Path(target).stat().st_size / 2**20
+            args.file_dtype = f"GGUF {args.gguf}"
+        else:
+            model = model.to(getattr(torch, args.file_dtype))
+            write_model_files(Path(tmp), model)
+            file_mb = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors")) / 2**20
         del model
-        out = subprocess.run([sys.executable, "-c", CHILD, tmp], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([sys.executable, "-c", CHILD, target], capture_output=True, text=True, check=True).stdout
         before, peak, anon_before, anon_peak, weights = (float(x) for x in out.split())
         print(f"preset {args.preset}: file {file_mb:.0f} MiB ({args.file_dtype}), loaded weights {weights:.0f} MiB (float32)")
         print(f"peak RSS added by the load     {peak - before:5.0f} MiB = {(peak - before) / weights:.2f}x the loaded weights "
