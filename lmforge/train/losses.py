@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.errors import UserError
+
 IGNORE_INDEX = -100
 
 
@@ -21,3 +23,96 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target_t | context) for every position: (B, T). The building block of scoring and DPO."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, *,
+                      average: bool = False) -> torch.Tensor:
+    """log p(labels | context) of each sequence: (B,), the sum over positions whose label != ignore_index.
+
+    logits (B, T, V) and labels (B, T) are already aligned (labels[:, t] is the token logits[:, t] predicts,
+    i.e. the caller has shifted them). The log-softmax is in float32. `average` divides each sum by its
+    number of counted tokens (length-normalised scores; a sequence with none gives 0).
+
+    Example: V = 2, one sequence, logits [[0, 0], [0, ln 3]], labels [1, -100] -> log(1/2) = -0.6931 (the
+    second position is ignored; with label 1 it would add log(3/4)).
+    """
+    mask = labels != ignore_index  # (B, T)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    picked = logp.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    total = torch.where(mask, picked, torch.zeros_like(picked)).sum(-1)  # (B,)
+    if average:
+        return total / mask.sum(-1).clamp_min(1)
+    return total
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    *,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Preference loss of a batch of (chosen, rejected) pairs from sequence log-probs, each (B,).
+
+    With pc, pr the policy's and rc, rr the reference model's log-probs of the chosen and rejected answers,
+    and h = (pc - rc) - (pr - rr) (how much more the policy prefers chosen over rejected than the reference
+    does):
+
+      sigmoid (DPO, Rafailov et al. 2023):  loss = -log sigmoid(beta * h)
+          with label_smoothing eps (conservative DPO: each label is wrong with probability eps):
+                                             loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+      ipo (IPO, Azar et al. 2023):           loss = (h - 1 / (2 beta))^2
+          (a squared loss towards a fixed margin, which doesn't push h to infinity on deterministic
+          preferences. The paper's h is over whole sequences; TRL feeds IPO length-averaged log-probs, which
+          `sequence_logprobs(..., average=True)` gives: the caller chooses.)
+
+    Returns the mean over the batch and metrics (detached 0-dim float32 tensors, so logging them costs no
+    device sync until read): rewards/chosen = mean beta (pc - rc), rewards/rejected = mean beta (pr - rr),
+    rewards/margin = the mean difference of the two, rewards/accuracy = share of pairs whose chosen reward
+    is higher than the rejected one.
+
+    The reference log-probs are constants of the objective: they are detached here, so no gradient reaches
+    a reference model even if its log-probs were computed with autograd on.
+
+    Worked example (one pair, beta = 0.1): pc = -1, pr = -2, rc = -1.5, rr = -1.5. Then
+    h = (-1 + 1.5) - (-2 + 1.5) = 0.5 + 0.5 = 1, and
+      sigmoid: loss = -log sigmoid(0.1) = log(1 + e^-0.1) = 0.644397;
+               d loss / d pc = -beta sigmoid(-beta h) = -0.1 * 0.475021 = -0.0475021 (descent raises pc),
+               d loss / d pr = +0.0475021 (descent lowers pr);
+      ipo:     loss = (1 - 1 / 0.2)^2 = (1 - 5)^2 = 16;
+      rewards: chosen 0.1 * 0.5 = 0.05, rejected 0.1 * -0.5 = -0.05, margin 0.1, accuracy 1.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise UserError(f"unknown preference loss {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+    if not beta > 0:
+        raise UserError(f"beta must be positive, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise UserError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    shapes = {tuple(t.shape) for t in logps}
+    if len(shapes) != 1:
+        raise ValueError(f"dpo_loss needs four log-prob tensors of one shape, got shapes {sorted(shapes)}")
+
+    pc, pr = policy_chosen_logps.float(), policy_rejected_logps.float()
+    rc, rr = ref_chosen_logps.detach().float(), ref_rejected_logps.detach().float()
+    chosen_logratio, rejected_logratio = pc - rc, pr - rr  # (B,)
+    h = chosen_logratio - rejected_logratio  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    else:
+        losses = (h - 1 / (2 * beta)) ** 2
+
+    chosen_rewards, rejected_rewards = beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+    }
+    return losses.mean(), metrics
