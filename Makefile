@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up, then train a small model on the built-in corpus (the Python docs) and print samples
+#   make demo   set up, then `lmforge quickstart`: pretrain -> SFT -> DPO -> evaluate -> chat on the built-in
+#               data (the Python docs), about 15 minutes on a 2-core CPU
 #   make test   set up, then run the test suite
 #
 # Set-up creates .venv, installs PyTorch first ($(TORCH), default torch==2.13.0: a CPU build here; on your
@@ -13,8 +14,8 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lmforge-installed
 
-DEMO_OUT   ?= runs/demo
-DEMO_STEPS ?= 300
+DEMO_OUT    ?= runs/quickstart
+DEMO_BUDGET ?= 15
 
 .PHONY: setup demo test clean
 
@@ -27,8 +28,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/lmforge pretrain --preset small --data builtin:pydocs --out $(DEMO_OUT) \
-		--max-steps $(DEMO_STEPS) --batch-size 8 --lr 2e-3 --eval-interval 50 --samples 3
+	$(BIN)/lmforge quickstart --out $(DEMO_OUT) --budget $(DEMO_BUDGET)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -383,16 +383,26 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, tokenizer=None, lineage: dict | None = None,
-                 generation: dict | None = None) -> None:
+                 generation: dict | None = None, base_model: str | None = None) -> None:
         self.directory = Path(directory)
         self.tokenizer = tokenizer
         self.lineage = dict(lineage or {})
         self.generation = generation
+        self.base_model = base_model  # for LoRA runs: what adapter_config.json names as the base
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, param_names: list[str],
              state: dict[str, Any]) -> None:
         lineage = {**self.lineage, "step": state.get("step"), "tokens_seen": state.get("tokens_seen")}
+        from lmforge.model.lora import has_lora, save_adapter
+
         with transaction(self.directory) as staging:
-            write_model_files(staging, model, tokenizer=self.tokenizer, lineage=lineage, generation=self.generation)
+            if has_lora(model):  # a LoRA run saves its adapter (PEFT layout), not a copy of the frozen base
+                save_adapter(model, staging, base_model_name_or_path=self.base_model)
+                if self.tokenizer is not None:
+                    self.tokenizer.save(staging)
+                atomic_write_json(staging / "lmforge.json", {"format_version": 1, "lineage": lineage,
+                                                             "saved_at": time.time()})
+            else:
+                write_model_files(staging, model, tokenizer=self.tokenizer, lineage=lineage, generation=self.generation)
             if optimizer is not None:
                 write_trainer_state(staging, optimizer, param_names, state)

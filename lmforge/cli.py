@@ -517,6 +517,103 @@ def cmd_export(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# finetune / align / merge
+# ---------------------------------------------------------------------------------------------------
+FT_RECIPE = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
+             "eval_interval", "save_interval", "log_interval", "seed")
+
+
+def _run_finetune(args, method: str) -> int:
+    from lmforge.store import resolve
+    from lmforge.train.finetune import FinetuneOptions, finetune
+    from lmforge.train.loop import TrainingDiverged
+
+    out = Path(args.out)
+    model_path = out if args.resume else resolve(args.model)
+    opts = FinetuneOptions(
+        model=str(model_path), data=args.data, out=out, method=method, val_data=args.val_data,
+        lora=getattr(args, "lora", False), lora_rank=getattr(args, "lora_rank", 16),
+        lora_alpha=getattr(args, "lora_alpha", 32.0), lora_dropout=getattr(args, "lora_dropout", 0.05),
+        lora_targets=getattr(args, "lora_targets", None) or "all-linear",
+        beta=getattr(args, "beta", 0.1), epochs=args.epochs, resume=args.resume, overwrite=args.overwrite,
+        device=args.device, progress=_progress_enabled(args), limit=args.limit, base_ref=args.model,
+        recipe={k: getattr(args, k) for k in FT_RECIPE if getattr(args, k, None) is not None})
+    if not opts.progress:
+        def on_log(rec: dict) -> None:
+            if "val_loss" in rec:
+                extra = "".join(f", {k[4:]} {v:.3f}" for k, v in rec.items() if k.startswith("val_") and k not in ("val_loss", "val_ppl"))
+                print(f"step {rec['step']}: val loss {rec['val_loss']:.4f}{extra}", flush=True)
+        opts.on_log = on_log
+    try:
+        result, summary = finetune(opts)
+    except TrainingDiverged as e:
+        return _fail(str(e), code=1)
+    for line in summary["lines"]:
+        print(line)
+    status = "stopped early (signal)" if result.interrupted else "done"
+    line = f"{status}: step {result.step}, {result.tokens_seen:,} tokens, {result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.0f}s"
+    if result.val_loss is not None:
+        line += f"; validation loss {result.val_loss:.4f}"
+    for k, v in result.val_metrics.items():
+        line += f", {k} {v:.3f}"
+    print(line)
+    kind = "adapter" if (out / "adapter_config.json").is_file() else "model"
+    print(f"{kind}: {out}   loss curve: {summary['plot']}")
+    if args.name and not result.interrupted:
+        from lmforge.store import import_model
+
+        if kind == "adapter":
+            print(f"not added to the store: {out} is an adapter; lmforge merge {out} --out DIR first, or use it "
+                  f"from a Modelfile (ADAPTER)")
+        else:
+            import_model(out, args.name, overwrite=True)
+            print(f"added to the store as {args.name}: lmforge run {args.name}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    return _run_finetune(args, "sft")
+
+
+def cmd_align(args) -> int:
+    return _run_finetune(args, args.method)
+
+
+def cmd_merge(args) -> int:
+    from lmforge.checkpoint import transaction, write_model_files
+    from lmforge.loaders.auto import adapter_base, is_adapter_dir, load
+    from lmforge.store import resolve
+
+    src = resolve(args.adapter)
+    if not is_adapter_dir(src):
+        raise UserError(f"{args.adapter} is not a LoRA adapter directory (it needs adapter_config.json and no config.json)")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    loaded = load(src, merge=True)
+    from lmforge.checkpoint import read_lmforge_meta
+
+    lineage = {**read_lmforge_meta(src).get("lineage", {}), "merged_from_adapter": str(src), "base": adapter_base(src)}
+    with transaction(out) as staging:
+        write_model_files(staging, loaded.model, tokenizer=loaded.tokenizer, lineage=lineage)
+    print(f"merged {src} into its base ({adapter_base(src)}): {out}")
+    if args.name:
+        from lmforge.store import import_model
+
+        import_model(out, args.name, overwrite=True)
+        print(f"added to the store as {args.name}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from lmforge.quickstart import quickstart
+
+    quickstart(out=Path(args.out), budget=args.budget, device=args.device, progress=_progress_enabled(args),
+               register=not args.no_store, chat=not args.no_chat)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------------
 def _add_data_flags(p: argparse.ArgumentParser, data_default_help: str) -> None:
@@ -772,7 +869,92 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
     ex.set_defaults(func=cmd_export)
 
-    for p in (tt, pt, gen, sc, rn, ex):  # short metavars keep the usage lines readable
+    # finetune / align / merge
+    def add_ft_flags(p, what: str, data_help: str):
+        p.add_argument("model", metavar="MODEL", help=MODEL_HELP + " (ignored with --resume)")
+        p.add_argument("--data", required=True, help=data_help)
+        p.add_argument("--val-data", help="validation data (default: the held-out split of builtin data, else 5%% of --data)")
+        p.add_argument("--out", required=True, metavar="DIR", help="run directory to write (required)")
+        p.add_argument("--name", help="also add the finished model to the store under this name (default: don't)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+        p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a model")
+        p.add_argument("--epochs", type=_float, default=1.0, help="passes over the data when --max-steps is not given (default: 1)")
+        p.add_argument("--limit", type=_positive_int, help="use at most this many records (default: all)")
+        g = p.add_argument_group("training recipe")
+        g.add_argument("--max-steps", type=_positive_int, help="optimizer steps (default: --epochs over the data)")
+        g.add_argument("--batch-size", type=_positive_int, help=f"{what} per micro-batch (default: 8)")
+        g.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step (default: 1)")
+        g.add_argument("--lr", type=_float, help="peak learning rate (default: 2e-4 with LoRA, 2e-5 full SFT, 5e-6 DPO)")
+        g.add_argument("--min-lr", type=_float, help="learning rate at the end of the cosine decay (default: lr/10)")
+        g.add_argument("--warmup-steps", type=_nonneg_int, help="linear warmup steps (default: a tenth of the steps, at most 100)")
+        g.add_argument("--weight-decay", type=_float, help="AdamW weight decay (default: 0)")
+        g.add_argument("--grad-clip", type=_float, help="clip the gradient norm; 0 disables (default: 1.0)")
+        g.add_argument("--eval-interval", type=_positive_int, help="steps between validations (default: a fifth of the steps)")
+        g.add_argument("--save-interval", type=_nonneg_int, help="steps between checkpoints; 0 = at the end (default: 0)")
+        g.add_argument("--log-interval", type=_positive_int, help="steps between metrics lines (default: 10)")
+        g.add_argument("--seed", type=int, help="seed for data order and dropout (default: 1337)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+        _add_progress_flag(p)
+
+    ft = sub.add_parser("finetune", help="supervised fine-tuning on conversations (full or LoRA)", formatter_class=_Formatter,
+                        description=_para("Teach a model to answer: train on chat conversations rendered through its "
+                                          "own chat template, with the loss on the assistant replies only (and the "
+                                          "end-of-turn token, so it learns to stop). Full fine-tuning, or LoRA adapters "
+                                          "(saved in PEFT's format) with --lora. Conversations longer than the context "
+                                          "are dropped and counted."),
+                        epilog="data: JSONL lines {\"messages\": [{\"role\": \"user\", \"content\": ...}, "
+                               "{\"role\": \"assistant\", ...}]}, or builtin:pydocs-qa\n"
+                               "examples:\n  lmforge finetune runs/small --data chat.jsonl --out runs/small-sft\n"
+                               "  lmforge finetune smol --data chat.jsonl --lora --lora-rank 16 --out runs/smol-lora")
+    add_ft_flags(ft, "conversations", "chat JSONL file, or builtin:pydocs-qa (required)")
+    lg = ft.add_argument_group("LoRA")
+    lg.add_argument("--lora", action="store_true", help="train LoRA adapters on a frozen model (default: full fine-tuning)")
+    lg.add_argument("--lora-rank", type=_positive_int, default=16, help="adapter rank r (default: 16)")
+    lg.add_argument("--lora-alpha", type=_float, default=32.0, help="scale alpha; updates are scaled by alpha/r (default: 32)")
+    lg.add_argument("--lora-dropout", type=_float, default=0.05, help="dropout on the adapter input (default: 0.05)")
+    lg.add_argument("--lora-targets", help="comma-separated projections, PEFT names (q_proj, ..., down_proj; c_attn, "
+                    "c_proj, c_fc for GPT-2 shapes) or all-linear (default: all attention and MLP projections)")
+    ft.set_defaults(func=cmd_finetune)
+
+    al = sub.add_parser("align", help="preference alignment (DPO, IPO) on chosen/rejected pairs", formatter_class=_Formatter,
+                        description=_para("Align a model with preference pairs: raise the likelihood of the chosen answer "
+                                          "relative to the rejected one, measured against the starting model (the "
+                                          "reference, whose log-probs are computed once and cached in the run "
+                                          "directory). Logs reward margins and preference accuracy on held-out pairs."),
+                        epilog="data: JSONL lines {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}, or builtin:pydocs-prefs\n"
+                               "example:\n  lmforge align runs/small-sft --data prefs.jsonl --method dpo --beta 0.1 --out runs/small-dpo")
+    add_ft_flags(al, "pairs", "preference JSONL file, or builtin:pydocs-prefs (required)")
+    al.add_argument("--method", choices=["dpo", "ipo"], default="dpo", help="loss: dpo (sigmoid) or ipo (default: dpo)")
+    al.add_argument("--beta", type=_float, default=0.1, help="strength of the tie to the reference model (default: 0.1)")
+    al.set_defaults(func=cmd_align)
+
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into its base model's weights", formatter_class=_Formatter,
+                        description=_para("Write base model + adapter as one plain model directory (same outputs, base-"
+                                          "model speed, loadable by transformers)."))
+    mg.add_argument("adapter", metavar="ADAPTER", help="a LoRA run directory (lmforge finetune --lora) or PEFT adapter")
+    mg.add_argument("--out", required=True, metavar="DIR", help="output model directory (required)")
+    mg.add_argument("--name", help="also add the merged model to the store under this name")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    mg.set_defaults(func=cmd_merge)
+
+    qs = sub.add_parser("quickstart", help="pretrain -> SFT -> DPO -> evaluate -> chat, on the built-in data, offline",
+                        formatter_class=_Formatter,
+                        description=_para("Grow a Python-docs assistant from scratch: pretrain `small` on builtin:pydocs, "
+                                          "fine-tune on builtin:pydocs-qa, align with DPO on builtin:pydocs-prefs, "
+                                          "evaluate each stage on held-out modules (perplexity, QA token-F1, preference "
+                                          "accuracy), register quickstart-base/-sft/-dpo in the store, then chat. About "
+                                          "15 minutes on a 2-core CPU; re-running skips finished stages."))
+    qs.add_argument("--out", default="runs/quickstart", help="where the three runs go (default: runs/quickstart)")
+    qs.add_argument("--budget", type=_float, default=15.0, help="minutes the default plan is sized for; steps of every "
+                    "stage scale with it (default: 15)")
+    qs.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    qs.add_argument("--no-store", action="store_true", help="don't register the models in the store")
+    qs.add_argument("--no-chat", action="store_true", help="don't start the chat at the end (default: start it when "
+                    "a terminal is attached)")
+    _add_progress_flag(qs)
+    qs.set_defaults(func=cmd_quickstart)
+
+    for p in (tt, pt, gen, sc, rn, ex, ft, al):  # short metavars keep the usage lines readable
         for action in p._actions:
             if action.metavar is None and action.type in (_positive_int, _nonneg_int, int):
                 action.metavar = "N"

@@ -393,8 +393,8 @@ def is_entry(path: Path) -> bool:
 
 
 def _as_local(path: Path) -> Path | None:
-    if is_model_dir(path):
-        return path
+    if is_model_dir(path) or (path.is_dir() and (path / "adapter_config.json").is_file()):
+        return path  # a model directory, or a LoRA run (base model + adapter)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return path
     return None

@@ -36,6 +36,28 @@ class Loaded:
     modelfile: Modelfile = field(default_factory=Modelfile)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """A LoRA run or adapter directory (PEFT layout) without full weights of its own."""
+    p = Path(path)
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
+
+
+def adapter_base(directory: Path) -> str:
+    """The base model an adapter directory names (`base_model_name_or_path`), as a path or store name."""
+    try:
+        d = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        base = d.get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{directory / ADAPTER_CONFIG}: unreadable") from None
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{directory / ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
+                        f"load the base model and the adapter together instead")
+    return base
+
+
 def gguf_file(path: str | os.PathLike) -> Path | None:
     """The GGUF file `path` stands for (a .gguf file, or a store entry holding model.gguf), else None."""
     p = Path(path)
@@ -47,7 +69,7 @@ def gguf_file(path: str | os.PathLike) -> Path | None:
 
 
 def is_loadable(path: str | os.PathLike) -> bool:
-    return gguf_file(path) is not None or is_model_dir(path)
+    return gguf_file(path) is not None or is_model_dir(path) or is_adapter_dir(path)
 
 
 def read_modelfile(directory: Path) -> Modelfile:
@@ -64,9 +86,15 @@ def read_modelfile(directory: Path) -> Modelfile:
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         allow_pickle: bool = False) -> Loaded:
-    """Model + tokenizer (+ Modelfile settings) from a path. `dtype=None` means float32."""
+         allow_pickle: bool = False, merge: bool = True) -> Loaded:
+    """Model + tokenizer (+ Modelfile settings) from a path. `dtype=None` means float32.
+
+    A LoRA adapter (an adapter directory, or a Modelfile ADAPTER) is applied and, with `merge=True`, folded
+    into the weights, so inference runs at the base model's speed; `merge=False` keeps it as an adapter.
+    """
     p = Path(path)
+    if is_adapter_dir(p):
+        return _load_adapter_dir(p, device=device, dtype=dtype, allow_pickle=allow_pickle, merge=merge)
     gguf = gguf_file(p)
     if gguf is not None:
         from lmforge.loaders.gguf import read_gguf
@@ -86,9 +114,33 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     mf = loaded.modelfile
     if mf.template is not None:
         loaded.tokenizer.chat_template = mf.template
-    if mf.adapter:
-        # LoRA adapters are applied by lmforge.model.lora (issue 5); until then a model that needs one is
-        # refused rather than run without it.
-        raise UserError(f"{directory} carries a LoRA adapter ({mf.adapter}); this version of lmforge cannot apply "
-                        f"adapters yet (merge it first, or use the base model)")
+    if mf.adapter:  # Modelfile ADAPTER: copied into the store entry by `lmforge create`
+        from lmforge.model.lora import load_adapter, merge_lora
+
+        load_adapter(loaded.model, directory / mf.adapter)
+        if merge:
+            merge_lora(loaded.model)
+    return loaded
+
+
+def _load_adapter_dir(p: Path, *, device, dtype, allow_pickle: bool, merge: bool) -> Loaded:
+    """Base model (named in adapter_config.json) + the adapter; merged unless `merge=False` (training on)."""
+    from lmforge.model.lora import load_adapter, merge_lora
+
+    base_ref = adapter_base(p)
+    from lmforge.store import resolve
+
+    try:
+        base_path = resolve(base_ref)
+    except UserError as e:
+        raise UserError(f"{p} is a LoRA adapter for base model {base_ref!r}, which cannot be found ({e})") from None
+    loaded = load(base_path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    load_adapter(loaded.model, p)
+    if merge:
+        merge_lora(loaded.model)
+    if (p / "tokenizer.json").is_file():
+        from lmforge.tokenizer import load_hf_tokenizer
+
+        loaded.tokenizer = load_hf_tokenizer(p)
+    loaded.source, loaded.format = p, f"lora on {loaded.format}"
     return loaded

@@ -83,6 +83,7 @@ class FitResult:
     elapsed_s: float = 0.0
     interrupted: bool = False
     history: list[dict] = field(default_factory=list)
+    val_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -119,17 +120,24 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def evaluate(model: torch.nn.Module, objective: Objective, batches: Iterable[Any], autocast) -> float:
-    """Mean objective loss over the validation batches (a fixed set, so numbers compare across steps)."""
+def evaluate(model: torch.nn.Module, objective: Objective, batches: Iterable[Any], autocast) -> tuple[float, dict]:
+    """Mean objective loss (and mean of each metric) over the validation batches: a fixed set, so numbers
+    compare across steps."""
     model.eval()
-    total, n = 0.0, 0
+    total, n, sums = 0.0, 0, {}
     with torch.no_grad(), autocast:
         for batch in batches:
-            loss, _ = objective(model, batch)
+            loss, metrics = objective(model, batch)
             total += float(loss)
             n += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
     model.train()
-    return total / max(n, 1)
+    return total / max(n, 1), {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _metric_key(name: str) -> str:
+    return name.replace("/", "_")  # "rewards/margin" -> "rewards_margin": plain JSON keys
 
 
 def plot_losses(history: list[dict], path: Path, title: str = "") -> None:
@@ -244,9 +252,11 @@ def fit(
 
     def run_eval() -> float:
         nonlocal best_val
-        val = evaluate(fwd, objective, data.val_batches(), autocast)
+        val, metrics = evaluate(fwd, objective, data.val_batches(), autocast)
         best_val = min(best_val, val)
-        log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+        log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+             **{f"val_{_metric_key(k)}": round(v, 6) for k, v in metrics.items()}})
+        result.val_metrics = metrics
         plot_losses(history, plot_path, title=f"{description} · {out.name}")
         result.val_loss = val
         return val
@@ -260,11 +270,11 @@ def fit(
             lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.lr_decay_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum, metrics = 0.0, {}
             for micro in range(cfg.grad_accum):
                 batch = data.train_batch(step, micro)
                 with autocast:
-                    loss, _ = objective(fwd, batch)
+                    loss, metrics = objective(fwd, batch)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach())
             loss_val = loss_sum / cfg.grad_accum
@@ -288,7 +298,8 @@ def fit(
                 tps = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
                 t_log, tokens_at_log = now, tokens_seen
                 log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm, "tokens": tokens_seen,
-                     "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 2)})
+                     "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 2),
+                     **{_metric_key(k): round(float(v), 6) for k, v in metrics.items()}})
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 run_eval()

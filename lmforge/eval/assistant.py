@@ -1,0 +1,85 @@
+"""How good an assistant is: answers scored against references, and preferences between two answers.
+
+* `token_f1` is SQuAD's answer score: lower-case, drop punctuation and articles, then the F1 of the bag
+  of words of the answer against the reference. It rewards the right content in other words, and is 0
+  for a model that does not answer at all (a base model continuing the prompt as text).
+* `preference_accuracy` is the share of pairs for which the model gives the chosen reply a higher
+  log-likelihood than the rejected one, both scored as the assistant's reply to the same prompt through
+  the model's own chat template. It needs no reference model, so base, SFT and DPO models compare on
+  the same footing.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> list[str]:
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return text.split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1 between two strings (1.0 when both are empty)."""
+    p, r = normalize_answer(prediction), normalize_answer(reference)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass
+class QAResult:
+    f1: float
+    answers: list[str]
+    n: int
+
+
+def qa_f1(engine, conversations: Sequence[list[dict]], references: Sequence[str], *, max_new_tokens: int = 48,
+          batch_size: int = 32) -> QAResult:
+    """Greedy answers to each conversation (ending with a user turn) and their mean token F1."""
+    from lmforge.engine.sampling import SamplingParams
+
+    tok = engine.tokenizer
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+    answers: list[str] = []
+    for i in range(0, len(conversations), batch_size):
+        prompts = [tok.encode_chat(c, add_generation_prompt=True) for c in conversations[i:i + batch_size]]
+        ctx = engine.config.context_length - max_new_tokens
+        prompts = [p[-ctx:] for p in prompts]
+        answers += [c.text.strip() for c in engine.complete(prompts, params)]
+    scores = [token_f1(a, r) for a, r in zip(answers, references)]
+    return QAResult(sum(scores) / max(1, len(scores)), answers, len(scores))
+
+
+@torch.no_grad()
+def preference_accuracy(model, tokenizer, examples, *, batch_size: int = 32) -> float:
+    """Share of encoded preference examples (`lmforge.data.chat.PreferenceExample`) where the model's
+    log-likelihood of the chosen reply beats the rejected one."""
+    from lmforge.data.chat import PreferenceBatches
+    from lmforge.train.objectives import policy_logps
+
+    if not examples:
+        return float("nan")
+    device = next(model.parameters()).device
+    data = PreferenceBatches(examples[:1], batch_size=batch_size, val_examples=list(examples), device=device,
+                             pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+    model.eval()
+    wins = n = 0
+    for batch in data.val_batches():
+        pc, pr = policy_logps(model, batch)
+        wins += int((pc > pr).sum())
+        n += pc.numel()
+    return wins / max(1, n)
