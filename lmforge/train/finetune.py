@@ -107,24 +107,15 @@ def _examples(opts: FinetuneOptions, tokenizer, max_len: int):
     from lmforge.data import chat
 
     val_spec = opts.val_data or _default_val(opts.data)
-    if opts.method == "sft":
-        data = chat.read_conversations(opts.data, limit=opts.limit)
-        enc = chat.encode_conversations(tokenizer, data, max_len)
-        lines = [data.summary(), enc.summary()]
-        if val_spec:
-            val = chat.encode_conversations(tokenizer, chat.read_conversations(val_spec), max_len).examples
-            train = enc.examples
-        else:
-            train, val = chat.train_val_split(enc.examples)
+    read, encode = ((chat.read_conversations, chat.encode_conversations) if opts.method == "sft"
+                    else (chat.read_preferences, chat.encode_preferences))
+    data = read(opts.data, limit=opts.limit)
+    enc = encode(tokenizer, data, max_len)
+    lines = [data.summary(), enc.summary()]
+    if val_spec:
+        train, val = enc.examples, encode(tokenizer, read(val_spec), max_len).examples
     else:
-        data = chat.read_preferences(opts.data, limit=opts.limit)
-        enc = chat.encode_preferences(tokenizer, data, max_len)
-        lines = [data.summary(), enc.summary()]
-        if val_spec:
-            val = chat.encode_preferences(tokenizer, chat.read_preferences(val_spec), max_len).examples
-            train = enc.examples
-        else:
-            train, val = chat.train_val_split(enc.examples)
+        train, val = chat.train_val_split(enc.examples)
     if not train:
         raise UserError(f"{opts.data}: no example fits the model's context ({max_len} tokens)")
     return train, val, lines
