@@ -161,22 +161,15 @@ def _gguf_entry(entry: StoreEntry, file: Path) -> StoreEntry:
     return entry
 
 
-def _gguf_config_dict(file: Path) -> dict[str, Any] | None:
+def _gguf_show(file: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(config as a dict, chat template) of a GGUF file from one header read; (None, None) if unreadable."""
     from lmforge.loaders.gguf import describe_gguf
 
     try:
-        return describe_gguf(file, check_tokenizer=False)["config"].to_dict()
+        d = describe_gguf(file, check_tokenizer=False)
     except Exception:  # noqa: BLE001 - show what can be shown
-        return None
-
-
-def _gguf_template(file: Path) -> str | None:
-    from lmforge.loaders.gguf import describe_gguf
-
-    try:
-        return describe_gguf(file, check_tokenizer=False)["chat_template"]
-    except Exception:  # noqa: BLE001
-        return None
+        return None, None
+    return d["config"].to_dict(), d["chat_template"]
 
 
 def _valid(part: str, *, tag: bool) -> bool:
@@ -248,9 +241,10 @@ def show(ref: str) -> dict[str, Any]:
         norm = str(path)
     if path.is_file():  # a .gguf file outside the store
         e = _gguf_entry(StoreEntry(norm, path, "?", None, None, path.stat().st_size, path.stat().st_mtime), path)
+        config, template = _gguf_show(path)
         return {"name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
                 "dtype": e.dtype, "size_bytes": e.size_bytes, "modified": e.modified, "error": e.error,
-                "config": _gguf_config_dict(path), "chat_template": _gguf_template(path), "system": None,
+                "config": config, "chat_template": template, "system": None,
                 "defaults": {}, "modelfile": {}, "lineage": {}, "lmforge": {}, "license": None, "readme": None}
     e = _entry(norm, path)
     info: dict[str, Any] = {
@@ -263,8 +257,7 @@ def show(ref: str) -> dict[str, Any]:
         info["config"] = None
     info["chat_template"] = _chat_template(path)
     if (path / GGUF_IN_STORE).is_file() and info["config"] is None:
-        info["config"] = _gguf_config_dict(path / GGUF_IN_STORE)
-        info["chat_template"] = _gguf_template(path / GGUF_IN_STORE)
+        info["config"], info["chat_template"] = _gguf_show(path / GGUF_IN_STORE)
     modelfile: dict[str, Any] = {}
     if (path / MODELFILE).is_file():
         try:

@@ -411,7 +411,12 @@ def test_pull_refuses_bad_repo_ids(repo):
 
 
 def test_pull_imports_what_huggingface_hub_downloads(tiny_model_dir, monkeypatch):
+    """pull's own logic around the download, offline: the download itself is replaced by a local model."""
     import huggingface_hub
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub, even if the stub were bypassed
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
 
     calls = {}
 

@@ -640,12 +640,13 @@ def encode_preference(tokenizer: Any, pair: Preference, max_len: int) -> Prefere
 
 
 @dataclass
-class EncodedSFT:
-    """Encoded conversations that fit the context, and how many were dropped because they did not."""
+class Encoded:
+    """Encoded examples that fit the context, and how many were dropped because they did not."""
 
-    examples: list[SFTExample]
+    examples: list
     total: int
     max_len: int
+    what: str = "conversations"  # or "preference pairs": how the summary names them
 
     @property
     def dropped(self) -> int:
@@ -653,40 +654,27 @@ class EncodedSFT:
 
     def summary(self) -> str:
         if self.dropped:
-            return (f"dropped {self.dropped} of {self.total} conversations longer than the context "
+            return (f"dropped {self.dropped} of {self.total} {self.what} longer than the context "
                     f"({self.max_len} tokens)")
-        return f"all {self.total} conversations fit the context ({self.max_len} tokens)"
+        return f"all {self.total} {self.what} fit the context ({self.max_len} tokens)"
 
 
-@dataclass
-class EncodedPreferences:
-    examples: list[PreferenceExample]
-    total: int
-    max_len: int
-
-    @property
-    def dropped(self) -> int:
-        return self.total - len(self.examples)
-
-    def summary(self) -> str:
-        if self.dropped:
-            return (f"dropped {self.dropped} of {self.total} preference pairs longer than the context "
-                    f"({self.max_len} tokens)")
-        return f"all {self.total} preference pairs fit the context ({self.max_len} tokens)"
+EncodedSFT = Encoded  # list[SFTExample]
+EncodedPreferences = Encoded  # list[PreferenceExample], what="preference pairs"
 
 
 def encode_conversations(tokenizer: Any, conversations: ChatData | Iterable[list[dict]], max_len: int) -> EncodedSFT:
     """`encode_sft` over many conversations; too-long ones are dropped and counted (see `EncodedSFT.summary`)."""
     convs = conversations.conversations if isinstance(conversations, ChatData) else list(conversations)
     examples = [ex for ex in (encode_sft(tokenizer, m, max_len) for m in convs) if ex is not None]
-    return EncodedSFT(examples, len(convs), max_len)
+    return Encoded(examples, len(convs), max_len)
 
 
 def encode_preferences(tokenizer: Any, pairs: PreferenceData | Iterable[Preference], max_len: int) -> EncodedPreferences:
     """`encode_preference` over many pairs; too-long ones are dropped and counted."""
     items = pairs.pairs if isinstance(pairs, PreferenceData) else list(pairs)
     examples = [ex for ex in (encode_preference(tokenizer, p, max_len) for p in items) if ex is not None]
-    return EncodedPreferences(examples, len(items), max_len)
+    return Encoded(examples, len(items), max_len, "preference pairs")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -321,6 +321,17 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _install(m: nn.Module, cfg, new: dict[str, "LoRALinear"]) -> "LoRAInfo":
+    """Freeze every base parameter, swap the LoRA modules in (only their A and B train), report."""
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for name, lora in new.items():
+        lora.lora_A.requires_grad_(True)
+        lora.lora_B.requires_grad_(True)
+        _swap(m, name, lora)
+    return _info(m, _target_names(cfg, m))
+
+
 def apply_lora(model: nn.Module, *, targets: str | Iterable[str], rank: int = 8, alpha: float = 16.0,
                dropout: float = 0.0) -> LoRAInfo:
     """Wrap the targeted projections of every block in `LoRALinear`s (in place) and freeze the base.
@@ -346,13 +357,7 @@ def apply_lora(model: nn.Module, *, targets: str | Iterable[str], rank: int = 8,
                                 "projections (apply it before quantizing or accelerating the model)")
             parts = [p for p in _parts(cfg, module) if p[0] in part_names]
             new[name] = LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, parts=parts)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    for name, lora in new.items():
-        lora.lora_A.requires_grad_(True)
-        lora.lora_B.requires_grad_(True)
-        _swap(m, name, lora)
-    return _info(m, _target_names(cfg, m))
+    return _install(m, cfg, new)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -698,10 +703,4 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = 
         new[name] = lora
     if not new:
         raise UserError(f"{wfile}: no LoRA weights in the file")
-    for p in m.parameters():
-        p.requires_grad_(False)
-    for name, lora in new.items():
-        lora.lora_A.requires_grad_(True)
-        lora.lora_B.requires_grad_(True)
-        _swap(m, name, lora)
-    return _info(m, _target_names(cfg, m))
+    return _install(m, cfg, new)
