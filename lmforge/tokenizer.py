@@ -561,6 +561,15 @@ class Tokenizer:
             raise IndexError(f"token id {i} is outside the vocabulary (0..{len(table) - 1})")
         return table[i]
 
+    def token_text(self, id: int) -> str:
+        """Token `id` shown on its own: its bytes as text, with bytes that are not whole UTF-8 characters
+        (half of an emoji) as \\x escapes, so every token has a printable, unambiguous form."""
+        raw = self.token_bytes(id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(chr(b) if b < 128 else f"\\x{b:02x}" for b in raw)
+
     # -- chat ---------------------------------------------------------------------------------------
 
     def _special_tokens_for_template(self) -> dict[str, str]:

@@ -55,6 +55,7 @@ class ScoreResult:
     ids: list[int]
     logprobs: list[float]  # log p(ids[i] | ids[:i]) for every scored token (the first is conditioned on BOS)
     n_chars: int
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # the k most likely tokens at each scored place
 
     @property
     def total_logprob(self) -> float:
@@ -63,6 +64,75 @@ class ScoreResult:
     @property
     def perplexity(self) -> float:
         return math.exp(-self.total_logprob / max(1, len(self.logprobs)))
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, histories: Sequence[list[int]],
+                  generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """The next token of every row of `logits` (B, V) under one `params`: penalties over each row's
+    `histories`, then greedy argmax or a draw from each row's own generator."""
+    penalties = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty) \
+        and params.repeat_last_n != 0
+    prev = penalty_window(histories, params.repeat_last_n, logits.device) if penalties else None
+    if params.greedy and prev is None and not params.logit_bias:
+        return logits.argmax(dim=-1)
+    processed = process_logits(logits, params, prev)
+    if params.greedy:
+        return processed.argmax(dim=-1)
+    probs = torch.softmax(processed, dim=-1)
+    return torch.stack([torch.multinomial(probs[b], 1, generator=generators[b])[0] for b in range(len(probs))])
+
+
+class SequenceState:
+    """One sequence being decoded: its token history (what penalties look at), its random generator, the
+    incremental detokenizer and stop-string matcher, and its token budget. `push(token)` turns the chosen
+    token into a `TokenEvent` and decides whether the sequence is finished. The batch engine and the
+    server's continuous-batching scheduler share it, so both stop, stream and count exactly alike."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], params: SamplingParams, budget: int, seq: int = 0,
+                 eos: set[int] | None = None, device: torch.device | str = "cpu") -> None:
+        self.params, self.budget, self.seq = params, budget, seq
+        self.eos = eos if eos is not None else set()
+        self.history = list(prompt_ids)
+        self.n_prompt = len(prompt_ids)
+        self.n_out = 0
+        self.finished = False
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stop = StopMatcher(params.stop) if params.stop else None
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed + seq if params.seed is not None
+                                   else int(torch.randint(0, 2**62, ()).item()))
+
+    def push(self, tok: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None) -> TokenEvent:
+        self.n_out += 1
+        self.history.append(tok)
+        ev = TokenEvent(seq=self.seq, token_id=tok, text="", logprob=logprob, top_logprobs=top)
+        if tok in self.eos:
+            ev.text, _ = self._finish_text()
+            ev.finish_reason = "stop"
+        else:
+            delta = self.detok.add(tok)
+            if self.stop is not None:
+                delta, hit = self.stop.push(delta)
+                if hit:
+                    ev.finish_reason = "stop"
+            ev.text = delta
+            if ev.finish_reason is None and self.n_out >= self.budget:
+                tail, stopped = self._finish_text()
+                ev.text += tail
+                ev.finish_reason = "stop" if stopped else "length"
+        self.finished = ev.finish_reason is not None
+        return ev
+
+    def _finish_text(self) -> tuple[str, bool]:
+        """The text still held back at the end of the sequence, and whether a stop string ended it."""
+        tail = self.detok.flush()
+        if self.stop is None:
+            return tail, False
+        text, hit = self.stop.push(tail)
+        if hit:
+            return text, True
+        text += self.stop.flush()
+        return text, self.stop.stopped
 
 
 class Engine:
@@ -156,19 +226,8 @@ class Engine:
         idx, positions, key_mask = idx.to(dev), positions.to(dev), key_mask.to(dev)
         cache = KVCache.for_model(cfg, B, S, dtype=self.dtype, device=dev)
 
-        history = [list(ids) for ids in encoded]  # prompt + output so far: what the penalties look at
-        penalties = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty) \
-            and params.repeat_last_n != 0
-        generators = []
-        for b in range(B):
-            g = torch.Generator(device=dev)
-            g.manual_seed(params.seed + b if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            generators.append(g)
         eos = self._eos_ids(params)
-        detok = [IncrementalDetokenizer(self.tokenizer) for _ in range(B)]
-        stops = [StopMatcher(params.stop) if params.stop else None for _ in range(B)]
-        done = [False] * B
-        n_out = [0] * B
+        seqs = [SequenceState(self.tokenizer, ids, params, budgets[b], b, eos, dev) for b, ids in enumerate(encoded)]
         k_top = params.logprobs or 0
 
         logits = self.model(idx, positions=positions if padded else None, cache=cache,
@@ -177,46 +236,16 @@ class Engine:
         step_slot = P
         all_slots = torch.arange(S, device=dev)  # slices of it feed each step, no per-step allocation
         while True:
-            prev = penalty_window(history, params.repeat_last_n, dev) if penalties else None
-            processed = process_logits(logits, params, prev) if not params.greedy or prev is not None or params.logit_bias else logits
-            if params.greedy:
-                chosen = processed.argmax(dim=-1)
-            else:
-                probs = torch.softmax(processed, dim=-1)
-                chosen = torch.stack([torch.multinomial(probs[b], 1, generator=generators[b])[0] for b in range(B)])
+            chosen = choose_tokens(logits, params, [s.history for s in seqs], [s.generator for s in seqs])
             if params.logprobs is not None:
                 lp, top_ids, top_lp = token_logprobs(logits, chosen, k_top)
                 lp, top_ids, top_lp = lp.tolist(), top_ids.tolist(), top_lp.tolist()
             chosen_list = chosen.tolist()
-
-            for b in range(B):
-                if done[b]:
-                    continue
-                tok = chosen_list[b]
-                n_out[b] += 1
-                history[b].append(tok)
-                ev = TokenEvent(seq=b, token_id=tok, text="")
-                if params.logprobs is not None:
-                    ev.logprob = lp[b]
-                    ev.top_logprobs = list(zip(top_ids[b], top_lp[b]))
-                if tok in eos:
-                    ev.text, _ = self._finish_text(detok[b], stops[b])
-                    ev.finish_reason = "stop"
-                else:
-                    delta = detok[b].add(tok)
-                    if stops[b] is not None:
-                        delta, hit = stops[b].push(delta)
-                        if hit:
-                            ev.finish_reason = "stop"
-                    ev.text = delta
-                    if ev.finish_reason is None and n_out[b] >= budgets[b]:
-                        tail, stopped = self._finish_text(detok[b], stops[b])
-                        ev.text += tail
-                        ev.finish_reason = "stop" if stopped else "length"
-                if ev.finish_reason:
-                    done[b] = True
-                yield ev
-            if all(done):
+            for b, seq in enumerate(seqs):
+                if not seq.finished:
+                    yield seq.push(chosen_list[b], *((lp[b], list(zip(top_ids[b], top_lp[b])))
+                                                     if params.logprobs is not None else ()))
+            if all(seq.finished for seq in seqs):
                 return
             # Feed every row its new token (finished rows too: their output is ignored, and keeping the
             # batch shape fixed avoids reshuffling the cache).
@@ -226,18 +255,6 @@ class Engine:
                                 key_mask=key_mask if padded else None)[:, -1].float()
             next_pos = next_pos + 1
             step_slot += 1
-
-    @staticmethod
-    def _finish_text(detok: IncrementalDetokenizer, stop: StopMatcher | None) -> tuple[str, bool]:
-        """The text still held back at the end of a sequence, and whether a stop string ended it."""
-        tail = detok.flush()
-        if stop is None:
-            return tail, False
-        text, hit = stop.push(tail)
-        if hit:
-            return text, True
-        text += stop.flush()
-        return text, stop.stopped
 
     # ------------------------------------------------------------------------------------------------
     def complete(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Completion]:
@@ -271,11 +288,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def score_ids(self, ids: list[int]) -> ScoreResult:
-        """log p(ids[i] | ids[:i]) for i >= 1, in windows of the context length that overlap by half, so
-        that every token after the first window still sees at least half a context of history."""
+    def score_ids(self, ids: list[int], top_k: int = 0) -> ScoreResult:
+        """log p(ids[i] | ids[:i]) for i >= 1 (and the `top_k` most likely alternatives at each place), in
+        windows of the context length that overlap by half, so that every token after the first window
+        still sees at least half a context of history."""
         C = self.config.context_length
         logprobs: list[float] = []
+        tops: list[list[tuple[int, float]]] = []
         start = 0  # first token of the current window
         scored = 1  # tokens [0, scored) are done (token 0 has no context)
         while scored < len(ids):
@@ -283,12 +302,14 @@ class Engine:
             logits = self.model(torch.tensor([window], device=self.device)).float()
             logp = torch.log_softmax(logits[0, :-1], dim=-1)
             targets = torch.tensor(window[1:], device=self.device)
-            token_lp = logp.gather(-1, targets[:, None])[:, 0].tolist()
-            first = scored - start - 1  # index in token_lp of the first not-yet-scored target
-            logprobs.extend(token_lp[first:])
+            first = scored - start - 1  # index in the window's targets of the first not-yet-scored one
+            logprobs.extend(logp.gather(-1, targets[:, None])[first:, 0].tolist())
+            if top_k:
+                top_lp, top_ids = logp[first:].topk(top_k, dim=-1)
+                tops.extend([list(zip(i, lp)) for i, lp in zip(top_ids.tolist(), top_lp.tolist())])
             scored = start + len(window)
             start = max(start + 1, scored - C // 2)
-        return ScoreResult(ids=ids, logprobs=logprobs, n_chars=0)
+        return ScoreResult(ids=ids, logprobs=logprobs, n_chars=0, top_logprobs=tops if top_k else None)
 
     def score(self, text: str) -> ScoreResult:
         """Score a text: every token is conditioned on BOS (when the tokenizer has one) and what precedes it."""

@@ -266,7 +266,8 @@ class GPT(nn.Module):
 
         Without a cache this is ordinary causal training/scoring: positions 0..T-1. With a `cache`, the new
         tokens are written at `slots` (T,) of the cache (default: positions, or continuing after what the
-        cache holds) and attend to every earlier slot. `positions` (T,) or (B, T) give each token's position
+        cache holds) and attend to every earlier slot; `slots` (B, T) give each row its own timeline, where
+        slot = position and each row sees only its own earlier slots. `positions` (T,) or (B, T) give each token's position
         when sequences of a batch are offset (left padding); `key_mask` (B, S) marks the cache slots each
         sequence may attend to (False = padding).
         """
@@ -292,7 +293,14 @@ class GPT(nn.Module):
             rope = (self.rope_cos[pos2d][:, None], self.rope_sin[pos2d][:, None])  # (B|1, 1, T, D)
 
         mask, causal = None, True
-        if cache is not None and T == 1 and key_mask is None:
+        if cache is not None and slots.dim() == 2:
+            # Per-row timelines (continuous batching): row b's slot j holds its position j, so a query
+            # sees exactly the slots at or before its own; whatever a finished request left further
+            # along the row is never seen.
+            S = cache.advance(slots)
+            key_slots = torch.arange(S, device=idx.device)
+            mask = (key_slots[None, None, :] <= slots[:, :, None])[:, None]  # (B, 1, T, S)
+        elif cache is not None and T == 1 and key_mask is None:
             cache.advance(slots)  # one new token sees every cached slot: no mask needed at all
             causal = False
         elif cache is not None:

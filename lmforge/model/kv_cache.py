@@ -7,6 +7,11 @@ Layout: one buffer per kind, `(n_layers, batch, n_kv_heads, max_len, head_dim)`.
 shares the *slot* axis (slot = step in the batch's timeline); where a sequence's own token positions
 differ (left-padded prompts of different lengths), the caller passes positions and a padding mask
 separately, so slots and positions are decoupled.
+
+Continuous batching (the server's scheduler) instead gives every *row* its own timeline: slots are then a
+(B, T) tensor, one write position per row (its token positions), so a request can join a running batch in
+any free row and leave it without moving the others. `rows(n)` is a view of the first n rows that shares
+the buffers, so a step over the n busy rows reads and writes the one cache.
 """
 
 from __future__ import annotations
@@ -37,6 +42,22 @@ class KVCache:
         return cls(config.n_layers, batch_size, config.n_kv_heads, max_len or config.context_length,
                    config.head_dim, **kw)
 
+    @classmethod
+    def _view(cls, k: torch.Tensor, v: torch.Tensor, length: int) -> "KVCache":
+        view = cls.__new__(cls)
+        view.k, view.v, view.max_len, view.length = k, v, k.shape[3], length
+        return view
+
+    def rows(self, stop: int, start: int = 0) -> "KVCache":
+        """A cache over rows [start, stop) that shares this one's buffers (writes land here). Its length is
+        this cache's length, so a fresh view of a reused row must be given explicit slots."""
+        return self._view(self.k[:, start:stop], self.v[:, start:stop], self.length)
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` slots of row `src` into row `dst` (compacting the busy rows)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
@@ -46,19 +67,26 @@ class KVCache:
         self.length = 0
 
     def advance(self, slots: torch.Tensor) -> int:
-        """Record that `slots` (1-D, ascending) are about to be written; returns the new valid length."""
-        end = int(slots[-1]) + 1
+        """Record that `slots` ((T,) ascending, or (B, T) per row) are about to be written; returns the new
+        valid length."""
+        end = int(slots.max()) + 1
         if end > self.max_len:
             raise ValueError(f"KV cache is full: slot {end - 1} >= capacity {self.max_len}")
         self.length = max(self.length, end)
         return self.length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k`, `v` (B, n_kv, T, hd) at `slots` (T,) of `layer`; return all valid keys and values.
+        """Write `k`, `v` (B, n_kv, T, hd) at `slots` ((T,) or (B, T)) of `layer`; return all valid keys and
+        values.
 
         The returned views cover slots [0, length): attention then needs a mask only for what is not yet
         causal (later slots of this very chunk) or is padding.
         """
-        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        if slots.dim() == 2:  # per-row slots: row b writes its T entries at slots[b]
+            index = slots[:, None, :, None].expand(k.shape)
+            self.k[layer].scatter_(2, index, k.to(self.k.dtype))
+            self.v[layer].scatter_(2, index, v.to(self.v.dtype))
+        else:
+            self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
         return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]

@@ -1,0 +1,284 @@
+"""Continuous batching: many requests, one forward pass per decode step.
+
+A server that runs requests one after another leaves the CPU (or GPU) mostly idle: a decode step of a
+small model streams every weight from memory to produce one token, and the same weights could produce a
+token for 32 requests in barely more time. `Scheduler` therefore keeps a batch of *rows*, one per running
+sequence, and loops:
+
+    1. drop the rows whose client went away or that finished (their slots are free at once);
+    2. admit waiting requests into free rows: prefill each prompt into its row of the KV cache;
+    3. one forward pass over all busy rows (each row at its own position), then each row picks its next
+       token with its own sampling settings and streams it out.
+
+Requests join and leave between steps (vLLM's and TGI's "continuous" or "in-flight" batching), so a short
+answer never waits for a long one. Each row keeps its own timeline in the cache (slot = position, see
+`KVCache`), and busy rows are kept packed at the front, so a step runs over exactly the busy rows.
+
+The scheduler owns the model: all model work runs on its one thread, which keeps PyTorch single-owner
+and lets other work (scoring a prompt, beam search) be queued as a `call()` between steps. Requests and
+their events cross threads through a callback, so the asyncio server and a plain thread both consume it.
+
+Greedy output is the same as the request served alone (the same prefill, the same per-row arithmetic),
+up to floating-point differences between batch sizes in the matrix kernels.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from lmforge.engine.generate import Engine, SequenceState, TokenEvent, choose_tokens
+from lmforge.engine.sampling import SamplingParams, token_logprobs
+from lmforge.model.kv_cache import KVCache
+
+
+class QueueFull(Exception):
+    """Raised by `submit` when `max_queue` requests are already waiting."""
+
+
+class SchedulerClosed(Exception):
+    """Raised by `submit` after `close()`: the server is shutting down."""
+
+
+@dataclass
+class Request:
+    """One prompt to complete. `emit` receives every `TokenEvent` (on the scheduler thread; keep it quick)
+    and finally None when the request is over (finished, cancelled or failed; `error` says which)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[TokenEvent | None], None]
+    seq: int = 0  # the index reported in its events (choice index of an n > 1 request)
+    id: int = field(default_factory=itertools.count().__next__)
+    cancelled: bool = False
+    error: BaseException | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Stop this request at the next step boundary and free its row (thread-safe: a flag)."""
+        self.cancelled = True
+
+
+class _Row:
+    __slots__ = ("req", "state", "pos", "next_token")
+
+    def __init__(self, req: Request, state: SequenceState, pos: int, next_token: int) -> None:
+        self.req, self.state, self.pos, self.next_token = req, state, pos, next_token
+
+
+class Scheduler:
+    """Serve `engine` to many concurrent requests with continuous batching.
+
+    `max_batch` rows run at once (the KV cache holds `max_batch` full contexts); up to `max_queue` more
+    wait for a row, and `submit` raises `QueueFull` beyond that, so overload is refused at once instead of
+    queueing without end.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        cfg = engine.config
+        # Every row can hold a whole context; `max_context` caps that for long-context models, whose full
+        # context times max_batch would not fit in memory.
+        self.context_length = min(cfg.context_length, max_context or cfg.context_length)
+        self.cache = KVCache.for_model(cfg, max_batch, self.context_length, dtype=engine.dtype, device=engine.device)
+        self.rows: list[_Row] = []  # busy rows; row i lives in cache row i
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._stopped = False
+        self.steps = 0  # decode steps run (for tests and stats)
+        self.last_active = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the public, thread-safe side ------------------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        """Queue `req`; its events arrive through `req.emit`. The prompt must leave room for one token."""
+        if len(req.prompt_ids) >= self.context_length:
+            raise ValueError(f"the prompt is {len(req.prompt_ids)} tokens; the context is {self.context_length}")
+        with self._wake:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(req)
+            self._wake.notify()
+        return req
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn()` on the scheduler thread between two steps (other model work: scoring, beam search)."""
+        fut: Future = Future()
+        with self._wake:
+            if self._stopped:
+                raise SchedulerClosed("the scheduler has stopped")
+            self.calls.append((fn, fut))
+            self._wake.notify()
+        return fut
+
+    @property
+    def busy(self) -> int:
+        """Rows running now."""
+        return len(self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.waiting and not self.calls
+
+    def close(self) -> None:
+        """Refuse new requests; those already submitted still finish (see `stop` to end the thread)."""
+        with self._wake:
+            self._closed = True
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel everything still running and end the scheduler thread."""
+        with self._wake:
+            self._closed = True
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # -- the scheduler thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not (self.rows or self.waiting or self.calls or self._stopped):
+                        self._wake.wait()
+                    if self._stopped:
+                        break
+                try:
+                    self._run_calls()
+                    self._retire(lambda r: r.req.cancelled)
+                    self._admit()
+                    if self.rows:
+                        self._step()
+                    self.last_active = time.monotonic()
+                except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
+                    for row in self.rows:
+                        row.req.error = e
+                    self._retire(lambda r: True)
+        for row in self.rows:
+            row.req.cancelled = True
+        self._retire(lambda r: True)
+        while self.waiting:
+            self.waiting.popleft().emit(None)
+        while self.calls:
+            self.calls.popleft()[1].set_exception(SchedulerClosed("the scheduler has stopped"))
+
+    def _run_calls(self) -> None:
+        while self.calls:
+            fn, fut = self.calls.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:
+                    fut.set_exception(e)
+
+    def _retire(self, done: Callable[[_Row], bool]) -> None:
+        """Remove the rows for which `done(row)` holds, keeping the busy rows packed at the front: the last
+        busy row moves into each freed row (a copy of its cache entries)."""
+        i = 0
+        while i < len(self.rows):
+            row = self.rows[i]
+            if not (done(row) or row.state.finished):
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                moved = self.rows[last]
+                self.cache.copy_row(last, i, moved.pos)
+                self.rows[i] = moved
+            self.rows.pop()
+            row.req.emit(None)
+
+    def _admit(self) -> None:
+        while len(self.rows) < self.max_batch:
+            with self._wake:
+                if not self.waiting:
+                    break
+                req = self.waiting.popleft()
+            if req.cancelled:
+                req.emit(None)
+                continue
+            try:
+                self._prefill(req)
+            except Exception as e:
+                req.error = e
+                req.emit(None)
+        self._retire(lambda r: False)  # a first token can already finish a request
+
+    def _prefill(self, req: Request) -> None:
+        """Run the prompt through the model into a free row and emit the first generated token."""
+        engine, r = self.engine, len(self.rows)
+        ids = req.prompt_ids
+        view = KVCache._view(self.cache.k[:, r:r + 1], self.cache.v[:, r:r + 1], 0)
+        x = torch.tensor([ids], device=engine.device)
+        logits = engine.model(x, cache=view, slots=torch.arange(len(ids), device=engine.device),
+                              last_only=True)[:, -1].float()
+        budget = min(req.params.max_new_tokens, self.context_length - len(ids))
+        state = SequenceState(engine.tokenizer, ids, req.params, budget, req.seq, engine._eos_ids(req.params),
+                              engine.device)
+        row = _Row(req, state, len(ids), -1)
+        self.rows.append(row)
+        self._choose([row], logits)
+
+    def _step(self) -> None:
+        """One forward pass over every busy row, each at its own position, then each row's next token."""
+        n = len(self.rows)
+        dev = self.engine.device
+        tokens = torch.tensor([[row.next_token] for row in self.rows], device=dev)
+        slots = torch.tensor([[row.pos] for row in self.rows], device=dev)
+        view = self.cache.rows(n)
+        view.length = 0
+        logits = self.engine.model(tokens, cache=view, slots=slots)[:, -1].float()
+        for row in self.rows:
+            row.pos += 1
+        self.steps += 1
+        self._choose(self.rows, logits)
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token with its own settings and emit it. Rows that share plain greedy
+        settings are decided by one argmax; the others one by one."""
+        plain = [i for i, row in enumerate(rows) if _plain_greedy(row.req.params)]
+        chosen = [0] * len(rows)
+        if plain:
+            arg = logits[plain].argmax(dim=-1).tolist() if len(plain) < len(rows) else logits.argmax(dim=-1).tolist()
+            for i, t in zip(plain, arg):
+                chosen[i] = t
+        plain_set = set(plain)
+        for i, row in enumerate(rows):
+            if i in plain_set:
+                continue
+            chosen[i] = int(choose_tokens(logits[i:i + 1], row.req.params, [row.state.history],
+                                          [row.state.generator])[0])
+        for i, row in enumerate(rows):
+            p = row.req.params
+            lp = top = None
+            if p.logprobs is not None:
+                l, ti, tl = token_logprobs(logits[i:i + 1], torch.tensor([chosen[i]], device=logits.device), p.logprobs)
+                lp, top = float(l[0]), list(zip(ti[0].tolist(), tl[0].tolist()))
+            ev = row.state.push(chosen[i], lp, top)
+            row.next_token = chosen[i]
+            if not row.state.finished and row.pos >= self.context_length:
+                ev.finish_reason = "length"  # no slot left for another token (budget normally stops first)
+                row.state.finished = True
+            row.req.emit(ev)
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    return p.greedy and not p.logit_bias and not (
+        (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty) and p.repeat_last_n != 0)

@@ -1,0 +1,158 @@
+"""The OpenAI wire format: request schemas (pydantic) and the error shape.
+
+Requests are validated strictly, as OpenAI does: a string is not a number, a float is not an integer,
+NaN and infinities are refused, and every range is checked before any model work. Fields we do not know
+are ignored (vLLM and llama.cpp do the same, and clients such as LangChain send extras); fields we know
+but cannot honour (tools, JSON mode, image parts) are refused with a 400 that says so, never silently
+dropped.
+
+lmforge extensions, sent by the `openai` SDK through `extra_body`: `top_k`, `min_p`,
+`repetition_penalty` (alias `repeat_penalty`), `repeat_last_n`, `ignore_eos`, `stop_token_ids`, and beam
+search: `use_beam_search: true` with `best_of` beams (default `n`), returning the `n` best hypotheses,
+scored with `length_penalty` (vLLM's former spelling of the same feature). Beam search is deterministic,
+so it needs temperature 0 (the default when it is asked for) and cannot stream.
+
+Every failure becomes `APIError`, which the app turns into `{"error": {message, type, param, code}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_N = 16  # choices per request (each is a row of the batch)
+MAX_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """An error the client sees: HTTP `status` and the OpenAI error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+_Float = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class _Sampling(_Strict):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    temperature: _Float | None = Field(None, ge=0, le=2)
+    top_p: _Float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    presence_penalty: _Float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: _Float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, _Float] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # lmforge / vLLM extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_p: _Float | None = Field(None, ge=0, le=1)
+    repetition_penalty: _Float | None = Field(None, gt=0, le=10)
+    repeat_penalty: _Float | None = Field(None, gt=0, le=10)
+    repeat_last_n: int | None = Field(None, ge=-1)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    use_beam_search: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    length_penalty: _Float = 1.0
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 only makes sense with echo (score the prompt)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+class FeedbackRequest(_Strict):
+    """A rating or a better answer from the web UI (or any client), kept as fine-tuning data."""
+
+    model: str = Field(max_length=200)
+    messages: list[Message] = Field(min_length=1, max_length=1000)
+    response: str = Field(max_length=100_000)
+    rating: Literal["up", "down"] | None = None
+    better: str | None = Field(None, max_length=100_000)
+
+
+def parse(model: type[BaseModel], raw: bytes) -> Any:
+    """Validate a JSON body into `model`, turning every problem into one 400 that names the field."""
+    if not raw.strip():
+        raise invalid("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "json_invalid":
+            raise invalid(f"the request body is not valid JSON: {err['msg']}", code="invalid_json") from None
+        if err["type"] == "model_type" and not err["loc"]:
+            raise invalid("the request body must be a JSON object", code="invalid_json") from None
+        if err["type"] == "missing":
+            raise invalid(f"missing required field '{loc}'", param=loc, code="missing_required_parameter") from None
+        value = err.get("input")
+        shown = repr(value)[:60] if not isinstance(value, (dict, list)) else type(value).__name__
+        raise invalid(f"invalid '{loc}': {err['msg'].rstrip('.')} (got {shown})", param=loc) from None

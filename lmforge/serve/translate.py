@@ -1,0 +1,253 @@
+"""OpenAI requests -> engine inputs, and engine outputs -> OpenAI response objects.
+
+Pure functions, no I/O: `app.py` calls them between the HTTP layer and the scheduler, and tests can check
+the wire format without a server.
+
+Sampling defaults, from weakest to strongest: lmforge's (`SamplingParams`, Ollama's values), then the
+model's Modelfile `PARAMETER`s, then the request. So a request that says nothing about temperature gets
+the model's own default, as with Ollama's OpenAI endpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any, Sequence
+
+from lmforge.engine.sampling import SamplingParams
+from lmforge.errors import UserError
+from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Message, invalid
+
+FINGERPRINT = "lmforge"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------------------------------
+def message_dicts(messages: Sequence[Message], system: str | None = None,
+                  examples: Sequence[dict] = ()) -> list[dict]:
+    """Plain {"role", "content"} dicts for the chat template. `developer` is OpenAI's new name for
+    `system`; text parts are joined; the Modelfile's SYSTEM and MESSAGE examples come first when the
+    request has no system message of its own."""
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        if m.role == "tool":
+            raise invalid("tool messages are not supported: lmforge does not do function calling",
+                          param=f"messages.{i}.role")
+        if isinstance(m.content, list):
+            parts = []
+            for j, p in enumerate(m.content):
+                if p.type != "text" or p.text is None:
+                    raise invalid(f"content parts of type '{p.type}' are not supported: these models read text only",
+                                  param=f"messages.{i}.content.{j}.type")
+                parts.append(p.text)
+            text = "".join(parts)
+        else:
+            text = m.content or ""
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    if out[-1]["role"] == "system":
+        raise invalid("the conversation has no user message after the system prompt", param="messages")
+    if not any(m["role"] == "system" for m in out):
+        out = ([{"role": "system", "content": system}] if system else []) + list(examples) + out
+    return out
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """The conversation rendered through the model's chat template, ending with the assistant header."""
+    if tokenizer.chat_template is None:
+        raise invalid("this model has no chat template; use /v1/completions", param="model",
+                      code="model_not_chat")
+    try:
+        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+    except UserError as e:  # the template raised (e.g. roles that do not alternate)
+        raise invalid(f"the model's chat template refused these messages: {e}", param="messages") from None
+
+
+def completion_prompts(tokenizer: Any, prompt: Any, vocab_size: int) -> list[list[int]]:
+    """`prompt` as OpenAI allows it (a string, strings, token ids, lists of token ids) -> token id lists.
+    Text gets the tokenizer's BOS, as the engine's own encoding does."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise invalid("prompt is empty", param="prompt")
+    out = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            ids = tokenizer.encode(p)
+        else:
+            bad = [t for t in p if not 0 <= t < vocab_size]
+            if bad:
+                raise invalid(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", param="prompt")
+            ids = list(p)
+        if not ids:
+            if tokenizer.bos_id is None:
+                raise invalid("the prompt is empty and this model has no BOS token to start from", param="prompt")
+            ids = [tokenizer.bos_id]
+        out.append(ids)
+    return out
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: dict, *, prompt_len: int,
+                    context: int, vocab_size: int, max_tokens: int | None) -> SamplingParams:
+    """A validated `SamplingParams` for one request (one prompt), or a 400 naming the field.
+
+    The token budget: the request's max tokens, else the Modelfile's `num_predict`, else all the room the
+    context leaves. An explicit budget that does not fit is refused (`context_length_exceeded`), as OpenAI
+    does, rather than silently shortened."""
+    given: dict[str, Any] = dict(defaults)
+    if max_tokens is not None:
+        if prompt_len + max_tokens > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the "
+                           f"completion). Please reduce the length of the messages or completion.",
+                           param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
+        given["max_new_tokens"] = max_tokens
+    if prompt_len >= context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, your prompt is "
+                       f"{prompt_len} tokens, which leaves no room for a completion.",
+                       param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                       code="context_length_exceeded")
+    given["max_new_tokens"] = min(given.get("max_new_tokens", context), context - prompt_len)
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "seed", "repeat_last_n"):
+        if getattr(req, name) is not None:
+            given[name] = getattr(req, name)
+    if req.top_k is not None:
+        given["top_k"] = max(0, req.top_k)  # vLLM spells "off" -1, we spell it 0
+    rp = req.repetition_penalty if req.repetition_penalty is not None else req.repeat_penalty
+    if rp is not None:
+        given["repetition_penalty"] = rp
+    if req.stop is not None:
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+        if any(s == "" for s in stops):
+            raise invalid("stop strings must not be empty", param="stop")
+        given["stop"] = [*given.get("stop", []), *stops]
+    if req.stop_token_ids:
+        bad = [t for t in req.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise invalid(f"stop token id {bad[0]} is outside the vocabulary", param="stop_token_ids")
+        given["stop_token_ids"] = list(req.stop_token_ids)
+    given["ignore_eos"] = req.ignore_eos
+    if req.logit_bias:
+        bias = {}
+        for key, value in req.logit_bias.items():
+            if not key.isdigit() or not 0 <= int(key) < vocab_size:
+                raise invalid(f"logit_bias keys must be token ids in 0..{vocab_size - 1}, got {key!r}", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise invalid(f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
+            bias[int(key)] = float(value)
+        given["logit_bias"] = bias
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise invalid("top_logprobs needs logprobs: true", param="top_logprobs")
+        given["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        given["logprobs"] = req.logprobs
+    if req.use_beam_search:
+        if req.stream:
+            raise invalid("beam search returns whole hypotheses and cannot stream", param="stream")
+        if req.temperature not in (None, 0):
+            raise invalid("beam search is deterministic: use temperature 0 (or leave it out)", param="temperature")
+        beams = req.best_of or req.n
+        if beams < req.n:
+            raise invalid(f"best_of ({beams}) must be >= n ({req.n})", param="best_of")
+        given.update(temperature=0.0, num_beams=max(2, beams), length_penalty=req.length_penalty)
+    elif req.best_of is not None and req.best_of != req.n:
+        raise invalid("best_of other than n needs use_beam_search: true", param="best_of")
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    try:
+        return SamplingParams(**{k: v for k, v in given.items() if k in fields}).validate()
+    except ValueError as e:
+        raise invalid(str(e)) from None
+
+
+def check_chat_request(req: ChatCompletionRequest) -> None:
+    """Refuse what lmforge cannot honour instead of ignoring it."""
+    if req.tools:
+        raise invalid("tools are not supported: lmforge does not do function calling", param="tools")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise invalid(f"response_format '{req.response_format.type}' is not supported; only 'text'",
+                      param="response_format")
+    if req.stream_options is not None and not req.stream:
+        raise invalid("stream_options is only allowed with stream: true", param="stream_options")
+
+
+def check_completion_request(req: CompletionRequest) -> None:
+    if req.suffix:
+        raise invalid("suffix (fill-in-the-middle) is not supported", param="suffix")
+    if req.stream_options is not None and not req.stream:
+        raise invalid("stream_options is only allowed with stream: true", param="stream_options")
+    if req.max_tokens == 0 and not req.echo:
+        raise invalid("max_tokens must be >= 1 (0 is only meaningful with echo: score the prompt)", param="max_tokens")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Responses
+# ----------------------------------------------------------------------------------------------------
+def token_entry(tokenizer: Any, token_id: int, logprob: float) -> dict:
+    raw = tokenizer.token_bytes(token_id)
+    return {"token": tokenizer.token_text(token_id), "logprob": logprob, "bytes": list(raw)}
+
+
+def chat_logprobs(tokenizer: Any, ids: Sequence[int], logprobs: Sequence[float],
+                  tops: Sequence[Sequence[tuple[int, float]]]) -> dict:
+    return {"content": [
+        {**token_entry(tokenizer, t, lp), "top_logprobs": [token_entry(tokenizer, a, alp) for a, alp in top]}
+        for t, lp, top in zip(ids, logprobs, tops)], "refusal": None}
+
+
+def completion_logprobs(tokenizer: Any, ids: Sequence[int], logprobs: Sequence[float | None],
+                        tops: Sequence[Sequence[tuple[int, float]] | None], offset: int = 0) -> dict:
+    """The legacy completions shape: parallel lists, top alternatives as {token: logprob} dicts."""
+    tokens, offsets, pos = [], [], offset
+    for t in ids:
+        text = tokenizer.token_text(t)
+        tokens.append(text)
+        offsets.append(pos)
+        pos += len(text)
+    return {"tokens": tokens, "token_logprobs": list(logprobs),
+            "top_logprobs": [None if top is None else {tokenizer.token_text(a): alp for a, alp in top} for top in tops],
+            "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(rid: str, model: str, choices: list[dict], usage_: dict, created: int | None = None) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
+            "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage_}
+
+
+def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_chunk(rid: str, model: str, created: int, choices: list[dict], with_usage: bool) -> dict:
+    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "system_fingerprint": FINGERPRINT, "choices": choices}
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def completion_response(rid: str, model: str, choices: list[dict], usage_: dict, created: int | None = None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
+            "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage_}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "lmforge"}
