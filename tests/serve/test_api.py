@@ -1,0 +1,299 @@
+"""The OpenAI-compatible API, spoken to by the official `openai` client against a live server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from tests.serve.conftest import start_server  # noqa: E402
+
+MSG = [{"role": "user", "content": "the model reads"}]
+
+
+@pytest.fixture(scope="module")
+def server(chat_model_dir):
+    s = start_server({"tiny": chat_model_dir}, max_batch=4, max_queue=8)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="anything", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def engine(chat_model_dir):
+    from lmforge.engine.generate import Engine
+
+    return Engine.load(chat_model_dir, fast=False)
+
+
+def greedy_alone(engine, messages, max_new_tokens):
+    from lmforge.engine.sampling import SamplingParams
+
+    ids = engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
+    return engine.complete([ids], SamplingParams(temperature=0, max_new_tokens=max_new_tokens))[0]
+
+
+def test_models_list_and_retrieve(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].object == "model" and models.data[0].owned_by == "lmforge"
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.code == "model_not_found"
+
+
+def test_chat_completion_matches_the_engine(client, engine):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=0)
+    alone = greedy_alone(engine, MSG, 12)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == alone.text
+    assert r.choices[0].finish_reason == alone.finish_reason
+    assert r.usage.prompt_tokens == len(alone.prompt_ids)
+    assert r.usage.completion_tokens == len(alone.ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_chunks_follow_the_openai_order(client, engine):
+    stream = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+    body = [c for c in chunks if c.choices]
+    assert body[-1].choices[0].finish_reason is not None and body[-1].choices[0].delta.content is None
+    assert all(c.choices[0].finish_reason is None for c in body[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in body)
+    alone = greedy_alone(engine, MSG, 12)
+    assert text == alone.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(alone.ids)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_without_include_usage_has_no_usage_field(server):
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions",
+                      json={"model": "tiny", "messages": MSG, "max_tokens": 3, "stream": True}) as r:
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert all("usage" not in json.loads(ln[6:]) for ln in lines[:-1])
+    assert r.headers["content-type"].startswith("text/event-stream")
+
+
+def test_n_choices_sampled_with_a_seed_are_reproducible(client):
+    kw = dict(model="tiny", messages=MSG, max_tokens=8, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, n=3, seed=7)
+    a = client.chat.completions.create(**{k: v for k, v in kw.items() if k not in ("top_k", "min_p")},
+                                       extra_body={"top_k": 0, "min_p": 0.0})
+    b = client.chat.completions.create(**{k: v for k, v in kw.items() if k not in ("top_k", "min_p")},
+                                       extra_body={"top_k": 0, "min_p": 0.0})
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1  # each choice has its own random stream
+    assert a.usage.completion_tokens == sum(8 if c.finish_reason == "length" else 0 for c in a.choices) or \
+        a.usage.completion_tokens > 0
+
+
+def test_n_choices_stream_interleave_with_their_index(client):
+    stream = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=5, temperature=0, n=2, stream=True)
+    texts = {0: "", 1: ""}
+    finished = set()
+    for c in stream:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finished.add(ch.index)
+    assert finished == {0, 1} and texts[0] == texts[1]  # greedy: both the same
+
+
+def test_logprobs_are_the_models_and_match_the_stream(client, engine):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    alone = greedy_alone(engine, MSG, 6)
+    assert [c.bytes for c in content] == [list(engine.tokenizer.token_bytes(i)) for i in alone.ids]
+    for c in content:
+        assert len(c.top_logprobs) == 3
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+        assert c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-6)  # greedy picks the top token
+        assert sum(pow(2.718281828, t.logprob) for t in c.top_logprobs) <= 1.0 + 1e-5
+    streamed = [lp for ch in client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, temperature=0,
+                                                           logprobs=True, top_logprobs=3, stream=True)
+                if ch.choices and ch.choices[0].logprobs for lp in ch.choices[0].logprobs.content]
+    assert [s.logprob for s in streamed] == pytest.approx([c.logprob for c in content], abs=1e-5)
+
+
+def test_stop_strings_cut_the_answer(client):
+    full = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=16, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].message.content
+    assert len(full) > 4
+    stop = full[3:5]
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=16, temperature=0, stop=[stop, "zzz"],
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == full[:full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=9, max_completion_tokens=3,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_completions_with_strings_token_ids_and_echo(client, engine):
+    prompts = ["the model", "a token reads"]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=4, temperature=0, n=2)
+    assert r.object == "text_completion" and [c.index for c in r.choices] == [0, 1, 2, 3]
+    alone = engine.complete(prompts, __import__("lmforge.engine.sampling", fromlist=["x"]).SamplingParams(
+        temperature=0, max_new_tokens=4))
+    assert [c.text for c in r.choices] == [alone[0].text, alone[0].text, alone[1].text, alone[1].text]
+    ids = engine.tokenizer.encode("the model")
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == alone[0].text
+    echo = client.completions.create(model="tiny", prompt=[ids], max_tokens=1, temperature=0, logprobs=2, echo=True)
+    lp = echo.choices[0].logprobs
+    assert echo.choices[0].text.startswith(engine.tokenizer.decode(ids))
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    scored = engine.score_ids(ids)
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(scored.logprobs, abs=1e-4)
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_completion_stream_and_usage(client):
+    chunks = list(client.completions.create(model="tiny", prompt="the data", max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 5 or chunks[-1].usage.completion_tokens >= 1
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_beam_search_extension(client, engine):
+    from lmforge.engine.sampling import SamplingParams
+
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, n=2,
+                                       extra_body={"use_beam_search": True, "best_of": 3})
+    ids = engine.tokenizer.encode_chat(MSG, add_generation_prompt=True)
+    hyps = engine.beam_search(ids, SamplingParams(temperature=0, num_beams=3, max_new_tokens=6), n_best=2)
+    eos = set(engine.tokenizer.eos_ids)
+    want = [engine.tokenizer.decode(h.ids[:-1] if h.ids and h.ids[-1] in eos else h.ids) for h in hyps]
+    assert [c.message.content for c in r.choices] == want
+
+
+def test_tokenizer_routes_for_lm_eval(server, engine):
+    info = httpx.get(server.base_url + "/tokenizer_info").json()
+    assert info["eos_token"] == engine.tokenizer.eos_token and "chat_template" in info
+    toks = httpx.post(server.base_url + "/tokenize", json={"prompt": "the model", "add_special_tokens": False}).json()
+    assert toks["tokens"] == engine.tokenizer.encode("the model", add_bos=False)
+    back = httpx.post(server.base_url + "/detokenize", json={"tokens": toks["tokens"]}).json()
+    assert back["prompt"] == "the model"
+
+
+def test_feedback_lands_as_training_data(server, monkeypatch, tmp_path):
+    from lmforge.data.chat import read_conversations, read_preferences
+
+    monkeypatch.setattr(server.opts, "feedback_dir", tmp_path)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    r = httpx.post(server.base_url + "/v1/feedback", json={"model": "tiny", "messages": conv, "response": "5",
+                                                            "rating": "down", "better": "4"})
+    assert r.status_code == 200 and r.json()["saved"] == ["ratings.jsonl", "sft.jsonl", "preferences.jsonl"]
+    httpx.post(server.base_url + "/v1/feedback", json={"model": "tiny", "messages": conv, "response": "4",
+                                                        "rating": "up"})
+    prefs = read_preferences(str(tmp_path / "preferences.jsonl")).pairs
+    assert len(prefs) == 1 and prefs[0].chosen == "4" and prefs[0].rejected == "5"
+    sft = read_conversations(str(tmp_path / "sft.jsonl")).conversations
+    assert [c[-1]["content"] for c in sft] == ["4", "4"]
+    assert len((tmp_path / "ratings.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_client_that_hangs_up_frees_its_slot(server):
+    sched = None
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions",
+                      json={"model": "tiny", "messages": MSG, "max_tokens": 100, "stream": True,
+                            "ignore_eos": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break
+        sched = server.registry.loaded["tiny"].scheduler
+        assert sched.busy == 1
+    deadline = time.monotonic() + 5
+    while (sched.busy or server.registry.in_flight) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sched.busy == 0 and server.registry.in_flight == 0
+
+
+def test_concurrent_requests_share_decode_steps(server, engine):
+    """8 greedy requests at once: every answer equals the request served alone, in fewer steps than tokens."""
+    prompts = [[{"role": "user", "content": p}] for p in
+               ("the model", "a token", "each layer learns", "the data", "our loss counts", "the cache writes",
+                "a long sentence", "every byte")]
+    sched = server.registry.loaded.get("tiny") or None
+    before = server.registry.loaded["tiny"].scheduler.steps if sched else 0
+    results = [None] * len(prompts)
+
+    def ask(i):
+        results[i] = httpx.post(server.base_url + "/v1/chat/completions", timeout=60,
+                                json={"model": "tiny", "messages": prompts[i], "max_tokens": 20, "temperature": 0,
+                                      "ignore_eos": True}).json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    steps = server.registry.loaded["tiny"].scheduler.steps - before
+    for i, r in enumerate(results):
+        assert r["choices"][0]["message"]["content"] == greedy_alone(engine, prompts[i], 20).text
+    assert steps < 8 * 19  # batched: far fewer forward passes than tokens
+
+
+def test_queue_full_is_429_and_the_server_recovers(chat_model_dir, live_server):
+    s = live_server({"tiny": chat_model_dir}, max_batch=1, max_queue=1)
+    c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="x", max_retries=0)
+    c.chat.completions.create(model="tiny", messages=MSG, max_tokens=1)  # load it
+    sched = s.registry.loaded["tiny"].scheduler
+    release = threading.Event()
+    sched.call(lambda: release.wait(30))  # hold the scheduler thread: what is submitted now stays queued
+    waiting = threading.Thread(target=lambda: httpx.post(s.base_url + "/v1/chat/completions", timeout=60,
+                                                         json={"model": "tiny", "messages": MSG, "max_tokens": 3}))
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while sched.queued < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model="tiny", messages=MSG, max_tokens=5)
+        assert e.value.code == "queue_full" and e.value.response.headers.get("retry-after")
+    finally:
+        release.set()
+    waiting.join(60)
+    assert c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).choices[0].message is not None
+    assert sched.busy == 0 and sched.queued == 0
+
+
+def test_models_load_lazily_and_unload_when_idle(chat_model_dir, live_server):
+    s = live_server({"tiny": chat_model_dir}, keep_alive=0.0)
+    assert s.registry.loaded == {}
+    httpx.post(s.base_url + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 1})
+    assert "tiny" in s.registry.loaded
+    assert s.registry.unload_idle() == ["tiny"] and s.registry.loaded == {}
+    assert httpx.get(s.base_url + "/health").json()["models_loaded"] == []
+
+
+def test_the_whole_store_is_served_by_name(chat_model_dir, live_server):
+    from lmforge.store import import_model
+
+    import_model(chat_model_dir, "store-tiny")
+    s = live_server(None)
+    c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="x", max_retries=0)
+    assert [m.id for m in c.models.list().data] == ["store-tiny"]
+    assert c.chat.completions.create(model="store-tiny:latest", messages=MSG, max_tokens=2).model == "store-tiny:latest"
+    with pytest.raises(openai.NotFoundError):  # a path is never a model id
+        c.chat.completions.create(model=str(chat_model_dir), messages=MSG, max_tokens=2)
