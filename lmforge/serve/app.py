@@ -59,6 +59,7 @@ class ServerOptions:
     allowed_hosts: tuple[str, ...] = ()  # extra Host names to accept (e.g. a reverse proxy's name)
     cors_origins: tuple[str, ...] = ()
     max_body: int = 1 << 20  # bytes; 413 beyond
+    max_header_bytes: int = 16 * 1024  # request headers, all together; 431 beyond
     feedback_dir: Path | None = None  # default $LMFORGE_HOME/feedback
     stream_ping: float = 15.0  # seconds between SSE keep-alive comments while waiting
     draining: bool = field(default=False, init=False)  # set on shutdown: new requests get 503
@@ -79,7 +80,10 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        problem = self._check(scope, headers)
+        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        problem = (APIError(431, f"the request headers are {size} bytes; the limit is {self.opts.max_header_bytes}",
+                            code="headers_too_large") if size > self.opts.max_header_bytes
+                   else self._check(scope, headers))
 
         async def send_secured(message):
             if message["type"] == "http.response.start":

@@ -145,8 +145,9 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        loc = ".".join(str(x) for x in err["loc"])
+        errors = e.errors(include_url=False)
+        err = errors[0]
+        loc = _field(err["loc"])
         if err["type"] == "json_invalid":
             raise invalid(f"the request body is not valid JSON: {err['msg']}", code="invalid_json") from None
         if err["type"] == "model_type" and not err["loc"]:
@@ -155,4 +156,15 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
             raise invalid(f"missing required field '{loc}'", param=loc, code="missing_required_parameter") from None
         value = err.get("input")
         shown = repr(value)[:60] if not isinstance(value, (dict, list)) else type(value).__name__
+        if len(errors) > 1 and len(err["loc"]) > len(loc.split(".")):  # a union: none of its forms matched
+            raise invalid(f"invalid '{loc}': not one of the accepted forms (got {shown})", param=loc) from None
         raise invalid(f"invalid '{loc}': {err['msg'].rstrip('.')} (got {shown})", param=loc) from None
+
+
+def _field(loc: tuple) -> str:
+    """The dotted field path of a pydantic error location, without the tags pydantic adds for the member
+    of a union it tried (`str`, `list[int]`, `function-after[...]`)."""
+    return ".".join(str(x) for x in loc if isinstance(x, int) or ("[" not in x and x not in _TYPE_TAGS))
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "bytes"}

@@ -1,0 +1,193 @@
+"""Security defaults of `lmforge serve`, and its graceful shutdown, against live servers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serve.conftest import start_server
+
+U = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(chat_model_dir):
+    s = start_server({"tiny": chat_model_dir})
+    yield s
+    s.stop()
+
+
+def test_no_key_configured_accepts_any_key(server):
+    for auth in ({}, {"authorization": "Bearer whatever"}, {"authorization": "Basic Zm9vOmJhcg=="}):
+        assert httpx.get(server.base_url + "/v1/models", headers=auth).status_code == 200
+
+
+def test_a_configured_key_is_required_on_the_api_only(chat_model_dir, live_server):
+    s = live_server({"tiny": chat_model_dir}, api_key="s3cret")
+    url = s.base_url
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Bearer s3cret-and-more"},
+                    {"authorization": "s3cret"}):
+        r = httpx.get(url + "/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(url + "/v1/chat/completions", headers=headers, json={"model": "tiny", "messages": U}).status_code == 401
+    assert httpx.get(url + "/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
+    assert httpx.get(url + "/v1/models", headers={"x-api-key": "s3cret"}).status_code == 200
+    assert httpx.get(url + "/health").status_code == 200  # liveness and the UI's page need no key
+    assert httpx.get(url + "/").status_code in (200, 404)
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    assert openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0).models.list().data[0].id == "tiny"
+
+
+def test_the_key_is_compared_in_constant_time():
+    import inspect
+
+    from lmforge.serve import app
+
+    assert "hmac.compare_digest" in inspect.getsource(app.Guard._check)
+
+
+def test_host_header_is_checked_on_loopback(server):
+    port = server.server.port
+    for host in ("evil.example", "evil.example:80", f"attacker.com:{port}", "127.0.0.1.nip.io", ""):
+        r = httpx.get(server.base_url + "/v1/models", headers={"host": host})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        assert httpx.get(server.base_url + "/v1/models", headers={"host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_extend_the_loopback_names(chat_model_dir, live_server):
+    s = live_server({"tiny": chat_model_dir}, allowed_hosts=("proxy.internal",))
+    assert httpx.get(s.base_url + "/health", headers={"host": "proxy.internal:443"}).status_code == 200
+    assert httpx.get(s.base_url + "/health", headers={"host": "other.internal"}).status_code == 400
+
+
+def test_no_cors_unless_configured(server, chat_model_dir, live_server):
+    pre = {"origin": "https://evil.example", "access-control-request-method": "POST"}
+    r = httpx.options(server.base_url + "/v1/chat/completions", headers=pre)
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(server.base_url + "/v1/models", headers={"origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    s = live_server({"tiny": chat_model_dir}, cors_origins=("https://ui.example",))
+    r = httpx.options(s.base_url + "/v1/chat/completions", headers={**pre, "origin": "https://ui.example"})
+    assert r.headers.get("access-control-allow-origin") == "https://ui.example"
+    r = httpx.options(s.base_url + "/v1/chat/completions", headers=pre)
+    assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_every_response_carries_the_security_headers(server):
+    for r in (httpx.get(server.base_url + "/"), httpx.get(server.base_url + "/v1/models"),
+              httpx.get(server.base_url + "/v1/nope"), httpx.get(server.base_url + "/health", headers={"host": "x"})):
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "script-src 'self'" in csp and "object-src 'none'" in csp
+        assert "unsafe-inline" not in csp and "http" not in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("path", [
+    "/static/../app.py", "/static/..%2fapp.py", "/static/%2e%2e/%2e%2e/pyproject.toml", "/static/.hidden",
+    "/static/web/../../app.py", "/vendor/../app.py", "/vendor/..%2f..%2fapp.py", "/vendor/%2e%2e/%2e%2e/app.py",
+    "/vendor//etc/passwd", "/vendor/marked/../../../app.py", "/vendor/.bin/x", "/static/", "/vendor/",
+    "/static/%00", "/v1/models/..%2f..%2fetc%2fpasswd",
+])
+def test_no_route_reaches_a_file_outside_what_it_serves(server, path):
+    r = httpx.get(server.base_url + path)
+    assert r.status_code == 404
+    assert b"import " not in r.content and b"root:" not in r.content and b"[project]" not in r.content
+
+
+def test_errors_carry_no_paths(tmp_path, live_server):
+    broken = tmp_path / "secret-dir" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{not json")
+    s = live_server({"broken": broken})
+    r = httpx.post(s.base_url + "/v1/chat/completions", json={"model": "broken", "messages": U})
+    assert 400 <= r.status_code < 600 and "error" in r.json()
+    assert "secret-dir" not in r.text and str(tmp_path) not in r.text and "Traceback" not in r.text
+    assert r.headers.get("x-should-retry") == "false"
+
+
+def test_header_size_is_limited(server):
+    r = httpx.get(server.base_url + "/health", headers={"x-big": "a" * 64 * 1024})
+    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------------
+# The CLI: loopback by default, a loud warning otherwise, and a graceful shutdown on SIGTERM
+# ------------------------------------------------------------------------------------------------------
+def _start_cli(args: list[str], env_home: Path) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "LMFORGE_HOME": str(env_home), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", *args, "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"API: (http://\S+)/v1", line)
+        if m:
+            return proc, m.group(1)
+    proc.kill()
+    raise AssertionError("server did not start: " + "".join(lines) + proc.stderr.read())
+
+
+def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(chat_model_dir, live_server):
+    s = live_server({"tiny": chat_model_dir}, grace=30.0)
+    url = s.base_url
+    body = {"model": "tiny", "messages": U, "max_tokens": 5}
+    assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 200
+    sched = s.registry.loaded["tiny"].scheduler
+    release = threading.Event()
+    sched.call(lambda: release.wait(30))  # the request below stays in flight until we let go
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/v1/chat/completions", json=body, timeout=60)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while s.registry.in_flight < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.server.handle_exit(signal.SIGTERM, None)  # what uvicorn calls on SIGTERM
+    r = httpx.post(url + "/v1/chat/completions", json=body)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    assert httpx.get(url + "/health").status_code == 503
+    assert not s.server.should_exit  # still draining
+    release.set()
+    t.join(30)
+    assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["message"]["content"] is not None
+    s.thread.join(15)
+    assert not s.thread.is_alive() and s.server.drained_in is not None
+
+
+def test_cli_binds_loopback_by_default_and_exits_0_on_sigterm(chat_model_dir, tmp_path):
+    proc, url = _start_cli([str(chat_model_dir)], tmp_path)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "the", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "shutting down" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_warns_loudly_without_a_key_on_a_public_address(chat_model_dir, tmp_path):
+    proc, url = _start_cli([str(chat_model_dir), "--host", "0.0.0.0"], tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    err = proc.stderr.read()
+    assert "WARNING" in err and "no API key" in err and "0.0.0.0" in err
