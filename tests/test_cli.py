@@ -321,3 +321,66 @@ def store_path(name):
     from lmforge import store
 
     return store.model_path(name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# finetune / align / merge: the commands of the fine-tuning issue, end to end
+# ---------------------------------------------------------------------------------------------------
+def _chat_jsonl(path, n=24):
+    words = ["alpha", "beta", "gamma"]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {words[i % 3]}"},
+                                                     {"role": "assistant", "content": f"the model reads {words[i % 3]}."}]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def _prefs_jsonl(path, n=24):
+    words = ["alpha", "beta", "gamma"]
+    path.write_text("".join(json.dumps({"prompt": f"say {words[i % 3]}", "chosen": f"the model reads {words[i % 3]}.",
+                                        "rejected": f"the data counts {words[(i + 1) % 3]}."}) + "\n" for i in range(n)))
+    return path
+
+
+def test_finetune_lora_merge_align_from_the_command_line(capsys, tmp_path, model_dir):
+    import torch
+
+    from lmforge.loaders.auto import load
+
+    chat, prefs = _chat_jsonl(tmp_path / "chat.jsonl"), _prefs_jsonl(tmp_path / "prefs.jsonl")
+    code, out, err = run(capsys, "finetune", str(model_dir), "--data", str(chat), "--out", str(tmp_path / "sft"),
+                         "--max-steps", "3", "--batch-size", "4", "--no-progress")
+    assert code == 0 and (tmp_path / "sft" / "model.safetensors").is_file()
+    code, out, err = run(capsys, "finetune", str(model_dir), "--data", str(chat), "--out", str(tmp_path / "lora"),
+                         "--lora", "--lora-rank", "4", "--max-steps", "3", "--batch-size", "4", "--no-progress")
+    assert code == 0 and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert "with LoRA rank 4" in out + err
+    code, out, err = run(capsys, "merge", str(tmp_path / "lora"), "--out", str(tmp_path / "merged"))
+    assert code == 0
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        adapted = load(tmp_path / "lora", merge=False).model.eval()(ids)
+        merged = load(tmp_path / "merged").model.eval()(ids)
+    assert torch.allclose(adapted, merged, atol=1e-5)
+    code, out, err = run(capsys, "align", str(tmp_path / "sft"), "--data", str(prefs), "--out", str(tmp_path / "dpo"),
+                         "--method", "dpo", "--beta", "0.1", "--max-steps", "2", "--batch-size", "4", "--no-progress",
+                         "--name", "cli-dpo")
+    assert code == 0 and (tmp_path / "dpo" / "reference_logps.safetensors").is_file()
+    assert "rewards" in out + err
+    code, out, err = run(capsys, "show", "cli-dpo", "--json")
+    assert code == 0 and json.loads(out)["lineage"]["objective"] == "dpo"
+
+
+def test_finetune_and_align_mistakes_are_one_line(capsys, tmp_path, model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}\n'
+                   "not json\n")
+    assert_user_error(capsys, ["finetune", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "x")],
+                      "no usable", "line 1", "line 2")
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "b"}) + "\n")
+    assert_user_error(capsys, ["align", str(model_dir), "--data", str(same), "--out", str(tmp_path / "y")],
+                      "line 1", "chosen")
+    chat = _chat_jsonl(tmp_path / "chat.jsonl")
+    assert_user_error(capsys, ["finetune", str(model_dir), "--data", str(chat), "--out", str(tmp_path / "z"), "--lora",
+                               "--lora-targets", "no_such_proj"], "no_such_proj", "q_proj")
+    assert_user_error(capsys, ["merge", str(model_dir), "--out", str(tmp_path / "m")], "adapter")
