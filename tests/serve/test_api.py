@@ -11,7 +11,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from tests.serve.conftest import start_server  # noqa: E402
+from tests.serve.live import start_server  # noqa: E402
 
 MSG = [{"role": "user", "content": "the model reads"}]
 

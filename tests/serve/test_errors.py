@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.serve.conftest import start_server
+from tests.serve.live import start_server
 
 U = [{"role": "user", "content": "hi"}]
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"

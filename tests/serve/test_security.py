@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.conftest import start_server
+from tests.serve.live import start_server
 
 U = [{"role": "user", "content": "hi"}]
 
