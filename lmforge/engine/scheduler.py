@@ -6,7 +6,8 @@ token for 32 requests in barely more time. `Scheduler` therefore keeps a batch o
 sequence, and loops:
 
     1. drop the rows whose client went away or that finished (their slots are free at once);
-    2. admit waiting requests into free rows: prefill each prompt into its row of the KV cache;
+    2. admit waiting requests into free rows: prefill their prompts, together, into their rows of the KV
+       cache (one forward pass for prompts of similar length);
     3. one forward pass over all busy rows (each row at its own position), then each row picks its next
        token with its own sampling settings and streams it out.
 
@@ -81,10 +82,12 @@ class Scheduler:
     queueing without end.
     """
 
-    def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None) -> None:
+    def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
+                 max_prefill_tokens: int = 4096) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         cfg = engine.config
         # Every row can hold a whole context; `max_context` caps that for long-context models, whose full
         # context times max_batch would not fit in memory.
@@ -206,35 +209,64 @@ class Scheduler:
             row.req.emit(None)
 
     def _admit(self) -> None:
-        while len(self.rows) < self.max_batch:
+        """Move waiting requests into free rows, prefilling them together (see `_prefill`)."""
+        new: list[Request] = []
+        while len(self.rows) + len(new) < self.max_batch:
             with self._wake:
                 if not self.waiting:
                     break
                 req = self.waiting.popleft()
             if req.cancelled:
                 req.emit(None)
-                continue
-            try:
-                self._prefill(req)
-            except Exception as e:
-                req.error = e
-                req.emit(None)
+            else:
+                new.append(req)
+        # Prompts of similar length share a prefill pass; a pass holds at most `max_prefill_tokens` (padded).
+        new.sort(key=lambda r: len(r.prompt_ids))
+        group: list[Request] = []
+        for req in new:
+            if group and (len(group) + 1) * len(req.prompt_ids) > self.max_prefill_tokens:
+                self._prefill_group(group)
+                group = []
+            group.append(req)
+        if group:
+            self._prefill_group(group)
         self._retire(lambda r: False)  # a first token can already finish a request
 
-    def _prefill(self, req: Request) -> None:
-        """Run the prompt through the model into a free row and emit the first generated token."""
-        engine, r = self.engine, len(self.rows)
-        ids = req.prompt_ids
-        view = KVCache._view(self.cache.k[:, r:r + 1], self.cache.v[:, r:r + 1], 0)
-        x = torch.tensor([ids], device=engine.device)
-        logits = engine.model(x, cache=view, slots=torch.arange(len(ids), device=engine.device),
-                              last_only=True)[:, -1].float()
-        budget = min(req.params.max_new_tokens, self.context_length - len(ids))
-        state = SequenceState(engine.tokenizer, ids, req.params, budget, req.seq, engine._eos_ids(req.params),
-                              engine.device)
-        row = _Row(req, state, len(ids), -1)
-        self.rows.append(row)
-        self._choose([row], logits)
+    def _prefill_group(self, reqs: list[Request]) -> None:
+        try:
+            self._prefill(reqs)
+        except Exception as e:  # fail these requests, keep the others running
+            for req in reqs:
+                req.error = e
+                req.emit(None)
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Run the prompts of `reqs` through the model in one pass, each into its own free row, and emit each
+        first generated token.
+
+        The prompts are right-padded into one (B, P) batch whose rows write their own slots 0..P-1: a row's
+        padding lands at slots after its prompt, which its own queries never see (slot > position) and which
+        its decode steps overwrite, in order, before they become visible."""
+        engine, r0, B = self.engine, len(self.rows), len(reqs)
+        dev = engine.device
+        lengths = [len(r.prompt_ids) for r in reqs]
+        P = max(lengths)
+        pad = engine.tokenizer.pad_id if engine.tokenizer.pad_id is not None else 0
+        idx = torch.full((B, P), pad, dtype=torch.long)
+        for b, req in enumerate(reqs):
+            idx[b, :lengths[b]] = torch.tensor(req.prompt_ids)
+        slots = torch.arange(P, device=dev).expand(B, P)
+        view = KVCache._view(self.cache.k[:, r0:r0 + B], self.cache.v[:, r0:r0 + B], 0)
+        logits = engine.model(idx.to(dev), cache=view, slots=slots,
+                              output_positions=torch.tensor(lengths, device=dev) - 1)[:, -1].float()
+        rows = []
+        for req, n in zip(reqs, lengths):
+            budget = min(req.params.max_new_tokens, self.context_length - n)
+            state = SequenceState(engine.tokenizer, req.prompt_ids, req.params, budget, req.seq,
+                                  engine._eos_ids(req.params), dev)
+            rows.append(_Row(req, state, n, -1))
+        self.rows.extend(rows)
+        self._choose(rows, logits)
 
     def _step(self) -> None:
         """One forward pass over every busy row, each at its own position, then each row's next token."""

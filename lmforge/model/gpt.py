@@ -261,6 +261,7 @@ class GPT(nn.Module):
         slots: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        output_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids `idx` (B, T); (B, 1, V) with `last_only`.
 
@@ -269,7 +270,9 @@ class GPT(nn.Module):
         cache holds) and attend to every earlier slot; `slots` (B, T) give each row its own timeline, where
         slot = position and each row sees only its own earlier slots. `positions` (T,) or (B, T) give each token's position
         when sequences of a batch are offset (left padding); `key_mask` (B, S) marks the cache slots each
-        sequence may attend to (False = padding).
+        sequence may attend to (False = padding). `output_positions` (B,) computes the logits of one chosen
+        place per row, (B, 1, V): the last real token of right-padded prompts in a batched prefill (the output
+        head over every place of 32 prompts would be the biggest tensor of the step).
         """
         B, T = idx.shape
         cfg = self.config
@@ -320,6 +323,8 @@ class GPT(nn.Module):
 
         for block in self.blocks:
             x = block(x, rope, mask, causal, cache, slots)
-        if last_only:
+        if output_positions is not None:
+            x = x[torch.arange(B, device=x.device), output_positions][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # (B, T, V)

@@ -261,3 +261,18 @@ def test_fast_linear_rejects_wrong_last_dim(kernel):
     fast = fastpath.FastLinear.from_linear(nn.Linear(8, 3))
     with torch.no_grad(), pytest.raises(RuntimeError):
         fast(torch.randn(2, 4))  # 8 elements, but rows of 4: an error, as with nn.Linear
+
+
+def test_a_few_rows_against_a_large_matrix_go_row_by_row_with_the_same_result():
+    """2-4 rows of a matrix larger than the caches use the kernel once per row (faster than a tiny GEMM)."""
+    from lmforge.engine import fastpath
+
+    if not fastpath.available():
+        pytest.skip("the kernel does not build here")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 8192, bias=True)  # 8 MiB of fp32 weights: the row-by-row path
+    fast = fastpath.FastLinear.from_linear(lin)
+    with torch.no_grad():
+        for rows in (2, 3, 4, 5):
+            x = torch.randn(rows, 1, 256)
+            torch.testing.assert_close(fast(x), lin(x), rtol=1e-4, atol=1e-4)
