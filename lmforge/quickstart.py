@@ -13,7 +13,9 @@ What the table measures, all on data the training never saw:
   * held-out QA token-F1: greedy answers to questions about Python modules excluded from SFT, scored
     against the docstring summaries (SQuAD token F1);
   * held-out preference accuracy: how often the model's own likelihood prefers the right summary to a
-    plausible wrong one, for pairs about the held-out modules.
+    plausible wrong one, for pairs about the held-out modules: by the likelihood of the whole reply (which
+    always favours a reply cut short) and per token (fair to replies of different lengths), and split
+    by the kind of wrong reply.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lmforge.io import atomic_write_json
 
 STATE = "quickstart.json"
 BASE_MINUTES = 15.0
+EVAL_VERSION = 2  # bump when the evaluation changes, so a re-run re-evaluates finished stages
 
 
 @dataclass
@@ -70,21 +73,32 @@ def _banner(text: str) -> None:
 
 def _evaluate(path: Path, device, plan: Plan) -> dict[str, Any]:
     """Held-out QA token-F1 (with the answers) and preference accuracy of the model at `path`."""
-    from lmforge.data.chat import encode_preferences, read_preferences
-    from lmforge.data.pydocs_qa import qa_conversations
+    from lmforge.data.chat import encode_preference, read_preferences
+    from lmforge.data.pydocs_qa import preference_pairs, qa_conversations
     from lmforge.engine.generate import Engine
-    from lmforge.eval.assistant import preference_accuracy, qa_f1
+    from lmforge.eval.assistant import preference_wins, qa_f1
     from lmforge.loaders.auto import load
 
     loaded = load(path, device=device)
     engine = Engine(loaded.model, loaded.tokenizer, fast=False)
     qa = qa_conversations("heldout")[: plan.eval_questions]
     res = qa_f1(engine, [q.prompt_messages for q in qa], [q.answer for q in qa])
-    prefs = encode_preferences(loaded.tokenizer, read_preferences("builtin:pydocs-prefs:heldout"),
-                               loaded.model.config.context_length).examples
-    acc = preference_accuracy(loaded.model, loaded.tokenizer, prefs)
-    return {"qa_f1": res.f1, "qa_n": res.n, "pref_accuracy": acc, "pref_n": len(prefs),
-            "answers": res.answers[:4], "questions": [q.question for q in qa[:4]], "references": [q.answer for q in qa[:4]]}
+    kinds = [p.rejected_kind for p in preference_pairs("heldout")]
+    ctx = loaded.model.config.context_length
+    encoded = [(k, encode_preference(loaded.tokenizer, p, ctx))
+               for k, p in zip(kinds, read_preferences("builtin:pydocs-prefs:heldout").pairs)]
+    encoded = [(k, e) for k, e in encoded if e is not None]
+    wins = preference_wins(loaded.model, loaded.tokenizer, [e for _, e in encoded])
+
+    def share(which: int, kind: str | None = None) -> float:
+        picked = [w[which] for (k, _), w in zip(encoded, wins) if kind is None or k == kind]
+        return sum(picked) / max(1, len(picked))
+
+    return {"qa_f1": res.f1, "qa_n": res.n, "pref_accuracy": share(0), "pref_accuracy_norm": share(1),
+            "pref_by_kind": {k: {"sum": share(0, k), "per_token": share(1, k), "n": kinds.count(k)}
+                             for k in sorted(set(kinds))},
+            "pref_n": len(encoded), "answers": res.answers[:4], "questions": [q.question for q in qa[:4]],
+            "references": [q.answer for q in qa[:4]]}
 
 
 def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINUTES, device: str = "auto",
@@ -146,11 +160,12 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
         record(method, steps=steps, seconds=time.perf_counter() - t, val_loss=result.val_loss, val_metrics=result.val_metrics)
 
     # 4. evaluate every stage on held-out data
-    if not state.get("eval") or state["eval"].get("plan") != plan.__dict__:
+    if not state.get("eval") or state["eval"].get("plan") != plan.__dict__ or state["eval"].get("version") != EVAL_VERSION:
         _banner("4/4 evaluate on held-out modules")
         t = time.perf_counter()
         ev = {name: _evaluate(out / name, dev, plan) for name in ("base", "sft", "dpo")}
-        state["eval"] = {"plan": plan.__dict__, "results": ev, "seconds": time.perf_counter() - t}
+        state["eval"] = {"plan": plan.__dict__, "results": ev, "seconds": time.perf_counter() - t,
+                         "version": EVAL_VERSION}
         atomic_write_json(out / STATE, state)
     else:
         print("4/4 evaluate: done")
@@ -173,17 +188,28 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
 
 def print_report(state: dict[str, Any]) -> None:
     st, ev = state["stages"], state["eval"]["results"]
-    rows = [("stage", "wall time", "val ppl", "held-out QA F1", "held-out pref acc")]
+
+    def pref(name: str) -> str:
+        e = ev[name]
+        return f"{e['pref_accuracy']:.3f} / {e.get('pref_accuracy_norm', float('nan')):.3f}"
+
+    rows = [("stage", "wall time", "val ppl", "held-out QA F1", "held-out pref acc (sum / per token)")]
     rows.append(("pretrain (base)", f"{st['pretrain']['seconds']:.0f}s", f"{st['pretrain']['val_ppl']:.1f}",
-                 f"{ev['base']['qa_f1']:.3f}", f"{ev['base']['pref_accuracy']:.3f}"))
+                 f"{ev['base']['qa_f1']:.3f}", pref("base")))
     rows.append(("SFT", f"{st['sft']['seconds']:.0f}s", f"(QA loss {st['sft']['val_loss']:.3f})",
-                 f"{ev['sft']['qa_f1']:.3f}", f"{ev['sft']['pref_accuracy']:.3f}"))
-    rows.append(("DPO", f"{st['dpo']['seconds']:.0f}s", "", f"{ev['dpo']['qa_f1']:.3f}", f"{ev['dpo']['pref_accuracy']:.3f}"))
+                 f"{ev['sft']['qa_f1']:.3f}", pref("sft")))
+    rows.append(("DPO", f"{st['dpo']['seconds']:.0f}s", "", f"{ev['dpo']['qa_f1']:.3f}", pref("dpo")))
     rows.append(("evaluation", f"{state['eval']['seconds']:.0f}s", "", f"n={ev['base']['qa_n']}", f"n={ev['base']['pref_n']}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     print()
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    kinds = ev["dpo"].get("pref_by_kind") or {}
+    for kind, label in (("other", "rejected = another object's summary"), ("truncated", "rejected = the right summary cut short")):
+        if kind in kinds:
+            cells = "   ".join(f"{name} {ev[name]['pref_by_kind'][kind]['sum']:.2f}/{ev[name]['pref_by_kind'][kind]['per_token']:.2f}"
+                               for name in ("base", "sft", "dpo"))
+            print(f"  pref acc, {label} (n={kinds[kind]['n']}): {cells}")
     print("\nsample answers to held-out questions:")
     for i, q in enumerate(ev["base"]["questions"]):
         print(f"\nQ: {q}\n   reference: {ev['base']['references'][i]}")

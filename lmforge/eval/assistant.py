@@ -4,9 +4,9 @@
   of words of the answer against the reference. It rewards the right content in other words, and is 0
   for a model that does not answer at all (a base model continuing the prompt as text).
 * `preference_accuracy` is the share of pairs for which the model gives the chosen reply a higher
-  log-likelihood than the rejected one, both scored as the assistant's reply to the same prompt through
-  the model's own chat template. It needs no reference model, so base, SFT and DPO models compare on
-  the same footing.
+  log-likelihood than the rejected one (summed, or per token with `normalize=True`), both scored as the
+  assistant's reply to the same prompt through the model's own chat template. It needs no reference
+  model, so base, SFT and DPO models compare on the same footing.
 """
 
 from __future__ import annotations
@@ -65,21 +65,39 @@ def qa_f1(engine, conversations: Sequence[list[dict]], references: Sequence[str]
 
 
 @torch.no_grad()
-def preference_accuracy(model, tokenizer, examples, *, batch_size: int = 32) -> float:
-    """Share of encoded preference examples (`lmforge.data.chat.PreferenceExample`) where the model's
-    log-likelihood of the chosen reply beats the rejected one."""
+def preference_wins(model, tokenizer, examples, *, batch_size: int = 32) -> list[tuple[bool, bool]]:
+    """For each encoded preference example (`lmforge.data.chat.PreferenceExample`): whether the chosen reply
+    has the higher log-likelihood (summed over its tokens), and whether it has the higher mean log-likelihood
+    per token (length-normalised, as lm-evaluation-harness's acc_norm normalises by length).
+
+    Both are reported because they answer different questions: the sum is the probability of the whole
+    reply, which always favours a reply cut short (fewer tokens to pay for); the mean asks which reply
+    reads better token for token, which is fair to replies of different lengths."""
     from lmforge.data.chat import PreferenceBatches
-    from lmforge.train.objectives import policy_logps
+    from lmforge.train.losses import sequence_logprobs
 
     if not examples:
-        return float("nan")
+        return []
     device = next(model.parameters()).device
     data = PreferenceBatches(examples[:1], batch_size=batch_size, val_examples=list(examples), device=device,
                              pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
     model.eval()
-    wins = n = 0
+    out: list[tuple[bool, bool]] = []
     for batch in data.val_batches():
-        pc, pr = policy_logps(model, batch)
-        wins += int((pc > pr).sum())
-        n += pc.numel()
-    return wins / max(1, n)
+        b = batch["chosen_input_ids"].shape[0]
+        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+        logits = model(ids)
+        total = sequence_logprobs(logits, labels)
+        mean = sequence_logprobs(logits, labels, average=True)
+        out += list(zip((total[:b] > total[b:]).tolist(), (mean[:b] > mean[b:]).tolist()))
+    return out
+
+
+def preference_accuracy(model, tokenizer, examples, *, batch_size: int = 32, normalize: bool = False) -> float:
+    """Share of encoded preference examples where the model prefers the chosen reply: by summed
+    log-likelihood, or with `normalize` by mean log-likelihood per token (see `preference_wins`)."""
+    wins = preference_wins(model, tokenizer, examples, batch_size=batch_size)
+    if not wins:
+        return float("nan")
+    return sum(w[1] if normalize else w[0] for w in wins) / len(wins)
