@@ -150,6 +150,15 @@ class ModelRegistry:
             raise APIError(500, f"model '{name}' could not be loaded (the reason is in the server log)",
                            type="server_error", code="model_load_failed", headers={"x-should-retry": "false"}) from None
         engine = Engine(loaded.model, loaded.tokenizer, fast=self.fast)
+        cfg = engine.config
+        ctx = min(cfg.context_length, self.max_context or cfg.context_length)
+        cache = 2 * cfg.n_layers * self.max_batch * cfg.n_kv_heads * ctx * cfg.head_dim * engine.dtype.itemsize
+        free = _available_memory()
+        if free is not None and cache * 1.1 > free:
+            raise APIError(503, f"not enough memory for '{name}': its KV cache for {self.max_batch} requests of "
+                           f"{ctx} tokens needs {cache / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is available "
+                           f"(lower --max-concurrency or --max-context)", type="server_error",
+                           code="insufficient_memory", headers={"x-should-retry": "false"})
         scheduler = Scheduler(engine, max_batch=self.max_batch, max_queue=self.max_queue, max_context=self.max_context)
         created = int(path.stat().st_mtime)
         return Served(name, engine, scheduler, loaded.modelfile, created)
