@@ -647,7 +647,7 @@ def cmd_serve(args) -> int:
             if name in fixed:
                 raise UserError(f"two models would be served as {name!r}; serve one of them from the store under another name")
             fixed[name] = path
-    api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
+    api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None  # an empty key means none, never ""
     loopback = is_loopback(args.host)
     if not loopback and api_key is None:
         print(f"{PROG}: WARNING: serving on {args.host} with no API key: anyone who can reach this machine can use "

@@ -468,6 +468,7 @@ class Tokenizer:
             )
         self.backend: tokenizers.Tokenizer = tk
         self._literal_backend: tokenizers.Tokenizer | None = None  # lazily: specials encoded as plain text
+        self._control_texts: list[str] | None = None
         self._token_bytes: list[bytes] | None = None
 
     def with_extra_eos_ids(self, ids: Iterable[int]) -> "Tokenizer":
@@ -560,6 +561,13 @@ class Tokenizer:
         if not 0 <= i < len(table):
             raise IndexError(f"token id {i} is outside the vocabulary (0..{len(table) - 1})")
         return table[i]
+
+    def control_token_texts(self) -> list[str]:
+        """The literal text of every special (control) token: `<|im_end|>`, `<|endoftext|>`, ..."""
+        if self._control_texts is None:
+            self._control_texts = sorted({t.content for t in self.backend.get_added_tokens_decoder().values()
+                                          if t.special and t.content})
+        return self._control_texts
 
     def token_text(self, id: int) -> str:
         """Token `id` shown on its own: its bytes as text, with bytes that are not whole UTF-8 characters

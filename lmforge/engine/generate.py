@@ -89,7 +89,7 @@ class SequenceState:
     server's continuous-batching scheduler share it, so both stop, stream and count exactly alike."""
 
     def __init__(self, tokenizer, prompt_ids: list[int], params: SamplingParams, budget: int, seq: int = 0,
-                 eos: set[int] | None = None, device: torch.device | str = "cpu") -> None:
+                 eos: set[int] | None = None, device: torch.device | str = "cpu", seed_offset: int | None = None) -> None:
         self.params, self.budget, self.seq = params, budget, seq
         self.eos = eos if eos is not None else set()
         self.history = list(prompt_ids)
@@ -99,7 +99,9 @@ class SequenceState:
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stop = StopMatcher(params.stop) if params.stop else None
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(params.seed + seq if params.seed is not None
+        offset = seq if seed_offset is None else seed_offset
+        # seed + offset, wrapped into the 64 bits a generator takes (any int the API accepts stays valid)
+        self.generator.manual_seed((params.seed + offset) % 2**64 if params.seed is not None
                                    else int(torch.randint(0, 2**62, ()).item()))
 
     def push(self, tok: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None) -> TokenEvent:

@@ -66,6 +66,7 @@ __all__ = [
     "MAX_LOGPROBS",
 ]
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (see SamplingParams.greedy)
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs; also keeps the per-token response small
 
 
@@ -109,8 +110,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when decoding is deterministic argmax (temperature 0)."""
-        return self.temperature == 0.0
+        """True when decoding is deterministic argmax: temperature 0, or so close to it (below 1e-5, vLLM's
+        threshold) that dividing by it would overflow the logits to inf and the softmax to NaN."""
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> SamplingParams:
         """Raise ValueError with one line naming the bad field; return self so calls can chain."""

@@ -57,6 +57,7 @@ class Request:
     params: SamplingParams
     emit: Callable[[TokenEvent | None], None]
     seq: int = 0  # the index reported in its events (choice index of an n > 1 request)
+    seed_offset: int | None = None  # added to params.seed for this sequence's draws (default: seq)
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     error: BaseException | None = None
@@ -112,11 +113,25 @@ class Scheduler:
         with self._wake:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
+            gone = self._purge_cancelled()
             if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-            self.waiting.append(req)
-            self._wake.notify()
+                full = True
+            else:
+                full = False
+                self.waiting.append(req)
+                self._wake.notify()
+        for r in gone:
+            r.emit(None)
+        if full:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
         return req
+
+    def _purge_cancelled(self) -> list[Request]:
+        """Drop cancelled requests from the wait queue (call with the lock held); returns them, to be told."""
+        gone = [r for r in self.waiting if r.cancelled]
+        if gone:
+            self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+        return gone
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn()` on the scheduler thread between two steps (other model work: scoring, beam search)."""
@@ -124,6 +139,8 @@ class Scheduler:
         with self._wake:
             if self._stopped:
                 raise SchedulerClosed("the scheduler has stopped")
+            if len(self.calls) >= max(1, self.max_queue):
+                raise QueueFull(f"{len(self.calls)} other jobs are already waiting")
             self.calls.append((fn, fut))
             self._wake.notify()
         return fut
@@ -147,7 +164,7 @@ class Scheduler:
             self._closed = True
 
     def stop(self, timeout: float | None = None) -> None:
-        """Cancel everything still running and end the scheduler thread."""
+        """End the scheduler thread; whatever still runs or waits ends with `SchedulerClosed`."""
         with self._wake:
             self._closed = True
             self._stopped = True
@@ -156,40 +173,61 @@ class Scheduler:
 
     # -- the scheduler thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not (self.rows or self.waiting or self.calls or self._stopped):
-                        self._wake.wait()
-                    if self._stopped:
-                        break
-                try:
-                    self._run_calls()
-                    self._retire(lambda r: r.req.cancelled)
-                    self._admit()
-                    if self.rows:
-                        self._step()
-                    self.last_active = time.monotonic()
-                except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
-                    for row in self.rows:
-                        row.req.error = e
-                    self._retire(lambda r: True)
-        for row in self.rows:
-            row.req.cancelled = True
-        self._retire(lambda r: True)
-        while self.waiting:
-            self.waiting.popleft().emit(None)
-        while self.calls:
-            self.calls.popleft()[1].set_exception(SchedulerClosed("the scheduler has stopped"))
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._wake:
+                        while not (self.rows or self.waiting or self.calls or self._stopped):
+                            self._wake.wait()
+                        if self._stopped:
+                            break
+                        gone = self._purge_cancelled()
+                    for r in gone:
+                        r.emit(None)
+                    try:
+                        self._run_call()
+                        self._retire(lambda r: r.req.cancelled)
+                        self._admit()
+                        if self.rows:
+                            self._step()
+                        self.last_active = time.monotonic()
+                    except Exception as e:  # a bug or out-of-memory: fail the running requests, keep serving
+                        self._fail_rows(e)
+        finally:  # stopped, or the thread itself is dying: nobody may be left waiting for an answer
+            with self._wake:
+                self._closed = self._stopped = True
+                waiting, self.waiting = list(self.waiting), collections.deque()
+                calls, self.calls = list(self.calls), collections.deque()
+            closed = SchedulerClosed("the server is shutting down")
+            self._fail_rows(closed)
+            for req in waiting:
+                req.error = closed
+                _tell(req)
+            for _, fut in calls:
+                if not fut.cancelled():
+                    try:
+                        fut.set_exception(closed)
+                    except Exception:  # already resolved or cancelled meanwhile
+                        pass
 
-    def _run_calls(self) -> None:
-        while self.calls:
+    def _fail_rows(self, error: BaseException) -> None:
+        """End every running row with `error`, without touching the cache (it may be what failed)."""
+        rows, self.rows = self.rows, []
+        for row in rows:
+            row.req.error = row.req.error or error
+            _tell(row.req)
+
+    def _run_call(self) -> None:
+        """Run one queued `call()` (one per loop turn, so decoding goes on between long jobs)."""
+        with self._wake:
+            if not self.calls:
+                return
             fn, fut = self.calls.popleft()
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as e:
-                    fut.set_exception(e)
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
 
     def _retire(self, done: Callable[[_Row], bool]) -> None:
         """Remove the rows for which `done(row)` holds, keeping the busy rows packed at the front: the last
@@ -206,7 +244,7 @@ class Scheduler:
                 self.cache.copy_row(last, i, moved.pos)
                 self.rows[i] = moved
             self.rows.pop()
-            row.req.emit(None)
+            _tell(row.req)
 
     def _admit(self) -> None:
         """Move waiting requests into free rows, prefilling them together (see `_prefill`)."""
@@ -217,7 +255,7 @@ class Scheduler:
                     break
                 req = self.waiting.popleft()
             if req.cancelled:
-                req.emit(None)
+                _tell(req)
             else:
                 new.append(req)
         # Prompts of similar length share a prefill pass; a pass holds at most `max_prefill_tokens` (padded).
@@ -238,7 +276,7 @@ class Scheduler:
         except Exception as e:  # fail these requests, keep the others running
             for req in reqs:
                 req.error = e
-                req.emit(None)
+                _tell(req)
 
     def _prefill(self, reqs: list[Request]) -> None:
         """Run the prompts of `reqs` through the model in one pass, each into its own free row, and emit each
@@ -263,7 +301,7 @@ class Scheduler:
         for req, n in zip(reqs, lengths):
             budget = min(req.params.max_new_tokens, self.context_length - n)
             state = SequenceState(engine.tokenizer, req.prompt_ids, req.params, budget, req.seq,
-                                  engine._eos_ids(req.params), dev)
+                                  engine._eos_ids(req.params), dev, seed_offset=req.seed_offset)
             rows.append(_Row(req, state, n, -1))
         self.rows.extend(rows)
         self._choose(rows, logits)
@@ -284,31 +322,43 @@ class Scheduler:
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token with its own settings and emit it. Rows that share plain greedy
-        settings are decided by one argmax; the others one by one."""
+        settings are decided by one argmax; the others one by one. A row whose settings fail (a bug, or
+        numbers no check foresaw) ends with its error; the other rows of the step go on."""
         plain = [i for i, row in enumerate(rows) if _plain_greedy(row.req.params)]
-        chosen = [0] * len(rows)
+        chosen: list[int | None] = [None] * len(rows)
         if plain:
             arg = logits[plain].argmax(dim=-1).tolist() if len(plain) < len(rows) else logits.argmax(dim=-1).tolist()
             for i, t in zip(plain, arg):
                 chosen[i] = t
-        plain_set = set(plain)
         for i, row in enumerate(rows):
-            if i in plain_set:
+            try:
+                if chosen[i] is None:
+                    chosen[i] = int(choose_tokens(logits[i:i + 1], row.req.params, [row.state.history],
+                                                  [row.state.generator])[0])
+                p = row.req.params
+                lp = top = None
+                if p.logprobs is not None:
+                    l, ti, tl = token_logprobs(logits[i:i + 1], torch.tensor([chosen[i]], device=logits.device),
+                                               p.logprobs)
+                    lp, top = float(l[0]), list(zip(ti[0].tolist(), tl[0].tolist()))
+                ev = row.state.push(chosen[i], lp, top)
+            except Exception as e:
+                row.req.error = e
+                row.state.finished = True
                 continue
-            chosen[i] = int(choose_tokens(logits[i:i + 1], row.req.params, [row.state.history],
-                                          [row.state.generator])[0])
-        for i, row in enumerate(rows):
-            p = row.req.params
-            lp = top = None
-            if p.logprobs is not None:
-                l, ti, tl = token_logprobs(logits[i:i + 1], torch.tensor([chosen[i]], device=logits.device), p.logprobs)
-                lp, top = float(l[0]), list(zip(ti[0].tolist(), tl[0].tolist()))
-            ev = row.state.push(chosen[i], lp, top)
             row.next_token = chosen[i]
             if not row.state.finished and row.pos >= self.context_length:
                 ev.finish_reason = "length"  # no slot left for another token (budget normally stops first)
                 row.state.finished = True
             row.req.emit(ev)
+
+
+def _tell(req: Request) -> None:
+    """Tell a request it is over, whatever its consumer does with that."""
+    try:
+        req.emit(None)
+    except Exception:  # the consumer is gone (e.g. its event loop closed): nothing left to tell
+        pass
 
 
 def _plain_greedy(p: SamplingParams) -> bool:

@@ -19,7 +19,6 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.engine.sampling import SamplingParams
@@ -148,7 +147,7 @@ async def read_body(request: Request) -> bytes:
     try:
         return await request.body()
     except _BodyTooLarge:
-        raise APIError(413, f"the request body is larger than the limit", code="request_too_large") from None
+        raise APIError(413, "the request body is larger than the limit", code="request_too_large") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,16 +157,21 @@ class Generation:
     """The rows of one API request on a model's scheduler. Iterate to get (choice, TokenEvent) pairs in
     order; `cancel()` (or leaving the iteration) frees the rows at the scheduler's next step."""
 
-    def __init__(self, served: Served, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    def __init__(self, served: Served, prompts: list[list[int]], params: list[SamplingParams],
+                 seed_offsets: list[int] | None = None) -> None:
         from lmforge.engine.scheduler import QueueFull, Request as Row, SchedulerClosed
 
+        sched = served.scheduler
+        if len(prompts) > sched.max_batch + sched.max_queue:
+            raise invalid(f"this request needs {len(prompts)} sequences (prompts x n); this server runs at most "
+                          f"{sched.max_batch + sched.max_queue} at once", param="n")
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.rows: list[Row] = []
         self.open = len(prompts)
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
-                row = Row(ids, p, self._emitter(i), seq=i)
+                row = Row(ids, p, self._emitter(i), seq=i, seed_offset=seed_offsets[i] if seed_offsets else None)
                 self.rows.append(row)
                 served.scheduler.submit(row)
         except QueueFull:
@@ -192,6 +196,8 @@ class Generation:
 
     async def events(self, ping: float | None = None) -> AsyncIterator[tuple[int, Any]]:
         """(choice, event) until every row is over; (-1, None) every `ping` seconds of silence."""
+        from lmforge.engine.scheduler import SchedulerClosed
+
         try:
             while self.open:
                 try:
@@ -202,10 +208,12 @@ class Generation:
                 if ev is None:
                     self.open -= 1
                     row = self.rows[i]
+                    if isinstance(row.error, SchedulerClosed):
+                        raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
                     if row.error is not None:
                         log.error("generation failed: %r", row.error)
                         raise APIError(500, "generation failed inside the server", type="server_error",
-                                       code="generation_failed")
+                                       code="generation_failed", headers={"x-should-retry": "false"})
                     continue
                 yield i, ev
         finally:
@@ -224,11 +232,14 @@ class Choice:
 async def collect(gen: Generation, request: Request, n: int) -> list[Choice]:
     """Run a non-streaming generation to the end; a client that hangs up cancels it."""
     out = [Choice() for _ in range(n)]
+    checked = time.monotonic()
     async for i, ev in gen.events(ping=1.0):
-        if i < 0:
+        if time.monotonic() - checked >= 1.0:  # whether tokens flow or not, notice a client that left
+            checked = time.monotonic()
             if await request.is_disconnected():
                 gen.cancel()
                 return out
+        if i < 0:
             continue
         c = out[i]
         if ev.token_id is not None:
@@ -240,6 +251,33 @@ async def collect(gen: Generation, request: Request, n: int) -> list[Choice]:
         if ev.finish_reason:
             c.finish_reason = ev.finish_reason
     return out
+
+
+class _Stream(StreamingResponse):
+    """A streaming response whose clean-up runs even when its body never starts (a client that hangs up
+    before the first chunk: Starlette then cancels the body task before it runs, so the generator's own
+    `finally` would never execute)."""
+
+    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], None]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+    return run
 
 
 def _sse(obj: Any) -> bytes:
@@ -305,11 +343,11 @@ async def _use(request: Request, model_id: str) -> Served:
 
 # -- info routes -----------------------------------------------------------------------------------------
 async def health(request: Request):
-    reg = _registry(request)
+    loaded = _registry(request).snapshot()
     return {"status": "draining" if request.app.state.opts.draining else "ok",
-            "models_loaded": sorted(reg.loaded),
-            "busy_slots": sum(s.scheduler.busy for s in reg.loaded.values()),
-            "queued": sum(s.scheduler.queued for s in reg.loaded.values())}
+            "models_loaded": sorted(s.name for s in loaded),
+            "busy_slots": sum(s.scheduler.busy for s in loaded),
+            "queued": sum(s.scheduler.queued for s in loaded)}
 
 
 async def list_models(request: Request):
@@ -337,12 +375,12 @@ async def chat_completions(request: Request):
                                     vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens)
         if params.num_beams > 1:
             return await _beam_chat(served, req, ids, params)
-        gen = Generation(served, [ids] * req.n, [_seeded(params, i) for i in range(req.n)])
+        gen = Generation(served, [ids] * req.n, [params] * req.n)
         rid, created = tr.new_id("chatcmpl"), int(time.time())
         if req.stream:
             streaming = True  # the stream releases the model when it ends
-            return StreamingResponse(_chat_stream(served, request, gen, req, rid, created, len(ids)),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            cleanup = _once(lambda: (gen.cancel(), _registry(request).release(served)))
+            return _Stream(_chat_stream(served, request, gen, req, rid, created, len(ids), cleanup), cleanup)
         choices = await collect(gen, request, req.n)
         body = tr.chat_response(rid, req.model, [
             tr.chat_choice(i, c.text, c.finish_reason or "stop",
@@ -354,17 +392,8 @@ async def chat_completions(request: Request):
             _registry(request).release(served)
 
 
-def _seeded(params: SamplingParams, i: int) -> SamplingParams:
-    """Choice i of an n > 1 request: the same settings, its own random stream (seed + i, as the engine)."""
-    import dataclasses
-
-    if i == 0 or params.seed is None:
-        return params
-    return dataclasses.replace(params, seed=params.seed + i)
-
-
 async def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCompletionRequest, rid: str,
-                       created: int, n_prompt: int) -> AsyncIterator[bytes]:
+                       created: int, n_prompt: int, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
     tok = served.engine.tokenizer
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
     opts: ServerOptions = request.app.state.opts
@@ -395,8 +424,7 @@ async def _chat_stream(served: Served, request: Request, gen: Generation, req: C
     except APIError as e:
         yield _sse(e.body())
     finally:
-        gen.cancel()
-        _registry(request).release(served)
+        cleanup()
 
 
 async def _beam_chat(served: Served, req: ChatCompletionRequest, ids: list[int], params: SamplingParams):
@@ -464,14 +492,15 @@ async def completions(request: Request):
             return JSONResponse(tr.completion_response(tr.new_id("cmpl"), req.model, choices,
                                                        tr.usage(sum(map(len, prompts)), sum(len(r[1]) for r in results))))
         rows_prompts = [p for p in prompts for _ in range(req.n)]
-        rows_params = [_seeded(sp, i) for sp in params for i in range(req.n)]
-        gen = Generation(served, rows_prompts, rows_params)
+        rows_params = [sp for sp in params for _ in range(req.n)]
+        # sample i of every prompt draws from seed + i, as if that prompt had been sent alone
+        gen = Generation(served, rows_prompts, rows_params, seed_offsets=[i for _ in prompts for i in range(req.n)])
         rid, created = tr.new_id("cmpl"), int(time.time())
         if req.stream:
             streaming = True
-            return StreamingResponse(_completion_stream(served, request, gen, req, rid, created,
-                                                        sum(len(p) for p in rows_prompts)),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            cleanup = _once(lambda: (gen.cancel(), _registry(request).release(served)))
+            return _Stream(_completion_stream(served, request, gen, req, rid, created, sum(map(len, prompts)),
+                                              cleanup), cleanup)
         results = await collect(gen, request, len(rows_prompts))
         choices = []
         for j, c in enumerate(results):
@@ -497,11 +526,12 @@ async def completions(request: Request):
 
 def _echo_logprobs(tok, prompt: list[int], scored, k: int) -> dict:
     """Logprobs of the prompt's own tokens (the first has no context: null, as OpenAI does)."""
-    return tr.completion_logprobs(tok, prompt, [None, *scored.logprobs], [None, *(scored.top_logprobs or [])])
+    tops = scored.top_logprobs if scored.top_logprobs is not None else [[] for _ in scored.logprobs]
+    return tr.completion_logprobs(tok, prompt, [None, *scored.logprobs], [None, *tops])
 
 
 async def _completion_stream(served: Served, request: Request, gen: Generation, req: CompletionRequest, rid: str,
-                             created: int, n_prompt: int) -> AsyncIterator[bytes]:
+                             created: int, n_prompt: int, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
     tok = served.engine.tokenizer
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
     n_out = 0
@@ -528,8 +558,7 @@ async def _completion_stream(served: Served, request: Request, gen: Generation, 
     except APIError as e:
         yield _sse(e.body())
     finally:
-        gen.cancel()
-        _registry(request).release(served)
+        cleanup()
 
 
 # -- tokenizer routes (vLLM's shapes, which lm-evaluation-harness's local-completions probes) -------------------
@@ -551,8 +580,7 @@ async def tokenize(request: Request):
     try:
         tok = served.engine.tokenizer
         if req.messages is not None:
-            ids = tr.chat_prompt_ids(tok, tr.message_dicts(req.messages)) if req.add_generation_prompt else \
-                tok.encode_chat(tr.message_dicts(req.messages))
+            ids = tr.chat_prompt_ids(tok, tr.message_dicts(req.messages), add_generation_prompt=req.add_generation_prompt)
         else:
             ids = tok.encode(req.prompt, add_bos=None if req.add_special_tokens else False)
         return {"count": len(ids), "max_model_len": served.scheduler.context_length, "tokens": ids}

@@ -173,15 +173,21 @@ class ModelRegistry:
             s.scheduler.stop()
         return [s.name for s in gone]
 
+    def snapshot(self) -> list[Served]:
+        """The loaded models now (the keep-alive thread may unload one at any moment)."""
+        with self._guard:
+            return list(self.loaded.values())
+
     @property
     def in_flight(self) -> int:
-        return sum(s.active for s in self.loaded.values())
+        return sum(s.active for s in self.snapshot())
 
     def close(self) -> None:
-        for s in self.loaded.values():
+        for s in self.snapshot():
             s.scheduler.close()
 
     def stop(self) -> None:
-        for s in list(self.loaded.values()):
+        for s in self.snapshot():
             s.scheduler.stop(timeout=5)
-        self.loaded.clear()
+        with self._guard:
+            self.loaded.clear()

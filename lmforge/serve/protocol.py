@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_N = 16  # choices per request (each is a row of the batch)
 MAX_LOGPROBS = 20
+MAX_STOP = 16  # stop strings (OpenAI allows 4; lm-eval sends more); each is checked on every token
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
 
 
 class APIError(Exception):
@@ -77,12 +79,12 @@ class _Sampling(_Strict):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     max_tokens: int | None = Field(None, ge=1)
     presence_penalty: _Float | None = Field(None, ge=-2, le=2)
     frequency_penalty: _Float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, _Float] | None = None
-    seed: int | None = None
+    logit_bias: Annotated[dict[str, _Float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     user: str | None = None
     # lmforge / vLLM extensions
     top_k: int | None = Field(None, ge=-1)
@@ -91,7 +93,7 @@ class _Sampling(_Strict):
     repeat_penalty: _Float | None = Field(None, gt=0, le=10)
     repeat_last_n: int | None = Field(None, ge=-1)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP)] | None = None
     use_beam_search: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     length_penalty: _Float = 1.0
@@ -118,7 +120,7 @@ class CompletionRequest(_Sampling):
 class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
-    messages: list[Message] | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

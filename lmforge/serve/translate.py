@@ -57,13 +57,23 @@ def message_dicts(messages: Sequence[Message], system: str | None = None,
     return out
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
-    """The conversation rendered through the model's chat template, ending with the assistant header."""
+def chat_prompt_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The conversation rendered through the model's chat template, ending with the assistant header.
+
+    Message text must not contain the literal text of a control token (`<|im_end|>`, ...): the rendered
+    template is encoded with control tokens recognised, so such text would forge turn boundaries (a user
+    writing a "system" turn of their own)."""
     if tokenizer.chat_template is None:
         raise invalid("this model has no chat template; use /v1/completions", param="model",
                       code="model_not_chat")
+    specials = tokenizer.control_token_texts()
+    for i, m in enumerate(messages):
+        hit = next((t for t in specials if t in m["content"]), None)
+        if hit is not None:
+            raise invalid(f"message {i} contains the control token {hit!r}, which would forge the conversation's "
+                          f"structure", param=f"messages.{i}.content")
     try:
-        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
     except UserError as e:  # the template raised (e.g. roles that do not alternate)
         raise invalid(f"the model's chat template refused these messages: {e}", param="messages") from None
 
@@ -138,7 +148,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: di
     if req.logit_bias:
         bias = {}
         for key, value in req.logit_bias.items():
-            if not key.isdigit() or not 0 <= int(key) < vocab_size:
+            if not (key.isascii() and key.isdigit()) or not 0 <= int(key) < vocab_size:
                 raise invalid(f"logit_bias keys must be token ids in 0..{vocab_size - 1}, got {key!r}", param="logit_bias")
             if not -100 <= value <= 100:
                 raise invalid(f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")

@@ -310,3 +310,57 @@ def test_a_model_that_does_not_fit_in_memory_is_refused_before_loading(chat_mode
     monkeypatch.setattr(models, "_available_memory", lambda: None)
     r = httpx.post(s.base_url + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 1})
     assert r.status_code == 200
+
+
+def test_a_vanishing_temperature_decodes_greedily(client, engine):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, temperature=1e-300)
+    assert r.choices[0].message.content == greedy_alone(engine, MSG, 6).text
+
+
+def test_choice_i_of_a_seeded_request_is_the_request_with_seed_plus_i(client):
+    kw = dict(model="tiny", messages=MSG, max_tokens=8, temperature=1.0, extra_body={"top_k": 0, "min_p": 0.0})
+    three = client.chat.completions.create(n=3, seed=40, **kw)
+    singles = [client.chat.completions.create(n=1, seed=40 + i, **kw).choices[0].message.content for i in range(3)]
+    assert [c.message.content for c in three.choices] == singles
+    prompts = ["the model", "a token"]
+    two = client.completions.create(model="tiny", prompt=prompts, n=2, seed=5, max_tokens=6, temperature=1.0,
+                                    extra_body={"top_k": 0, "min_p": 0.0})
+    alone = [client.completions.create(model="tiny", prompt=p, n=1, seed=5 + i, max_tokens=6, temperature=1.0,
+                                       extra_body={"top_k": 0, "min_p": 0.0}).choices[0].text
+             for p in prompts for i in range(2)]
+    assert [c.text for c in two.choices] == alone
+
+
+def test_echo_with_logprobs_0_keeps_every_list_aligned(client, engine):
+    ids = engine.tokenizer.encode("the model reads")
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=2, temperature=0, logprobs=0, echo=True)
+    lp = r.choices[0].logprobs
+    n = len(ids) + 2
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+
+
+def test_streamed_completion_usage_counts_each_prompt_once(client, engine):
+    chunks = list(client.completions.create(model="tiny", prompt="the model", max_tokens=3, n=2, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.prompt_tokens == len(engine.tokenizer.encode("the model"))
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_a_scheduler_that_stops_mid_answer_is_a_503_not_a_short_success(chat_model_dir, live_server):
+    s = live_server({"tiny": chat_model_dir})
+    httpx.post(s.base_url + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 1})
+    sched = s.registry.loaded["tiny"].scheduler
+    release = threading.Event()
+    sched.call(lambda: release.wait(30))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=httpx.post(
+        s.base_url + "/v1/completions", timeout=60, json={"model": "tiny", "prompt": "the", "max_tokens": 5})))
+    t.start()
+    deadline = time.monotonic() + 5
+    while sched.queued < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threading.Thread(target=sched.stop).start()
+    release.set()
+    t.join(30)
+    assert result["r"].status_code == 503 and result["r"].json()["error"]["code"] == "shutting_down"

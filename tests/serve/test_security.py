@@ -186,7 +186,7 @@ def test_cli_binds_loopback_by_default_and_exits_0_on_sigterm(chat_model_dir, tm
 
 
 def test_cli_warns_loudly_without_a_key_on_a_public_address(chat_model_dir, tmp_path):
-    proc, url = _start_cli([str(chat_model_dir), "--host", "0.0.0.0"], tmp_path)
+    proc, url = _start_cli([str(chat_model_dir), "--host", "0.0.0.0", "--api-key", ""], tmp_path)  # "" is no key
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     err = proc.stderr.read()
