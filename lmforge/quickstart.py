@@ -176,7 +176,8 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
 
         for name in ("base", "sft", "dpo"):
             import_model(out / name, f"quickstart-{name}", overwrite=True)
-        print("registered in the store: quickstart-base, quickstart-sft, quickstart-dpo")
+        print("registered in the store: quickstart-base, quickstart-sft, quickstart-dpo\n"
+              "chat in the terminal: lmforge run quickstart-dpo    in the browser: lmforge serve quickstart-dpo")
     print(f"total wall time this run: {time.perf_counter() - t0:.0f}s")
     if chat and register and sys.stdin.isatty() and sys.stdout.isatty():
         from lmforge.cli import main
