@@ -133,9 +133,9 @@ def test_every_flag_documents_its_default():
 
 
 # --- generate / score ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    return save_tiny_model(tmp_path_factory.mktemp("clim"), tiny_tokenizer)
+@pytest.fixture()
+def model_dir(tmp_path, tiny_tokenizer):
+    return save_tiny_model(tmp_path / "tiny-src", tiny_tokenizer, embedding_scale=8.0)
 
 
 def test_generate_streams_text_and_shows_probabilities(capsys, model_dir):
@@ -182,11 +182,6 @@ def test_generate_on_a_directory_that_is_not_a_model(capsys, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # The model store and export through the CLI
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture()
-def model_dir(tmp_path, tiny_tokenizer):
-    return save_tiny_model(tmp_path / "tiny-src", tiny_tokenizer, embedding_scale=8.0)
-
-
 def test_store_commands_end_to_end(capsys, tmp_path, model_dir):
     code, out, _ = run(capsys, "list")
     assert code == 0 and "no models yet" in out
