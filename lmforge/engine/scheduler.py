@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -61,7 +60,6 @@ class Request:
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     error: BaseException | None = None
-    submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         """Stop this request at the next step boundary and free its row (thread-safe: a flag)."""
@@ -101,7 +99,6 @@ class Scheduler:
         self._closed = False
         self._stopped = False
         self.steps = 0  # decode steps run (for tests and stats)
-        self.last_active = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
         self._thread.start()
 
@@ -190,7 +187,6 @@ class Scheduler:
                         self._admit()
                         if self.rows:
                             self._step()
-                        self.last_active = time.monotonic()
                     except Exception as e:  # a bug or out-of-memory: fail the running requests, keep serving
                         self._fail_rows(e)
         finally:  # stopped, or the thread itself is dying: nobody may be left waiting for an answer
@@ -294,7 +290,7 @@ class Scheduler:
         for b, req in enumerate(reqs):
             idx[b, :lengths[b]] = torch.tensor(req.prompt_ids)
         slots = torch.arange(P, device=dev).expand(B, P)
-        view = KVCache._view(self.cache.k[:, r0:r0 + B], self.cache.v[:, r0:r0 + B], 0)
+        view = self.cache.rows(r0 + B, r0)
         logits = engine.model(idx.to(dev), cache=view, slots=slots,
                               output_positions=torch.tensor(lengths, device=dev) - 1)[:, -1].float()
         rows = []
@@ -313,7 +309,6 @@ class Scheduler:
         tokens = torch.tensor([[row.next_token] for row in self.rows], device=dev)
         slots = torch.tensor([[row.pos] for row in self.rows], device=dev)
         view = self.cache.rows(n)
-        view.length = 0
         logits = self.engine.model(tokens, cache=view, slots=slots)[:, -1].float()
         for row in self.rows:
             row.pos += 1

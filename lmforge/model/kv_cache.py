@@ -42,16 +42,13 @@ class KVCache:
         return cls(config.n_layers, batch_size, config.n_kv_heads, max_len or config.context_length,
                    config.head_dim, **kw)
 
-    @classmethod
-    def _view(cls, k: torch.Tensor, v: torch.Tensor, length: int) -> "KVCache":
-        view = cls.__new__(cls)
-        view.k, view.v, view.max_len, view.length = k, v, k.shape[3], length
-        return view
-
     def rows(self, stop: int, start: int = 0) -> "KVCache":
-        """A cache over rows [start, stop) that shares this one's buffers (writes land here). Its length is
-        this cache's length, so a fresh view of a reused row must be given explicit slots."""
-        return self._view(self.k[:, start:stop], self.v[:, start:stop], self.length)
+        """A cache over rows [start, stop) that shares this one's buffers (writes land here). It starts
+        empty (length 0): its users give explicit per-row slots, and the first write sets its length."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.max_len, view.length = self.max_len, 0
+        return view
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` slots of row `src` into row `dst` (compacting the busy rows)."""

@@ -21,8 +21,6 @@ from lmforge.serve.models import ModelRegistry
 
 log = logging.getLogger("lmforge.serve")
 
-MAX_HEADER_BYTES = 16 * 1024  # request line + headers; more is refused by the HTTP parser (431/400)
-
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -74,7 +72,7 @@ def build_server(registry: ModelRegistry, opts: ServerOptions, *, host: str = "1
     app = create_app(registry, opts)
     config = uvicorn.Config(
         app.state.guarded, host=host, port=port, log_level=log_level, access_log=False, lifespan="off",
-        server_header=False, date_header=True, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        server_header=False, date_header=True, h11_max_incomplete_event_size=opts.max_header_bytes,
         timeout_keep_alive=5, timeout_graceful_shutdown=5,
     )
     server = DrainingServer(config, registry, opts, grace)

@@ -64,12 +64,11 @@ def test_per_row_slots_decode_like_full_recomputation():
     cache = KVCache.for_model(model.config, 3, 32)
     with torch.no_grad():
         for b, s in enumerate(seqs):  # prefill each row alone, at its own positions
-            view = KVCache._view(cache.k[:, b:b + 1], cache.v[:, b:b + 1], 0)
+            view = cache.rows(b + 1, b)
             model(s[None, :-1], cache=view, slots=torch.arange(len(s) - 1))
         last = torch.stack([s[-1] for s in seqs])[:, None]
         slots = torch.tensor([[len(s) - 1] for s in seqs])
         view = cache.rows(3)
-        view.length = 0
         step = model(last, cache=view, slots=slots)[:, -1]
         for b, s in enumerate(seqs):
             full = model(s[None])[0, -1]

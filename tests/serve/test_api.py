@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
 
-from tests.serve.live import start_server  # noqa: E402
+from tests.serve.live import start_server, wait_until  # noqa: E402
 
 MSG = [{"role": "user", "content": "the model reads"}]
 
@@ -223,9 +222,7 @@ def test_a_client_that_hangs_up_frees_its_slot(server):
                 break
         sched = server.registry.loaded["tiny"].scheduler
         assert sched.busy == 1
-    deadline = time.monotonic() + 5
-    while (sched.busy or server.registry.in_flight) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not (sched.busy or server.registry.in_flight))
     assert sched.busy == 0 and server.registry.in_flight == 0
 
 
@@ -264,9 +261,7 @@ def test_queue_full_is_429_and_the_server_recovers(chat_model_dir, live_server):
     waiting = threading.Thread(target=lambda: httpx.post(s.base_url + "/v1/chat/completions", timeout=60,
                                                          json={"model": "tiny", "messages": MSG, "max_tokens": 3}))
     waiting.start()
-    deadline = time.monotonic() + 5
-    while sched.queued < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: sched.queued >= 1)
     try:
         with pytest.raises(openai.RateLimitError) as e:
             c.chat.completions.create(model="tiny", messages=MSG, max_tokens=5)
@@ -357,9 +352,7 @@ def test_a_scheduler_that_stops_mid_answer_is_a_503_not_a_short_success(chat_mod
     t = threading.Thread(target=lambda: result.update(r=httpx.post(
         s.base_url + "/v1/completions", timeout=60, json={"model": "tiny", "prompt": "the", "max_tokens": 5})))
     t.start()
-    deadline = time.monotonic() + 5
-    while sched.queued < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: sched.queued >= 1)
     threading.Thread(target=sched.stop).start()
     release.set()
     t.join(30)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.live import start_server
+from tests.serve.live import start_server, wait_until
 
 U = [{"role": "user", "content": "hi"}]
 
@@ -155,9 +155,7 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(chat_model_dir
     result = {}
     t = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/v1/chat/completions", json=body, timeout=60)))
     t.start()
-    deadline = time.monotonic() + 5
-    while s.registry.in_flight < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: s.registry.in_flight >= 1)
     s.server.handle_exit(signal.SIGTERM, None)  # what uvicorn calls on SIGTERM
     r = httpx.post(url + "/v1/chat/completions", json=body)
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
