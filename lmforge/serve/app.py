@@ -287,6 +287,32 @@ def _sse(obj: Any) -> bytes:
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
+async def _sse_stream(request: Request, gen: Generation, head: list[dict], chunks: Callable[[int, Any], list[dict]],
+                      usage_chunk: Callable[[int], dict] | None, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
+    """The SSE framing both streaming routes share: the `head` chunks, then `chunks(choice, event)` for every
+    event, a keep-alive comment in silences, the usage chunk (when asked) once every row is done, then
+    `[DONE]`. An error after the first byte can only be an error event (the 200 is already out)."""
+    n_out = 0
+    try:
+        for c in head:
+            yield _sse(c)
+        async for i, ev in gen.events(ping=request.app.state.opts.stream_ping):
+            if i < 0:
+                yield b": ping\n\n"
+                continue
+            if ev.token_id is not None:
+                n_out += 1
+            for c in chunks(i, ev):
+                yield _sse(c)
+        if usage_chunk is not None:
+            yield _sse(usage_chunk(n_out))
+        yield b"data: [DONE]\n\n"
+    except APIError as e:
+        yield _sse(e.body())
+    finally:
+        cleanup()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The app
 # ----------------------------------------------------------------------------------------------------
@@ -392,39 +418,30 @@ async def chat_completions(request: Request):
             _registry(request).release(served)
 
 
-async def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCompletionRequest, rid: str,
-                       created: int, n_prompt: int, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
+def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCompletionRequest, rid: str,
+                 created: int, n_prompt: int, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
     tok = served.engine.tokenizer
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
-    opts: ServerOptions = request.app.state.opts
-    n_out = 0
-    try:
-        for i in range(req.n):
-            yield _sse(tr.chat_chunk(rid, req.model, created, [
-                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
-                with_usage))
-        async for i, ev in gen.events(ping=opts.stream_ping):
-            if i < 0:
-                yield b": ping\n\n"
-                continue
-            if ev.token_id is not None:
-                n_out += 1
-            lp = None
-            if req.logprobs and ev.token_id is not None:
-                lp = tr.chat_logprobs(tok, [ev.token_id], [ev.logprob], [ev.top_logprobs or []])
-            if ev.text or lp is not None:
-                yield _sse(tr.chat_chunk(rid, req.model, created, [
-                    {"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}], with_usage))
-            if ev.finish_reason:
-                yield _sse(tr.chat_chunk(rid, req.model, created, [
-                    {"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}], with_usage))
-        if with_usage:
-            yield _sse({**tr.chat_chunk(rid, req.model, created, [], False), "usage": tr.usage(n_prompt, n_out)})
-        yield b"data: [DONE]\n\n"
-    except APIError as e:
-        yield _sse(e.body())
-    finally:
-        cleanup()
+
+    def chunk(choices: list[dict]) -> dict:
+        return tr.chat_chunk(rid, req.model, created, choices, with_usage)
+
+    def chunks(i: int, ev) -> list[dict]:
+        out = []
+        lp = None
+        if req.logprobs and ev.token_id is not None:
+            lp = tr.chat_logprobs(tok, [ev.token_id], [ev.logprob], [ev.top_logprobs or []])
+        if ev.text or lp is not None:
+            out.append(chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}]))
+        if ev.finish_reason:
+            out.append(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}]))
+        return out
+
+    head = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            for i in range(req.n)]
+    usage_chunk = (lambda n_out: {**tr.chat_chunk(rid, req.model, created, [], False),
+                                  "usage": tr.usage(n_prompt, n_out)}) if with_usage else None
+    return _sse_stream(request, gen, head, chunks, usage_chunk, cleanup)
 
 
 async def _beam_chat(served: Served, req: ChatCompletionRequest, ids: list[int], params: SamplingParams):
@@ -530,35 +547,26 @@ def _echo_logprobs(tok, prompt: list[int], scored, k: int) -> dict:
     return tr.completion_logprobs(tok, prompt, [None, *scored.logprobs], [None, *tops])
 
 
-async def _completion_stream(served: Served, request: Request, gen: Generation, req: CompletionRequest, rid: str,
-                             created: int, n_prompt: int, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
+def _completion_stream(served: Served, request: Request, gen: Generation, req: CompletionRequest, rid: str,
+                       created: int, n_prompt: int, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
     tok = served.engine.tokenizer
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
-    n_out = 0
     offsets = [0] * len(gen.rows)
-    try:
-        async for i, ev in gen.events(ping=request.app.state.opts.stream_ping):
-            if i < 0:
-                yield b": ping\n\n"
-                continue
-            if ev.token_id is not None:
-                n_out += 1
-            lp = None
-            if req.logprobs is not None and ev.token_id is not None:
-                lp = tr.completion_logprobs(tok, [ev.token_id], [ev.logprob], [ev.top_logprobs or []], offset=offsets[i])
-            offsets[i] += len(ev.text)
-            chunk = tr.completion_response(rid, req.model, [tr.completion_choice(i, ev.text, ev.finish_reason, lp)],
-                                           None, created)
-            if not with_usage:
-                chunk.pop("usage")
-            yield _sse(chunk)
-        if with_usage:
-            yield _sse(tr.completion_response(rid, req.model, [], tr.usage(n_prompt, n_out), created))
-        yield b"data: [DONE]\n\n"
-    except APIError as e:
-        yield _sse(e.body())
-    finally:
-        cleanup()
+
+    def chunks(i: int, ev) -> list[dict]:
+        lp = None
+        if req.logprobs is not None and ev.token_id is not None:
+            lp = tr.completion_logprobs(tok, [ev.token_id], [ev.logprob], [ev.top_logprobs or []], offset=offsets[i])
+        offsets[i] += len(ev.text)
+        chunk = tr.completion_response(rid, req.model, [tr.completion_choice(i, ev.text, ev.finish_reason, lp)],
+                                       None, created)
+        if not with_usage:
+            chunk.pop("usage")
+        return [chunk]
+
+    usage_chunk = (lambda n_out: tr.completion_response(rid, req.model, [], tr.usage(n_prompt, n_out), created)) \
+        if with_usage else None
+    return _sse_stream(request, gen, [], chunks, usage_chunk, cleanup)
 
 
 # -- tokenizer routes (vLLM's shapes, which lm-evaluation-harness's local-completions probes) -------------------
