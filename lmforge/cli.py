@@ -7,6 +7,8 @@ exits 1 with its one-line reason; an interrupted run saves and exits 0. Only bug
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 import textwrap
 import time
@@ -106,7 +108,7 @@ RECIPE_FLAGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup
 
 
 def cmd_pretrain(args) -> int:
-    from lmforge.train.loop import TrainingDiverged
+    from lmforge.train.loop import TrainingDiverged, print_evaluations
     from lmforge.train.pretrain import PretrainOptions, pretrain
 
     if args.resume and args.out and Path(args.out) != Path(args.resume):
@@ -126,10 +128,7 @@ def cmd_pretrain(args) -> int:
         progress=progress, recipe={k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None},
     )
     if not progress:  # no terminal: a line per evaluation instead of a progress bar
-        def on_log(rec: dict) -> None:
-            if "val_loss" in rec:
-                print(f"step {rec['step']}: val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f})", flush=True)
-        opts.on_log = on_log
+        opts.on_log = print_evaluations
     try:
         result, summary = pretrain(opts)
     except TrainingDiverged as e:
@@ -517,7 +516,7 @@ FT_RECIPE = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_st
 def _run_finetune(args, method: str) -> int:
     from lmforge.store import resolve
     from lmforge.train.finetune import FinetuneOptions, finetune
-    from lmforge.train.loop import TrainingDiverged
+    from lmforge.train.loop import TrainingDiverged, print_evaluations
 
     out = Path(args.out)
     model_path = out if args.resume else resolve(args.model)
@@ -529,12 +528,8 @@ def _run_finetune(args, method: str) -> int:
         beta=getattr(args, "beta", 0.1), epochs=args.epochs, resume=args.resume, overwrite=args.overwrite,
         device=args.device, progress=_progress_enabled(args), limit=args.limit, base_ref=args.model,
         recipe={k: getattr(args, k) for k in FT_RECIPE if getattr(args, k, None) is not None})
-    if not opts.progress:
-        def on_log(rec: dict) -> None:
-            if "val_loss" in rec:
-                extra = "".join(f", {k[4:]} {v:.3f}" for k, v in rec.items() if k.startswith("val_") and k not in ("val_loss", "val_ppl"))
-                print(f"step {rec['step']}: val loss {rec['val_loss']:.4f}{extra}", flush=True)
-        opts.on_log = on_log
+    if not opts.progress:  # no terminal: a line per evaluation instead of a progress bar
+        opts.on_log = print_evaluations
     try:
         result, summary = finetune(opts)
     except TrainingDiverged as e:
@@ -626,8 +621,6 @@ def _add_progress_flag(p: argparse.ArgumentParser) -> None:
 # serve
 # ---------------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    import os
-
     from lmforge.serve.app import ServerOptions
     from lmforge.serve.models import ModelRegistry
     from lmforge.serve.server import build_server, is_loopback, keep_alive_loop
@@ -1061,19 +1054,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Callable | None = getattr(args, "func", None)
-    if func is None:  # a command group without its subcommand, or nothing at all
-        print((getattr(args, "group_parser", None) or parser).format_help(), file=sys.stderr)
-        return 2
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        func: Callable | None = getattr(args, "func", None)
+        if func is None:  # a command group without its subcommand, or nothing at all
+            print((getattr(args, "group_parser", None) or parser).format_help(), file=sys.stderr)
+            return 2
         return func(args)
     except UserError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """The reader of our output left (`lmforge ... | head`): stop quietly, as `cat` would, instead of a
+    traceback. Later writes (Python flushing stdout at exit) go to /dev/null so they cannot raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # stdout is not a file descriptor (captured in a test): nothing will flush to a closed pipe
+    return 128 + 13  # what a shell reports for a command ended by SIGPIPE
 
 
 if __name__ == "__main__":

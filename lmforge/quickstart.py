@@ -104,6 +104,7 @@ def _evaluate(path: Path, device, plan: Plan) -> dict[str, Any]:
 def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINUTES, device: str = "auto",
                progress: bool = True, register: bool = True, chat: bool = True) -> dict[str, Any]:
     from lmforge.train.finetune import FinetuneOptions, finetune
+    from lmforge.train.loop import print_evaluations
     from lmforge.train.pretrain import PretrainOptions, pretrain, resolve_device
 
     if not (budget > 0 and math.isfinite(budget)):
@@ -115,6 +116,7 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
     state.setdefault("stages", {})
     state["plan"] = plan.__dict__
     t0 = time.perf_counter()
+    on_log = None if progress else print_evaluations  # no progress bar: a line per evaluation instead
 
     def record(name: str, **info: Any) -> None:
         state["stages"][name] = info
@@ -128,7 +130,7 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
         resume = (base / "trainer_state" / "state.json").is_file()
         result, summary = pretrain(PretrainOptions(
             out=base, data="builtin:pydocs", preset="small", resume=resume, overwrite=not resume, device=device,
-            progress=progress, eval_tokens=65536,
+            progress=progress, on_log=on_log, eval_tokens=65536,
             recipe={"max_steps": plan.pretrain_steps, "batch_size": 8, "lr": 3e-3,
                     "eval_interval": max(1, plan.pretrain_steps // 3), "save_interval": max(1, plan.pretrain_steps // 3)}))
         if result.interrupted:
@@ -151,7 +153,7 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
         resume = (dst / "trainer_state" / "state.json").is_file()
         result, summary = finetune(FinetuneOptions(
             model=str(src), data=data, out=dst, method=method, resume=resume, overwrite=not resume, device=device,
-            progress=progress, beta=0.1, base_ref=f"quickstart-{'base' if method == 'sft' else 'sft'}",
+            progress=progress, on_log=on_log, beta=0.1, base_ref=f"quickstart-{'base' if method == 'sft' else 'sft'}",
             recipe={**recipe, "max_steps": steps, "eval_interval": max(1, steps // 3), "warmup_steps": max(1, steps // 10)}))
         for line in summary["lines"]:
             print("  " + line)

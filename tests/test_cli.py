@@ -132,6 +132,25 @@ def test_every_flag_documents_its_default():
                 assert "default" in (action.help or ""), action.option_strings
 
 
+def test_a_reader_that_goes_away_is_no_traceback():
+    """`lmforge ... | head`: when the pipe closes, stop quietly with the SIGPIPE status, no traceback."""
+    import subprocess
+    import sys
+
+    code = ("import lmforge.cli as c\n"
+            "def flood(args):\n"
+            "    for i in range(10**6): print('line', i)\n"
+            "    return 0\n"
+            "c.cmd_list = flood\n"
+            "raise SystemExit(c.main(['list']))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"line 0\n"
+    p.stdout.close()  # the reader leaves, as `head -1` does
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 # --- generate / score ------------------------------------------------------------------------------------
 @pytest.fixture()
 def model_dir(tmp_path, tiny_tokenizer):

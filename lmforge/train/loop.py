@@ -140,6 +140,17 @@ def _metric_key(name: str) -> str:
     return name.replace("/", "_")  # "rewards/margin" -> "rewards_margin": plain JSON keys
 
 
+def print_evaluations(rec: dict) -> None:
+    """An `on_log` for runs without a progress bar (no terminal: CI logs, `make demo | tee`): one line per
+    evaluation, so a long run still shows where it is. Perplexity is shown when the loss is a language-model
+    loss, i.e. when the objective reports no metrics of its own (DPO's loss is not one)."""
+    if "val_loss" not in rec:
+        return
+    extra = {k[4:]: v for k, v in rec.items() if k.startswith("val_") and k not in ("val_loss", "val_ppl")}
+    shown = "".join(f", {k} {v:.3f}" for k, v in extra.items()) if extra else f" (ppl {rec['val_ppl']:.2f})"
+    print(f"step {rec['step']}: val loss {rec['val_loss']:.4f}{shown}", flush=True)
+
+
 def plot_losses(history: list[dict], path: Path, title: str = "") -> None:
     """Training loss (raw and smoothed) and validation loss against steps, as a PNG a person can open."""
     import matplotlib
