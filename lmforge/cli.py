@@ -647,7 +647,7 @@ def cmd_serve(args) -> int:
               f"these models and write feedback files. Use --api-key (or bind 127.0.0.1).", file=sys.stderr)
     registry = ModelRegistry(fixed, device=str(resolve_device(args.device)), max_batch=args.max_concurrency,
                              max_queue=args.max_queue, max_context=args.max_context, keep_alive=args.keep_alive,
-                             fast=not args.no_fast)
+                             fast=not args.no_fast, prefill_chunk=args.prefill_chunk)
     opts = ServerOptions(api_key=api_key, loopback=loopback, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
                          cors_origins=tuple(args.cors_origin), max_body=args.max_body_kb * 1024,
                          feedback_dir=Path(args.feedback_dir).expanduser() if args.feedback_dir else None)
@@ -1030,6 +1030,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "get 429 (default: 64)")
     sv.add_argument("--max-context", type=_positive_int, default=4096, help="tokens per request at most (prompt + "
                     "answer), capped at the model's context; the KV cache holds max-concurrency of these (default: 4096)")
+    sv.add_argument("--prefill-chunk", type=_positive_int, default=512, help="longer prompts are read this many "
+                    "tokens at a time, between decode steps of the other requests, so one long prompt does not "
+                    "stall every stream (default: 512)")
     sv.add_argument("--keep-alive", type=_float, default=300.0, help="seconds an unused model stays loaded (default: 300)")
     sv.add_argument("--grace", type=_float, default=30.0, help="seconds to finish requests in flight on shutdown "
                     "(default: 30)")

@@ -9,7 +9,15 @@ sequence, and loops:
     2. admit waiting requests into free rows: prefill their prompts, together, into their rows of the KV
        cache (one forward pass for prompts of similar length);
     3. one forward pass over all busy rows (each row at its own position), then each row picks its next
-       token with its own sampling settings and streams it out.
+       token with its own sampling settings and streams it out;
+    4. prefill the next chunk of a long prompt, if one is being read (below).
+
+**Chunked prefill.** A prompt longer than `prefill_chunk` tokens is not read in one pass: that pass would
+hold up every running stream for its whole duration (seconds for a few thousand tokens on a CPU). It is
+read `prefill_chunk` tokens per loop turn instead, in the last row of the cache, which is kept for it
+while it fills, with a decode step for the other rows between chunks; when its last chunk is in, its row
+joins the busy rows like any other. One long prompt fills at a time; short prompts keep being admitted
+meanwhile (vLLM's chunked prefill does the same for the same reason).
 
 Requests join and leave between steps (vLLM's and TGI's "continuous" or "in-flight" batching), so a short
 answer never waits for a long one. Each row keeps its own timeline in the cache (slot = position, see
@@ -73,26 +81,37 @@ class _Row:
         self.req, self.state, self.pos, self.next_token = req, state, pos, next_token
 
 
+class _Filling:
+    """A long prompt being prefilled chunk by chunk into the last cache row: `done` tokens are in."""
+
+    __slots__ = ("req", "done")
+
+    def __init__(self, req: Request) -> None:
+        self.req, self.done = req, 0
+
+
 class Scheduler:
     """Serve `engine` to many concurrent requests with continuous batching.
 
     `max_batch` rows run at once (the KV cache holds `max_batch` full contexts); up to `max_queue` more
     wait for a row, and `submit` raises `QueueFull` beyond that, so overload is refused at once instead of
-    queueing without end.
+    queueing without end. Prompts longer than `prefill_chunk` tokens are prefilled in chunks of that size,
+    between decode steps (see the module docstring).
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 max_prefill_tokens: int = 4096) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+                 max_prefill_tokens: int = 4096, prefill_chunk: int = 512) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens, self.prefill_chunk = max_prefill_tokens, prefill_chunk
         cfg = engine.config
         # Every row can hold a whole context; `max_context` caps that for long-context models, whose full
         # context times max_batch would not fit in memory.
         self.context_length = min(cfg.context_length, max_context or cfg.context_length)
         self.cache = KVCache.for_model(cfg, max_batch, self.context_length, dtype=engine.dtype, device=engine.device)
         self.rows: list[_Row] = []  # busy rows; row i lives in cache row i
+        self.filling: _Filling | None = None  # a long prompt being prefilled into cache row max_batch - 1
         self.waiting: collections.deque[Request] = collections.deque()
         self.calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._wake = threading.Condition()
@@ -144,8 +163,8 @@ class Scheduler:
 
     @property
     def busy(self) -> int:
-        """Rows running now."""
-        return len(self.rows)
+        """Rows running now (a long prompt being prefilled counts)."""
+        return len(self.rows) + (self.filling is not None)
 
     @property
     def queued(self) -> int:
@@ -153,7 +172,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.rows and not self.waiting and not self.calls
+        return not self.rows and self.filling is None and not self.waiting and not self.calls
 
     def close(self) -> None:
         """Refuse new requests; those already submitted still finish (see `stop` to end the thread)."""
@@ -174,7 +193,7 @@ class Scheduler:
             with torch.inference_mode():
                 while True:
                     with self._wake:
-                        while not (self.rows or self.waiting or self.calls or self._stopped):
+                        while not (self.rows or self.filling or self.waiting or self.calls or self._stopped):
                             self._wake.wait()
                         if self._stopped:
                             break
@@ -187,6 +206,8 @@ class Scheduler:
                         self._admit()
                         if self.rows:
                             self._step()
+                        if self.filling:
+                            self._fill()
                     except Exception as e:  # a bug or out-of-memory: fail the running requests, keep serving
                         self._fail_rows(e)
         finally:  # stopped, or the thread itself is dying: nobody may be left waiting for an answer
@@ -209,9 +230,13 @@ class Scheduler:
     def _fail_rows(self, error: BaseException) -> None:
         """End every running row with `error`, without touching the cache (it may be what failed)."""
         rows, self.rows = self.rows, []
-        for row in rows:
-            row.req.error = row.req.error or error
-            _tell(row.req)
+        reqs = [row.req for row in rows]
+        if self.filling is not None:
+            reqs.append(self.filling.req)
+            self.filling = None
+        for req in reqs:
+            req.error = req.error or error
+            _tell(req)
 
     def _run_call(self) -> None:
         """Run one queued `call()` (one per loop turn, so decoding goes on between long jobs)."""
@@ -243,17 +268,30 @@ class Scheduler:
             _tell(row.req)
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows, prefilling them together (see `_prefill`)."""
+        """Move waiting requests into free rows, prefilling short prompts together (see `_prefill`); a long
+        prompt starts filling the reserved last row if that is free (see `_fill`), and otherwise keeps its
+        place in the queue without holding up the short prompts behind it."""
         new: list[Request] = []
-        while len(self.rows) + len(new) < self.max_batch:
-            with self._wake:
-                if not self.waiting:
-                    break
+        gone: list[Request] = []
+        with self._wake:
+            kept: collections.deque[Request] = collections.deque()
+            while self.waiting:
                 req = self.waiting.popleft()
-            if req.cancelled:
-                _tell(req)
-            else:
-                new.append(req)
+                taken = len(self.rows) + len(new)
+                if req.cancelled:
+                    gone.append(req)
+                elif len(req.prompt_ids) > self.prefill_chunk:
+                    if self.filling is None and taken < self.max_batch:  # taken rows stay below the last one
+                        self.filling = _Filling(req)
+                    else:
+                        kept.append(req)
+                elif taken < self.max_batch - (self.filling is not None):
+                    new.append(req)
+                else:
+                    kept.append(req)
+            self.waiting = kept
+        for req in gone:
+            _tell(req)
         # Prompts of similar length share a prefill pass; a pass holds at most `max_prefill_tokens` (padded).
         new.sort(key=lambda r: len(r.prompt_ids))
         group: list[Request] = []
@@ -293,14 +331,49 @@ class Scheduler:
         view = self.cache.rows(r0 + B, r0)
         logits = engine.model(idx.to(dev), cache=view, slots=slots,
                               output_positions=torch.tensor(lengths, device=dev) - 1)[:, -1].float()
-        rows = []
-        for req, n in zip(reqs, lengths):
-            budget = min(req.params.max_new_tokens, self.context_length - n)
-            state = SequenceState(engine.tokenizer, req.prompt_ids, req.params, budget, req.seq,
-                                  engine._eos_ids(req.params), dev, seed_offset=req.seed_offset)
-            rows.append(_Row(req, state, n, -1))
+        rows = [self._new_row(req) for req in reqs]
         self.rows.extend(rows)
         self._choose(rows, logits)
+
+    def _new_row(self, req: Request) -> _Row:
+        """The row of a request whose prompt is in the cache (its first token is still to be chosen)."""
+        engine, n = self.engine, len(req.prompt_ids)
+        budget = min(req.params.max_new_tokens, self.context_length - n)
+        state = SequenceState(engine.tokenizer, req.prompt_ids, req.params, budget, req.seq,
+                              engine._eos_ids(req.params), engine.device, seed_offset=req.seed_offset)
+        return _Row(req, state, n, -1)
+
+    def _fill(self) -> None:
+        """Prefill the next `prefill_chunk` tokens of the long prompt in the last cache row. After its last
+        chunk the row moves to the end of the busy rows (a copy of its cache entries), chooses its first
+        token and decodes with the others from the next step on. A failure ends this request alone."""
+        f, last_row = self.filling, self.max_batch - 1
+        if f.req.cancelled:
+            self.filling = None
+            _tell(f.req)
+            return
+        ids, dev = f.req.prompt_ids, self.engine.device
+        end = min(len(ids), f.done + self.prefill_chunk)
+        try:
+            logits = self.engine.model(torch.tensor([ids[f.done:end]], device=dev),
+                                       cache=self.cache.rows(last_row + 1, last_row),
+                                       slots=torch.arange(f.done, end, device=dev)[None],
+                                       output_positions=torch.tensor([end - f.done - 1], device=dev))[:, -1].float()
+        except Exception as e:
+            self.filling = None
+            f.req.error = e
+            _tell(f.req)
+            return
+        f.done = end
+        if end < len(ids):
+            return
+        self.filling = None
+        if len(self.rows) != last_row:
+            self.cache.copy_row(last_row, len(self.rows), len(ids))
+        row = self._new_row(f.req)
+        self.rows.append(row)
+        self._choose([row], logits)
+        self._retire(lambda r: False)  # its first token may already finish it
 
     def _step(self) -> None:
         """One forward pass over every busy row, each at its own position, then each row's next token."""

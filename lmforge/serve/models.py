@@ -67,9 +67,10 @@ class ModelRegistry:
 
     def __init__(self, fixed: dict[str, Path] | None = None, *, device: str = "cpu", max_batch: int = 8,
                  max_queue: int = 64, max_context: int | None = 4096, keep_alive: float = 300.0,
-                 fast: bool = True) -> None:
+                 fast: bool = True, prefill_chunk: int = 512) -> None:
         self.fixed = fixed
         self.device, self.max_batch, self.max_queue = device, max_batch, max_queue
+        self.prefill_chunk = prefill_chunk
         self.max_context, self.keep_alive, self.fast = max_context, keep_alive, fast
         self.loaded: dict[str, Served] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -159,7 +160,8 @@ class ModelRegistry:
                            f"{ctx} tokens needs {cache / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is available "
                            f"(lower --max-concurrency or --max-context)", type="server_error",
                            code="insufficient_memory", headers={"x-should-retry": "false"})
-        scheduler = Scheduler(engine, max_batch=self.max_batch, max_queue=self.max_queue, max_context=self.max_context)
+        scheduler = Scheduler(engine, max_batch=self.max_batch, max_queue=self.max_queue, max_context=self.max_context,
+                              prefill_chunk=self.prefill_chunk)
         created = int(path.stat().st_mtime)
         return Served(name, engine, scheduler, loaded.modelfile, created)
 

@@ -206,3 +206,86 @@ def test_a_failing_step_fails_its_requests_and_the_scheduler_keeps_serving(engin
         assert col.ids(1) == alone(engine, "the model", SamplingParams(temperature=0, max_new_tokens=3)).ids
     finally:
         sched.stop()
+
+
+# --- chunked prefill ------------------------------------------------------------------------------------
+LONG = [" ".join(PROMPTS[:4]), " ".join(PROMPTS[4:]), " ".join(PROMPTS[1:4])]  # 27..41 tokens
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 4])
+def test_long_prompts_prefilled_in_chunks_answer_as_alone(engine, max_batch):
+    """Prompts longer than `prefill_chunk` (read 8 tokens per turn here) mixed with short ones: every greedy
+    answer equals the request served alone, whatever the order of admission, and nothing is left busy."""
+    prompts = [PROMPTS[0], LONG[0], PROMPTS[1], LONG[1], PROMPTS[2], LONG[2]]
+    assert all(len(engine.encode_prompt(p)) > 8 for p in LONG)
+    sched = Scheduler(engine, max_batch=max_batch, max_queue=32, prefill_chunk=8)
+    try:
+        col = Collector(len(prompts))
+        params = [SamplingParams(temperature=0, max_new_tokens=6 + i) for i in range(len(prompts))]
+        for i, p in enumerate(prompts):
+            sched.submit(Request(engine.encode_prompt(p), params[i], col.emit_for(i)))
+        col.wait(len(prompts))
+        for i, p in enumerate(prompts):
+            ref = alone(engine, p, params[i])
+            assert col.ids(i) == ref.ids and col.text(i) == ref.text, (i, p)
+        assert sched.busy == 0 and sched.queued == 0 and sched.filling is None
+    finally:
+        sched.stop()
+
+
+def test_a_long_prompt_does_not_stall_running_streams(engine):
+    """While a long prompt is read chunk by chunk, the running request gets a token between chunks; and the
+    long prompt's first token (its logprob too) equals the one computed in a single pass."""
+    sched = Scheduler(engine, max_batch=2, prefill_chunk=8)
+    try:
+        order: list[str] = []
+        col = Collector(2)
+        first = threading.Event()
+
+        def emit_short(ev):
+            if ev is not None:
+                order.append("short")
+                first.set()
+            col.emit_for(0)(ev)
+
+        def emit_long(ev):
+            if ev is not None:
+                order.append("long")
+            col.emit_for(1)(ev)
+
+        long_ids = engine.encode_prompt(LONG[0])
+        chunks = -(-len(long_ids) // 8)
+        sched.submit(Request(engine.encode_prompt("the model"),
+                             SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True), emit_short))
+        assert first.wait(10)
+        at_submit = len(order)
+        params = SamplingParams(temperature=0, max_new_tokens=3, logprobs=2)
+        sched.submit(Request(long_ids, params, emit_long))
+        col.wait(2)
+        before_long = order[at_submit:].index("long")
+        assert before_long >= chunks - 1  # a decode step of the short request between every two chunks
+        ref = engine.complete([long_ids], params)[0]
+        assert col.ids(1) == ref.ids
+        assert [e.logprob for e in col.events[1]] == pytest.approx(ref.logprobs, abs=1e-5)
+    finally:
+        sched.stop()
+
+
+def test_cancelling_a_long_prompt_while_it_fills(engine):
+    sched = Scheduler(engine, max_batch=2, prefill_chunk=4)
+    try:
+        hold, col = threading.Event(), Collector(2)
+        sched.call(lambda: hold.wait(10))  # keep the loop busy while the request is queued and cancelled
+        req = sched.submit(Request(engine.encode_prompt(LONG[0]), SamplingParams(temperature=0, max_new_tokens=5),
+                                   col.emit_for(0)))
+        turn = threading.Event()
+        sched.call(lambda: (turn.set(), req.cancel()))  # cancels it after its first chunk is in
+        hold.set()
+        col.wait(1)
+        assert turn.is_set() and col.ids(0) == [] and sched.filling is None
+        sched.submit(Request(engine.encode_prompt(LONG[1]), SamplingParams(temperature=0, max_new_tokens=4), col.emit_for(1)))
+        col.wait(1)
+        assert col.ids(1) == alone(engine, LONG[1], SamplingParams(temperature=0, max_new_tokens=4)).ids
+        assert sched.busy == 0
+    finally:
+        sched.stop()
