@@ -527,15 +527,14 @@ def _run_finetune(args, method: str) -> int:
         lora_targets=getattr(args, "lora_targets", None) or "all-linear",
         beta=getattr(args, "beta", 0.1), epochs=args.epochs, resume=args.resume, overwrite=args.overwrite,
         device=args.device, progress=_progress_enabled(args), limit=args.limit, base_ref=args.model,
-        recipe={k: getattr(args, k) for k in FT_RECIPE if getattr(args, k, None) is not None})
+        recipe={k: getattr(args, k) for k in FT_RECIPE if getattr(args, k, None) is not None},
+        on_info=lambda line: print(line, flush=True))  # what data, how much of the model: before training
     if not opts.progress:  # no terminal: a line per evaluation instead of a progress bar
         opts.on_log = print_evaluations
     try:
         result, summary = finetune(opts)
     except TrainingDiverged as e:
         return _fail(str(e), code=1)
-    for line in summary["lines"]:
-        print(line)
     status = "stopped early (signal)" if result.interrupted else "done"
     line = f"{status}: step {result.step}, {result.tokens_seen:,} tokens, {result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.0f}s"
     if result.val_loss is not None:

@@ -153,10 +153,8 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
         resume = (dst / "trainer_state" / "state.json").is_file()
         result, summary = finetune(FinetuneOptions(
             model=str(src), data=data, out=dst, method=method, resume=resume, overwrite=not resume, device=device,
-            progress=progress, on_log=on_log, beta=0.1, base_ref=f"quickstart-{'base' if method == 'sft' else 'sft'}",
+            progress=progress, on_log=on_log, on_info=lambda line: print("  " + line, flush=True), beta=0.1, base_ref=f"quickstart-{'base' if method == 'sft' else 'sft'}",
             recipe={**recipe, "max_steps": steps, "eval_interval": max(1, steps // 3), "warmup_steps": max(1, steps // 10)}))
-        for line in summary["lines"]:
-            print("  " + line)
         if result.interrupted:
             raise UserError("interrupted: run lmforge quickstart again to continue")
         record(method, steps=steps, seconds=time.perf_counter() - t, val_loss=result.val_loss, val_metrics=result.val_metrics)

@@ -59,6 +59,7 @@ class FinetuneOptions:
     limit: int | None = None  # use at most this many records (quick runs)
     base_ref: str | None = None  # how the user named the model (recorded in lineage / adapter_config)
     on_log: Callable[[dict], None] | None = None
+    on_info: Callable[[str], None] | None = None  # gets the summary lines (data, trainable share) before training
 
 
 def _default_val(spec: str) -> str | None:
@@ -248,6 +249,8 @@ def finetune(opts: FinetuneOptions) -> tuple[FitResult, dict[str, Any]]:
         base_model = adapter_base(out) if opts.resume and is_adapter_dir(out) else str(Path(opts.model).resolve()) \
             if Path(opts.model).exists() else str(opts.model)
     checkpointer = Checkpointer(out, tokenizer=tokenizer, lineage=lineage, base_model=base_model)
+    for line in lines if opts.on_info else ():
+        opts.on_info(line)
     result = fit(model, objective, data, recipe, checkpointer, resume=opts.resume, device=device,
                  progress=opts.progress, description=opts.method, on_log=opts.on_log)
     summary = {"lines": lines, "model": model, "tokenizer": tokenizer, "plot": out / "loss.png",
