@@ -12,12 +12,16 @@ sequence, and loops:
        token with its own sampling settings and streams it out;
     4. prefill the next chunk of a long prompt, if one is being read (below).
 
-**Chunked prefill.** A prompt longer than `prefill_chunk` tokens is not read in one pass: that pass would
-hold up every running stream for its whole duration (seconds for a few thousand tokens on a CPU). It is
-read `prefill_chunk` tokens per loop turn instead, in the last row of the cache, which is kept for it
-while it fills, with a decode step for the other rows between chunks; when its last chunk is in, its row
-joins the busy rows like any other. One long prompt fills at a time; short prompts keep being admitted
-meanwhile (vLLM's chunked prefill does the same for the same reason).
+**Chunked prefill.** Reading a prompt holds up every running stream for as long as its forward pass
+takes (seconds for a few thousand tokens on a CPU). So while other rows are decoding, a loop turn reads at
+most about `prefill_chunk` prompt tokens: short prompts (up to `prefill_chunk` tokens) are admitted until
+that budget is used, and longer ones are read in chunks, one chunk per turn, with a decode step for the
+running rows in between. The long prompts admitted together form one *filling group* in the top rows of the
+cache, read side by side (the budget shared between them), the shortest in the lowest row: prompts finish
+shortest first, so the group shrinks from the bottom and stays contiguous, and each finished prompt's row
+moves down to the end of the busy rows and decodes from the next step on. With nothing decoding there is
+nothing to hold up, and the budget is `max_prefill_tokens` (vLLM's chunked prefill answers the same
+problem with a per-step token budget).
 
 Requests join and leave between steps (vLLM's and TGI's "continuous" or "in-flight" batching), so a short
 answer never waits for a long one. Each row keeps its own timeline in the cache (slot = position, see
@@ -82,12 +86,13 @@ class _Row:
 
 
 class _Filling:
-    """A long prompt being prefilled chunk by chunk into the last cache row: `done` tokens are in."""
+    """Long prompts being prefilled side by side in the top cache rows, shortest first (see the module
+    docstring). Every member has read the same `done` tokens: they started together and read equal chunks."""
 
-    __slots__ = ("req", "done")
+    __slots__ = ("reqs", "done")
 
-    def __init__(self, req: Request) -> None:
-        self.req, self.done = req, 0
+    def __init__(self, reqs: list[Request]) -> None:
+        self.reqs, self.done = sorted(reqs, key=lambda r: len(r.prompt_ids)), 0
 
 
 class Scheduler:
@@ -95,8 +100,8 @@ class Scheduler:
 
     `max_batch` rows run at once (the KV cache holds `max_batch` full contexts); up to `max_queue` more
     wait for a row, and `submit` raises `QueueFull` beyond that, so overload is refused at once instead of
-    queueing without end. Prompts longer than `prefill_chunk` tokens are prefilled in chunks of that size,
-    between decode steps (see the module docstring).
+    queueing without end. While rows are decoding, a loop turn reads about `prefill_chunk` prompt tokens at
+    most; longer prompts are read in chunks between decode steps (see the module docstring).
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
@@ -111,7 +116,7 @@ class Scheduler:
         self.context_length = min(cfg.context_length, max_context or cfg.context_length)
         self.cache = KVCache.for_model(cfg, max_batch, self.context_length, dtype=engine.dtype, device=engine.device)
         self.rows: list[_Row] = []  # busy rows; row i lives in cache row i
-        self.filling: _Filling | None = None  # a long prompt being prefilled into cache row max_batch - 1
+        self.filling: _Filling | None = None  # long prompts being prefilled into the top cache rows
         self.waiting: collections.deque[Request] = collections.deque()
         self.calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._wake = threading.Condition()
@@ -164,7 +169,11 @@ class Scheduler:
     @property
     def busy(self) -> int:
         """Rows running now (a long prompt being prefilled counts)."""
-        return len(self.rows) + (self.filling is not None)
+        return len(self.rows) + self._n_filling
+
+    @property
+    def _n_filling(self) -> int:
+        return len(self.filling.reqs) if self.filling is not None else 0
 
     @property
     def queued(self) -> int:
@@ -232,7 +241,7 @@ class Scheduler:
         rows, self.rows = self.rows, []
         reqs = [row.req for row in rows]
         if self.filling is not None:
-            reqs.append(self.filling.req)
+            reqs += self.filling.reqs
             self.filling = None
         for req in reqs:
             req.error = req.error or error
@@ -268,25 +277,34 @@ class Scheduler:
             _tell(row.req)
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows, prefilling short prompts together (see `_prefill`); a long
-        prompt starts filling the reserved last row if that is free (see `_fill`), and otherwise keeps its
-        place in the queue without holding up the short prompts behind it."""
+        """Move waiting requests into free rows, in queue order: short prompts are prefilled together (see
+        `_prefill`) within this turn's token budget; long ones start a filling group (see `_fill`) when none is
+        under way, and otherwise keep their place without holding up the short prompts behind them."""
+        budget = self.prefill_chunk if self.rows else self.max_prefill_tokens  # nothing decoding: nothing to stall
         new: list[Request] = []
+        longs: list[Request] = []
         gone: list[Request] = []
+        spent = 0
         with self._wake:
+            free = self.max_batch - len(self.rows) - self._n_filling
             kept: collections.deque[Request] = collections.deque()
             while self.waiting:
                 req = self.waiting.popleft()
-                taken = len(self.rows) + len(new)
+                n = len(req.prompt_ids)
                 if req.cancelled:
                     gone.append(req)
-                elif len(req.prompt_ids) > self.prefill_chunk:
-                    if self.filling is None and taken < self.max_batch:  # taken rows stay below the last one
-                        self.filling = _Filling(req)
+                elif free == 0:
+                    kept.append(req)
+                elif n > self.prefill_chunk:
+                    if self.filling is None:
+                        longs.append(req)
+                        free -= 1
                     else:
                         kept.append(req)
-                elif taken < self.max_batch - (self.filling is not None):
+                elif not new or spent + n <= budget:
                     new.append(req)
+                    spent += n
+                    free -= 1
                 else:
                     kept.append(req)
             self.waiting = kept
@@ -303,6 +321,8 @@ class Scheduler:
         if group:
             self._prefill_group(group)
         self._retire(lambda r: False)  # a first token can already finish a request
+        if longs:
+            self.filling = _Filling(longs)  # rows [max_batch - len(longs), max_batch): free, above the busy rows
 
     def _prefill_group(self, reqs: list[Request]) -> None:
         try:
@@ -344,36 +364,66 @@ class Scheduler:
         return _Row(req, state, n, -1)
 
     def _fill(self) -> None:
-        """Prefill the next `prefill_chunk` tokens of the long prompt in the last cache row. After its last
-        chunk the row moves to the end of the busy rows (a copy of its cache entries), chooses its first
-        token and decodes with the others from the next step on. A failure ends this request alone."""
-        f, last_row = self.filling, self.max_batch - 1
-        if f.req.cancelled:
-            self.filling = None
-            _tell(f.req)
-            return
-        ids, dev = f.req.prompt_ids, self.engine.device
-        end = min(len(ids), f.done + self.prefill_chunk)
+        """Read the next chunk of every prompt of the filling group, in one right-padded pass over the top
+        rows; the turn's budget is shared equally. Members whose prompt is now in move down to the end of
+        the busy rows (a copy of their cache entries), choose their first token and decode from the next step
+        on. A failure ends the group's requests; the running rows go on."""
+        f = self.filling
+        dropped = [r for r in f.reqs if r.cancelled]
+        if dropped:  # the rows above a dropped member move down one each, keeping the group contiguous
+            top = self.max_batch - len(f.reqs)
+            keep = [r for r in f.reqs if not r.cancelled]
+            for i in reversed(range(len(keep))):  # moving up: the highest first, so no source is overwritten
+                src, dst = top + f.reqs.index(keep[i]), self.max_batch - len(keep) + i
+                if src != dst and f.done:
+                    self.cache.copy_row(src, dst, f.done)
+            f.reqs = keep
+            for req in dropped:
+                _tell(req)
+            if not keep:
+                self.filling = None
+                return
         try:
-            logits = self.engine.model(torch.tensor([ids[f.done:end]], device=dev),
-                                       cache=self.cache.rows(last_row + 1, last_row),
-                                       slots=torch.arange(f.done, end, device=dev)[None],
-                                       output_positions=torch.tensor([end - f.done - 1], device=dev))[:, -1].float()
+            self._fill_chunk(f)
         except Exception as e:
             self.filling = None
-            f.req.error = e
-            _tell(f.req)
+            for req in f.reqs:
+                req.error = req.error or e
+                _tell(req)
+
+    def _fill_chunk(self, f: _Filling) -> None:
+        engine, dev, k = self.engine, self.engine.device, len(f.reqs)
+        budget = self.prefill_chunk if self.rows else self.max_prefill_tokens
+        c = max(1, budget // k)
+        chunks = [r.prompt_ids[f.done:f.done + c] for r in f.reqs]  # the shortest may run out: padded
+        width = max(len(x) for x in chunks)
+        pad = engine.tokenizer.pad_id if engine.tokenizer.pad_id is not None else 0
+        idx = torch.full((k, width), pad, dtype=torch.long)
+        for b, x in enumerate(chunks):
+            idx[b, :len(x)] = torch.tensor(x)
+        # Padding lands in slots past a member's prompt (< its length + width <= the context), unseen by its
+        # own queries and overwritten by its decode steps before they become visible, as in `_prefill`.
+        slots = (f.done + torch.arange(width, device=dev)).expand(k, width)
+        top = self.max_batch - k
+        logits = engine.model(idx.to(dev), cache=self.cache.rows(self.max_batch, top), slots=slots,
+                              output_positions=torch.tensor([len(x) - 1 for x in chunks], device=dev))[:, -1].float()
+        f.done += c
+        finished = [b for b, r in enumerate(f.reqs) if len(r.prompt_ids) <= f.done]  # the lowest rows
+        if not finished:
             return
-        f.done = end
-        if end < len(ids):
-            return
-        self.filling = None
-        if len(self.rows) != last_row:
-            self.cache.copy_row(last_row, len(self.rows), len(ids))
-        row = self._new_row(f.req)
-        self.rows.append(row)
-        self._choose([row], logits)
-        self._retire(lambda r: False)  # its first token may already finish it
+        rows = []
+        for b in finished:  # moving down in order never overwrites a member not yet moved (dst <= src)
+            req = f.reqs[b]
+            if len(self.rows) != top + b:
+                self.cache.copy_row(top + b, len(self.rows), len(req.prompt_ids))
+            row = self._new_row(req)
+            self.rows.append(row)
+            rows.append(row)
+        f.reqs = f.reqs[len(finished):]
+        if not f.reqs:
+            self.filling = None
+        self._choose(rows, logits[finished[0]:finished[-1] + 1])
+        self._retire(lambda r: False)  # a first token may already finish a request
 
     def _step(self) -> None:
         """One forward pass over every busy row, each at its own position, then each row's next token."""

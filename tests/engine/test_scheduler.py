@@ -212,31 +212,48 @@ def test_a_failing_step_fails_its_requests_and_the_scheduler_keeps_serving(engin
 LONG = [" ".join(PROMPTS[:4]), " ".join(PROMPTS[4:]), " ".join(PROMPTS[1:4])]  # 27..41 tokens
 
 
-@pytest.mark.parametrize("max_batch", [1, 2, 4])
-def test_long_prompts_prefilled_in_chunks_answer_as_alone(engine, max_batch):
-    """Prompts longer than `prefill_chunk` (read 8 tokens per turn here) mixed with short ones: every greedy
-    answer equals the request served alone, whatever the order of admission, and nothing is left busy."""
-    prompts = [PROMPTS[0], LONG[0], PROMPTS[1], LONG[1], PROMPTS[2], LONG[2]]
-    assert all(len(engine.encode_prompt(p)) > 8 for p in LONG)
-    sched = Scheduler(engine, max_batch=max_batch, max_queue=32, prefill_chunk=8)
+@pytest.fixture(scope="module")
+def engine1(tmp_path_factory, tiny_tokenizer):
+    """The tiny model without the sharpened embedding: its logprobs move by ~1e-3 when a few cache entries of
+    a row are wrong (the sharpened one's by ~5e-5), so a badly copied row shows."""
+    d = save_tiny_model(tmp_path_factory.mktemp("sched1") / "m", tiny_tokenizer, context_length=64)
+    return Engine.load(d, fast=False)
+
+
+def assert_as_alone(engine, col, i, prompt, params):
+    """Request i got the tokens, text and logprobs of the same request served alone (logprobs catch a cache
+    row that was not copied right: the tiny model's greedy tokens barely depend on the cache)."""
+    ref = engine.complete([engine.encode_prompt(prompt)], params)[0]
+    assert col.ids(i) == ref.ids and col.text(i) == ref.text, (i, prompt)
+    assert [e.logprob for e in col.events[i]] == pytest.approx(ref.logprobs, abs=1e-4), (i, prompt)
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 4, 8])
+@pytest.mark.parametrize("budget", [8, 4096])
+def test_long_prompts_prefilled_in_chunks_answer_as_alone(engine1, max_batch, budget):
+    """Prompts longer than `prefill_chunk` mixed with short ones, read 8 tokens per turn (or, with nothing
+    decoding and `max_prefill_tokens` 4096, at once): every answer equals the request served alone, whatever
+    the order of admission, and nothing is left busy."""
+    prompts = [PROMPTS[0], LONG[0], PROMPTS[1], LONG[1], PROMPTS[2], LONG[2], LONG[0]]
+    assert all(len(engine1.encode_prompt(p)) > 8 for p in LONG)
+    sched = Scheduler(engine1, max_batch=max_batch, max_queue=32, prefill_chunk=8, max_prefill_tokens=budget)
     try:
         col = Collector(len(prompts))
-        params = [SamplingParams(temperature=0, max_new_tokens=6 + i) for i in range(len(prompts))]
+        params = [SamplingParams(temperature=0, max_new_tokens=6 + i, logprobs=1) for i in range(len(prompts))]
         for i, p in enumerate(prompts):
-            sched.submit(Request(engine.encode_prompt(p), params[i], col.emit_for(i)))
+            sched.submit(Request(engine1.encode_prompt(p), params[i], col.emit_for(i)))
         col.wait(len(prompts))
         for i, p in enumerate(prompts):
-            ref = alone(engine, p, params[i])
-            assert col.ids(i) == ref.ids and col.text(i) == ref.text, (i, p)
-        assert sched.busy == 0 and sched.queued == 0 and sched.filling is None
+            assert_as_alone(engine1, col, i, p, params[i])
+        assert sched.busy == 0 and sched.queued == 0 and sched.filling is None and sched.idle
     finally:
         sched.stop()
 
 
-def test_a_long_prompt_does_not_stall_running_streams(engine):
+def test_a_long_prompt_does_not_stall_running_streams(engine1):
     """While a long prompt is read chunk by chunk, the running request gets a token between chunks; and the
-    long prompt's first token (its logprob too) equals the one computed in a single pass."""
-    sched = Scheduler(engine, max_batch=2, prefill_chunk=8)
+    long prompt's answer (its logprobs too) equals the one computed in a single pass."""
+    sched = Scheduler(engine1, max_batch=2, prefill_chunk=8)
     try:
         order: list[str] = []
         col = Collector(2)
@@ -253,39 +270,122 @@ def test_a_long_prompt_does_not_stall_running_streams(engine):
                 order.append("long")
             col.emit_for(1)(ev)
 
-        long_ids = engine.encode_prompt(LONG[0])
+        long_ids = engine1.encode_prompt(LONG[0])
         chunks = -(-len(long_ids) // 8)
-        sched.submit(Request(engine.encode_prompt("the model"),
+        sched.submit(Request(engine1.encode_prompt("the model"),
                              SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True), emit_short))
         assert first.wait(10)
         at_submit = len(order)
         params = SamplingParams(temperature=0, max_new_tokens=3, logprobs=2)
         sched.submit(Request(long_ids, params, emit_long))
         col.wait(2)
-        before_long = order[at_submit:].index("long")
-        assert before_long >= chunks - 1  # a decode step of the short request between every two chunks
-        ref = engine.complete([long_ids], params)[0]
-        assert col.ids(1) == ref.ids
-        assert [e.logprob for e in col.events[1]] == pytest.approx(ref.logprobs, abs=1e-5)
+        assert order[at_submit:].index("long") >= chunks - 1  # a decode step between every two chunks
+        assert_as_alone(engine1, col, 1, LONG[0], params)
     finally:
         sched.stop()
 
 
-def test_cancelling_a_long_prompt_while_it_fills(engine):
-    sched = Scheduler(engine, max_batch=2, prefill_chunk=4)
+def test_long_prompts_arriving_together_are_read_side_by_side(engine1, monkeypatch):
+    """n long prompts at once (an n > 1 request, say) are one filling group: one forward pass per chunk for
+    all of them, not one prompt after another."""
+    sched = Scheduler(engine1, max_batch=4, prefill_chunk=8, max_prefill_tokens=32)
+    passes = []
+    model = engine1.model
+    inner = model.forward
+    monkeypatch.setattr(model, "forward", lambda idx, **kw: (passes.append(tuple(idx.shape)), inner(idx, **kw))[1])
     try:
-        hold, col = threading.Event(), Collector(2)
-        sched.call(lambda: hold.wait(10))  # keep the loop busy while the request is queued and cancelled
-        req = sched.submit(Request(engine.encode_prompt(LONG[0]), SamplingParams(temperature=0, max_new_tokens=5),
-                                   col.emit_for(0)))
-        turn = threading.Event()
-        sched.call(lambda: (turn.set(), req.cancel()))  # cancels it after its first chunk is in
+        col = Collector(4)
+        hold = threading.Event()
+        sched.call(lambda: hold.wait(10))  # all four are queued before the loop admits any
+        params = SamplingParams(temperature=0, max_new_tokens=2, logprobs=1)
+        prompts = [LONG[0], LONG[1], LONG[2], LONG[0]]
+        for i, p in enumerate(prompts):
+            sched.submit(Request(engine1.encode_prompt(p), params, col.emit_for(i)))
         hold.set()
-        col.wait(1)
-        assert turn.is_set() and col.ids(0) == [] and sched.filling is None
-        sched.submit(Request(engine.encode_prompt(LONG[1]), SamplingParams(temperature=0, max_new_tokens=4), col.emit_for(1)))
-        col.wait(1)
-        assert col.ids(1) == alone(engine, LONG[1], SamplingParams(temperature=0, max_new_tokens=4)).ids
+        col.wait(4)
+        monkeypatch.setattr(model, "forward", inner)
+        fills = [s for s in passes if s[1] > 1]
+        one_by_one = sum(-(-len(engine1.encode_prompt(p)) // 8) for p in prompts)  # 8-token chunks, in turn
+        assert fills[0] == (4, 8) and len(fills) <= one_by_one // 2, fills  # 4 rows per pass, 8 tokens each
+        for i, p in enumerate(prompts):
+            assert_as_alone(engine1, col, i, p, params)
         assert sched.busy == 0
+    finally:
+        monkeypatch.setattr(model, "forward", inner)
+        sched.stop()
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_cancelling_one_long_prompt_while_its_group_fills(engine1, which):
+    """A member of a filling group cancelled mid-way ends at once; the others (whose rows move to keep the
+    group contiguous) still answer exactly as alone, and the scheduler serves the next long prompt."""
+    sched = Scheduler(engine1, max_batch=4, prefill_chunk=6, max_prefill_tokens=6)
+    try:
+        col = Collector(4)
+        hold = threading.Event()
+        sched.call(lambda: hold.wait(10))
+        params = SamplingParams(temperature=0, max_new_tokens=4, logprobs=1)
+        prompts = [LONG[2], LONG[0], LONG[1]]  # 27, 34, 41 tokens: rows in this order, shortest lowest
+        reqs = [sched.submit(Request(engine1.encode_prompt(p), params, col.emit_for(i))) for i, p in enumerate(prompts)]
+        turn = threading.Event()
+        sched.call(lambda: (turn.set(), reqs[which].cancel()))  # after the group's first chunk
+        hold.set()
+        col.wait(3)
+        assert turn.is_set() and col.ids(which) == []
+        for i, p in enumerate(prompts):
+            if i != which:
+                assert_as_alone(engine1, col, i, p, params)
+        sched.submit(Request(engine1.encode_prompt(LONG[1]), params, col.emit_for(3)))
+        col.wait(1)
+        assert_as_alone(engine1, col, 3, LONG[1], params)
+        assert sched.busy == 0 and sched.filling is None
+    finally:
+        sched.stop()
+
+
+def test_busy_counts_prompts_being_filled_and_stop_ends_them(engine1):
+    sched = Scheduler(engine1, max_batch=2, prefill_chunk=4, max_prefill_tokens=4)
+    col = Collector(1)
+    seen = []
+    req = Request(engine1.encode_prompt(LONG[0]), SamplingParams(temperature=0, max_new_tokens=4), col.emit_for(0))
+    hold = threading.Event()
+    sched.call(lambda: hold.wait(10))
+    sched.submit(req)
+    sched.call(lambda: seen.append((sched.busy, sched.idle, len(sched.filling.reqs))))  # after one chunk
+    blocked = threading.Event()
+    sched.call(lambda: blocked.wait(10))  # keep it mid-fill, then stop
+    hold.set()
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == [(1, False, 1)]
+    threading.Timer(0.2, blocked.set).start()
+    sched.stop(timeout=10)
+    col.wait(1)
+    assert isinstance(req.error, SchedulerClosed) and col.ids(0) == []
+
+
+def test_a_failing_fill_ends_its_group_alone(engine1, monkeypatch):
+    """A forward pass that fails while reading long prompts ends those requests with the error; the row that
+    was decoding finishes normally and the scheduler keeps serving."""
+    sched = Scheduler(engine1, max_batch=3, prefill_chunk=8)
+    try:
+        col = Collector(3)
+        first = threading.Event()
+        short = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, logprobs=1)
+        sched.submit(Request(engine1.encode_prompt("the model"), short,
+                             lambda ev: (first.set() if ev is not None else None, col.emit_for(0)(ev))))
+        assert first.wait(10)
+        monkeypatch.setattr(sched, "_fill_chunk", lambda f: (_ for _ in ()).throw(RuntimeError("boom")))
+        long_req = sched.submit(Request(engine1.encode_prompt(LONG[0]), SamplingParams(temperature=0, max_new_tokens=3),
+                                        col.emit_for(1)))
+        col.wait(2)
+        assert isinstance(long_req.error, RuntimeError) and col.ids(1) == []
+        assert_as_alone(engine1, col, 0, "the model", short)
+        monkeypatch.undo()
+        sched.submit(Request(engine1.encode_prompt(LONG[1]), SamplingParams(temperature=0, max_new_tokens=3, logprobs=1),
+                             col.emit_for(2)))
+        col.wait(1)
+        assert_as_alone(engine1, col, 2, LONG[1], SamplingParams(temperature=0, max_new_tokens=3, logprobs=1))
     finally:
         sched.stop()

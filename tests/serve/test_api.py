@@ -251,6 +251,41 @@ def test_concurrent_requests_share_decode_steps(server, engine):
     assert steps < 8 * 19  # batched: far fewer forward passes than tokens
 
 
+def test_long_prompts_are_read_in_chunks_over_http(chat_model_dir, live_server, engine):
+    """With --prefill-chunk 8, long chat prompts (an n = 2 request and a second one) are read in chunks
+    beside a running stream; each answer and its logprobs equal the request served alone."""
+    s = live_server({"tiny": chat_model_dir}, max_batch=4, prefill_chunk=8)
+    long_msgs = [[{"role": "user", "content": "the model reads the next word and a token writes some text " * k}]
+                 for k in (1, 2)]
+    assert all(len(engine.tokenizer.encode_chat(m, add_generation_prompt=True)) > 24 for m in long_msgs)
+    results = {}
+
+    def ask(key, messages, n, max_tokens):
+        results[key] = httpx.post(s.base_url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": messages, "n": n, "max_tokens": max_tokens, "temperature": 0,
+            "logprobs": True, "ignore_eos": True}).json()
+
+    threads = [threading.Thread(target=ask, args=("short", MSG, 1, 40))]
+    threads += [threading.Thread(target=ask, args=(i, m, 2 - i, 6)) for i, m in enumerate(long_msgs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key, messages in [("short", MSG), (0, long_msgs[0]), (1, long_msgs[1])]:
+        from lmforge.engine.sampling import SamplingParams
+
+        ids = engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        n_tok = 40 if key == "short" else 6
+        ref = engine.complete([ids], SamplingParams(temperature=0, max_new_tokens=n_tok, ignore_eos=True, logprobs=0))[0]
+        for choice in results[key]["choices"]:
+            assert choice["message"]["content"] == ref.text, key
+            got = [t["logprob"] for t in choice["logprobs"]["content"]]
+            assert got == pytest.approx(ref.logprobs, abs=1e-4), key
+    sched = s.registry.loaded["tiny"].scheduler
+    wait_until(lambda: sched.busy == 0)
+    assert sched.filling is None and sched.queued == 0
+
+
 def test_queue_full_is_429_and_the_server_recovers(chat_model_dir, live_server):
     s = live_server({"tiny": chat_model_dir}, max_batch=1, max_queue=1)
     c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="x", max_retries=0)
