@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -12,6 +13,15 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """Caches and the model store of a test never touch the user's ~/.lmforge."""
     monkeypatch.setenv("LMFORGE_HOME", str(tmp_path_factory.mktemp("lmforge_home")))
     monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+def wait_until(condition, timeout: float = 5.0, poll: float = 0.01) -> bool:
+    """Poll `condition()` until it holds or `timeout` seconds pass (a bound on waiting for another thread,
+    not a speed check); returns its last value, for the caller to assert on."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(poll)
+    return bool(condition())
 
 
 def make_corpus(n_lines: int = 3000, seed: int = 0) -> str:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 
-from conftest import save_tiny_model
+from conftest import save_tiny_model, wait_until
 from lmforge.engine.generate import Engine
 from lmforge.engine.sampling import SamplingParams
 from lmforge.engine.scheduler import QueueFull, Request, Scheduler, SchedulerClosed
@@ -159,10 +158,7 @@ def test_cancel_frees_the_row_within_a_step(engine):
         release.set()
         col.wait(1, timeout=10)
         assert sched.steps <= steps + 1 and len(col.ids(0)) < 50
-        deadline = time.monotonic() + 5
-        while sched.busy and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sched.busy == 0
+        assert wait_until(lambda: sched.busy == 0)
     finally:
         sched.stop()
 
@@ -355,9 +351,7 @@ def test_busy_counts_prompts_being_filled_and_stop_ends_them(engine1):
     blocked = threading.Event()
     sched.call(lambda: blocked.wait(10))  # keep it mid-fill, then stop
     hold.set()
-    deadline = time.monotonic() + 10
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: seen, timeout=10)
     assert seen == [(1, False, 1)]
     threading.Timer(0.2, blocked.set).start()
     sched.stop(timeout=10)

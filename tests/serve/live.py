@@ -6,14 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def wait_until(condition, timeout: float = 5.0, poll: float = 0.01) -> bool:
-    """Poll `condition()` until it holds or `timeout` seconds pass (a bound on waiting for another thread,
-    not a speed check); returns its last value, for the caller to assert on."""
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(poll)
-    return bool(condition())
+from conftest import wait_until  # noqa: F401  (re-exported: the server tests wait on the server thread)
 
 
 class LiveServer:

@@ -118,7 +118,13 @@ def test_errors_carry_no_paths(tmp_path, live_server):
 
 
 def test_header_size_is_limited(server):
-    r = httpx.get(server.base_url + "/health", headers={"x-big": "a" * 64 * 1024})
+    for attempt in range(3):  # the server may answer and close while the client still sends: a reset, not a bug
+        try:
+            r = httpx.get(server.base_url + "/health", headers={"x-big": "a" * 64 * 1024}, timeout=30)
+            break
+        except httpx.TransportError:
+            if attempt == 2:
+                raise
     assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
     assert httpx.get(server.base_url + "/health").status_code == 200
 
