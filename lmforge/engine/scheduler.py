@@ -370,7 +370,7 @@ class Scheduler:
         on. A failure ends the group's requests; the running rows go on."""
         f = self.filling
         dropped = [r for r in f.reqs if r.cancelled]
-        if dropped:  # the rows above a dropped member move down one each, keeping the group contiguous
+        if dropped:  # the members below a dropped one move up, keeping the group contiguous at the top
             top = self.max_batch - len(f.reqs)
             keep = [r for r in f.reqs if not r.cancelled]
             for i in reversed(range(len(keep))):  # moving up: the highest first, so no source is overwritten
@@ -401,29 +401,27 @@ class Scheduler:
         idx = torch.full((k, width), pad, dtype=torch.long)
         for b, x in enumerate(chunks):
             idx[b, :len(x)] = torch.tensor(x)
-        # Padding lands in slots past a member's prompt (< its length + width <= the context), unseen by its
-        # own queries and overwritten by its decode steps before they become visible, as in `_prefill`.
+        # Padding lands in slots past a member's prompt (and below done + width <= the longest prompt, so
+        # inside the context), unseen by its own queries and overwritten by its decode steps before they
+        # become visible, as in `_prefill`.
         slots = (f.done + torch.arange(width, device=dev)).expand(k, width)
         top = self.max_batch - k
         logits = engine.model(idx.to(dev), cache=self.cache.rows(self.max_batch, top), slots=slots,
                               output_positions=torch.tensor([len(x) - 1 for x in chunks], device=dev))[:, -1].float()
         f.done += c
-        finished = [b for b, r in enumerate(f.reqs) if len(r.prompt_ids) <= f.done]  # the lowest rows
-        if not finished:
-            return
-        rows = []
-        for b in finished:  # moving down in order never overwrites a member not yet moved (dst <= src)
-            req = f.reqs[b]
-            if len(self.rows) != top + b:
-                self.cache.copy_row(top + b, len(self.rows), len(req.prompt_ids))
-            row = self._new_row(req)
-            self.rows.append(row)
-            rows.append(row)
-        f.reqs = f.reqs[len(finished):]
+        rows: list[_Row] = []
+        while f.reqs and len(f.reqs[0].prompt_ids) <= f.done:  # finished: the lowest rows, shortest first
+            req = f.reqs.pop(0)
+            src = top + len(rows)  # moving down in order never overwrites a member not yet moved (dst <= src)
+            if len(self.rows) != src:
+                self.cache.copy_row(src, len(self.rows), len(req.prompt_ids))
+            rows.append(self._new_row(req))
+            self.rows.append(rows[-1])
         if not f.reqs:
             self.filling = None
-        self._choose(rows, logits[finished[0]:finished[-1] + 1])
-        self._retire(lambda r: False)  # a first token may already finish a request
+        if rows:
+            self._choose(rows, logits[:len(rows)])
+            self._retire(lambda r: False)  # a first token may already finish a request
 
     def _step(self) -> None:
         """One forward pass over every busy row, each at its own position, then each row's next token."""
