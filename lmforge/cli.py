@@ -1029,9 +1029,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "get 429 (default: 64)")
     sv.add_argument("--max-context", type=_positive_int, default=4096, help="tokens per request at most (prompt + "
                     "answer), capped at the model's context; the KV cache holds max-concurrency of these (default: 4096)")
-    sv.add_argument("--prefill-chunk", type=_positive_int, default=512, help="longer prompts are read this many "
-                    "tokens at a time, between decode steps of the other requests, so one long prompt does not "
-                    "stall every stream (default: 512)")
+    sv.add_argument("--prefill-chunk", type=_positive_int, default=512, help="while requests are decoding, read "
+                    "about this many prompt tokens per step, longer prompts in chunks between decode steps, so new "
+                    "prompts do not stall the running streams (default: 512)")
     sv.add_argument("--keep-alive", type=_float, default=300.0, help="seconds an unused model stays loaded (default: 300)")
     sv.add_argument("--grace", type=_float, default=30.0, help="seconds to finish requests in flight on shutdown "
                     "(default: 30)")
