@@ -172,6 +172,12 @@ class Scheduler:
         return len(self.rows) + self._n_filling
 
     @property
+    def _turn_budget(self) -> int:
+        """Prompt tokens a loop turn may read: `prefill_chunk` while rows decode (they wait for it), else
+        `max_prefill_tokens` (nothing decoding: nothing to stall)."""
+        return self.prefill_chunk if self.rows else self.max_prefill_tokens
+
+    @property
     def _n_filling(self) -> int:
         return len(self.filling.reqs) if self.filling is not None else 0
 
@@ -280,7 +286,7 @@ class Scheduler:
         """Move waiting requests into free rows, in queue order: short prompts are prefilled together (see
         `_prefill`) within this turn's token budget; long ones start a filling group (see `_fill`) when none is
         under way, and otherwise keep their place without holding up the short prompts behind them."""
-        budget = self.prefill_chunk if self.rows else self.max_prefill_tokens  # nothing decoding: nothing to stall
+        budget = self._turn_budget
         new: list[Request] = []
         longs: list[Request] = []
         gone: list[Request] = []
@@ -333,27 +339,29 @@ class Scheduler:
                 _tell(req)
 
     def _prefill(self, reqs: list[Request]) -> None:
-        """Run the prompts of `reqs` through the model in one pass, each into its own free row, and emit each
-        first generated token.
-
-        The prompts are right-padded into one (B, P) batch whose rows write their own slots 0..P-1: a row's
-        padding lands at slots after its prompt, which its own queries never see (slot > position) and which
-        its decode steps overwrite, in order, before they become visible."""
-        engine, r0, B = self.engine, len(self.rows), len(reqs)
-        dev = engine.device
-        lengths = [len(r.prompt_ids) for r in reqs]
-        P = max(lengths)
-        pad = engine.tokenizer.pad_id if engine.tokenizer.pad_id is not None else 0
-        idx = torch.full((B, P), pad, dtype=torch.long)
-        for b, req in enumerate(reqs):
-            idx[b, :lengths[b]] = torch.tensor(req.prompt_ids)
-        slots = torch.arange(P, device=dev).expand(B, P)
-        view = self.cache.rows(r0 + B, r0)
-        logits = engine.model(idx.to(dev), cache=view, slots=slots,
-                              output_positions=torch.tensor(lengths, device=dev) - 1)[:, -1].float()
+        """Run the prompts of `reqs` through the model in one right-padded pass, each into its own free row
+        (see `_forward_padded`), and emit each first generated token."""
+        logits = self._forward_padded([r.prompt_ids for r in reqs], start=0, first_row=len(self.rows))
         rows = [self._new_row(req) for req in reqs]
         self.rows.extend(rows)
         self._choose(rows, logits)
+
+    def _forward_padded(self, pieces: list[list[int]], *, start: int, first_row: int) -> torch.Tensor:
+        """One forward pass of token lists `pieces`, right-padded into a (B, W) batch, into cache rows
+        first_row.. at slots start..start+W-1; the logits (B, V) after each piece's last real token.
+
+        A row's padding lands at slots after its real tokens, which its own queries never see (slot >
+        position) and which its later tokens overwrite, in order, before they become visible."""
+        engine, dev, B = self.engine, self.engine.device, len(pieces)
+        lengths = [len(x) for x in pieces]
+        width = max(lengths)
+        pad = engine.tokenizer.pad_id if engine.tokenizer.pad_id is not None else 0
+        idx = torch.full((B, width), pad, dtype=torch.long)
+        for b, x in enumerate(pieces):
+            idx[b, :lengths[b]] = torch.tensor(x)
+        slots = (start + torch.arange(width, device=dev)).expand(B, width)
+        return engine.model(idx.to(dev), cache=self.cache.rows(first_row + B, first_row), slots=slots,
+                            output_positions=torch.tensor(lengths, device=dev) - 1)[:, -1].float()
 
     def _new_row(self, req: Request) -> _Row:
         """The row of a request whose prompt is in the cache (its first token is still to be chosen)."""
@@ -392,22 +400,12 @@ class Scheduler:
                 _tell(req)
 
     def _fill_chunk(self, f: _Filling) -> None:
-        engine, dev, k = self.engine, self.engine.device, len(f.reqs)
-        budget = self.prefill_chunk if self.rows else self.max_prefill_tokens
-        c = max(1, budget // k)
-        chunks = [r.prompt_ids[f.done:f.done + c] for r in f.reqs]  # the shortest may run out: padded
-        width = max(len(x) for x in chunks)
-        pad = engine.tokenizer.pad_id if engine.tokenizer.pad_id is not None else 0
-        idx = torch.full((k, width), pad, dtype=torch.long)
-        for b, x in enumerate(chunks):
-            idx[b, :len(x)] = torch.tensor(x)
-        # Padding lands in slots past a member's prompt (and below done + width <= the longest prompt, so
-        # inside the context), unseen by its own queries and overwritten by its decode steps before they
-        # become visible, as in `_prefill`.
-        slots = (f.done + torch.arange(width, device=dev)).expand(k, width)
+        k = len(f.reqs)
+        c = max(1, self._turn_budget // k)
+        # The shortest may run out: its padding stays below done + width <= the longest prompt, so inside the
+        # context (see `_forward_padded`).
         top = self.max_batch - k
-        logits = engine.model(idx.to(dev), cache=self.cache.rows(self.max_batch, top), slots=slots,
-                              output_positions=torch.tensor([len(x) - 1 for x in chunks], device=dev))[:, -1].float()
+        logits = self._forward_padded([r.prompt_ids[f.done:f.done + c] for r in f.reqs], start=f.done, first_row=top)
         f.done += c
         rows: list[_Row] = []
         while f.reqs and len(f.reqs[0].prompt_ids) <= f.done:  # finished: the lowest rows, shortest first
