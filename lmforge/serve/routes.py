@@ -1,0 +1,354 @@
+"""Every HTTP route of the server, and the one `ROUTES` table that lists them.
+
+The handlers only wire HTTP to the layers below: `protocol` parses and validates the body, `translate`
+turns it into token ids and `SamplingParams` (and results back into OpenAI's response objects), `stream`
+runs the rows on the model's scheduler, and `models.ModelRegistry` lends the model for the request (each
+handler releases it when done, or hands that to the stream it returns). What reaches a handler has
+already passed the guard in `security`.
+
+Routes: the OpenAI API (models, chat and text completions), the tokenizer routes lm-evaluation-harness
+uses, feedback collection, and the web chat UI's files. Errors never carry a path or a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from lmforge.engine.sampling import SamplingParams
+from lmforge.serve import translate as tr
+from lmforge.serve.feedback import save_feedback
+from lmforge.serve.models import ModelRegistry, Served
+from lmforge.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    FeedbackRequest, TokenizeRequest, invalid, parse)
+from lmforge.serve.security import read_body
+from lmforge.serve.stream import Generation, SSEResponse, collect, once, sse_stream
+
+WEB_DIR = Path(__file__).parent / "web"
+
+
+def _registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+async def _use(request: Request, model_id: str) -> Served:
+    return await _registry(request).get(model_id)
+
+
+# -- info routes -----------------------------------------------------------------------------------------
+async def health(request: Request):
+    loaded = _registry(request).snapshot()
+    return {"status": "draining" if request.app.state.opts.draining else "ok",
+            "models_loaded": sorted(s.name for s in loaded),
+            "busy_slots": sum(s.scheduler.busy for s in loaded),
+            "queued": sum(s.scheduler.queued for s in loaded)}
+
+
+async def list_models(request: Request):
+    return {"object": "list", "data": [tr.model_card(name, created) for name, created in _registry(request).ids()]}
+
+
+async def get_model(request: Request, model_id: str):
+    name, path = _registry(request).path_of(model_id)
+    created = dict(_registry(request).ids()).get(name, int(path.stat().st_mtime))
+    return tr.model_card(name, created)
+
+
+# -- chat completions --------------------------------------------------------------------------------------
+async def chat_completions(request: Request):
+    req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_body(request))
+    tr.check_chat_request(req)
+    served = await _use(request, req.model)
+    streaming = False
+    try:
+        tok, mf = served.engine.tokenizer, served.modelfile
+        messages = tr.message_dicts(req.messages, mf.system, mf.messages)
+        ids = tr.chat_prompt_ids(tok, messages)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = tr.sampling_params(req, mf.parameters, prompt_len=len(ids), context=served.scheduler.context_length,
+                                    vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens)
+        if params.num_beams > 1:
+            return await _beam_chat(served, req, ids, params)
+        gen = Generation(served, [ids] * req.n, [params] * req.n)
+        rid, created = tr.new_id("chatcmpl"), int(time.time())
+        if req.stream:
+            streaming = True  # the stream releases the model when it ends
+            cleanup = once(lambda: (gen.cancel(), _registry(request).release(served)))
+            return SSEResponse(_chat_stream(served, request, gen, req, rid, created, len(ids), cleanup), cleanup)
+        choices = await collect(gen, request, req.n)
+        body = tr.chat_response(rid, req.model, [
+            tr.chat_choice(i, c.text, c.finish_reason or "stop",
+                           tr.chat_logprobs(tok, c.ids, c.logprobs, c.tops) if req.logprobs else None)
+            for i, c in enumerate(choices)], tr.usage(len(ids), sum(len(c.ids) for c in choices)), created)
+        return JSONResponse(body)
+    finally:
+        if not streaming:
+            _registry(request).release(served)
+
+
+def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCompletionRequest, rid: str,
+                 created: int, n_prompt: int, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
+    tok = served.engine.tokenizer
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(choices: list[dict]) -> dict:
+        return tr.chat_chunk(rid, req.model, created, choices, with_usage)
+
+    def chunks(i: int, ev) -> list[dict]:
+        out = []
+        lp = None
+        if req.logprobs and ev.token_id is not None:
+            lp = tr.chat_logprobs(tok, [ev.token_id], [ev.logprob], [ev.top_logprobs or []])
+        if ev.text or lp is not None:
+            out.append(chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}]))
+        if ev.finish_reason:
+            out.append(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}]))
+        return out
+
+    head = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            for i in range(req.n)]
+    usage_chunk = (lambda n_out: {**tr.chat_chunk(rid, req.model, created, [], False),
+                                  "usage": tr.usage(n_prompt, n_out)}) if with_usage else None
+    return sse_stream(request, gen, head, chunks, usage_chunk, cleanup)
+
+
+async def _beam_chat(served: Served, req: ChatCompletionRequest, ids: list[int], params: SamplingParams):
+    hyps = await _beam(served, ids, params, req.n)
+    tok = served.engine.tokenizer
+    choices = [tr.chat_choice(i, text, reason, None) for i, (text, _, reason) in enumerate(_beam_texts(tok, hyps, params))]
+    n_out = sum(len(h.ids) for h in hyps)
+    return JSONResponse(tr.chat_response(tr.new_id("chatcmpl"), req.model, choices, tr.usage(len(ids), n_out)))
+
+
+async def _beam(served: Served, ids: list[int], params: SamplingParams, n: int):
+    fut = served.scheduler.call(lambda: served.engine.beam_search(ids, params, n_best=n))
+    try:
+        return await asyncio.wrap_future(fut)
+    except ValueError as e:
+        raise invalid(str(e)) from None
+
+
+def _beam_texts(tok, hyps, params: SamplingParams) -> list[tuple[str, list[int], str]]:
+    """Text, ids and finish reason of each hypothesis: the EOS dropped, cut at the first stop string."""
+    eos = set(tok.eos_ids) | set(params.stop_token_ids)
+    out = []
+    for h in hyps:
+        ids = h.ids[:-1] if h.ids and h.ids[-1] in eos else list(h.ids)
+        text, reason = tok.decode(ids), h.finish_reason
+        cuts = [text.find(s) for s in params.stop if s in text]
+        if cuts:
+            text, reason = text[:min(cuts)], "stop"
+        out.append((text, ids, reason))
+    return out
+
+
+# -- text completions ---------------------------------------------------------------------------------------
+async def completions(request: Request):
+    req: CompletionRequest = parse(CompletionRequest, await read_body(request))
+    tr.check_completion_request(req)
+    served = await _use(request, req.model)
+    streaming = False
+    try:
+        tok, cfg, mf = served.engine.tokenizer, served.engine.config, served.modelfile
+        prompts = tr.completion_prompts(tok, req.prompt, cfg.vocab_size)
+        ctx = served.scheduler.context_length
+        max_tokens = req.max_tokens
+        params = [tr.sampling_params(req, mf.parameters, prompt_len=len(p), context=ctx, vocab_size=cfg.vocab_size,
+                                     max_tokens=max_tokens if max_tokens else None) for p in prompts]
+        if req.echo and req.stream:
+            raise invalid("echo cannot be combined with stream", param="echo")
+        k = req.logprobs
+        echoed = None
+        if req.echo and k is not None:
+            echoed = await asyncio.wrap_future(served.scheduler.call(
+                lambda: [served.engine.score_ids(p, top_k=k) for p in prompts]))
+        if req.max_tokens == 0:  # echo only: score the prompt, generate nothing
+            choices = [tr.completion_choice(j, tok.decode(p) if req.echo else "", "length",
+                                            _echo_logprobs(tok, p, echoed[j], k) if echoed else None)
+                       for j, p in enumerate(prompts)]
+            return JSONResponse(tr.completion_response(tr.new_id("cmpl"), req.model, choices,
+                                                       tr.usage(sum(map(len, prompts)), 0)))
+        if params[0].num_beams > 1:
+            results = []
+            for p, sp in zip(prompts, params):
+                hyps = await _beam(served, p, sp, req.n)
+                results.extend(_beam_texts(tok, hyps, sp))
+            choices = [tr.completion_choice(j, text, reason, None) for j, (text, _, reason) in enumerate(results)]
+            return JSONResponse(tr.completion_response(tr.new_id("cmpl"), req.model, choices,
+                                                       tr.usage(sum(map(len, prompts)), sum(len(r[1]) for r in results))))
+        rows_prompts = [p for p in prompts for _ in range(req.n)]
+        rows_params = [sp for sp in params for _ in range(req.n)]
+        # sample i of every prompt draws from seed + i, as if that prompt had been sent alone
+        gen = Generation(served, rows_prompts, rows_params, seed_offsets=[i for _ in prompts for i in range(req.n)])
+        rid, created = tr.new_id("cmpl"), int(time.time())
+        if req.stream:
+            streaming = True
+            cleanup = once(lambda: (gen.cancel(), _registry(request).release(served)))
+            return SSEResponse(_completion_stream(served, request, gen, req, rid, created, sum(map(len, prompts)),
+                                              cleanup), cleanup)
+        results = await collect(gen, request, len(rows_prompts))
+        choices = []
+        for j, c in enumerate(results):
+            p = rows_prompts[j]
+            text, lp = c.text, None
+            if k is not None:
+                lp = tr.completion_logprobs(tok, c.ids, c.logprobs, c.tops,
+                                            offset=len(tok.decode(p)) if req.echo else 0)
+            if req.echo:
+                prompt_text = tok.decode(p)
+                text = prompt_text + text
+                if lp is not None:
+                    head = _echo_logprobs(tok, p, echoed[j // req.n], k)
+                    lp = {key: head[key] + lp[key] for key in lp}
+            choices.append(tr.completion_choice(j, text, c.finish_reason or "stop", lp))
+        return JSONResponse(tr.completion_response(rid, req.model, choices,
+                                                   tr.usage(sum(map(len, prompts)), sum(len(c.ids) for c in results)),
+                                                   created))
+    finally:
+        if not streaming:
+            _registry(request).release(served)
+
+
+def _echo_logprobs(tok, prompt: list[int], scored, k: int) -> dict:
+    """Logprobs of the prompt's own tokens (the first has no context: null, as OpenAI does)."""
+    tops = scored.top_logprobs if scored.top_logprobs is not None else [[] for _ in scored.logprobs]
+    return tr.completion_logprobs(tok, prompt, [None, *scored.logprobs], [None, *tops])
+
+
+def _completion_stream(served: Served, request: Request, gen: Generation, req: CompletionRequest, rid: str,
+                       created: int, n_prompt: int, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
+    tok = served.engine.tokenizer
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+    offsets = [0] * len(gen.rows)
+
+    def chunks(i: int, ev) -> list[dict]:
+        lp = None
+        if req.logprobs is not None and ev.token_id is not None:
+            lp = tr.completion_logprobs(tok, [ev.token_id], [ev.logprob], [ev.top_logprobs or []], offset=offsets[i])
+        offsets[i] += len(ev.text)
+        chunk = tr.completion_response(rid, req.model, [tr.completion_choice(i, ev.text, ev.finish_reason, lp)],
+                                       None, created)
+        if not with_usage:
+            chunk.pop("usage")
+        return [chunk]
+
+    usage_chunk = (lambda n_out: tr.completion_response(rid, req.model, [], tr.usage(n_prompt, n_out), created)) \
+        if with_usage else None
+    return sse_stream(request, gen, [], chunks, usage_chunk, cleanup)
+
+
+# -- tokenizer routes (vLLM's shapes, which lm-evaluation-harness's local-completions probes) -------------------
+async def _tokenizer_model(request: Request, model_id: str | None) -> Served:
+    if model_id is None:
+        ids = _registry(request).ids()
+        if len(ids) != 1:
+            raise invalid("several models are served here: say which with 'model'", param="model",
+                          code="missing_required_parameter")
+        model_id = ids[0][0]
+    return await _use(request, model_id)
+
+
+async def tokenize(request: Request):
+    req: TokenizeRequest = parse(TokenizeRequest, await read_body(request))
+    if (req.prompt is None) == (req.messages is None):
+        raise invalid("send exactly one of 'prompt' or 'messages'", param="prompt")
+    served = await _tokenizer_model(request, req.model)
+    try:
+        tok = served.engine.tokenizer
+        if req.messages is not None:
+            ids = tr.chat_prompt_ids(tok, tr.message_dicts(req.messages), add_generation_prompt=req.add_generation_prompt)
+        else:
+            ids = tok.encode(req.prompt, add_bos=None if req.add_special_tokens else False)
+        return {"count": len(ids), "max_model_len": served.scheduler.context_length, "tokens": ids}
+    finally:
+        _registry(request).release(served)
+
+
+async def detokenize(request: Request):
+    req: DetokenizeRequest = parse(DetokenizeRequest, await read_body(request))
+    served = await _tokenizer_model(request, req.model)
+    try:
+        vocab = served.engine.config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise invalid(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return {"prompt": served.engine.tokenizer.decode(req.tokens)}
+    finally:
+        _registry(request).release(served)
+
+
+async def tokenizer_info(request: Request, model: str | None = None):
+    served = await _tokenizer_model(request, model)
+    try:
+        tok = served.engine.tokenizer
+        return {"eos_token": tok.eos_token, "bos_token": tok.bos_token, "pad_token": tok.pad_token,
+                "chat_template": tok.chat_template, "model_max_length": served.scheduler.context_length,
+                "vocab_size": served.engine.config.vocab_size, "tokenizer_class": "PreTrainedTokenizerFast"}
+    finally:
+        _registry(request).release(served)
+
+
+# -- feedback ---------------------------------------------------------------------------------------------------
+async def feedback(request: Request):
+    req: FeedbackRequest = parse(FeedbackRequest, await read_body(request))
+    _registry(request).path_of(req.model)  # only feedback about a model served here
+    if req.rating is None and not (req.better and req.better.strip()):
+        raise invalid("send a rating ('up' or 'down') or a better answer", param="rating")
+    messages = tr.message_dicts(req.messages)
+    if messages[-1]["role"] != "user":
+        raise invalid("messages must end with the user turn the response answers", param="messages")
+    saved = await asyncio.to_thread(save_feedback, request.app.state.opts.feedback_dir, req.model, messages,
+                                    req.response, req.rating, req.better)
+    return {"object": "feedback", "saved": saved}
+
+
+# -- the web UI ---------------------------------------------------------------------------------------------------
+async def index(request: Request):
+    page = WEB_DIR / "index.html"
+    if not page.is_file():
+        raise APIError(404, "the web UI is not installed", code="not_found")
+    return FileResponse(page, media_type="text/html; charset=utf-8")
+
+
+def _safe_file(root: Path, rel: str) -> Path:
+    """`root/rel` if that is a regular file inside `root` (no '..', no absolute paths, no symlink escape)."""
+    parts = rel.split("/")
+    if not rel or any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\x00" in p for p in parts):
+        raise APIError(404, "not found", code="not_found")
+    base = root.resolve()
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base) or not path.is_file():
+        raise APIError(404, "not found", code="not_found")
+    return path
+
+
+async def static(request: Request, name: str):
+    return FileResponse(_safe_file(WEB_DIR, name))
+
+
+async def vendor(request: Request, path: str):
+    modules = WEB_DIR / "node_modules"
+    if not modules.is_dir():
+        raise APIError(404, "the web UI's libraries are not installed (run the set-up: make setup)", code="not_found")
+    return FileResponse(_safe_file(modules, path))
+
+
+ROUTES: list[tuple[str, str, Callable]] = [
+    ("GET", "/health", health),
+    ("GET", "/v1/models", list_models),
+    ("GET", "/v1/models/{model_id:path}", get_model),
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/completions", completions),
+    ("POST", "/tokenize", tokenize),
+    ("POST", "/detokenize", detokenize),
+    ("GET", "/tokenizer_info", tokenizer_info),
+    ("POST", "/v1/feedback", feedback),
+    ("GET", "/", index),
+    ("GET", "/static/{name}", static),
+    ("GET", "/vendor/{path:path}", vendor),
+]

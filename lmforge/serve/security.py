@@ -1,0 +1,148 @@
+"""What the server lets in: the ASGI guard in front of the app, CORS, and the request-body limit.
+
+`secure(app, opts)` is the app as it is served: the `Guard` (Host check, draining, API key, header and
+body sizes, security headers) runs before routing, as plain ASGI, so a refused request costs nothing:
+no route, no parsing, no model. Routes read their bodies through `read_body`, which turns a chunked body
+that outgrows the limit into a 413. Kept apart from the handlers so that all of this can be read, and
+reviewed, in one place. `ServerOptions` lives here because most of its fields are these limits.
+
+Security, by default: the key (when one is set) is compared in constant time; on a loopback address the
+Host header must name loopback too (a DNS-rebinding page cannot reach us through a name it controls);
+no CORS unless origins are given; bodies over `max_body` bytes are refused before they are read in full;
+every response carries a Content-Security-Policy under which the UI runs only its own scripts, so model
+output cannot run any.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from lmforge.serve.protocol import APIError, invalid
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+PUBLIC_PATHS = ("/", "/health", "/static/", "/vendor/", "/favicon.ico")  # reachable without the API key
+
+
+@dataclass
+class ServerOptions:
+    api_key: str | None = None
+    loopback: bool = True  # bound to a loopback address: check the Host header (DNS rebinding)
+    allowed_hosts: tuple[str, ...] = ()  # extra Host names to accept (e.g. a reverse proxy's name)
+    cors_origins: tuple[str, ...] = ()
+    max_body: int = 1 << 20  # bytes; 413 beyond
+    max_header_bytes: int = 16 * 1024  # request headers, all together; 431 beyond
+    feedback_dir: Path | None = None  # default $LMFORGE_HOME/feedback
+    stream_ping: float = 15.0  # seconds between SSE keep-alive comments while waiting
+    draining: bool = field(default=False, init=False)  # set on shutdown: new requests get 503
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
+
+
+def secure(app: Any, opts: ServerOptions) -> Any:
+    """`app` as it is served: behind the `Guard`, with CORS (only when origins are given) inside it."""
+    inner: Any = app
+    if opts.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        inner = CORSMiddleware(app, allow_origins=list(opts.cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                               allow_headers=["authorization", "content-type"])
+    return Guard(inner, opts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The outer guard: host check, draining, auth, body size, security headers (plain ASGI, before routing)
+# ----------------------------------------------------------------------------------------------------
+class Guard:
+    def __init__(self, app: Any, opts: ServerOptions) -> None:
+        self.app, self.opts = app, opts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        problem = (APIError(431, f"the request headers are {size} bytes; the limit is {self.opts.max_header_bytes}",
+                            code="headers_too_large") if size > self.opts.max_header_bytes
+                   else self._check(scope, headers))
+
+        async def send_secured(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        if problem is not None:
+            return await error_response(problem)(scope, receive, send_secured)
+        return await self.app(scope, _limited(receive, self.opts.max_body), send_secured)
+
+    def _check(self, scope, headers: dict[str, str]) -> APIError | None:
+        opts = self.opts
+        if opts.loopback:
+            host = headers.get("host", "")
+            name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+            if name.lower() not in LOOPBACK_HOSTS and name.lower() not in opts.allowed_hosts:
+                return APIError(400, "invalid Host header: this server only answers to loopback names "
+                                "(start it with --host, or --allowed-host NAME, to serve other names)",
+                                code="invalid_host")
+        if opts.draining:
+            return APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                            headers={"retry-after": "5", "connection": "close"})
+        path = scope["path"]
+        if opts.api_key is not None and scope["method"] != "OPTIONS" and not (
+                path == "/" or any(path.startswith(p) for p in PUBLIC_PATHS[1:])):
+            auth = headers.get("authorization", "")
+            given = auth[7:] if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), opts.api_key.encode()):
+                return APIError(401, "Incorrect API key provided (send it as 'Authorization: Bearer KEY')",
+                                type="invalid_request_error", code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return invalid("invalid Content-Length header", code="invalid_request")
+            if int(length) > opts.max_body:
+                return APIError(413, f"the request body is {int(length)} bytes; the limit is {opts.max_body}",
+                                code="request_too_large")
+        return None
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _limited(receive, limit: int):
+    """`receive` that stops a chunked body (no Content-Length) once it passes `limit` bytes."""
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _BodyTooLarge()
+        return message
+
+    return wrapped
+
+
+async def read_body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except _BodyTooLarge:
+        raise APIError(413, "the request body is larger than the limit", code="request_too_large") from None
+

@@ -1,0 +1,192 @@
+"""The bridge from the engine's scheduler thread to asyncio, and the SSE framing of streamed responses.
+
+The scheduler runs in its own thread and reports tokens through callbacks; `Generation` turns the rows of
+one request into an async stream of (choice, event) pairs, `collect` runs it to the end for a plain JSON
+answer, and `sse_stream` / `SSEResponse` frame it as server-sent events. Kept apart from the handlers
+because this is where cancellation (a client that hangs up) and clean-up (releasing the model) must be
+right for every route, in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from lmforge.engine.sampling import SamplingParams
+from lmforge.serve.models import Served
+from lmforge.serve.protocol import APIError, invalid
+
+log = logging.getLogger("lmforge.serve")
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation: one or more rows of the scheduler, as an async stream of (choice index, event)
+# ----------------------------------------------------------------------------------------------------
+class Generation:
+    """The rows of one API request on a model's scheduler. Iterate to get (choice, TokenEvent) pairs in
+    order; `cancel()` (or leaving the iteration) frees the rows at the scheduler's next step."""
+
+    def __init__(self, served: Served, prompts: list[list[int]], params: list[SamplingParams],
+                 seed_offsets: list[int] | None = None) -> None:
+        from lmforge.engine.scheduler import QueueFull, Request as Row, SchedulerClosed
+
+        sched = served.scheduler
+        if len(prompts) > sched.max_batch + sched.max_queue:
+            raise invalid(f"this request needs {len(prompts)} sequences (prompts x n); this server runs at most "
+                          f"{sched.max_batch + sched.max_queue} at once", param="n")
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.rows: list[Row] = []
+        self.open = len(prompts)
+        try:
+            for i, (ids, p) in enumerate(zip(prompts, params)):
+                row = Row(ids, p, self._emitter(i), seq=i, seed_offset=seed_offsets[i] if seed_offsets else None)
+                self.rows.append(row)
+                served.scheduler.submit(row)
+        except QueueFull:
+            self.cancel()
+            raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"retry-after": "1"}) from None
+        except SchedulerClosed:
+            self.cancel()
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+        except ValueError as e:
+            self.cancel()
+            raise invalid(str(e), code="context_length_exceeded") from None
+
+    def _emitter(self, i: int) -> Callable:
+        def emit(ev):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+        return emit
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            row.cancel()
+
+    async def events(self, ping: float | None = None) -> AsyncIterator[tuple[int, Any]]:
+        """(choice, event) until every row is over; (-1, None) every `ping` seconds of silence."""
+        from lmforge.engine.scheduler import SchedulerClosed
+
+        try:
+            while self.open:
+                try:
+                    i, ev = await asyncio.wait_for(self.queue.get(), ping) if ping else await self.queue.get()
+                except asyncio.TimeoutError:
+                    yield -1, None
+                    continue
+                if ev is None:
+                    self.open -= 1
+                    row = self.rows[i]
+                    if isinstance(row.error, SchedulerClosed):
+                        raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+                    if row.error is not None:
+                        log.error("generation failed: %r", row.error)
+                        raise APIError(500, "generation failed inside the server", type="server_error",
+                                       code="generation_failed", headers={"x-should-retry": "false"})
+                    continue
+                yield i, ev
+        finally:
+            self.cancel()
+
+
+@dataclass
+class Choice:
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+async def collect(gen: Generation, request: Request, n: int) -> list[Choice]:
+    """Run a non-streaming generation to the end; a client that hangs up cancels it."""
+    out = [Choice() for _ in range(n)]
+    checked = time.monotonic()
+    async for i, ev in gen.events(ping=1.0):
+        if time.monotonic() - checked >= 1.0:  # whether tokens flow or not, notice a client that left
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                gen.cancel()
+                return out
+        if i < 0:
+            continue
+        c = out[i]
+        if ev.token_id is not None:
+            c.ids.append(ev.token_id)
+        if ev.logprob is not None:
+            c.logprobs.append(ev.logprob)
+            c.tops.append(ev.top_logprobs or [])
+        c.text += ev.text
+        if ev.finish_reason:
+            c.finish_reason = ev.finish_reason
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Server-sent events: the response class and the framing both streaming routes share
+# ----------------------------------------------------------------------------------------------------
+class SSEResponse(StreamingResponse):
+    """A streaming response whose clean-up runs even when its body never starts (a client that hangs up
+    before the first chunk: Starlette then cancels the body task before it runs, so the generator's own
+    `finally` would never execute)."""
+
+    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], None]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
+
+
+def once(fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn`, run at most once however often it is called (a stream's clean-up has two callers)."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+    return run
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def sse_stream(request: Request, gen: Generation, head: list[dict], chunks: Callable[[int, Any], list[dict]],
+                     usage_chunk: Callable[[int], dict] | None, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
+    """The SSE framing both streaming routes share: the `head` chunks, then `chunks(choice, event)` for every
+    event, a keep-alive comment in silences, the usage chunk (when asked) once every row is done, then
+    `[DONE]`. An error after the first byte can only be an error event (the 200 is already out)."""
+    n_out = 0
+    try:
+        for c in head:
+            yield _sse(c)
+        async for i, ev in gen.events(ping=request.app.state.opts.stream_ping):
+            if i < 0:
+                yield b": ping\n\n"
+                continue
+            if ev.token_id is not None:
+                n_out += 1
+            for c in chunks(i, ev):
+                yield _sse(c)
+        if usage_chunk is not None:
+            yield _sse(usage_chunk(n_out))
+        yield b"data: [DONE]\n\n"
+    except APIError as e:
+        yield _sse(e.body())
+    finally:
+        cleanup()
