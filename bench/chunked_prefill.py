@@ -37,6 +37,7 @@ from serve_load import DEFAULT_TEXT, build_model  # noqa: E402
 from lmforge.engine.generate import Engine  # noqa: E402
 from lmforge.engine.sampling import SamplingParams  # noqa: E402
 from lmforge.engine.scheduler import Request, Scheduler  # noqa: E402
+from lmforge.loaders.auto import load  # noqa: E402
 
 
 def run_once(engine: Engine, chunk: int, short_prompts: list[list[int]], long_prompt: list[int], *,
@@ -131,7 +132,8 @@ def main() -> int:
     text = args.text.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, built = build_model(Path(tmp) / "m", args.preset, text, seed=0, weight_scale=3.0)
-        engine = Engine.load(model_dir, fast=False)
+        loaded = load(model_dir)
+        engine = Engine(loaded.model, loaded.tokenizer, fast=False)
         info = built["info"]
         tok = built["tokenizer"]
         words = tok.encode(text[:400_000])

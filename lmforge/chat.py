@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import IO, Callable
 
 from lmforge.engine.generate import Engine
+from lmforge.engine.prompt import chat_prompt_ids, conversation
 from lmforge.engine.sampling import SamplingParams
 
 # /set names, with the Ollama spellings as aliases (num_predict, repeat_penalty).
@@ -71,17 +72,16 @@ class ChatSession:
         return "\n".join(lines)
 
     def conversation(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        return conversation(self.messages, system=self.system)
 
     def prompt_ids(self) -> tuple[list[int], int]:
         """Token ids of the rendered conversation (with the assistant header), and how many of the oldest
         turns had to be dropped to leave room for an answer. The latest user turn is never dropped."""
-        tok, ctx = self.engine.tokenizer, self.engine.config.context_length
+        ctx = self.engine.config.context_length
         reserve = min(self.params.max_new_tokens, max(16, ctx // 4))
         dropped = 0
         while True:
-            text = tok.apply_chat_template(self.conversation(), add_generation_prompt=True)
-            ids = tok.encode(text)  # the template writes every special token itself: no BOS added here
+            ids = chat_prompt_ids(self.engine.tokenizer, self.conversation())
             if len(ids) + reserve <= ctx or len(self.messages) <= 1:
                 break
             # drop the oldest exchange (user + assistant) so the conversation still alternates
@@ -132,8 +132,9 @@ def _read_message(read_line: Callable[[str], str]) -> str:
         parts.append(more)
 
 
-def repl(session: ChatSession, *, out: IO[str] = sys.stdout, read_line: Callable[[str], str] = input) -> int:
-    """The interactive loop. Returns the exit code (0)."""
+def repl(session: ChatSession, *, out: IO[str] | None = None, read_line: Callable[[str], str] = input) -> int:
+    """The interactive loop on `out` (default: the current stdout). Returns the exit code (0)."""
+    out = out or sys.stdout
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -180,8 +181,9 @@ def repl(session: ChatSession, *, out: IO[str] = sys.stdout, read_line: Callable
             print(f"error: {e}", file=out)
 
 
-def answer_once(session: ChatSession, text: str, out: IO[str] = sys.stdout) -> int:
-    """No terminal: one message from stdin, its answer on stdout (for scripts and pipes)."""
+def answer_once(session: ChatSession, text: str, out: IO[str] | None = None) -> int:
+    """No terminal: one message from stdin, its answer on `out` (default: the current stdout)."""
+    out = out or sys.stdout
     if not text.strip():
         raise ValueError("no input: pipe a message into `lmforge run`, or run it in a terminal")
     session.reply(text.strip(), lambda t: (out.write(t), out.flush()), lambda note: print(note, file=sys.stderr))

@@ -218,9 +218,14 @@ def cmd_generate(args) -> int:
     tok = engine.tokenizer
     prompt = args.prompt
     if args.chat:
-        system = args.system if args.system is not None else mf.system
-        msgs = ([{"role": "system", "content": system}] if system else []) + mf.messages + [{"role": "user", "content": prompt}]
-        prompt = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+        from lmforge.engine.prompt import chat_prompt_ids, conversation
+
+        msgs = conversation([{"role": "user", "content": prompt}], examples=mf.messages,
+                            system=args.system if args.system is not None else mf.system)
+        try:
+            prompt = chat_prompt_ids(tok, msgs)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if args.beams > 1:
         params = _sampling_params(args, mf.parameters, num_beams=args.beams, length_penalty=args.length_penalty,
                                   early_stopping=args.early_stopping, **({} if args.temperature is not None else {"temperature": 0.0}))

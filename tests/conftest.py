@@ -62,3 +62,12 @@ def save_tiny_model(directory, tokenizer, *, context_length: int = 64, embedding
         model.tok_emb.weight.mul_(embedding_scale)
     Checkpointer(directory, tokenizer=tokenizer).save(model, None, [], {"step": 0})
     return directory
+
+
+def load_engine(path, *, fast: bool = False):
+    """An `Engine` for the model at `path` (a model directory or .gguf file), as the CLI and server build one."""
+    from lmforge.engine.generate import Engine
+    from lmforge.loaders.auto import load
+
+    loaded = load(path)
+    return Engine(loaded.model, loaded.tokenizer, fast=fast)

@@ -10,9 +10,8 @@ import sys
 import pytest
 
 from lmforge.chat import ChatSession, repl
-from lmforge.engine.generate import Engine
 from lmforge.engine.sampling import SamplingParams
-from conftest import save_tiny_model
+from conftest import load_engine, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def model_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture
 def session(model_dir):
-    return ChatSession(Engine.load(model_dir, fast=False), system="You are terse.",
+    return ChatSession(load_engine(model_dir), system="You are terse.",
                        params=SamplingParams(max_new_tokens=8, seed=0))
 
 

@@ -164,15 +164,6 @@ class Engine:
         self.device = p.device
         self.dtype = self.model.tok_emb.weight.dtype  # the activations' dtype, which the KV cache follows
 
-    @classmethod
-    def load(cls, path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, fast: bool = True) -> "Engine":
-        """An engine for the model at `path`: a model directory or a .gguf file (weights, config, tokenizer
-        and stop tokens from the same place)."""
-        from lmforge.loaders.auto import load
-
-        loaded = load(path, device=device, dtype=dtype)
-        return cls(loaded.model, loaded.tokenizer, fast=fast)
-
     # ------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt. Text gets the tokenizer's BOS when it uses one; an empty prompt starts from

@@ -50,13 +50,14 @@ class QAResult:
 def qa_f1(engine, conversations: Sequence[list[dict]], references: Sequence[str], *, max_new_tokens: int = 48,
           batch_size: int = 32) -> QAResult:
     """Greedy answers to each conversation (ending with a user turn) and their mean token F1."""
+    from lmforge.engine.prompt import chat_prompt_ids
     from lmforge.engine.sampling import SamplingParams
 
     tok = engine.tokenizer
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
     answers: list[str] = []
     for i in range(0, len(conversations), batch_size):
-        prompts = [tok.encode_chat(c, add_generation_prompt=True) for c in conversations[i:i + batch_size]]
+        prompts = [chat_prompt_ids(tok, c) for c in conversations[i:i + batch_size]]
         ctx = engine.config.context_length - max_new_tokens
         prompts = [p[-ctx:] for p in prompts]
         answers += [c.text.strip() for c in engine.complete(prompts, params)]

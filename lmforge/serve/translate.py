@@ -15,8 +15,9 @@ import time
 import uuid
 from typing import Any, Sequence
 
+from lmforge.engine.prompt import ChatPromptError, conversation
+from lmforge.engine.prompt import chat_prompt_ids as build_chat_prompt
 from lmforge.engine.sampling import SamplingParams
-from lmforge.errors import UserError
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Message, invalid
 
 FINGERPRINT = "lmforge"
@@ -52,30 +53,16 @@ def message_dicts(messages: Sequence[Message], system: str | None = None,
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     if out[-1]["role"] == "system":
         raise invalid("the conversation has no user message after the system prompt", param="messages")
-    if not any(m["role"] == "system" for m in out):
-        out = ([{"role": "system", "content": system}] if system else []) + list(examples) + out
-    return out
+    return conversation(out, system=system, examples=examples)
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """The conversation rendered through the model's chat template, ending with the assistant header.
-
-    Message text must not contain the literal text of a control token (`<|im_end|>`, ...): the rendered
-    template is encoded with control tokens recognised, so such text would forge turn boundaries (a user
-    writing a "system" turn of their own)."""
-    if tokenizer.chat_template is None:
-        raise invalid("this model has no chat template; use /v1/completions", param="model",
-                      code="model_not_chat")
-    specials = tokenizer.control_token_texts()
-    for i, m in enumerate(messages):
-        hit = next((t for t in specials if t in m["content"]), None)
-        if hit is not None:
-            raise invalid(f"message {i} contains the control token {hit!r}, which would forge the conversation's "
-                          f"structure", param=f"messages.{i}.content")
+    """The conversation as token ids, by the one chat-prompt builder (`engine/prompt.py`); what it refuses
+    becomes a 400 naming the part of the request at fault."""
     try:
-        return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
-    except UserError as e:  # the template raised (e.g. roles that do not alternate)
-        raise invalid(f"the model's chat template refused these messages: {e}", param="messages") from None
+        return build_chat_prompt(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    except ChatPromptError as e:
+        raise invalid(str(e), param=e.param, **({"code": e.code} if e.code else {})) from None
 
 
 def completion_prompts(tokenizer: Any, prompt: Any, vocab_size: int) -> list[list[int]]:

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from lmforge.engine.generate import Engine
 from lmforge.engine.sampling import SamplingParams
-from conftest import save_tiny_model
+from conftest import load_engine, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,7 @@ def model_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    return Engine.load(model_dir, fast=False)
+    return load_engine(model_dir)
 
 
 def greedy(**kw) -> SamplingParams:

@@ -7,8 +7,7 @@ import threading
 import pytest
 import torch
 
-from conftest import save_tiny_model, wait_until
-from lmforge.engine.generate import Engine
+from conftest import load_engine, save_tiny_model, wait_until
 from lmforge.engine.sampling import SamplingParams
 from lmforge.engine.scheduler import QueueFull, Request, Scheduler, SchedulerClosed
 from lmforge.model.gpt import GPT
@@ -22,7 +21,7 @@ PROMPTS = ["the model", "a token reads the", "each layer", "the data returns the
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, tiny_tokenizer):
     d = save_tiny_model(tmp_path_factory.mktemp("sched") / "m", tiny_tokenizer, context_length=64, embedding_scale=8.0)
-    return Engine.load(d, fast=False)
+    return load_engine(d)
 
 
 class Collector:
@@ -213,7 +212,7 @@ def engine1(tmp_path_factory, tiny_tokenizer):
     """The tiny model without the sharpened embedding: its logprobs move by ~1e-3 when a few cache entries of
     a row are wrong (the sharpened one's by ~5e-5), so a badly copied row shows."""
     d = save_tiny_model(tmp_path_factory.mktemp("sched1") / "m", tiny_tokenizer, context_length=64)
-    return Engine.load(d, fast=False)
+    return load_engine(d)
 
 
 def assert_as_alone(engine, col, i, prompt, params):

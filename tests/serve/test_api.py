@@ -29,9 +29,9 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def engine(chat_model_dir):
-    from lmforge.engine.generate import Engine
+    from conftest import load_engine
 
-    return Engine.load(chat_model_dir, fast=False)
+    return load_engine(chat_model_dir)
 
 
 def greedy_alone(engine, messages, max_new_tokens):

@@ -1,0 +1,64 @@
+"""THE one place a chat becomes token ids: `lmforge run`, `generate --chat`, the server and the evaluation.
+
+Why one place: each path used to render the template and encode the text itself, and they drifted. `run`
+encoded the rendered text with `tokenizer.encode`, which prepends the tokenizer's BOS for Llama/Mistral-
+style tokenizers, while their templates already write `{{ bos_token }}`: every real Llama 2/3 and Mistral
+model got a doubled BOS there and nowhere else. Here the rule is written once, as transformers'
+`apply_chat_template(tokenize=True)` has it: the template owns every special token of a chat, so the
+rendered text is encoded with no BOS of ours (`Tokenizer.encode_chat`).
+
+Also decided here, for every path alike:
+- the conversation: the system prompt and the Modelfile's example messages go first, unless the turns bring
+  their own system message (Ollama's rule);
+- message text may not contain the literal text of a control token (`<|im_end|>`, ...): the rendered
+  template is encoded with control tokens recognised, so such text would forge turn boundaries;
+- a template that refuses the messages (roles out of order, ...) is a `ChatPromptError` naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from lmforge.errors import UserError
+
+__all__ = ["ChatPromptError", "chat_prompt_ids", "conversation"]
+
+
+class ChatPromptError(ValueError):
+    """The conversation cannot be rendered for this model. `param` names the part of a request at fault
+    ("messages", "messages.N.content", "model") and `code` a machine-readable reason, for the server's
+    error objects; the CLI prints the message."""
+
+    def __init__(self, message: str, *, param: str = "messages", code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def conversation(turns: Sequence[dict], *, system: str | None = None, examples: Sequence[dict] = ()) -> list[dict]:
+    """The messages a model sees: `system` and the `examples` (a Modelfile's MESSAGE lines) before the
+    `turns`, unless the turns already hold a system message, which then replaces both."""
+    turns = [dict(m) for m in turns]
+    if any(m.get("role") == "system" for m in turns):
+        return turns
+    return ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in examples] + turns
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+    """`messages` rendered through the model's chat template (ending with the assistant header when
+    `add_generation_prompt`) and encoded exactly as transformers' `apply_chat_template(tokenize=True)`:
+    no BOS beyond what the template writes."""
+    if tokenizer.chat_template is None:
+        raise ChatPromptError("this model has no chat template (tokenizer_config.json chat_template); use text "
+                              "completion instead (lmforge generate, /v1/completions)", param="model",
+                              code="model_not_chat")
+    specials = tokenizer.control_token_texts()
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        hit = next((t for t in specials if isinstance(content, str) and t in content), None)
+        if hit is not None:
+            raise ChatPromptError(f"message {i} contains the control token {hit!r}, which would forge the "
+                                  f"conversation's structure", param=f"messages.{i}.content")
+    try:
+        return tokenizer.encode_chat(list(messages), add_generation_prompt=add_generation_prompt)
+    except UserError as e:  # the template raised (e.g. roles that do not alternate)
+        raise ChatPromptError(f"the model's chat template refused these messages: {e}") from None
