@@ -361,7 +361,7 @@ def test_llamacpp_layout_matches_transformers(tmp_path, tiny_tokenizer, arch, ti
 def test_rope_permutation_is_ggml_interleaved_rope():
     """The permuted rows under ggml's NORM rope (pairs 2i, 2i+1) score exactly like the HF rows under
     rotate_half (pairs i, i+D/2): what llama.cpp computes from a `llama` GGUF is what transformers computes."""
-    from lmforge.loaders.gguf import _rope_permute, _rope_unpermute
+    from lmforge.loaders.gguf import rope_permute, rope_unpermute
 
     torch.manual_seed(0)
     H, D, C, P = 3, 8, 12, 10
@@ -383,11 +383,11 @@ def test_rope_permutation_is_ggml_interleaved_rope():
         q, k = rope((x @ q_w.T).view(P, H, D)), rope((x @ k_w.T).view(P, H, D))
         return torch.einsum("phd,qhd->hpq", q, k)
 
-    pq = torch.from_numpy(_rope_permute(wq.numpy(), H))
-    pk = torch.from_numpy(_rope_permute(wk.numpy(), H))
+    pq = torch.from_numpy(rope_permute(wq.numpy(), H))
+    pk = torch.from_numpy(rope_permute(wk.numpy(), H))
     torch.testing.assert_close(scores(ggml_rope, pq, pk), scores(hf_rope, wq, wk))
     assert torch.equal(pq, hf_to_gguf_permute(wq, H))
-    assert np.array_equal(_rope_unpermute(pq.numpy(), H), wq.numpy())
+    assert np.array_equal(rope_unpermute(pq.numpy(), H), wq.numpy())
 
 
 def test_k_quant_tensors_dequantize_like_gguf(tmp_path, tiny_tokenizer):

@@ -1,0 +1,46 @@
+"""GGUF import and export (llama.cpp's single-file format): a bounds-checked reader and a writer.
+
+The package, one module per job, each importing only the ones before it:
+
+    reader.py   bounds-checked header / metadata / tensor-info parsing, tensor data, typed metadata access
+    names.py    tensor names GGUF <-> Hugging Face, the expected tensor set, the `llama` rope permutation
+    config.py   GGUF metadata <-> ModelConfig (architecture, hyperparameters, rope scaling)
+    vocab.py    tokenizer.* metadata <-> Tokenizer
+    load.py     read_gguf / describe_gguf: a file into our config, state dict and tokenizer
+    write.py    write_gguf: export
+
+Supported: architectures `llama` and `qwen2` (Mistral 7B GGUFs are `llama`); rope scaling "linear" (as
+KV) and Llama-3 (as llama.cpp's `rope_freqs.weight` tensor: derived back to the four llama3 numbers and
+verified); tokenizers `gpt2` (byte-level BPE; pre-tokenizers llama-bpe/llama3, qwen2, gpt-2/default,
+smollm) and `llama` (SentencePiece BPE, rebuilt as a byte-fallback BPE like transformers does). An unknown
+pre-tokenizer name is refused rather than guessed (llama.cpp refuses it too); a missing one falls back to
+GPT-2's, as llama.cpp does, with a warning. Export writes f32/f16/q8_0/q4_0.
+
+Not supported (each refused with a clear error): other architectures (llama4, mistral3, gemma, phi3, MoE
+tensors...), YaRN/LongRoPE scaling, partial rotary (rope.dimension_count < head size), split files
+(`split.count` > 1: merge them with llama.cpp's gguf-split first), GGUF v1 and big-endian files, and
+tensor types gguf-py cannot dequantize (I8..I64, Q8_K). Export cannot write K-quants (gguf-py has no
+K-quant quantizer) or BF16.
+"""
+
+from __future__ import annotations
+
+from lmforge.loaders.gguf.config import SUPPORTED_ARCHITECTURES
+from lmforge.loaders.gguf.load import GGUFModel, describe_gguf, read_gguf
+from lmforge.loaders.gguf.names import rope_permute, rope_unpermute
+from lmforge.loaders.gguf.reader import GGUFTensorInfo, describe_file_type, read_gguf_header
+from lmforge.loaders.gguf.write import GGUF_TYPES, write_gguf
+
+__all__ = [
+    "GGUF_TYPES",
+    "SUPPORTED_ARCHITECTURES",
+    "GGUFModel",
+    "GGUFTensorInfo",
+    "describe_file_type",
+    "describe_gguf",
+    "read_gguf",
+    "read_gguf_header",
+    "rope_permute",
+    "rope_unpermute",
+    "write_gguf",
+]
