@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from lmforge.engine.detokenize import IncrementalDetokenizer, StopMatcher
-from lmforge.engine.sampling import SamplingParams, penalty_window, process_logits, token_logprobs
+from lmforge.engine.sampling import SamplingParams, penalty_window, sample_from, token_logprobs
 from lmforge.model.kv_cache import KVCache
 
 
@@ -66,20 +66,11 @@ class ScoreResult:
         return math.exp(-self.total_logprob / max(1, len(self.logprobs)))
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, histories: Sequence[list[int]],
-                  generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """The next token of every row of `logits` (B, V) under one `params`: penalties over each row's
-    `histories`, then greedy argmax or a draw from each row's own generator."""
-    penalties = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty) \
-        and params.repeat_last_n != 0
-    prev = penalty_window(histories, params.repeat_last_n, logits.device) if penalties else None
-    if params.greedy and prev is None and not params.logit_bias:
-        return logits.argmax(dim=-1)
-    processed = process_logits(logits, params, prev)
-    if params.greedy:
-        return processed.argmax(dim=-1)
-    probs = torch.softmax(processed, dim=-1)
-    return torch.stack([torch.multinomial(probs[b], 1, generator=generators[b])[0] for b in range(len(probs))])
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, states: Sequence["SequenceState"]) -> torch.Tensor:
+    """The next token of every row of `logits` (B, V), all under one `params`, by `sample_from`: each row's
+    own history for the penalties (built only when a penalty is on) and its own random generator."""
+    prev = penalty_window([s.history for s in states], params.repeat_last_n, logits.device) if params.penalized else None
+    return sample_from(logits, params, prev, [s.generator for s in states])
 
 
 class SequenceState:
@@ -229,7 +220,7 @@ class Engine:
         step_slot = P
         all_slots = torch.arange(S, device=dev)  # slices of it feed each step, no per-step allocation
         while True:
-            chosen = choose_tokens(logits, params, [s.history for s in seqs], [s.generator for s in seqs])
+            chosen = choose_tokens(logits, params, seqs)
             if params.logprobs is not None:
                 lp, top_ids, top_lp = token_logprobs(logits, chosen, k_top)
                 lp, top_ids, top_lp = lp.tolist(), top_ids.tolist(), top_lp.tolist()

@@ -114,6 +114,18 @@ class SamplingParams:
         threshold) that dividing by it would overflow the logits to inf and the softmax to NaN."""
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def penalized(self) -> bool:
+        """True when a repetition, presence or frequency penalty looks at the recent tokens."""
+        return self.repeat_last_n != 0 and (
+            self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty))
+
+    @property
+    def plain_greedy(self) -> bool:
+        """True when the next token is the argmax of the raw logits: greedy, no penalty, no logit bias.
+        Rows with these settings need no history and can share one argmax."""
+        return self.greedy and not self.penalized and not self.logit_bias
+
     def validate(self) -> SamplingParams:
         """Raise ValueError with one line naming the bad field; return self so calls can chain."""
         _check_int("max_new_tokens", self.max_new_tokens, low=1)
@@ -378,12 +390,26 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def sample_from(logits: torch.Tensor, params: SamplingParams, prev_ids: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) for logits (B, V) under `params` (argmax when `params.greedy`)."""
+                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """Next token ids (B,) for logits (B, V) under `params`: THE token choice of the engine, the server's
+    scheduler and every test.
+
+    Plain greedy settings take the argmax of the raw logits (no copy, no history needed). Otherwise the
+    penalties look at `prev_ids` (build it with `penalty_window`, only when `params.penalized`), then greedy
+    takes the argmax and sampling draws from the processed distribution: with one `generator` for the
+    whole batch, or a sequence of generators, one per row (each request keeps its own random stream, so a
+    seeded request draws the same tokens whatever else shares its batch).
+    """
+    if params.plain_greedy:
+        return logits.argmax(dim=-1)
     processed = process_logits(logits, params, prev_ids)
     if params.greedy:
         return processed.argmax(dim=-1)
-    return _draw(processed, generator)
+    if generator is None or isinstance(generator, torch.Generator):
+        return _draw(processed, generator)
+    if len(generator) != len(processed):
+        raise ValueError(f"{len(generator)} generators for {len(processed)} rows of logits")
+    return torch.cat([_draw(processed[b:b + 1], g) for b, g in enumerate(generator)])
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

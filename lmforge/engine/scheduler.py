@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 
 from lmforge.engine.generate import Engine, SequenceState, TokenEvent, choose_tokens
-from lmforge.engine.sampling import SamplingParams, token_logprobs
+from lmforge.engine.sampling import SamplingParams, sample_from, token_logprobs
 from lmforge.model.kv_cache import KVCache
 
 
@@ -438,17 +438,16 @@ class Scheduler:
         """Pick each row's next token with its own settings and emit it. Rows that share plain greedy
         settings are decided by one argmax; the others one by one. A row whose settings fail (a bug, or
         numbers no check foresaw) ends with its error; the other rows of the step go on."""
-        plain = [i for i, row in enumerate(rows) if _plain_greedy(row.req.params)]
+        plain = [i for i, row in enumerate(rows) if row.req.params.plain_greedy]
         chosen: list[int | None] = [None] * len(rows)
         if plain:
-            arg = logits[plain].argmax(dim=-1).tolist() if len(plain) < len(rows) else logits.argmax(dim=-1).tolist()
-            for i, t in zip(plain, arg):
+            group = logits[plain] if len(plain) < len(rows) else logits
+            for i, t in zip(plain, sample_from(group, rows[plain[0]].req.params).tolist()):
                 chosen[i] = t
         for i, row in enumerate(rows):
             try:
                 if chosen[i] is None:
-                    chosen[i] = int(choose_tokens(logits[i:i + 1], row.req.params, [row.state.history],
-                                                  [row.state.generator])[0])
+                    chosen[i] = int(choose_tokens(logits[i:i + 1], row.req.params, [row.state])[0])
                 p = row.req.params
                 lp = top = None
                 if p.logprobs is not None:
@@ -473,8 +472,3 @@ def _tell(req: Request) -> None:
         req.emit(None)
     except Exception:  # the consumer is gone (e.g. its event loop closed): nothing left to tell
         pass
-
-
-def _plain_greedy(p: SamplingParams) -> bool:
-    return p.greedy and not p.logit_bias and not (
-        (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty) and p.repeat_last_n != 0)

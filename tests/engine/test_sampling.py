@@ -366,3 +366,35 @@ def test_chi_square_against_filtered_softmax(settings, n_kept):
     if n_kept > 1:
         result = chisquare(counts[support], n * expected[support])
         assert result.pvalue > 1e-3, (counts, n * expected)
+
+
+def test_sample_from_with_a_generator_per_row_draws_as_each_row_alone():
+    """The engine and the scheduler give each request its own random stream: row b of a batch draws what
+    it would draw alone with its own generator, whatever the other rows are."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    gens = [make_generator(s) for s in (1, 2, 3)]
+    batched = [sample_from(logits, params, generator=gens).tolist() for _ in range(5)]
+    for b, seed in enumerate((1, 2, 3)):
+        alone = make_generator(seed)
+        assert [step[b] for step in batched] == [sample_from(logits[b:b + 1], params, generator=alone).item()
+                                                 for _ in range(5)]
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        sample_from(logits, params, generator=gens[:2])
+
+
+@pytest.mark.parametrize("settings, plain", [
+    (dict(temperature=0.0), True),
+    (dict(temperature=0.0, repetition_penalty=1.2), False),
+    (dict(temperature=0.0, repetition_penalty=1.2, repeat_last_n=0), True),
+    (dict(temperature=0.0, presence_penalty=0.5), False),
+    (dict(temperature=0.0, logit_bias={3: 5.0}), False),
+    (dict(temperature=0.7), False),
+])
+def test_plain_greedy_is_the_raw_argmax(settings, plain):
+    params = SamplingParams(**settings)
+    assert params.plain_greedy is plain
+    logits = torch.tensor([[0.0, 2.0, 1.0, 1.9]])
+    if plain:  # no history and no generator needed: the argmax of the logits as they are
+        assert sample_from(logits, params).tolist() == [1]
