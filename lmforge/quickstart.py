@@ -73,8 +73,9 @@ def _banner(text: str) -> None:
 
 def _evaluate(path: Path, device, plan: Plan) -> dict[str, Any]:
     """Held-out QA token-F1 (with the answers) and preference accuracy of the model at `path`."""
-    from lmforge.data.chat import encode_preference, read_preferences
+    from lmforge.data.preferences import encode_preference
     from lmforge.data.pydocs_qa import preference_pairs, qa_conversations
+    from lmforge.data.records import read_preferences
     from lmforge.engine.generate import Engine
     from lmforge.eval.assistant import preference_wins, qa_f1
     from lmforge.loaders.auto import load

@@ -74,7 +74,7 @@ def preference_wins(model, tokenizer, examples, *, batch_size: int = 32) -> list
     Both are reported because they answer different questions: the sum is the probability of the whole
     reply, which always favours a reply cut short (fewer tokens to pay for); the mean asks which reply
     reads better token for token, which is fair to replies of different lengths."""
-    from lmforge.data.chat import PreferenceBatches
+    from lmforge.data.preferences import PreferenceBatches
     from lmforge.train.losses import sequence_logprobs
 
     if not examples:

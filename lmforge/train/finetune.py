@@ -189,7 +189,8 @@ def _reference_tables(opts, model, data, val_data, recipe, fingerprint: str, n_t
 def finetune(opts: FinetuneOptions) -> tuple[FitResult, dict[str, Any]]:
     """Run SFT (`method="sft"`) or preference alignment (`"dpo"`, `"ipo"`) and return the fit result and a
     summary (data lines, trainable share, paths)."""
-    from lmforge.data.chat import PreferenceBatches, SFTBatches
+    from lmforge.data.preferences import PreferenceBatches
+    from lmforge.data.sft import SFTBatches
     from lmforge.model.lora import apply_lora, has_lora
 
     if opts.method not in ("sft", "dpo", "ipo"):

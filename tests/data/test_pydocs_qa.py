@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmforge.data import pydocs_qa
-from lmforge.data.chat import check_conversation
+from lmforge.data.records import check_conversation
 from lmforge.data.pydocs_qa import (
     MAX_ANSWER_CHARS,
     heldout_module,
