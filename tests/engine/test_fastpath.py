@@ -247,6 +247,34 @@ def test_no_kernels_env_disables_and_falls_back(no_kernels, kernel_calls):
     assert kernel_calls == []
 
 
+
+@pytest.fixture
+def rebuild():
+    """Forget the built kernel before and after the test (the next `available()` loads it from the cache)."""
+    fastpath._build.cache_clear()
+    yield
+    fastpath._build.cache_clear()
+
+
+def test_missing_kernel_source_falls_back_with_a_reason(kernel, rebuild, monkeypatch, tmp_path):
+    monkeypatch.setattr(fastpath, "_SOURCE_PATH", tmp_path / "fastpath.cpp")
+    assert not fastpath.available()
+    assert "fastpath.cpp" in fastpath.unavailable_reason()
+    W, x = torch.randn(5, 7), torch.randn(7)
+    torch.testing.assert_close(fastpath.gemv(W, x), W @ x, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_source_is_a_file_beside_the_module_and_ships_as_package_data():
+    import fnmatch
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    assert fastpath._SOURCE_PATH == Path(fastpath.__file__).with_name("fastpath.cpp")
+    assert fastpath._SOURCE_PATH.is_file()
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["lmforge"]
+    assert any(fnmatch.fnmatch("engine/fastpath.cpp", pat) for pat in patterns)
+
 def test_accelerate_leaves_custom_linear_subclasses_alone():
     class Scaled(nn.Linear):
         def forward(self, x):
