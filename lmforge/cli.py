@@ -228,15 +228,15 @@ def cmd_generate(args) -> int:
             raise UserError(str(e)) from None
     if args.beams > 1:
         params = _sampling_params(args, mf.parameters, num_beams=args.beams, length_penalty=args.length_penalty,
-                                  early_stopping=args.early_stopping, **({} if args.temperature is not None else {"temperature": 0.0}))
+                                  early_stopping=args.early_stopping, stop=args.stop or [],
+                                  **({} if args.temperature is not None else {"temperature": 0.0}))
         try:
-            hyps = engine.beam_search(prompt, params, n_best=args.n_best)
+            beams = engine.beam_search(prompt, params, n_best=args.n_best)
         except ValueError as e:
             raise UserError(str(e)) from None
-        for rank, h in enumerate(hyps, 1):
-            text = tok.decode([i for i in h.ids if i not in tok.eos_ids])
-            print(f"--- beam {rank}: score {h.score:.4f} (log-prob {h.sum_logprob:.3f}, {len(h.ids)} tokens, {h.finish_reason})")
-            print(text)
+        for rank, b in enumerate(beams, 1):
+            print(f"--- beam {rank}: score {b.score:.4f} (log-prob {b.sum_logprob:.3f}, {b.n_tokens} tokens, {b.finish_reason})")
+            print(b.text)
         return 0
     params = _sampling_params(args, mf.parameters, stop=args.stop or [],
                               logprobs=args.top_logprobs if args.show_probs else None)

@@ -42,6 +42,18 @@ NEG_INF = -1.0e9  # transformers' "impossible" score: finite, so sums and topk s
 
 
 @dataclass
+class BeamResult:
+    """A finished hypothesis as a user sees it: what `lmforge generate --beams` prints and the server returns."""
+
+    ids: list[int]  # the generated ids, without the EOS that ended it
+    text: str  # their text, cut before the first stop string
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    score: float  # sum_logprob / n_tokens ** length_penalty: what the search ranked by
+    sum_logprob: float
+    n_tokens: int  # tokens generated, the EOS included (what usage counts)
+
+
+@dataclass
 class BeamHypothesis:
     ids: list[int]  # generated token ids, without the prompt; ends with the EOS token when it stopped on one
     score: float  # sum_logprob / len(ids) ** length_penalty
@@ -151,3 +163,19 @@ def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int
         logits = model(tok[keep][:, None], cache=cache)[:, -1]  # (k, V)
 
     return finished[:n_best]
+
+
+def finish_beams(tokenizer, hyps: list[BeamHypothesis], *, stop: tuple[str, ...] | list[str] = (),
+                 eos_ids: tuple[int, ...] | set[int] = ()) -> list[BeamResult]:
+    """THE finalisation of beam hypotheses, for the CLI and the server alike: the EOS that ended a
+    hypothesis is dropped, the text is cut before the first stop string (which makes it a "stop"), and the
+    ranking of the search is kept (cutting at a stop string does not re-rank: the score is the search's)."""
+    out = []
+    for h in hyps:
+        ids = h.ids[:-1] if h.ids and h.ids[-1] in eos_ids else list(h.ids)
+        text, reason = tokenizer.decode(ids), h.finish_reason
+        cuts = [text.find(s) for s in stop if s in text]
+        if cuts:
+            text, reason = text[:min(cuts)], "stop"
+        out.append(BeamResult(ids, text, reason, h.score, h.sum_logprob, len(h.ids)))
+    return out

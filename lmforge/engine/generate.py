@@ -175,7 +175,9 @@ class Engine:
                              f"which leaves no room to generate")
         return ids
 
-    def _eos_ids(self, params: SamplingParams) -> set[int]:
+    def eos_ids(self, params: SamplingParams) -> set[int]:
+        """The token ids that end a sequence under `params`: the tokenizer's EOS ids (unless `ignore_eos`)
+        and the request's `stop_token_ids`."""
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_ids)
         return eos | set(params.stop_token_ids)
 
@@ -210,7 +212,7 @@ class Engine:
         idx, positions, key_mask = idx.to(dev), positions.to(dev), key_mask.to(dev)
         cache = KVCache.for_model(cfg, B, S, dtype=self.dtype, device=dev)
 
-        eos = self._eos_ids(params)
+        eos = self.eos_ids(params)
         seqs = [SequenceState(self.tokenizer, ids, params, budgets[b], b, eos, dev) for b, ids in enumerate(encoded)]
         k_top = params.logprobs or 0
 
@@ -262,13 +264,17 @@ class Engine:
         return out
 
     def beam_search(self, prompt: str | Sequence[int], params: SamplingParams, n_best: int = 1):
-        from lmforge.engine.beam import beam_search
+        """The `n_best` best hypotheses of a beam search (`params.num_beams` wide), finished for the user
+        by `finish_beams`: EOS dropped, text cut at `params.stop`. A list of `BeamResult`, best first."""
+        from lmforge.engine.beam import beam_search, finish_beams
 
         params = params.validate()
         ids = self.encode_prompt(prompt)
-        return beam_search(self.model, ids, num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
+        eos = self.eos_ids(params)
+        hyps = beam_search(self.model, ids, num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
                            length_penalty=params.length_penalty, early_stopping=params.early_stopping,
-                           eos_ids=tuple(self._eos_ids(params)), n_best=n_best)
+                           eos_ids=tuple(eos), n_best=n_best)
+        return finish_beams(self.tokenizer, hyps, stop=params.stop, eos_ids=eos)
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -368,7 +368,7 @@ class Scheduler:
         engine, n = self.engine, len(req.prompt_ids)
         budget = min(req.params.max_new_tokens, self.context_length - n)
         state = SequenceState(engine.tokenizer, req.prompt_ids, req.params, budget, req.seq,
-                              engine._eos_ids(req.params), engine.device, seed_offset=req.seed_offset)
+                              engine.eos_ids(req.params), engine.device, seed_offset=req.seed_offset)
         return _Row(req, state, n, -1)
 
     def _fill(self) -> None:

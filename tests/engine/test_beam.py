@@ -179,3 +179,26 @@ def test_matches_transformers(scale, boost, eos, num_beams, length_penalty, earl
     assert any(h.finish_reason == "stop" for h in hyps) == stops
     for h in hyps:
         assert h.finish_reason == ("stop" if h.ids[-1] in eos else "length")
+
+
+class _Letters:
+    """A tokenizer stand-in: id i is the letter chr(97 + i)."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + i) for i in ids)
+
+
+@pytest.mark.parametrize("ids, reason, stop, eos, want_text, want_reason, want_ids", [
+    ([0, 1, 2], "length", (), (), "abc", "length", [0, 1, 2]),  # nothing to do
+    ([0, 1, 25], "stop", (), (25,), "ab", "stop", [0, 1]),  # the EOS that ended it is dropped
+    ([0, 25, 1], "length", (), (25,), "azb", "length", [0, 25, 1]),  # an EOS id inside stays (ignore_eos runs)
+    ([0, 1, 2, 3], "length", ("c",), (), "ab", "stop", [0, 1, 2, 3]),  # cut before a stop string
+    ([0, 1, 2, 3], "length", ("d", "bc"), (), "a", "stop", [0, 1, 2, 3]),  # the earliest stop string wins
+    ([0, 1, 25], "stop", ("z",), (25,), "ab", "stop", [0, 1]),  # the dropped EOS is not text to stop on
+])
+def test_finish_beams(ids, reason, stop, eos, want_text, want_reason, want_ids):
+    from lmforge.engine.beam import BeamHypothesis, finish_beams
+
+    (r,) = finish_beams(_Letters(), [BeamHypothesis(ids, -0.5, -1.5, reason)], stop=stop, eos_ids=eos)
+    assert (r.text, r.finish_reason, r.ids) == (want_text, want_reason, want_ids)
+    assert (r.score, r.sum_logprob, r.n_tokens) == (-0.5, -1.5, len(ids))  # the search's ranking is kept
