@@ -95,7 +95,7 @@ def _progress_enabled(args) -> bool:
 def cmd_tokenizer_train(args) -> int:
     from lmforge.data.corpus import load_documents
     from lmforge.tokenizer import train_tokenizer
-    from lmforge.train.pretrain import check_writable
+    from lmforge.io import check_writable
 
     out = Path(args.out)
     check_writable(out)
@@ -205,7 +205,7 @@ def _load(args):
 
     from lmforge.loaders.auto import load
     from lmforge.store import resolve
-    from lmforge.train.pretrain import resolve_device
+    from lmforge.device import resolve_device
 
     dtype = DTYPES[args.dtype]
     return load(resolve(args.model), device=resolve_device(args.device),
@@ -637,7 +637,7 @@ def cmd_serve(args) -> int:
     from lmforge.serve.models import ModelRegistry
     from lmforge.serve.server import build_server, is_loopback, keep_alive_loop
     from lmforge.store import resolve, validate_name
-    from lmforge.train.pretrain import resolve_device
+    from lmforge.device import resolve_device
 
     fixed = None
     if args.models:

@@ -2,7 +2,7 @@
 
 Every checkpoint, tokenizer and config lmforge writes goes through here: write a temp file in the same
 directory, flush + fsync it, `os.replace` it over the target (atomic on POSIX and Windows), then fsync the
-directory so the rename itself survives a power cut.
+directory so the rename itself survives a power cut. `check_writable` asks before the work, not after it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from lmforge.errors import UserError
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -68,3 +70,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output directory we cannot write before spending minutes on data and training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to output directory {out}: {e.strerror or e}") from None

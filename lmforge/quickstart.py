@@ -106,7 +106,8 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
                progress: bool = True, register: bool = True, chat: bool = True) -> dict[str, Any]:
     from lmforge.train.finetune import FinetuneOptions, finetune
     from lmforge.train.loop import print_evaluations
-    from lmforge.train.pretrain import PretrainOptions, pretrain, resolve_device
+    from lmforge.device import resolve_device
+    from lmforge.train.pretrain import PretrainOptions, pretrain
 
     if not (budget > 0 and math.isfinite(budget)):
         raise UserError(f"--budget must be a positive number of minutes, got {budget}")

@@ -31,7 +31,8 @@ from lmforge.checkpoint import TRAINER_STATE, Checkpointer, read_lmforge_meta
 from lmforge.errors import UserError
 from lmforge.train import objectives
 from lmforge.train.loop import FitResult, TrainConfig, fit
-from lmforge.train.pretrain import check_writable, resolve_device
+from lmforge.device import resolve_device
+from lmforge.io import check_writable
 
 REFERENCE_FILE = "reference_logps.safetensors"
 DEFAULT_LORA_TARGETS = "all-linear"  # every attention and MLP projection (not lm_head), as in PEFT

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +19,9 @@ from lmforge import __version__
 from lmforge.checkpoint import Checkpointer, is_model_dir, load_config, load_model, read_lmforge_meta, read_trainer_state
 from lmforge.data.corpus import corpus_fingerprint, load_documents
 from lmforge.data.shards import TokenData, get_batch, prepare_data
+from lmforge.device import resolve_device
 from lmforge.errors import UserError
+from lmforge.io import check_writable
 from lmforge.model.gpt import GPT
 from lmforge.paths import cache_dir
 from lmforge.presets import get_preset
@@ -81,29 +82,6 @@ class PretrainOptions:
     progress: bool = True
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields the user set explicitly
     on_log: Callable[[dict], None] | None = None  # called with every metrics record
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
-    return dev
-
-
-def check_writable(out: Path) -> None:
-    """Refuse an output directory we cannot write before spending minutes on data and training."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to output directory {out}: {e.strerror or e}") from None
 
 
 def get_tokenizer(data: str, vocab_size: int, *, errors: str, progress: bool) -> Tokenizer:
