@@ -204,12 +204,12 @@ def parse(text: str, *, source: str = "Modelfile") -> Modelfile:
 
 
 def _check_template(template: str, where: str) -> None:
-    from lmforge.tokenizer import _compile_chat_template
+    from lmforge.tokenizer.chat_template import compile_chat_template
 
     if re.search(r"\{\{-?\s*\.|\{\{-?\s*(if|range|end)\b", template):
         raise UserError(f"{where}: TEMPLATE looks like an Ollama Go template; lmforge takes a Jinja chat template "
                         f"(the chat_template of tokenizer_config.json)")
     try:
-        _compile_chat_template(template)
+        compile_chat_template(template)
     except Exception as e:  # noqa: BLE001 - jinja2.TemplateSyntaxError and friends
         raise UserError(f"{where}: TEMPLATE is not a valid Jinja template ({' '.join(str(e).split())})") from None
