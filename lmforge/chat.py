@@ -44,6 +44,18 @@ class ChatSession:
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def from_loaded(cls, loaded, *, system: str | None = None, params: SamplingParams | None = None,
+                    fast: bool = True) -> "ChatSession":
+        """A session over a loaded model (`loaders.auto.load`), as `lmforge run` starts one: the Modelfile's
+        SYSTEM, PARAMETERs and MESSAGE examples unless `system` / `params` say otherwise."""
+        mf = loaded.modelfile
+        if loaded.tokenizer.chat_template is None:
+            raise ValueError(f"{loaded.source} has no chat template (tokenizer_config.json chat_template); use "
+                             f"`lmforge generate` for plain text completion")
+        return cls(Engine(loaded.model, loaded.tokenizer, fast=fast), system=system if system is not None else mf.system,
+                   params=params or SamplingParams(**mf.parameters).validate(), messages=[dict(m) for m in mf.messages])
+
     def set(self, name: str, value: str) -> str:
         """Apply `/set name value`; returns a confirmation line. Raises ValueError for a bad name or value."""
         if name == "system":

@@ -311,12 +311,12 @@ def cmd_score(args) -> int:
 def cmd_run(args) -> int:
     from lmforge.chat import ChatSession, answer_once, repl
 
-    engine, mf = _load_engine(args)
-    if engine.tokenizer.chat_template is None:
-        raise UserError(f"{args.model} has no chat template (tokenizer_config.json chat_template); "
-                        f"use `lmforge generate` for plain text completion")
-    session = ChatSession(engine, system=args.system if args.system is not None else mf.system,
-                          params=_sampling_params(args, mf.parameters), messages=[dict(m) for m in mf.messages])
+    loaded = _load(args)
+    try:
+        session = ChatSession.from_loaded(loaded, system=args.system, fast=not args.no_fast,
+                                          params=_sampling_params(args, loaded.modelfile.parameters))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if not sys.stdin.isatty():
         try:
             return answer_once(session, sys.stdin.read())

@@ -182,10 +182,11 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
               "chat in the terminal: lmforge run quickstart-dpo    in the browser: lmforge serve quickstart-dpo")
     print(f"total wall time this run: {time.perf_counter() - t0:.0f}s")
     if chat and register and sys.stdin.isatty() and sys.stdout.isatty():
-        from lmforge.cli import main
+        from lmforge.chat import ChatSession, repl
+        from lmforge.loaders.auto import load
 
         print("\nstarting `lmforge run quickstart-dpo` (type /bye to leave)")
-        main(["run", "quickstart-dpo"])
+        repl(ChatSession.from_loaded(load(out / "dpo", device=dev)))
     return state
 
 
