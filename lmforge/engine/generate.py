@@ -5,8 +5,9 @@ then decodes one token per step for the whole batch, yielding a `TokenEvent` per
 token, its text delta (always whole UTF-8 characters), its log-probability and the top alternatives, and a
 finish reason when the sequence ends (EOS, a stop string, max_new_tokens, or the context limit).
 
-Prompts of different lengths are left-padded into one batch: each sequence gets its own positions and a
-key mask over the cache, so the padded batch computes exactly what each prompt would alone.
+Prompts of different lengths are left-padded into one batch: each sequence gets its own positions, and
+the attention mask (`KVCache.mask` over a per-row key mask) hides every row's padding, so the padded batch
+computes exactly what each prompt would alone.
 """
 
 from __future__ import annotations
@@ -216,8 +217,9 @@ class Engine:
         seqs = [SequenceState(self.tokenizer, ids, params, budgets[b], b, eos, dev) for b, ids in enumerate(encoded)]
         k_top = params.logprobs or 0
 
-        logits = self.model(idx, positions=positions if padded else None, cache=cache,
-                            key_mask=key_mask if padded else None, last_only=True)[:, -1].float()
+        prefill_mask = cache.mask(torch.arange(P, device=dev), key_mask) if padded else None
+        logits = self.model(idx, positions=positions if padded else None, cache=cache, mask=prefill_mask,
+                            last_only=True)[:, -1].float()
         next_pos = positions[:, -1] + 1
         step_slot = P
         all_slots = torch.arange(S, device=dev)  # slices of it feed each step, no per-step allocation
@@ -235,10 +237,10 @@ class Engine:
                 return
             # Feed every row its new token (finished rows too: their output is ignored, and keeping the
             # batch shape fixed avoids reshuffling the cache).
+            slot = all_slots[step_slot:step_slot + 1]
             key_mask[:, step_slot] = True
             logits = self.model(chosen[:, None], positions=next_pos[:, None] if padded else None, cache=cache,
-                                slots=all_slots[step_slot:step_slot + 1],
-                                key_mask=key_mask if padded else None)[:, -1].float()
+                                slots=slot, mask=cache.mask(slot, key_mask) if padded else None)[:, -1].float()
             next_pos = next_pos + 1
             step_slot += 1
 

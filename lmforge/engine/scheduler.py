@@ -360,7 +360,8 @@ class Scheduler:
         for b, x in enumerate(pieces):
             idx[b, :lengths[b]] = torch.tensor(x)
         slots = (start + torch.arange(width, device=dev)).expand(B, width)
-        return engine.model(idx.to(dev), cache=self.cache.rows(first_row + B, first_row), slots=slots,
+        view = self.cache.rows(first_row + B, first_row)
+        return engine.model(idx.to(dev), cache=view, slots=slots, mask=view.mask(slots),
                             output_positions=torch.tensor(lengths, device=dev) - 1)[:, -1].float()
 
     def _new_row(self, req: Request) -> _Row:
@@ -428,7 +429,7 @@ class Scheduler:
         tokens = torch.tensor([[row.next_token] for row in self.rows], device=dev)
         slots = torch.tensor([[row.pos] for row in self.rows], device=dev)
         view = self.cache.rows(n)
-        logits = self.engine.model(tokens, cache=view, slots=slots)[:, -1].float()
+        logits = self.engine.model(tokens, cache=view, slots=slots, mask=view.mask(slots))[:, -1].float()
         for row in self.rows:
             row.pos += 1
         self.steps += 1

@@ -259,25 +259,36 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,
-        key_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
         last_only: bool = False,
         output_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids `idx` (B, T); (B, 1, V) with `last_only`.
 
         Without a cache this is ordinary causal training/scoring: positions 0..T-1. With a `cache`, the new
-        tokens are written at `slots` (T,) of the cache (default: positions, or continuing after what the
-        cache holds) and attend to every earlier slot; `slots` (B, T) give each row its own timeline, where
-        slot = position and each row sees only its own earlier slots. `positions` (T,) or (B, T) give each token's position
-        when sequences of a batch are offset (left padding); `key_mask` (B, S) marks the cache slots each
-        sequence may attend to (False = padding). `output_positions` (B,) computes the logits of one chosen
-        place per row, (B, 1, V): the last real token of right-padded prompts in a batched prefill (the output
-        head over every place of 32 prompts would be the biggest tensor of the step).
+        tokens' keys and values are written at `slots` of the cache ((T,), or (B, T) for per-row timelines;
+        default: right after what the cache holds) and attention reads every slot written so far.
+
+        Which of those slots a query may see is the caller's to say, as in gpt-fast: `mask` (B|1, 1, T, S),
+        True = may attend, built with `KVCache.mask` (causal over slots, padding, per-row timelines). Without
+        one, a single new token sees every cached slot, and a chunk that fills an empty cache from slot 0 is
+        plain causal; anything else needs a mask, and its absence is an error rather than a silent leak.
+
+        `positions` (T,) or (B, T) give each token's position when they differ from its slot (left-padded
+        batches). `output_positions` (B,) computes the logits of one chosen place per row, (B, 1, V): the
+        last real token of right-padded prompts in a batched prefill (the output head over every place of
+        32 prompts would be the biggest tensor of the step).
         """
         B, T = idx.shape
         cfg = self.config
-        if cache is not None and slots is None:
-            slots = torch.arange(cache.length, cache.length + T, device=idx.device)
+        causal = mask is None
+        if cache is not None:
+            if slots is None:
+                slots = torch.arange(cache.length, cache.length + T, device=idx.device)
+            S = cache.advance(slots)
+            if mask is None and (slots.dim() == 2 or (T > 1 and S != T)):
+                raise ValueError("writing these slots of a KV cache needs an attention mask (KVCache.mask)")
+            causal = mask is None and T > 1
         if positions is None:
             positions = slots if slots is not None else torch.arange(T, device=idx.device)
         if int(positions.max()) >= cfg.context_length:
@@ -294,32 +305,6 @@ class GPT(nn.Module):
         rope = None
         if cfg.positions == "rope":
             rope = (self.rope_cos[pos2d][:, None], self.rope_sin[pos2d][:, None])  # (B|1, 1, T, D)
-
-        mask, causal = None, True
-        if cache is not None and slots.dim() == 2:
-            # Per-row timelines (continuous batching): row b's slot j holds its position j, so a query
-            # sees exactly the slots at or before its own; whatever a finished request left further
-            # along the row is never seen.
-            S = cache.advance(slots)
-            key_slots = torch.arange(S, device=idx.device)
-            mask = (key_slots[None, None, :] <= slots[:, :, None])[:, None]  # (B, 1, T, S)
-        elif cache is not None and T == 1 and key_mask is None:
-            cache.advance(slots)  # one new token sees every cached slot: no mask needed at all
-            causal = False
-        elif cache is not None:
-            S = cache.advance(slots)
-            key_slots = torch.arange(S, device=idx.device)
-            mask = key_slots[None, :] <= slots[:, None]  # (T, S): causal over cache slots
-            mask = mask[None, None]  # (1, 1, T, S)
-            if key_mask is not None:
-                # A padding query would otherwise see no key at all, and its softmax over nothing is NaN,
-                # which then leaks through the cached values of later layers; let every slot see itself.
-                itself = (key_slots[None, :] == slots[:, None])[None, None]
-                mask = (mask & key_mask[:, None, None, :S]) | itself  # (B, 1, T, S)
-        elif key_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            itself = torch.eye(T, dtype=torch.bool, device=idx.device)
-            mask = (causal[None, None] & key_mask[:, None, None, :T]) | itself
 
         for block in self.blocks:
             x = block(x, rope, mask, causal, cache, slots)

@@ -63,6 +63,27 @@ class KVCache:
         """Forget every entry (the buffers are reused, not reallocated)."""
         self.length = 0
 
+    def mask(self, slots: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention mask (B|1, 1, T, S) for queries written at `slots`, True = may attend, where S is
+        the valid length once they are written.
+
+        (T,) slots share one timeline: a query sees the slots at or before its own (causal over slots);
+        `key_mask` (B, >=S) then removes each row's padding (False), and a query at a padding slot still
+        sees itself, because a softmax over no key at all is NaN, which would leak into later layers
+        through its cached values. (B, T) slots give each row its own timeline: row b's slot j holds its
+        position j, so a query sees exactly its row's slots up to its own, never what a finished request
+        left further along the row.
+        """
+        S = max(self.length, int(slots.max()) + 1)
+        keys = torch.arange(S, device=slots.device)
+        if slots.dim() == 2:
+            return (keys[None, None, :] <= slots[:, :, None])[:, None]  # (B, 1, T, S)
+        mask = (keys[None, :] <= slots[:, None])[None, None]  # (1, 1, T, S)
+        if key_mask is not None:
+            itself = (keys[None, :] == slots[:, None])[None, None]
+            mask = (mask & key_mask[:, None, None, :S]) | itself  # (B, 1, T, S)
+        return mask
+
     def advance(self, slots: torch.Tensor) -> int:
         """Record that `slots` ((T,) ascending, or (B, T) per row) are about to be written; returns the new
         valid length."""

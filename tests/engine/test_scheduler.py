@@ -67,7 +67,7 @@ def test_per_row_slots_decode_like_full_recomputation():
         last = torch.stack([s[-1] for s in seqs])[:, None]
         slots = torch.tensor([[len(s) - 1] for s in seqs])
         view = cache.rows(3)
-        step = model(last, cache=view, slots=slots)[:, -1]
+        step = model(last, cache=view, slots=slots, mask=view.mask(slots))[:, -1]
         for b, s in enumerate(seqs):
             full = model(s[None])[0, -1]
             torch.testing.assert_close(step[b], full, rtol=1e-4, atol=1e-4)

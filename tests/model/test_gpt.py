@@ -115,9 +115,10 @@ def test_left_padded_batch_equals_each_sequence_alone():
         positions[b, pad:] = torch.arange(len(s))
     with torch.no_grad():
         cache = KVCache.for_model(cfg, 2)
-        out = model(idx, positions=positions, cache=cache, key_mask=key_mask)
+        out = model(idx, positions=positions, cache=cache, mask=cache.mask(torch.arange(S), key_mask))
         nxt = torch.tensor([[3], [7]])
-        out2 = model(nxt, positions=positions[:, -1:] + 1, cache=cache, key_mask=key_mask.index_fill(1, torch.tensor([S]), True))
+        key_mask[:, S] = True
+        out2 = model(nxt, positions=positions[:, -1:] + 1, cache=cache, mask=cache.mask(torch.tensor([S]), key_mask))
         for b, s in enumerate(seqs):
             alone = model(torch.cat([s, nxt[b]])[None])
             torch.testing.assert_close(out[b, -1], alone[0, len(s) - 1], atol=1e-5, rtol=1e-5)
