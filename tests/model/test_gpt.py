@@ -161,3 +161,20 @@ def test_logits_match_transformers(variant):
     idx = torch.randint(0, 97, (3, 40))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), ref(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_chunk_that_does_not_start_an_empty_cache_needs_a_mask():
+    """Without a mask the model could only guess what a chunk may see; it refuses instead of leaking."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = GPT(cfg)
+    cache = KVCache.for_model(cfg, 1)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)  # fills slots 0..2: plain causal
+        model(torch.tensor([[4]]), cache=cache)  # one token sees every cached slot
+        with pytest.raises(ValueError, match="needs an attention mask"):
+            model(torch.tensor([[5, 6]]), cache=cache)
+        with pytest.raises(ValueError, match="needs an attention mask"):
+            model(torch.tensor([[5]]), cache=KVCache.for_model(cfg, 1), slots=torch.tensor([[0]]))
+        slots = torch.tensor([4, 5])
+        assert model(torch.tensor([[5, 6]]), cache=cache, slots=slots, mask=cache.mask(slots)).shape == (1, 2, cfg.vocab_size)
