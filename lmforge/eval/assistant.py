@@ -67,7 +67,7 @@ def qa_f1(engine, conversations: Sequence[list[dict]], references: Sequence[str]
 
 @torch.no_grad()
 def preference_wins(model, tokenizer, examples, *, batch_size: int = 32) -> list[tuple[bool, bool]]:
-    """For each encoded preference example (`lmforge.data.chat.PreferenceExample`): whether the chosen reply
+    """For each encoded preference example (`lmforge.data.preferences.PreferenceExample`): whether the chosen reply
     has the higher log-likelihood (summed over its tokens), and whether it has the higher mean log-likelihood
     per token (length-normalised, as lm-evaluation-harness's acc_norm normalises by length).
 

@@ -106,11 +106,13 @@ def _recipe(opts: FinetuneOptions, n_examples: int, saved: dict | None) -> Train
 
 def _examples(opts: FinetuneOptions, tokenizer, max_len: int):
     """(train examples, val examples, summary lines) for the method."""
-    from lmforge.data import chat
+    from lmforge.data.preferences import encode_preferences
+    from lmforge.data.records import read_conversations, read_preferences
+    from lmforge.data.sft import encode_conversations
 
     val_spec = opts.val_data or _default_val(opts.data)
-    read, encode = ((chat.read_conversations, chat.encode_conversations) if opts.method == "sft"
-                    else (chat.read_preferences, chat.encode_preferences))
+    read, encode = ((read_conversations, encode_conversations) if opts.method == "sft"
+                    else (read_preferences, encode_preferences))
     data = read(opts.data, limit=opts.limit)
     enc = encode(tokenizer, data, max_len)
     lines = [data.summary(), enc.summary()]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import UserError
 
-IGNORE_INDEX = -100
+from lmforge.data.batching import IGNORE_INDEX  # the label that masks a place: set by the batches, skipped here
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -23,7 +23,7 @@ def pretrain(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
 def sft(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """Supervised fine-tuning: next-token loss on the assistant tokens only.
 
-    The batch comes from `lmforge.data.chat.SFTBatches`: `labels` are the shifted targets with -100 on
+    The batch comes from `lmforge.data.sft.SFTBatches`: `labels` are the shifted targets with -100 on
     system/user turns, role headers and padding, so the mean runs over exactly the reply tokens (and the
     end-of-turn token that teaches the model to stop). Right padding needs no attention mask: under the
     causal mask no real token ever attends to a pad that comes after it.

@@ -35,7 +35,8 @@ def test_preference_wins_sum_and_per_token_by_hand(tiny_tokenizer, tmp_path):
     import torch
 
     from conftest import save_tiny_model
-    from lmforge.data.chat import Preference, encode_preference
+    from lmforge.data.preferences import encode_preference
+    from lmforge.data.records import Preference
     from lmforge.eval.assistant import preference_accuracy, preference_wins
     from lmforge.loaders.auto import load
 
