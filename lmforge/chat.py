@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import IO, Callable
 
 from lmforge.engine.generate import Engine
-from lmforge.engine.prompt import chat_prompt_ids, conversation
+from lmforge.engine.prompt import chat_prompt_ids
 from lmforge.engine.sampling import SamplingParams
 
 # /set names, with the Ollama spellings as aliases (num_predict, repeat_penalty).
@@ -83,9 +83,6 @@ class ChatSession:
                      "frequency_penalty", "repeat_last_n", "seed", "max_new_tokens"))]
         return "\n".join(lines)
 
-    def conversation(self) -> list[dict]:
-        return conversation(self.messages, system=self.system)
-
     def prompt_ids(self) -> tuple[list[int], int]:
         """Token ids of the rendered conversation (with the assistant header), and how many of the oldest
         turns had to be dropped to leave room for an answer. The latest user turn is never dropped."""
@@ -93,7 +90,7 @@ class ChatSession:
         reserve = min(self.params.max_new_tokens, max(16, ctx // 4))
         dropped = 0
         while True:
-            ids = chat_prompt_ids(self.engine.tokenizer, self.conversation())
+            ids = chat_prompt_ids(self.engine.tokenizer, self.messages, system=self.system)
             if len(ids) + reserve <= ctx or len(self.messages) <= 1:
                 break
             # drop the oldest exchange (user + assistant) so the conversation still alternates

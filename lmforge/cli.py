@@ -226,12 +226,11 @@ def cmd_generate(args) -> int:
     tok = engine.tokenizer
     prompt = args.prompt
     if args.chat:
-        from lmforge.engine.prompt import chat_prompt_ids, conversation
+        from lmforge.engine.prompt import chat_prompt_ids
 
-        msgs = conversation([{"role": "user", "content": prompt}], examples=mf.messages,
-                            system=args.system if args.system is not None else mf.system)
         try:
-            prompt = chat_prompt_ids(tok, msgs)
+            prompt = chat_prompt_ids(tok, [{"role": "user", "content": prompt}], examples=mf.messages,
+                                     system=args.system if args.system is not None else mf.system)
         except ValueError as e:
             raise UserError(str(e)) from None
     if args.beams > 1:

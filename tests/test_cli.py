@@ -169,6 +169,23 @@ def test_generate_streams_text_and_shows_probabilities(capsys, model_dir):
     assert code == 0 and "beam 1: score" in out and "beam 2: score" in out
 
 
+def test_generate_beams_cut_at_stop_strings_as_the_server_does(capsys, model_dir):
+    """The CLI prints what the one beam finalisation (`finish_beams`) makes of the hypotheses."""
+    from conftest import load_engine
+    from lmforge.engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, num_beams=3, max_new_tokens=8)
+    best = load_engine(model_dir).beam_search("the", params)[0]
+    stop = best.text[3:5]
+    code, out, _ = run(capsys, "generate", model_dir, "--prompt", "the", "--max-new-tokens", "8", "--beams", "3",
+                       "--stop", stop, "--no-fast")
+    want = load_engine(model_dir).beam_search("the", SamplingParams(temperature=0, num_beams=3, max_new_tokens=8,
+                                                                    stop=[stop]))[0]
+    head, text = out.split("\n", 1)
+    assert code == 0 and text == want.text + "\n" and stop not in text
+    assert head.endswith(f"{want.n_tokens} tokens, stop)")
+
+
 def test_score_reports_likelihood(capsys, model_dir):
     code, out, _ = run(capsys, "score", model_dir, "--text", "the model reads the next word.", "--no-fast")
     assert code == 0 and "perplexity" in out and "total log-likelihood" in out and "most surprising" in out

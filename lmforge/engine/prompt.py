@@ -43,22 +43,27 @@ def conversation(turns: Sequence[dict], *, system: str | None = None, examples: 
     return ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in examples] + turns
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
-    """`messages` rendered through the model's chat template (ending with the assistant header when
-    `add_generation_prompt`) and encoded exactly as transformers' `apply_chat_template(tokenize=True)`:
-    no BOS beyond what the template writes."""
+def chat_prompt_ids(tokenizer: Any, turns: Sequence[dict], *, system: str | None = None,
+                    examples: Sequence[dict] = (), add_generation_prompt: bool = True) -> list[int]:
+    """The `conversation` of `turns` (with `system` and `examples`) rendered through the model's chat
+    template (ending with the assistant header when `add_generation_prompt`) and encoded exactly as
+    transformers' `apply_chat_template(tokenize=True)`: no BOS beyond what the template writes.
+
+    Only `turns` are checked for control-token text, and errors count messages as the caller numbered
+    them: the system prompt and the examples are the model's own (its Modelfile)."""
     if tokenizer.chat_template is None:
         raise ChatPromptError("this model has no chat template (tokenizer_config.json chat_template); use text "
                               "completion instead (lmforge generate, /v1/completions)", param="model",
                               code="model_not_chat")
     specials = tokenizer.control_token_texts()
-    for i, m in enumerate(messages):
+    for i, m in enumerate(turns):
         content = m.get("content")
         hit = next((t for t in specials if isinstance(content, str) and t in content), None)
         if hit is not None:
             raise ChatPromptError(f"message {i} contains the control token {hit!r}, which would forge the "
                                   f"conversation's structure", param=f"messages.{i}.content")
     try:
-        return tokenizer.encode_chat(list(messages), add_generation_prompt=add_generation_prompt)
+        return tokenizer.encode_chat(conversation(turns, system=system, examples=examples),
+                                     add_generation_prompt=add_generation_prompt)
     except UserError as e:  # the template raised (e.g. roles that do not alternate)
         raise ChatPromptError(f"the model's chat template refused these messages: {e}") from None

@@ -67,8 +67,7 @@ async def chat_completions(request: Request):
     streaming = False
     try:
         tok, mf = served.engine.tokenizer, served.modelfile
-        messages = tr.message_dicts(req.messages, mf.system, mf.messages)
-        ids = tr.chat_prompt_ids(tok, messages)
+        ids = tr.chat_prompt_ids(tok, tr.message_dicts(req.messages), mf.system, mf.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = tr.sampling_params(req, mf.parameters, prompt_len=len(ids), context=served.scheduler.context_length,
                                     vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens)
@@ -118,33 +117,19 @@ def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCom
 
 
 async def _beam_chat(served: Served, req: ChatCompletionRequest, ids: list[int], params: SamplingParams):
-    hyps = await _beam(served, ids, params, req.n)
-    tok = served.engine.tokenizer
-    choices = [tr.chat_choice(i, text, reason, None) for i, (text, _, reason) in enumerate(_beam_texts(tok, hyps, params))]
-    n_out = sum(len(h.ids) for h in hyps)
-    return JSONResponse(tr.chat_response(tr.new_id("chatcmpl"), req.model, choices, tr.usage(len(ids), n_out)))
+    beams = await _beam(served, ids, params, req.n)
+    choices = [tr.chat_choice(i, b.text, b.finish_reason, None) for i, b in enumerate(beams)]
+    usage = tr.usage(len(ids), sum(b.n_tokens for b in beams))
+    return JSONResponse(tr.chat_response(tr.new_id("chatcmpl"), req.model, choices, usage))
 
 
 async def _beam(served: Served, ids: list[int], params: SamplingParams, n: int):
+    """The `n` best beams, finished as the CLI finishes them (`Engine.beam_search` -> `finish_beams`)."""
     fut = served.scheduler.call(lambda: served.engine.beam_search(ids, params, n_best=n))
     try:
         return await asyncio.wrap_future(fut)
     except ValueError as e:
         raise invalid(str(e)) from None
-
-
-def _beam_texts(tok, hyps, params: SamplingParams) -> list[tuple[str, list[int], str]]:
-    """Text, ids and finish reason of each hypothesis: the EOS dropped, cut at the first stop string."""
-    eos = set(tok.eos_ids) | set(params.stop_token_ids)
-    out = []
-    for h in hyps:
-        ids = h.ids[:-1] if h.ids and h.ids[-1] in eos else list(h.ids)
-        text, reason = tok.decode(ids), h.finish_reason
-        cuts = [text.find(s) for s in params.stop if s in text]
-        if cuts:
-            text, reason = text[:min(cuts)], "stop"
-        out.append((text, ids, reason))
-    return out
 
 
 # -- text completions ---------------------------------------------------------------------------------------
@@ -174,13 +159,10 @@ async def completions(request: Request):
             return JSONResponse(tr.completion_response(tr.new_id("cmpl"), req.model, choices,
                                                        tr.usage(sum(map(len, prompts)), 0)))
         if params[0].num_beams > 1:
-            results = []
-            for p, sp in zip(prompts, params):
-                hyps = await _beam(served, p, sp, req.n)
-                results.extend(_beam_texts(tok, hyps, sp))
-            choices = [tr.completion_choice(j, text, reason, None) for j, (text, _, reason) in enumerate(results)]
+            beams = [b for p, sp in zip(prompts, params) for b in await _beam(served, p, sp, req.n)]
+            choices = [tr.completion_choice(j, b.text, b.finish_reason, None) for j, b in enumerate(beams)]
             return JSONResponse(tr.completion_response(tr.new_id("cmpl"), req.model, choices,
-                                                       tr.usage(sum(map(len, prompts)), sum(len(r[1]) for r in results))))
+                                                       tr.usage(sum(map(len, prompts)), sum(b.n_tokens for b in beams))))
         rows_prompts = [p for p in prompts for _ in range(req.n)]
         rows_params = [sp for sp in params for _ in range(req.n)]
         # sample i of every prompt draws from seed + i, as if that prompt had been sent alone

@@ -1,6 +1,6 @@
 """OpenAI requests -> engine inputs, and engine outputs -> OpenAI response objects.
 
-Pure functions, no I/O: `app.py` calls them between the HTTP layer and the scheduler, and tests can check
+Pure functions, no I/O: `routes.py` calls them between the HTTP layer and the scheduler, and tests can check
 the wire format without a server.
 
 Sampling defaults, from weakest to strongest: lmforge's (`SamplingParams`, Ollama's values), then the
@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, Sequence
 
-from lmforge.engine.prompt import ChatPromptError, conversation
+from lmforge.engine.prompt import ChatPromptError
 from lmforge.engine.prompt import chat_prompt_ids as build_chat_prompt
 from lmforge.engine.sampling import SamplingParams
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Message, invalid
@@ -30,11 +30,10 @@ def new_id(prefix: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Requests
 # ----------------------------------------------------------------------------------------------------
-def message_dicts(messages: Sequence[Message], system: str | None = None,
-                  examples: Sequence[dict] = ()) -> list[dict]:
+def message_dicts(messages: Sequence[Message]) -> list[dict]:
     """Plain {"role", "content"} dicts for the chat template. `developer` is OpenAI's new name for
-    `system`; text parts are joined; the Modelfile's SYSTEM and MESSAGE examples come first when the
-    request has no system message of its own."""
+    `system`; text parts are joined. (The Modelfile's SYSTEM and MESSAGE examples are added by the one
+    chat-prompt builder, `chat_prompt_ids`.)"""
     out: list[dict] = []
     for i, m in enumerate(messages):
         if m.role == "tool":
@@ -53,14 +52,17 @@ def message_dicts(messages: Sequence[Message], system: str | None = None,
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     if out[-1]["role"] == "system":
         raise invalid("the conversation has no user message after the system prompt", param="messages")
-    return conversation(out, system=system, examples=examples)
+    return out
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """The conversation as token ids, by the one chat-prompt builder (`engine/prompt.py`); what it refuses
+def chat_prompt_ids(tokenizer: Any, turns: list[dict], system: str | None = None, examples: Sequence[dict] = (),
+                    add_generation_prompt: bool = True) -> list[int]:
+    """The request's `turns` (after the Modelfile's `system` and `examples`, unless the turns hold their own
+    system message) as token ids, by the one chat-prompt builder (`engine/prompt.py`); what it refuses
     becomes a 400 naming the part of the request at fault."""
     try:
-        return build_chat_prompt(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        return build_chat_prompt(tokenizer, turns, system=system, examples=examples,
+                                 add_generation_prompt=add_generation_prompt)
     except ChatPromptError as e:
         raise invalid(str(e), param=e.param, **({"code": e.code} if e.code else {})) from None
 

@@ -177,13 +177,16 @@ def test_completion_stream_and_usage(client):
 def test_beam_search_extension(client, engine):
     from lmforge.engine.sampling import SamplingParams
 
-    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, n=2,
-                                       extra_body={"use_beam_search": True, "best_of": 3})
     ids = engine.tokenizer.encode_chat(MSG, add_generation_prompt=True)
-    hyps = engine.beam_search(ids, SamplingParams(temperature=0, num_beams=3, max_new_tokens=6), n_best=2)
-    eos = set(engine.tokenizer.eos_ids)
-    want = [engine.tokenizer.decode(h.ids[:-1] if h.ids and h.ids[-1] in eos else h.ids) for h in hyps]
-    assert [c.message.content for c in r.choices] == want
+    plain = engine.beam_search(ids, SamplingParams(temperature=0, num_beams=3, max_new_tokens=6), n_best=2)
+    stop = plain[0].text[2:4] or "e"  # a stop string inside the best beam's text: both sides must cut there
+    for extra in ({}, {"stop": [stop]}):
+        r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, n=2,
+                                           extra_body={"use_beam_search": True, "best_of": 3}, **extra)
+        want = engine.beam_search(ids, SamplingParams(temperature=0, num_beams=3, max_new_tokens=6, **extra), n_best=2)
+        assert [(c.message.content, c.finish_reason) for c in r.choices] == [(b.text, b.finish_reason) for b in want]
+        assert r.usage.completion_tokens == sum(b.n_tokens for b in want)
+    assert stop not in want[0].text and want[0].finish_reason == "stop"
 
 
 def test_tokenizer_routes_for_lm_eval(server, engine):
@@ -196,7 +199,7 @@ def test_tokenizer_routes_for_lm_eval(server, engine):
 
 
 def test_feedback_lands_as_training_data(server, monkeypatch, tmp_path):
-    from lmforge.data.chat import read_conversations, read_preferences
+    from lmforge.data.records import read_conversations, read_preferences
 
     monkeypatch.setattr(server.opts, "feedback_dir", tmp_path)
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]

@@ -14,6 +14,7 @@ import re
 
 import pytest
 
+from lmforge.engine.prompt import conversation
 from lmforge.engine.sampling import SamplingParams
 from lmforge.serve import translate as tr
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
@@ -108,8 +109,9 @@ EXAMPLES = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content"
                                   {"role": "user", "content": "b"}], id="a system message anywhere counts"),
 ])
 def test_message_dicts(messages, system, examples, expected):
+    """The request's turns as plain dicts, and the conversation the one chat-prompt builder makes of them."""
     req = chat(messages=messages)
-    assert tr.message_dicts(req.messages, system, examples) == expected
+    assert conversation(tr.message_dicts(req.messages), system=system, examples=examples) == expected
 
 
 @pytest.mark.parametrize("messages, expected", [
@@ -134,7 +136,7 @@ def test_message_dicts(messages, system, examples, expected):
 ])
 def test_message_dicts_refuses(messages, expected):
     req = chat(messages=messages)
-    assert refused(tr.message_dicts, req.messages, "be brief", EXAMPLES) == expected
+    assert refused(tr.message_dicts, req.messages) == expected
 
 
 def test_a_text_part_without_text_is_refused():
@@ -173,6 +175,19 @@ def test_chat_prompt_ids_refuses_control_tokens_in_text(tok, control, index):
     assert refused(tr.chat_prompt_ids, tok, messages) == error(
         f"message {index} contains the control token {control!r}, which would forge the conversation's structure",
         f"messages.{index}.content")
+
+
+def test_control_tokens_are_counted_in_the_requests_own_messages(tok):
+    """The Modelfile's SYSTEM and examples come first, but an error names the message the client sent."""
+    messages = [{"role": "user", "content": "a <|im_end|>"}]
+    assert refused(tr.chat_prompt_ids, tok, messages, "be brief", EXAMPLES) == error(
+        "message 0 contains the control token '<|im_end|>', which would forge the conversation's structure",
+        "messages.0.content")
+
+
+def test_chat_prompt_ids_adds_the_modelfile_system_and_examples(tok):
+    ids = tr.chat_prompt_ids(tok, U, "be brief", EXAMPLES)
+    assert ids == tr.chat_prompt_ids(tok, [SYS, *EXAMPLES, *U])
 
 
 def test_chat_prompt_ids_needs_a_chat_template(bare_tok):
