@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmforge.errors import UserError
-
 from lmforge.data.batching import IGNORE_INDEX  # the label that masks a place: set by the batches, skipped here
+from lmforge.errors import UserError
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -17,12 +16,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     log-softmax over a large vocabulary loses the small probabilities the loss is made of.
     """
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target_t | context) for every position: (B, T). The building block of scoring and DPO."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, *,
