@@ -52,7 +52,7 @@ def main() -> None:
 
     import torch
 
-    from lmforge.checkpoint import write_model_files
+    from lmforge.loaders.model_dir import write_model_files
     from lmforge.model.gpt import GPT
     from lmforge.presets import get_preset
 

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.checkpoint import Checkpointer  # noqa: E402
+from lmforge.train.checkpointer import Checkpointer  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 from lmforge.presets import get_preset  # noqa: E402
 from lmforge.train import objectives  # noqa: E402

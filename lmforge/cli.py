@@ -577,8 +577,9 @@ def cmd_align(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from lmforge.checkpoint import transaction, write_model_files
+    from lmforge.checkpoint import transaction
     from lmforge.loaders.auto import adapter_base, is_adapter_dir, load
+    from lmforge.loaders.model_dir import write_model_files
     from lmforge.store import resolve
 
     src = resolve(args.adapter)
@@ -588,7 +589,7 @@ def cmd_merge(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     loaded = load(src, merge=True)
-    from lmforge.checkpoint import read_lmforge_meta
+    from lmforge.loaders.model_dir import read_lmforge_meta
 
     lineage = {**read_lmforge_meta(src).get("lineage", {}), "merged_from_adapter": str(src), "base": adapter_base(src)}
     with transaction(out) as staging:

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.checkpoint import MARKER, STAGING, is_model_dir, recover
+from lmforge.checkpoint import MARKER, STAGING, recover
+from lmforge.loaders.model_dir import is_model_dir
 from lmforge.modelfile import FILE as MODELFILE
 from lmforge.errors import UserError
 from lmforge.io import fsync_dir
@@ -467,7 +468,7 @@ def check_model_dir(src: Path, *, allow_pickle: bool = False) -> str:
     Reads config.json (unsupported architectures and remote code are refused here, before anything is
     copied), the tokenizer, and the names and shapes of the weights from the safetensors headers.
     """
-    from lmforge.checkpoint import WeightFiles, expected_weight_shapes, load_config
+    from lmforge.loaders.model_dir import WeightFiles, expected_weight_shapes, load_config
     from lmforge.loaders.hf import hf_architecture
     from lmforge.tokenizer import load_hf_tokenizer
 
@@ -530,7 +531,7 @@ def _convert_pickles(src: Path, dst: Path) -> None:
     """Write the weights of a pickle-only directory (already allowed by the caller) as model.safetensors."""
     from safetensors.torch import save_file
 
-    from lmforge.checkpoint import WEIGHTS, WeightFiles
+    from lmforge.loaders.model_dir import WEIGHTS, WeightFiles
 
     weights = WeightFiles(src, allow_pickle=True)
     tensors = {k: weights[k].contiguous() for k in weights}

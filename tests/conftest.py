@@ -52,7 +52,7 @@ def save_tiny_model(directory, tokenizer, *, context_length: int = 64, embedding
     `embedding_scale` > 1 sharpens the (tied) output distribution, so greedy text varies across prompts."""
     import torch
 
-    from lmforge.checkpoint import Checkpointer
+    from lmforge.train.checkpointer import Checkpointer
     from lmforge.model.gpt import GPT
     from lmforge.presets import get_preset
 

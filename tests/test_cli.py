@@ -274,7 +274,7 @@ def test_export_hf_loads_in_transformers_with_identical_logits(capsys, tmp_path,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lmforge.checkpoint import load_model
+    from lmforge.loaders.model_dir import load_model
 
     code, out, err = run(capsys, "export", model_dir, "--format", "hf", "--out", tmp_path / "hf")
     assert code == 0, err
@@ -288,7 +288,7 @@ def test_export_hf_loads_in_transformers_with_identical_logits(capsys, tmp_path,
 
 
 def test_export_refuses_shapes_transformers_cannot_hold(capsys, tmp_path, tiny_tokenizer):
-    from lmforge.checkpoint import Checkpointer
+    from lmforge.train.checkpointer import Checkpointer
     from lmforge.model.gpt import GPT
     from lmforge.presets import get_preset
 
@@ -312,7 +312,7 @@ def test_pretrain_name_adds_the_model_to_the_store(capsys, tmp_path, corpus_file
 def test_gguf_export_import_run_in_place_and_in_the_store(capsys, tmp_path, model_dir):
     import torch
 
-    from lmforge.checkpoint import load_model
+    from lmforge.loaders.model_dir import load_model
     from lmforge.loaders.auto import load
 
     out = tmp_path / "tiny.gguf"

@@ -16,7 +16,7 @@ from lmforge.errors import UserError
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    from lmforge.checkpoint import Checkpointer
+    from lmforge.train.checkpointer import Checkpointer
     from lmforge.model.gpt import GPT
     from lmforge.presets import get_preset
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import build_model, is_model_dir, load_model
 from lmforge.errors import UserError
+from lmforge.loaders.model_dir import build_model, is_model_dir, load_model
 from lmforge.model.gpt import GPT
 from lmforge.modelfile import FILE as MODELFILE_JSON
 from lmforge.modelfile import Modelfile

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import transaction, write_model_files
+from lmforge.checkpoint import transaction
 from lmforge.errors import UserError
 from lmforge.loaders.auto import Loaded
 from lmforge.loaders.hf import NATIVE, hf_architecture
+from lmforge.loaders.model_dir import write_model_files
 
 # Modelfile parameter -> generation_config.json key (transformers' names).
 _GENERATION_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",

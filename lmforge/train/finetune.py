@@ -27,9 +27,11 @@ from typing import Any, Callable
 import torch
 
 from lmforge import __version__
-from lmforge.checkpoint import TRAINER_STATE, Checkpointer, read_lmforge_meta
+from lmforge.checkpoint import TRAINER_STATE
 from lmforge.errors import UserError
+from lmforge.loaders.model_dir import read_lmforge_meta
 from lmforge.train import objectives
+from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.device import resolve_device
 from lmforge.io import check_writable

@@ -16,17 +16,19 @@ import numpy as np
 import torch
 
 from lmforge import __version__
-from lmforge.checkpoint import Checkpointer, is_model_dir, load_config, load_model, read_lmforge_meta, read_trainer_state
+from lmforge.checkpoint import read_trainer_state
 from lmforge.data.corpus import corpus_fingerprint, load_documents
 from lmforge.data.shards import TokenData, get_batch, prepare_data
 from lmforge.device import resolve_device
 from lmforge.errors import UserError
 from lmforge.io import check_writable
+from lmforge.loaders.model_dir import is_model_dir, load_config, load_model, read_lmforge_meta
 from lmforge.model.gpt import GPT
 from lmforge.paths import cache_dir
 from lmforge.presets import get_preset
 from lmforge.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 from lmforge.train import objectives
+from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.plan import estimate, format_plan
 

@@ -1,7 +1,7 @@
 """Hugging Face import/export, proved against `transformers` itself.
 
 Models: tiny random transformers models (built from configs, saved with `save_pretrained`) load with
-`lmforge.checkpoint.load_model` and give the same logits (fp32, 1e-4) and the same greedy continuation
+`lmforge.loaders.model_dir.load_model` and give the same logits (fp32, 1e-4) and the same greedy continuation
 token for token; our own models exported with `write_model_files` load in `AutoModelForCausalLM`.
 Tokenizers: Llama-3-, ChatML/Qwen- and Mistral-style tokenizer directories render chats to the same text
 and the same ids as `AutoTokenizer`, add the same BOS to plain text, and stop on generation_config's EOS ids.
@@ -21,12 +21,13 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer as Backend  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
-from lmforge.checkpoint import Checkpointer, load_config, load_model  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
 from lmforge.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, hf_dtype, load_hf_tokenizer  # noqa: E402
+from lmforge.loaders.model_dir import load_config, load_model  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
+from lmforge.train.checkpointer import Checkpointer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()

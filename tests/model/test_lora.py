@@ -266,7 +266,7 @@ def _hf_pair(cfg: ModelConfig, tmp_path: Path):
     """Our model and the same weights as a transformers model (exported with write_model_files)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from lmforge.checkpoint import write_model_files
+    from lmforge.loaders.model_dir import write_model_files
 
     transformers.logging.set_verbosity_error()
     ours = model(cfg)

@@ -52,7 +52,7 @@ def train_parrot(directory: Path, pairs: list[tuple[str, str]], *, steps: int = 
     """
     import torch
 
-    from lmforge.checkpoint import Checkpointer
+    from lmforge.train.checkpointer import Checkpointer
     from lmforge.model.gpt import GPT
     from lmforge.presets import get_preset
     from lmforge.tokenizer import train_tokenizer

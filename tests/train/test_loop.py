@@ -10,7 +10,9 @@ import signal
 import pytest
 import torch
 
-from lmforge.checkpoint import Checkpointer, load_model, read_trainer_state
+from lmforge.checkpoint import read_trainer_state
+from lmforge.loaders.model_dir import load_model
+from lmforge.train.checkpointer import Checkpointer
 from lmforge.data.shards import prepare_data
 from lmforge.model.gpt import GPT
 from lmforge.presets import get_preset

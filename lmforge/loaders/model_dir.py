@@ -1,0 +1,281 @@
+"""The Hugging Face model directory on disk: write one, recognise one, read its config, stream its weights.
+
+A model directory is what transformers, vLLM and llama.cpp's converter read: `config.json` (with
+`architectures`), `model.safetensors` (or shards with an index), `tokenizer.json`, `tokenizer_config.json`,
+`generation_config.json`, plus `lmforge.json` for what only we record (lineage, training recipe). What the
+config keys and tensor names mean is `lmforge.loaders.hf`'s business; this module is about the files:
+which exist, how they are read without holding two copies of the weights, and refusing anything that is
+not plainly a directory of safetensors (pickles only on request, and then weights-only).
+
+Separate from `lmforge.checkpoint`, which makes several files replace their namesakes at once and keeps the
+trainer state: writing a model directory happens inside one of its transactions, but the transaction does
+not need to know what a model is (nor the loaders).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+
+from lmforge.checkpoint import recover, save_tensors
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+from lmforge.io import atomic_write_json
+from lmforge.loaders.hf import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from lmforge.model.gpt import GPT
+
+__all__ = [
+    "PICKLE_INDEX",
+    "PICKLE_WEIGHTS",
+    "WEIGHTS",
+    "WEIGHTS_INDEX",
+    "WeightFiles",
+    "build_model",
+    "expected_weight_shapes",
+    "is_model_dir",
+    "load_config",
+    "load_model",
+    "read_lmforge_meta",
+    "unwrap",
+    "write_model_files",
+]
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def unwrap(model: torch.nn.Module) -> GPT:
+    """The bare model under torch.compile / DDP / FSDP wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def write_model_files(directory: Path, model: torch.nn.Module, *, tokenizer=None, lineage: dict | None = None,
+                      generation: dict | None = None) -> None:
+    """Write the HF-layout files of `model` into `directory` (use inside a `transaction`)."""
+    model = unwrap(model)
+    cfg = model.config
+    eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else None
+    bos = tokenizer.bos_id if tokenizer is not None else None
+    eos_main = tokenizer.eos_id if tokenizer is not None else None
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    atomic_write_json(directory / "config.json", config_to_hf(cfg, bos_token_id=bos, eos_token_id=eos_main, dtype=dtype))
+    gen = {"bos_token_id": bos, "eos_token_id": eos_ids, "pad_token_id": getattr(tokenizer, "pad_id", None),
+           **(generation or {})}
+    atomic_write_json(directory / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    sd = state_dict_to_hf(cfg, model.state_dict())
+    save_tensors(directory / WEIGHTS, sd)
+    atomic_write_json(directory / "lmforge.json", {"format_version": 1, "model_config": cfg.to_dict(),
+                                                   "lineage": lineage or {}, "saved_at": time.time()})
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def _require_model_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory")
+    if not p.is_dir():
+        raise UserError(f"{p} is not a model directory (it is a file)")
+    recover(p)
+    if not (p / "config.json").is_file():
+        raise UserError(f"{p} is not a model directory: it has no config.json")
+    return p
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    p = _require_model_dir(path)
+    try:
+        d = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p / 'config.json'}: not valid JSON ({e})") from None
+    return config_from_hf(d, source=str(p / "config.json"))
+
+
+def _shard_names(index_file: Path) -> list[str]:
+    """The shard files an index names: plain file names in the same directory, nothing else.
+
+    The index is input like any other: a weight_map value of "../../x" must not make us open a file
+    outside the model directory.
+    """
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{index_file}: not a valid weight index ({e})") from None
+    names = sorted(set(weight_map.values()))
+    for n in names:
+        if not isinstance(n, str) or not n or n in (".", "..") or "/" in n or "\\" in n or "\x00" in n:
+            raise UserError(f"{index_file}: shard name {n!r} is not a plain file name in the model directory")
+    return names
+
+
+class WeightFiles(Mapping):
+    """The tensors of a model directory by checkpoint name, read one at a time from memory-mapped files.
+
+    Why lazy: building our fused q|k|v and gate|up weights needs the source tensors only until they are
+    concatenated. Reading each tensor when it is asked for (and letting it go right after) keeps the peak
+    memory of a load at about one copy of the weights, instead of the file's copy plus ours.
+
+    `dtype` casts each tensor as it is read, so a bf16 checkpoint loaded in fp32 never holds both.
+    Pickled weights (`pytorch_model.bin`) are refused unless `allow_pickle`, and then go only through
+    `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+    """
+
+    def __init__(self, directory: Path, *, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> None:
+        from safetensors import safe_open
+
+        self.directory, self.dtype = directory, dtype
+        self._where: dict[str, Any] = {}  # tensor name -> open safetensors handle, or the tensor (pickles)
+        self._handles: list[Any] = []
+        files = self._safetensors_files()
+        if files is None:
+            self._load_pickles(allow_pickle)
+            return
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{directory} is not a complete model directory: {f.name} is missing")
+            try:
+                handle = safe_open(str(f), framework="pt")
+                names = list(handle.keys())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise UserError(f"{f}: not a readable safetensors file ({_one_line(e)})") from None
+            self._handles.append(handle)
+            for n in names:
+                if n in self._where:
+                    raise UserError(f"{f}: tensor {n!r} also appears in another shard")
+                self._where[n] = (handle, f)
+
+    def _safetensors_files(self) -> list[Path] | None:
+        d = self.directory
+        if (d / WEIGHTS).is_file():
+            return [d / WEIGHTS]
+        if (d / WEIGHTS_INDEX).is_file():
+            return [d / n for n in _shard_names(d / WEIGHTS_INDEX)]
+        return None
+
+    def _load_pickles(self, allow_pickle: bool) -> None:
+        d = self.directory
+        if (d / PICKLE_WEIGHTS).is_file():
+            files = [d / PICKLE_WEIGHTS]
+        elif (d / PICKLE_INDEX).is_file():
+            files = [d / n for n in _shard_names(d / PICKLE_INDEX)]
+        else:
+            raise UserError(f"{d} is not a model directory: it has no {WEIGHTS} (or {WEIGHTS_INDEX})")
+        if not allow_pickle:
+            raise UserError(f"{d} holds only pickled weights ({files[0].name}); loading a pickle can run code. "
+                            f"Pass --allow-pickle to load it with torch.load(weights_only=True), "
+                            f"or use a safetensors copy of the model")
+        for f in files:
+            try:
+                obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...: never fall back
+                raise UserError(f"{f}: refused or unreadable as a weights-only pickle ({_one_line(e)})") from None
+            if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+                raise UserError(f"{f}: expected a dict of named tensors")
+            for n, t in obj.items():
+                self._where[n] = (t, f)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        source, f = self._where[name]
+        if torch.is_tensor(source):
+            t = source
+        else:
+            try:
+                t = source.get_tensor(name)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise UserError(f"{f}: tensor {name!r} is unreadable ({_one_line(e)})") from None
+        return t if self.dtype is None or not t.is_floating_point() else t.to(self.dtype)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the file headers alone (nothing is read)."""
+        out = {}
+        for name, (source, f) in self._where.items():
+            try:
+                out[name] = tuple(source.shape) if torch.is_tensor(source) else tuple(source.get_slice(name).get_shape())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise UserError(f"{f}: tensor {name!r} is unreadable ({_one_line(e)})") from None
+        return out
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor to find out
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def expected_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape for `cfg`, computed on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return {k: tuple(v.shape) for k, v in state_dict_to_hf(cfg, model.state_dict()).items()}
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               allow_pickle: bool = False) -> GPT:
+    """Build the model described by `path/config.json` and load its weights (strictly: no silent zeros).
+
+    The weights are read tensor by tensor from memory-mapped files and *assigned* to a model built on the
+    meta device, so loading holds about one copy of the weights (plus one layer's worth in flight).
+    `dtype=None` loads floating-point weights as float32, whatever the file stores.
+    """
+    p = _require_model_dir(path)
+    cfg = load_config(p)
+    weights = WeightFiles(p, dtype=dtype or torch.float32, allow_pickle=allow_pickle)
+    return build_model(cfg, state_dict_from_hf(cfg, weights, source=str(p)), source=str(p), device=device)
+
+
+def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, source: str, device: str | torch.device = "cpu") -> GPT:
+    """A GPT for `cfg` whose parameters *are* the tensors of `sd` (our names): no second copy is made.
+
+    Every parameter must be present with the shape the config implies; a mismatch names the tensor.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    want = model.state_dict()
+    missing, unexpected = set(want) - set(sd), set(sd) - set(want)
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not match the config (missing: {sorted(missing)[:5]}, "
+                        f"unexpected: {sorted(unexpected)[:5]})")
+    for name, t in sd.items():
+        if tuple(t.shape) != tuple(want[name].shape):
+            raise UserError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(want[name].shape)}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    for name, table in model.position_tables().items():  # derived from the config, never stored
+        setattr(model, name, table)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    return model.to(device).eval()
+
+
+def read_lmforge_meta(path: str | os.PathLike) -> dict[str, Any]:
+    f = Path(path) / "lmforge.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
