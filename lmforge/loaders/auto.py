@@ -19,7 +19,9 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.loaders.model_dir import build_model, is_model_dir, load_model
+from lmforge.loaders.peft import adapter_base, is_adapter_dir, load_adapter
 from lmforge.model.gpt import GPT
+from lmforge.model.lora import merge_lora
 from lmforge.modelfile import FILE as MODELFILE_JSON
 from lmforge.modelfile import Modelfile
 from lmforge.tokenizer import Tokenizer
@@ -34,28 +36,6 @@ class Loaded:
     source: Path  # the directory or .gguf file the weights came from
     format: str  # "safetensors", "pickle" or "gguf:<file type>"
     modelfile: Modelfile = field(default_factory=Modelfile)
-
-
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    """A LoRA run or adapter directory (PEFT layout) without full weights of its own."""
-    p = Path(path)
-    return p.is_dir() and (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
-
-
-def adapter_base(directory: Path) -> str:
-    """The base model an adapter directory names (`base_model_name_or_path`), as a path or store name."""
-    try:
-        d = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        base = d.get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        raise UserError(f"{directory / ADAPTER_CONFIG}: unreadable") from None
-    if not isinstance(base, str) or not base:
-        raise UserError(f"{directory / ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
-                        f"load the base model and the adapter together instead")
-    return base
 
 
 def gguf_file(path: str | os.PathLike) -> Path | None:
@@ -115,8 +95,6 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     if mf.template is not None:
         loaded.tokenizer.chat_template = mf.template
     if mf.adapter:  # Modelfile ADAPTER: copied into the store entry by `lmforge create`
-        from lmforge.model.lora import load_adapter, merge_lora
-
         load_adapter(loaded.model, directory / mf.adapter)
         if merge:
             merge_lora(loaded.model)
@@ -125,8 +103,6 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
 
 def _load_adapter_dir(p: Path, *, device, dtype, allow_pickle: bool, merge: bool) -> Loaded:
     """Base model (named in adapter_config.json) + the adapter; merged unless `merge=False` (training on)."""
-    from lmforge.model.lora import load_adapter, merge_lora
-
     base_ref = adapter_base(p)
     from lmforge.store import resolve
 

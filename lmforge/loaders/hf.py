@@ -1,13 +1,17 @@
-"""Hugging Face model directories: `config.json` <-> `ModelConfig`, and explicit tensor-name maps.
+"""Hugging Face naming: `config.json` <-> `ModelConfig`, and ONE table of tensor names per architecture family.
 
 Why explicit maps: an importer that guesses tensor names breaks silently (a transposed or unpermuted
-weight still loads, it just produces garbage). Each architecture here is a table of names, proved by a
-logits-parity test against `transformers` (tests/loaders/test_hf.py).
+weight still loads, it just produces garbage). Each family here is a table of names (`TENSOR_NAMES`:
+Llama-like, which covers Mistral and Qwen2; GPT-2; and our own), proved by a logits-parity test against
+`transformers` (tests/loaders/test_hf.py). `family(cfg)` is the one rule for which table applies, and
+everything that names a tensor asks it: import and export here, GGUF (through these names), and LoRA
+targets and adapter files (`lmforge.loaders.peft`).
 
 Our model fuses q/k/v into one projection (`attn.qkv`) and gate/up into one (`mlp.fc`) for speed; the
 maps split and join them, so what lands on disk is the layout transformers, vLLM and llama.cpp's converter
 expect. Configs that no transformers class describes (e.g. sinusoidal positions) are written with
 `architectures: ["LmforgeForCausalLM"]`, our own tensor names and the full `ModelConfig` under `lmforge`.
+The files themselves (which exist, how weights are streamed) are `lmforge.loaders.model_dir`'s.
 
 What we refuse, and why: a config that asks for computation our model does not do (a rope scaling type we
 don't implement, an activation other than the one our MLP applies, custom code behind `auto_map`) is a
@@ -16,28 +20,40 @@ don't implement, an activation other than the one our MLP applies, custom code b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lmforge.config import ROPE_SCALING_TYPES, ModelConfig
 from lmforge.errors import UserError
+from lmforge.model.gpt import GPT
+from lmforge.model.lora import PROJECTIONS, projection_parts
 from lmforge.tokenizer import load_hf_tokenizer
 
 __all__ = [
     "GPT2",
+    "GPT2_FAMILY",
+    "LLAMA_FAMILY",
     "LLAMA_LIKE",
     "NATIVE",
+    "NATIVE_FAMILY",
     "SUPPORTED_ARCHITECTURES",
+    "TENSOR_NAMES",
+    "TensorNames",
     "config_from_hf",
     "config_to_hf",
+    "family",
     "hf_architecture",
-    "hf_dtype",
+    "hf_modules",
+    "hf_tensor_names",
     "is_gpt2_shaped",
     "is_llama_shaped",
     "load_hf_tokenizer",
     "state_dict_from_hf",
     "state_dict_to_hf",
+    "tensor_names",
 ]
 
 LLAMA_LIKE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -178,17 +194,6 @@ def config_to_hf(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token
 # ---------------------------------------------------------------------------------------------------
 # config.json: reading
 # ---------------------------------------------------------------------------------------------------
-def hf_dtype(d: dict[str, Any]) -> torch.dtype | None:
-    """The checkpoint's declared dtype (`dtype` in transformers 5, `torch_dtype` before), if it names one."""
-    name = d.get("dtype") or d.get("torch_dtype")
-    if isinstance(name, str):
-        name = name.removeprefix("torch.")
-        dt = getattr(torch, name, None)
-        if isinstance(dt, torch.dtype):
-            return dt
-    return None
-
-
 def _architecture(d: dict[str, Any], source: str) -> str:
     auto_map = d.get("auto_map")
     if isinstance(auto_map, dict) and any(k == "AutoConfig" or k.startswith("AutoModel") for k in auto_map):
@@ -329,68 +334,130 @@ def _gpt2_config(d: dict[str, Any], ours: dict[str, Any], source: str) -> ModelC
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tensor names
+# Tensor names: ONE table per architecture family
 # ---------------------------------------------------------------------------------------------------
-# GPT-2, per layer: (ours under blocks.N., theirs under transformer.h.N., is a Conv1D weight). GPT-2's
-# Conv1D stores its weight as (in, out) and computes x @ W + b, so its weights are the transpose of our
-# nn.Linear (out, in). c_attn's output columns are q | k | v, heads contiguous inside each, exactly the
-# rows of our fused attn.qkv.
-_GPT2_LAYER = [
-    ("norm1.weight", "ln_1.weight", False), ("norm1.bias", "ln_1.bias", False),
-    ("attn.qkv.weight", "attn.c_attn.weight", True), ("attn.qkv.bias", "attn.c_attn.bias", False),
-    ("attn.proj.weight", "attn.c_proj.weight", True), ("attn.proj.bias", "attn.c_proj.bias", False),
-    ("norm2.weight", "ln_2.weight", False), ("norm2.bias", "ln_2.bias", False),
-    ("mlp.fc.weight", "mlp.c_fc.weight", True), ("mlp.fc.bias", "mlp.c_fc.bias", False),
-    ("mlp.proj.weight", "mlp.c_proj.weight", True), ("mlp.proj.bias", "mlp.c_proj.bias", False),
-]
-_GPT2_TOP = [("tok_emb.weight", "wte.weight"), ("pos_emb.weight", "wpe.weight"),
-             ("norm.weight", "ln_f.weight"), ("norm.bias", "ln_f.bias")]
-# (attn.bias / attn.masked_bias in older GPT-2 files are causal-mask buffers, not weights: never read.)
+LLAMA_FAMILY, GPT2_FAMILY, NATIVE_FAMILY = "llama", "gpt2", "lmforge"
 
 
-def _split_sizes(cfg: ModelConfig) -> list[int]:
-    return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+@dataclass(frozen=True)
+class TensorNames:
+    """How one architecture family names our modules, in its model files and in PEFT adapters for it.
+
+    A module of ours is `tok_emb`, `norm`, `lm_head` (top level) or `blocks.N.<module>`; theirs is
+    `body + top[...]`, `head`, or `body + layer.format(N) + block[<module>]`. A `block` entry that is a
+    dict names each row slice of one of our fused projections (`lmforge.model.lora.projection_parts`:
+    q|k|v of attn.qkv, gate|up of a SwiGLU mlp.fc) as a module of its own, as Llama does; a string is one
+    module holding all the rows, as GPT-2's c_attn holds q|k|v.
+    """
+
+    family: str
+    title: str  # how messages name the family
+    body: str  # prefix of every module but the output head: "model." (Llama), "transformer." (GPT-2)
+    layer: str  # block N under `body`, a format string
+    top: dict[str, str]
+    block: dict[str, str | dict[str, str]]
+    transposed: frozenset[str] = frozenset()  # weights stored (in, out): GPT-2's Conv1D computes x @ W + b
+    body_optional: bool = False  # files may leave `body` out (GPT-2 saved from the bare GPT2Model)
+    head: str = "lm_head"
+
+
+_OURS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc", "mlp.proj")
+TENSOR_NAMES: dict[str, TensorNames] = {
+    # Llama, Mistral and Qwen2 name their tensors alike (Qwen2 adds q/k/v biases under the same modules).
+    LLAMA_FAMILY: TensorNames(
+        LLAMA_FAMILY, "Llama-style", "model.", "layers.{}.",
+        top={"tok_emb": "embed_tokens", "norm": "norm"},
+        block={"norm1": "input_layernorm",
+               "attn.qkv": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+               "attn.proj": "self_attn.o_proj",
+               "norm2": "post_attention_layernorm",
+               "mlp.fc": {"gate": "mlp.gate_proj", "up": "mlp.up_proj"},
+               "mlp.proj": "mlp.down_proj"}),
+    # GPT-2's c_attn output columns are q | k | v, heads contiguous inside each: exactly the rows of our
+    # fused attn.qkv. (attn.bias / attn.masked_bias in older files are causal-mask buffers, never read.)
+    GPT2_FAMILY: TensorNames(
+        GPT2_FAMILY, "GPT-2-style", "transformer.", "h.{}.",
+        top={"tok_emb": "wte", "pos_emb": "wpe", "norm": "ln_f"},
+        block={"norm1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
+               "norm2": "ln_2", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"},
+        transposed=frozenset({"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"}), body_optional=True),
+    # Shapes no transformers class describes are saved under our own names (architecture LmforgeForCausalLM).
+    NATIVE_FAMILY: TensorNames(
+        NATIVE_FAMILY, "lmforge-native", "", "blocks.{}.",
+        top={"tok_emb": "tok_emb", "pos_emb": "pos_emb", "norm": "norm"},
+        block={m: m for m in _OURS}),
+}
+
+
+def family(cfg: ModelConfig) -> str:
+    """THE rule for which table names a model's tensors: the family of the transformers class that
+    computes exactly what `cfg` does (`hf_architecture`), else our own. Exporting, importing, LoRA target
+    names and adapter files all ask this, so they cannot disagree."""
+    arch = hf_architecture(cfg)
+    return GPT2_FAMILY if arch == GPT2 else NATIVE_FAMILY if arch == NATIVE else LLAMA_FAMILY
+
+
+def tensor_names(cfg: ModelConfig) -> TensorNames:
+    return TENSOR_NAMES[family(cfg)]
+
+
+def hf_modules(cfg: ModelConfig, module: str) -> dict[str, list[str]]:
+    """Their module name (under the layer prefix) -> the parts of our per-block `module` it holds, in row
+    order: {"self_attn.q_proj": ["q"], ...} where a family splits it, {"attn.c_attn": ["q", "k", "v"]} where not."""
+    theirs = tensor_names(cfg).block[module]
+    parts = [p for p, _, _ in projection_parts(cfg, module)]
+    if isinstance(theirs, dict):
+        return {theirs[p]: [p] for p in parts}
+    return {theirs: parts}
+
+
+def hf_tensor_names(cfg: ModelConfig, ours: str) -> list[str]:
+    """Our tensor name -> the checkpoint's (several, in row order, for a fused projection a family splits)."""
+    names = tensor_names(cfg)
+    module, _, kind = ours.rpartition(".")
+    if module == "lm_head":
+        return [f"{names.head}.{kind}"]
+    if module.startswith("blocks."):
+        _, layer, mine = module.split(".", 2)
+        prefix = names.body + names.layer.format(layer)
+        theirs = list(hf_modules(cfg, mine)) if mine in PROJECTIONS else [names.block[mine]]
+        return [f"{prefix}{t}.{kind}" for t in theirs]
+    return [f"{names.body}{names.top[module]}.{kind}"]
+
+
+def _our_names(cfg: ModelConfig) -> list[str]:
+    """Our tensor names for `cfg`, from a model built on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        return list(GPT(cfg).state_dict())
+
+
+def _is_transposed(names: TensorNames, ours: str) -> bool:
+    module, _, kind = ours.rpartition(".")
+    return kind == "weight" and module.startswith("blocks.") and module.split(".", 2)[2] in names.transposed
 
 
 def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our parameter names -> the checkpoint's names (a new dict; tied lm_head left out)."""
-    arch = hf_architecture(cfg)
-    if arch == NATIVE:
+    if family(cfg) == NATIVE_FAMILY:  # our own names: nothing to rename
         out = dict(sd)
         if cfg.tie_embeddings:
             out.pop("lm_head.weight", None)
         return out
-    if arch == GPT2:
-        out = {"transformer." + theirs: sd[mine] for mine, theirs in _GPT2_TOP}
-        for i in range(cfg.n_layers):
-            for mine, theirs, conv1d in _GPT2_LAYER:
-                w = sd[f"blocks.{i}.{mine}"]
-                out[f"transformer.h.{i}.{theirs}"] = w.t() if conv1d else w
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = sd["lm_head.weight"]
-        return {k: v.contiguous() for k, v in out.items()}
-    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.n_layers):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        out[h + "input_layernorm.weight"] = sd[p + "norm1.weight"]
-        out[h + "post_attention_layernorm.weight"] = sd[p + "norm2.weight"]
-        for kind in ("weight", "bias"):
-            if p + f"attn.qkv.{kind}" in sd:
-                q, k, v = sd[p + f"attn.qkv.{kind}"].split(_split_sizes(cfg), dim=0)
-                out[h + f"self_attn.q_proj.{kind}"], out[h + f"self_attn.k_proj.{kind}"], out[h + f"self_attn.v_proj.{kind}"] = q, k, v
-            if p + f"attn.proj.{kind}" in sd:
-                out[h + f"self_attn.o_proj.{kind}"] = sd[p + f"attn.proj.{kind}"]
-            if p + f"mlp.fc.{kind}" in sd:
-                gate, up = sd[p + f"mlp.fc.{kind}"].chunk(2, dim=0)
-                out[h + f"mlp.gate_proj.{kind}"], out[h + f"mlp.up_proj.{kind}"] = gate, up
-            if p + f"mlp.proj.{kind}" in sd:
-                out[h + f"mlp.down_proj.{kind}"] = sd[p + f"mlp.proj.{kind}"]
+    names = tensor_names(cfg)
+    out = {}
+    for ours in _our_names(cfg):
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        w, theirs = sd[ours], hf_tensor_names(cfg, ours)
+        if len(theirs) > 1:  # q|k|v or gate|up: one tensor per part
+            module = ours.rpartition(".")[0].split(".", 2)[2]
+            out.update(zip(theirs, w.split([stop - start for _, start, stop in projection_parts(cfg, module)], dim=0)))
+        else:
+            out[theirs[0]] = w.t() if _is_transposed(names, ours) else w
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def state_dict_from_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def state_dict_from_hf(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A checkpoint's tensors -> our parameter names. Missing tensors are a clear error, never zeros;
     tensors we have no use for (rotary inv_freq, GPT-2's attention-mask buffers) are ignored."""
     def take(name: str) -> torch.Tensor:
@@ -398,40 +465,26 @@ def state_dict_from_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, so
             raise UserError(f"{source}: tensor {name!r} is missing")
         return tensors[name]
 
-    arch = hf_architecture(cfg)
-    if arch == NATIVE:
+    if family(cfg) == NATIVE_FAMILY:
         out = dict(tensors)
         if cfg.tie_embeddings:
             out["lm_head.weight"] = take("tok_emb.weight")
         return out
-    if arch == GPT2:
-        # GPT2LMHeadModel saves under "transformer."; files saved from the bare GPT2Model (the original
-        # openai-community/gpt2 upload among them) have no prefix.
-        pre = "transformer." if "transformer.wte.weight" in tensors or "wte.weight" not in tensors else ""
-        out = {mine: take(pre + theirs) for mine, theirs in _GPT2_TOP}
-        for i in range(cfg.n_layers):
-            for mine, theirs, conv1d in _GPT2_LAYER:
-                w = take(f"{pre}h.{i}.{theirs}")
-                out[f"blocks.{i}.{mine}"] = w.t() if conv1d else w
-        out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else take("lm_head.weight")
-        return out
-    out = {"tok_emb.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    # Tied checkpoints sometimes still ship lm_head; the embedding is the one we keep.
-    out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else take("lm_head.weight")
-    has_qkv_bias = cfg.attention_bias or cfg.qkv_bias
-    for i in range(cfg.n_layers):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        out[p + "norm1.weight"] = take(h + "input_layernorm.weight")
-        out[p + "norm2.weight"] = take(h + "post_attention_layernorm.weight")
-        out[p + "attn.qkv.weight"] = torch.cat([take(h + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=0)
-        out[p + "attn.proj.weight"] = take(h + "self_attn.o_proj.weight")
-        if has_qkv_bias:
-            out[p + "attn.qkv.bias"] = torch.cat([take(h + f"self_attn.{x}_proj.bias") for x in "qkv"], dim=0)
-        if cfg.attention_bias:
-            out[p + "attn.proj.bias"] = take(h + "self_attn.o_proj.bias")
-        out[p + "mlp.fc.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")], dim=0)
-        out[p + "mlp.proj.weight"] = take(h + "mlp.down_proj.weight")
-        if cfg.mlp_bias:
-            out[p + "mlp.fc.bias"] = torch.cat([take(h + "mlp.gate_proj.bias"), take(h + "mlp.up_proj.bias")], dim=0)
-            out[p + "mlp.proj.bias"] = take(h + "mlp.down_proj.bias")
+    names = tensor_names(cfg)
+    # GPT2LMHeadModel saves under "transformer."; files saved from the bare GPT2Model (the original
+    # openai-community/gpt2 upload among them) have no prefix.
+    first = f"{names.top['tok_emb']}.weight"
+    bare = names.body_optional and names.body + first not in tensors and first in tensors
+    out = {}
+    for ours in _our_names(cfg):
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # tied checkpoints sometimes still ship lm_head; the embedding is the one we keep
+        theirs = [t.removeprefix(names.body) if bare else t for t in hf_tensor_names(cfg, ours)]
+        if len(theirs) > 1:
+            out[ours] = torch.cat([take(t) for t in theirs], dim=0)
+        else:
+            w = take(theirs[0])
+            out[ours] = w.t() if _is_transposed(names, ours) else w
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["tok_emb.weight"]
     return out

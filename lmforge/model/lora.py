@@ -8,39 +8,25 @@ B (r * (in + out) numbers per matrix instead of in * out). `apply_lora` swaps ch
 and restores plain `nn.Linear`s, so a merged model is an ordinary GPT that exports, quantizes and runs on
 the fast path like any other. `model/gpt.py` knows nothing of this file.
 
-Targets are named in Hugging Face / PEFT vocabulary, because that is what recipes and users say:
-
-    Llama-like (SwiGLU MLP)   q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
-    GPT-2-like (GELU MLP)     c_attn (= q, k, v)  c_proj (= attn.c_proj and mlp.c_proj, as PEFT's suffix
-                              match does)  attn.c_proj  mlp.c_proj  c_fc; and the Llama names above that exist
-                              (q_proj .. o_proj, up_proj = c_fc, down_proj = mlp.c_proj)
-    either                    all-linear (every projection of every block, not lm_head, as in PEFT)
+Targets here are in OUR vocabulary: a per-block projection (`PROJECTIONS`: attn.qkv, attn.proj, mlp.fc,
+mlp.proj) and the named row slices of it to adapt (`projection_parts`: q, k, v of attn.qkv; gate, up of a
+SwiGLU mlp.fc; o; down), e.g. `apply_lora(model, targets={"attn.qkv": ["q", "v"]})`. What users and
+recipes say (q_proj, c_attn, all-linear: Hugging Face / PEFT names, which depend on the architecture
+family) and PEFT's adapter files are `lmforge.loaders.peft`'s business: it resolves those names with the
+one tensor-name table in `lmforge.loaders.hf` and calls this module. The model layer never imports the
+loaders, so the names cannot be decided twice.
 
 Fused projections. Our model computes q|k|v with one matrix (`attn.qkv`) and gate|up with one (`mlp.fc`).
 A `LoRALinear` on a fused matrix may adapt only some row slices of it ("parts": e.g. q and v of qkv): it has
 ONE A (r, in) shared by its parts and a B holding only the adapted rows, whose update is added into those
 output rows. Sharing A is exactly "q, k and v adapters that happen to have the same A, with B's rows split",
-which is how such an adapter is saved (see below); it costs r * in fewer parameters per extra part than
-PEFT's separate adapters of the same rank, and runs as two matmuls instead of two per part.
+which is how such an adapter is saved in PEFT's layout; it costs r * in fewer parameters per extra part
+than PEFT's separate adapters of the same rank, and runs as two matmuls instead of two per part. Adapters
+made by peft, whose q, k and v have different A's, are loaded as a stacked A and a block-diagonal B
+(`rank_blocks` records the stacking; see `lmforge.loaders.peft`).
 
-Adapters on disk use PEFT's layout, so `peft.PeftModel.from_pretrained` (and vLLM, llama.cpp's
-convert_lora_to_gguf, ...) accept them: `adapter_config.json` and `adapter_model.safetensors` with names such as
-`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (Llama-like) or
-`base_model.model.transformer.h.0.attn.c_attn.lora_A.weight` (GPT-2-like, where c_attn is one fused module in
-transformers too: parts left out are saved as zero rows of B). A shared-A adapter is saved as per-projection
-tensors with A repeated. Loading goes the other way and also accepts adapters made by peft, whose q, k and v
-have different A's: they are combined exactly by stacking the A's and making B block-diagonal,
-
-    A = [A_q; A_k; A_v]  (r_q + r_k + r_v, in)     B = diag(B_q, B_k, B_v)  (rows_q + rows_k + rows_v, r_q + r_k + r_v)
-
-so the module's rank grows to the sum (B A = the three updates, nothing else). While B's off-diagonal blocks are
-still zero (no further training), saving writes the original per-projection tensors back; after training
-they generally are not, and each projection is saved with the full stacked A (ranks recorded in PEFT's
-`rank_pattern` / `alpha_pattern`). Differing scales (alpha_pattern, rslora) are folded into B.
-
-The base model's fingerprint goes into adapter_config.json under "lmforge" (its config, and a few sampled
-weight values compared with a tolerance that allows a bf16/fp16 copy of the same weights), and loading refuses
-an adapter made for a different base model. PEFT ignores the unknown key (with a warning).
+The base model's fingerprint (`base_fingerprint`: its config and a few sampled weight values) identifies
+the model an adapter was trained on; the adapter files record it and refuse a different base.
 
 Inference: `engine/fastpath.accelerate` swaps plain `nn.Linear`s, so on a LoRA model it would accelerate the
 wrapped base matrices only (still correct, but the adapter matmuls stay slow, and `merge_lora` then merges into
@@ -49,11 +35,9 @@ the FastLinear). Merge first for serving.
 
 from __future__ import annotations
 
-import json
 import math
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -61,33 +45,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import UserError
-from lmforge.io import atomic_write, atomic_write_json
 
 __all__ = [
-    "ADAPTER_CONFIG",
-    "ADAPTER_WEIGHTS",
+    "PROJECTIONS",
     "LoRAInfo",
     "LoRALinear",
+    "adapted_parts",
     "apply_lora",
-    "available_targets",
     "base_fingerprint",
     "has_lora",
-    "load_adapter",
+    "install_lora",
     "lora_modules",
     "lora_parameters",
     "merge_lora",
-    "save_adapter",
+    "projection_parts",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ALL_LINEAR = "all-linear"
 FINGERPRINT_VERSION = 1
 # Settings of a ModelConfig that don't change what a model computes at inference (or its weights' shapes).
 _TRAINING_ONLY_FIELDS = ("name", "dropout", "init_std")
-# Largest relative difference of a sampled base weight still taken for "the same weights": a bf16 copy rounds
-# each value by at most 2^-9 (0.2%), fp16 by 2^-12; twice bf16's bound also covers a rounding of a rounding.
-_SAMPLE_RTOL = 4e-3
 _SAMPLE_SIZE = 64
 
 
@@ -123,7 +99,7 @@ class LoRALinear(nn.Module):
         self.parts = list(parts) if parts is not None else [("all", 0, out_features)]
         self.rank, self.alpha, self.dropout_p = rank, float(alpha), float(dropout)
         self.scaling = float(alpha) / rank if scaling is None else float(scaling)
-        # A's row ranges per part when A is a stack of per-part A's (set by `load_adapter`); None: shared A.
+        # A's row ranges per part when A is a stack of per-part A's (set by loaders.peft.load_adapter); None: shared A.
         self.rank_blocks: list[tuple[int, int]] | None = None
 
         rows = [r for _, start, stop in self.parts for r in range(start, stop)]
@@ -171,43 +147,14 @@ class LoRALinear(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Which modules a target name means
+# Our projections and their parts
 # ---------------------------------------------------------------------------------------------------
 # Our per-block projections, by path under blocks.N. ("mlp.fc" is gate|up for SwiGLU, up for GELU.)
-_MODULES = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
-
-# HF / PEFT target name -> (our module, part) pairs, per family. The family is decided by the MLP alone
-# (SwiGLU: Llama's module names; GELU: GPT-2's), which is also what our exporter's architecture decision
-# comes down to for these names.
-_LLAMA_TARGETS: dict[str, list[tuple[str, str]]] = {
-    "q_proj": [("attn.qkv", "q")], "k_proj": [("attn.qkv", "k")], "v_proj": [("attn.qkv", "v")],
-    "o_proj": [("attn.proj", "o")],
-    "gate_proj": [("mlp.fc", "gate")], "up_proj": [("mlp.fc", "up")], "down_proj": [("mlp.proj", "down")],
-}
-_GPT2_TARGETS: dict[str, list[tuple[str, str]]] = {
-    "c_attn": [("attn.qkv", "q"), ("attn.qkv", "k"), ("attn.qkv", "v")],
-    "c_proj": [("attn.proj", "o"), ("mlp.proj", "down")],
-    "attn.c_proj": [("attn.proj", "o")],
-    "mlp.c_proj": [("mlp.proj", "down")],
-    "c_fc": [("mlp.fc", "up")],
-    **{k: v for k, v in _LLAMA_TARGETS.items() if k != "gate_proj"},
-}
-# Names of the saved tensors' modules: (our module, part) -> module path under the HF layer prefix.
-_LLAMA_NAMES = {("attn.qkv", "q"): "self_attn.q_proj", ("attn.qkv", "k"): "self_attn.k_proj",
-                ("attn.qkv", "v"): "self_attn.v_proj", ("attn.proj", "o"): "self_attn.o_proj",
-                ("mlp.fc", "gate"): "mlp.gate_proj", ("mlp.fc", "up"): "mlp.up_proj",
-                ("mlp.proj", "down"): "mlp.down_proj"}
-_GPT2_NAMES = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
-_LLAMA_LAYER, _GPT2_LAYER = "model.layers.{}.", "transformer.h.{}."
-_PEFT_PREFIX = "base_model.model."
+PROJECTIONS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
-def _is_llama_family(cfg) -> bool:
-    return cfg.mlp == "swiglu"
-
-
-def _parts(cfg, module: str) -> list[tuple[str, int, int]]:
-    """The named row slices of one of our projections: (part, start, stop)."""
+def projection_parts(cfg, module: str) -> list[tuple[str, int, int]]:
+    """The named row slices of one of our projections, in row order: (part, start, stop)."""
     if module == "attn.qkv":
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         return [("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv)]
@@ -217,36 +164,28 @@ def _parts(cfg, module: str) -> list[tuple[str, int, int]]:
         if cfg.mlp == "swiglu":
             return [("gate", 0, cfg.d_ff), ("up", cfg.d_ff, 2 * cfg.d_ff)]
         return [("up", 0, cfg.d_ff)]
-    return [("down", 0, cfg.d_model)]
+    if module == "mlp.proj":
+        return [("down", 0, cfg.d_model)]
+    raise ValueError(f"{module!r} is not one of our projections ({', '.join(PROJECTIONS)})")
 
 
-def available_targets(model_or_config) -> list[str]:
-    """The target names this model accepts (HF / PEFT vocabulary of its family), `all-linear` last."""
-    cfg = getattr(_bare(model_or_config), "config", model_or_config)
-    table = _LLAMA_TARGETS if _is_llama_family(cfg) else _GPT2_TARGETS
-    return [*table, ALL_LINEAR]
-
-
-def _resolve(cfg, targets: str | Iterable[str]) -> dict[str, list[str]]:
-    """Target names -> {our module: adapted parts in row order}."""
-    if isinstance(targets, str):
-        targets = targets.split(",")
-    names = list(dict.fromkeys(t.strip() for t in targets if t and t.strip()))
-    if not names:
-        raise UserError(f"no LoRA targets given; available: {', '.join(available_targets(cfg))}")
-    table = _LLAMA_TARGETS if _is_llama_family(cfg) else _GPT2_TARGETS
-    family = "Llama-style (SwiGLU)" if _is_llama_family(cfg) else "GPT-2-style (GELU)"
-    chosen: set[tuple[str, str]] = set()
-    for name in names:
-        if name == ALL_LINEAR:
-            chosen |= {(m, p) for m in _MODULES for p, _, _ in _parts(cfg, m)}
-        elif name in table:
-            chosen |= set(table[name])
-        else:
-            raise UserError(f"LoRA target {name!r} matches no module of this {family} model; available: "
-                            f"{', '.join(available_targets(cfg))}")
-    return {m: [p for p, _, _ in _parts(cfg, m) if (m, p) in chosen] for m in _MODULES
-            if any((m, p) in chosen for p, _, _ in _parts(cfg, m))}
+def _plan(cfg, targets: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+    """{our module: parts} checked against the model, parts in row order, modules in PROJECTIONS order."""
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Mapping):
+        raise TypeError("model.lora.apply_lora takes {projection: [parts]} (e.g. {'attn.qkv': ['q', 'v']}); "
+                        "Hugging Face / PEFT names (q_proj, c_attn, all-linear) go through lmforge.loaders.peft.apply_lora")
+    if not targets:
+        raise UserError("no LoRA targets given")
+    plan = {}
+    for module, wanted in targets.items():
+        if module not in PROJECTIONS:
+            raise UserError(f"{module!r} is not a projection of this model; LoRA adapts {', '.join(PROJECTIONS)}")
+        names = [p for p, _, _ in projection_parts(cfg, module)]
+        wanted = set(wanted)
+        if not wanted or not wanted <= set(names):
+            raise UserError(f"{module} has the parts {', '.join(names)}; asked for {sorted(wanted)}")
+        plan[module] = [p for p in names if p in wanted]
+    return {m: plan[m] for m in PROJECTIONS if m in plan}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,7 +195,9 @@ def _resolve(cfg, targets: str | Iterable[str]) -> dict[str, list[str]]:
 class LoRAInfo:
     """What `apply_lora` / `load_adapter` adapted, and how many parameters now train."""
 
-    targets: list[str]  # HF / PEFT names, as saved in adapter_config.json's target_modules
+    # The targets in the caller's vocabulary: `module.part` names of ours from this module, Hugging Face /
+    # PEFT names (as saved in adapter_config.json's target_modules) from lmforge.loaders.peft.
+    targets: list[str]
     modules: dict[str, list[str]] = field(default_factory=dict)  # our module name -> adapted parts
     rank: int = 0
     alpha: float = 0.0
@@ -301,6 +242,17 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
 
 
+def adapted_parts(model: nn.Module) -> set[tuple[str, str]]:
+    """(our module without blocks.N., part) for every part adapted in at least one block."""
+    return {(name.split(".", 2)[2], p[0]) for name, m in lora_modules(model) for p in m.parts}
+
+
+def _our_targets(model: nn.Module) -> list[str]:
+    cfg = _bare(model).config
+    adapted = adapted_parts(model)
+    return [f"{m}.{p}" for m in PROJECTIONS for p, _, _ in projection_parts(cfg, m) if (m, p) in adapted]
+
+
 def _info(model: nn.Module, targets: list[str]) -> LoRAInfo:
     mods = list(lora_modules(model))
     params = {id(p): p for p in _bare(model).parameters()}.values()  # tied weights once
@@ -321,23 +273,34 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _install(m: nn.Module, cfg, new: dict[str, "LoRALinear"]) -> "LoRAInfo":
+def require_plain_linear(model: nn.Module, name: str, doing: str) -> nn.Linear:
+    """The module called `name`, which LoRA can wrap only if it is a plain (unquantized) nn.Linear."""
+    base = _bare(model).get_submodule(name)
+    if type(base) is not nn.Linear:
+        raise UserError(f"{name} is a {type(base).__name__}, not a plain nn.Linear: LoRA wraps unquantized "
+                        f"projections ({doing} before quantizing or accelerating the model)")
+    return base
+
+
+def install_lora(model: nn.Module, new: dict[str, LoRALinear]) -> LoRAInfo:
     """Freeze every base parameter, swap the LoRA modules in (only their A and B train), report."""
+    m = _bare(model)
     for p in m.parameters():
         p.requires_grad_(False)
     for name, lora in new.items():
         lora.lora_A.requires_grad_(True)
         lora.lora_B.requires_grad_(True)
         _swap(m, name, lora)
-    return _info(m, _target_names(cfg, m))
+    return _info(m, _our_targets(m))
 
 
-def apply_lora(model: nn.Module, *, targets: str | Iterable[str], rank: int = 8, alpha: float = 16.0,
+def apply_lora(model: nn.Module, *, targets: Mapping[str, Iterable[str]], rank: int = 8, alpha: float = 16.0,
                dropout: float = 0.0) -> LoRAInfo:
     """Wrap the targeted projections of every block in `LoRALinear`s (in place) and freeze the base.
 
-    `targets`: HF / PEFT names (see the module docstring) as a list or a comma-separated string. Every base
-    parameter (embeddings and norms included) gets requires_grad False; only the adapters' A and B train.
+    `targets`: our projections and the parts of each to adapt, {"attn.qkv": ["q", "v"], "mlp.proj": ["down"]}
+    (Hugging Face / PEFT names go through `lmforge.loaders.peft.apply_lora`). Every base parameter
+    (embeddings and norms included) gets requires_grad False; only the adapters' A and B train.
     Returns what was adapted and the trainable / total parameter counts.
     """
     m = _bare(model)
@@ -346,18 +309,15 @@ def apply_lora(model: nn.Module, *, targets: str | Iterable[str], rank: int = 8,
         raise UserError("this model already has LoRA adapters; merge them (lmforge merge) before adding new ones")
     if not alpha > 0:
         raise UserError(f"LoRA alpha must be positive, got {alpha}")
-    plan = _resolve(cfg, targets)
+    plan = _plan(cfg, targets)
     new = {}
     for i in range(cfg.n_layers):
         for module, part_names in plan.items():
             name = f"blocks.{i}.{module}"
-            base = m.get_submodule(name)
-            if type(base) is not nn.Linear:
-                raise UserError(f"{name} is a {type(base).__name__}, not a plain nn.Linear: LoRA wraps unquantized "
-                                "projections (apply it before quantizing or accelerating the model)")
-            parts = [p for p in _parts(cfg, module) if p[0] in part_names]
+            base = require_plain_linear(m, name, "apply it")
+            parts = [p for p in projection_parts(cfg, module) if p[0] in part_names]
             new[name] = LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, parts=parts)
-    return _install(m, cfg, new)
+    return install_lora(m, new)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -414,293 +374,3 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     samples = {n: _sample(w) for n in names if (w := _base_weight(m, n)) is not None}
     conf = {k: v for k, v in cfg.to_dict().items() if k not in _TRAINING_ONLY_FIELDS}
     return {"fingerprint_version": FINGERPRINT_VERSION, "base_config": conf, "weight_samples": samples}
-
-
-def _check_fingerprint(model: nn.Module, stored: Any, source: str) -> None:
-    if not isinstance(stored, dict) or "base_config" not in stored:
-        return  # not made here (or by a future format): the tensor shapes are still checked on load
-    mine = base_fingerprint(model)
-    theirs_conf, my_conf = stored.get("base_config") or {}, mine["base_config"]
-    # Fields only one side knows (another lmforge version's ModelConfig) are not compared.
-    diffs = [f"{k}: {theirs_conf[k]!r} in the adapter's base, {v!r} here" for k, v in my_conf.items()
-             if k in theirs_conf and k not in _TRAINING_ONLY_FIELDS and theirs_conf[k] != v]
-    if diffs:
-        raise UserError(f"{source}: this adapter was made for a different base model "
-                        f"(config differs: {'; '.join(diffs)})")
-    for name, values in (stored.get("weight_samples") or {}).items():
-        here = mine["weight_samples"].get(name)
-        if here is None or len(here) != len(values):
-            continue
-        a, b = torch.tensor(here, dtype=torch.float64), torch.tensor(values, dtype=torch.float64)
-        if not torch.all((a - b).abs() <= _SAMPLE_RTOL * b.abs() + 1e-8):
-            raise UserError(f"{source}: this adapter was trained on another model: the shape matches but the base "
-                            f"weights differ ({name}); load it onto the model it was trained on")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Saving in PEFT's layout
-# ---------------------------------------------------------------------------------------------------
-def _target_names(cfg, model: nn.Module) -> list[str]:
-    """target_modules for adapter_config.json: the HF module names adapted, most specific where needed."""
-    adapted = {(name.split(".", 2)[2], p[0]) for name, m in lora_modules(model) for p in m.parts}
-    if _is_llama_family(cfg):
-        return [t for t, pairs in _LLAMA_TARGETS.items() if pairs[0] in adapted]
-    mods = {mod for mod, _ in adapted}
-    out = [n for n, mod in (("c_attn", "attn.qkv"), ("c_fc", "mlp.fc")) if mod in mods]
-    if {"attn.proj", "mlp.proj"} <= mods:
-        out.append("c_proj")
-    else:
-        out += [n for n, mod in (("attn.c_proj", "attn.proj"), ("mlp.c_proj", "mlp.proj")) if mod in mods]
-    return out
-
-
-def _compact(lora: LoRALinear, i: int, offset: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of part i: its own A rows if A is a stack whose other blocks this part's B does not use yet."""
-    A, B = lora.lora_A.detach(), lora.lora_B.detach()[offset:offset + n]
-    if lora.rank_blocks is not None:
-        lo, hi = lora.rank_blocks[i]
-        outside = torch.cat([B[:, :lo], B[:, hi:]], dim=1)
-        if not outside.any():
-            return A[lo:hi], B[:, lo:hi]
-    return A, B
-
-
-def _adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """PEFT tensor names -> tensors, and each saved module's key -> its scaling."""
-    m = _bare(model)
-    cfg = m.config
-    tensors, scalings = {}, {}
-    for name, lora in lora_modules(m):
-        _, layer, module = name.split(".", 2)
-        if _is_llama_family(cfg):
-            for i, (part, _, n, offset) in enumerate(lora.part_rows()):
-                key = _LLAMA_LAYER.format(layer) + _LLAMA_NAMES[(module, part)]
-                A, B = _compact(lora, i, offset, n)
-                tensors[f"{_PEFT_PREFIX}{key}.lora_A.weight"], tensors[f"{_PEFT_PREFIX}{key}.lora_B.weight"] = A, B
-                scalings[key] = lora.scaling
-        else:
-            # transformers' GPT-2 has c_attn as one module: one A, B over every row (zero where not adapted).
-            key = _GPT2_LAYER.format(layer) + _GPT2_NAMES[module]
-            B = lora.lora_B.detach()
-            if lora.row_index is not None:
-                B = torch.zeros(lora.out_features, B.shape[1], dtype=B.dtype, device=B.device).index_copy(
-                    0, lora.row_index, B)
-            tensors[f"{_PEFT_PREFIX}{key}.lora_A.weight"] = lora.lora_A.detach()
-            tensors[f"{_PEFT_PREFIX}{key}.lora_B.weight"] = B
-            scalings[key] = lora.scaling
-    return tensors, scalings
-
-
-def save_adapter(model: nn.Module, directory: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's adapters as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
-
-    Each file is written atomically. Ranks or scales that differ from the first adapter's (only after loading a
-    PEFT adapter with per-projection A's, see the module docstring) go into `rank_pattern` / `alpha_pattern`
-    under the full module name, which PEFT matches as a suffix.
-    """
-    from safetensors.torch import save_file
-
-    m = _bare(model)
-    cfg = m.config
-    mods = list(lora_modules(m))
-    if not mods:
-        raise UserError("this model has no LoRA adapters to save")
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write to {directory}: {e.strerror or e}") from None
-    tensors, scalings = _adapter_tensors(m)
-    first = mods[0][1]
-    r, alpha = first.rank, first.alpha
-    rank_pattern, alpha_pattern = {}, {}
-    for key, s in scalings.items():
-        r_key = tensors[f"{_PEFT_PREFIX}{key}.lora_A.weight"].shape[0]
-        if r_key != r:
-            rank_pattern[key] = r_key
-        a_key = s * r_key
-        if not math.isclose(a_key, alpha, rel_tol=1e-9):
-            alpha_pattern[key] = a_key
-    layers = sorted({int(name.split(".")[1]) for name, _ in mods})
-    llama = _is_llama_family(cfg)
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path if base_model_name_or_path is not None else cfg.name,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": first.dropout_p,
-        "target_modules": _target_names(cfg, m),
-        "bias": "none",
-        # transformers' GPT-2 keeps its weights as Conv1D (in, out); PEFT sets this for it anyway.
-        "fan_in_fan_out": not llama,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None if layers == list(range(cfg.n_layers)) else layers,
-        "layers_pattern": None,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": False,
-        "use_dora": False,
-        "revision": None,
-        "lmforge": base_fingerprint(m),
-    }
-    # A shared by several projections is written once per projection: each its own copy (safetensors
-    # refuses tensors that share memory).
-    cpu = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
-    atomic_write_json(directory / ADAPTER_CONFIG, config)
-    return directory
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading (ours or PEFT's)
-# ---------------------------------------------------------------------------------------------------
-# PEFT tensor names: group 1 the module (PEFT's key for rank/alpha patterns), 2 the layer, 3 the projection,
-# 4 A or B (an adapter name before ".weight", as in files saved with one, is allowed).
-_LLAMA_KEY = re.compile(r"^(?:base_model\.model\.)?"
-                        r"(model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))"
-                        r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-_GPT2_KEY = re.compile(r"^(?:base_model\.model\.)?"
-                       r"((?:transformer\.)?h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj))"
-                       r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-_REFUSED_SETTINGS = {
-    "use_dora": "DoRA adapters (use_dora) are not supported",
-    "modules_to_save": "adapters that also save whole modules (modules_to_save) are not supported",
-    "trainable_token_indices": "adapters with trainable tokens are not supported",
-}
-
-
-def _pattern(patterns: dict, key: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first pattern that matches the end of `key`."""
-    for pat, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pat})$", key):
-            return value
-    return default
-
-
-def _read_config(directory: Path) -> dict:
-    f = directory / ADAPTER_CONFIG
-    if not directory.is_dir():
-        raise UserError(f"{directory}: no such adapter directory")
-    if not f.is_file():
-        raise UserError(f"{directory} is not a LoRA adapter directory: it has no {ADAPTER_CONFIG}")
-    try:
-        conf = json.loads(f.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(conf, dict):
-        raise UserError(f"{f}: not a JSON object")
-    if conf.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{f}: a {conf.get('peft_type')} adapter; only LoRA adapters are supported")
-    for key, msg in _REFUSED_SETTINGS.items():
-        if conf.get(key):
-            raise UserError(f"{f}: {msg}")
-    if conf.get("bias", "none") != "none":
-        raise UserError(f"{f}: adapters that train biases (bias={conf.get('bias')!r}) are not supported")
-    return conf
-
-
-def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = True,
-                 dropout: float | None = None) -> LoRAInfo:
-    """Put the adapter saved in `directory` (by us or by peft) onto `model`, in place; freezes the base.
-
-    Every tensor in the file becomes part of an adapter (so `layers_to_transform` and any subset of targets
-    load as saved); shapes must match the model's projections exactly. An adapter saved here records its base
-    model, and one made for a different base is refused (`check_base=False` skips that check, not the shape
-    checks). `dropout` None keeps the adapter's lora_dropout (it matters only when training on).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    m = _bare(model)
-    cfg = m.config
-    directory = Path(directory)
-    conf = _read_config(directory)
-    src = str(directory)
-    if has_lora(m):
-        raise UserError("this model already has LoRA adapters; merge them (lmforge merge) before loading another")
-    if check_base:
-        _check_fingerprint(m, conf.get("lmforge"), src)
-    wfile = directory / ADAPTER_WEIGHTS
-    if not wfile.is_file():
-        if (directory / "adapter_model.bin").is_file():
-            raise UserError(f"{directory} holds only a pickled adapter (adapter_model.bin); lmforge reads "
-                            f"{ADAPTER_WEIGHTS} only (loading a pickle can run code)")
-        raise UserError(f"{directory} has no {ADAPTER_WEIGHTS}")
-    try:
-        tensors = load_file(str(wfile))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{wfile}: not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
-
-    llama = _is_llama_family(cfg)
-    pattern = _LLAMA_KEY if llama else _GPT2_KEY
-    hf_to_ours = ({v: k for k, v in _LLAMA_NAMES.items()} if llama else {v: k for k, v in _GPT2_NAMES.items()})
-    r_default, alpha_default = conf.get("r", 8), conf.get("lora_alpha", 8)
-    rslora = bool(conf.get("use_rslora"))
-    # (layer, our module) -> list of entries: (parts [(name, start, stop)], A, B, scaling)
-    found: dict[tuple[int, str], dict[str, dict[str, torch.Tensor]]] = {}
-    for key, t in tensors.items():
-        match = pattern.match(key)
-        if not match:
-            family = "Llama-style" if llama else "GPT-2-style"
-            raise UserError(f"{wfile}: tensor {key!r} is not a LoRA weight of a {family} model's projections "
-                            f"(this model accepts {', '.join(available_targets(cfg)[:-1])})")
-        module_key, layer, hf_mod, ab = match.group(1), int(match.group(2)), match.group(3), match.group(4)
-        if layer >= cfg.n_layers:
-            raise UserError(f"{wfile}: tensor {key!r} is for layer {layer}, but this model has {cfg.n_layers} layers")
-        found.setdefault((layer, hf_mod), {"key": module_key})[ab] = t
-
-    per_module: dict[str, list[tuple[list[tuple[str, int, int]], torch.Tensor, torch.Tensor, float]]] = {}
-    for (layer, hf_mod), entry in sorted(found.items()):
-        if "A" not in entry or "B" not in entry:
-            raise UserError(f"{wfile}: {entry['key']} has lora_{'A' if 'A' not in entry else 'B'} missing")
-        A, B, key = entry["A"], entry["B"], entry["key"]
-        if llama:  # one projection: one part of a fused module
-            module, part = hf_to_ours[hf_mod]
-            parts = [p for p in _parts(cfg, module) if p[0] == part]
-        else:  # transformers' GPT-2 modules are whole: every part of ours
-            module = hf_to_ours[hf_mod]
-            parts = _parts(cfg, module)
-            key = "transformer." + key.removeprefix("transformer.")
-        rows = sum(stop - start for _, start, stop in parts)
-        in_features = m.get_submodule(f"blocks.{layer}.{module}").weight.shape[1]
-        r = _pattern(conf.get("rank_pattern"), key, r_default)
-        alpha = _pattern(conf.get("alpha_pattern"), key, alpha_default)
-        if A.dim() != 2 or B.dim() != 2 or A.shape != (r, in_features) or B.shape != (rows, r):
-            raise UserError(f"{wfile}: {key} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; this model "
-                            f"needs ({r}, {in_features}) and ({rows}, {r}) (r={r}): the adapter is for another model")
-        scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        per_module.setdefault(f"blocks.{layer}.{module}", []).append((parts, A.float(), B.float(), scaling))
-
-    drop = float(conf.get("lora_dropout", 0.0) if dropout is None else dropout)
-    new = {}
-    for name, entries in per_module.items():
-        entries.sort(key=lambda e: e[0][0][1])  # by first row
-        base = m.get_submodule(name)
-        if type(base) is not nn.Linear:
-            raise UserError(f"{name} is a {type(base).__name__}, not a plain nn.Linear: LoRA wraps unquantized "
-                            "projections (load the adapter before quantizing or accelerating the model)")
-        parts = [p for e in entries for p in e[0]]
-        s0 = entries[0][3]
-        shared = all(torch.equal(e[1], entries[0][1]) and e[3] == s0 for e in entries)
-        if shared:  # one A (ours, saved per projection): B's rows side by side
-            A, B, blocks = entries[0][1], torch.cat([e[2] for e in entries]), None
-        else:  # separate A's (PEFT's q, k, v): A stacked, B block-diagonal, scales folded into B
-            A = torch.cat([e[1] for e in entries])
-            B = torch.block_diag(*[e[2] * (e[3] / s0) for e in entries])
-            blocks, lo = [], 0
-            for e in entries:
-                blocks += [(lo, lo + e[1].shape[0])] * len(e[0])
-                lo += e[1].shape[0]
-        lora = LoRALinear(base, rank=A.shape[0], alpha=s0 * A.shape[0], dropout=drop, parts=parts, scaling=s0)
-        lora.rank, lora.alpha = int(r_default), float(alpha_default)  # the adapter's nominal settings, saved back
-        lora.rank_blocks = blocks
-        with torch.no_grad():
-            lora.lora_A.copy_(A)
-            lora.lora_B.copy_(B)
-        new[name] = lora
-    if not new:
-        raise UserError(f"{wfile}: no LoRA weights in the file")
-    return _install(m, cfg, new)

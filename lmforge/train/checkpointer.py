@@ -19,7 +19,8 @@ import torch
 from lmforge.checkpoint import transaction, write_trainer_state
 from lmforge.io import atomic_write_json
 from lmforge.loaders.model_dir import write_model_files
-from lmforge.model.lora import has_lora, save_adapter
+from lmforge.loaders.peft import save_adapter
+from lmforge.model.lora import has_lora
 
 __all__ = ["Checkpointer"]
 

@@ -196,7 +196,8 @@ def finetune(opts: FinetuneOptions) -> tuple[FitResult, dict[str, Any]]:
     summary (data lines, trainable share, paths)."""
     from lmforge.data.preferences import PreferenceBatches
     from lmforge.data.sft import SFTBatches
-    from lmforge.model.lora import apply_lora, has_lora
+    from lmforge.loaders.peft import apply_lora
+    from lmforge.model.lora import has_lora
 
     if opts.method not in ("sft", "dpo", "ipo"):
         raise UserError(f"unknown method {opts.method!r}; use sft, dpo or ipo")
@@ -250,7 +251,7 @@ def finetune(opts: FinetuneOptions) -> tuple[FitResult, dict[str, Any]]:
         lineage = {**read_lmforge_meta(out).get("lineage", {}), "lmforge_version": __version__}
     base_model = None
     if has_lora(model):
-        from lmforge.loaders.auto import adapter_base, is_adapter_dir
+        from lmforge.loaders.peft import adapter_base, is_adapter_dir
 
         base_model = adapter_base(out) if opts.resume and is_adapter_dir(out) else str(Path(opts.model).resolve()) \
             if Path(opts.model).exists() else str(opts.model)

@@ -104,7 +104,7 @@ def test_mistakes_are_named(tmp_path, base):
 
 def test_adapter_for_another_base_is_refused(tmp_path, base, tiny_tokenizer):
     from lmforge.loaders.auto import load
-    from lmforge.model.lora import load_adapter
+    from lmforge.loaders.peft import load_adapter
 
     finetune(_opts(base, _chat_file(tmp_path / "chat.jsonl"), tmp_path / "lora", lora=True, lora_rank=4,
                    recipe={"max_steps": 2}))
