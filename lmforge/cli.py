@@ -435,18 +435,14 @@ def cmd_show(args) -> int:
         for m in mf.get("messages") or []:
             print(f'MESSAGE {m["role"]} """{m["content"]}"""')
         return 0
-    cfg = info.get("config") or {}
-    c = cfg.get("lmforge") if isinstance(cfg.get("lmforge"), dict) and "d_model" in cfg["lmforge"] else cfg
-
-    def first(*keys):
-        return next((c[k] for k in keys if isinstance(c, dict) and c.get(k) is not None), "?")
+    def known(key):
+        return "?" if info.get(key) is None else info[key]
 
     print(f"  {info['name']}" + (f"   [DAMAGED: {info['error']}]" if info.get("error") else ""))
     print("  Model")
     rows = [("architecture", info.get("architecture")), ("parameters", _human_count(info.get("parameters"))),
-            ("context length", first("max_position_embeddings", "n_positions", "context_length")),
-            ("embedding length", first("hidden_size", "n_embd", "d_model")),
-            ("layers", first("num_hidden_layers", "n_layer", "n_layers")),
+            ("context length", known("context_length")), ("embedding length", known("embedding_length")),
+            ("layers", known("layers")),
             ("dtype/quantization", info.get("dtype") or "?"), ("size on disk", _human_size(info.get("size_bytes") or 0)),
             ("path", info.get("path"))]
     for k, v in rows:

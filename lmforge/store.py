@@ -1,19 +1,16 @@
 """The local model store, like Ollama's: named model directories under `$LMFORGE_HOME/models`.
 
-Names. A model name is `NAME[:TAG]`: NAME is 1-64 characters of `[a-z0-9._-]` starting with `[a-z0-9]`,
-TAG is 1-32 characters of the same alphabet, also starting with `[a-z0-9]` (so `.` and `..` can never be
-a path component). A missing tag means `latest`, so `tiny` and `tiny:latest` are the same model and
-`validate_name` returns the normalised `tiny:latest`. Upper case is refused rather than folded, so that a
-name means the same thing on case-sensitive and case-insensitive file systems; Windows device names
-(`con`, `nul`, `com1`, ...) are refused for the same reason. Names are checked with a regular expression
-*before* any file-system call, and `model_path` checks again that the resolved path stays inside the
-store (defence in depth, e.g. against a symlink planted in the store).
+Names. `NAME[:TAG]`, checked before any file-system call; the rules, `validate_name`, `model_path` and
+`resolve` (MODEL -> a path) live in `lmforge.paths`, the bottom layer, so the loaders can find a base
+model by name without importing the store. They are re-exported here for callers of the store.
 
 Layout. `tiny:latest` lives in `models/tiny/latest/`, a plain model directory (config.json,
 model.safetensors, tokenizer files, lmforge.json, optionally `modelfile.json` with a system prompt and
 sampling defaults). The tag is a sub-directory rather than part of the folder name because `:` is not
 allowed in Windows file names. Temporary directories of unfinished imports start with `.` and are never
 listed.
+
+Listing and showing (read-only) live in `lmforge.store_info`, also re-exported here.
 
 Atomicity. `add` copies into a temp directory inside `models/`, fsyncs, then `os.replace`s it into place,
 so a reader sees no model or the whole model. Overwriting first renames the old entry aside (a directory
@@ -28,261 +25,29 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge.checkpoint import MARKER, STAGING, recover
-from lmforge.loaders.model_dir import is_model_dir
-from lmforge.modelfile import FILE as MODELFILE
 from lmforge.errors import UserError
 from lmforge.io import fsync_dir
-from lmforge.paths import home
-
-DEFAULT_TAG = "latest"
-NAME_RULE = ("model names are NAME or NAME:TAG, NAME 1-64 and TAG 1-32 characters of a-z 0-9 . _ -, "
-             "each starting with a letter or digit")
-NAME_RE = re.compile(r"(?P<name>[a-z0-9][a-z0-9._-]{0,63})(?::(?P<tag>[a-z0-9][a-z0-9._-]{0,31}))?")
-_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
-GGUF_IN_STORE = "model.gguf"  # an imported GGUF file is kept as it is, quantized, under this name
-
-
-# ---------------------------------------------------------------------------------------------------
-# Names and paths
-# ---------------------------------------------------------------------------------------------------
-def _split(name: str) -> tuple[str, str]:
-    """(name, tag) of a valid model name; UserError with the rule otherwise. Touches no file."""
-    m = NAME_RE.fullmatch(name) if isinstance(name, str) else None  # fullmatch: "$" would allow a "\n"
-    if m is None:
-        raise UserError(f"invalid model name {name!r}: {NAME_RULE}")
-    base, tag = m["name"], m["tag"] or DEFAULT_TAG
-    if ".." in base or ".." in tag:
-        raise UserError(f"invalid model name {name!r}: '..' is not allowed")
-    if base.split(".")[0] in _WINDOWS_RESERVED or tag.split(".")[0] in _WINDOWS_RESERVED:
-        raise UserError(f"invalid model name {name!r}: {base.split('.')[0]!r} is a reserved device name on Windows")
-    return base, tag
-
-
-def validate_name(name: str) -> str:
-    """The normalised name (`tiny` -> `tiny:latest`); UserError stating the rule if `name` is invalid."""
-    base, tag = _split(name)
-    return f"{base}:{tag}"
-
-
-def models_root() -> Path:
-    return home() / "models"
-
-
-def model_path(name: str) -> Path:
-    """Where model `name` lives (whether or not it exists): an absolute path inside `models_root()`."""
-    base, tag = _split(name)
-    root = models_root().resolve()
-    path = (root / base / tag).resolve()
-    if not path.is_relative_to(root) or path == root:  # unreachable for a valid name, barring planted symlinks
-        raise UserError(f"model name {name!r} resolves to {path}, outside the model store {root}")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------
-# Listing and showing
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class StoreEntry:
-    name: str  # normalised, "tiny:latest"
-    path: Path
-    architecture: str  # config.json "architectures"[0], or "?"
-    parameters: int | None
-    dtype: str | None  # config.json "torch_dtype" (transformers 4.x) or "dtype" (5.x); a GGUF's file type
-    size_bytes: int  # all files, trainer state included
-    modified: float  # mtime of the entry directory: when it was added to the store
-    error: str | None = None  # set when the entry is damaged; the other fields are then best effort
-
-
-def _dir_size(path: Path) -> int:
-    total = 0
-    for dirpath, _dirnames, filenames in os.walk(path):  # does not follow symlinked directories
-        for f in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _read_json(path: Path) -> Any:
-    """Parsed JSON, or raises UserError naming the file."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path.name}: not readable JSON ({e})") from None
-
-
-def _entry(name: str, path: Path) -> StoreEntry:
-    from lmforge.loaders.hf import config_from_hf
-
-    try:
-        modified = path.stat().st_mtime
-    except OSError:
-        modified = 0.0
-    entry = StoreEntry(name, path, "?", None, None, _dir_size(path), modified)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file() and (path / GGUF_IN_STORE).is_file():
-        return _gguf_entry(entry, path / GGUF_IN_STORE)
-    if not cfg_file.is_file():
-        entry.error = "config.json is missing"
-        return entry
-    try:
-        cfg = _read_json(cfg_file)
-        if not isinstance(cfg, dict):
-            raise UserError("config.json: not a JSON object")
-    except UserError as e:
-        entry.error = str(e)
-        return entry
-    archs = cfg.get("architectures")
-    if isinstance(archs, list) and archs and isinstance(archs[0], str):
-        entry.architecture = archs[0]
-    dtype = cfg.get("torch_dtype") or cfg.get("dtype")
-    entry.dtype = dtype if isinstance(dtype, str) else None
-    try:  # parse the dict ourselves: load_config() would run recover(), a write, from a mere listing
-        entry.parameters = config_from_hf(cfg, source=str(cfg_file)).num_params()
-    except Exception as e:  # noqa: BLE001 - a damaged entry is reported, never raised, by list
-        entry.error = f"config.json: {e}"
-    return entry
-
-
-def _gguf_entry(entry: StoreEntry, file: Path) -> StoreEntry:
-    from lmforge.loaders.gguf import describe_gguf
-
-    try:
-        d = describe_gguf(file, check_tokenizer=False)
-    except Exception as e:  # noqa: BLE001 - a damaged entry is reported, never raised, by list
-        entry.error = f"{file.name}: {e}"
-        return entry
-    entry.architecture, entry.parameters, entry.dtype = d["architecture"], d["parameters"], d["file_type"]
-    return entry
-
-
-def _gguf_show(file: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(config as a dict, chat template) of a GGUF file from one header read; (None, None) if unreadable."""
-    from lmforge.loaders.gguf import describe_gguf
-
-    try:
-        d = describe_gguf(file, check_tokenizer=False)
-    except Exception:  # noqa: BLE001 - show what can be shown
-        return None, None
-    return d["config"].to_dict(), d["chat_template"]
-
-
-def _valid(part: str, *, tag: bool) -> bool:
-    try:
-        _split(f"x:{part}" if tag else part)
-    except UserError:
-        return False
-    return True
-
-
-def list_models() -> list[StoreEntry]:
-    """Every model in the store, sorted by name. Damaged entries are listed with `error` set."""
-    root = models_root()
-    if not root.is_dir():
-        return []
-    entries = []
-    for base_dir in root.iterdir():
-        if not _valid(base_dir.name, tag=False) or not base_dir.is_dir() or base_dir.is_symlink():
-            continue  # temp dirs (".tmp-*") and strays
-        for tag_dir in base_dir.iterdir():
-            if not _valid(tag_dir.name, tag=True) or not tag_dir.is_dir() or tag_dir.is_symlink():
-                continue
-            entries.append(_entry(f"{base_dir.name}:{tag_dir.name}", tag_dir))
-    return sorted(entries, key=lambda e: e.name)
-
-
-def _existing(name: str) -> tuple[str, Path]:
-    norm = validate_name(name)
-    path = model_path(norm)
-    if not path.is_dir():
-        raise UserError(f"no model named {norm} (see lmforge list)")
-    return norm, path
-
-
-def _chat_template(path: Path) -> str | None:
-    tok_cfg = path / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        try:
-            t = _read_json(tok_cfg).get("chat_template")
-        except (UserError, AttributeError):
-            t = None
-        if isinstance(t, list):  # transformers' named templates: [{"name": ..., "template": ...}]
-            named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
-            t = named.get("default", next(iter(named.values()), None))
-        if isinstance(t, str):
-            return t
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8", errors="replace")
-    return None
-
-
-def _first_text(path: Path, names: tuple[str, ...]) -> str | None:
-    for n in names:
-        if (path / n).is_file():
-            return (path / n).read_text(encoding="utf-8", errors="replace")
-    return None
-
-
-def show(ref: str) -> dict[str, Any]:
-    """Everything known about a model (a store name, a model directory or a .gguf file); works on a
-    damaged store entry (see the "error" key)."""
-    path = resolve(ref)
-    root = models_root().resolve()
-    real = path.resolve()
-    if real.is_relative_to(root) and len(real.relative_to(root).parts) == 2:
-        norm = ":".join(real.relative_to(root).parts)
-    else:
-        norm = str(path)
-    if path.is_file():  # a .gguf file outside the store
-        e = _gguf_entry(StoreEntry(norm, path, "?", None, None, path.stat().st_size, path.stat().st_mtime), path)
-        config, template = _gguf_show(path)
-        return {"name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
-                "dtype": e.dtype, "size_bytes": e.size_bytes, "modified": e.modified, "error": e.error,
-                "config": config, "chat_template": template, "system": None,
-                "defaults": {}, "modelfile": {}, "lineage": {}, "lmforge": {}, "license": None, "readme": None}
-    e = _entry(norm, path)
-    info: dict[str, Any] = {
-        "name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
-        "dtype": e.dtype, "size_bytes": e.size_bytes, "modified": e.modified, "error": e.error,
-    }
-    try:
-        info["config"] = _read_json(path / "config.json") if (path / "config.json").is_file() else None
-    except UserError:
-        info["config"] = None
-    info["chat_template"] = _chat_template(path)
-    if (path / GGUF_IN_STORE).is_file() and info["config"] is None:
-        info["config"], info["chat_template"] = _gguf_show(path / GGUF_IN_STORE)
-    modelfile: dict[str, Any] = {}
-    if (path / MODELFILE).is_file():
-        try:
-            m = _read_json(path / MODELFILE)
-            modelfile = m if isinstance(m, dict) else {}
-        except UserError as err:
-            info["error"] = info["error"] or str(err)
-    if isinstance(modelfile.get("template"), str):
-        info["chat_template"] = modelfile["template"]  # a Modelfile TEMPLATE replaces the tokenizer's
-    info["system"] = modelfile.get("system")  # system prompt
-    info["defaults"] = modelfile.get("parameters") or modelfile.get("defaults") or {}  # sampling defaults
-    info["modelfile"] = modelfile
-    meta: dict[str, Any] = {}
-    if (path / "lmforge.json").is_file():
-        try:
-            m = _read_json(path / "lmforge.json")
-            meta = m if isinstance(m, dict) else {}
-        except UserError as err:
-            info["error"] = info["error"] or str(err)
-    info["lineage"] = meta.get("lineage") or {}  # parent model, data, recipe, step
-    info["lmforge"] = meta  # all of lmforge.json
-    info["license"] = modelfile.get("license") or _first_text(path, ("LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt"))
-    info["readme"] = _first_text(path, ("README.md", "README.txt", "README"))
-    return info
+from lmforge.loaders.hf import hf_architecture
+from lmforge.loaders.model_dir import WEIGHTS, WeightFiles, expected_weight_shapes, is_model_dir, load_config
+from lmforge.modelfile import FILE as MODELFILE
+from lmforge.paths import (  # noqa: F401 - re-exported: the store's names are the paths module's
+    DEFAULT_TAG,
+    GGUF_IN_STORE,
+    NAME_RE,
+    NAME_RULE,
+    home,
+    looks_like_path,
+    model_path,
+    models_root,
+    resolve,
+    validate_name,
+)
+from lmforge.store_info import StoreEntry, list_models, read_json, show  # noqa: F401 - re-exported
+from lmforge.tokenizer import load_hf_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,6 +116,14 @@ def add(name: str, source_dir: str | os.PathLike, *, move: bool = False, overwri
     return dst
 
 
+def _existing(name: str) -> tuple[str, Path]:
+    norm = validate_name(name)
+    path = model_path(norm)
+    if not path.is_dir():
+        raise UserError(f"no model named {norm} (see lmforge list)")
+    return norm, path
+
+
 def remove(name: str) -> None:
     """Delete model `name`, damaged or not; UserError if there is no such model."""
     norm, path = _existing(name)
@@ -373,54 +146,9 @@ def copy(src_name: str, dst_name: str) -> Path:
     return add(dst_name, src)
 
 
-# ---------------------------------------------------------------------------------------------------
-# What every command that takes MODEL calls
-# ---------------------------------------------------------------------------------------------------
-def _looks_like_path(ref: str) -> bool:
-    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
-    return any(s in ref for s in seps) or ref.startswith((".", "~"))
-
-
 def is_entry(path: Path) -> bool:
     """A model directory, or a directory holding an imported GGUF file."""
     return is_model_dir(path) or (path.is_dir() and (path / GGUF_IN_STORE).is_file())
-
-
-def _as_local(path: Path) -> Path | None:
-    if is_model_dir(path) or (path.is_dir() and (path / "adapter_config.json").is_file()):
-        return path  # a model directory, or a LoRA run (base model + adapter)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return path
-    return None
-
-
-def resolve(ref: str) -> Path:
-    """MODEL -> a path: an existing model directory, an existing .gguf file, else a store name.
-
-    A `ref` with a path separator, or starting with "." or "~", is only ever a path. Otherwise a model
-    directory or .gguf file of that name in the current directory wins over a store name of the same
-    spelling.
-    """
-    if _looks_like_path(ref):
-        path = Path(ref).expanduser()
-        found = _as_local(path)
-        if found is None:
-            what = ("no such file or directory" if not path.exists() else
-                    "not a model directory (it has no config.json)" if path.is_dir() else "not a model directory or a .gguf file")
-            raise UserError(f"{ref}: {what}")
-        return found
-    if ref and "\x00" not in ref:
-        found = _as_local(Path(ref))
-        if found is not None:
-            return found
-    try:
-        norm = validate_name(ref)
-    except UserError:
-        raise UserError(f"no model named {ref} (see lmforge list)") from None
-    path = model_path(norm)
-    if not path.is_dir():
-        raise UserError(f"no model named {ref} (see lmforge list)")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -468,10 +196,6 @@ def check_model_dir(src: Path, *, allow_pickle: bool = False) -> str:
     Reads config.json (unsupported architectures and remote code are refused here, before anything is
     copied), the tokenizer, and the names and shapes of the weights from the safetensors headers.
     """
-    from lmforge.loaders.model_dir import WeightFiles, expected_weight_shapes, load_config
-    from lmforge.loaders.hf import hf_architecture
-    from lmforge.tokenizer import load_hf_tokenizer
-
     cfg = load_config(src)
     load_hf_tokenizer(src)
     weights = WeightFiles(src, allow_pickle=allow_pickle)
@@ -531,8 +255,6 @@ def _convert_pickles(src: Path, dst: Path) -> None:
     """Write the weights of a pickle-only directory (already allowed by the caller) as model.safetensors."""
     from safetensors.torch import save_file
 
-    from lmforge.loaders.model_dir import WEIGHTS, WeightFiles
-
     weights = WeightFiles(src, allow_pickle=True)
     tensors = {k: weights[k].contiguous() for k in weights}
     save_file(tensors, str(dst / WEIGHTS), metadata={"format": "pt"})
@@ -562,7 +284,7 @@ def create(name: str, modelfile_path: str | os.PathLike, *, overwrite: bool = Fa
     if model_path(norm).exists() and not overwrite:
         raise UserError(f"model {norm} already exists (remove it first with lmforge rm, or pass --overwrite)")
     base_ref = mf.base
-    if _looks_like_path(base_ref) and not Path(base_ref).expanduser().is_absolute():
+    if looks_like_path(base_ref) and not Path(base_ref).expanduser().is_absolute():
         base_ref = str(mf_file.parent / base_ref)
     base = resolve(base_ref)
     tmp = _temp_dir("create")
@@ -604,7 +326,7 @@ def _read_modelfile(directory: Path) -> dict[str, Any] | None:
     f = directory / MODELFILE
     if not f.is_file():
         return None
-    m = _read_json(f)
+    m = read_json(f)
     return m if isinstance(m, dict) else None
 
 

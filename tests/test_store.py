@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmforge import store
+from lmforge import paths, store
 from lmforge.errors import UserError
 
 
@@ -52,7 +52,7 @@ def test_hostile_names_are_refused_before_touching_disk(name, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("file-system call before the name was checked")
 
-    monkeypatch.setattr(store, "models_root", boom)
+    monkeypatch.setattr(paths, "models_root", boom)  # where model_path looks the store up
     with pytest.raises(UserError, match="invalid model name"):
         store.validate_name(name)
     with pytest.raises(UserError, match="invalid model name"):
@@ -118,6 +118,28 @@ def test_add_list_show_cp_rm_round_trip(tiny_model_dir):
         store.remove("tiny")
     with pytest.raises(UserError, match="no model named"):
         store.show("tiny")
+
+
+def test_show_gives_the_shape_the_loaders_read(tiny_model_dir, tmp_path):
+    from lmforge.loaders.model_dir import load_config
+
+    store.add("tiny", tiny_model_dir)
+    cfg = load_config(tiny_model_dir)
+    info = store.show("tiny")
+    assert (info["context_length"], info["embedding_length"], info["layers"]) == (cfg.context_length, cfg.d_model,
+                                                                                   cfg.n_layers)
+    # Whatever the file calls them: a sliding-window Mistral attends over its window, which is what we show.
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    (mistral / "config.json").write_text(json.dumps({
+        "architectures": ["MistralForCausalLM"], "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 4096, "sliding_window": 512}))
+    info = store.show(str(mistral))
+    assert (info["context_length"], info["embedding_length"], info["layers"]) == (512, 64, 3)
+    (mistral / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "hidden_size": 64}))
+    info = store.show(str(mistral))
+    assert info["error"] and (info["context_length"], info["embedding_length"], info["layers"]) == (None, None, None)
 
 
 def test_chat_template_from_tokenizer_config_or_jinja(tiny_model_dir):

@@ -5,7 +5,8 @@ as they are, quantized, and dequantized when loaded). Either may carry a `modelf
 `lmforge create` (system prompt, chat template, sampling defaults, adapter): its template replaces the
 tokenizer's, the rest travels in `Loaded.modelfile` for the chat and the server to apply.
 
-Store *names* are resolved by `lmforge.store.resolve` before they get here: this module only sees paths.
+Store *names* are resolved by `lmforge.paths.resolve` (re-exported by `lmforge.store`) before they get
+here; the one name this module resolves itself is the base model an adapter directory names.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import UserError
-from lmforge.loaders.model_dir import build_model, is_model_dir, load_model
+from lmforge.loaders.model_dir import build_model, load_model
 from lmforge.loaders.peft import adapter_base, is_adapter_dir, load_adapter
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import merge_lora
 from lmforge.modelfile import FILE as MODELFILE_JSON
 from lmforge.modelfile import Modelfile
-from lmforge.tokenizer import Tokenizer
-
-GGUF_IN_STORE = "model.gguf"
+from lmforge.paths import GGUF_IN_STORE, resolve
+from lmforge.tokenizer import Tokenizer, load_hf_tokenizer
 
 
 @dataclass
@@ -46,10 +46,6 @@ def gguf_file(path: str | os.PathLike) -> Path | None:
     if p.is_dir() and not (p / "config.json").is_file() and (p / GGUF_IN_STORE).is_file():
         return p / GGUF_IN_STORE
     return None
-
-
-def is_loadable(path: str | os.PathLike) -> bool:
-    return gguf_file(path) is not None or is_model_dir(path) or is_adapter_dir(path)
 
 
 def read_modelfile(directory: Path) -> Modelfile:
@@ -83,8 +79,6 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         model = build_model(g.config, g.state_dict, source=str(gguf), device=device)
         loaded = Loaded(model, g.tokenizer, gguf, f"gguf:{g.file_type}")
     else:
-        from lmforge.tokenizer import load_hf_tokenizer
-
         model = load_model(p, device=device, dtype=dtype, allow_pickle=allow_pickle)
         fmt = "safetensors" if any(p.glob("*.safetensors")) else "pickle"
         loaded = Loaded(model, load_hf_tokenizer(p), p, fmt)
@@ -104,8 +98,6 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
 def _load_adapter_dir(p: Path, *, device, dtype, allow_pickle: bool, merge: bool) -> Loaded:
     """Base model (named in adapter_config.json) + the adapter; merged unless `merge=False` (training on)."""
     base_ref = adapter_base(p)
-    from lmforge.store import resolve
-
     try:
         base_path = resolve(base_ref)
     except UserError as e:
@@ -115,8 +107,6 @@ def _load_adapter_dir(p: Path, *, device, dtype, allow_pickle: bool, merge: bool
     if merge:
         merge_lora(loaded.model)
     if (p / "tokenizer.json").is_file():
-        from lmforge.tokenizer import load_hf_tokenizer
-
         loaded.tokenizer = load_hf_tokenizer(p)
     loaded.source, loaded.format = p, f"lora on {loaded.format}"
     return loaded

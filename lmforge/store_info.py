@@ -1,0 +1,227 @@
+"""What is in the local model store: `list_models` (one line per entry) and `show` (everything known about one
+model), read-only.
+
+Separate from `lmforge.store` (which re-exports both), because reading entries is a job of its own: it
+never writes (not even the roll-forward of an interrupted checkpoint save that loading does), and it must
+describe a damaged entry instead of refusing it, where the store's operations refuse. The shape a model
+is shown with (context length, embedding length, layers) is the `ModelConfig` the loaders read from
+config.json or the GGUF header, so every format is described in one vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+from lmforge.modelfile import FILE as MODELFILE
+from lmforge.paths import GGUF_IN_STORE, models_root, resolve, split_name
+
+
+@dataclass
+class StoreEntry:
+    name: str  # normalised, "tiny:latest"
+    path: Path
+    architecture: str  # config.json "architectures"[0], or "?"
+    parameters: int | None
+    dtype: str | None  # config.json "torch_dtype" (transformers 4.x) or "dtype" (5.x); a GGUF's file type
+    size_bytes: int  # all files, trainer state included
+    modified: float  # mtime of the entry directory: when it was added to the store
+    error: str | None = None  # set when the entry is damaged; the other fields are then best effort
+    config: ModelConfig | None = None  # what the loaders read from config.json or the GGUF header
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(path):  # does not follow symlinked directories
+        for f in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def read_json(path: Path) -> Any:
+    """Parsed JSON, or raises UserError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path.name}: not readable JSON ({e})") from None
+
+
+def _entry(name: str, path: Path) -> StoreEntry:
+    from lmforge.loaders.hf import config_from_hf
+
+    try:
+        modified = path.stat().st_mtime
+    except OSError:
+        modified = 0.0
+    entry = StoreEntry(name, path, "?", None, None, _dir_size(path), modified)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file() and (path / GGUF_IN_STORE).is_file():
+        return _gguf_entry(entry, path / GGUF_IN_STORE)
+    if not cfg_file.is_file():
+        entry.error = "config.json is missing"
+        return entry
+    try:
+        cfg = read_json(cfg_file)
+        if not isinstance(cfg, dict):
+            raise UserError("config.json: not a JSON object")
+    except UserError as e:
+        entry.error = str(e)
+        return entry
+    archs = cfg.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        entry.architecture = archs[0]
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype")
+    entry.dtype = dtype if isinstance(dtype, str) else None
+    try:  # parse the dict ourselves: load_config() would run recover(), a write, from a mere listing
+        entry.config = config_from_hf(cfg, source=str(cfg_file))
+        entry.parameters = entry.config.num_params()
+    except Exception as e:  # noqa: BLE001 - a damaged entry is reported, never raised, by list
+        entry.error = f"config.json: {e}"
+    return entry
+
+
+def _gguf_entry(entry: StoreEntry, file: Path) -> StoreEntry:
+    from lmforge.loaders.gguf import describe_gguf
+
+    try:
+        d = describe_gguf(file, check_tokenizer=False)
+    except Exception as e:  # noqa: BLE001 - a damaged entry is reported, never raised, by list
+        entry.error = f"{file.name}: {e}"
+        return entry
+    entry.architecture, entry.parameters, entry.dtype = d["architecture"], d["parameters"], d["file_type"]
+    entry.config = d["config"]
+    return entry
+
+
+def _gguf_show(file: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(config as a dict, chat template) of a GGUF file from one header read; (None, None) if unreadable."""
+    from lmforge.loaders.gguf import describe_gguf
+
+    try:
+        d = describe_gguf(file, check_tokenizer=False)
+    except Exception:  # noqa: BLE001 - show what can be shown
+        return None, None
+    return d["config"].to_dict(), d["chat_template"]
+
+
+def _valid(part: str, *, tag: bool) -> bool:
+    try:
+        split_name(f"x:{part}" if tag else part)
+    except UserError:
+        return False
+    return True
+
+
+def list_models() -> list[StoreEntry]:
+    """Every model in the store, sorted by name. Damaged entries are listed with `error` set."""
+    root = models_root()
+    if not root.is_dir():
+        return []
+    entries = []
+    for base_dir in root.iterdir():
+        if not _valid(base_dir.name, tag=False) or not base_dir.is_dir() or base_dir.is_symlink():
+            continue  # temp dirs (".tmp-*") and strays
+        for tag_dir in base_dir.iterdir():
+            if not _valid(tag_dir.name, tag=True) or not tag_dir.is_dir() or tag_dir.is_symlink():
+                continue
+            entries.append(_entry(f"{base_dir.name}:{tag_dir.name}", tag_dir))
+    return sorted(entries, key=lambda e: e.name)
+
+
+def _chat_template(path: Path) -> str | None:
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        try:
+            t = read_json(tok_cfg).get("chat_template")
+        except (UserError, AttributeError):
+            t = None
+        if isinstance(t, list):  # transformers' named templates: [{"name": ..., "template": ...}]
+            named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+            t = named.get("default", next(iter(named.values()), None))
+        if isinstance(t, str):
+            return t
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+def _first_text(path: Path, names: tuple[str, ...]) -> str | None:
+    for n in names:
+        if (path / n).is_file():
+            return (path / n).read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+def _shape(cfg: ModelConfig | None) -> dict[str, int | None]:
+    """The sizes `lmforge show` prints, None where the config could not be read."""
+    return {"context_length": cfg.context_length if cfg else None,
+            "embedding_length": cfg.d_model if cfg else None,
+            "layers": cfg.n_layers if cfg else None}
+
+
+def show(ref: str) -> dict[str, Any]:
+    """Everything known about a model (a store name, a model directory or a .gguf file); works on a
+    damaged store entry (see the "error" key).
+
+    "context_length", "embedding_length" and "layers" come from the `ModelConfig` the loaders read (so a
+    sliding-window model shows the context lmforge attends over); "config" is the file's own config.json
+    (or, for GGUF, the `ModelConfig` as a dict)."""
+    path = resolve(ref)
+    root = models_root().resolve()
+    real = path.resolve()
+    if real.is_relative_to(root) and len(real.relative_to(root).parts) == 2:
+        norm = ":".join(real.relative_to(root).parts)
+    else:
+        norm = str(path)
+    if path.is_file():  # a .gguf file outside the store
+        e = _gguf_entry(StoreEntry(norm, path, "?", None, None, path.stat().st_size, path.stat().st_mtime), path)
+        config, template = _gguf_show(path)
+        return {"name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
+                "dtype": e.dtype, "size_bytes": e.size_bytes, "modified": e.modified, "error": e.error,
+                **_shape(e.config), "config": config, "chat_template": template, "system": None,
+                "defaults": {}, "modelfile": {}, "lineage": {}, "lmforge": {}, "license": None, "readme": None}
+    e = _entry(norm, path)
+    info: dict[str, Any] = {
+        "name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
+        "dtype": e.dtype, "size_bytes": e.size_bytes, "modified": e.modified, "error": e.error, **_shape(e.config),
+    }
+    try:
+        info["config"] = read_json(path / "config.json") if (path / "config.json").is_file() else None
+    except UserError:
+        info["config"] = None
+    info["chat_template"] = _chat_template(path)
+    if (path / GGUF_IN_STORE).is_file() and info["config"] is None:
+        info["config"], info["chat_template"] = _gguf_show(path / GGUF_IN_STORE)
+    modelfile: dict[str, Any] = {}
+    if (path / MODELFILE).is_file():
+        try:
+            m = read_json(path / MODELFILE)
+            modelfile = m if isinstance(m, dict) else {}
+        except UserError as err:
+            info["error"] = info["error"] or str(err)
+    if isinstance(modelfile.get("template"), str):
+        info["chat_template"] = modelfile["template"]  # a Modelfile TEMPLATE replaces the tokenizer's
+    info["system"] = modelfile.get("system")  # system prompt
+    info["defaults"] = modelfile.get("parameters") or modelfile.get("defaults") or {}  # sampling defaults
+    info["modelfile"] = modelfile
+    meta: dict[str, Any] = {}
+    if (path / "lmforge.json").is_file():
+        try:
+            m = read_json(path / "lmforge.json")
+            meta = m if isinstance(m, dict) else {}
+        except UserError as err:
+            info["error"] = info["error"] or str(err)
+    info["lineage"] = meta.get("lineage") or {}  # parent model, data, recipe, step
+    info["lmforge"] = meta  # all of lmforge.json
+    info["license"] = modelfile.get("license") or _first_text(path, ("LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt"))
+    info["readme"] = _first_text(path, ("README.md", "README.txt", "README"))
+    return info
