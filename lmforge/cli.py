@@ -573,24 +573,11 @@ def cmd_align(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from lmforge.checkpoint import transaction
-    from lmforge.loaders.auto import adapter_base, is_adapter_dir, load
-    from lmforge.loaders.model_dir import write_model_files
-    from lmforge.store import resolve
+    from lmforge.loaders.export import merge_adapter
 
-    src = resolve(args.adapter)
-    if not is_adapter_dir(src):
-        raise UserError(f"{args.adapter} is not a LoRA adapter directory (it needs adapter_config.json and no config.json)")
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    loaded = load(src, merge=True)
-    from lmforge.loaders.model_dir import read_lmforge_meta
-
-    lineage = {**read_lmforge_meta(src).get("lineage", {}), "merged_from_adapter": str(src), "base": adapter_base(src)}
-    with transaction(out) as staging:
-        write_model_files(staging, loaded.model, tokenizer=loaded.tokenizer, lineage=lineage)
-    print(f"merged {src} into its base ({adapter_base(src)}): {out}")
+    src, base = merge_adapter(args.adapter, out, overwrite=args.overwrite)
+    print(f"merged {src} into its base ({base}): {out}")
     if args.name is not None:
         from lmforge.store import import_model
 

@@ -1,22 +1,27 @@
-"""`lmforge export`: send a model (ours or imported) to the tools people already use.
+"""`lmforge export` and `lmforge merge`: write a model (ours, imported, or an adapter folded into its base)
+in the formats other tools read.
 
 `--format hf` writes a Hugging Face directory that transformers, vLLM and llama.cpp's converter read;
 `--format gguf` writes one GGUF file for llama.cpp, Ollama and LM Studio. Either way the chat template and
 the EOS tokens travel with the weights, and a Modelfile's sampling defaults become the exported
-generation defaults (generation_config.json for HF).
+generation defaults (generation_config.json for HF). `merge_adapter` writes a LoRA run as a plain model
+directory (its adapter folded into the base weights), with the lineage of both.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from lmforge.checkpoint import transaction
 from lmforge.errors import UserError
-from lmforge.loaders.auto import Loaded
+from lmforge.loaders.auto import Loaded, load
 from lmforge.loaders.hf import NATIVE, hf_architecture
-from lmforge.loaders.model_dir import write_model_files
+from lmforge.loaders.model_dir import read_lmforge_meta, write_model_files
+from lmforge.loaders.peft import adapter_base, is_adapter_dir
+from lmforge.paths import resolve
 
 # Modelfile parameter -> generation_config.json key (transformers' names).
 _GENERATION_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
@@ -65,3 +70,23 @@ def export_gguf(loaded: Loaded, out: Path, *, qtype: str = "f16") -> None:
     name = loaded.model.config.name or loaded.source.name
     write_gguf(out, model.config, model.state_dict(), loaded.tokenizer, qtype=qtype, name=name,
                eos_token_ids=list(loaded.tokenizer.eos_ids))
+
+
+def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> tuple[Path, str]:
+    """Fold the LoRA adapter `adapter` (a path or store name of an adapter directory) into its base model and
+    write the result as a model directory `out`, in one transaction; returns (the adapter's path, its base).
+
+    The lineage the run recorded is kept, plus where the adapter and the base came from.
+    """
+    src = resolve(str(adapter))
+    if not is_adapter_dir(src):
+        raise UserError(f"{adapter} is not a LoRA adapter directory (it needs adapter_config.json and no config.json)")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    loaded = load(src, merge=True)
+    base = adapter_base(src)
+    lineage = {**read_lmforge_meta(src).get("lineage", {}), "merged_from_adapter": str(src), "base": base}
+    with transaction(out) as staging:
+        write_model_files(staging, loaded.model, tokenizer=loaded.tokenizer, lineage=lineage)
+    return src, base
