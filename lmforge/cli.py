@@ -56,18 +56,6 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _store_name(text: str) -> str:
-    """An argparse type for --name: a valid store name, checked before any work starts (an empty name is
-    refused like any other invalid one, never replaced by a default)."""
-    from lmforge.store import validate_name
-
-    try:
-        validate_name(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def _para(text: str) -> str:
     """Wrap a description paragraph (the formatter keeps line breaks so that examples stay as written)."""
     return textwrap.fill(text, 100)
@@ -719,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(pt, "builtin:pydocs; on --resume, the run's data")
     pt.add_argument("--out", metavar="DIR", help="output model directory (required unless --resume)")
     pt.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (same data order, optimizer and RNG state)")
-    pt.add_argument("--name", type=_store_name, help="also add the finished model to the store under this name (default: don't)")
+    pt.add_argument("--name", help="also add the finished model to the store under this name (default: don't)")
     pt.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs/token, a memory estimate and token "
                     "counts, then stop without training")
     pt.add_argument("--overwrite", action="store_true", help="start a new run in an --out that already holds a model "
@@ -840,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "  lmforge import ~/models/qwen2.5-0.5b-instruct-q8_0.gguf --name qwen\n"
                                "  lmforge import runs/small --name small")
     im.add_argument("source", metavar="PATH", help="a model directory (config.json + safetensors + tokenizer.json) or a .gguf file")
-    im.add_argument("--name", type=_store_name, help="store name, NAME or NAME:TAG (default: from the directory or file name)")
+    im.add_argument("--name", help="store name, NAME or NAME:TAG (default: from the directory or file name)")
     im.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights: read with "
                     "torch.load(weights_only=True) and stored as safetensors (default: refuse pickles)")
     im.add_argument("--overwrite", action="store_true", help="replace a model of the same name (default: refuse)")
@@ -853,7 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="examples:\n  lmforge pull HuggingFaceTB/SmolLM2-135M-Instruct --name smol\n"
                                "  lmforge pull Qwen/Qwen2.5-0.5B-Instruct-GGUF --file qwen2.5-0.5b-instruct-q8_0.gguf --name qwen")
     pl.add_argument("repo", metavar="OWNER/NAME", help="the Hugging Face repo id")
-    pl.add_argument("--name", type=_store_name, help="store name (default: the repo name, lower-cased)")
+    pl.add_argument("--name", help="store name (default: the repo name, lower-cased)")
     pl.add_argument("--file", help="for GGUF repos: which .gguf file to download")
     pl.add_argument("--revision", help="branch, tag or commit (default: main)")
     pl.add_argument("--overwrite", action="store_true", help="replace a model of the same name (default: refuse)")
@@ -919,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", required=True, help=data_help)
         p.add_argument("--val-data", help="validation data (default: the held-out split of builtin data, else 5%% of --data)")
         p.add_argument("--out", required=True, metavar="DIR", help="run directory to write (required)")
-        p.add_argument("--name", type=_store_name, help="also add the finished model to the store under this name (default: don't)")
+        p.add_argument("--name", help="also add the finished model to the store under this name (default: don't)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
         p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a model")
         p.add_argument("--epochs", type=_float, default=1.0, help="passes over the data when --max-steps is not given (default: 1)")
@@ -977,7 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "model speed, loadable by transformers)."))
     mg.add_argument("adapter", metavar="ADAPTER", help="a LoRA run directory (lmforge finetune --lora) or PEFT adapter")
     mg.add_argument("--out", required=True, metavar="DIR", help="output model directory (required)")
-    mg.add_argument("--name", type=_store_name, help="also add the merged model to the store under this name")
+    mg.add_argument("--name", help="also add the merged model to the store under this name")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     mg.set_defaults(func=cmd_merge)
 
@@ -1059,6 +1047,10 @@ def main(argv: list[str] | None = None) -> int:
         if func is None:  # a command group without its subcommand, or nothing at all
             print((getattr(args, "group_parser", None) or parser).format_help(), file=sys.stderr)
             return 2
+        if getattr(args, "name", None) is not None:  # every --name, checked before any work ("" included)
+            from lmforge.store import validate_name
+
+            validate_name(args.name)
         return func(args)
     except UserError as e:
         return _fail(str(e))

@@ -109,7 +109,7 @@ def _recipe(opts: FinetuneOptions, n_examples: int, saved: dict | None) -> Train
 def _examples(opts: FinetuneOptions, tokenizer, max_len: int):
     """(train examples, val examples, summary lines) for the method."""
     from lmforge.data.preferences import encode_preferences
-    from lmforge.data.records import read_conversations, read_preferences
+    from lmforge.data.records import read_conversations, read_preferences, train_val_split
     from lmforge.data.sft import encode_conversations
 
     val_spec = opts.val_data or _default_val(opts.data)
@@ -121,7 +121,7 @@ def _examples(opts: FinetuneOptions, tokenizer, max_len: int):
     if val_spec:
         train, val = enc.examples, encode(tokenizer, read(val_spec), max_len).examples
     else:
-        train, val = chat.train_val_split(enc.examples)
+        train, val = train_val_split(enc.examples)
     if not train:
         raise UserError(f"{opts.data}: no example fits the model's context ({max_len} tokens)")
     return train, val, lines
