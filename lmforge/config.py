@@ -20,6 +20,11 @@ POSITIONS = ("rope", "learned", "sinusoidal")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
 
+# Settings of a ModelConfig that change neither what a model computes at inference nor its weights' shapes
+# (Hugging Face configs have no keys for them; LoRA fingerprints of the base model leave them out).
+TRAINING_ONLY_FIELDS = ("dropout", "init_std", "name")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a decoder-only transformer. Defaults describe a small Llama-style model."""

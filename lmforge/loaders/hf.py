@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ROPE_SCALING_TYPES, ModelConfig
+from lmforge.config import ROPE_SCALING_TYPES, TRAINING_ONLY_FIELDS, ModelConfig
 from lmforge.errors import UserError
-from lmforge.model.gpt import GPT
-from lmforge.model.lora import PROJECTIONS, projection_parts
+from lmforge.model.gpt import GPT, PROJECTIONS, projection_parts
 from lmforge.tokenizer import load_hf_tokenizer
 
 __all__ = [
@@ -63,7 +62,6 @@ SUPPORTED_ARCHITECTURES = [*LLAMA_LIKE, GPT2, NATIVE]
 # A config.json without "architectures" still names its family in model_type (transformers' Auto classes
 # dispatch on it too); this is read from the file, never guessed from a path.
 MODEL_TYPES = {**{v: k for k, v in LLAMA_LIKE.items()}, "gpt2": GPT2, "lmforge": NATIVE}
-TRAINING_ONLY_FIELDS = ("dropout", "init_std", "name")
 
 # transformers' defaults for keys a config.json may leave out (the values its config classes use, so a
 # sparse file means what it means there). Mistral and Qwen2 do NOT default num_key_value_heads to the head

@@ -29,7 +29,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json
 from lmforge.loaders.hf import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, unwrap
 
 __all__ = [
     "PICKLE_INDEX",
@@ -43,7 +43,6 @@ __all__ = [
     "load_config",
     "load_model",
     "read_lmforge_meta",
-    "unwrap",
     "write_model_files",
 ]
 
@@ -51,17 +50,6 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-
-
-def unwrap(model: torch.nn.Module) -> GPT:
-    """The bare model under torch.compile / DDP / FSDP wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def write_model_files(directory: Path, model: torch.nn.Module, *, tokenizer=None, lineage: dict | None = None,

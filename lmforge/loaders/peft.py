@@ -53,9 +53,8 @@ import torch.nn as nn
 from lmforge.errors import UserError
 from lmforge.io import atomic_write, atomic_write_json
 from lmforge.loaders.hf import LLAMA_FAMILY, TENSOR_NAMES, hf_modules, tensor_names
-from lmforge.loaders.model_dir import unwrap
+from lmforge.model.gpt import PROJECTIONS, projection_parts, unwrap
 from lmforge.model.lora import (
-    PROJECTIONS,
     LoRAInfo,
     LoRALinear,
     adapted_parts,
@@ -64,7 +63,6 @@ from lmforge.model.lora import (
     has_lora,
     install_lora,
     lora_modules,
-    projection_parts,
     require_plain_linear,
 )
 

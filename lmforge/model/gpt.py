@@ -313,3 +313,38 @@ class GPT(nn.Module):
         elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fused projections, and the model under its wrappers
+# ---------------------------------------------------------------------------------------------------
+# Our per-block projections, by path under blocks.N. ("mlp.fc" is gate|up for SwiGLU, up for GELU.)
+PROJECTIONS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+def projection_parts(cfg, module: str) -> list[tuple[str, int, int]]:
+    """The named row slices of one of our projections, in row order: (part, start, stop)."""
+    if module == "attn.qkv":
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        return [("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv)]
+    if module == "attn.proj":
+        return [("o", 0, cfg.d_model)]
+    if module == "mlp.fc":
+        if cfg.mlp == "swiglu":
+            return [("gate", 0, cfg.d_ff), ("up", cfg.d_ff, 2 * cfg.d_ff)]
+        return [("up", 0, cfg.d_ff)]
+    if module == "mlp.proj":
+        return [("down", 0, cfg.d_model)]
+    raise ValueError(f"{module!r} is not one of our projections ({', '.join(PROJECTIONS)})")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under torch.compile / DDP / FSDP wrappers (what LoRA, checkpoints and the trainer
+    read and change)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model

@@ -44,10 +44,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.config import TRAINING_ONLY_FIELDS
 from lmforge.errors import UserError
+from lmforge.model.gpt import PROJECTIONS, projection_parts, unwrap
 
 __all__ = [
-    "PROJECTIONS",
     "LoRAInfo",
     "LoRALinear",
     "adapted_parts",
@@ -58,12 +59,9 @@ __all__ = [
     "lora_modules",
     "lora_parameters",
     "merge_lora",
-    "projection_parts",
 ]
 
 FINGERPRINT_VERSION = 1
-# Settings of a ModelConfig that don't change what a model computes at inference (or its weights' shapes).
-_TRAINING_ONLY_FIELDS = ("name", "dropout", "init_std")
 _SAMPLE_SIZE = 64
 
 
@@ -149,26 +147,6 @@ class LoRALinear(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Our projections and their parts
 # ---------------------------------------------------------------------------------------------------
-# Our per-block projections, by path under blocks.N. ("mlp.fc" is gate|up for SwiGLU, up for GELU.)
-PROJECTIONS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
-
-
-def projection_parts(cfg, module: str) -> list[tuple[str, int, int]]:
-    """The named row slices of one of our projections, in row order: (part, start, stop)."""
-    if module == "attn.qkv":
-        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        return [("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv)]
-    if module == "attn.proj":
-        return [("o", 0, cfg.d_model)]
-    if module == "mlp.fc":
-        if cfg.mlp == "swiglu":
-            return [("gate", 0, cfg.d_ff), ("up", cfg.d_ff, 2 * cfg.d_ff)]
-        return [("up", 0, cfg.d_ff)]
-    if module == "mlp.proj":
-        return [("down", 0, cfg.d_model)]
-    raise ValueError(f"{module!r} is not one of our projections ({', '.join(PROJECTIONS)})")
-
-
 def _plan(cfg, targets: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
     """{our module: parts} checked against the model, parts in row order, modules in PROJECTIONS order."""
     if isinstance(targets, (str, bytes)) or not isinstance(targets, Mapping):
@@ -215,20 +193,9 @@ class LoRAInfo:
                 f"parameters ({100 * self.trainable_fraction:.2f}%)")
 
 
-def _bare(model):
-    """The model under torch.compile / DDP wrappers (LoRA is applied to, and read from, the bare GPT)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
-            model = model.module
-        else:
-            return model
-
-
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """(name, module) for every LoRALinear in the model, in module order."""
-    for name, m in _bare(model).named_modules():
+    for name, m in unwrap(model).named_modules():
         if isinstance(m, LoRALinear):
             yield name, m
 
@@ -248,14 +215,14 @@ def adapted_parts(model: nn.Module) -> set[tuple[str, str]]:
 
 
 def _our_targets(model: nn.Module) -> list[str]:
-    cfg = _bare(model).config
+    cfg = unwrap(model).config
     adapted = adapted_parts(model)
     return [f"{m}.{p}" for m in PROJECTIONS for p, _, _ in projection_parts(cfg, m) if (m, p) in adapted]
 
 
 def _info(model: nn.Module, targets: list[str]) -> LoRAInfo:
     mods = list(lora_modules(model))
-    params = {id(p): p for p in _bare(model).parameters()}.values()  # tied weights once
+    params = {id(p): p for p in unwrap(model).parameters()}.values()  # tied weights once
     first = mods[0][1] if mods else None
     return LoRAInfo(
         targets=targets,
@@ -275,7 +242,7 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def require_plain_linear(model: nn.Module, name: str, doing: str) -> nn.Linear:
     """The module called `name`, which LoRA can wrap only if it is a plain (unquantized) nn.Linear."""
-    base = _bare(model).get_submodule(name)
+    base = unwrap(model).get_submodule(name)
     if type(base) is not nn.Linear:
         raise UserError(f"{name} is a {type(base).__name__}, not a plain nn.Linear: LoRA wraps unquantized "
                         f"projections ({doing} before quantizing or accelerating the model)")
@@ -284,7 +251,7 @@ def require_plain_linear(model: nn.Module, name: str, doing: str) -> nn.Linear:
 
 def install_lora(model: nn.Module, new: dict[str, LoRALinear]) -> LoRAInfo:
     """Freeze every base parameter, swap the LoRA modules in (only their A and B train), report."""
-    m = _bare(model)
+    m = unwrap(model)
     for p in m.parameters():
         p.requires_grad_(False)
     for name, lora in new.items():
@@ -303,7 +270,7 @@ def apply_lora(model: nn.Module, *, targets: Mapping[str, Iterable[str]], rank: 
     (embeddings and norms included) gets requires_grad False; only the adapters' A and B train.
     Returns what was adapted and the trainable / total parameter counts.
     """
-    m = _bare(model)
+    m = unwrap(model)
     cfg = m.config
     if has_lora(m):
         raise UserError("this model already has LoRA adapters; merge them (lmforge merge) before adding new ones")
@@ -326,7 +293,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     In place; returns the model, now a plain GPT whose parameters all have requires_grad True again (as a
     freshly built or loaded model's). The sum is formed in float32 and rounded once into the weight's dtype.
     """
-    m = _bare(model)
+    m = unwrap(model)
     for name, lora in list(lora_modules(m)):
         base = lora.base
         with torch.no_grad():
@@ -368,9 +335,9 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     Samples rather than a hash of the bytes, so that the same weights loaded in bf16 or fp16 still match
     (compared with a relative tolerance); a different model differs in practically every sampled value.
     """
-    m = _bare(model)
+    m = unwrap(model)
     cfg = m.config
     names = ["tok_emb", "blocks.0.attn.qkv", f"blocks.{cfg.n_layers - 1}.mlp.proj"]
     samples = {n: _sample(w) for n in names if (w := _base_weight(m, n)) is not None}
-    conf = {k: v for k, v in cfg.to_dict().items() if k not in _TRAINING_ONLY_FIELDS}
+    conf = {k: v for k, v in cfg.to_dict().items() if k not in TRAINING_ONLY_FIELDS}
     return {"fingerprint_version": FINGERPRINT_VERSION, "base_config": conf, "weight_samples": samples}

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from lmforge.checkpoint import read_trainer_state, restore_optimizer, restore_rng
 from lmforge.io import atomic_write, atomic_write_text
-from lmforge.loaders.model_dir import unwrap
+from lmforge.model.gpt import unwrap
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.optim import lr_at, make_optimizer
 

@@ -10,16 +10,14 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, PROJECTIONS, projection_parts
 from lmforge.model.lora import (
-    PROJECTIONS,
     LoRALinear,
     apply_lora,
     has_lora,
     lora_modules,
     lora_parameters,
     merge_lora,
-    projection_parts,
 )
 from lmforge.presets import get_preset
 
