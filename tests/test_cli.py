@@ -137,11 +137,11 @@ def test_a_reader_that_goes_away_is_no_traceback():
     import subprocess
     import sys
 
-    code = ("import lmforge.cli as c\n"
+    code = ("import lmforge.cli as c, lmforge.cli.store as s\n"
             "def flood(args):\n"
             "    for i in range(10**6): print('line', i)\n"
             "    return 0\n"
-            "c.cmd_list = flood\n"
+            "s.cmd_list = flood\n"
             "raise SystemExit(c.main(['list']))\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout.readline() == b"line 0\n"

@@ -1,0 +1,175 @@
+"""`lmforge generate`, `score` and `run`: using a model (every decoding strategy, likelihoods, the
+terminal chat)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lmforge.cli.common import (
+    Formatter, add_model_flags, add_sampling_flags, float_arg, load_engine, load_model, nonneg_int, para,
+    positive_int, sampling_params,
+)
+from lmforge.errors import UserError
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate / score / run
+# ---------------------------------------------------------------------------------------------------
+
+
+def cmd_generate(args) -> int:
+    import math
+
+    engine, mf = load_engine(args)
+    tok = engine.tokenizer
+    prompt = args.prompt
+    if args.chat:
+        from lmforge.engine.prompt import chat_prompt_ids
+
+        try:
+            prompt = chat_prompt_ids(tok, [{"role": "user", "content": prompt}], examples=mf.messages,
+                                     system=args.system if args.system is not None else mf.system)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if args.beams > 1:
+        params = sampling_params(args, mf.parameters, num_beams=args.beams, length_penalty=args.length_penalty,
+                                  early_stopping=args.early_stopping, stop=args.stop or [],
+                                  **({} if args.temperature is not None else {"temperature": 0.0}))
+        try:
+            beams = engine.beam_search(prompt, params, n_best=args.n_best)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        for rank, b in enumerate(beams, 1):
+            print(f"--- beam {rank}: score {b.score:.4f} (log-prob {b.sum_logprob:.3f}, {b.n_tokens} tokens, {b.finish_reason})")
+            print(b.text)
+        return 0
+    params = sampling_params(args, mf.parameters, stop=args.stop or [],
+                              logprobs=args.top_logprobs if args.show_probs else None)
+    try:
+        events = engine.generate([prompt], params)
+        if not args.show_probs:
+            if isinstance(prompt, str) and args.echo:
+                print(prompt, end="", flush=True)
+            finish = None
+            for ev in events:
+                print(ev.text, end="", flush=True)
+                finish = ev.finish_reason or finish
+            print()
+            if args.verbose:
+                print(f"[finish_reason: {finish}]", file=sys.stderr)
+            return 0
+        print(f"{'token':<20} {'prob':>7}   top alternatives")
+        for ev in events:
+            shown = repr(tok.token_text(ev.token_id))  # quoted, so spaces and newlines are visible
+            alts = "  ".join(f"{tok.token_text(i)!r} {math.exp(lp):.1%}" for i, lp in (ev.top_logprobs or [])
+                             if i != ev.token_id)
+            print(f"{shown:<20} {math.exp(ev.logprob):>7.1%}   {alts}")
+            if ev.finish_reason:
+                print(f"[finish_reason: {ev.finish_reason}]")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
+def cmd_score(args) -> int:
+    import math
+
+    if (args.file is None) == (args.text is None):
+        raise UserError("give exactly one of --file PATH or --text TEXT")
+    if args.file is not None:
+        from lmforge.data.corpus import load_documents
+
+        text = "\n".join(load_documents(str(args.file), errors=args.errors))
+    else:
+        text = args.text
+    engine, _ = load_engine(args)
+    try:
+        r = engine.score(text)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    tok = engine.tokenizer
+    n = len(r.logprobs)
+    print(f"tokens scored        {n:,} ({r.n_chars:,} characters)")
+    print(f"total log-likelihood {r.total_logprob:,.3f} nats")
+    print(f"mean surprisal       {-r.total_logprob / n:.4f} nats/token = {-r.total_logprob / n / math.log(2):.4f} bits/token")
+    print(f"per character        {-r.total_logprob / max(1, r.n_chars):.4f} nats/char")
+    print(f"perplexity           {r.perplexity:.3f}")
+    offset = len(r.ids) - n  # ids[offset + i] is the token of logprobs[i]
+    worst = sorted(range(n), key=lambda i: r.logprobs[i])[: args.top]
+    if worst:
+        print("\nmost surprising tokens (surprisal in bits, with the text before them):")
+        for i in worst:
+            j = offset + i
+            before = tok.decode(r.ids[max(offset, j - 8):j], skip_special_tokens=True)[-40:]
+            print(f"  {-r.logprobs[i] / math.log(2):6.2f}  ...{before!r} -> {tok.token_text(r.ids[j])!r}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from lmforge.chat import ChatSession, answer_once, repl
+
+    loaded = load_model(args)
+    try:
+        session = ChatSession.from_loaded(loaded, system=args.system, fast=not args.no_fast,
+                                          params=sampling_params(args, loaded.modelfile.parameters))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not sys.stdin.isatty():
+        try:
+            return answer_once(session, sys.stdin.read())
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return repl(session)
+
+
+def register(sub) -> list[argparse.ArgumentParser]:
+    """Add this group's subcommands to `sub`; returns those whose numeric flags get short metavars."""
+    # generate / score / run
+    gen = sub.add_parser("generate", help="continue a prompt with any decoding strategy", formatter_class=Formatter,
+                         description=para("Generate a continuation of --prompt with the KV-cached engine: greedy, "
+                                           "sampling (temperature, top-k, top-p, min-p, penalties) or beam search, "
+                                           "streamed as it is produced. --show-probs prints every token with its "
+                                           "probability and the top alternatives."),
+                         epilog='examples:\n  lmforge generate runs/small --prompt "The with statement" --temperature 0.7 --seed 1\n'
+                                '  lmforge generate runs/small --prompt "def " --beams 4 --length-penalty 1.0\n'
+                                '  lmforge generate runs/small --prompt "Return the" --show-probs')
+    add_model_flags(gen)
+    gen.add_argument("--prompt", default="", help="text to continue (default: empty = start from BOS)")
+    gen.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
+    gen.add_argument("--system", help="system prompt, with --chat")
+    add_sampling_flags(gen)
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text; repeatable (default: none)")
+    gen.add_argument("--beams", type=positive_int, default=1, help="beam search with this many beams; 1 = off (default: 1)")
+    gen.add_argument("--length-penalty", type=float_arg, default=1.0, help="beam score = log-prob / length^this (default: 1.0)")
+    gen.add_argument("--early-stopping", action="store_true", help="stop beam search once enough beams ended (default: off)")
+    gen.add_argument("--n-best", type=positive_int, default=1, help="beam hypotheses to print (default: 1)")
+    gen.add_argument("--show-probs", action="store_true", help="print each token with its probability and alternatives")
+    gen.add_argument("--top-logprobs", type=nonneg_int, metavar="N", default=5, help="alternatives shown by --show-probs, up to 20 (default: 5)")
+    gen.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    gen.add_argument("--verbose", action="store_true", help="report the finish reason on stderr")
+    gen.set_defaults(func=cmd_generate)
+
+    sc = sub.add_parser("score", help="log-likelihood, perplexity and the most surprising tokens of a text",
+                        formatter_class=Formatter,
+                        description=para("Score a text under the model: total log-likelihood, perplexity, nats per "
+                                          "character and the tokens the model found most surprising. Texts longer than "
+                                          "the context are scored in half-overlapping windows."))
+    add_model_flags(sc)
+    sc.add_argument("--file", type=Path, help="text file to score")
+    sc.add_argument("--text", help="text to score")
+    sc.add_argument("--errors", choices=["strict", "replace"], default="strict", help="non-UTF-8 bytes in --file (default: strict)")
+    sc.add_argument("--top", type=nonneg_int, default=10, help="surprising tokens to list (default: 10)")
+    sc.set_defaults(func=cmd_score)
+
+    rn = sub.add_parser("run", help="chat with a model in the terminal", formatter_class=Formatter,
+                        description=para("A multi-turn chat through the model's chat template, like `ollama run`. "
+                                          "Type /? for commands (/set, /show, /clear, /bye); wrap multi-line messages "
+                                          "in triple quotes; Ctrl-C stops an answer. Without a terminal, reads one "
+                                          "message from stdin and prints the answer."))
+    add_model_flags(rn)
+    rn.add_argument("--system", help="system prompt (default: none)")
+    add_sampling_flags(rn)
+    rn.set_defaults(func=cmd_run)
+    return [gen, sc, rn]
