@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from lmforge.errors import UserError
+from lmforge.errors import UserError, one_line
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -70,6 +70,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in the file at `path`; a UserError naming the file when it is not valid JSON or not
+    an object (a model directory's configs are user input)."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{p} is not valid JSON: {one_line(e)}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{p} should hold a JSON object")
+    return obj
 
 
 def check_writable(out: Path) -> None:

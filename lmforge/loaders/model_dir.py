@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 
 from lmforge.checkpoint import recover, save_tensors
 from lmforge.config import ModelConfig
-from lmforge.errors import UserError
+from lmforge.errors import UserError, one_line
 from lmforge.io import atomic_write_json
 from lmforge.loaders.hf import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from lmforge.model.gpt import GPT, unwrap
@@ -148,7 +148,7 @@ class WeightFiles(Mapping):
                 handle = safe_open(str(f), framework="pt")
                 names = list(handle.keys())
             except (SafetensorError, OSError, ValueError) as e:
-                raise UserError(f"{f}: not a readable safetensors file ({_one_line(e)})") from None
+                raise UserError(f"{f}: not a readable safetensors file ({one_line(e)})") from None
             self._handles.append(handle)
             for n in names:
                 if n in self._where:
@@ -179,7 +179,7 @@ class WeightFiles(Mapping):
             try:
                 obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...: never fall back
-                raise UserError(f"{f}: refused or unreadable as a weights-only pickle ({_one_line(e)})") from None
+                raise UserError(f"{f}: refused or unreadable as a weights-only pickle ({one_line(e)})") from None
             if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
                 raise UserError(f"{f}: expected a dict of named tensors")
             for n, t in obj.items():
@@ -193,7 +193,7 @@ class WeightFiles(Mapping):
             try:
                 t = source.get_tensor(name)
             except (SafetensorError, OSError, ValueError) as e:
-                raise UserError(f"{f}: tensor {name!r} is unreadable ({_one_line(e)})") from None
+                raise UserError(f"{f}: tensor {name!r} is unreadable ({one_line(e)})") from None
         return t if self.dtype is None or not t.is_floating_point() else t.to(self.dtype)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -203,7 +203,7 @@ class WeightFiles(Mapping):
             try:
                 out[name] = tuple(source.shape) if torch.is_tensor(source) else tuple(source.get_slice(name).get_shape())
             except (SafetensorError, OSError, ValueError) as e:
-                raise UserError(f"{f}: tensor {name!r} is unreadable ({_one_line(e)})") from None
+                raise UserError(f"{f}: tensor {name!r} is unreadable ({one_line(e)})") from None
         return out
 
     def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor to find out
@@ -214,10 +214,6 @@ class WeightFiles(Mapping):
 
     def __len__(self) -> int:
         return len(self._where)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 def expected_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import UserError
-from lmforge.io import atomic_write, atomic_write_json
+from lmforge.io import atomic_write, atomic_write_json, read_json_object
 from lmforge.loaders.hf import LLAMA_FAMILY, TENSOR_NAMES, hf_modules, tensor_names
 from lmforge.model.gpt import PROJECTIONS, projection_parts, unwrap
 from lmforge.model.lora import (
@@ -345,12 +345,7 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
         raise UserError(f"{directory}: no such adapter directory")
     if not f.is_file():
         raise UserError(f"{directory} is not a LoRA adapter directory: it has no {ADAPTER_CONFIG}")
-    try:
-        conf = json.loads(f.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(conf, dict):
-        raise UserError(f"{f}: not a JSON object")
+    conf = read_json_object(f)
     if conf.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{f}: a {conf.get('peft_type')} adapter; only LoRA adapters are supported")
     for key, msg in _REFUSED_SETTINGS.items():

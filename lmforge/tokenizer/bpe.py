@@ -56,8 +56,8 @@ from typing import Any
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
-from lmforge.errors import UserError
-from lmforge.io import atomic_write_json, atomic_write_text
+from lmforge.errors import UserError, one_line
+from lmforge.io import atomic_write_json, atomic_write_text, read_json_object
 from lmforge.tokenizer.chat_template import render_chat_template
 
 __all__ = [
@@ -227,10 +227,6 @@ def train_tokenizer(
 # ----------------------------------------------------------------------------------------------------
 # The tokenizer
 # ----------------------------------------------------------------------------------------------------
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _token_str(value: Any) -> str | None:
@@ -556,19 +552,10 @@ class Tokenizer:
         try:
             tk = tokenizers.Tokenizer.from_file(str(tj))
         except Exception as e:  # the Rust side raises plain Exception for bad JSON / unknown components
-            raise UserError(f"{tj} is not a valid tokenizer file: {_one_line(e)}") from None
+            raise UserError(f"{tj} is not a valid tokenizer file: {one_line(e)}") from None
 
         def read_json(name: str) -> dict | None:
-            p = d / name
-            if not p.is_file():
-                return None
-            try:
-                obj = json.loads(p.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise UserError(f"{p} is not valid JSON: {_one_line(e)}") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{p} should hold a JSON object")
-            return obj
+            return read_json_object(d / name) if (d / name).is_file() else None
 
         config = read_json("tokenizer_config.json")
         special_map = read_json("special_tokens_map.json") or {}
@@ -623,11 +610,7 @@ def load_hf_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
         p = d / name
         if not p.is_file():
             continue
-        try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{p} is not valid JSON: {_one_line(e)}") from None
-        eos = obj.get("eos_token_id") if isinstance(obj, dict) else None
+        eos = read_json_object(p).get("eos_token_id")
         if eos is None:
             continue
         ids = eos if isinstance(eos, list) else [eos]

@@ -14,13 +14,9 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from lmforge.errors import UserError
+from lmforge.errors import UserError, one_line
 
 __all__ = ["compile_chat_template", "render_chat_template"]
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 @lru_cache(maxsize=32)
@@ -102,7 +98,7 @@ def compile_chat_template(source: str) -> Any:
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise UserError(f"chat template is not valid Jinja (line {e.lineno}): {_one_line(e.message)}") from None
+        raise UserError(f"chat template is not valid Jinja (line {e.lineno}): {one_line(e.message)}") from None
 
 
 def _plain(value: Any) -> Any:
@@ -163,6 +159,6 @@ def render_chat_template(
         return compiled.render(**context)
     except jinja2.exceptions.TemplateError as e:
         kind = "blocked by the sandbox" if isinstance(e, jinja2.exceptions.SecurityError) else "failed"
-        raise UserError(f"chat template {kind}: {_one_line(e.message or e)}") from None
+        raise UserError(f"chat template {kind}: {one_line(e.message or e)}") from None
     except (TypeError, ValueError) as e:  # e.g. 'str' + list inside the template
-        raise UserError(f"chat template failed: {_one_line(e)}") from None
+        raise UserError(f"chat template failed: {one_line(e)}") from None
