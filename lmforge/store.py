@@ -349,7 +349,7 @@ def pull(repo_id: str, *, name: str | None = None, filename: str | None = None, 
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", repo_id or "") or ".." in repo_id:
         raise UserError(f"{repo_id!r} is not a Hugging Face repo id (OWNER/NAME)")
-    name = validate_name(name) if name else default_name(repo_id)
+    name = validate_name(name) if name is not None else default_name(repo_id)  # "" is refused, not defaulted
     if model_path(name).exists() and not overwrite:
         raise UserError(f"model {name} already exists (remove it first with lmforge rm, pass --name, or --overwrite)")
     try:
