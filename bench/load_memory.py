@@ -3,7 +3,7 @@
     python bench/load_memory.py [--preset llama-135m] [--file-dtype bfloat16|float32] [--gguf q8_0|f16|f32|q4_0]
 
 Saves a random model of the preset with transformers-style names, then loads it in a fresh process with
-`lmforge.checkpoint.load_model` and reports the peak RSS increase over the process's RSS right before
+`lmforge.loaders.model_dir.load_model` and reports the peak RSS increase over the process's RSS right before
 the load (after importing torch). A loader that reads the whole file and then copies it into a second
 model would show ~2x; lmforge reads tensor by tensor from memory-mapped files and assigns them.
 """

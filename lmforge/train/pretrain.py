@@ -1,7 +1,7 @@
 """Pretraining, end to end: text -> tokenizer -> token shards -> model -> `fit()` -> model directory.
 
 This module wires the pieces together (and resolves a `--resume`); the pieces themselves live in
-`tokenizer.py`, `data/`, `model/`, `train/loop.py` and `checkpoint.py`.
+`tokenizer/`, `data/`, `model/`, `train/loop.py`, `train/checkpointer.py` and `loaders/model_dir.py`.
 """
 
 from __future__ import annotations
