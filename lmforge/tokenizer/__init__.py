@@ -1,7 +1,7 @@
-"""Tokenizers: byte-level BPE, the `Tokenizer` class and the Hugging Face layout (:mod:`.bpe`), and chat
-templates rendered in a sandbox as transformers renders them (:mod:`.chat_template`)."""
+"""Tokenizers: byte-level BPE, the `Tokenizer` class and the Hugging Face layout (:mod:`.bpe`), training one
+(:mod:`.train`), and chat templates rendered in a sandbox as transformers renders them (:mod:`.chat_template`)."""
 
-from lmforge.tokenizer import bpe, chat_template
+from lmforge.tokenizer import bpe, chat_template, train
 from lmforge.tokenizer.bpe import (
     DEFAULT_CHAT_TEMPLATE,
     ENDOFTEXT,
@@ -11,10 +11,9 @@ from lmforge.tokenizer.bpe import (
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
     Tokenizer,
-    check_vocab_size,
     load_hf_tokenizer,
-    train_tokenizer,
 )
 from lmforge.tokenizer.chat_template import compile_chat_template, render_chat_template
+from lmforge.tokenizer.train import check_vocab_size, train_tokenizer
 
-__all__ = [*bpe.__all__, *chat_template.__all__]
+__all__ = [*bpe.__all__, *train.__all__, *chat_template.__all__]

@@ -1,7 +1,7 @@
 """Byte-level BPE tokenizer, ChatML chat template, and the Hugging Face directory layout.
 
-Chat templates (any Hugging Face Jinja template, sandboxed) are rendered by
-:mod:`lmforge.tokenizer.chat_template`.
+Training lives in :mod:`lmforge.tokenizer.train`; chat templates (any Hugging Face Jinja template,
+sandboxed) are rendered by :mod:`lmforge.tokenizer.chat_template`.
 
 Why this design
 ---------------
@@ -49,12 +49,11 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 
 from lmforge.errors import UserError, one_line
 from lmforge.io import atomic_write_json, atomic_write_text, read_json_object
@@ -69,9 +68,7 @@ __all__ = [
     "PAD",
     "SPLIT_PATTERN",
     "Tokenizer",
-    "check_vocab_size",
     "load_hf_tokenizer",
-    "train_tokenizer",
 ]
 
 ENDOFTEXT = "<|endoftext|>"  # document separator; EOS of documents and BOS
@@ -148,80 +145,6 @@ def _token_text_to_bytes(token: str) -> bytes:
             return token.encode("utf-8")
         out.append(b)
     return bytes(out)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
-
-
-def _new_backend() -> tokenizers.Tokenizer:
-    """An untrained byte-level BPE pipeline: Llama-3 split regex -> ByteLevel, no normalizer."""
-    tk = tokenizers.Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tk.decoder = decoders.ByteLevel()
-    return tk
-
-
-def check_vocab_size(vocab_size: int) -> None:
-    """Refuse a vocabulary that cannot hold every byte plus the special tokens (callers check early, before
-    reading a corpus)."""
-    minimum = 256 + len(SPECIAL_TOKENS)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise UserError(f"vocab size must be an integer, got {vocab_size!r}")
-    if vocab_size < minimum:
-        raise UserError(
-            f"vocab size {vocab_size} is below the byte alphabet (256) + {len(SPECIAL_TOKENS)} special tokens "
-            f"= {minimum}"
-        )
-
-
-def train_tokenizer(
-    texts: Iterable[str],
-    vocab_size: int,
-    *,
-    min_frequency: int = 2,
-    show_progress: bool = True,
-) -> "Tokenizer":
-    """Train a byte-level BPE tokenizer on `texts` (streamed; any iterable of strings).
-
-    `vocab_size` counts everything: 4 special tokens (ids 0..3) + 256 byte tokens + merges. The trainer may
-    stop below it when the corpus has no more pairs seen `min_frequency` times. The result carries the
-    ChatML `DEFAULT_CHAT_TEMPLATE`.
-    """
-    check_vocab_size(vocab_size)
-    if isinstance(texts, (str, bytes)):
-        raise UserError("train_tokenizer wants an iterable of texts (e.g. a list of strings), not a single string")
-
-    def checked(items: Iterable[Any]) -> Iterable[str]:
-        for t in items:
-            if not isinstance(t, str):
-                raise UserError(f"training texts must be strings, got {type(t).__name__}")
-            if t:
-                yield t
-
-    stream = iter(checked(texts))
-    first = next(stream, None)
-    if first is None:
-        raise UserError("no training text: the texts given to train the tokenizer were empty")
-
-    tk = _new_backend()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        show_progress=show_progress,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tk.train_from_iterator(chain([first], stream), trainer=trainer)
-    for i, tok in enumerate(SPECIAL_TOKENS):  # the fixed-id promise that checkpoints rely on
-        assert tk.token_to_id(tok) == i, f"special token {tok} got id {tk.token_to_id(tok)}, expected {i}"
-    return Tokenizer(tk, chat_template=DEFAULT_CHAT_TEMPLATE)
 
 
 # ----------------------------------------------------------------------------------------------------
