@@ -10,6 +10,7 @@ the model's own default, as with Ollama's OpenAI endpoint.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import time
 import uuid
@@ -204,13 +205,18 @@ def chat_logprobs(tokenizer: Any, ids: Sequence[int], logprobs: Sequence[float],
 
 def completion_logprobs(tokenizer: Any, ids: Sequence[int], logprobs: Sequence[float | None],
                         tops: Sequence[Sequence[tuple[int, float]] | None], offset: int = 0) -> dict:
-    """The legacy completions shape: parallel lists, top alternatives as {token: logprob} dicts."""
-    tokens, offsets, pos = [], [], offset
+    """The legacy completions shape: parallel lists, top alternatives as {token: logprob} dicts.
+
+    `text_offset` is where each token starts in the text, in characters (after `offset` ones): the
+    characters completed before it, so the bytes of one character split over two tokens (half of an "é")
+    both start at that character, and the offsets agree with the streamed text."""
+    tokens, offsets = [], []
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pos = offset
     for t in ids:
-        text = tokenizer.token_text(t)
-        tokens.append(text)
+        tokens.append(tokenizer.token_text(t))
         offsets.append(pos)
-        pos += len(text)
+        pos += len(decoder.decode(tokenizer.token_bytes(t)))
     return {"tokens": tokens, "token_logprobs": list(logprobs),
             "top_logprobs": [None if top is None else {tokenizer.token_text(a): alp for a, alp in top} for top in tops],
             "text_offset": offsets}

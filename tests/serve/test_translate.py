@@ -481,6 +481,16 @@ def test_completion_logprobs(tok, entries, logprobs, tops, offset, expected):
     assert tr.completion_logprobs(tok, ids, logprobs, tops, offset=offset) == expected
 
 
+def test_text_offsets_count_characters_when_tokens_split_them(tok):
+    """"é€" is 5 byte tokens (2 + 3 bytes): the offsets are characters of the text, as the client sees it."""
+    text = "aé€b"
+    ids = tok.encode(text)
+    assert len(ids) == 7
+    got = tr.completion_logprobs(tok, ids, [None] * 7, [None] * 7, offset=4)["text_offset"]
+    assert got == [4, 5, 5, 6, 6, 6, 7]
+    assert got[-1] - 4 == text.index("b")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Responses: the objects
 # ----------------------------------------------------------------------------------------------------
