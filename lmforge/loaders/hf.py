@@ -343,7 +343,7 @@ class TensorNames:
 
     A module of ours is `tok_emb`, `norm`, `lm_head` (top level) or `blocks.N.<module>`; theirs is
     `body + top[...]`, `head`, or `body + layer.format(N) + block[<module>]`. A `block` entry that is a
-    dict names each row slice of one of our fused projections (`lmforge.model.lora.projection_parts`:
+    dict names each row slice of one of our fused projections (`lmforge.model.gpt.projection_parts`:
     q|k|v of attn.qkv, gate|up of a SwiGLU mlp.fc) as a module of its own, as Llama does; a string is one
     module holding all the rows, as GPT-2's c_attn holds q|k|v.
     """
