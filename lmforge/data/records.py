@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -325,6 +325,52 @@ def _check_limit(limit: int | None) -> None:
         raise UserError(f"the record limit must be a positive integer, got {limit!r}")
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """What differs between reading conversations and reading preference pairs (the rest is `_read`)."""
+
+    plural: str  # "conversations"
+    what: str  # one record, in messages: "conversation"
+    builtins: set[str]  # our builtin:NAME data of this kind
+    others: set[str]  # the other kind's, named in the message that says which command takes them
+    other_cmd: str
+    builtin_items: Callable[[str], list]  # split -> records
+    check: Callable[[Any], tuple[Any, str | None]]  # JSON object -> (record, None) or (None, reason)
+    example: str  # one line of the file format
+
+
+def _read(spec: str, limit: int | None, kind: _Kind) -> tuple[str, list, list, int]:
+    """(spec, records, problems, records seen) from a JSONL file or builtin:NAME[:split]."""
+    _check_limit(limit)
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"empty --data: give a .jsonl file of {kind.plural} or builtin:{min(kind.builtins)}")
+    spec = spec.strip()
+    if spec.startswith("builtin:"):
+        _, split = _parse_builtin(spec, kind.builtins, kind.others, kind.what, kind.other_cmd)
+        items = kind.builtin_items(split)
+        return spec, items[:limit] if limit else items, [], len(items)
+    return (spec, *_read_file(spec, kind.check, limit=limit, what=kind.what, example=kind.example))
+
+
+def _builtin_conversations(split: str) -> list:
+    from lmforge.data.pydocs_qa import qa_conversations
+
+    return [qa.messages for qa in qa_conversations(split)]
+
+
+def _builtin_preferences(split: str) -> list:
+    from lmforge.data.pydocs_qa import preference_pairs
+
+    return [Preference(p.prompt, p.chosen, p.rejected) for p in preference_pairs(split)]
+
+
+_CONVERSATIONS = _Kind("conversations", "conversation", _CHAT_BUILTINS, _PREF_BUILTINS, "align",
+                       _builtin_conversations, _check_conversation_record,
+                       '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}')
+_PREFERENCES = _Kind("preference pairs", "preference pair", _PREF_BUILTINS, _CHAT_BUILTINS, "finetune",
+                     _builtin_preferences, _check_preference_record, '{"prompt": "...", "chosen": "...", "rejected": "..."}')
+
+
 def read_conversations(spec: str, *, limit: int | None = None) -> ChatData:
     """Read and validate conversations from a JSONL file or ``builtin:pydocs-qa[:train|:heldout|:all]``
     (``builtin:pydocs-qa`` alone is the train split). Keeps at most `limit` conversations.
@@ -332,22 +378,7 @@ def read_conversations(spec: str, *, limit: int | None = None) -> ChatData:
     Bad records are skipped and listed in `ChatData.problems` with line numbers; a missing file, or one
     without any usable record, raises `UserError`.
     """
-    _check_limit(limit)
-    if not isinstance(spec, str) or not spec.strip():
-        raise UserError("empty --data: give a .jsonl file of conversations or builtin:pydocs-qa")
-    spec = spec.strip()
-    if spec.startswith("builtin:"):
-        _, split = _parse_builtin(spec, _CHAT_BUILTINS, _PREF_BUILTINS, "conversation", "align")
-        from lmforge.data.pydocs_qa import qa_conversations
-
-        convs = [qa.messages for qa in qa_conversations(split)]
-        records = len(convs)
-        return ChatData(spec, convs[:limit] if limit else convs, [], records)
-    convs, problems, records = _read_file(
-        spec, _check_conversation_record, limit=limit, what="conversation",
-        example='{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
-    )
-    return ChatData(spec, convs, problems, records)
+    return ChatData(*_read(spec, limit, _CONVERSATIONS))
 
 
 def read_preferences(spec: str, *, limit: int | None = None) -> PreferenceData:
@@ -357,22 +388,7 @@ def read_preferences(spec: str, *, limit: int | None = None) -> PreferenceData:
     Bad records (no prompt, an empty or identical chosen/rejected reply, a prompt not ending with a user
     turn, ...) are skipped and listed with line numbers; a file without any usable record raises `UserError`.
     """
-    _check_limit(limit)
-    if not isinstance(spec, str) or not spec.strip():
-        raise UserError("empty --data: give a .jsonl file of preference pairs or builtin:pydocs-prefs")
-    spec = spec.strip()
-    if spec.startswith("builtin:"):
-        _, split = _parse_builtin(spec, _PREF_BUILTINS, _CHAT_BUILTINS, "preference", "finetune")
-        from lmforge.data.pydocs_qa import preference_pairs
-
-        pairs = [Preference(p.prompt, p.chosen, p.rejected) for p in preference_pairs(split)]
-        records = len(pairs)
-        return PreferenceData(spec, pairs[:limit] if limit else pairs, [], records)
-    pairs, problems, records = _read_file(
-        spec, _check_preference_record, limit=limit, what="preference pair",
-        example='{"prompt": "...", "chosen": "...", "rejected": "..."}',
-    )
-    return PreferenceData(spec, pairs, problems, records)
+    return PreferenceData(*_read(spec, limit, _PREFERENCES))
 
 
 def train_val_split(items: Sequence[Any], *, val_fraction: float = 0.05, seed: int = 0,
