@@ -84,6 +84,11 @@ def add_data_flags(p: argparse.ArgumentParser, data_default_help: str) -> None:
                         "them with U+FFFD (default: strict)")
 
 
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, "
+                   "cuda:N or mps (default: auto)")
+
+
 def add_progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="show progress bars (default: when stderr is a terminal)")
@@ -170,7 +175,7 @@ def name_from_path(path: Path) -> str:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """MODEL and the flags of every command that loads one."""
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_device_flag(p)
     p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="dtype the weights are loaded in; auto = "
                    "fp32, whatever the file stores (default: auto)")
     p.add_argument("--allow-pickle", action="store_true", help="load pytorch_model.bin weights (only with "

@@ -7,7 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from lmforge.cli.common import PROG, Formatter, float_arg, name_from_path, nonneg_int, para, positive_int
+from lmforge.cli.common import (
+    PROG, Formatter, add_device_flag, float_arg, name_from_path, nonneg_int, para, positive_int,
+)
 from lmforge.errors import UserError
 
 
@@ -116,7 +118,7 @@ def register(sub) -> list[argparse.ArgumentParser]:
     sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME", help="also accept this Host header "
                     "name on a loopback bind, e.g. behind a reverse proxy (repeatable; default: loopback names only)")
     sv.add_argument("--feedback-dir", help="where UI feedback is written (default: $LMFORGE_HOME/feedback)")
-    sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_device_flag(sv)
     sv.add_argument("--no-fast", action="store_true", help="don't use lmforge's CPU kernel for batch-1 decoding")
     sv.set_defaults(func=cmd_serve)
     return [sv]

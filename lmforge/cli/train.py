@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from lmforge.cli.common import (
-    MODEL_HELP, Formatter, add_data_flags, add_progress_flag, fail, float_arg, nonneg_int, para,
-    positive_int, progress_enabled, train_default,
+    MODEL_HELP, Formatter, add_data_flags, add_device_flag, add_progress_flag, fail, float_arg, nonneg_int,
+    para, positive_int, progress_enabled, train_default,
 )
 from lmforge.presets import preset_names
 
@@ -245,7 +245,7 @@ def register(sub) -> list[argparse.ArgumentParser]:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (default: off)")
     pt.add_argument("--val-fraction", type=float_arg, default=0.05, help="share of the data held out for validation (default: 0.05)")
     pt.add_argument("--eval-tokens", type=positive_int, default=131072, help="validation tokens scored per evaluation (default: 131072)")
-    pt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_device_flag(pt)
     pt.add_argument("--samples", type=nonneg_int, default=2, help="text samples to print when training ends (default: 2)")
     pt.add_argument("--sample-tokens", type=positive_int, default=80, help="tokens per printed sample (default: 80)")
     pt.add_argument("--seed-sample", type=int, default=0, help="seed of the printed samples (default: 0)")
@@ -276,7 +276,7 @@ def register(sub) -> list[argparse.ArgumentParser]:
         g.add_argument("--save-interval", type=nonneg_int, help="steps between checkpoints; 0 = at the end (default: 0)")
         g.add_argument("--log-interval", type=positive_int, help="steps between metrics lines (default: 10)")
         g.add_argument("--seed", type=int, help="seed for data order and dropout (default: 1337)")
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+        add_device_flag(p)
         add_progress_flag(p)
 
     ft = sub.add_parser("finetune", help="supervised fine-tuning on conversations (full or LoRA)", formatter_class=Formatter,
@@ -330,7 +330,7 @@ def register(sub) -> list[argparse.ArgumentParser]:
     qs.add_argument("--out", default="runs/quickstart", help="where the three runs go (default: runs/quickstart)")
     qs.add_argument("--budget", type=float_arg, default=15.0, help="minutes the default plan is sized for; steps of every "
                     "stage scale with it (default: 15)")
-    qs.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_device_flag(qs)
     qs.add_argument("--no-store", action="store_true", help="don't register the models in the store")
     qs.add_argument("--no-chat", action="store_true", help="don't start the chat at the end (default: start it when "
                     "a terminal is attached)")
