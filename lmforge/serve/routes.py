@@ -26,7 +26,7 @@ from lmforge.serve.feedback import save_feedback
 from lmforge.serve.models import ModelRegistry, Served
 from lmforge.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     FeedbackRequest, TokenizeRequest, invalid, parse)
-from lmforge.serve.security import read_body
+from lmforge.serve.security import AUTHORIZED, read_body
 from lmforge.serve.stream import Generation, SSEResponse, collect, once, sse_stream
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -42,8 +42,11 @@ async def _use(request: Request, model_id: str) -> Served:
 
 # -- info routes -----------------------------------------------------------------------------------------
 async def health(request: Request):
+    status = "draining" if request.app.state.opts.draining else "ok"
+    if not request.scope.get(AUTHORIZED, True):  # with --api-key, strangers learn only that it is up
+        return {"status": status}
     loaded = _registry(request).snapshot()
-    return {"status": "draining" if request.app.state.opts.draining else "ok",
+    return {"status": status,
             "models_loaded": sorted(s.name for s in loaded),
             "busy_slots": sum(s.scheduler.busy for s in loaded),
             "queued": sum(s.scheduler.queued for s in loaded)}
@@ -309,15 +312,28 @@ def _safe_file(root: Path, rel: str) -> Path:
     return path
 
 
+# What the UI's pages load: scripts and styles. Nothing else under web/ or node_modules/ is served (no
+# package.json or lock file telling strangers which library versions run here, no READMEs or sources).
+ASSET_TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8",
+               ".css": "text/css; charset=utf-8"}
+
+
+def _asset(root: Path, rel: str) -> FileResponse:
+    path = _safe_file(root, rel)
+    if path.suffix not in ASSET_TYPES:
+        raise APIError(404, "not found", code="not_found")
+    return FileResponse(path, media_type=ASSET_TYPES[path.suffix])
+
+
 async def static(request: Request, name: str):
-    return FileResponse(_safe_file(WEB_DIR, name))
+    return _asset(WEB_DIR, name)
 
 
 async def vendor(request: Request, path: str):
     modules = WEB_DIR / "node_modules"
     if not modules.is_dir():
         raise APIError(404, "the web UI's libraries are not installed (run the set-up: make setup)", code="not_found")
-    return FileResponse(_safe_file(modules, path))
+    return _asset(modules, path)
 
 
 ROUTES: list[tuple[str, str, Callable]] = [

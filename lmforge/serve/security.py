@@ -11,6 +11,19 @@ Host header must name loopback too (a DNS-rebinding page cannot reach us through
 no CORS unless origins are given; bodies over `max_body` bytes are refused before they are read in full;
 every response carries a Content-Security-Policy under which the UI runs only its own scripts, so model
 output cannot run any.
+
+Other web pages cannot drive the server (a page the user visits could otherwise plant training data
+through /v1/feedback or burn CPU, with no key to stop it). The browser tells us where a request comes from:
+- a request with an `Origin` other than our own (scheme://host:port of the Host header) or a `--cors-origin`
+  is refused with 403, whatever the method;
+- a request a page made without an `Origin` (an <img>, a <script>, a no-cors fetch) still carries
+  `Sec-Fetch-Site: cross-site` or `same-site` (another port of localhost is "same-site"): refused too, except
+  a plain navigation to the UI's own pages (following a link to http://127.0.0.1:11435/);
+- a state-changing request (anything but GET, HEAD, OPTIONS) must send `Content-Type: application/json`:
+  a browser's "simple request" (text/plain, a form post) is the one cross-site request that skips CORS's
+  preflight, and no client of a JSON API needs it.
+Clients that are not browsers (the openai and ollama libraries, curl, lm-evaluation-harness) send no
+`Origin` and no `Sec-Fetch-Site`, and are not affected beyond the JSON content type.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -35,6 +49,9 @@ SECURITY_HEADERS = [
 ]
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 PUBLIC_PATHS = ("/", "/health", "/static/", "/vendor/", "/favicon.ico")  # reachable without the API key
+UI_PATHS = ("/", "/static/", "/vendor/", "/favicon.ico")  # the pages a link from elsewhere may open
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+AUTHORIZED = "lmforge.authorized"  # scope key: whether the request carried the API key (or none is set)
 
 
 @dataclass
@@ -102,14 +119,24 @@ class Guard:
         if opts.draining:
             return APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
                             headers={"retry-after": "5", "connection": "close"})
-        path = scope["path"]
-        if opts.api_key is not None and scope["method"] != "OPTIONS" and not (
-                path == "/" or any(path.startswith(p) for p in PUBLIC_PATHS[1:])):
+        path, method = scope["path"], scope["method"]
+        problem = self._cross_site(path, method, headers)
+        if problem is not None:
+            return problem
+        authorized = opts.api_key is None
+        if not authorized:
             auth = headers.get("authorization", "")
             given = auth[7:] if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), opts.api_key.encode()):
-                return APIError(401, "Incorrect API key provided (send it as 'Authorization: Bearer KEY')",
-                                type="invalid_request_error", code="invalid_api_key")
+            authorized = hmac.compare_digest(given.encode(), opts.api_key.encode())
+        scope[AUTHORIZED] = authorized
+        if not authorized and method != "OPTIONS" and not _under(path, PUBLIC_PATHS):
+            return APIError(401, "Incorrect API key provided (send it as 'Authorization: Bearer KEY')",
+                            type="invalid_request_error", code="invalid_api_key")
+        if method not in SAFE_METHODS:
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return APIError(415, f"send the request body as JSON (Content-Type: application/json), not "
+                                f"{kind or 'no content type'}", code="unsupported_media_type")
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
@@ -118,6 +145,36 @@ class Guard:
                 return APIError(413, f"the request body is {int(length)} bytes; the limit is {opts.max_body}",
                                 code="request_too_large")
         return None
+
+    def _cross_site(self, path: str, method: str, headers: dict[str, str]) -> APIError | None:
+        """A 403 for a request another web page made (see the module docstring), else None."""
+        origin = headers.get("origin")
+        if origin is not None:
+            if origin in self.opts.cors_origins or "*" in self.opts.cors_origins or _same_origin(origin, headers):
+                return None
+            return APIError(403, f"cross-origin request from {origin[:100]} refused: only this server's own "
+                            f"pages (and --cors-origin ones) may call it", code="cross_origin")
+        site = headers.get("sec-fetch-site")
+        if site in ("cross-site", "same-site") and not (
+                method == "GET" and headers.get("sec-fetch-mode") == "navigate" and _under(path, UI_PATHS)):
+            return APIError(403, "request from another site refused: only this server's own pages (and "
+                            "--cors-origin ones) may call it", code="cross_origin")
+        return None
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    """`path` is one of `prefixes` ("/" only as itself) or lies under one."""
+    return any(path == p if p == "/" else path.startswith(p) for p in prefixes)
+
+
+def _same_origin(origin: str, headers: dict[str, str]) -> bool:
+    """Whether `origin` (scheme://host[:port]) names the host the request was sent to."""
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    host = headers.get("host", "").lower()
+    return parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == host
 
 
 class _BodyTooLarge(Exception):

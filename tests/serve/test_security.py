@@ -195,3 +195,81 @@ def test_cli_warns_loudly_without_a_key_on_a_public_address(chat_model_dir, tmp_
     assert proc.wait(30) == 0
     err = proc.stderr.read()
     assert "WARNING" in err and "no API key" in err and "0.0.0.0" in err
+
+
+# -- other web pages cannot drive the server (issue 13, finding 1) -----------------------------------------------
+EVIL = "https://evil.example"
+FEEDBACK = {"model": "tiny", "messages": U, "response": "hello", "rating": "up"}
+
+
+def test_a_simple_request_from_another_site_is_refused(server):
+    """The audit's request: a browser 'simple request' (text/plain, no preflight) from another origin used to
+    reach /v1/feedback (200, records written) and /v1/completions (work done). Both are refused now."""
+    import json
+
+    body = json.dumps(FEEDBACK)
+    for path, payload in (("/v1/feedback", body), ("/v1/completions", json.dumps({"model": "tiny", "prompt": "x"}))):
+        r = httpx.post(server.base_url + path, content=payload, headers={"content-type": "text/plain", "origin": EVIL})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin", r.text
+        # even as JSON, another origin is refused
+        r = httpx.post(server.base_url + path, content=payload, headers={"content-type": "application/json", "origin": EVIL})
+        assert r.status_code == 403
+        # and with no Origin at all, a form or text/plain body is not JSON: 415
+        r = httpx.post(server.base_url + path, content=payload, headers={"content-type": "text/plain"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_refused_feedback_writes_nothing(chat_model_dir, live_server, tmp_path):
+    s = live_server({"tiny": chat_model_dir}, feedback_dir=tmp_path / "fb")
+    r = httpx.post(s.base_url + "/v1/feedback", json=FEEDBACK, headers={"origin": EVIL})
+    assert r.status_code == 403 and not (tmp_path / "fb").exists()
+    assert httpx.post(s.base_url + "/v1/feedback", json=FEEDBACK).status_code == 200  # a plain client still can
+
+
+@pytest.mark.parametrize("headers, path, status", [
+    ({"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors"}, "/tokenizer_info?model=tiny", 403),  # an <img>
+    ({"sec-fetch-site": "same-site", "sec-fetch-mode": "cors"}, "/v1/models", 403),  # another port of localhost
+    ({"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate"}, "/", 200),  # following a link to the UI
+    ({"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate"}, "/v1/models", 403),  # ... but not the API
+    ({"sec-fetch-site": "same-origin", "sec-fetch-mode": "cors"}, "/v1/models", 200),  # the UI itself
+    ({"sec-fetch-site": "none", "sec-fetch-mode": "navigate"}, "/v1/models", 200),  # typed in the address bar
+    ({"origin": "null"}, "/v1/models", 403),  # a sandboxed frame or a file:// page
+])
+def test_requests_a_page_makes_without_an_origin(server, headers, path, status):
+    r = httpx.get(server.base_url + path, headers=headers)
+    assert r.status_code == status or (status == 200 and r.status_code == 404 and path == "/"), r.text
+
+
+def test_the_servers_own_pages_and_configured_origins_are_let_in(server, chat_model_dir, live_server):
+    own = server.base_url
+    r = httpx.post(own + "/v1/feedback", json={**FEEDBACK, "rating": None, "better": None}, headers={"origin": own})
+    assert r.status_code == 400  # past the guard: the handler's own check answered
+    s = live_server({"tiny": chat_model_dir}, cors_origins=("https://ok.example",))
+    r = httpx.get(s.base_url + "/v1/models", headers={"origin": "https://ok.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ok.example"
+    assert httpx.get(s.base_url + "/v1/models", headers={"origin": EVIL}).status_code == 403
+
+
+# -- with a key, strangers learn nothing (finding 13) --------------------------------------------------------------
+def test_health_without_the_key_says_only_ok(chat_model_dir, live_server):
+    s = live_server({"tiny": chat_model_dir}, api_key="s3cret")
+    httpx.post(s.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1},
+               headers={"authorization": "Bearer s3cret"})  # loads the model
+    assert httpx.get(s.base_url + "/health").json() == {"status": "ok"}
+    full = httpx.get(s.base_url + "/health", headers={"authorization": "Bearer s3cret"}).json()
+    assert full["models_loaded"] == ["tiny"]
+
+
+@pytest.mark.parametrize("path", ["/static/package.json", "/static/package-lock.json", "/static/index.html",
+                                  "/vendor/marked/package.json", "/vendor/dompurify/README.md"])
+def test_no_package_metadata_or_other_files_are_served(server, path):
+    assert httpx.get(server.base_url + path).status_code == 404
+
+
+def test_the_ui_assets_are_still_served(server):
+    from lmforge.serve.routes import WEB_DIR
+
+    assert httpx.get(server.base_url + "/static/app.js").headers["content-type"].startswith("text/javascript")
+    if (WEB_DIR / "node_modules").is_dir():
+        r = httpx.get(server.base_url + "/vendor/marked/lib/marked.esm.js")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
