@@ -55,10 +55,9 @@ def chat_prompt_ids(tokenizer: Any, turns: Sequence[dict], *, system: str | None
         raise ChatPromptError("this model has no chat template (tokenizer_config.json chat_template); use text "
                               "completion instead (lmforge generate, /v1/completions)", param="model",
                               code="model_not_chat")
-    specials = tokenizer.control_token_texts()
     for i, m in enumerate(turns):
         content = m.get("content")
-        hit = next((t for t in specials if isinstance(content, str) and t in content), None)
+        hit = tokenizer.control_token_in(content) if isinstance(content, str) else None
         if hit is not None:
             raise ChatPromptError(f"message {i} contains the control token {hit!r}, which would forge the "
                                   f"conversation's structure", param=f"messages.{i}.content")

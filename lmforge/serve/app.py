@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.serve.feedback import RateLimit
 from lmforge.serve.models import ModelRegistry
 from lmforge.serve.protocol import APIError, invalid
 from lmforge.serve.routes import ROUTES
@@ -36,6 +37,7 @@ def create_app(registry: ModelRegistry, opts: ServerOptions | None = None) -> Fa
     opts = opts or ServerOptions()
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry, app.state.opts = registry, opts
+    app.state.feedback_rate = RateLimit(opts.feedback_per_minute)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):

@@ -13,6 +13,7 @@ uses, feedback collection, and the web chat UI's files. Errors never carry a pat
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -22,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from lmforge.engine.sampling import SamplingParams
 from lmforge.serve import translate as tr
-from lmforge.serve.feedback import save_feedback
+from lmforge.serve.feedback import FeedbackRefused, save_feedback
 from lmforge.serve.models import ModelRegistry, Served
 from lmforge.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     FeedbackRequest, TokenizeRequest, invalid, parse)
@@ -287,8 +288,28 @@ async def feedback(request: Request):
     messages = tr.message_dicts(req.messages)
     if messages[-1]["role"] != "user":
         raise invalid("messages must end with the user turn the response answers", param="messages")
-    saved = await asyncio.to_thread(save_feedback, request.app.state.opts.feedback_dir, req.model, messages,
-                                    req.response, req.rating, req.better)
+    wait = request.app.state.feedback_rate.take()
+    if wait:
+        raise APIError(429, "too much feedback at once; try again shortly", code="rate_limited",
+                       headers={"retry-after": str(max(1, math.ceil(wait)))})
+    served = await _use(request, req.model)  # its tokenizer says which text would forge turns
+    try:
+        tok = served.engine.tokenizer
+        texts = [(f"messages.{i}.content", m["content"]) for i, m in enumerate(messages)]
+        for param, text in [*texts, ("response", req.response), ("better", req.better or "")]:
+            hit = tok.control_token_in(text)
+            if hit is not None:
+                raise invalid(f"{param} contains the control token {hit!r}, which would forge the conversation's "
+                              f"structure in the training data", param=param)
+    finally:
+        _registry(request).release(served)
+    opts = request.app.state.opts
+    try:
+        saved = await asyncio.to_thread(save_feedback, opts.feedback_dir, req.model, messages, req.response,
+                                        req.rating, req.better, max_record=opts.feedback_max_record,
+                                        max_file=opts.feedback_max_file)
+    except FeedbackRefused as e:
+        raise APIError(e.status, str(e), code=e.code) from None
     return {"object": "feedback", "saved": saved}
 
 

@@ -63,6 +63,9 @@ class ServerOptions:
     max_body: int = 1 << 20  # bytes; 413 beyond
     max_header_bytes: int = 16 * 1024  # request headers, all together; 431 beyond
     feedback_dir: Path | None = None  # default $LMFORGE_HOME/feedback
+    feedback_per_minute: float = 60.0  # records a minute, on average (bursts of 10); 429 beyond
+    feedback_max_record: int = 256 * 1024  # bytes of one feedback record; 413 beyond
+    feedback_max_file: int = 64 << 20  # bytes a feedback file may grow to; 507 beyond
     stream_ping: float = 15.0  # seconds between SSE keep-alive comments while waiting
     draining: bool = field(default=False, init=False)  # set on shutdown: new requests get 503
 

@@ -343,6 +343,12 @@ class Tokenizer:
                                           if t.special and t.content})
         return self._control_texts
 
+    def control_token_in(self, text: str) -> str | None:
+        """The first control token whose literal text occurs in `text`, or None. Text that goes through a
+        chat template is encoded with control tokens recognised, so such text would forge turn boundaries:
+        the chat routes, the terminal chat and feedback all refuse it by this one rule."""
+        return next((t for t in self.control_token_texts() if t in text), None)
+
     def token_text(self, id: int) -> str:
         """Token `id` shown on its own: its bytes as text, with bytes that are not whole UTF-8 characters
         (half of an emoji) as \\x escapes, so every token has a printable, unambiguous form."""
