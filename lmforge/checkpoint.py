@@ -12,10 +12,24 @@ step 300 with optimizer moments of step 300). Each save writes the complete new 
 removes the marker. A crash before the marker leaves the previous checkpoint untouched (the staging
 directory is discarded on the next open); a crash after it is rolled forward by `recover()`, which every
 load calls first. Either way a reader sees one whole checkpoint.
+
+Whose leftovers. A staging directory is a crashed save's only while its writer is dead: `pretrain
+--save-interval 1` is staging most of the time, and a `generate` or `import` of the same run must not
+discard that. So a writer holds an exclusive `fcntl.flock` on `.lock` in the directory for its whole
+transaction, and `recover()` acts only when it can take that lock without waiting. The kernel drops a
+flock when its holder dies (kill -9 included), so "lock free" means "no writer alive" without trusting
+pids, which are reused and differ between containers sharing a directory. A reader that finds a live
+writer staging leaves it alone and reads the previous checkpoint; one that finds the writer in its commit
+(the marker exists: a few renames) waits for it and reads the new one. A second writer waits for the first
+instead of discarding its staging. `locked()` holds the same lock around a copy of the whole directory
+(the store's import), so no save commits halfway through it. The lock file is removed on release: a
+model directory keeps no trace of its writer. Where `fcntl` is missing (Windows) nothing is locked and
+recovery works as it did before the lock existed: a reader can still discard a live writer's staging there.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,10 +44,18 @@ from safetensors.torch import load_file, save_file
 from lmforge.errors import UserError
 from lmforge.io import atomic_write, atomic_write_json, fsync_dir
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; see the module docstring
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
+    "LOCK",
     "MARKER",
     "STAGING",
     "TRAINER_STATE",
+    "FileLock",
+    "locked",
     "read_trainer_state",
     "recover",
     "restore_optimizer",
@@ -45,7 +67,84 @@ __all__ = [
 
 STAGING = ".staging"
 MARKER = ".commit.json"
+LOCK = ".lock"  # held (flock) by the directory's writer for a whole transaction
 TRAINER_STATE = "trainer_state"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The writer's lock
+# ---------------------------------------------------------------------------------------------------
+# flock errors that mean "this file system cannot lock", not "someone holds the lock"
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class FileLock:
+    """An exclusive `fcntl.flock` on the file `path` (created if missing), dropped by the kernel if the
+    holder dies.
+
+    Two opens of the file conflict even within one process, so threads exclude each other too (a thread
+    must not take a lock it already holds: it would wait for itself). With `remove=True` the holder deletes
+    the file on release; a waiter that then gets the lock of the deleted file sees that the name now
+    points elsewhere and locks again. `acquire()` raises OSError when the file cannot be created (a
+    read-only directory). Where nothing can be locked (no `fcntl`, or a file system without flock)
+    `acquire()` succeeds without a lock and `real` says so.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, remove: bool = False) -> None:
+        self.path = Path(path)
+        self.remove = remove
+        self.real = False
+        self._fd: int | None = None
+
+    def acquire(self, *, wait: bool = True) -> bool:
+        """Take the lock; False only when `wait` is False and another holder has it."""
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already locked by this FileLock")
+        if fcntl is None:
+            self.real = False
+            return True
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except OSError as e:
+                os.close(fd)
+                if e.errno in _NO_LOCKING:
+                    self.real = False
+                    return True
+                raise
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                st = os.stat(self.path)
+                same = (st.st_ino, st.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd, self.real = fd, True
+                return True
+            os.close(fd)  # the holder we waited for removed the file: lock the one there now
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if self.remove:
+                self.path.unlink(missing_ok=True)  # before unlocking: a waiter must find the name gone
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,37 +164,98 @@ def _apply_commit(directory: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def recover(directory: str | os.PathLike) -> None:
-    """Finish a committed-but-interrupted save, or discard an uncommitted one."""
-    directory = Path(directory)
+def _recover_locked(directory: Path) -> None:
+    """recover() for a caller holding the directory's lock: whatever is there is a dead writer's."""
     if (directory / MARKER).exists():
         _apply_commit(directory)
     elif (directory / STAGING).exists():
         shutil.rmtree(directory / STAGING, ignore_errors=True)
 
 
+def recover(directory: str | os.PathLike) -> None:
+    """Finish a committed-but-interrupted save, or discard an uncommitted one, unless its writer is alive.
+
+    Writes nothing when there is nothing to recover (a read-only model directory loads). A live writer's
+    staging is left alone; a live writer's commit is waited for (renames only), so the caller then reads
+    the new checkpoint whole.
+    """
+    directory = Path(directory)
+    if not (directory / MARKER).exists() and not (directory / STAGING).exists():
+        return
+    lock = FileLock(directory / LOCK, remove=True)
+    try:
+        if not lock.acquire(wait=False):
+            if not (directory / MARKER).exists():
+                return  # a save in progress: its staging directory is its writer's, not a leftover
+            lock.acquire()
+    except OSError as e:  # the lock file cannot be created: nor could anything here be moved or removed
+        if (directory / MARKER).exists():
+            raise UserError(f"{directory} holds an interrupted save ({MARKER}) that cannot be finished: "
+                            f"{e.strerror or e}") from None
+        return  # a stale staging directory alone is harmless: readers never look into it
+    try:
+        _recover_locked(directory)
+    finally:
+        lock.release()
+
+
+@contextmanager
+def locked(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold `directory`'s writer lock while the caller reads it as a whole (the store copying a checkpoint).
+
+    A save in progress is waited for and an interrupted one recovered first; no save starts or commits
+    until the block ends. Where the lock file cannot be created (a read-only directory, which no save can be
+    writing either) the block runs unlocked after a plain `recover()`. Not re-entrant: a thread holding it
+    must not open a `transaction` on the same directory.
+    """
+    directory = Path(directory)
+    lock = FileLock(directory / LOCK, remove=True)
+    try:
+        held = lock.acquire()
+    except OSError:
+        held = False
+    try:
+        if held:
+            _recover_locked(directory)
+        else:
+            recover(directory)
+        yield
+    finally:
+        lock.release()
+
+
 @contextmanager
 def transaction(directory: str | os.PathLike) -> Iterator[Path]:
-    """Yield a staging directory; on a clean exit its files replace their namesakes in `directory`."""
+    """Yield a staging directory; on a clean exit its files replace their namesakes in `directory`.
+
+    The directory's lock is held throughout, so readers leave the staging directory alone, and another
+    writer of the same directory waits until this one has committed or given up.
+    """
     directory = Path(directory)
+    lock = FileLock(directory / LOCK, remove=True)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        recover(directory)
+        lock.acquire()
+        _recover_locked(directory)  # a dead writer's leftovers: we hold the lock, so no writer is alive
         staging = directory / STAGING
         staging.mkdir()
     except OSError as e:
+        lock.release()
         raise UserError(f"cannot write to {directory}: {e.strerror or e}") from None
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
-    for rel in files:  # files written by libraries may not be synced yet
-        with open(staging / rel, "rb") as f:
-            os.fsync(f.fileno())
-    atomic_write_json(directory / MARKER, {"files": files, "time": time.time()})
-    _apply_commit(directory)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        for rel in files:  # files written by libraries may not be synced yet
+            with open(staging / rel, "rb") as f:
+                os.fsync(f.fileno())
+        atomic_write_json(directory / MARKER, {"files": files, "time": time.time()})
+        _apply_commit(directory)
+    finally:
+        lock.release()
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
