@@ -32,6 +32,7 @@ move again: reordering beams only touches the generated slots.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,10 @@ import torch.nn.functional as F
 from lmforge.model.kv_cache import KVCache
 
 NEG_INF = -1.0e9  # transformers' "impossible" score: finite, so sums and topk stay well defined
+
+
+class Cancelled(Exception):
+    """Raised by long engine jobs (beam search, scoring) when their `should_stop()` says the caller left."""
 
 
 @dataclass
@@ -82,9 +87,10 @@ def _check_args(model, prompt: list[int], num_beams: int, max_new_tokens: int, e
 
 @torch.inference_mode()
 def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
-                early_stopping: bool | str = False, eos_ids: tuple[int, ...] = (),
-                n_best: int = 1) -> list[BeamHypothesis]:
-    """The `n_best` best hypotheses of a beam search of width `num_beams`, best score first."""
+                early_stopping: bool | str = False, eos_ids: tuple[int, ...] = (), n_best: int = 1,
+                should_stop: Callable[[], bool] | None = None) -> list[BeamHypothesis]:
+    """The `n_best` best hypotheses of a beam search of width `num_beams`, best score first. `should_stop`
+    is asked before every step; when it says yes the search raises `Cancelled` (its client went away)."""
     budget = _check_args(model, prompt, num_beams, max_new_tokens, early_stopping, n_best)
     cfg = model.config
     param = next(model.parameters())
@@ -117,6 +123,8 @@ def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int
     same_order = torch.arange(k, device=device)
 
     for t in range(budget):  # t tokens generated so far; this step picks token t
+        if should_stop is not None and should_stop():
+            raise Cancelled("the beam search was cancelled")
         scores = F.log_softmax(logits.float(), dim=-1) + running[:, None]  # (k, V) sums if extended by each token
         cand_scores, flat = scores.view(-1).topk(min(n_cand, k * V))  # (n_cand,) best first
         src, tok = flat // V, flat % V  # the beam each candidate extends, and its new token

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from lmforge.engine.beam import Cancelled, beam_search, finish_beams
 from lmforge.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from lmforge.engine.sampling import SamplingParams, penalty_window, sample_from, token_logprobs
 from lmforge.model.kv_cache import KVCache
@@ -265,31 +266,34 @@ class Engine:
                 c.finish_reason = ev.finish_reason
         return out
 
-    def beam_search(self, prompt: str | Sequence[int], params: SamplingParams, n_best: int = 1):
+    def beam_search(self, prompt: str | Sequence[int], params: SamplingParams, n_best: int = 1,
+                    should_stop: Callable[[], bool] | None = None):
         """The `n_best` best hypotheses of a beam search (`params.num_beams` wide), finished for the user
-        by `finish_beams`: EOS dropped, text cut at `params.stop`. A list of `BeamResult`, best first."""
-        from lmforge.engine.beam import beam_search, finish_beams
-
+        by `finish_beams`: EOS dropped, text cut at `params.stop`. A list of `BeamResult`, best first.
+        `should_stop` is asked at every step (beam.Cancelled when it says yes)."""
         params = params.validate()
         ids = self.encode_prompt(prompt)
         eos = self.eos_ids(params)
         hyps = beam_search(self.model, ids, num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
                            length_penalty=params.length_penalty, early_stopping=params.early_stopping,
-                           eos_ids=tuple(eos), n_best=n_best)
+                           eos_ids=tuple(eos), n_best=n_best, should_stop=should_stop)
         return finish_beams(self.tokenizer, hyps, stop=params.stop, eos_ids=eos)
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def score_ids(self, ids: list[int], top_k: int = 0) -> ScoreResult:
+    def score_ids(self, ids: list[int], top_k: int = 0, should_stop: Callable[[], bool] | None = None) -> ScoreResult:
         """log p(ids[i] | ids[:i]) for i >= 1 (and the `top_k` most likely alternatives at each place), in
         windows of the context length that overlap by half, so that every token after the first window
-        still sees at least half a context of history."""
+        still sees at least half a context of history. `should_stop` is asked before every window
+        (beam.Cancelled when it says yes)."""
         C = self.config.context_length
         logprobs: list[float] = []
         tops: list[list[tuple[int, float]]] = []
         start = 0  # first token of the current window
         scored = 1  # tokens [0, scored) are done (token 0 has no context)
         while scored < len(ids):
+            if should_stop is not None and should_stop():
+                raise Cancelled("scoring was cancelled")
             window = ids[start:start + C]
             logits = self.model(torch.tensor([window], device=self.device)).float()
             logp = torch.log_softmax(logits[0, :-1], dim=-1)

@@ -25,6 +25,7 @@ from lmforge.serve.models import ModelRegistry
 from lmforge.serve.protocol import APIError, invalid
 from lmforge.serve.routes import ROUTES
 from lmforge.serve.security import Guard, ServerOptions, error_response, secure
+from lmforge.serve.stream import WorkerPool
 
 __all__ = ["Guard", "ServerOptions", "create_app"]
 
@@ -38,6 +39,7 @@ def create_app(registry: ModelRegistry, opts: ServerOptions | None = None) -> Fa
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry, app.state.opts = registry, opts
     app.state.feedback_rate = RateLimit(opts.feedback_per_minute)
+    app.state.cpu = WorkerPool(opts.cpu_workers, opts.max_cpu_jobs)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):

@@ -28,7 +28,7 @@ from lmforge.serve.models import ModelRegistry, Served
 from lmforge.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     FeedbackRequest, TokenizeRequest, invalid, parse)
 from lmforge.serve.security import AUTHORIZED, read_body
-from lmforge.serve.stream import Generation, SSEResponse, collect, once, sse_stream
+from lmforge.serve.stream import Generation, SSEResponse, check_sequences, collect, once, run_job, sse_stream
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -71,12 +71,12 @@ async def chat_completions(request: Request):
     streaming = False
     try:
         tok, mf = served.engine.tokenizer, served.modelfile
-        ids = tr.chat_prompt_ids(tok, tr.message_dicts(req.messages), mf.system, mf.messages)
+        ids = await _cpu(request, tr.chat_prompt_ids, tok, tr.message_dicts(req.messages), mf.system, mf.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = tr.sampling_params(req, mf.parameters, prompt_len=len(ids), context=served.scheduler.context_length,
                                     vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens)
         if params.num_beams > 1:
-            return await _beam_chat(served, req, ids, params)
+            return await _beam_chat(served, request, req, ids, params)
         gen = Generation(served, [ids] * req.n, [params] * req.n)
         rid, created = tr.new_id("chatcmpl"), int(time.time())
         if req.stream:
@@ -120,20 +120,25 @@ def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCom
     return sse_stream(request, gen, head, chunks, usage_chunk, cleanup)
 
 
-async def _beam_chat(served: Served, req: ChatCompletionRequest, ids: list[int], params: SamplingParams):
-    beams = await _beam(served, ids, params, req.n)
+async def _beam_chat(served: Served, request: Request, req: ChatCompletionRequest, ids: list[int],
+                     params: SamplingParams):
+    check_sequences(served, params.num_beams, "beams", param="best_of")
+    beams = await _beam(served, request, ids, params, req.n)
     choices = [tr.chat_choice(i, b.text, b.finish_reason, None) for i, b in enumerate(beams)]
     usage = tr.usage(len(ids), sum(b.n_tokens for b in beams))
     return JSONResponse(tr.chat_response(tr.new_id("chatcmpl"), req.model, choices, usage))
 
 
-async def _beam(served: Served, ids: list[int], params: SamplingParams, n: int):
-    """The `n` best beams, finished as the CLI finishes them (`Engine.beam_search` -> `finish_beams`)."""
-    fut = served.scheduler.call(lambda: served.engine.beam_search(ids, params, n_best=n))
-    try:
-        return await asyncio.wrap_future(fut)
-    except ValueError as e:
-        raise invalid(str(e)) from None
+async def _beam(served: Served, request: Request, ids: list[int], params: SamplingParams, n: int):
+    """The `n` best beams, finished as the CLI finishes them (`Engine.beam_search` -> `finish_beams`); a
+    client that hangs up stops the search at its next step."""
+    return await run_job(served, request, lambda stop: served.engine.beam_search(ids, params, n_best=n, should_stop=stop))
+
+
+async def _cpu(request: Request, fn: Callable, *args, **kwargs):
+    """`fn(*args, **kwargs)` on the server's worker pool: tokenizing and template rendering never run on the
+    event loop."""
+    return await request.app.state.cpu.run(fn, *args, **kwargs)
 
 
 # -- text completions ---------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ async def completions(request: Request):
     streaming = False
     try:
         tok, cfg, mf = served.engine.tokenizer, served.engine.config, served.modelfile
-        prompts = tr.completion_prompts(tok, req.prompt, cfg.vocab_size)
+        prompts = await _cpu(request, tr.completion_prompts, tok, req.prompt, cfg.vocab_size)
         ctx = served.scheduler.context_length
         max_tokens = req.max_tokens
         params = [tr.sampling_params(req, mf.parameters, prompt_len=len(p), context=ctx, vocab_size=cfg.vocab_size,
@@ -152,21 +157,24 @@ async def completions(request: Request):
         if req.echo and req.stream:
             raise invalid("echo cannot be combined with stream", param="echo")
         k = req.logprobs
+        beams = params[0].num_beams if params[0].num_beams > 1 else 0
+        check_sequences(served, len(prompts) * (beams or req.n), "prompts x best_of beams" if beams else "prompts x n",
+                        param="best_of" if beams else "n")
         echoed = None
         if req.echo and k is not None:
-            echoed = await asyncio.wrap_future(served.scheduler.call(
-                lambda: [served.engine.score_ids(p, top_k=k) for p in prompts]))
+            echoed = await run_job(served, request, lambda stop: [served.engine.score_ids(p, top_k=k, should_stop=stop)
+                                                                  for p in prompts])
         if req.max_tokens == 0:  # echo only: score the prompt, generate nothing
             choices = [tr.completion_choice(j, tok.decode(p) if req.echo else "", "length",
                                             _echo_logprobs(tok, p, echoed[j], k) if echoed else None)
                        for j, p in enumerate(prompts)]
             return JSONResponse(tr.completion_response(tr.new_id("cmpl"), req.model, choices,
                                                        tr.usage(sum(map(len, prompts)), 0)))
-        if params[0].num_beams > 1:
-            beams = [b for p, sp in zip(prompts, params) for b in await _beam(served, p, sp, req.n)]
-            choices = [tr.completion_choice(j, b.text, b.finish_reason, None) for j, b in enumerate(beams)]
+        if beams:
+            found = [b for p, sp in zip(prompts, params) for b in await _beam(served, request, p, sp, req.n)]
+            choices = [tr.completion_choice(j, b.text, b.finish_reason, None) for j, b in enumerate(found)]
             return JSONResponse(tr.completion_response(tr.new_id("cmpl"), req.model, choices,
-                                                       tr.usage(sum(map(len, prompts)), sum(b.n_tokens for b in beams))))
+                                                       tr.usage(sum(map(len, prompts)), sum(b.n_tokens for b in found))))
         rows_prompts = [p for p in prompts for _ in range(req.n)]
         rows_params = [sp for sp in params for _ in range(req.n)]
         # sample i of every prompt draws from seed + i, as if that prompt had been sent alone
@@ -247,9 +255,10 @@ async def tokenize(request: Request):
     try:
         tok = served.engine.tokenizer
         if req.messages is not None:
-            ids = tr.chat_prompt_ids(tok, tr.message_dicts(req.messages), add_generation_prompt=req.add_generation_prompt)
+            ids = await _cpu(request, tr.chat_prompt_ids, tok, tr.message_dicts(req.messages),
+                             add_generation_prompt=req.add_generation_prompt)
         else:
-            ids = tok.encode(req.prompt, add_bos=None if req.add_special_tokens else False)
+            ids = await _cpu(request, tok.encode, req.prompt, add_bos=None if req.add_special_tokens else False)
         return {"count": len(ids), "max_model_len": served.scheduler.context_length, "tokens": ids}
     finally:
         _registry(request).release(served)
@@ -263,7 +272,7 @@ async def detokenize(request: Request):
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise invalid(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
-        return {"prompt": served.engine.tokenizer.decode(req.tokens)}
+        return {"prompt": await _cpu(request, served.engine.tokenizer.decode, req.tokens)}
     finally:
         _registry(request).release(served)
 

@@ -66,6 +66,8 @@ class ServerOptions:
     feedback_per_minute: float = 60.0  # records a minute, on average (bursts of 10); 429 beyond
     feedback_max_record: int = 256 * 1024  # bytes of one feedback record; 413 beyond
     feedback_max_file: int = 64 << 20  # bytes a feedback file may grow to; 507 beyond
+    cpu_workers: int = 2  # threads for tokenizing and template rendering (never on the event loop)
+    max_cpu_jobs: int = 64  # such jobs that may wait; 429 beyond
     stream_ping: float = 15.0  # seconds between SSE keep-alive comments while waiting
     draining: bool = field(default=False, init=False)  # set on shutdown: new requests get 503
 

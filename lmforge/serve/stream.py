@@ -2,9 +2,15 @@
 
 The scheduler runs in its own thread and reports tokens through callbacks; `Generation` turns the rows of
 one request into an async stream of (choice, event) pairs, `collect` runs it to the end for a plain JSON
-answer, and `sse_stream` / `SSEResponse` frame it as server-sent events. Kept apart from the handlers
-because this is where cancellation (a client that hangs up) and clean-up (releasing the model) must be
-right for every route, in one place.
+answer, and `sse_stream` / `SSEResponse` frame it as server-sent events. `run_job` runs other model work
+(beam search, scoring an echoed prompt) on the scheduler thread and cancels it when its client hangs up.
+`WorkerPool` runs the CPU work of a request that is not the model's (tokenizing, rendering a chat
+template, detokenizing) on a few threads: the event loop never does it, so one 1 MB prompt cannot stall
+/health or the other streams. `check_sequences` is the one cap on how many sequences a request may ask
+for, whatever path makes them (n, prompt lists, beams, echo).
+
+Kept apart from the handlers because this is where cancellation (a client that hangs up) and clean-up
+(releasing the model) must be right for every route, in one place.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -31,6 +39,16 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 # ----------------------------------------------------------------------------------------------------
 # Generation: one or more rows of the scheduler, as an async stream of (choice index, event)
 # ----------------------------------------------------------------------------------------------------
+def check_sequences(served: Served, count: int, what: str, param: str = "n") -> None:
+    """THE cap on the sequences one request may ask for (choices x prompts, beams x prompts, echoed prompts):
+    what the model's scheduler runs and queues at most. A 400 naming the request's `what` beyond it."""
+    sched = served.scheduler
+    limit = sched.max_batch + sched.max_queue
+    if count > limit:
+        raise invalid(f"this request needs {count} sequences ({what}); this server runs at most {limit} at once",
+                      param=param)
+
+
 class Generation:
     """The rows of one API request on a model's scheduler. Iterate to get (choice, TokenEvent) pairs in
     order; `cancel()` (or leaving the iteration) frees the rows at the scheduler's next step."""
@@ -39,10 +57,7 @@ class Generation:
                  seed_offsets: list[int] | None = None) -> None:
         from lmforge.engine.scheduler import QueueFull, Request as Row, SchedulerClosed
 
-        sched = served.scheduler
-        if len(prompts) > sched.max_batch + sched.max_queue:
-            raise invalid(f"this request needs {len(prompts)} sequences (prompts x n); this server runs at most "
-                          f"{sched.max_batch + sched.max_queue} at once", param="n")
+        check_sequences(served, len(prompts), "prompts x n")
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.rows: list[Row] = []
@@ -129,6 +144,68 @@ async def collect(gen: Generation, request: Request, n: int) -> list[Choice]:
         if ev.finish_reason:
             c.finish_reason = ev.finish_reason
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Other model work on the scheduler thread, and CPU work on a worker pool
+# ----------------------------------------------------------------------------------------------------
+async def run_job(served: Served, request: Request, job: Callable[[Callable[[], bool]], Any]) -> Any:
+    """`job(should_stop)` on the model's scheduler thread, between two decode steps; its result. While it
+    waits or runs, a client that hangs up makes `should_stop()` true, so a beam search or a scoring pass
+    stops at its next step instead of holding the model for others (the job raises beam.Cancelled, and the
+    answer no one reads is dropped)."""
+    from lmforge.engine.beam import Cancelled
+    from lmforge.engine.scheduler import QueueFull, SchedulerClosed
+
+    gone = threading.Event()
+    try:
+        fut = served.scheduler.call(lambda: job(gone.is_set))
+    except QueueFull:
+        raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
+                       type="rate_limit_error", code="queue_full", headers={"retry-after": "1"}) from None
+    except SchedulerClosed:
+        raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+    waiting = asyncio.wrap_future(fut)
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=0.25)
+            if done:
+                break
+            if await request.is_disconnected():
+                gone.set()
+                fut.cancel()  # not started yet: it never will be
+    except asyncio.CancelledError:
+        gone.set()
+        fut.cancel()
+        raise
+    if gone.is_set() and (waiting.cancelled() or isinstance(waiting.exception(), Cancelled)):
+        raise APIError(499, "the client closed the request", code="client_closed")
+    try:
+        return waiting.result()
+    except Cancelled:
+        raise APIError(499, "the client closed the request", code="client_closed") from None
+    except ValueError as e:
+        raise invalid(str(e)) from None
+
+
+class WorkerPool:
+    """A few threads for a request's CPU work that is not the model's (tokenizing, rendering a chat
+    template, detokenizing), so the event loop stays free for /health and the streams; at most `max_waiting`
+    jobs wait (429 beyond), so a flood of big requests queues here, bounded, instead of everywhere."""
+
+    def __init__(self, workers: int = 2, max_waiting: int = 64) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lmforge-cpu")
+        self.max_waiting, self.waiting = max_waiting, 0
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.waiting >= self.max_waiting:  # only the event loop's thread counts, so no lock is needed
+            raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"retry-after": "1"})
+        self.waiting += 1
+        try:
+            return await asyncio.wrap_future(self.pool.submit(fn, *args, **kwargs))
+        finally:
+            self.waiting -= 1
 
 
 # ----------------------------------------------------------------------------------------------------
