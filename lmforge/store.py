@@ -15,6 +15,20 @@ Listing and showing (read-only) live in `lmforge.store_info`, also re-exported h
 Atomicity. `add` copies into a temp directory inside `models/`, fsyncs, then `os.replace`s it into place,
 so a reader sees no model or the whole model. Overwriting first renames the old entry aside (a directory
 cannot be `os.replace`d over a non-empty one), so for an instant the name is absent, never half-written.
+
+Concurrency. Changes to the store (add, import, create, cp, rm, pull) hold the store lock, an
+`fcntl.flock` on `models/.lock`, for their check-then-rename step only: "is the name free?" and the rename
+into place happen under it, so of two imports to one name without overwrite exactly one wins and the other
+gets "already exists". The long part (validating and copying) runs outside it. Readers (list, show, load)
+take no lock. A copied source model directory is read under its own writer lock
+(`lmforge.checkpoint.locked`), so a training run saving into it never commits halfway through the copy.
+
+Leftovers. Working directories in `models/` are named `.{kind}-{pid}-{uuid}` (kind: import, create, tmp,
+trash) and flock'ed by their owner for their whole life. A killed owner's lock is dropped by the kernel,
+so every store change first claims (locks) and removes working directories nobody holds; a live owner's
+are left alone. The pid in the name is for people; the lock decides, since pids are reused and differ
+between containers that share a store. Names without a pid, from older versions, are removed once they
+have not changed for a day. Without `fcntl` (Windows) nothing is locked or cleaned, as before.
 """
 
 from __future__ import annotations
@@ -25,10 +39,11 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from lmforge.checkpoint import MARKER, STAGING, recover
+from lmforge.checkpoint import LOCK, MARKER, STAGING, FileLock, locked, recover
 from lmforge.errors import UserError
 from lmforge.io import fsync_dir
 from lmforge.loaders.hf import hf_architecture
@@ -49,16 +64,113 @@ from lmforge.paths import (  # noqa: F401 - re-exported: the store's names are t
 from lmforge.store_info import StoreEntry, list_models, read_json, show  # noqa: F401 - re-exported
 from lmforge.tokenizer import load_hf_tokenizer
 
+try:
+    import fcntl
+except ImportError:  # Windows: the store is neither locked nor cleaned (see the module docstring)
+    fcntl = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The store lock and working directories
+# ---------------------------------------------------------------------------------------------------
+STORE_LOCK = ".lock"  # models/.lock
+_WORK_RE = re.compile(r"\.(?:import|create|tmp|trash)-(?:(?P<pid>[0-9]+)-)?[0-9a-f]{32}")
+_OLD_STYLE_STALE_S = 86400.0  # a pid-less working directory of an older version untouched this long is a leftover
+
+
+def _work_path(kind: str) -> Path:
+    return models_root() / f".{kind}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _own(path: Path) -> int | None:
+    """Lock working directory `path` for as long as the returned descriptor stays open (None: not locked).
+
+    Call under the store lock, right after the directory appears, so no cleaner can claim it in between. A
+    directory already held (the `.import-` directory an import hands to `add(move=True)` keeps its owner's
+    lock through the rename) needs no second lock."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _discard(path: Path | None, fd: int | None) -> None:
+    """Remove working directory `path` (if still there), then drop its lock."""
+    try:
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _claim_leftovers(root: Path) -> list[tuple[Path, int | None]]:
+    """Working directories whose owner is gone, each now locked by us (under the store lock)."""
+    if fcntl is None:
+        return []
+    claimed: list[tuple[Path, int | None]] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    for entry in entries:
+        m = _WORK_RE.fullmatch(entry.name)
+        try:
+            if m is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            if m["pid"] is None:  # an older version's name: no lock to test, so only once long untouched
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime > _OLD_STYLE_STALE_S:
+                    claimed.append((Path(entry.path), None))
+                continue
+            fd = os.open(entry.path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its owner is alive (or this file system cannot lock: then leave it too)
+            os.close(fd)
+            continue
+        claimed.append((Path(entry.path), fd))
+    return claimed
+
+
+@contextmanager
+def _store_lock() -> Iterator[Path]:
+    """Hold the store lock for a check-then-rename; yields the store root. Leftovers of killed operations are
+    claimed under the lock and deleted after it is released (deleting a big one takes a while)."""
+    root = models_root()
+    root.mkdir(parents=True, exist_ok=True)
+    claimed: list[tuple[Path, int | None]] = []
+    try:
+        with FileLock(root / STORE_LOCK, remove=True):  # removed on release: the store keeps no trace
+            claimed = _claim_leftovers(root)
+            yield root
+    finally:
+        for path, fd in claimed:
+            _discard(path, fd)
+
+
+@contextmanager
+def _working_dir(kind: str) -> Iterator[Path]:
+    """A new empty working directory in the store, owned (locked) by this process, removed at the end."""
+    with _store_lock():
+        path = _work_path(kind)
+        path.mkdir()
+        fd = _own(path)
+    try:
+        yield path
+    finally:
+        _discard(path, fd)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Changing the store
 # ---------------------------------------------------------------------------------------------------
-def _temp_dir(kind: str) -> Path:
-    root = models_root()
-    root.mkdir(parents=True, exist_ok=True)
-    return root / f".{kind}-{uuid.uuid4().hex}"
-
-
 def _fsync_tree(path: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(path):
         for f in filenames:
@@ -69,8 +181,25 @@ def _fsync_tree(path: Path) -> None:
         fsync_dir(dirpath)
 
 
+def _exists_error(norm: str, hint: str) -> UserError:
+    return UserError(f"model {norm} already exists ({hint})")
+
+
+_ADD_HINT = "remove it first with lmforge rm, or overwrite it"
+_CLI_HINT = "remove it first with lmforge rm, or pass --overwrite"
+
+
 def add(name: str, source_dir: str | os.PathLike, *, move: bool = False, overwrite: bool = False) -> Path:
-    """Copy (or move) model directory `source_dir` into the store as `name`; returns its new path."""
+    """Copy (or move) model directory `source_dir` into the store as `name`; returns its new path.
+
+    Without `overwrite`, an existing `name` is refused, also when another process adds it while this one
+    copies (checked again under the store lock, at the rename). `move` is for directories nobody else is
+    writing (the store's own working directories); a copied source is read under its writer lock.
+    """
+    return _add(name, source_dir, move=move, overwrite=overwrite, hint=_ADD_HINT)
+
+
+def _add(name: str, source_dir: str | os.PathLike, *, move: bool, overwrite: bool, hint: str) -> Path:
     norm = validate_name(name)
     dst = model_path(norm)
     src = Path(source_dir).expanduser()
@@ -82,38 +211,69 @@ def add(name: str, source_dir: str | os.PathLike, *, move: bool = False, overwri
         raise UserError(f"{src} is already model {norm} in the store")
     if root.is_relative_to(src) or dst.is_relative_to(src):
         raise UserError(f"{src} contains the model store; choose the model directory itself")
-    if dst.exists() and not overwrite:
-        raise UserError(f"model {norm} already exists (remove it first with lmforge rm, or overwrite it)")
-    recover(src)  # finish (or discard) an interrupted checkpoint save, as every load does
-    tmp = _temp_dir("tmp")
+    if dst.exists() and not overwrite:  # early, before copying; _commit checks again under the lock
+        raise _exists_error(norm, hint)
+    tmp, fd, moved = None, None, False
     try:
-        moved = False
         if move:
-            try:
-                os.rename(src, tmp)  # same file system: instant, and nothing to copy
-                moved = True
-            except OSError:
-                pass
+            recover(src)  # finish (or discard) an interrupted checkpoint save, as every load does
+            with _store_lock():
+                tmp = _work_path("tmp")
+                try:
+                    os.rename(src, tmp)  # same file system: instant, and nothing to copy
+                except OSError:
+                    tmp = None
+                else:
+                    moved = True
+                    fd = _own(tmp)
         if not moved:
-            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(STAGING, MARKER))
+            with _store_lock():
+                tmp = _work_path("tmp")
+                tmp.mkdir()
+                fd = _own(tmp)
+            try:
+                with locked(src):  # a save in progress there commits first; none commits during the copy
+                    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(STAGING, MARKER, LOCK), dirs_exist_ok=True)
+            except (OSError, shutil.Error):
+                if not src.is_dir():
+                    raise UserError(f"{src} was removed while it was being copied") from None
+                raise
         _fsync_tree(tmp)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        trash = None
-        if dst.exists():  # overwrite: a directory cannot be os.replace()d over a non-empty one
-            trash = _temp_dir("trash")
-            os.rename(dst, trash)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        _commit(tmp, dst, norm, overwrite=overwrite, hint=hint)
     except BaseException:
-        if moved and not src.exists() and tmp.exists():  # the rename worked, a later step failed: undo it
-            os.rename(tmp, src)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not src.exists() and tmp is not None and tmp.exists():  # the rename worked, a later step
+            os.rename(tmp, src)  # failed: undo it
+        _discard(tmp, fd)
         raise
+    _discard(None, fd)
     if move and not moved:
         shutil.rmtree(src)
     return dst
+
+
+def _commit(tmp: Path, dst: Path, norm: str, *, overwrite: bool, hint: str) -> None:
+    """Rename the finished `tmp` into place as `dst`: under the store lock, so "is the name free?" and the
+    rename are one step for every other change to the store."""
+    trash, trash_fd = None, None
+    try:
+        with _store_lock():
+            if (dst.exists() or dst.is_symlink()) and not overwrite:
+                raise _exists_error(norm, hint)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists():  # overwrite: a directory cannot be os.replace()d over a non-empty one
+                trash = _work_path("trash")
+                os.rename(dst, trash)
+                trash_fd = _own(trash)
+            try:
+                os.replace(tmp, dst)
+            except BaseException:
+                if trash is not None:  # put the old entry back
+                    os.rename(trash, dst)
+                    trash = None
+                raise
+            fsync_dir(dst.parent)
+    finally:
+        _discard(trash, trash_fd)
 
 
 def _existing(name: str) -> tuple[str, Path]:
@@ -126,24 +286,31 @@ def _existing(name: str) -> tuple[str, Path]:
 
 def remove(name: str) -> None:
     """Delete model `name`, damaged or not; UserError if there is no such model."""
-    norm, path = _existing(name)
-    trash = _temp_dir("trash")
-    os.rename(path, trash)  # the name disappears at once; deleting the files may take a while
-    fsync_dir(path.parent)
-    shutil.rmtree(trash, ignore_errors=True)
+    _existing(name)  # early: a refused rm touches nothing
+    trash, fd = None, None
     try:
-        path.parent.rmdir()  # the NAME directory, once its last tag is gone
-    except OSError:
-        pass
+        with _store_lock():
+            _norm, path = _existing(name)  # again under the lock: another rm may have been first
+            trash = _work_path("trash")
+            os.rename(path, trash)  # the name disappears at once; deleting the files may take a while
+            fd = _own(trash)
+            fsync_dir(path.parent)
+            try:  # the NAME directory, once its last tag is gone; under the lock, as an add may rename into it
+                path.parent.rmdir()
+            except OSError:
+                pass
+    finally:
+        _discard(trash, fd)
 
 
 def copy(src_name: str, dst_name: str) -> Path:
     """Copy model `src_name` to the new name `dst_name` (refused if it exists); returns the new path."""
     _norm, src = _existing(src_name)
     dst = validate_name(dst_name)
+    hint = "remove it first with lmforge rm"
     if model_path(dst).exists():
-        raise UserError(f"model {dst} already exists (remove it first with lmforge rm)")
-    return add(dst_name, src)
+        raise _exists_error(dst, hint)
+    return _add(dst_name, src, move=False, overwrite=False, hint=hint)
 
 
 def is_entry(path: Path) -> bool:
@@ -217,14 +384,12 @@ def import_model(source: str | os.PathLike, name: str, *, allow_pickle: bool = F
     safetensors on the way in (only with `allow_pickle`), so the store itself never holds a pickle.
     """
     norm = validate_name(name)
-    if model_path(norm).exists() and not overwrite:
-        raise UserError(f"model {norm} already exists (remove it first with lmforge rm, or pass --overwrite)")
+    if model_path(norm).exists() and not overwrite:  # early; checked again at the rename, under the store lock
+        raise _exists_error(norm, _CLI_HINT)
     src = Path(source).expanduser()
     if not src.exists():
         raise UserError(f"{source}: no such file or directory")
-    tmp = _temp_dir("import")
-    tmp.mkdir()
-    try:
+    with _working_dir("import") as tmp:
         if src.is_file():
             if src.suffix.lower() != ".gguf":
                 raise UserError(f"{source}: not a model directory or a .gguf file")
@@ -234,21 +399,19 @@ def import_model(source: str | os.PathLike, name: str, *, allow_pickle: bool = F
             shutil.copy2(src, tmp / GGUF_IN_STORE)
             fmt = "gguf"
         else:
-            recover(src)
-            if not (src / "config.json").is_file():
-                raise UserError(f"{source} is not a model directory: it has no config.json")
-            check_model_dir(src, allow_pickle=allow_pickle)
-            for f in sorted(src.iterdir()):
-                if f.is_file() and not f.is_symlink() and _wanted(f.name):
-                    shutil.copy2(f, tmp / f.name)
-            if not any(tmp.glob("*.safetensors")):
-                _convert_pickles(src, tmp)
+            with locked(src):  # a run saving into `src` commits before, or after, the whole copy
+                if not (src / "config.json").is_file():
+                    raise UserError(f"{source} is not a model directory: it has no config.json")
+                check_model_dir(src, allow_pickle=allow_pickle)
+                for f in sorted(src.iterdir()):
+                    if f.is_file() and not f.is_symlink() and _wanted(f.name):
+                        shutil.copy2(f, tmp / f.name)
+                if not any(tmp.glob("*.safetensors")):
+                    _convert_pickles(src, tmp)
             fmt = "hf"
         _write_lineage(tmp, imported_from=str(src.resolve()), imported_at=time.time(), source_format=fmt,
                        **(lineage or {}))
-        return add(norm, tmp, move=True, overwrite=overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return _add(norm, tmp, move=True, overwrite=overwrite, hint=_CLI_HINT)
 
 
 def _convert_pickles(src: Path, dst: Path) -> None:
@@ -281,15 +444,13 @@ def create(name: str, modelfile_path: str | os.PathLike, *, overwrite: bool = Fa
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{modelfile_path}: unreadable ({e})") from None
     mf = parse(text, source=str(modelfile_path))
-    if model_path(norm).exists() and not overwrite:
-        raise UserError(f"model {norm} already exists (remove it first with lmforge rm, or pass --overwrite)")
+    if model_path(norm).exists() and not overwrite:  # early; checked again at the rename, under the store lock
+        raise _exists_error(norm, _CLI_HINT)
     base_ref = mf.base
     if looks_like_path(base_ref) and not Path(base_ref).expanduser().is_absolute():
         base_ref = str(mf_file.parent / base_ref)
     base = resolve(base_ref)
-    tmp = _temp_dir("create")
-    tmp.mkdir()
-    try:
+    with _working_dir("create") as tmp:
         if base.is_file():  # a .gguf path
             from lmforge.loaders.gguf import describe_gguf
 
@@ -297,10 +458,11 @@ def create(name: str, modelfile_path: str | os.PathLike, *, overwrite: bool = Fa
             shutil.copy2(base, tmp / GGUF_IN_STORE)
             parent = None
         else:
-            for f in sorted(base.iterdir()):
-                if f.is_file() and not f.is_symlink() and (_wanted(f.name) or f.name == GGUF_IN_STORE):
-                    _link_or_copy(f, tmp / f.name)
-            parent = _read_modelfile(base)
+            with locked(base):  # a run saving into `base` commits before, or after, these links
+                for f in sorted(base.iterdir()):
+                    if f.is_file() and not f.is_symlink() and (_wanted(f.name) or f.name == GGUF_IN_STORE):
+                        _link_or_copy(f, tmp / f.name)
+                parent = _read_modelfile(base)
         if parent is not None:
             from lmforge.modelfile import Modelfile
 
@@ -312,14 +474,13 @@ def create(name: str, modelfile_path: str | os.PathLike, *, overwrite: bool = Fa
             if not (adapter / "adapter_config.json").is_file():
                 raise UserError(f"{modelfile_path}: ADAPTER {mf.adapter} is not an adapter directory "
                                 f"(it needs adapter_config.json and adapter_model.safetensors)")
-            shutil.copytree(adapter, tmp / "adapter")
+            with locked(adapter):
+                shutil.copytree(adapter, tmp / "adapter", ignore=shutil.ignore_patterns(STAGING, MARKER, LOCK))
             mf.adapter = "adapter"
         (tmp / MODELFILE).unlink(missing_ok=True)  # possibly a hard link to the parent's
         atomic_write_json(tmp / MODELFILE, mf.to_json())
         _write_lineage(tmp, parent=mf.base, created_from_modelfile=str(mf_file.resolve()), created_at=time.time())
-        return add(norm, tmp, move=True, overwrite=overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return _add(norm, tmp, move=True, overwrite=overwrite, hint=_CLI_HINT)
 
 
 def _read_modelfile(directory: Path) -> dict[str, Any] | None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -451,3 +455,183 @@ def test_pull_imports_what_huggingface_hub_downloads(tiny_model_dir, monkeypatch
     assert path == store.model_path("tiny-model:latest")
     assert not any(p.endswith(".bin") or p == "*" for p in calls["allow_patterns"])  # never fetches pickles
     assert store.show("tiny-model")["lineage"]["pulled_from"] == "hf://Org/Tiny-Model"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Concurrent changes (issue 13 #9): check-and-rename under the store lock; killed imports cleaned up
+# ---------------------------------------------------------------------------------------------------
+posix_only = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32",
+                                reason="the store lock and the temp directories' owners use fcntl.flock (POSIX)")
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, tiny_tokenizer):
+    """Two model directories that differ in every weight."""
+    import torch
+
+    from lmforge.model.gpt import GPT
+    from lmforge.presets import get_preset
+    from lmforge.train.checkpointer import Checkpointer
+
+    dirs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        d = tmp_path_factory.mktemp("two") / f"model-{seed}"
+        Checkpointer(d, tokenizer=tiny_tokenizer).save(GPT(get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)),
+                                                       None, [], {})
+        dirs.append(d)
+    return dirs
+
+
+def _whole_copy_of(entry, sources):
+    """Which of `sources` the store entry is a complete copy of (every file equal, lineage naming it); None if none."""
+    for src in sources:
+        files = {p.name for p in src.iterdir() if p.is_file() and not p.name.startswith(".")} - {"lmforge.json"}
+        if {p.name for p in entry.iterdir()} - {"lmforge.json"} == files and all(
+                (entry / f).read_bytes() == (src / f).read_bytes() for f in files):
+            if store.show(str(entry.parent.name) + ":" + entry.name)["lineage"]["imported_from"] == str(src.resolve()):
+                return src
+    return None
+
+
+def _import_both(sources, name, *, overwrite, meet):
+    """Import `sources` to one `name` from two threads at once; `meet` makes both pass the early "already
+    exists" check (both copy) before either renames into place - the window the audit hit 2 times in 5."""
+    barrier = threading.Barrier(len(sources), timeout=20)
+    results = [None] * len(sources)
+    real = store._fsync_tree
+
+    def fsync_then_meet(path):
+        real(path)
+        if meet and Path(path).name.startswith(".tmp"):
+            barrier.wait()
+
+    def run(i):
+        try:
+            results[i] = store.import_model(sources[i], name, overwrite=overwrite)
+        except BaseException as e:  # noqa: BLE001 - checked by the caller
+            results[i] = e
+
+    store._fsync_tree = fsync_then_meet
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sources))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        store._fsync_tree = real
+    return results
+
+
+@posix_only
+@pytest.mark.parametrize("meet", [True, False], ids=["both-past-the-early-check", "free-race"])
+def test_concurrent_imports_to_one_name_exactly_one_wins(two_models, meet):
+    for attempt in range(10 if not meet else 3):
+        name = f"race{attempt}"
+        results = _import_both(two_models, name, overwrite=False, meet=meet)
+        won = [r for r in results if isinstance(r, Path)]
+        lost = [r for r in results if not isinstance(r, Path)]
+        assert len(won) == 1 and len(lost) == 1, results
+        assert isinstance(lost[0], UserError) and "already exists" in str(lost[0])
+        winner = two_models[results.index(won[0])]
+        assert _whole_copy_of(store.model_path(name), two_models) == winner  # not replaced by the loser
+    assert not [p for p in store.models_root().iterdir() if p.name.startswith((".tmp", ".import", ".trash"))]
+
+
+@posix_only
+@pytest.mark.parametrize("meet", [True, False], ids=["both-past-the-early-check", "free-race"])
+def test_concurrent_imports_with_overwrite_leave_one_whole_model(two_models, meet):
+    for attempt in range(10 if not meet else 3):
+        name = f"race{attempt}"
+        results = _import_both(two_models, name, overwrite=True, meet=meet)
+        assert all(isinstance(r, Path) for r in results), results
+        assert _whole_copy_of(store.model_path(name), two_models) is not None
+    assert not [p for p in store.models_root().iterdir() if p.name.startswith((".tmp", ".import", ".trash"))]
+
+
+def _killed_import(source, name):
+    """Fork a child that imports `source` as `name` and SIGKILL it while it validates (its .import-… directory
+    exists by then); returns that directory."""
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+
+    def child():
+        def stuck(*a, **k):
+            ready.set()
+            time.sleep(60)
+
+        store.check_model_dir = stuck
+        store.import_model(source, name)
+
+    p = ctx.Process(target=child, daemon=True)
+    p.start()
+    try:
+        assert ready.wait(20)
+    finally:
+        p.kill()
+        p.join(10)
+    left = [d for d in store.models_root().iterdir() if d.name.startswith(f".import-{p.pid}-")]
+    assert len(left) == 1
+    return left[0]
+
+
+def _live_import(source, name):
+    """Fork a child that imports `source` as `name` and stays inside it until `done` is set: (dir, done, process)."""
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+
+    def child():
+        def stuck(*a, **k):
+            ready.set()
+            done.wait(60)
+            raise SystemExit(0)
+
+        store.check_model_dir = stuck
+        store.import_model(source, name)
+
+    p = ctx.Process(target=child, daemon=True)
+    p.start()
+    assert ready.wait(20)
+    left = [d for d in store.models_root().iterdir() if d.name.startswith(f".import-{p.pid}-")]
+    assert len(left) == 1
+    return left[0], done, p
+
+
+@posix_only
+def test_killed_imports_leftovers_are_cleaned_by_the_next_store_operation(two_models, tiny_model_dir):
+    live, done, proc = _live_import(two_models[1], "alive")
+    try:
+        dead = _killed_import(two_models[0], "killed")  # starting it cleaned nothing: `live` is held
+        (dead / "half.safetensors").write_bytes(b"half a file")
+        assert dead.is_dir() and live.is_dir()
+        store.add("next", tiny_model_dir)  # any change to the store
+        assert not dead.exists()  # its owner is gone: removed
+        assert live.is_dir()  # its owner is still importing: left alone
+        store.remove("next")
+        assert live.is_dir()
+    finally:
+        done.set()
+        proc.join(10)
+    assert not live.exists()  # the live import removed its own directory when it ended
+    assert store.list_models() == []
+
+
+@posix_only
+def test_leftovers_of_unknown_or_dead_owners(tiny_model_dir):
+    """Temp directories nobody holds (a dead owner; the pid-less names of older versions, once stale) are
+    removed; other dot-files and the models themselves are not."""
+    root = store.models_root()
+    root.mkdir(parents=True)
+    orphan = root / f".tmp-999999999-{'0' * 32}"
+    (orphan / "sub").mkdir(parents=True)
+    fresh_old_style = root / f".import-{'1' * 32}"
+    stale_old_style = root / f".trash-{'2' * 32}"
+    fresh_old_style.mkdir()
+    stale_old_style.mkdir()
+    os.utime(stale_old_style, (time.time() - 3 * 86400,) * 2)
+    (root / ".keep").mkdir()
+    store.add("m", tiny_model_dir)
+    assert not orphan.exists() and not stale_old_style.exists()
+    assert fresh_old_style.is_dir() and (root / ".keep").is_dir()
+    assert (store.model_path("m") / "config.json").is_file()
