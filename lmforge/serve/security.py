@@ -62,6 +62,8 @@ class ServerOptions:
     cors_origins: tuple[str, ...] = ()
     max_body: int = 1 << 20  # bytes; 413 beyond
     max_header_bytes: int = 16 * 1024  # request headers, all together; 431 beyond
+    header_timeout: float = 10.0  # seconds a client may take to send a request's headers
+    body_timeout: float = 30.0  # seconds a client may take to send a request's body
     feedback_dir: Path | None = None  # default $LMFORGE_HOME/feedback
     feedback_per_minute: float = 60.0  # records a minute, on average (bursts of 10); 429 beyond
     feedback_max_record: int = 256 * 1024  # bytes of one feedback record; 413 beyond

@@ -4,17 +4,26 @@ On SIGTERM (or the first Ctrl-C) the server keeps listening but answers every ne
 the requests in flight finish (streams included) for up to `grace` seconds, then stops and exits 0. A
 second Ctrl-C stops at once. Plain uvicorn would instead close its socket at once, so a client arriving
 during the drain would see "connection refused" rather than an answer it can act on.
+
+Slow clients are dropped: uvicorn waits for a request's headers and body for as long as the client likes,
+so a few hundred connections that trickle a byte a second hold the server's sockets and memory for good
+(slowloris). `TimedH11Protocol` gives every request `header_timeout` seconds from its first byte (or from
+the connection, for one that sends nothing) to finish its headers, and `body_timeout` seconds to finish its
+body; past either, the connection is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import threading
 import time
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lmforge.serve.app import ServerOptions, create_app
 from lmforge.serve.models import ModelRegistry
@@ -29,6 +38,56 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with deadlines for a request's headers and for its body (see above)."""
+
+    header_timeout = 10.0  # set per server by `build_server`
+    body_timeout = 30.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._waiting_for: str | None = None
+        super().connection_made(transport)
+        self._arm("headers")
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            self._arm("headers")  # a request has begun and its headers are not complete yet
+        elif state is h11.SEND_BODY:
+            self._arm("body")
+        else:
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._disarm()  # between requests uvicorn's keep-alive timeout applies
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self, what: str) -> None:
+        if self._waiting_for == what:
+            return
+        self._disarm()
+        self._waiting_for = what
+        timeout = self.header_timeout if what == "headers" else self.body_timeout
+        self._deadline = self.loop.call_later(timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline, self._waiting_for = None, None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            log.warning("dropped a client too slow to send its request %s", self._waiting_for)
+            self.transport.close()
 
 
 class DrainingServer(uvicorn.Server):
@@ -70,10 +129,12 @@ class DrainingServer(uvicorn.Server):
 def build_server(registry: ModelRegistry, opts: ServerOptions, *, host: str = "127.0.0.1", port: int = 11435,
                  grace: float = 30.0, log_level: str = "warning") -> DrainingServer:
     app = create_app(registry, opts)
+    protocol = type("Protocol", (TimedH11Protocol,), {"header_timeout": opts.header_timeout,
+                                                      "body_timeout": opts.body_timeout})
     config = uvicorn.Config(
         app.state.guarded, host=host, port=port, log_level=log_level, access_log=False, lifespan="off",
         server_header=False, date_header=True, h11_max_incomplete_event_size=opts.max_header_bytes,
-        timeout_keep_alive=5, timeout_graceful_shutdown=5,
+        timeout_keep_alive=5, timeout_graceful_shutdown=5, http=protocol,
     )
     server = DrainingServer(config, registry, opts, grace)
     server.app = app  # type: ignore[attr-defined]

@@ -273,3 +273,50 @@ def test_the_ui_assets_are_still_served(server):
     if (WEB_DIR / "node_modules").is_dir():
         r = httpx.get(server.base_url + "/vendor/marked/lib/marked.esm.js")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
+
+
+# -- slow clients are dropped (finding 11) --------------------------------------------------------------------------
+def _closed_within(sock, seconds: float) -> bool:
+    """Whether the server closes `sock` within `seconds` (a bound on waiting, not a speed check)."""
+    sock.settimeout(seconds)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except (TimeoutError, OSError) as e:
+        return not isinstance(e, TimeoutError)
+
+
+@pytest.mark.parametrize("send", [
+    b"",  # connects and says nothing
+    b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ",  # headers that never end
+    b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 1000\r\n\r\n{\"model\"",  # a body that never arrives
+])
+def test_slow_clients_are_dropped(chat_model_dir, live_server, send):
+    """50 slow-header and 50 slow-body connections all stayed open past 25 s; with a 1 s header and body
+    deadline every one of them is closed, and the server still answers."""
+    import socket
+
+    s = live_server({"tiny": chat_model_dir}, header_timeout=1.0, body_timeout=1.0)
+    socks = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", s.server.port))
+        sock.sendall(send)
+        socks.append(sock)
+    try:
+        assert all(_closed_within(sock, 20) for sock in socks)
+        assert httpx.get(s.base_url + "/health").status_code == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_steady_client_is_not_dropped(chat_model_dir, live_server):
+    """Keep-alive requests one after another, each well within the deadlines, all succeed."""
+    s = live_server({"tiny": chat_model_dir}, header_timeout=2.0, body_timeout=2.0)
+    with httpx.Client(base_url=s.base_url) as client:
+        for _ in range(5):
+            assert client.get("/health").status_code == 200
+            time.sleep(0.3)
