@@ -1,7 +1,8 @@
-// The batch-1 decode kernel behind fastpath.py, which compiles this file on first use (load_inline) into torch's
-// extensions cache under a name keyed by a hash of this text, so any edit here rebuilds it. Pointers and sizes
-// come from Python (checked there), which keeps the build light: no pybind11, no torch/extension.h, just the
-// CPython API and at::parallel_for. The LMF_* tuning macros come from fastpath.py's _TUNING as -D flags.
+// The batch-1 decode kernel behind fastpath.py, which compiles this file on first use (load_inline) into lmforge's
+// kernel cache under a name keyed by a hash of this text among other things (see fastpath.py), so any edit here
+// rebuilds it. Pointers and sizes come from Python (checked there), which keeps the build light: no pybind11, no
+// torch/extension.h, just the CPython API and at::parallel_for. The LMF_* tuning macros come from fastpath.py's
+// _TUNING as -D flags.
 #include <Python.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
