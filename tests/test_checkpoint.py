@@ -3,7 +3,6 @@ Checkpointer: crash-safe saves rolled back or forward, no pickles, trainer state
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import threading
@@ -21,6 +20,7 @@ from lmforge.model.gpt import GPT
 from lmforge.presets import get_preset
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.optim import make_optimizer
+from tests.forked import fork_until_ready, kill
 
 
 def _model(seed=0, **kw):
@@ -205,10 +205,8 @@ def test_second_writer_waits_for_the_first(tmp_path):
 def _killed_writer(directory, source, *, die_in_commit):
     """Fork a child that saves checkpoint `source` into `directory` and SIGKILL it mid-save: while staging,
     or in the commit after the marker and one moved file."""
-    ctx = multiprocessing.get_context("fork")
-    ready = ctx.Event()
 
-    def child():
+    def child(ready, _done):
         if die_in_commit:
             real_replace, moves = os.replace, []
 
@@ -224,13 +222,7 @@ def _killed_writer(directory, source, *, die_in_commit):
         with transaction(directory) as staging:
             _stage_copy(staging, source, pause=None if die_in_commit else lambda: (ready.set(), time.sleep(60)))
 
-    p = ctx.Process(target=child, daemon=True)
-    p.start()
-    try:
-        assert ready.wait(20)
-    finally:
-        p.kill()
-        p.join(10)
+    kill(fork_until_ready(child)[0])
 
 
 @posix_only

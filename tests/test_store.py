@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import sys
 import threading
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 
 from lmforge import paths, store
 from lmforge.errors import UserError
+from tests.forked import fork_until_ready, kill
 
 
 @pytest.fixture(scope="module")
@@ -525,63 +525,31 @@ def _import_both(sources, name, *, overwrite, meet):
 
 
 @posix_only
+@pytest.mark.parametrize("overwrite", [False, True], ids=["refused", "overwrite"])
 @pytest.mark.parametrize("meet", [True, False], ids=["both-past-the-early-check", "free-race"])
-def test_concurrent_imports_to_one_name_exactly_one_wins(two_models, meet):
-    for attempt in range(10 if not meet else 3):
+def test_concurrent_imports_to_one_name(two_models, meet, overwrite):
+    """Without overwrite exactly one import wins and the other is told "already exists" (both used to
+    print "imported", one replaced); with it both succeed and the entry is one of the two, whole."""
+    for attempt in range(3 if meet else 10):
         name = f"race{attempt}"
-        results = _import_both(two_models, name, overwrite=False, meet=meet)
-        won = [r for r in results if isinstance(r, Path)]
+        results = _import_both(two_models, name, overwrite=overwrite, meet=meet)
+        won = [src for src, r in zip(two_models, results) if isinstance(r, Path)]
         lost = [r for r in results if not isinstance(r, Path)]
-        assert len(won) == 1 and len(lost) == 1, results
-        assert isinstance(lost[0], UserError) and "already exists" in str(lost[0])
-        winner = two_models[results.index(won[0])]
-        assert _whole_copy_of(store.model_path(name), two_models) == winner  # not replaced by the loser
+        survivor = _whole_copy_of(store.model_path(name), two_models)
+        if overwrite:
+            assert not lost and survivor is not None, results
+        else:
+            assert len(won) == 1 and len(lost) == 1, results
+            assert isinstance(lost[0], UserError) and "already exists" in str(lost[0])
+            assert survivor == won[0]  # not replaced by the loser
     assert not [p for p in store.models_root().iterdir() if p.name.startswith((".tmp", ".import", ".trash"))]
 
 
-@posix_only
-@pytest.mark.parametrize("meet", [True, False], ids=["both-past-the-early-check", "free-race"])
-def test_concurrent_imports_with_overwrite_leave_one_whole_model(two_models, meet):
-    for attempt in range(10 if not meet else 3):
-        name = f"race{attempt}"
-        results = _import_both(two_models, name, overwrite=True, meet=meet)
-        assert all(isinstance(r, Path) for r in results), results
-        assert _whole_copy_of(store.model_path(name), two_models) is not None
-    assert not [p for p in store.models_root().iterdir() if p.name.startswith((".tmp", ".import", ".trash"))]
+def _import_in_child(source, name):
+    """Fork a child that imports `source` as `name` and stops while it validates (its .import-… directory
+    exists by then) until `done` is set: (that directory, done, the process)."""
 
-
-def _killed_import(source, name):
-    """Fork a child that imports `source` as `name` and SIGKILL it while it validates (its .import-… directory
-    exists by then); returns that directory."""
-    ctx = multiprocessing.get_context("fork")
-    ready = ctx.Event()
-
-    def child():
-        def stuck(*a, **k):
-            ready.set()
-            time.sleep(60)
-
-        store.check_model_dir = stuck
-        store.import_model(source, name)
-
-    p = ctx.Process(target=child, daemon=True)
-    p.start()
-    try:
-        assert ready.wait(20)
-    finally:
-        p.kill()
-        p.join(10)
-    left = [d for d in store.models_root().iterdir() if d.name.startswith(f".import-{p.pid}-")]
-    assert len(left) == 1
-    return left[0]
-
-
-def _live_import(source, name):
-    """Fork a child that imports `source` as `name` and stays inside it until `done` is set: (dir, done, process)."""
-    ctx = multiprocessing.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-
-    def child():
+    def child(ready, done):
         def stuck(*a, **k):
             ready.set()
             done.wait(60)
@@ -590,9 +558,7 @@ def _live_import(source, name):
         store.check_model_dir = stuck
         store.import_model(source, name)
 
-    p = ctx.Process(target=child, daemon=True)
-    p.start()
-    assert ready.wait(20)
+    p, done = fork_until_ready(child)
     left = [d for d in store.models_root().iterdir() if d.name.startswith(f".import-{p.pid}-")]
     assert len(left) == 1
     return left[0], done, p
@@ -600,9 +566,10 @@ def _live_import(source, name):
 
 @posix_only
 def test_killed_imports_leftovers_are_cleaned_by_the_next_store_operation(two_models, tiny_model_dir):
-    live, done, proc = _live_import(two_models[1], "alive")
+    live, done, proc = _import_in_child(two_models[1], "alive")
     try:
-        dead = _killed_import(two_models[0], "killed")  # starting it cleaned nothing: `live` is held
+        dead, _, killed = _import_in_child(two_models[0], "killed")  # starting it cleaned nothing: `live` is held
+        kill(killed)
         (dead / "half.safetensors").write_bytes(b"half a file")
         assert dead.is_dir() and live.is_dir()
         store.add("next", tiny_model_dir)  # any change to the store
@@ -635,3 +602,21 @@ def test_leftovers_of_unknown_or_dead_owners(tiny_model_dir):
     assert not orphan.exists() and not stale_old_style.exists()
     assert fresh_old_style.is_dir() and (root / ".keep").is_dir()
     assert (store.model_path("m") / "config.json").is_file()
+
+
+def test_failed_overwrite_puts_the_old_entry_back(two_models, monkeypatch):
+    """The old entry is renamed aside before the new one goes in; if that second rename fails, the old one
+    returns (it used to be left in a .trash- directory, the name gone)."""
+    store.import_model(two_models[0], "m")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == store.model_path("m"):
+            raise OSError(28, "No space left on device (simulated)")
+        return real(src, dst)
+
+    with monkeypatch.context() as mp, pytest.raises(OSError, match="simulated"):
+        mp.setattr(store.os, "replace", failing)
+        store.import_model(two_models[1], "m", overwrite=True)
+    assert _whole_copy_of(store.model_path("m"), two_models) == two_models[0]
+    assert not [p for p in store.models_root().iterdir() if p.name.startswith(".")]
