@@ -13,10 +13,14 @@
 // It talks to the server only through the public OpenAI-style API (/v1/models, /v1/chat/completions
 // with SSE streaming and logprobs) plus /v1/feedback, so anything it does a script can do too.
 //
-// Security model: model output is untrusted text. It is rendered as markdown by `marked`, then every
-// byte of the resulting HTML goes through DOMPurify (markdown.js) before it touches the DOM.
-// Everything else (token views, popovers, titles, errors) is built with textContent, never innerHTML.
-// The server's Content-Security-Policy is the second wall: no inline scripts, no remote loads.
+// Security model: model output is untrusted text, and so is everything stored in localStorage. Markdown is
+// rendered by `marked` with every piece of the model's text escaped (HTML it writes is shown as text), then
+// DOMPurify turns that HTML into nodes of an inert document, and only then do they go into the page
+// (markdown.js: the one function that makes nodes from HTML, on every path: streaming, finished, restored,
+// regenerated). Everything else (token views, popovers, titles, errors, the user's text) is built with
+// textContent, never innerHTML. index.html's Trusted Types policy makes the browser refuse any other HTML
+// string. The server's Content-Security-Policy is the second wall (no inline scripts or styles, no remote
+// loads): nothing the model wrote ever gets as far as it.
 
 import { API_KEY_KEY, apiHeaders, errorMessage } from "./api.js";
 import { sendFromComposer, stop } from "./chat.js";
