@@ -97,7 +97,7 @@ function renderUserMessage(conv, msg, index, el, bodyEl) {
       disabled: !!state.busy, onClick: () => {
         editing.add(msg.id);
         renderAll();
-        const input = $(`[data-id="${msg.id}"] .edit-input`);
+        const input = $(`[data-id="${CSS.escape(msg.id)}"] .edit-input`); // ids come from localStorage too
         if (input) input.focus();
       } })));
 }
