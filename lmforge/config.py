@@ -19,6 +19,44 @@ MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned", "sinusoidal")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
+# Ceilings on what a config may ask for. They are far above any released model (Llama-4 Scout attends over
+# 10M tokens, the deepest LLMs have ~130 layers, vocabularies reach ~260k) and exist so that a damaged or
+# hostile config.json / GGUF header is refused in one line instead of spending minutes and gigabytes
+# building something no weight file backs. The weight file is the real check (loaders.model_dir.check_weights);
+# these bound what is built before that check can run, and the position tables that no file stores.
+MAX_CONTEXT = 1 << 24
+MAX_LAYERS = 1 << 12
+MAX_SIZE = 1 << 24  # vocabulary, widths, head counts
+_SIZE_LIMITS = {"vocab_size": MAX_SIZE, "context_length": MAX_CONTEXT, "d_model": MAX_SIZE, "n_layers": MAX_LAYERS,
+                "n_heads": MAX_SIZE, "n_kv_heads": MAX_SIZE, "head_dim": MAX_SIZE, "d_ff": MAX_SIZE}
+_FLAGS = ("attention_bias", "qkv_bias", "mlp_bias", "tie_embeddings")
+
+
+def shown(v: Any, limit: int = 60) -> str:
+    """repr(v) for an error message, on one line of about `limit` characters: a hostile file's value must
+    not turn the error into a megabyte line (nor cost the repr of one)."""
+    if isinstance(v, (str, list)) and len(v) > limit:
+        v = v[:limit]
+    elif isinstance(v, dict) and len(v) > 4:
+        v = dict(list(v.items())[:4])
+    r = " ".join(repr(v).split())
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def is_int(v: Any) -> bool:
+    """An integer, not a bool (JSON true would otherwise pass as 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def finite_number(v: Any) -> bool:
+    """An int or float (not a bool, not a string) that is a finite float (10**400 is not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
 
 # Settings of a ModelConfig that change neither what a model computes at inference nor its weights' shapes
 # (Hugging Face configs have no keys for them; LoRA fingerprints of the base model leave them out).
@@ -52,6 +90,11 @@ class ModelConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        # The sizes the defaults below are computed from are checked first, so that a string or a bool
+        # from a file is refused by name rather than failing inside the arithmetic.
+        for k in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+            if getattr(self, k) is not None:
+                self._check_size(k)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -62,33 +105,52 @@ class ModelConfig:
                 self.d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
             else:
                 self.d_ff = 4 * self.d_model
-        if self.rope_scaling is not None:
+        if isinstance(self.rope_scaling, dict):
             self.rope_scaling = dict(self.rope_scaling)
         self.validate()
 
+    def _check_size(self, k: str) -> None:
+        v, limit = getattr(self, k), _SIZE_LIMITS[k]
+        if not is_int(v) or v <= 0:
+            raise UserError(f"invalid model config: {k} must be a positive integer, got {shown(v)}")
+        if v > limit:
+            raise UserError(f"invalid model config: {k} is {v}, beyond what lmforge supports ({limit})")
+
     def validate(self) -> None:
-        """Refuse shapes that cannot be built, each with the reason in one line."""
+        """Refuse shapes that cannot be built and values of the wrong type, each with the reason in one line."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise UserError(f"invalid model config: {msg}")
 
-        for k in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
-            need(isinstance(getattr(self, k), int) and getattr(self, k) > 0, f"{k} must be a positive integer, got {getattr(self, k)!r}")
+        for k in _SIZE_LIMITS:
+            self._check_size(k)
         need(self.n_heads % self.n_kv_heads == 0, f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        need(self.norm in NORMS, f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        need(self.mlp in MLPS, f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
-        need(self.positions in POSITIONS, f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        need(self.norm in NORMS, f"norm must be one of {', '.join(NORMS)}, got {shown(self.norm)}")
+        need(self.mlp in MLPS, f"mlp must be one of {', '.join(MLPS)}, got {shown(self.mlp)}")
+        need(self.positions in POSITIONS, f"positions must be one of {', '.join(POSITIONS)}, got {shown(self.positions)}")
+        for k in _FLAGS:
+            need(isinstance(getattr(self, k), bool), f"{k} must be true or false, got {shown(getattr(self, k))}")
+        need(finite_number(self.dropout) and 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {shown(self.dropout)}")
+        need(finite_number(self.init_std) and self.init_std >= 0, f"init_std must be a finite number >= 0, got {shown(self.init_std)}")
+        need(finite_number(self.norm_eps) and self.norm_eps > 0, f"norm_eps must be a positive number, got {shown(self.norm_eps)}")
+        need(finite_number(self.rope_theta) and self.rope_theta > 0, f"rope_theta must be a positive number, got {shown(self.rope_theta)}")
+        need(isinstance(self.name, str), f"name must be a string, got {shown(self.name)}")
         if self.positions == "rope":
             need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
-            need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         if self.positions == "sinusoidal":
             need(self.d_model % 2 == 0, f"sinusoidal positions need an even d_model, got {self.d_model}")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            need(kind in ROPE_SCALING_TYPES, f"rope_scaling type must be one of {', '.join(ROPE_SCALING_TYPES)}, got {kind!r}")
-            need(float(self.rope_scaling.get("factor", 0)) > 0, "rope_scaling needs a positive factor")
+            sc = self.rope_scaling
+            need(isinstance(sc, dict), f"rope_scaling must be an object, got {shown(sc)}")
+            kind = sc.get("type", sc.get("rope_type"))
+            need(kind in ROPE_SCALING_TYPES, f"rope_scaling type must be one of {', '.join(ROPE_SCALING_TYPES)}, got {shown(kind)}")
+            need(finite_number(sc.get("factor")) and sc["factor"] > 0, f"rope_scaling needs a positive factor, got {shown(sc.get('factor'))}")
+            if kind == "llama3":  # the defaults are rope_frequencies'
+                low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+                orig = sc.get("original_max_position_embeddings", 8192)
+                for key, v in (("low_freq_factor", low), ("high_freq_factor", high), ("original_max_position_embeddings", orig)):
+                    need(finite_number(v) and v > 0, f"rope_scaling {key} must be a positive number, got {shown(v)}")
+                need(high > low, f"rope_scaling high_freq_factor ({high}) must be above low_freq_factor ({low})")
 
     # ----------------------------------------------------------------------------------------------
     def num_params(self, *, include_embeddings: bool = True) -> int:
