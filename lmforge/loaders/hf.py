@@ -20,14 +20,24 @@ don't implement, an activation other than the one our MLP applies, custom code b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lmforge.config import ROPE_SCALING_TYPES, TRAINING_ONLY_FIELDS, ModelConfig
-from lmforge.errors import UserError
+from lmforge.config import (
+    MAX_CONTEXT,
+    MAX_LAYERS,
+    MAX_SIZE,
+    ROPE_SCALING_TYPES,
+    TRAINING_ONLY_FIELDS,
+    ModelConfig,
+    finite_number,
+    is_int,
+    shown,
+)
+from lmforge.errors import UserError, one_line
 from lmforge.model.gpt import GPT, PROJECTIONS, projection_parts
 from lmforge.tokenizer import load_hf_tokenizer
 
@@ -53,6 +63,7 @@ __all__ = [
     "state_dict_from_hf",
     "state_dict_to_hf",
     "tensor_names",
+    "without_body",
 ]
 
 LLAMA_LIKE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -196,139 +207,203 @@ def _architecture(d: dict[str, Any], source: str) -> str:
     auto_map = d.get("auto_map")
     if isinstance(auto_map, dict) and any(k == "AutoConfig" or k.startswith("AutoModel") for k in auto_map):
         where = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig") or next(iter(auto_map.values()))
-        raise UserError(f"{source}: this model needs its own Python code ({where}, via auto_map; transformers' "
-                        "trust_remote_code), and lmforge never runs code from a model directory")
+        where = where if isinstance(where, str) and len(where) <= 100 else shown(where)
+        raise UserError(f"{source}: this model needs its own Python code ({where}, via auto_map; "
+                        "transformers' trust_remote_code), and lmforge never runs code from a model directory")
     archs = d.get("architectures")
     if isinstance(archs, list) and archs:
         arch = archs[0]
     else:
-        arch = MODEL_TYPES.get(d.get("model_type"), d.get("model_type"))
+        arch = d.get("model_type")
+        arch = MODEL_TYPES.get(arch, arch) if isinstance(arch, str) else arch
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"{source}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise UserError(f"{source}: architecture {shown(arch)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return arch
 
 
+class _Keys:
+    """The values of one config.json, each checked for its type and range as it is read, so that a damaged
+    or hostile file is refused in one line naming its key (a string rms_norm_eps, a bool layer count, a
+    context of 10**9), never a TypeError from deep inside, nor a model built from it."""
+
+    def __init__(self, d: dict[str, Any], source: str) -> None:
+        self.d, self.source = d, source
+
+    def _get(self, key: str, default: Any) -> Any:
+        if self.d.get(key) is not None:
+            return self.d[key]
+        if default is ...:
+            raise UserError(f"{self.source}: missing key {key!r}")
+        return default
+
+    def size(self, key: str, default: Any = ..., *, limit: int = MAX_SIZE) -> Any:
+        """A positive integer up to `limit`; a key left out or null gives `default` (which may be None,
+        transformers' "derive it")."""
+        v = self._get(key, default)
+        if v is None:
+            return None
+        if not is_int(v) or v <= 0:
+            raise UserError(f"{self.source}: {key} must be a positive integer, got {shown(v)}")
+        if v > limit:
+            raise UserError(f"{self.source}: {key} is {v}, beyond what lmforge supports ({limit})")
+        return v
+
+    def number(self, key: str, default: Any = ...) -> float:
+        """A positive finite number (an epsilon, a rope base)."""
+        v = self._get(key, default)
+        if not finite_number(v) or v <= 0:
+            raise UserError(f"{self.source}: {key} must be a positive number, got {shown(v)}")
+        return float(v)
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self._get(key, default)
+        if not isinstance(v, bool):
+            raise UserError(f"{self.source}: {key} must be true or false, got {shown(v)}")
+        return v
+
+    def name(self, default: str) -> str:
+        v = self.d.get("_name_or_path")
+        return v if isinstance(v, str) and v else default  # informational only: any other value is ignored
+
+
 def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
-    """Read a transformers config.json (4.x and 5.x spellings) or one of ours into a `ModelConfig`."""
+    """Read a transformers config.json (4.x and 5.x spellings) or one of ours into a `ModelConfig`.
+
+    Every value is checked as it is read (`_Keys`); any other failure on a malformed file is still one
+    `UserError` naming the file, never a traceback."""
     if not isinstance(d, dict):
         raise UserError(f"{source}: not a JSON object")
-    arch = _architecture(d, source)
-    if arch == NATIVE:
-        if not isinstance(d.get("lmforge"), dict):
-            raise UserError(f"{source}: an lmforge config without its 'lmforge' section")
-        return ModelConfig.from_dict(d["lmforge"])
-    ours = {k: v for k, v in (d.get("lmforge") or {}).items() if k in TRAINING_ONLY_FIELDS}
     try:
+        arch = _architecture(d, source)
+        if arch == NATIVE:
+            if not isinstance(d.get("lmforge"), dict):
+                raise UserError(f"{source}: an lmforge config without its 'lmforge' section")
+            return _model_config(source, d["lmforge"])
+        section = d.get("lmforge") if isinstance(d.get("lmforge"), dict) else {}
+        ours = {k: v for k, v in section.items() if k in TRAINING_ONLY_FIELDS}
+        keys = _Keys(d, source)
         if arch == GPT2:
-            return _gpt2_config(d, ours, source)
-        return _llama_like_config(arch, d, ours, source)
-    except KeyError as e:
-        raise UserError(f"{source}: missing key {e.args[0]!r}") from None
+            return _gpt2_config(keys, ours)
+        return _llama_like_config(arch, keys, ours)
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError) as e:
+        raise UserError(f"{source}: malformed config ({type(e).__name__}: {one_line(e, 120)})") from None
 
 
-def _rope(d: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+def _model_config(source: str, fields: dict[str, Any]) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(fields)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def _rope(keys: _Keys) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, our rope_scaling or None) from either spelling.
 
     transformers 5 renamed rope_scaling -> rope_parameters and may keep rope_theta only inside it.
     """
+    d, source = keys.d, keys.source
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(params, dict):
-        raise UserError(f"{source}: rope_parameters/rope_scaling should be an object, got {params!r}")
-    theta = params.get("rope_theta") or d.get("rope_theta") or 10000.0
+        raise UserError(f"{source}: rope_parameters/rope_scaling should be an object, got {shown(params)}")
+    theta = _Keys(params, source).number("rope_theta") if params.get("rope_theta") else keys.number("rope_theta", 10000.0)
     kind = params.get("rope_type", params.get("type")) or "default"
     if kind == "default":
-        return float(theta), None
+        return theta, None
     if kind not in ROPE_SCALING_TYPES:
-        raise UserError(f"{source}: rope scaling type {kind!r} is not supported (supported: {', '.join(ROPE_SCALING_TYPES)}); "
+        raise UserError(f"{source}: rope scaling type {shown(kind)} is not supported (supported: {', '.join(ROPE_SCALING_TYPES)}); "
                         "loading it anyway would change every position's rotation")
     scaling = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta")}
     scaling["type"] = kind
-    return float(theta), scaling
+    return theta, scaling  # its values are checked by ModelConfig
 
 
-def _sliding_window(arch: str, d: dict[str, Any]) -> int | None:
+def _sliding_window(arch: str, keys: _Keys) -> int | None:
     """The attention window if any layer of this model uses one (transformers' rules), else None."""
     if arch == "MistralForCausalLM":
-        return d.get("sliding_window", _LLAMA_LIKE_DEFAULTS[arch]["sliding_window"])
+        return keys.size("sliding_window", _LLAMA_LIKE_DEFAULTS[arch]["sliding_window"])
     if arch == "Qwen2ForCausalLM":
-        window = d.get("sliding_window") if d.get("use_sliding_window") else None
+        window = keys.size("sliding_window", None) if keys.flag("use_sliding_window", False) else None
         if window is None:
             return None
-        layer_types = d.get("layer_types")
+        layer_types = keys.d.get("layer_types")
         if isinstance(layer_types, list):
             return window if "sliding_attention" in layer_types else None
         # Without layer_types, layers from max_window_layers on slide (Qwen2Config).
-        return window if d["num_hidden_layers"] > d.get("max_window_layers", 28) else None
+        return window if keys.size("num_hidden_layers", limit=MAX_LAYERS) > keys.size("max_window_layers", 28) else None
     return None
 
 
-def _llama_like_config(arch: str, d: dict[str, Any], ours: dict[str, Any], source: str) -> ModelConfig:
-    defaults = _LLAMA_LIKE_DEFAULTS[arch]
-    act = d.get("hidden_act", "silu")
+def _llama_like_config(arch: str, keys: _Keys, ours: dict[str, Any]) -> ModelConfig:
+    defaults, source = _LLAMA_LIKE_DEFAULTS[arch], keys.source
+    act = keys.d.get("hidden_act", "silu")
     if act not in _SILU:
-        raise UserError(f"{source}: hidden_act {act!r} is not supported for {arch} (our SwiGLU MLP uses silu)")
-    theta, scaling = _rope(d, source)
-    n_heads = d["num_attention_heads"]
-    context = d.get("max_position_embeddings", defaults["max_position_embeddings"])
-    window = _sliding_window(arch, d)
+        raise UserError(f"{source}: hidden_act {shown(act)} is not supported for {arch} (our SwiGLU MLP uses silu)")
+    theta, scaling = _rope(keys)
+    d_model, n_heads = keys.size("hidden_size"), keys.size("num_attention_heads")
+    context = keys.size("max_position_embeddings", defaults["max_position_embeddings"], limit=MAX_CONTEXT)
+    window = _sliding_window(arch, keys)
     if window is not None and window < context:
         # Our attention has no sliding window. Within `window` tokens a sliding-window model attends to
         # every earlier token (transformers masks keys with q - k >= window), i.e. it computes exactly
         # what full attention computes; so we cap the context there rather than be silently wrong beyond.
         context = window
     is_llama = arch == "LlamaForCausalLM"
-    return ModelConfig(
-        vocab_size=d["vocab_size"],
+    return _model_config(source, dict(
+        vocab_size=keys.size("vocab_size"),
         context_length=context,
-        d_model=d["hidden_size"],
-        n_layers=d["num_hidden_layers"],
+        d_model=d_model,
+        n_layers=keys.size("num_hidden_layers", limit=MAX_LAYERS),
         n_heads=n_heads,
-        n_kv_heads=d.get("num_key_value_heads", defaults["num_key_value_heads"]) or n_heads,
-        head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
-        d_ff=d["intermediate_size"],
+        n_kv_heads=keys.size("num_key_value_heads", defaults["num_key_value_heads"]) or n_heads,
+        head_dim=keys.size("head_dim", None) or d_model // n_heads,
+        d_ff=keys.size("intermediate_size"),
         norm="rmsnorm",
-        norm_eps=d.get("rms_norm_eps", defaults["rms_norm_eps"]),
+        norm_eps=keys.number("rms_norm_eps", defaults["rms_norm_eps"]),
         mlp="swiglu",
         positions="rope",
         rope_theta=theta,
         rope_scaling=scaling,
         # Only Llama has these keys; Mistral has no biases and Qwen2 hard-codes q/k/v biases.
-        attention_bias=is_llama and bool(d.get("attention_bias", False)),
+        attention_bias=is_llama and keys.flag("attention_bias", False),
         qkv_bias=arch == "Qwen2ForCausalLM",
-        mlp_bias=is_llama and bool(d.get("mlp_bias", False)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        **{"name": d.get("_name_or_path") or LLAMA_LIKE[arch], **ours},
-    )
+        mlp_bias=is_llama and keys.flag("mlp_bias", False),
+        tie_embeddings=keys.flag("tie_word_embeddings", False),
+        **{"name": keys.name(LLAMA_LIKE[arch]), **ours},
+    ))
 
 
-def _gpt2_config(d: dict[str, Any], ours: dict[str, Any], source: str) -> ModelConfig:
-    act = d.get("activation_function", "gelu_new")
+def _gpt2_config(keys: _Keys, ours: dict[str, Any]) -> ModelConfig:
+    source = keys.source
+    act = keys.d.get("activation_function", "gelu_new")
     if act not in _TANH_GELU:
-        raise UserError(f"{source}: GPT-2 activation_function {act!r} is not supported "
+        raise UserError(f"{source}: GPT-2 activation_function {shown(act)} is not supported "
                         f"(our GELU is the tanh approximation: {', '.join(_TANH_GELU)})")
-    if not d.get("scale_attn_weights", True) or d.get("scale_attn_by_inverse_layer_idx", False):
+    if not keys.flag("scale_attn_weights", True) or keys.flag("scale_attn_by_inverse_layer_idx", False):
         raise UserError(f"{source}: GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported "
                         "(scale_attn_weights=false or scale_attn_by_inverse_layer_idx=true)")
     # transformers' GPT2Config defaults (GPT-2 small) for keys left out.
-    d_model, n_heads = d.get("n_embd", 768), d.get("n_head", 12)
-    if n_heads <= 0 or d_model % n_heads:
+    d_model, n_heads = keys.size("n_embd", 768), keys.size("n_head", 12)
+    if d_model % n_heads:
         raise UserError(f"{source}: n_embd ({d_model}) must be a multiple of n_head ({n_heads})")
-    return ModelConfig(
-        vocab_size=d.get("vocab_size", 50257),
-        context_length=d.get("n_positions", d.get("n_ctx", 1024)),
+    context = keys.size("n_positions", None, limit=MAX_CONTEXT) or keys.size("n_ctx", 1024, limit=MAX_CONTEXT)
+    return _model_config(source, dict(
+        vocab_size=keys.size("vocab_size", 50257),
+        context_length=context,
         d_model=d_model,
-        n_layers=d.get("n_layer", 12),
+        n_layers=keys.size("n_layer", 12, limit=MAX_LAYERS),
         n_heads=n_heads,
-        d_ff=d.get("n_inner") or 4 * d_model,
+        d_ff=keys.size("n_inner", None) or 4 * d_model,
         norm="layernorm",
-        norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        norm_eps=keys.number("layer_norm_epsilon", 1e-5),
         mlp="gelu",
         positions="learned",
         attention_bias=True,
         mlp_bias=True,
-        tie_embeddings=bool(d.get("tie_word_embeddings", True)),
-        **{"name": d.get("_name_or_path") or "gpt2", **ours},
-    )
+        tie_embeddings=keys.flag("tie_word_embeddings", True),
+        **{"name": keys.name("gpt2"), **ours},
+    ))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -455,6 +530,15 @@ def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def without_body(cfg: ModelConfig, tensors: Collection[str]) -> bool:
+    """True when a checkpoint leaves out its family's optional `body` prefix: GPT2LMHeadModel saves under
+    "transformer.", but files saved from the bare GPT2Model (the original openai-community/gpt2 upload
+    among them) have no prefix."""
+    names = tensor_names(cfg)
+    first = f"{names.top['tok_emb']}.weight"
+    return names.body_optional and names.body + first not in tensors and first in tensors
+
+
 def state_dict_from_hf(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A checkpoint's tensors -> our parameter names. Missing tensors are a clear error, never zeros;
     tensors we have no use for (rotary inv_freq, GPT-2's attention-mask buffers) are ignored."""
@@ -469,10 +553,7 @@ def state_dict_from_hf(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], *,
             out["lm_head.weight"] = take("tok_emb.weight")
         return out
     names = tensor_names(cfg)
-    # GPT2LMHeadModel saves under "transformer."; files saved from the bare GPT2Model (the original
-    # openai-community/gpt2 upload among them) have no prefix.
-    first = f"{names.top['tok_emb']}.weight"
-    bare = names.body_optional and names.body + first not in tensors and first in tensors
+    bare = without_body(cfg, tensors)
     out = {}
     for ours in _our_names(cfg):
         if ours == "lm_head.weight" and cfg.tie_embeddings:

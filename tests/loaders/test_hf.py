@@ -277,6 +277,56 @@ def test_architecture_from_model_type_and_tokenizer_only_auto_map():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Every value type-checked where it is read: one line naming the config.json key, never a TypeError from
+# inside (before: a string rms_norm_eps was a TypeError traceback; a bool layer count built a 1-layer model)
+# ---------------------------------------------------------------------------------------------------
+_GPT2_DICT = {"architectures": ["GPT2LMHeadModel"], **GPT2}
+
+
+@pytest.mark.parametrize("base, edits, message", [
+    ("llama", {"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a positive number, got '1e-5'"),
+    ("llama", {"rms_norm_eps": float("nan")}, "rms_norm_eps must be a positive number, got nan"),
+    ("llama", {"rms_norm_eps": 0}, "rms_norm_eps must be a positive number, got 0"),
+    ("llama", {"num_hidden_layers": True}, "num_hidden_layers must be a positive integer, got True"),
+    ("llama", {"num_hidden_layers": 2.0}, "num_hidden_layers must be a positive integer, got 2.0"),
+    ("llama", {"num_hidden_layers": 10**4}, "num_hidden_layers is 10000, beyond what lmforge supports (4096)"),
+    ("llama", {"max_position_embeddings": 10**9}, "max_position_embeddings is 1000000000, beyond what lmforge supports"),
+    ("llama", {"max_position_embeddings": 1e9}, "max_position_embeddings must be a positive integer, got 1000000000.0"),
+    ("llama", {"vocab_size": "128"}, "vocab_size must be a positive integer, got '128'"),
+    ("llama", {"hidden_size": None}, "missing key 'hidden_size'"),
+    ("llama", {"head_dim": [16]}, "head_dim must be a positive integer, got [16]"),
+    ("llama", {"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    ("llama", {"rope_theta": float("inf"), "rope_parameters": None}, "rope_theta must be a positive number, got inf"),
+    ("llama", {"rope_theta": 10**400, "rope_parameters": None}, "rope_theta must be a positive number, got 1000"),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": "2"}}, "rope_scaling needs a positive factor, got '2'"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
+     "high_freq_factor (1.0) must be above low_freq_factor (4.0)"),
+    ("llama", {"rope_parameters": [1, 2]}, "rope_parameters/rope_scaling should be an object, got [1, 2]"),
+    ("llama", {"architectures": None, "model_type": ["llama"]}, "architecture ['llama'] is not supported"),
+    ("llama", {"architectures": [{"x": 1}]}, "architecture {'x': 1} is not supported"),
+    ("llama", {"hidden_act": ["silu"] * 10**5}, "hidden_act ['silu', 'silu'"),
+    ("llama", {"lmforge": [1]}, None),  # a malformed optional section is ignored: transformers never reads it
+    ("gpt2", {"n_embd": "64"}, "n_embd must be a positive integer, got '64'"),
+    ("gpt2", {"layer_norm_epsilon": "x"}, "layer_norm_epsilon must be a positive number, got 'x'"),
+    ("gpt2", {"scale_attn_weights": "yes"}, "scale_attn_weights must be true or false"),
+    ("native", {"lmforge": {"norm_eps": "1e-5"}}, "norm_eps must be a positive number, got '1e-5'"),
+    ("native", {"lmforge": {"n_layers": 3.5}}, "n_layers must be a positive integer, got 3.5"),
+    ("native", {"lmforge": {"rope_scaling": "yes"}}, "rope_scaling must be an object, got 'yes'"),
+])
+def test_config_values_are_checked_naming_the_key(base, edits, message):
+    d = {"llama": {"architectures": ["LlamaForCausalLM"], **LLAMA}, "gpt2": _GPT2_DICT,
+         "native": {"architectures": ["LmforgeForCausalLM"], "lmforge": {}}}[base]
+    d = {**d, **edits}
+    if message is None:
+        assert config_from_hf(d, source="cfg.json").n_layers == 2
+        return
+    with pytest.raises(UserError) as e:
+        config_from_hf(d, source="cfg.json")
+    msg = str(e.value)
+    assert msg.startswith("cfg.json: ") and message in msg and "\n" not in msg and len(msg) < 300, msg
+
+
+# ---------------------------------------------------------------------------------------------------
 # Tokenizers and chat templates
 # ---------------------------------------------------------------------------------------------------
 LLAMA3_TEMPLATE = (
