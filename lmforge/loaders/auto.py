@@ -11,15 +11,14 @@ here; the one name this module resolves itself is the base model an adapter dire
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lmforge.errors import UserError
-from lmforge.loaders.model_dir import build_model, load_model
+from lmforge.errors import UserError, one_line
+from lmforge.loaders.model_dir import build_model, check_tokenizer, load_model, read_json
 from lmforge.loaders.peft import adapter_base, is_adapter_dir, load_adapter
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import merge_lora
@@ -52,13 +51,13 @@ def read_modelfile(directory: Path) -> Modelfile:
     f = directory / MODELFILE_JSON
     if not f.is_file():
         return Modelfile()
+    d = read_json(f)
     try:
-        d = json.loads(f.read_text(encoding="utf-8"))
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
         return Modelfile.from_json(d)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{f}: unreadable ({e})") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"{f}: unreadable ({one_line(e, 120)})") from None
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -81,7 +80,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     else:
         model = load_model(p, device=device, dtype=dtype, allow_pickle=allow_pickle)
         fmt = "safetensors" if any(p.glob("*.safetensors")) else "pickle"
-        loaded = Loaded(model, load_hf_tokenizer(p), p, fmt)
+        tokenizer = load_hf_tokenizer(p)
+        check_tokenizer(model.config, tokenizer, source=str(p))
+        loaded = Loaded(model, tokenizer, p, fmt)
     directory = p if p.is_dir() else p.parent
     if p.is_dir():
         loaded.modelfile = read_modelfile(directory)
@@ -108,5 +109,6 @@ def _load_adapter_dir(p: Path, *, device, dtype, allow_pickle: bool, merge: bool
         merge_lora(loaded.model)
     if (p / "tokenizer.json").is_file():
         loaded.tokenizer = load_hf_tokenizer(p)
+        check_tokenizer(loaded.model.config, loaded.tokenizer, source=str(p))
     loaded.source, loaded.format = p, f"lora on {loaded.format}"
     return loaded

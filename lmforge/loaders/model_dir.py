@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,11 +26,20 @@ import torch
 from safetensors import SafetensorError
 
 from lmforge.checkpoint import recover, save_tensors
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, shown
 from lmforge.errors import UserError, one_line
 from lmforge.io import atomic_write_json
-from lmforge.loaders.hf import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from lmforge.loaders.hf import (
+    config_from_hf,
+    config_to_hf,
+    hf_tensor_names,
+    state_dict_from_hf,
+    state_dict_to_hf,
+    tensor_names,
+    without_body,
+)
 from lmforge.model.gpt import GPT, unwrap
+from lmforge.tokenizer import Tokenizer
 
 __all__ = [
     "PICKLE_INDEX",
@@ -38,10 +48,13 @@ __all__ = [
     "WEIGHTS_INDEX",
     "WeightFiles",
     "build_model",
+    "check_tokenizer",
+    "check_weights",
     "expected_weight_shapes",
     "is_model_dir",
     "load_config",
     "load_model",
+    "read_json",
     "read_lmforge_meta",
     "write_model_files",
 ]
@@ -50,6 +63,11 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+# A config.json is a few KB and a tokenizer_config.json with its chat templates a few MB; no config nests
+# more than a handful of levels. Past these a file is damage, refused before it is read (size) or used
+# (depth: anything walking it, a dataclass copy or a JSON dump, would recurse past Python's limit).
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
 
 
 def write_model_files(directory: Path, model: torch.nn.Module, *, tokenizer=None, lineage: dict | None = None,
@@ -90,13 +108,48 @@ def _require_model_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_config(path: str | os.PathLike) -> ModelConfig:
-    p = _require_model_dir(path)
+def read_json(path: Path, *, label: str | None = None) -> Any:
+    """The JSON value in `path`, or one UserError line naming the file (as `label`, default the path): not
+    readable, not UTF-8, not JSON, over MAX_JSON_BYTES, or nested deeper than MAX_JSON_DEPTH (a file of
+    200,000 '[' makes json.loads itself raise RecursionError)."""
+    label = label or str(path)
     try:
-        d = json.loads((p / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p / 'config.json'}: not valid JSON ({e})") from None
-    return config_from_hf(d, source=str(p / "config.json"))
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise UserError(f"{label}: larger than {MAX_JSON_BYTES >> 20} MiB, too large for a JSON config")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise UserError(f"{label}: not usable JSON (nested too deeply to parse)") from None
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{label}: not readable JSON ({one_line(e, 120)})") from None
+    stack = [(value, 1)]
+    while stack:  # iterative: the point is to refuse what would make recursive code fail
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise UserError(f"{label}: not usable JSON (nested more than {MAX_JSON_DEPTH} levels deep)")
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return value
+
+
+def _read_config(p: Path) -> ModelConfig:
+    """config.json of model directory `p`, parsed and type-checked (nothing about the other files)."""
+    return config_from_hf(read_json(p / "config.json"), source=str(p / "config.json"))
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` of a model directory, checked against what the directory holds before anyone
+    builds from it: the safetensors headers (embedding, layers, position table: `check_weights`) and the
+    tokenizer (`check_tokenizer`). Reads no tensor data; pickled weights are checked by `load_model`,
+    once they are allowed."""
+    p = _require_model_dir(path)
+    cfg = _read_config(p)
+    if _safetensors_files(p) is not None:
+        check_weights(cfg, WeightFiles(p).shapes(), source=str(p))
+    if (p / "tokenizer.json").is_file():
+        check_tokenizer(cfg, Tokenizer.load(p), source=str(p))
+    return cfg
 
 
 def _shard_names(index_file: Path) -> list[str]:
@@ -105,18 +158,23 @@ def _shard_names(index_file: Path) -> list[str]:
     The index is input like any other: a weight_map value of "../../x" must not make us open a file
     outside the model directory.
     """
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{index_file}: not a valid weight index ({e})") from None
-    names = sorted(set(weight_map.values()))
-    for n in names:
+    index = read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{index_file}: not a valid weight index (no weight_map object)")
+    for n in weight_map.values():  # before the set and the sort: a list or a mix of types would raise there
         if not isinstance(n, str) or not n or n in (".", "..") or "/" in n or "\\" in n or "\x00" in n:
-            raise UserError(f"{index_file}: shard name {n!r} is not a plain file name in the model directory")
-    return names
+            raise UserError(f"{index_file}: shard name {shown(n)} is not a plain file name in the model directory")
+    return sorted(set(weight_map.values()))
+
+
+def _safetensors_files(d: Path) -> list[Path] | None:
+    """The safetensors files of model directory `d` (one, or the shards its index names), else None."""
+    if (d / WEIGHTS).is_file():
+        return [d / WEIGHTS]
+    if (d / WEIGHTS_INDEX).is_file():
+        return [d / n for n in _shard_names(d / WEIGHTS_INDEX)]
+    return None
 
 
 class WeightFiles(Mapping):
@@ -137,7 +195,7 @@ class WeightFiles(Mapping):
         self.directory, self.dtype = directory, dtype
         self._where: dict[str, Any] = {}  # tensor name -> open safetensors handle, or the tensor (pickles)
         self._handles: list[Any] = []
-        files = self._safetensors_files()
+        files = _safetensors_files(directory)
         if files is None:
             self._load_pickles(allow_pickle)
             return
@@ -154,14 +212,6 @@ class WeightFiles(Mapping):
                 if n in self._where:
                     raise UserError(f"{f}: tensor {n!r} also appears in another shard")
                 self._where[n] = (handle, f)
-
-    def _safetensors_files(self) -> list[Path] | None:
-        d = self.directory
-        if (d / WEIGHTS).is_file():
-            return [d / WEIGHTS]
-        if (d / WEIGHTS_INDEX).is_file():
-            return [d / n for n in _shard_names(d / WEIGHTS_INDEX)]
-        return None
 
     def _load_pickles(self, allow_pickle: bool) -> None:
         d = self.directory
@@ -216,6 +266,52 @@ class WeightFiles(Mapping):
         return len(self._where)
 
 
+def check_weights(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], *, source: str) -> None:
+    """Refuse a config the weight file does not back, from the tensors' names and shapes alone (a file
+    header), before a model is built from it: the embedding is vocab_size x d_model, the blocks present
+    are exactly 0..n_layers-1, a learned position table has context_length rows, an untied output head
+    matches the embedding. A config.json claiming 10,000 layers over a file of two is refused here in
+    milliseconds; building its model first, even on the meta device, took a minute and most of a GB.
+
+    What these do not cover (each projection's shape, unexpected tensors) `build_model` checks, once the
+    model it builds is known to be the file's size."""
+    names = tensor_names(cfg)
+    bare = without_body(cfg, shapes)
+
+    def name_of(ours: str) -> str:
+        theirs = hf_tensor_names(cfg, ours)[0]
+        return theirs.removeprefix(names.body) if bare else theirs
+
+    def expect(ours: str, want: tuple[int, ...], what: str) -> None:
+        theirs = name_of(ours)
+        if theirs not in shapes:
+            raise UserError(f"{source}: tensor {theirs!r} ({what}) is missing from the weights")
+        if tuple(shapes[theirs]) != want:
+            raise UserError(f"{source}: tensor {theirs!r} ({what}) has shape {tuple(shapes[theirs])}, "
+                            f"but config.json implies {want}")
+
+    expect("tok_emb.weight", (cfg.vocab_size, cfg.d_model), "the token embedding: vocab_size x hidden size")
+    if not cfg.tie_embeddings:
+        expect("lm_head.weight", (cfg.vocab_size, cfg.d_model), "the output head: vocab_size x hidden size")
+    if cfg.positions == "learned":
+        expect("pos_emb.weight", (cfg.context_length, cfg.d_model), "the position table: context length x hidden size")
+    prefix = "" if bare else re.escape(names.body)
+    layer = re.compile(prefix + re.escape(names.layer).replace(re.escape("{}"), "([0-9]{1,9})"))
+    found = {int(m.group(1)) for m in map(layer.match, shapes) if m}
+    if found != set(range(cfg.n_layers)):
+        held = f"{len(found)} (numbered {min(found)}..{max(found)})" if found else "none"
+        raise UserError(f"{source}: config.json says {cfg.n_layers} layers, but the blocks in the weights are {held}")
+
+
+def check_tokenizer(cfg: ModelConfig, tokenizer: Tokenizer, *, source: str) -> None:
+    """Refuse a tokenizer with more ids than the model has embedding rows: its ids past the embedding
+    would fail the first prompt that uses them (a tokenizer from another model). Fewer ids is normal
+    (Qwen2 pads its embedding from 151,665 tokens to 151,936 rows) and accepted."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+                        f"{cfg.vocab_size} rows (vocab_size); is it another model's tokenizer?")
+
+
 def expected_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor name -> shape for `cfg`, computed on the meta device (no memory, no weights)."""
     with torch.device("meta"):
@@ -227,14 +323,39 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
                allow_pickle: bool = False) -> GPT:
     """Build the model described by `path/config.json` and load its weights (strictly: no silent zeros).
 
-    The weights are read tensor by tensor from memory-mapped files and *assigned* to a model built on the
-    meta device, so loading holds about one copy of the weights (plus one layer's worth in flight).
+    The config is checked against the weights' shapes first (`check_weights`). The weights are read
+    tensor by tensor from memory-mapped files and *assigned* to a model built on the meta device, so
+    loading holds about one copy of the weights (plus one layer's worth in flight).
     `dtype=None` loads floating-point weights as float32, whatever the file stores.
     """
     p = _require_model_dir(path)
-    cfg = load_config(p)
+    cfg = _read_config(p)
     weights = WeightFiles(p, dtype=dtype or torch.float32, allow_pickle=allow_pickle)
+    check_weights(cfg, weights.shapes(), source=str(p))
     return build_model(cfg, state_dict_from_hf(cfg, weights, source=str(p)), source=str(p), device=device)
+
+
+def _available_memory() -> int | None:
+    """Bytes the OS could give us now (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _check_position_tables(cfg: ModelConfig, source: str) -> None:
+    """RoPE and sinusoidal tables are computed from the config, not stored, so no weight file bounds their
+    size: context_length x (2 x head_dim | d_model) float32s. Refuse, before computing them, a context
+    whose tables (and as much again while they are built) would not fit in the memory available (a
+    config.json with max_position_embeddings 10**9 made the loader ask the allocator for 32 GB)."""
+    width = {"rope": 2 * cfg.head_dim, "sinusoidal": cfg.d_model}.get(cfg.positions, 0)
+    need = 2 * 4 * cfg.context_length * width
+    free = _available_memory()
+    if free is not None and need > free:
+        raise UserError(f"{source}: the position tables for a context of {cfg.context_length} tokens need "
+                        f"{need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of memory is available (is the "
+                        f"context length in the config right?)")
 
 
 def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, source: str, device: str | torch.device = "cpu") -> GPT:
@@ -252,6 +373,7 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, source: str, d
     for name, t in sd.items():
         if tuple(t.shape) != tuple(want[name].shape):
             raise UserError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(want[name].shape)}")
+    _check_position_tables(cfg, source)
     model.load_state_dict(sd, strict=True, assign=True)
     for name, table in model.position_tables().items():  # derived from the config, never stored
         setattr(model, name, table)
@@ -262,4 +384,5 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, source: str, d
 
 def read_lmforge_meta(path: str | os.PathLike) -> dict[str, Any]:
     f = Path(path) / "lmforge.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    meta = read_json(f) if f.is_file() else {}
+    return meta if isinstance(meta, dict) else {}

@@ -159,3 +159,139 @@ def test_load_assigns_weights_without_a_second_copy(tmp_path, tiny_tokenizer):
     b = load_model(tmp_path / "m")
     assert not torch.equal(a.norm.weight, b.norm.weight)
     assert b.lm_head.weight is b.tok_emb.weight
+
+
+# ---------------------------------------------------------------------------------------------------
+# Absurd configs: refused from the config and the weight file's header, before anything is built
+# ---------------------------------------------------------------------------------------------------
+def _tiny_dir(tmp_path, tokenizer, rows=320, **config_edits):
+    """A tiny saved model (`rows` embedding rows) whose config.json then gets `config_edits` (the weights
+    stay the 2-layer tiny ones)."""
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny", vocab_size=rows))
+    d = tmp_path / "m"
+    _save(d, model, tokenizer)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **config_edits}))
+    return d
+
+
+@pytest.fixture
+def no_model_is_built(monkeypatch):
+    """Call it once the test's files are written: from then on, constructing a GPT at all (on any device,
+    the meta device included) fails the test."""
+    def refuse(self, cfg):
+        raise AssertionError(f"a GPT with {cfg.n_layers} layers and context {cfg.context_length} was built")
+
+    return lambda: monkeypatch.setattr(GPT, "__init__", refuse)
+
+
+def _refused(call, *fragments):
+    with pytest.raises(UserError) as e:
+        call()
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+    return msg
+
+
+@pytest.mark.parametrize("edits, fragments", [
+    # before: tried to allocate a 32 GB rope table (RuntimeError from the allocator after 10 s, 4 GB RSS)
+    ({"max_position_embeddings": 10**9}, ["max_position_embeddings is 1000000000, beyond what lmforge supports"]),
+    # before: built 10,000 blocks on the meta device (47 s, 1 GB RSS), then "tensor ... layers.2 ... is missing"
+    ({"num_hidden_layers": 10**4}, ["num_hidden_layers is 10000, beyond what lmforge supports"]),
+    # within the ceiling: the weight file's header says how many layers there are
+    ({"num_hidden_layers": 4000}, ["config.json says 4000 layers", "blocks in the weights are 2 (numbered 0..1)"]),
+    ({"vocab_size": 1000}, ["'model.embed_tokens.weight'", "(320, 64)", "implies (1000, 64)"]),
+    # before: TypeError "'>' not supported between instances of 'str' and 'int'"
+    ({"rms_norm_eps": "1e-5"}, ["rms_norm_eps must be a positive number, got '1e-5'"]),
+])
+def test_absurd_configs_are_refused_before_any_model_is_built(tmp_path, tiny_tokenizer, no_model_is_built, edits, fragments):
+    from lmforge.loaders.auto import load
+    from lmforge.loaders.model_dir import load_config
+    from lmforge.store import import_model
+
+    d = _tiny_dir(tmp_path, tiny_tokenizer, **edits)
+    no_model_is_built()
+    _refused(lambda: load_config(d), *fragments)
+    _refused(lambda: load_model(d), *fragments)
+    _refused(lambda: load(d), *fragments)
+    _refused(lambda: import_model(d, "absurd"), *fragments)
+
+
+def test_learned_position_table_must_match_the_context(tmp_path, tiny_tokenizer, no_model_is_built):
+    from lmforge.loaders.model_dir import load_config
+
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny", vocab_size=320, positions="learned", norm="layernorm", mlp="gelu"))
+    _save(tmp_path / "m", model, tiny_tokenizer)
+    f = tmp_path / "m" / "config.json"
+    cfg = json.loads(f.read_text())
+    if "n_positions" in cfg:  # GPT-2-shaped
+        cfg["n_positions"] = 4096
+    else:
+        cfg["lmforge"]["context_length"] = 4096
+    f.write_text(json.dumps(cfg))
+    no_model_is_built()
+    _refused(lambda: load_config(tmp_path / "m"), "position table", "implies (4096, 64)")
+
+
+def test_rope_tables_that_would_not_fit_are_refused_before_they_are_computed(tmp_path, tiny_tokenizer, monkeypatch):
+    """RoPE models store no position table, so the weights cannot bound the context: what the tables would
+    cost is compared with the memory available, before they are computed (here: 2**22 positions x 16 x 2
+    float32s = 512 MiB against a pretend 100 MiB)."""
+    from lmforge.loaders import model_dir
+
+    d = _tiny_dir(tmp_path, tiny_tokenizer, max_position_embeddings=2**22)
+    assert model_dir.load_config(d).context_length == 2**22  # within the ceiling, and the header agrees
+    computed = []
+    real = GPT.position_tables
+
+    def spy(self):
+        if torch.empty(0).device.type != "meta":
+            computed.append(self.config.context_length)
+        return real(self)
+
+    monkeypatch.setattr(GPT, "position_tables", spy)
+    monkeypatch.setattr(model_dir, "_available_memory", lambda: 100 << 20)
+    _refused(lambda: load_model(d), "context of 4194304 tokens", "1.0 GiB", "0.1 GiB")
+    assert computed == []
+    monkeypatch.setattr(model_dir, "_available_memory", lambda: None)  # unknown: no refusal on a guess
+    d2 = _tiny_dir(tmp_path / "small", tiny_tokenizer, max_position_embeddings=128)
+    computed.clear()
+    assert load_model(d2).config.context_length == 128 and computed == [128]
+
+
+def test_tokenizer_with_more_ids_than_the_embedding_is_refused(tmp_path, tiny_tokenizer):
+    """Before: imported, then the first prompt using an id >= 300 died with IndexError in the embedding."""
+    from lmforge.loaders.auto import load
+    from lmforge.loaders.model_dir import load_config
+    from lmforge.store import import_model
+
+    d = _tiny_dir(tmp_path, tiny_tokenizer, rows=300)
+    for call in (lambda: load_config(d), lambda: load(d), lambda: import_model(d, "small-vocab")):
+        _refused(call, "the tokenizer has 320 tokens but the model's embedding only 300 rows")
+
+
+def test_tokenizer_with_fewer_ids_than_the_embedding_is_accepted(tmp_path, tiny_tokenizer):
+    """An embedding padded past the tokenizer is how real models ship (Qwen2: 151,665 tokens, 151,936 rows)."""
+    from lmforge.loaders.auto import load
+
+    d = _tiny_dir(tmp_path, tiny_tokenizer, rows=384)
+    loaded = load(d)
+    assert loaded.model.config.vocab_size == 384 and loaded.tokenizer.vocab_size == 320
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[" * 200_000 + "]" * 200_000, "nested too deeply to parse"),  # before: RecursionError
+    ("[" * 100 + "]" * 100, "nested more than 64 levels deep"),
+    ('{"architectures": ["LlamaForCausalLM"], "rope_scaling": ' + "[" * 500 + "]" * 500 + "}", "nested more than 64"),
+])
+def test_deeply_nested_config_is_one_line(tmp_path, tiny_tokenizer, text, fragment):
+    from lmforge.loaders.model_dir import load_config
+
+    d = _tiny_dir(tmp_path, tiny_tokenizer)
+    (d / "config.json").write_text(text)
+    assert _refused(lambda: load_config(d), fragment).startswith(str(d / "config.json"))
+    _refused(lambda: load_model(d), fragment)

@@ -15,14 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.config import ModelConfig
+from lmforge.config import MAX_CONTEXT, ModelConfig
 from lmforge.errors import UserError
 from lmforge.loaders.gguf.reader import GGUFTensorInfo, dequantize, gguf_package, meta, short
 from lmforge.loaders.hf import hf_architecture, is_llama_shaped
 
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-_MAX_CONTEXT = 1 << 24  # longest context_length we believe (the model builds a rope table this long)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -54,8 +53,8 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
     n_layers, d_ff = num("block_count"), num("feed_forward_length")
     n_kv = num("attention.head_count_kv", n_heads)
     context = num("context_length")
-    if context > _MAX_CONTEXT:
-        raise UserError(f"{path}: context_length {context} is beyond what lmforge supports ({_MAX_CONTEXT})")
+    if context > MAX_CONTEXT:  # the tables RoPE computes from it are bounded by memory when the model is built
+        raise UserError(f"{path}: context_length {context} is beyond what lmforge supports ({MAX_CONTEXT})")
     head_dim = num("attention.key_length", d_model // n_heads or None)
     for key, want in (("attention.value_length", head_dim), ("rope.dimension_count", head_dim)):
         got = num(key, want)

@@ -31,6 +31,7 @@ from lmforge.loaders.gguf.reader import (
 )
 from lmforge.loaders.gguf.vocab import tokenizer_from_metadata
 from lmforge.loaders.hf import hf_architecture, state_dict_from_hf
+from lmforge.loaders.model_dir import check_tokenizer as check_tokenizer_fits
 from lmforge.tokenizer import Tokenizer
 
 
@@ -109,7 +110,7 @@ def describe_gguf(path: str | os.PathLike, *, check_tokenizer: bool = True) -> d
             del data
     _check_tensor_set(path_str, cfg, tensors)
     if check_tokenizer:
-        tokenizer_from_metadata(path_str, header.metadata)
+        check_tokenizer_fits(cfg, tokenizer_from_metadata(path_str, header.metadata), source=path_str)
     template = header.metadata.get("tokenizer.chat_template")
     return {"architecture": arch, "config": cfg, "file_type": describe_file_type(header.metadata, header.tensors),
             "parameters": sum(t.n_elements for t in header.tensors if t.name != ROPE_FREQS),
@@ -133,9 +134,7 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> G
             cfg = with_llama3_rope(path_str, cfg, arch, header.metadata, data, tensors[ROPE_FREQS])
         _check_tensor_set(path_str, cfg, tensors)
         tokenizer = tokenizer_from_metadata(path_str, header.metadata)
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise UserError(f"{path_str}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd only "
-                            f"{cfg.vocab_size} rows")
+        check_tokenizer_fits(cfg, tokenizer, source=path_str)
         state_dict = _read_tensors(path_str, cfg, arch, header, data, dtype or torch.float32)
     finally:
         mm = getattr(data, "_mmap", None)

@@ -66,3 +66,63 @@ def test_unusable_models_are_one_line_user_errors(tmp_path, tiny_tokenizer, case
         read_gguf(path)
     assert_user_error(exc, path)
     assert needle in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Absurd metadata: refused before anything is allocated from it
+# ---------------------------------------------------------------------------------------------------
+def test_absurd_context_and_layers_are_refused_from_the_header(tmp_path, tiny_tokenizer):
+    from lmforge.loaders.gguf import describe_gguf
+
+    hf = transformers_model("llama", tiny_tokenizer.vocab_size, tied=False)
+    U32, U64 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.UINT64
+    for key, value, needle in (("llama.context_length", (2**40, U64), "beyond what lmforge supports"),
+                               ("llama.block_count", (10**4, U32), "block_count 10000")):
+        path = tmp_path / f"{key}.gguf"
+        write_llamacpp_style(path, "llama", llama_hp(), hf.state_dict(), {**tokenizer_kv(tiny_tokenizer), key: value})
+        for call in (read_gguf, describe_gguf):
+            with pytest.raises(UserError) as exc:
+                call(path)
+            assert_user_error(exc, path)
+            assert needle in str(exc.value)
+
+
+def test_rope_tables_that_would_not_fit_are_refused_before_they_are_computed(tmp_path, tiny_tokenizer, monkeypatch):
+    """A context within the ceiling (2**22) whose RoPE tables (512 MiB for head_dim 16) exceed the memory
+    available: before, they were computed whatever the memory; now the load stops first."""
+    from lmforge.loaders import model_dir
+    from lmforge.loaders.auto import load as load_any
+    from lmforge.model.gpt import GPT
+
+    cfg = tiny_cfg(tiny_tokenizer)
+    path = tmp_path / "long.gguf"
+    write_gguf(path, cfg.replace(context_length=2**22), random_model(cfg).state_dict(), tiny_tokenizer, qtype="f32")
+    real, computed = GPT.position_tables, []
+
+    def spy(self):
+        if torch.empty(0).device.type != "meta":
+            computed.append(self.config.context_length)
+        return real(self)
+
+    monkeypatch.setattr(GPT, "position_tables", spy)
+    monkeypatch.setattr(model_dir, "_available_memory", lambda: 100 << 20)
+    with pytest.raises(UserError) as exc:
+        load_any(path)
+    assert_user_error(exc, path)
+    assert "context of 4194304 tokens" in str(exc.value) and computed == []
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused_at_import(tmp_path, tiny_tokenizer):
+    """Before: `lmforge import` (describe_gguf) accepted it; only loading refused it."""
+    from lmforge.loaders.gguf import describe_gguf
+    from lmforge.store import import_model
+
+    hf = transformers_model("llama", tiny_tokenizer.vocab_size - 20, tied=False)
+    path = tmp_path / "small-vocab.gguf"
+    write_llamacpp_style(path, "llama", llama_hp(), hf.state_dict(), tokenizer_kv(tiny_tokenizer))
+    for call in (describe_gguf, read_gguf, lambda p: import_model(p, "small-vocab")):
+        with pytest.raises(UserError) as exc:
+            call(path)
+        assert_user_error(exc, path)
+        assert "the tokenizer has 320 tokens but the model's embedding only 300 rows" in str(exc.value)
+    assert describe_gguf(path, check_tokenizer=False)["config"].vocab_size == 300  # `lmforge list` still describes it
