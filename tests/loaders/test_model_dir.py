@@ -237,15 +237,10 @@ def test_learned_position_table_must_match_the_context(tmp_path, tiny_tokenizer,
     _refused(lambda: load_config(tmp_path / "m"), "position table", "implies (4096, 64)")
 
 
-def test_rope_tables_that_would_not_fit_are_refused_before_they_are_computed(tmp_path, tiny_tokenizer, monkeypatch):
-    """RoPE models store no position table, so the weights cannot bound the context: what the tables would
-    cost is compared with the memory available, before they are computed (here: 2**22 positions x 16 x 2
-    float32s = 512 MiB against a pretend 100 MiB)."""
-    from lmforge.loaders import model_dir
-
-    d = _tiny_dir(tmp_path, tiny_tokenizer, max_position_embeddings=2**22)
-    assert model_dir.load_config(d).context_length == 2**22  # within the ceiling, and the header agrees
-    computed = []
+def tables_computed(monkeypatch) -> list[int]:
+    """The context lengths for which position tables are computed for real from now on (the meta-device
+    model built to check shapes computes nothing); also used by the GGUF tests."""
+    computed: list[int] = []
     real = GPT.position_tables
 
     def spy(self):
@@ -254,6 +249,18 @@ def test_rope_tables_that_would_not_fit_are_refused_before_they_are_computed(tmp
         return real(self)
 
     monkeypatch.setattr(GPT, "position_tables", spy)
+    return computed
+
+
+def test_rope_tables_that_would_not_fit_are_refused_before_they_are_computed(tmp_path, tiny_tokenizer, monkeypatch):
+    """RoPE models store no position table, so the weights cannot bound the context: what the tables would
+    cost is compared with the memory available, before they are computed (here: 2**22 positions x 16 x 2
+    float32s = 512 MiB against a pretend 100 MiB)."""
+    from lmforge.loaders import model_dir
+
+    d = _tiny_dir(tmp_path, tiny_tokenizer, max_position_embeddings=2**22)
+    assert model_dir.load_config(d).context_length == 2**22  # within the ceiling, and the header agrees
+    computed = tables_computed(monkeypatch)
     monkeypatch.setattr(model_dir, "_available_memory", lambda: 100 << 20)
     _refused(lambda: load_model(d), "context of 4194304 tokens", "1.0 GiB", "0.1 GiB")
     assert computed == []

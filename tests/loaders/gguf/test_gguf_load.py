@@ -92,19 +92,12 @@ def test_rope_tables_that_would_not_fit_are_refused_before_they_are_computed(tmp
     available: before, they were computed whatever the memory; now the load stops first."""
     from lmforge.loaders import model_dir
     from lmforge.loaders.auto import load as load_any
-    from lmforge.model.gpt import GPT
+    from tests.loaders.test_model_dir import tables_computed
 
     cfg = tiny_cfg(tiny_tokenizer)
     path = tmp_path / "long.gguf"
     write_gguf(path, cfg.replace(context_length=2**22), random_model(cfg).state_dict(), tiny_tokenizer, qtype="f32")
-    real, computed = GPT.position_tables, []
-
-    def spy(self):
-        if torch.empty(0).device.type != "meta":
-            computed.append(self.config.context_length)
-        return real(self)
-
-    monkeypatch.setattr(GPT, "position_tables", spy)
+    computed = tables_computed(monkeypatch)
     monkeypatch.setattr(model_dir, "_available_memory", lambda: 100 << 20)
     with pytest.raises(UserError) as exc:
         load_any(path)
