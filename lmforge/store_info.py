@@ -10,14 +10,13 @@ config.json or the GGUF header, so every format is described in one vocabulary.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge.config import ModelConfig
-from lmforge.errors import UserError
+from lmforge.errors import UserError, one_line
 from lmforge.modelfile import FILE as MODELFILE
 from lmforge.paths import GGUF_IN_STORE, models_root, resolve, split_name
 
@@ -47,58 +46,70 @@ def _dir_size(path: Path) -> int:
 
 
 def read_json(path: Path) -> Any:
-    """Parsed JSON, or raises UserError naming the file."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path.name}: not readable JSON ({e})") from None
+    """Parsed JSON, or raises UserError naming the file (`loaders.model_dir.read_json`: bounded in size and
+    depth, so a damaged file is an error, never a RecursionError or MemoryError)."""
+    from lmforge.loaders.model_dir import read_json as read_model_json
+
+    return read_model_json(path, label=path.name)
+
+
+def _damage(e: Exception) -> str:
+    """The one line `lmforge list` shows after DAMAGED: our own message, or the name of anything else."""
+    return one_line(e) if isinstance(e, UserError) else f"{type(e).__name__}: {one_line(e, 200)}"
 
 
 def _entry(name: str, path: Path) -> StoreEntry:
-    from lmforge.loaders.hf import config_from_hf
-
     try:
         modified = path.stat().st_mtime
     except OSError:
         modified = 0.0
     entry = StoreEntry(name, path, "?", None, None, _dir_size(path), modified)
+    try:
+        _describe(entry)
+    except Exception as e:  # noqa: BLE001 - one damaged entry is its own DAMAGED line, never the listing's failure
+        entry.error = _damage(e)
+    return entry
+
+
+def _describe(entry: StoreEntry) -> None:
+    """Fill in `entry` from its files, raising at the first sign of damage.
+
+    Parses config.json itself (load_config() would run recover(), a write, from a mere listing), and checks
+    it against the weights' header (`check_weights`: names and shapes, no tensor data), so a config that
+    no longer matches its weights is listed as damaged rather than with a made-up parameter count."""
+    from lmforge.loaders.hf import config_from_hf
+    from lmforge.loaders.model_dir import WEIGHTS, WEIGHTS_INDEX, WeightFiles, check_weights
+
+    path = entry.path
     cfg_file = path / "config.json"
     if not cfg_file.is_file() and (path / GGUF_IN_STORE).is_file():
-        return _gguf_entry(entry, path / GGUF_IN_STORE)
+        _describe_gguf(entry, path / GGUF_IN_STORE)
+        return
     if not cfg_file.is_file():
-        entry.error = "config.json is missing"
-        return entry
-    try:
-        cfg = read_json(cfg_file)
-        if not isinstance(cfg, dict):
-            raise UserError("config.json: not a JSON object")
-    except UserError as e:
-        entry.error = str(e)
-        return entry
+        raise UserError("config.json is missing")
+    cfg = read_json(cfg_file)
+    if not isinstance(cfg, dict):
+        raise UserError("config.json: not a JSON object")
     archs = cfg.get("architectures")
     if isinstance(archs, list) and archs and isinstance(archs[0], str):
         entry.architecture = archs[0]
     dtype = cfg.get("torch_dtype") or cfg.get("dtype")
     entry.dtype = dtype if isinstance(dtype, str) else None
-    try:  # parse the dict ourselves: load_config() would run recover(), a write, from a mere listing
-        entry.config = config_from_hf(cfg, source=str(cfg_file))
-        entry.parameters = entry.config.num_params()
-    except Exception as e:  # noqa: BLE001 - a damaged entry is reported, never raised, by list
-        entry.error = f"config.json: {e}"
-    return entry
+    entry.config = config_from_hf(cfg, source="config.json")
+    entry.parameters = entry.config.num_params()
+    if (path / WEIGHTS).is_file() or (path / WEIGHTS_INDEX).is_file():
+        check_weights(entry.config, WeightFiles(path).shapes(), source="weights")
 
 
-def _gguf_entry(entry: StoreEntry, file: Path) -> StoreEntry:
+def _describe_gguf(entry: StoreEntry, file: Path) -> None:
     from lmforge.loaders.gguf import describe_gguf
 
     try:
         d = describe_gguf(file, check_tokenizer=False)
-    except Exception as e:  # noqa: BLE001 - a damaged entry is reported, never raised, by list
-        entry.error = f"{file.name}: {e}"
-        return entry
+    except Exception as e:  # noqa: BLE001 - the file's name leads whatever is wrong with it
+        raise UserError(f"{file.name}: {_damage(e)}") from None
     entry.architecture, entry.parameters, entry.dtype = d["architecture"], d["parameters"], d["file_type"]
     entry.config = d["config"]
-    return entry
 
 
 def _gguf_show(file: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -126,10 +137,18 @@ def list_models() -> list[StoreEntry]:
     if not root.is_dir():
         return []
     entries = []
-    for base_dir in root.iterdir():
+    try:
+        bases = list(root.iterdir())
+    except OSError as e:
+        raise UserError(f"cannot read the model store {root}: {e.strerror or e}") from None
+    for base_dir in bases:
         if not _valid(base_dir.name, tag=False) or not base_dir.is_dir() or base_dir.is_symlink():
             continue  # temp dirs (".tmp-*") and strays
-        for tag_dir in base_dir.iterdir():
+        try:
+            tags = list(base_dir.iterdir())
+        except OSError:  # unreadable: nothing in it can be named, let alone loaded
+            continue
+        for tag_dir in tags:
             if not _valid(tag_dir.name, tag=True) or not tag_dir.is_dir() or tag_dir.is_symlink():
                 continue
             entries.append(_entry(f"{base_dir.name}:{tag_dir.name}", tag_dir))
@@ -144,20 +163,20 @@ def _chat_template(path: Path) -> str | None:
         except (UserError, AttributeError):
             t = None
         if isinstance(t, list):  # transformers' named templates: [{"name": ..., "template": ...}]
-            named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+            named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict) and isinstance(d.get("name"), str)}
             t = named.get("default", next(iter(named.values()), None))
         if isinstance(t, str):
             return t
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8", errors="replace")
-    return None
+    return _first_text(path, ("chat_template.jinja",))
 
 
 def _first_text(path: Path, names: tuple[str, ...]) -> str | None:
     for n in names:
         if (path / n).is_file():
-            return (path / n).read_text(encoding="utf-8", errors="replace")
+            try:
+                return (path / n).read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                return None
     return None
 
 
@@ -183,7 +202,11 @@ def show(ref: str) -> dict[str, Any]:
     else:
         norm = str(path)
     if path.is_file():  # a .gguf file outside the store
-        e = _gguf_entry(StoreEntry(norm, path, "?", None, None, path.stat().st_size, path.stat().st_mtime), path)
+        e = StoreEntry(norm, path, "?", None, None, path.stat().st_size, path.stat().st_mtime)
+        try:
+            _describe_gguf(e, path)
+        except UserError as err:
+            e.error = str(err)
         config, template = _gguf_show(path)
         return {"name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
                 "dtype": e.dtype, "size_bytes": e.size_bytes, "modified": e.modified, "error": e.error,

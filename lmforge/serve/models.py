@@ -55,6 +55,13 @@ def _available_memory() -> int | None:
         return None
 
 
+def _mtime(path: Path) -> int:
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:  # removed since the server started: still listed, and a request gets the load error
+        return 0
+
+
 def _weights_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -75,19 +82,29 @@ class ModelRegistry:
         self.loaded: dict[str, Served] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._guard = threading.Lock()
+        self._reported: set[tuple[str, str]] = set()  # damaged store entries already logged
 
     # -- naming ---------------------------------------------------------------------------------------
     def ids(self) -> list[tuple[str, int]]:
-        """(id, created unix time) of every model offered."""
+        """(id, created unix time) of every model offered. A damaged store entry is left out (and logged
+        once), never a reason for the listing, or the server's start, to fail."""
         if self.fixed is not None:
-            return [(name, int(path.stat().st_mtime)) for name, path in self.fixed.items()]
+            return [(name, _mtime(path)) for name, path in self.fixed.items()]
         from lmforge.store import list_models
 
+        try:
+            entries = list_models()
+        except UserError as e:  # the store directory itself is unreadable
+            log.error("%s", e)
+            return []
         out = []
-        for e in list_models():
+        for e in entries:
             if e.error is None:
                 name = e.name[: -len(":latest")] if e.name.endswith(":latest") else e.name
                 out.append((name, int(e.modified)))
+            elif (e.name, e.error) not in self._reported:
+                self._reported.add((e.name, e.error))
+                log.warning("not serving %s, a damaged store entry: %s", e.name, e.error)
         return out
 
     def path_of(self, model_id: str) -> tuple[str, Path]:
