@@ -13,13 +13,14 @@ uses, feedback collection, and the web chat UI's files. Errors never carry a pat
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from fastapi import Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from lmforge.engine.sampling import SamplingParams
 from lmforge.serve import translate as tr
@@ -141,6 +142,12 @@ async def _cpu(request: Request, fn: Callable, *args, **kwargs):
     return await request.app.state.cpu.run(fn, *args, **kwargs)
 
 
+async def _json(request: Request, body: dict) -> Response:
+    """A JSON response serialised on the worker pool (200,000 token ids take the event loop a second)."""
+    raw = await _cpu(request, json.dumps, body, ensure_ascii=False, separators=(",", ":"))
+    return Response(raw.encode(), media_type="application/json")
+
+
 # -- text completions ---------------------------------------------------------------------------------------
 async def completions(request: Request):
     req: CompletionRequest = parse(CompletionRequest, await read_body(request))
@@ -259,7 +266,7 @@ async def tokenize(request: Request):
                              add_generation_prompt=req.add_generation_prompt)
         else:
             ids = await _cpu(request, tok.encode, req.prompt, add_bos=None if req.add_special_tokens else False)
-        return {"count": len(ids), "max_model_len": served.scheduler.context_length, "tokens": ids}
+        return await _json(request, {"count": len(ids), "max_model_len": served.scheduler.context_length, "tokens": ids})
     finally:
         _registry(request).release(served)
 
@@ -272,7 +279,7 @@ async def detokenize(request: Request):
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise invalid(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
-        return {"prompt": await _cpu(request, served.engine.tokenizer.decode, req.tokens)}
+        return await _json(request, {"prompt": await _cpu(request, served.engine.tokenizer.decode, req.tokens)})
     finally:
         _registry(request).release(served)
 

@@ -196,6 +196,12 @@ class WorkerPool:
     def __init__(self, workers: int = 2, max_waiting: int = 64) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lmforge-cpu")
         self.max_waiting, self.waiting = max_waiting, 0
+        # Start every thread now: ThreadPoolExecutor starts them on demand, and starting a thread waits for
+        # it to run, which (while another worker holds the GIL in a tokenizer) stalled the event loop.
+        started = threading.Barrier(workers + 1)
+        for _ in range(workers):
+            self.pool.submit(started.wait)
+        started.wait()
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.waiting >= self.max_waiting:  # only the event loop's thread counts, so no lock is needed

@@ -100,6 +100,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endif %}\n"
 )
 
+# `tokenizers`' plain `encode` holds the GIL for the whole text (about a second per MB): a server's event
+# loop would stop that long. Texts from this many characters on go through `encode_batch`, which does not.
+_LONG_TEXT = 16_384
 _VERY_LARGE_INTEGER = int(1e30)  # what transformers writes for "no model_max_length"
 _CONFIG_KEY = "lmforge"  # our own settings inside tokenizer_config.json (transformers ignores the key)
 
@@ -298,7 +301,11 @@ class Tokenizer:
         literal text of a special token becomes that control token; with `allow_special=False` it is encoded
         as ordinary text (use this for untrusted text).
         """
-        ids = self._backend_for(allow_special).encode(text, add_special_tokens=False).ids
+        backend = self._backend_for(allow_special)
+        if len(text) < _LONG_TEXT:
+            ids = backend.encode(text, add_special_tokens=False).ids
+        else:  # the same ids, but `encode_batch` lets other threads run meanwhile (it releases the GIL)
+            ids = backend.encode_batch([text], add_special_tokens=False)[0].ids
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
                 raise UserError("cannot add a BOS: the tokenizer has no bos token")

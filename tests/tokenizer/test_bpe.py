@@ -299,3 +299,13 @@ def test_constructor_validates_tokens(tok):
     assert (t.bos_id, t.eos_id, t.pad_id, t.eos_ids) == (None, None, None, [])
     with pytest.raises(UserError, match="no bos"):
         t.encode("x", add_bos=True)
+
+
+def test_long_texts_encode_to_the_same_ids(tiny_tokenizer):
+    """Texts past _LONG_TEXT characters go through encode_batch (which lets other threads run): same ids."""
+    from lmforge.tokenizer.bpe import _LONG_TEXT
+
+    text = ("the model reads the next word.\n  ünïcode 🙂 " * (_LONG_TEXT // 20))[: 2 * _LONG_TEXT + 7]
+    assert len(text) > _LONG_TEXT
+    assert tiny_tokenizer.encode(text) == tiny_tokenizer.backend.encode(text, add_special_tokens=False).ids
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode(text)) == text
