@@ -8,10 +8,21 @@ import time
 import pytest
 
 
+@pytest.fixture(scope="session")
+def _kernel_cache(tmp_path_factory):
+    """One compiled-kernel directory for the whole session: a fresh home per test would otherwise make
+    every process that loads a model with the fast path (a CLI subprocess, say) compile it again."""
+    return tmp_path_factory.mktemp("kernels")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
-    """Caches and the model store of a test never touch the user's ~/.lmforge."""
-    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path_factory.mktemp("lmforge_home")))
+def _isolated_home(tmp_path_factory, monkeypatch, _kernel_cache):
+    """Caches and the model store of a test never touch the user's ~/.lmforge (the compiled kernels, which
+    no test changes, are shared by the session)."""
+    home = tmp_path_factory.mktemp("lmforge_home")
+    (home / "cache").mkdir()
+    (home / "cache" / "kernels").symlink_to(_kernel_cache, target_is_directory=True)
+    monkeypatch.setenv("LMFORGE_HOME", str(home))
     monkeypatch.setenv("TQDM_DISABLE", "1")
 
 

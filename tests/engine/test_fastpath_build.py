@@ -31,7 +31,11 @@ WHOLE = b" END"  # how every fake library ends; a truncated one does not
 
 @pytest.fixture
 def fresh(monkeypatch):
-    """This process as if it had loaded no kernel yet (the real one is back after the test)."""
+    """This process as if it had loaded no kernel yet (the real one is back after the test), with an empty
+    kernel directory of its own (not the session's shared one, which conftest links into every home)."""
+    shared = paths.cache_dir("kernels")
+    if shared.is_symlink():
+        shared.unlink()
     monkeypatch.setattr(fastpath, "_loaded", {})
     monkeypatch.setattr(fastpath, "_noticed", False)
     fastpath._build.cache_clear()
