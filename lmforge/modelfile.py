@@ -17,7 +17,9 @@ Instructions are case-insensitive; `#` starts a comment line. Values may be bare
 
 One deliberate difference from Ollama: TEMPLATE is a Jinja chat template, the format of
 `tokenizer_config.json` that every Hugging Face model ships, not a Go template. A Go template is
-recognised and refused with that explanation rather than rendered wrongly.
+recognised and refused with that explanation rather than rendered wrongly. A Jinja TEMPLATE is rendered
+once on a sample conversation when the Modelfile is read, and refused if that fails or breaks the render
+limits of `lmforge.tokenizer.chat_template` (2 s, 1,000,000 steps, 1,000,000 characters).
 
 PARAMETER names are Ollama's (`repeat_penalty`, `num_predict`, ...) or lmforge's own
 (`repetition_penalty`, `max_new_tokens`, ...); both map onto `SamplingParams` fields, and the values are
@@ -204,12 +206,14 @@ def parse(text: str, *, source: str = "Modelfile") -> Modelfile:
 
 
 def _check_template(template: str, where: str) -> None:
-    from lmforge.tokenizer.chat_template import compile_chat_template
+    """Refuse a TEMPLATE now rather than at chat time: an Ollama Go template, invalid Jinja, or one that fails or
+    breaks the render limits (time, steps, size) on a sample conversation (see check_chat_template)."""
+    from lmforge.tokenizer.chat_template import check_chat_template
 
     if re.search(r"\{\{-?\s*\.|\{\{-?\s*(if|range|end)\b", template):
         raise UserError(f"{where}: TEMPLATE looks like an Ollama Go template; lmforge takes a Jinja chat template "
                         f"(the chat_template of tokenizer_config.json)")
     try:
-        compile_chat_template(template)
-    except Exception as e:  # noqa: BLE001 - jinja2.TemplateSyntaxError and friends
-        raise UserError(f"{where}: TEMPLATE is not a valid Jinja template ({' '.join(str(e).split())})") from None
+        check_chat_template(template)
+    except UserError as e:
+        raise UserError(f"{where}: TEMPLATE refused: {e}") from None

@@ -67,3 +67,31 @@ def test_mistakes_name_the_line(text, message):
     with pytest.raises(UserError, match=None) as e:
         parse(text)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("template, says", [
+    # before: accepted (create only compiled it), then froze every chat with the model
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loop steps"),
+    # before: hung inside parse(), compiling (Jinja folded the gigabyte into the compiled code)
+    ("{{ 'a' * 10**9 }}", "1,000,000,000 characters"),
+    ("{{ '%0900000000d' % 1 }}", "900,000,000 characters"),
+    # before: accepted; every chat then rendered 100 MB
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output of"),
+    # before: accepted; every chat then failed with a RecursionError traceback
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    # before: accepted; every chat then failed
+    ("{{ raise_exception('this model takes no chats') }}", "this model takes no chats"),
+])
+def test_a_template_that_fails_or_breaks_the_limits_on_a_sample_chat_is_refused(template, says):
+    with pytest.raises(UserError) as e:
+        parse(f'FROM a\nTEMPLATE """{template}"""\n')
+    message = str(e.value)
+    assert message.startswith("Modelfile:2: TEMPLATE refused: chat template") and says in message, message
+    assert "\n" not in message and "sample conversation" in message
+
+
+def test_a_template_that_refuses_system_messages_is_accepted():
+    # Gemma's templates raise on a system message; the sample is tried again without one.
+    template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    assert parse(f'FROM a\nTEMPLATE """{template}"""\n').template == template
