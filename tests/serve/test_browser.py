@@ -5,7 +5,7 @@ greedy output is known: `parrot_model` overfits a `tiny` lmforge model (with a t
 replies themselves, so they are a few dozen tokens) on two fixed conversations in a couple of seconds:
 
     "Show me markdown" -> MARKDOWN_REPLY   (bold text and a python code fence)
-    "Show me html"     -> HOSTILE_REPLY    (a <script>, an <img onerror>, a remote image)
+    "Show me html"     -> HOSTILE_REPLY    (a <script>, an <img onerror>, a remote image, a style="")
 
 Skipped, with the reason, when /usr/bin/chromium or lmforge/serve/web/node_modules is missing (`make test`
 sets both up when it can). We never run `playwright install`: the browser is the distribution's.
@@ -35,7 +35,7 @@ MARKDOWN_PROMPT = "Show me markdown"
 MARKDOWN_REPLY = "Here is **bold** and code:\n\n```python\nprint(42)\n```"
 HOSTILE_PROMPT = "Show me html"
 HOSTILE_REPLY = ('Hi <script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
-                 '<img src="http://example.invalid/p.png"> done')
+                 '<img src="http://example.invalid/p.png"><span style="color: red">red</span> done')
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ANSWER_TIMEOUT_MS = 20_000  # the whole answer of a tiny model takes well under a second; this is slack
@@ -127,20 +127,112 @@ def browser():
             b.close()
 
 
+# Installed in every page before the page's own scripts (add_init_script), this watches the live document
+# for the moment hostile markup would become live, however briefly and however fast the machine: a
+# MutationObserver sees every element inserted (by the parser or by script) and every attribute change, so an
+# element that arrives with an on* attribute or a javascript: URL is reported even when it is cleaned or
+# removed again in the same task; the HTML-parsing setters and methods report any HTML string parsed into
+# a node of this document (attached or not: a detached <img> of the page's document still loads, and its
+# onerror runs); and every CSP violation is reported. Reports are console errors starting with WATCH_PREFIX,
+# which Page collects in `findings`. Only Playwright calls this code; the UI never sees it.
+WATCH_PREFIX = "lmforge-watch:"
+WATCH_JS = r"""
+(() => {
+  const report = (what) => console.error("%s " + what);
+  const clip = (s) => String(s).slice(0, 160);
+  const URL_ATTRS = new Set(["href", "src", "action", "formaction", "xlink:href", "data", "poster", "background"]);
+  const badAttr = (name, value) => {
+    name = name.toLowerCase();
+    if (name.startsWith("on") || name === "srcdoc") return true;
+    // Browsers drop ASCII whitespace and control characters inside a URL's scheme ("java\tscript:").
+    return URL_ATTRS.has(name) && value !== null &&
+      /^(javascript|vbscript|data:text\/html)/i.test(String(value).replace(/[\u0000-\u0020]/g, ""));
+  };
+  const check = (el, how) => {
+    const tag = el.localName;
+    if ((tag === "script" && !el.hasAttribute("src")) || ["iframe", "frame", "object", "embed", "base"].includes(tag)) {
+      report(`${how} <${tag}>: ${clip(el.outerHTML)}`);
+    }
+    for (const a of el.attributes) if (badAttr(a.name, a.value)) report(`${how} <${tag} ${a.name}="${clip(a.value)}">`);
+  };
+  const checkTree = (node, how) => {
+    if (node.nodeType === Node.ELEMENT_NODE) check(node, how);
+    if (node.querySelectorAll) for (const el of node.querySelectorAll("*")) check(el, how);
+  };
+  new MutationObserver((records) => {
+    for (const r of records) {
+      if (r.type === "childList") for (const n of r.addedNodes) checkTree(n, "inserted");
+      else if (badAttr(r.attributeName, r.oldValue) || badAttr(r.attributeName, r.target.getAttribute(r.attributeName))) {
+        report(`attribute ${r.attributeName} changed on a live <${r.target.localName}>`);
+      }
+    }
+  }).observe(document, { childList: true, subtree: true, attributes: true, attributeOldValue: true });
+
+  const inPage = (node) => node && (node.ownerDocument || node) === document;
+  const parses = (html) => /</.test(String(html));
+  const wrapSetter = (proto, name) => {
+    const d = Object.getOwnPropertyDescriptor(proto, name);
+    if (!d || !d.set) return;
+    Object.defineProperty(proto, name, { ...d, set(v) {
+      if (inPage(this) && parses(v)) report(`${name} parsed HTML into the page: ${clip(v)}`);
+      return d.set.call(this, v);
+    } });
+  };
+  const wrapMethod = (proto, name, htmlArg, nodeOf = (self) => self) => {
+    const f = proto && proto[name];
+    if (typeof f !== "function") return;
+    proto[name] = function (...args) {
+      if (inPage(nodeOf(this)) && parses(args[htmlArg])) report(`${name} parsed HTML into the page: ${clip(args[htmlArg])}`);
+      return f.apply(this, args);
+    };
+  };
+  for (const proto of [Element.prototype, ShadowRoot.prototype]) wrapSetter(proto, "innerHTML");
+  wrapSetter(Element.prototype, "outerHTML");
+  wrapMethod(Element.prototype, "insertAdjacentHTML", 1);
+  wrapMethod(Element.prototype, "setHTMLUnsafe", 0);
+  wrapMethod(ShadowRoot.prototype, "setHTMLUnsafe", 0);
+  wrapMethod(Range.prototype, "createContextualFragment", 0, (range) => range.startContainer);
+  wrapMethod(Document.prototype, "write", 0);
+  wrapMethod(Document.prototype, "writeln", 0);
+
+  document.addEventListener("securitypolicyviolation",
+    (e) => report(`CSP violation: ${e.effectiveDirective} blocked ${clip(e.blockedURI)} ${clip(e.sample)}`));
+})();
+""" % WATCH_PREFIX
+
+
 class Page:
     """A fresh browser context (empty localStorage) on the server, recording what the page does."""
 
-    def __init__(self, browser, base_url: str) -> None:
-        self.base_url = base_url
+    def __init__(self, browser, base_url: str, model: str = MODEL) -> None:
+        self.base_url, self.model = base_url, model
         self.context = browser.new_context(viewport={"width": 1200, "height": 900})
+        self.context.add_init_script(WATCH_JS)
         self.page = self.context.new_page()
         self.page.set_default_timeout(ANSWER_TIMEOUT_MS)
         self.errors: list[str] = []  # console errors and uncaught exceptions
+        self.findings: list[str] = []  # what WATCH_JS saw (it outlives reloads: the list is ours)
         self.requests: list[str] = []  # every URL the page asked for
         self.chat_bodies: list[dict] = []  # the JSON bodies sent to /v1/chat/completions
-        self.page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
+        self.page.on("console", self._on_console)
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
         self.page.on("request", self._on_request)
+
+    def _on_console(self, message) -> None:
+        if message.text.startswith(WATCH_PREFIX):
+            self.findings.append(message.text[len(WATCH_PREFIX):].strip())
+        elif message.type == "error":
+            self.errors.append(f"console: {message.text}")
+
+    def settle(self) -> None:
+        """Let pending observer callbacks, frames and console messages through before reading findings."""
+        self.page.evaluate("() => new Promise((r) => requestAnimationFrame(() => setTimeout(r, 50)))")
+
+    def assert_inert(self) -> None:
+        """Nothing hostile was ever live in the page: no finding, no script of the model's ran."""
+        self.settle()
+        assert self.findings == [], f"hostile markup reached the page {len(self.findings)} times: {self.findings[:8]}"
+        assert self.page.evaluate("window.__pwned") is None
 
     def _on_request(self, request) -> None:
         self.requests.append(request.url)
@@ -150,7 +242,7 @@ class Page:
     def open(self):
         response = self.page.goto(self.base_url + "/")
         self.page.wait_for_selector("body[data-ready=true]")
-        self.page.wait_for_selector(f"[data-testid=model-select] option[value='{MODEL}']", state="attached")
+        self.page.wait_for_selector(f"[data-testid=model-select] option[value='{self.model}']", state="attached")
         return response
 
     def greedy(self) -> None:
@@ -160,18 +252,18 @@ class Page:
         self.page.fill("[data-testid=setting-max_tokens]", "80")
         self.page.click("[data-testid=settings-button]")
 
-    def ask(self, text: str):
+    def ask(self, text: str, timeout_ms: int = ANSWER_TIMEOUT_MS):
         """Send `text` and wait until its answer has finished streaming; the answer's locator."""
         page = self.page
-        page.select_option("[data-testid=model-select]", MODEL)
+        page.select_option("[data-testid=model-select]", self.model)
         page.fill("[data-testid=composer-input]", text)
         page.click("[data-testid=send]")
-        return self.wait_answer()
+        return self.wait_answer(timeout_ms)
 
-    def wait_answer(self):
+    def wait_answer(self, timeout_ms: int = ANSWER_TIMEOUT_MS):
         answer = self.page.locator("[data-testid=message][data-role=assistant]").last
         # Actions (thumbs, regenerate...) are drawn once the stream has ended.
-        sync_api.expect(answer.get_by_test_id("thumbs-down")).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
+        sync_api.expect(answer.get_by_test_id("thumbs-down")).to_be_visible(timeout=timeout_ms)
         sync_api.expect(self.page.get_by_test_id("stop")).to_be_hidden()
         return answer
 
@@ -270,6 +362,7 @@ def test_chat_markdown_token_probabilities_and_feedback(ui):
 
     assert ui.remote_requests() == []
     assert ui.errors == []
+    ui.assert_inert()
 
 
 def test_hostile_model_output_renders_inert(ui):
@@ -277,17 +370,16 @@ def test_hostile_model_output_renders_inert(ui):
     ui.open()
     ui.greedy()
     answer = ui.ask(HOSTILE_PROMPT)
+    ui.assert_inert()  # nothing of it was ever live, and the CSP never had anything to block
     body = answer.get_by_test_id("message-body")
-    expect(body).to_contain_text("Hi")
-    expect(body).to_contain_text("done")
+    # The HTML the model wrote is shown as the text it is, never parsed (test_browser_hostile.py has more).
+    expect(body).to_have_text(HOSTILE_REPLY)
 
-    # Nothing ran, nothing executable is left in the DOM, no image points anywhere.
+    # Nothing ran, nothing executable is in the DOM, nothing was ever live (ui.assert_inert below).
     assert ui.page.evaluate("window.__pwned") is None
     assert ui.page.locator("script:not([src])").count() == 0
     assert ui.page.locator("[onerror]").count() == 0
-    assert body.locator("script").count() == 0
-    for src in body.locator("img").evaluate_all("imgs => imgs.map(i => i.getAttribute('src'))"):
-        assert src is None or src.startswith("data:"), src
+    assert body.locator("script, img").count() == 0
 
     # The token view shows the raw markup as text, still inert.
     answer.get_by_test_id("tokens-button").click()
@@ -308,6 +400,7 @@ def test_hostile_model_output_renders_inert(ui):
 
     assert ui.remote_requests() == [], "the page tried to reach another host"
     assert ui.errors == []
+    ui.assert_inert()
 
 
 def test_edit_regenerate_and_conversations(ui):
@@ -373,3 +466,4 @@ def test_edit_regenerate_and_conversations(ui):
     assert ui.remote_requests() == []
     # The refused request is the one error the browser may log (as a failed resource load).
     assert [e for e in ui.errors if "status of 4" not in e] == []
+    ui.assert_inert()
