@@ -88,9 +88,10 @@ def _check_args(model, prompt: list[int], num_beams: int, max_new_tokens: int, e
 @torch.inference_mode()
 def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, eos_ids: tuple[int, ...] = (), n_best: int = 1,
-                should_stop: Callable[[], bool] | None = None) -> list[BeamHypothesis]:
+                should_stop: Callable[[], bool] | None = None, vocab: int | None = None) -> list[BeamHypothesis]:
     """The `n_best` best hypotheses of a beam search of width `num_beams`, best score first. `should_stop`
-    is asked before every step; when it says yes the search raises `Cancelled` (its client went away)."""
+    is asked before every step; when it says yes the search raises `Cancelled` (its client went away). Ids
+    from `vocab` on (past the tokenizer's vocabulary) are never chosen."""
     budget = _check_args(model, prompt, num_beams, max_new_tokens, early_stopping, n_best)
     cfg = model.config
     param = next(model.parameters())
@@ -125,7 +126,11 @@ def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int
     for t in range(budget):  # t tokens generated so far; this step picks token t
         if should_stop is not None and should_stop():
             raise Cancelled("the beam search was cancelled")
-        scores = F.log_softmax(logits.float(), dim=-1) + running[:, None]  # (k, V) sums if extended by each token
+        logits = logits.float()
+        if vocab is not None and vocab < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, vocab:] = NEG_INF
+        scores = F.log_softmax(logits, dim=-1) + running[:, None]  # (k, V) sums if extended by each token
         cand_scores, flat = scores.view(-1).topk(min(n_cand, k * V))  # (n_cand,) best first
         src, tok = flat // V, flat % V  # the beam each candidate extends, and its new token
         cand_seqs = seqs[src]

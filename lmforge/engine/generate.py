@@ -156,6 +156,16 @@ class Engine:
                 fastpath.accelerate(self.model, dtype=low)
         self.device = p.device
         self.dtype = self.model.tok_emb.weight.dtype  # the activations' dtype, which the KV cache follows
+        # Models often have more embedding rows than their tokenizer has tokens (Qwen2: 151,936 for 151,665,
+        # rounded up for speed). Those ids have no text: they are never chosen, nor offered as alternatives.
+        self.text_vocab = min(self.config.vocab_size, tokenizer.vocab_size)
+
+    def text_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (..., V) as float32 with the ids past the tokenizer's vocabulary ruled out (-inf)."""
+        logits = logits.float()
+        if self.text_vocab < logits.shape[-1]:
+            logits[..., self.text_vocab:] = float("-inf")
+        return logits
 
     # ------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -220,7 +230,8 @@ class Engine:
 
         prefill_mask = cache.mask(torch.arange(P, device=dev), key_mask) if padded else None
         logits = self.model(idx, positions=positions if padded else None, cache=cache, mask=prefill_mask,
-                            last_only=True)[:, -1].float()
+                            last_only=True)[:, -1]
+        logits = self.text_logits(logits)
         next_pos = positions[:, -1] + 1
         step_slot = P
         all_slots = torch.arange(S, device=dev)  # slices of it feed each step, no per-step allocation
@@ -241,7 +252,8 @@ class Engine:
             slot = all_slots[step_slot:step_slot + 1]
             key_mask[:, step_slot] = True
             logits = self.model(chosen[:, None], positions=next_pos[:, None] if padded else None, cache=cache,
-                                slots=slot, mask=cache.mask(slot, key_mask) if padded else None)[:, -1].float()
+                                slots=slot, mask=cache.mask(slot, key_mask) if padded else None)[:, -1]
+            logits = self.text_logits(logits)
             next_pos = next_pos + 1
             step_slot += 1
 
@@ -276,7 +288,7 @@ class Engine:
         eos = self.eos_ids(params)
         hyps = beam_search(self.model, ids, num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
                            length_penalty=params.length_penalty, early_stopping=params.early_stopping,
-                           eos_ids=tuple(eos), n_best=n_best, should_stop=should_stop)
+                           eos_ids=tuple(eos), n_best=n_best, should_stop=should_stop, vocab=self.text_vocab)
         return finish_beams(self.tokenizer, hyps, stop=params.stop, eos_ids=eos)
 
     # ------------------------------------------------------------------------------------------------
@@ -295,7 +307,7 @@ class Engine:
             if should_stop is not None and should_stop():
                 raise Cancelled("scoring was cancelled")
             window = ids[start:start + C]
-            logits = self.model(torch.tensor([window], device=self.device)).float()
+            logits = self.text_logits(self.model(torch.tensor([window], device=self.device)))
             logp = torch.log_softmax(logits[0, :-1], dim=-1)
             targets = torch.tensor(window[1:], device=self.device)
             first = scored - start - 1  # index in the window's targets of the first not-yet-scored one

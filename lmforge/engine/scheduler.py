@@ -361,8 +361,9 @@ class Scheduler:
             idx[b, :lengths[b]] = torch.tensor(x)
         slots = (start + torch.arange(width, device=dev)).expand(B, width)
         view = self.cache.rows(first_row + B, first_row)
-        return engine.model(idx.to(dev), cache=view, slots=slots, mask=view.mask(slots),
-                            output_positions=torch.tensor(lengths, device=dev) - 1)[:, -1].float()
+        logits = engine.model(idx.to(dev), cache=view, slots=slots, mask=view.mask(slots),
+                            output_positions=torch.tensor(lengths, device=dev) - 1)[:, -1]
+        return engine.text_logits(logits)
 
     def _new_row(self, req: Request) -> _Row:
         """The row of a request whose prompt is in the cache (its first token is still to be chosen)."""
@@ -429,7 +430,7 @@ class Scheduler:
         tokens = torch.tensor([[row.next_token] for row in self.rows], device=dev)
         slots = torch.tensor([[row.pos] for row in self.rows], device=dev)
         view = self.cache.rows(n)
-        logits = self.engine.model(tokens, cache=view, slots=slots, mask=view.mask(slots))[:, -1].float()
+        logits = self.engine.text_logits(self.engine.model(tokens, cache=view, slots=slots, mask=view.mask(slots))[:, -1])
         for row in self.rows:
             row.pos += 1
         self.steps += 1

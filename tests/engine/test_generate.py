@@ -169,3 +169,38 @@ def test_repetition_penalty_reaches_the_engine(engine):
     out = engine.complete([prompt], greedy(max_new_tokens=30, ignore_eos=True, repetition_penalty=1e4,
                                            repeat_last_n=-1))[0].ids
     assert len(set(out)) == len(out) and not set(out) & set(prompt)
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_never_chosen(tiny_tokenizer):
+    """A model with more embedding rows than its tokenizer has tokens (as Qwen2 pads its vocabulary): those
+    ids have no text, and used to end a generation with IndexError. Here they are the most likely ones."""
+    from lmforge.engine.generate import Engine
+    from lmforge.engine.scheduler import Request, Scheduler
+    from lmforge.model.gpt import GPT
+    from lmforge.presets import get_preset
+    from conftest import wait_until
+
+    torch.manual_seed(0)
+    extra = 16
+    model = GPT(get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size + extra, context_length=64,
+                           tie_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight[-extra:] *= 50.0  # make the padded ids win the argmax
+    engine = Engine(model, tiny_tokenizer, fast=False)
+    V = tiny_tokenizer.vocab_size
+    for params in (greedy(max_new_tokens=8, ignore_eos=True, logprobs=3),
+                   SamplingParams(temperature=1.0, seed=3, max_new_tokens=8, ignore_eos=True)):
+        c = engine.complete(["the model"], params)[0]
+        assert len(c.ids) == 8 and max(c.ids) < V
+        assert all(i < V for top in c.top_logprobs for i, _ in top)
+    assert max(engine.beam_search("the model", greedy(num_beams=3, max_new_tokens=6, ignore_eos=True))[0].ids) < V
+    got, done = [], []
+    sched = Scheduler(engine, max_batch=2)
+    try:
+        sched.submit(Request(engine.encode_prompt("the model"), greedy(max_new_tokens=6, ignore_eos=True),
+                             lambda ev: done.append(1) if ev is None else got.append(ev.token_id)))
+        assert wait_until(lambda: done, timeout=30)
+    finally:
+        sched.stop()
+    assert len(got) == 6 and max(got) < V
+    assert max(engine.score_ids(engine.encode_prompt("the model reads"), top_k=3).top_logprobs[-1])[0] < V
