@@ -433,19 +433,13 @@ def test_an_invalid_store_name_is_refused_before_any_work(capsys, tmp_path, argv
     assert "model names are NAME or NAME:TAG" in line or "'..' is not allowed" in line  # the rule itself
 
 
-@pytest.mark.parametrize("template, says", [
-    # before: created (exit 0); every chat with the model then froze the server
-    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loop steps"),
-    # before: `lmforge create` itself hung, compiling the template
-    ("{{ 'a' * 10**9 }}", "1,000,000,000 characters"),
-    ("{{ '%0900000000d' % 1 }}", "900,000,000 characters"),
-    # before: created; every chat then rendered a 100 MB prompt
-    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output of"),
-    # before: created; every chat then failed with a RecursionError traceback
-    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
-    ("{{ raise_exception('no chats') }}", "no chats"),
-])
+from test_modelfile import HOSTILE_TEMPLATES  # noqa: E402 - kept with the tests it belongs to, at the end
+
+
+@pytest.mark.parametrize("template, says", HOSTILE_TEMPLATES)
 def test_create_refuses_a_template_that_fails_or_breaks_the_limits(capsys, tmp_path, model_dir, template, says):
+    """Before: `lmforge create` hung compiling the gigabyte templates and stored the others (exit 0), which then
+    froze, flooded or failed every chat with the model. Now: exit 2, one line, nothing stored."""
     (tmp_path / "Modelfile").write_text(f'FROM {model_dir}\nTEMPLATE """{template}"""\n')
     assert_user_error(capsys, ["create", "hostile", "-f", tmp_path / "Modelfile"], "Modelfile:2: TEMPLATE refused", says)
     assert "no models yet" in run(capsys, "list")[1]  # nothing was stored

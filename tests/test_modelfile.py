@@ -69,7 +69,8 @@ def test_mistakes_name_the_line(text, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("template, says", [
+# Chat templates `lmforge create` must refuse (issue 13 #2), with what the refusal says; test_cli uses them too.
+HOSTILE_TEMPLATES = [
     # before: accepted (create only compiled it), then froze every chat with the model
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loop steps"),
     # before: hung inside parse(), compiling (Jinja folded the gigabyte into the compiled code)
@@ -81,7 +82,10 @@ def test_mistakes_name_the_line(text, message):
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
     # before: accepted; every chat then failed
     ("{{ raise_exception('this model takes no chats') }}", "this model takes no chats"),
-])
+]
+
+
+@pytest.mark.parametrize("template, says", HOSTILE_TEMPLATES)
 def test_a_template_that_fails_or_breaks_the_limits_on_a_sample_chat_is_refused(template, says):
     with pytest.raises(UserError) as e:
         parse(f'FROM a\nTEMPLATE """{template}"""\n')
