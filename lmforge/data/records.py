@@ -14,6 +14,11 @@ Formats
   conversation repeating the prompt). Without ``prompt``, two message lists that share everything but
   their last message give the prompt implicitly (TRL's "implicit prompt" format).
   ``builtin:pydocs-prefs[:train|:heldout|:all]`` names the built-in pairs.
+* **Feedback** (what `lmforge serve`'s chat UI collects, `feedback.jsonl`): one object per line with
+  ``messages`` (ending with the user turn), the model's ``response``, a ``rating`` ("up"/"down"/null) and
+  a ``better`` answer or null. Both readers take it as it is: as a conversation, the better answer or a
+  thumbed-up response ends ``messages``; as a preference, the better answer is chosen over the response.
+  A record with nothing to learn for that kind (a thumbs-down without a better answer) is skipped.
 
 Bad records are skipped, each reported with its line number and the reason (`ChatData.problems`); a
 file without a single usable record is a `UserError` that shows the first problems.
@@ -168,11 +173,36 @@ def clean_messages(messages: list) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def _is_feedback(obj: Any) -> bool:
+    return isinstance(obj, dict) and "response" in obj and "messages" in obj and "prompt" not in obj
+
+
+def _feedback_parts(obj: dict) -> tuple[list | None, str | None, str | None, str | None]:
+    """(messages, response, better, reason) of a feedback record, strings checked."""
+    response, better = obj.get("response"), obj.get("better")
+    if not isinstance(response, str) or not (better is None or isinstance(better, str)):
+        return None, None, None, 'feedback "response" must be a string and "better" a string or null'
+    if obj.get("rating") not in ("up", "down", None):
+        return None, None, None, f'feedback "rating" must be "up", "down" or null, got {obj.get("rating")!r}'
+    better = better.strip() if better and better.strip() else None
+    return obj["messages"], response, better, None
+
+
 def _check_conversation_record(obj: Any) -> tuple[list[dict] | None, str | None]:
     if not isinstance(obj, dict):
         return None, f'expected a JSON object with a "messages" list, got {_json_type(obj)}'
     if "messages" not in obj:
         return None, 'no "messages" list'
+    if _is_feedback(obj):
+        messages, response, better, reason = _feedback_parts(obj)
+        if reason:
+            return None, reason
+        answer = better if better is not None else (response if obj.get("rating") == "up" and response.strip() else None)
+        if answer is None:
+            return None, "feedback with no answer to learn from (no better answer, not a thumbs-up)"
+        if not isinstance(messages, list):
+            return None, f'"messages" must be a list, got {_json_type(messages)}'
+        obj = {"messages": [*messages, {"role": "assistant", "content": answer}]}
     reason = check_conversation(obj["messages"])
     return (None, reason) if reason else (clean_messages(obj["messages"]), None)
 
@@ -201,6 +231,13 @@ def _reply(value: Any, key: str) -> tuple[str | None, list[dict] | None, str | N
 def _check_preference_record(obj: Any) -> tuple[Preference | None, str | None]:
     if not isinstance(obj, dict):
         return None, f'expected a JSON object with "prompt", "chosen" and "rejected", got {_json_type(obj)}'
+    if _is_feedback(obj):
+        messages, response, better, reason = _feedback_parts(obj)
+        if reason:
+            return None, reason
+        if better is None or better == response.strip():
+            return None, "feedback with no better answer that differs from the response"
+        obj = {"prompt": messages, "chosen": better, "rejected": response}
     prompt_value = obj.get("prompt")
     prompt: list[dict] | None
     if prompt_value is None:

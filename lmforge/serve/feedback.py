@@ -1,13 +1,15 @@
 """Feedback from the chat UI, kept as training data for the next round of fine-tuning.
 
-Three JSONL files under `$LMFORGE_HOME/feedback/` (or the server's `--feedback-dir`), each in a format
-lmforge's trainers read directly:
+One JSONL file, `$LMFORGE_HOME/feedback/feedback.jsonl` (or under the server's `--feedback-dir`), one line
+per piece of feedback, each written once:
 
-* `ratings.jsonl`     every rating: {"model", "time", "messages", "response", "rating", "better"} (the log);
-* `sft.jsonl`         {"messages": [..., {"role": "assistant", "content": answer}]} for every answer a user
-                      wrote or approved (a better answer, or a thumbs-up)  ->  `lmforge finetune --data`;
-* `preferences.jsonl` {"prompt": messages, "chosen": better, "rejected": response} for every better answer
-                      that differs from the model's  ->  `lmforge align --data`.
+    {"model", "time", "messages", "response", "rating": "up" | "down" | null, "better": text | null}
+
+lmforge's trainers read it as it is (`lmforge.data.records`): `lmforge finetune --data feedback.jsonl`
+trains on every answer a user wrote or approved (a better answer, or a thumbs-up), and `lmforge align
+--data feedback.jsonl` on every better answer that differs from the model's, as chosen over the model's.
+(Earlier versions wrote up to three copies of a record, to ratings.jsonl, sft.jsonl and preferences.jsonl;
+the readers still take those files.)
 
 Each record is one `write` of one line to a file opened for appending, under a lock, so concurrent
 requests never interleave their lines.
@@ -30,6 +32,7 @@ from pathlib import Path
 from lmforge.paths import home
 
 _lock = threading.Lock()
+FILE = "feedback.jsonl"
 
 
 class FeedbackRefused(Exception):
@@ -85,20 +88,13 @@ def _append(path: Path, line: bytes, max_file: int) -> None:
 
 def save_feedback(directory: Path | None, model: str, messages: list[dict], response: str, rating: str | None,
                   better: str | None, *, max_record: int = 256 * 1024, max_file: int = 64 << 20) -> list[str]:
-    """Record one piece of feedback; returns the names of the files written (no paths: they go to clients).
+    """Record one piece of feedback; returns the name of the file written (no path: it goes to clients).
     `FeedbackRefused` when a limit says no; then nothing is written."""
     d = feedback_dir(directory)
     better = better.strip() if better and better.strip() else None
-    records = [("ratings.jsonl", {"model": model, "time": time.time(), "messages": messages, "response": response,
-                                  "rating": rating, "better": better})]
-    answer = better if better is not None else (response if rating == "up" and response.strip() else None)
-    if answer is not None:
-        records.append(("sft.jsonl", {"messages": [*messages, {"role": "assistant", "content": answer}]}))
-    if better is not None and better != response.strip():
-        records.append(("preferences.jsonl", {"prompt": messages, "chosen": better, "rejected": response}))
-    lines = [(name, _line(record, max_record)) for name, record in records]
+    line = _line({"model": model, "time": time.time(), "messages": messages, "response": response,
+                  "rating": rating, "better": better}, max_record)
     d.mkdir(parents=True, exist_ok=True)
     with _lock:
-        for name, line in lines:
-            _append(d / name, line, max_file)
-    return [name for name, _ in lines]
+        _append(d / FILE, line, max_file)
+    return [FILE]

@@ -205,14 +205,16 @@ def test_feedback_lands_as_training_data(server, monkeypatch, tmp_path):
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     r = httpx.post(server.base_url + "/v1/feedback", json={"model": "tiny", "messages": conv, "response": "5",
                                                             "rating": "down", "better": "4"})
-    assert r.status_code == 200 and r.json()["saved"] == ["ratings.jsonl", "sft.jsonl", "preferences.jsonl"]
-    httpx.post(server.base_url + "/v1/feedback", json={"model": "tiny", "messages": conv, "response": "4",
-                                                        "rating": "up"})
-    prefs = read_preferences(str(tmp_path / "preferences.jsonl")).pairs
-    assert len(prefs) == 1 and prefs[0].chosen == "4" and prefs[0].rejected == "5"
-    sft = read_conversations(str(tmp_path / "sft.jsonl")).conversations
-    assert [c[-1]["content"] for c in sft] == ["4", "4"]
-    assert len((tmp_path / "ratings.jsonl").read_text().splitlines()) == 2
+    assert r.status_code == 200 and r.json()["saved"] == ["feedback.jsonl"]
+    for body in ({"response": "4", "rating": "up"}, {"response": "5", "rating": "down"}):
+        httpx.post(server.base_url + "/v1/feedback", json={"model": "tiny", "messages": conv, **body})
+    assert len((tmp_path / "feedback.jsonl").read_text().splitlines()) == 3  # one line per feedback, once
+    prefs = read_preferences(str(tmp_path / "feedback.jsonl"))  # the trainers read the one file as it is
+    assert len(prefs.pairs) == 1 and prefs.pairs[0].chosen == "4" and prefs.pairs[0].rejected == "5"
+    assert prefs.pairs[0].prompt == conv and [line for line, _ in prefs.problems] == [2, 3]
+    sft = read_conversations(str(tmp_path / "feedback.jsonl"))
+    assert [c[-1]["content"] for c in sft.conversations] == ["4", "4"]  # the better answer, the thumbed-up one
+    assert [line for line, _ in sft.problems] == [3]  # a thumbs-down alone teaches nothing
 
 
 def test_a_client_that_hangs_up_frees_its_slot(server):

@@ -350,15 +350,17 @@ def test_chat_markdown_token_probabilities_and_feedback(ui):
     answer.get_by_test_id("better-submit").click()
     expect(answer.get_by_test_id("feedback-status")).to_have_text(re.compile("better answer saved", re.I))
 
-    ratings = read_jsonl(feedback_dir() / "ratings.jsonl")
+    ratings = read_jsonl(feedback_dir() / "feedback.jsonl")
     assert len(ratings) == 2
     for r in ratings:
         assert r["model"] == MODEL and r["response"] == MARKDOWN_REPLY and r["rating"] == "down"
         assert r["messages"] == [{"role": "user", "content": MARKDOWN_PROMPT}]
     assert ratings[0]["better"] is None and ratings[1]["better"] == better
-    prefs = read_jsonl(feedback_dir() / "preferences.jsonl")
-    assert prefs[-1]["chosen"] == better and prefs[-1]["rejected"] == MARKDOWN_REPLY
-    assert prefs[-1]["prompt"] == [{"role": "user", "content": MARKDOWN_PROMPT}]
+    from lmforge.data.records import read_preferences
+
+    prefs = read_preferences(str(feedback_dir() / "feedback.jsonl")).pairs
+    assert prefs[-1].chosen == better and prefs[-1].rejected == MARKDOWN_REPLY
+    assert prefs[-1].prompt == [{"role": "user", "content": MARKDOWN_PROMPT}]
 
     assert ui.remote_requests() == []
     assert ui.errors == []

@@ -46,8 +46,7 @@ def test_a_record_over_the_limit_is_refused(server, tmp_path):
 def test_a_full_file_stops_growing(server, tmp_path):
     codes = [post(server, GOOD).status_code for _ in range(40)]
     assert codes[0] == 200 and codes[-1] == 507
-    for name in ("ratings.jsonl", "sft.jsonl", "preferences.jsonl"):
-        assert (tmp_path / "fb" / name).stat().st_size <= 4096
+    assert (tmp_path / "fb" / "feedback.jsonl").stat().st_size <= 4096
     assert post(server, GOOD).json()["error"]["code"] == "feedback_full"
 
 
@@ -59,7 +58,7 @@ def test_the_rate_is_limited(chat_model_dir, live_server, tmp_path):
     limited = [r for r in codes[10:] if r.status_code == 429]
     assert limited and int(limited[0].headers["retry-after"]) >= 1
     assert limited[0].json()["error"]["code"] == "rate_limited"
-    assert len((tmp_path / "fb" / "ratings.jsonl").read_text().splitlines()) == 10
+    assert len((tmp_path / "fb" / "feedback.jsonl").read_text().splitlines()) == 10
 
 
 def test_the_token_bucket():
