@@ -364,7 +364,7 @@ def check_model_dir(src: Path, *, allow_pickle: bool = False) -> str:
     copied), the tokenizer, and the names and shapes of the weights from the safetensors headers.
     """
     cfg = load_config(src)
-    load_hf_tokenizer(src)
+    load_hf_tokenizer(src).check_chat_template()  # a template that hangs or fails never enters the store
     weights = WeightFiles(src, allow_pickle=allow_pickle)
     shapes = weights.shapes()
     for name, shape in expected_weight_shapes(cfg).items():

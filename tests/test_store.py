@@ -620,3 +620,20 @@ def test_failed_overwrite_puts_the_old_entry_back(two_models, monkeypatch):
         store.import_model(two_models[1], "m", overwrite=True)
     assert _whole_copy_of(store.model_path("m"), two_models) == two_models[0]
     assert not [p for p in store.models_root().iterdir() if p.name.startswith(".")]
+
+
+def test_import_refuses_a_chat_template_that_hangs_or_fails(tiny_model_dir, tmp_path):
+    """Issue 13 #2: a model whose template would freeze or fail every chat never enters the store; the check
+    renders a sample chat once, under the template limits."""
+    import shutil
+
+    from test_modelfile import HOSTILE_TEMPLATES
+
+    for i, (template, says) in enumerate(HOSTILE_TEMPLATES[:2] + HOSTILE_TEMPLATES[-2:]):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(tiny_model_dir, bad)
+        (bad / "chat_template.jinja").write_text(template)
+        with pytest.raises(UserError) as e:
+            store.import_model(bad, f"bad{i}")
+        assert says in str(e.value) and "\n" not in str(e.value)
+        assert not store.model_path(f"bad{i}").exists()

@@ -57,7 +57,7 @@ from tokenizers import processors
 
 from lmforge.errors import UserError, one_line
 from lmforge.io import atomic_write_json, atomic_write_text, read_json_object
-from lmforge.tokenizer.chat_template import render_chat_template
+from lmforge.tokenizer.chat_template import check_chat_template, render_chat_template
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -371,6 +371,13 @@ class Tokenizer:
         # The named tokens transformers passes (only those that are set).
         named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
         return {k: v for k, v in named.items() if v is not None}
+
+    def check_chat_template(self) -> None:
+        """Refuse (one-line UserError) a chat template that fails, or breaks the render limits, on a sample
+        conversation with this tokenizer's special tokens: `lmforge import` asks before a model enters the
+        store. No template: nothing to check."""
+        if self.chat_template is not None:
+            check_chat_template(self.chat_template, special_tokens=self._special_tokens_for_template())
 
     def apply_chat_template(
         self, messages: list[dict], *, add_generation_prompt: bool = False, **kwargs: Any

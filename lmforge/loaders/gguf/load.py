@@ -110,7 +110,9 @@ def describe_gguf(path: str | os.PathLike, *, check_tokenizer: bool = True) -> d
             del data
     _check_tensor_set(path_str, cfg, tensors)
     if check_tokenizer:
-        check_tokenizer_fits(cfg, tokenizer_from_metadata(path_str, header.metadata), source=path_str)
+        tokenizer = tokenizer_from_metadata(path_str, header.metadata)
+        check_tokenizer_fits(cfg, tokenizer, source=path_str)
+        tokenizer.check_chat_template()
     template = header.metadata.get("tokenizer.chat_template")
     return {"architecture": arch, "config": cfg, "file_type": describe_file_type(header.metadata, header.tensors),
             "parameters": sum(t.n_elements for t in header.tensors if t.name != ROPE_FREQS),
