@@ -13,7 +13,13 @@ from lmforge.tokenizer.bpe import (
     Tokenizer,
     load_hf_tokenizer,
 )
-from lmforge.tokenizer.chat_template import compile_chat_template, render_chat_template
+from lmforge.tokenizer.chat_template import (
+    TemplateLimitError,
+    TemplateLimits,
+    check_chat_template,
+    compile_chat_template,
+    render_chat_template,
+)
 from lmforge.tokenizer.train import check_vocab_size, train_tokenizer
 
 __all__ = [*bpe.__all__, *train.__all__, *chat_template.__all__]

@@ -34,9 +34,8 @@ from lmforge.tokenizer.template_limits import (
     render_bounded,
 )
 
-# What lmforge.tokenizer re-exports; check_chat_template, TemplateLimits and TemplateLimitError are imported
-# from this module.
-__all__ = ["compile_chat_template", "render_chat_template"]
+__all__ = ["TemplateLimitError", "TemplateLimits", "check_chat_template", "compile_chat_template",
+           "render_chat_template"]
 
 
 class _GenerationTag(jinja2.ext.Extension):
