@@ -102,3 +102,32 @@ def test_engine_jobs_stop_when_asked(chat_model_dir):
     with pytest.raises(Cancelled):
         engine.score_ids([5, 6, 7], should_stop=lambda: True)
     assert len(engine.score_ids([5, 6, 7], should_stop=lambda: False).logprobs) == 2
+
+
+def test_a_template_that_would_loop_forever_neither_freezes_the_server_nor_answers(tmp_path, chat_model_dir,
+                                                                                  live_server):
+    """A model whose chat template nests range(100000) loops used to freeze /health and chat to *another*
+    model (rendered on the event loop, unbounded). Now the render stops at its step limit with a 400, on a
+    worker thread, and the other model and /health answer meanwhile."""
+    import shutil
+
+    hostile = tmp_path / "hostile"
+    shutil.copytree(chat_model_dir, hostile)
+    (hostile / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    s = live_server({"tiny": chat_model_dir, "hostile": hostile})
+    results: dict[str, httpx.Response] = {}
+
+    def ask_hostile():
+        results["hostile"] = httpx.post(s.base_url + "/v1/chat/completions", timeout=120,
+                                        json={"model": "hostile", "messages": MSG, "max_tokens": 2})
+
+    t = threading.Thread(target=ask_hostile)
+    t.start()
+    other = httpx.post(s.base_url + "/v1/chat/completions", timeout=120,
+                       json={"model": "tiny", "messages": MSG, "max_tokens": 2})
+    health = httpx.get(s.base_url + "/health", timeout=120)
+    t.join(120)
+    assert other.status_code == 200 and health.status_code == 200
+    r = results["hostile"]
+    assert r.status_code == 400 and "chat template" in r.json()["error"]["message"], r.text
