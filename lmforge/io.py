@@ -72,16 +72,44 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
-def read_json_object(path: str | os.PathLike) -> dict:
-    """The JSON object in the file at `path`; a UserError naming the file when it is not valid JSON or not
-    an object (a model directory's configs are user input)."""
-    p = Path(path)
+# A config.json is a few KB and a tokenizer_config.json with its chat templates a few MB; no config nests
+# more than a handful of levels. Past these a file is damage, refused before it is read (size) or used
+# (depth: anything walking it, a dataclass copy or a JSON dump, would recurse past Python's limit).
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+def read_json(path: str | os.PathLike, *, label: str | None = None) -> Any:
+    """The JSON value in `path`, or one UserError line naming the file (as `label`, default the path): not
+    readable, not UTF-8, not JSON, over MAX_JSON_BYTES, or nested deeper than MAX_JSON_DEPTH (a file of
+    200,000 '[' makes json.loads itself raise RecursionError)."""
+    path = Path(path)
+    label = label or str(path)
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} is not valid JSON: {one_line(e)}") from None
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise UserError(f"{label}: larger than {MAX_JSON_BYTES >> 20} MiB, too large for a JSON config")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise UserError(f"{label}: not usable JSON (nested too deeply to parse)") from None
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{label}: not readable JSON ({one_line(e, 120)})") from None
+    stack = [(value, 1)]
+    while stack:  # iterative: the point is to refuse what would make recursive code fail
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise UserError(f"{label}: not usable JSON (nested more than {MAX_JSON_DEPTH} levels deep)")
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return value
+
+
+def read_json_object(path: str | os.PathLike, *, label: str | None = None) -> dict:
+    """`read_json`, for a file that must hold a JSON object (a model directory's configs are user input)."""
+    obj = read_json(path, label=label)
     if not isinstance(obj, dict):
-        raise UserError(f"{p} should hold a JSON object")
+        raise UserError(f"{label or path}: should hold a JSON object")
     return obj
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError, one_line
+from lmforge.io import read_json as read_json_file
 from lmforge.modelfile import FILE as MODELFILE
 from lmforge.paths import GGUF_IN_STORE, models_root, resolve, split_name
 
@@ -48,9 +49,7 @@ def _dir_size(path: Path) -> int:
 def read_json(path: Path) -> Any:
     """Parsed JSON, or raises UserError naming the file (`loaders.model_dir.read_json`: bounded in size and
     depth, so a damaged file is an error, never a RecursionError or MemoryError)."""
-    from lmforge.loaders.model_dir import read_json as read_model_json
-
-    return read_model_json(path, label=path.name)
+    return read_json_file(path, label=path.name)
 
 
 def _damage(e: Exception) -> str:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import UserError, one_line
-from lmforge.loaders.model_dir import build_model, check_tokenizer, load_model, read_json
+from lmforge.io import read_json
+from lmforge.loaders.model_dir import build_model, check_tokenizer, load_model
 from lmforge.loaders.peft import adapter_base, is_adapter_dir, load_adapter
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import merge_lora

@@ -14,7 +14,6 @@ not need to know what a model is (nor the loaders).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -28,7 +27,7 @@ from safetensors import SafetensorError
 from lmforge.checkpoint import recover, save_tensors
 from lmforge.config import ModelConfig, shown
 from lmforge.errors import UserError, one_line
-from lmforge.io import atomic_write_json
+from lmforge.io import atomic_write_json, read_json
 from lmforge.loaders.hf import (
     config_from_hf,
     config_to_hf,
@@ -63,11 +62,6 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-# A config.json is a few KB and a tokenizer_config.json with its chat templates a few MB; no config nests
-# more than a handful of levels. Past these a file is damage, refused before it is read (size) or used
-# (depth: anything walking it, a dataclass copy or a JSON dump, would recurse past Python's limit).
-MAX_JSON_BYTES = 64 << 20
-MAX_JSON_DEPTH = 64
 
 
 def write_model_files(directory: Path, model: torch.nn.Module, *, tokenizer=None, lineage: dict | None = None,
@@ -106,31 +100,6 @@ def _require_model_dir(path: str | os.PathLike) -> Path:
     if not (p / "config.json").is_file():
         raise UserError(f"{p} is not a model directory: it has no config.json")
     return p
-
-
-def read_json(path: Path, *, label: str | None = None) -> Any:
-    """The JSON value in `path`, or one UserError line naming the file (as `label`, default the path): not
-    readable, not UTF-8, not JSON, over MAX_JSON_BYTES, or nested deeper than MAX_JSON_DEPTH (a file of
-    200,000 '[' makes json.loads itself raise RecursionError)."""
-    label = label or str(path)
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise UserError(f"{label}: larger than {MAX_JSON_BYTES >> 20} MiB, too large for a JSON config")
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except RecursionError:
-        raise UserError(f"{label}: not usable JSON (nested too deeply to parse)") from None
-    except UserError:
-        raise
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise UserError(f"{label}: not readable JSON ({one_line(e, 120)})") from None
-    stack = [(value, 1)]
-    while stack:  # iterative: the point is to refuse what would make recursive code fail
-        v, depth = stack.pop()
-        if isinstance(v, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                raise UserError(f"{label}: not usable JSON (nested more than {MAX_JSON_DEPTH} levels deep)")
-            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
-    return value
 
 
 def _read_config(p: Path) -> ModelConfig:
