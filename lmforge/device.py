@@ -6,11 +6,29 @@ device. Mistakes (an unknown name, a GPU that is not there) are one `UserError` 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lmforge.errors import UserError
 
-__all__ = ["resolve_device"]
+__all__ = ["available_memory", "resolve_device"]
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the OS could give this process now (Linux MemAvailable, else free physical pages),
+    or None where that is unknown: what loading a model or building its tables is checked against."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def resolve_device(name: str) -> torch.device:

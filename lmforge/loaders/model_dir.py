@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 
 from lmforge.checkpoint import recover, save_tensors
 from lmforge.config import ModelConfig, shown
+from lmforge.device import available_memory
 from lmforge.errors import UserError, one_line
 from lmforge.io import atomic_write_json, read_json
 from lmforge.loaders.hf import (
@@ -304,15 +305,6 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
     return build_model(cfg, state_dict_from_hf(cfg, weights, source=str(p)), source=str(p), device=device)
 
 
-def _available_memory() -> int | None:
-    """Bytes the OS could give us now (Linux MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
 def _check_position_tables(cfg: ModelConfig, source: str) -> None:
     """RoPE and sinusoidal tables are computed from the config, not stored, so no weight file bounds their
     size: context_length x (2 x head_dim | d_model) float32s. Refuse, before computing them, a context
@@ -320,7 +312,7 @@ def _check_position_tables(cfg: ModelConfig, source: str) -> None:
     config.json with max_position_embeddings 10**9 made the loader ask the allocator for 32 GB)."""
     width = {"rope": 2 * cfg.head_dim, "sinusoidal": cfg.d_model}.get(cfg.positions, 0)
     need = 2 * 4 * cfg.context_length * width
-    free = _available_memory()
+    free = available_memory()
     if free is not None and need > free:
         raise UserError(f"{source}: the position tables for a context of {cfg.context_length} tokens need "
                         f"{need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of memory is available (is the "

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.device import available_memory
 from lmforge.errors import UserError
 from lmforge.serve.protocol import APIError
 
@@ -38,21 +38,6 @@ class Served:
     created: int
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # requests in flight: a model in use is never unloaded
-
-
-def _available_memory() -> int | None:
-    """Bytes the OS could give us now (MemAvailable), or None where that is unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _mtime(path: Path) -> int:
@@ -156,7 +141,7 @@ class ModelRegistry:
         from lmforge.loaders.auto import load
 
         need = _weights_bytes(path)
-        free = _available_memory()
+        free = available_memory()
         if free is not None and need * 1.2 > free:
             raise APIError(503, f"not enough memory to load '{name}': it needs about {need / 2**30:.1f} GiB and "
                            f"{free / 2**30:.1f} GiB is available", type="server_error", code="insufficient_memory",
@@ -171,7 +156,7 @@ class ModelRegistry:
         cfg = engine.config
         ctx = min(cfg.context_length, self.max_context or cfg.context_length)
         cache = 2 * cfg.n_layers * self.max_batch * cfg.n_kv_heads * ctx * cfg.head_dim * engine.dtype.itemsize
-        free = _available_memory()
+        free = available_memory()
         if free is not None and cache * 1.1 > free:
             raise APIError(503, f"not enough memory for '{name}': its KV cache for {self.max_batch} requests of "
                            f"{ctx} tokens needs {cache / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is available "

@@ -338,11 +338,11 @@ def test_a_model_that_does_not_fit_in_memory_is_refused_before_loading(chat_mode
     from lmforge.serve import models
 
     s = live_server({"tiny": chat_model_dir})
-    monkeypatch.setattr(models, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(models, "available_memory", lambda: 1000)
     r = httpx.post(s.base_url + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 1})
     assert r.status_code == 503 and r.json()["error"]["code"] == "insufficient_memory"
     assert "GiB" in r.json()["error"]["message"] and s.registry.loaded == {}
-    monkeypatch.setattr(models, "_available_memory", lambda: None)
+    monkeypatch.setattr(models, "available_memory", lambda: None)
     r = httpx.post(s.base_url + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 1})
     assert r.status_code == 200
 

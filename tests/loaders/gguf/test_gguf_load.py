@@ -98,7 +98,7 @@ def test_rope_tables_that_would_not_fit_are_refused_before_they_are_computed(tmp
     path = tmp_path / "long.gguf"
     write_gguf(path, cfg.replace(context_length=2**22), random_model(cfg).state_dict(), tiny_tokenizer, qtype="f32")
     computed = tables_computed(monkeypatch)
-    monkeypatch.setattr(model_dir, "_available_memory", lambda: 100 << 20)
+    monkeypatch.setattr(model_dir, "available_memory", lambda: 100 << 20)
     with pytest.raises(UserError) as exc:
         load_any(path)
     assert_user_error(exc, path)
