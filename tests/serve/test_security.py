@@ -161,7 +161,7 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(chat_model_dir
     result = {}
     t = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/v1/chat/completions", json=body, timeout=60)))
     t.start()
-    wait_until(lambda: s.registry.in_flight >= 1)
+    assert wait_until(lambda: s.registry.in_flight >= 1, timeout=60)  # (a bound on a busy machine, not a speed)
     s.server.handle_exit(signal.SIGTERM, None)  # what uvicorn calls on SIGTERM
     r = httpx.post(url + "/v1/chat/completions", json=body)
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
