@@ -48,6 +48,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,26 @@ def _token_text_to_bytes(token: str) -> bytes:
             return token.encode("utf-8")
         out.append(b)
     return bytes(out)
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _piece_to_bytes(token: str) -> bytes:
+    """Mirror a SentencePiece-style decoder for one token (Llama 2, Mistral, Gemma vocabularies): "▁" is a
+    space, and a byte-fallback piece `<0xC3>` is that one byte."""
+    m = _BYTE_PIECE.fullmatch(token)
+    return bytes([int(m.group(1), 16)]) if m else token.replace("\u2581", " ").encode("utf-8")
+
+
+def _decodes_pieces(backend: tokenizers.Tokenizer) -> bool:
+    """Whether the backend's decoder is SentencePiece-style ("▁" for spaces, byte fallback) rather than
+    byte-level: tokens' text then means something else, and so do their bytes."""
+    dec = json.loads(backend.to_str()).get("decoder") or {}
+    steps = dec.get("decoders") or [dec]
+    return any(s.get("type") in ("Metaspace", "ByteFallback") or
+               (s.get("type") == "Replace" and (s.get("pattern") or {}).get("String") == "\u2581")
+               for s in steps if isinstance(s, dict))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,15 +349,19 @@ class Tokenizer:
         """The raw bytes token `id` stands for; special tokens give their UTF-8 text.
 
         Concatenating these and decoding UTF-8 incrementally gives streaming output that never splits a
-        multi-byte character, and is byte-identical to `decode(ids)`.
+        multi-byte character, and is byte-identical to `decode(ids)` (a SentencePiece-style decoder also
+        drops the one space its encoder put in front of the whole text; a stream of generated tokens keeps
+        it, as it must in the middle of a text). The token's text is read as its decoder reads it: bytes
+        through the byte-level alphabet, or "▁" and `<0xXX>` pieces for SentencePiece vocabularies (which
+        were streamed with a visible "▁" before).
         """
         table = self._token_bytes
         if table is None:
-            vocab_size = self.vocab_size
+            to_bytes = _piece_to_bytes if _decodes_pieces(self.backend) else _token_text_to_bytes
             table = []
-            for i in range(vocab_size):
+            for i in range(self.vocab_size):
                 tok = self.backend.id_to_token(i)
-                table.append(b"" if tok is None else _token_text_to_bytes(tok))
+                table.append(b"" if tok is None else to_bytes(tok))
             self._token_bytes = table
         i = int(id)
         if not 0 <= i < len(table):

@@ -81,6 +81,17 @@ def test_sentencepiece_vocabulary(tmp_path, tiny_tokenizer):
     assert [tok.backend.id_to_token(i) for i in ids] == ["▁", "<0xC3>", "<0xA9>", "<0x21>"]  # not in the corpus
     assert tok.decode(ids) == "é!"
     assert tok.encode("<s>the")[:2] == [1, 1]
+    # Streaming (token_bytes, what the engine's detokenizer joins) reads "▁" as a space and <0xC3><0xA9> as
+    # "é": issue 14 saw `i▁Three▁Sw▁appear` printed for such files. Generated tokens keep the space in front.
+    from lmforge.engine.detokenize import IncrementalDetokenizer
+
+    for text in ["the model reads the next word.", "é! each layer\n  predicts"]:
+        ids = tok.encode(text, add_bos=False)
+        assert b"".join(tok.token_bytes(i) for i in ids).decode() == " " + text
+        detok = IncrementalDetokenizer(tok)
+        assert "".join(detok.add(i) for i in ids) + detok.flush() == " " + text
+    assert tok.token_bytes(tok.backend.token_to_id("<0xC3>")) == b"\xc3"
+    assert tok.token_text(tok.backend.token_to_id("▁the")) == " the"
 
 
 PRE_SPLITS = {  # tokenizer.ggml.pre -> how "x 12345 héllo" is split before BPE
