@@ -27,6 +27,10 @@ literal list or dict passes through the budget; its hooks (`call`, `getattr`, `g
 `str.format`) check it; `range` counts its items; every filter is wrapped. What it cannot stop is one built-in
 operation already under way; the size limit keeps each one's inputs to a million characters, so it ends in
 milliseconds. Callers should still render off an event loop: two seconds is long for a server to stand still.
+
+Why one file of ~700 lines: it is one mechanism -- the budget, the checks that consult it, and the sandbox
+hooks and rewrite that call them -- and split in two, two dozen private helpers would become an API that no
+other module should use.
 """
 
 from __future__ import annotations
