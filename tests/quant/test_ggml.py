@@ -103,3 +103,13 @@ def test_bad_sizes_are_one_line():
     one_line_user_error(lambda: dequantize(packed, "Q4_0", (4, 64)), "(4, 64)")
     one_line_user_error(lambda: dequantize(packed.view(torch.int8), "Q4_0", (3, 64)), "uint8")
     one_line_user_error(lambda: quantize(torch.randn(2, 256), "Q4_K"), "Q4_K")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(FP16_FIELDS))
+def test_decodes_the_same_on_cuda(name):
+    gen = torch.Generator().manual_seed(7)
+    block, _ = block_sizes(name)
+    packed = random_blocks(name, 3, 2, gen)
+    cpu = dequantize(packed, name, (3, 2 * block))
+    assert torch.equal(dequantize(packed.cuda(), name, (3, 2 * block)).cpu(), cpu)

@@ -113,3 +113,15 @@ def test_the_model_never_imports_quant():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any("quant" in n.split(".") for n in names), path
+
+
+def test_forward_decodes_one_tile_at_a_time(monkeypatch):
+    """Peak extra memory is one tile of rows in fp32: forward never asks for the whole matrix."""
+    import lmforge.quant.linear as linear
+
+    seen = []
+    real = linear.dequantize
+    monkeypatch.setattr(linear, "dequantize", lambda p, q, shape: seen.append(shape) or real(p, q, shape))
+    layer = GGMLLinear(quantize(torch.randn(40, 64), "Q4_1"), "Q4_1", 64, 40, tile_rows=16)
+    layer(torch.randn(3, 64))
+    assert seen == [(16, 64), (16, 64), (8, 64)]
