@@ -217,7 +217,18 @@ def test_feedback_lands_as_training_data(server, monkeypatch, tmp_path):
     assert [line for line, _ in sft.problems] == [3]  # a thumbs-down alone teaches nothing
 
 
-def test_a_client_that_hangs_up_frees_its_slot(server):
+def test_a_client_that_hangs_up_frees_its_slot(server, monkeypatch):
+    import time
+
+    httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+    model = server.registry.loaded["tiny"].engine.model
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):  # 100 tokens take seconds, so the request is surely still running
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
     sched = None
     with httpx.stream("POST", server.base_url + "/v1/chat/completions",
                       json={"model": "tiny", "messages": MSG, "max_tokens": 100, "stream": True,
@@ -227,8 +238,10 @@ def test_a_client_that_hangs_up_frees_its_slot(server):
                 break
         sched = server.registry.loaded["tiny"].scheduler
         assert sched.busy == 1
+        steps = sched.steps
     wait_until(lambda: not (sched.busy or server.registry.in_flight))
     assert sched.busy == 0 and server.registry.in_flight == 0
+    assert sched.steps - steps < 50  # it stopped soon after the client left, not after all 100 tokens
 
 
 def test_concurrent_requests_share_decode_steps(server, engine):
