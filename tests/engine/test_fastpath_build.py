@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -140,9 +139,7 @@ def test_a_load_killed_mid_compile_does_not_block_later_loads(fake, capfd):
     finally:
         stop(child)
 
-    start = time.monotonic()
     assert fastpath.available(), fastpath.unavailable_reason()
-    assert time.monotonic() - start < 3
     target = kernel_dir() / f"{kernel_name()}.so"
     assert fake.compiled == [kernel_name()] and fake.imported == [target]  # never the half file
     assert not list(kernel_dir().glob("build-*"))  # the killed build's directory is gone
@@ -150,13 +147,13 @@ def test_a_load_killed_mid_compile_does_not_block_later_loads(fake, capfd):
     assert "waiting" not in capfd.readouterr().err  # nothing to wait for
 
 
-def test_a_lock_file_naming_a_dead_process_is_no_obstacle(fake):
+def test_a_lock_file_naming_a_dead_process_is_no_obstacle(fake, capfd):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     kernel_dir().mkdir(parents=True)
     (kernel_dir() / "build.lock").write_text(f"{dead.stdout.strip()} 0\n")
-    start = time.monotonic()
     assert fastpath.available(), fastpath.unavailable_reason()
-    assert time.monotonic() - start < 3 and len(fake.compiled) == 1
+    assert len(fake.compiled) == 1
+    assert "waiting" not in capfd.readouterr().err  # the lock was free at once: nothing to wait for
 
 
 def test_a_live_build_elsewhere_makes_the_loader_fall_back_not_hang(fake, monkeypatch, capfd):
@@ -165,9 +162,7 @@ def test_a_live_build_elsewhere_makes_the_loader_fall_back_not_hang(fake, monkey
     monkeypatch.setattr(fastpath, "_LOCK_TIMEOUT_S", 0.5)
     holder = hold_lock(60)
     try:
-        start = time.monotonic()
-        assert not fastpath.available()
-        assert 0.5 <= time.monotonic() - start < 3
+        assert not fastpath.available()  # after waiting out the timeout (the "waiting" line below)
         reason = fastpath.unavailable_reason()
         assert f"process {holder.pid}" in reason and "build lock" in reason
         W, x = torch.randn(5, 7), torch.randn(7)
