@@ -13,22 +13,11 @@ import pytest
 
 from lmforge import store
 from lmforge.errors import UserError
+from test_store import tiny_model_dir  # noqa: F401 - the fixture, shared with the store's other tests
 from tests.forked import fork_until_ready, kill
 
 posix_only = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32",
                                 reason="the store lock and the temp directories' owners use fcntl.flock (POSIX)")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    from lmforge.train.checkpointer import Checkpointer
-    from lmforge.model.gpt import GPT
-    from lmforge.presets import get_preset
-
-    d = tmp_path_factory.mktemp("src") / "tiny-model"
-    Checkpointer(d, tokenizer=tiny_tokenizer, lineage={"parent": "scratch"}).save(
-        GPT(get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)), None, [], {})
-    return d
 
 
 @pytest.fixture(scope="module")
