@@ -178,9 +178,9 @@ async def run_job(served: Served, request: Request, job: Callable[[Callable[[], 
         gone.set()
         fut.cancel()
         raise
-    if gone.is_set() and (waiting.cancelled() or isinstance(waiting.exception(), Cancelled)):
-        raise APIError(499, "the client closed the request", code="client_closed")
     try:
+        if waiting.cancelled():  # only ever cancelled because the client left before the job started
+            raise Cancelled("the client left before the job started")
         return waiting.result()
     except Cancelled:
         raise APIError(499, "the client closed the request", code="client_closed") from None
