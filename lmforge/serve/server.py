@@ -121,6 +121,10 @@ class DrainingServer(uvicorn.Server):
 
         threading.Thread(target=wait, name="lmforge-drain", daemon=True).start()
 
+    async def shutdown(self, sockets: Any = None) -> None:
+        await super().shutdown(sockets)
+        self.app.state.cpu.pool.shutdown(wait=False)  # the worker pool's threads end with the server
+
     @property
     def port(self) -> int:
         return self.servers[0].sockets[0].getsockname()[1]
