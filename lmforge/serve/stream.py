@@ -39,6 +39,17 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 # ----------------------------------------------------------------------------------------------------
 # Generation: one or more rows of the scheduler, as an async stream of (choice index, event)
 # ----------------------------------------------------------------------------------------------------
+def busy() -> APIError:
+    """429 for work that would wait past the queue's bound (rows, model jobs or CPU jobs)."""
+    return APIError(429, "the server is busy: too many requests are waiting; retry shortly", type="rate_limit_error",
+                    code="queue_full", headers={"retry-after": "1"})
+
+
+def shutting_down() -> APIError:
+    """503 for work that arrives or is still waiting once the scheduler has closed."""
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
 def check_sequences(served: Served, count: int, what: str, param: str = "n") -> None:
     """THE cap on the sequences one request may ask for (choices x prompts, beams x prompts, echoed prompts):
     what the model's scheduler runs and queues at most. A 400 naming the request's `what` beyond it."""
@@ -69,11 +80,10 @@ class Generation:
                 served.scheduler.submit(row)
         except QueueFull:
             self.cancel()
-            raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
-                           type="rate_limit_error", code="queue_full", headers={"retry-after": "1"}) from None
+            raise busy() from None
         except SchedulerClosed:
             self.cancel()
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+            raise shutting_down() from None
         except ValueError as e:
             self.cancel()
             raise invalid(str(e), code="context_length_exceeded") from None
@@ -102,7 +112,7 @@ class Generation:
                     self.open -= 1
                     row = self.rows[i]
                     if isinstance(row.error, SchedulerClosed):
-                        raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+                        raise shutting_down()
                     if row.error is not None:
                         log.error("generation failed: %r", row.error)
                         raise APIError(500, "generation failed inside the server", type="server_error",
@@ -161,10 +171,9 @@ async def run_job(served: Served, request: Request, job: Callable[[Callable[[], 
     try:
         fut = served.scheduler.call(lambda: job(gone.is_set))
     except QueueFull:
-        raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
-                       type="rate_limit_error", code="queue_full", headers={"retry-after": "1"}) from None
+        raise busy() from None
     except SchedulerClosed:
-        raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+        raise shutting_down() from None
     waiting = asyncio.wrap_future(fut)
     try:
         while True:
@@ -205,8 +214,7 @@ class WorkerPool:
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.waiting >= self.max_waiting:  # only the event loop's thread counts, so no lock is needed
-            raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
-                           type="rate_limit_error", code="queue_full", headers={"retry-after": "1"})
+            raise busy()
         self.waiting += 1
         try:
             return await asyncio.wrap_future(self.pool.submit(fn, *args, **kwargs))
