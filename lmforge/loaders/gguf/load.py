@@ -93,15 +93,21 @@ def _read_tensors(path: str, cfg: ModelConfig, arch: str, header: GGUFHeader, da
     return state_dict_from_hf(cfg, _LazyTensors(path, cfg, arch, header, data, dtype), source=path)
 
 
-def describe_gguf(path: str | os.PathLike, *, check_tokenizer: bool = True) -> dict[str, Any]:
-    """What `lmforge list/show/import` need, from the header alone (no tensor is dequantized): the config,
-    architecture, parameter count, file type and chat template. Validates the header, the tensor table
-    against the config and (unless `check_tokenizer=False`) the tokenizer metadata."""
+def _header_and_config(path: str | os.PathLike) -> tuple[str, Any, dict[str, Any], str, Any]:
+    """(path as text, parsed header, tensor table by name, architecture, config before llama-3 rope scaling):
+    what describing a file and loading it both start from."""
     path_str = str(path)
     header = parse_file(path)
     tensors = {t.name: t for t in header.tensors}
     arch = check_architecture(path_str, header.metadata)
-    cfg = base_config(path_str, header.metadata, tensors, arch)
+    return path_str, header, tensors, arch, base_config(path_str, header.metadata, tensors, arch)
+
+
+def describe_gguf(path: str | os.PathLike, *, check_tokenizer: bool = True) -> dict[str, Any]:
+    """What `lmforge list/show/import` need, from the header alone (no tensor is dequantized): the config,
+    architecture, parameter count, file type and chat template. Validates the header, the tensor table
+    against the config and (unless `check_tokenizer=False`) the tokenizer metadata."""
+    path_str, header, tensors, arch, cfg = _header_and_config(path)
     if ROPE_FREQS in tensors:
         data = open_data(path_str, header.size)
         try:
@@ -125,11 +131,7 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> G
     Every structural problem, unsupported feature or inconsistency is a one-line `UserError` naming the
     file; nothing is allocated from a count the file has not been shown to back with bytes.
     """
-    path_str = str(path)
-    header = parse_file(path)
-    tensors = {t.name: t for t in header.tensors}
-    arch = check_architecture(path_str, header.metadata)
-    cfg = base_config(path_str, header.metadata, tensors, arch)
+    path_str, header, tensors, arch, cfg = _header_and_config(path)
     data = open_data(path_str, header.size)
     try:
         if ROPE_FREQS in tensors:
