@@ -10,69 +10,24 @@ at 80-95% of what a plain sum over the same bytes reaches. `bench/matvec.py` mea
     fastpath.accelerate(model, dtype=torch.bfloat16)   # every nn.Linear -> FastLinear (bf16 weights)
     y = fastpath.gemv(W, x)                              # W (out, in) fp32/bf16/fp16, x (in,) -> fp32 (out,)
 
-The kernel (`fastpath.cpp`, beside this file) is compiled on first use with
-`torch.utils.cpp_extension.load_inline` (a few seconds: it includes only Python.h and ATen/Parallel.h, not
-torch/extension.h), once per machine and install, with a one-line notice on stderr. Rows are split over threads
-with `at::parallel_for`, so `torch.set_num_threads` applies (torch's CPU builds use OpenMP, whose `parallel_for`
-is an inline `#pragma omp parallel`: hence -fopenmp, which links the libgomp torch has already loaded, one thread
-pool for both). Where it can't be built (no compiler or ninja, the .cpp missing, or LMFORGE_NO_KERNELS=1)
-`available()` is False, `unavailable_reason()` says why, and everything falls back to ordinary PyTorch.
-
-Where the compiled kernel lives. `$LMFORGE_HOME/cache/kernels/lmforge_gemv_<key>.so` (`paths.cache_dir`), the
-only file a load trusts. `<key>` is the first 16 hex digits of a SHA-256 over exactly these, in this order:
-
-    the text of fastpath.cpp             any edit rebuilds
-    the compiler and linker flags        incl. the _TUNING -D values and -march=native / -fopenmp
-    torch.__version__                    the ATen headers and libraries it is compiled and linked against
-    the Python extension suffix          e.g. .cpython-311-x86_64-linux-gnu.so: the interpreter's version and ABI
-    platform.machine() + the CPU's model name and flags (from /proc/cpuinfo): -march=native code runs only there
-
-and nothing else: no path (of the virtualenv, of torch, of a build directory), no environment variable, no time.
-So the key is the same in every process of one install, and two virtualenvs with the same torch share one
-build. (torch's own cache, used before, keyed its directory on a key like this one, but its build command holds
-the virtualenv's include paths: two virtualenvs on one machine took turns recompiling the same directory.) The
-compiler is not in the key either (a kernel built by an older gcc still runs): to force a rebuild, delete the
-directory.
-
-How it is built, safely with concurrent and killed processes. A process that finds no compiled kernel takes an
-exclusive `fcntl.flock` on `kernels/build.lock`, waiting at most `_LOCK_TIMEOUT_S` (then it warns in one line
-and runs on PyTorch rather than hang); looks again (another process may have built it meanwhile); compiles into
-a fresh `kernels/build-*` directory; and `os.replace`s the library onto its final name. A build killed at any
-point leaves only a temp directory (the next build removes it) and never a half-written file under the name a
-load trusts; a final file that still fails to import (say, truncated by a full disk) is rebuilt. Why flock rather
-than an O_EXCL lock file naming its holder's PID: the OS drops a flock when its holder dies, however it dies, so
-there is no stale lock to detect, and no PID-reuse race (a dead holder's PID, recycled by a live process, would
-look alive). The lock file itself is never deleted (deleting a locked file lets two processes lock two different
-files); it holds the last holder's PID and start time, for the messages.
+The kernel (`fastpath.cpp`, beside this file) is compiled on first use and cached by `lmforge.native` (a few
+seconds, once per machine and install, with a one-line notice on stderr; how it is keyed, locked and loaded is
+described there). It is built with -march=native, so its cache key includes the CPU. Rows are split over
+threads with `at::parallel_for`, so `torch.set_num_threads` applies. Where it can't be built (no compiler or
+ninja, the .cpp missing, or LMFORGE_NO_KERNELS=1) `available()` is False, `unavailable_reason()` says why, and
+everything falls back to ordinary PyTorch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import importlib.util
-import os
 import platform
-import shutil
-import sys
-import sysconfig
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge import paths
-from lmforge.io import fsync_dir
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+from lmforge import native
 
 __all__ = ["available", "unavailable_reason", "gemv", "FastLinear", "accelerate"]
 
@@ -88,22 +43,6 @@ _SOURCE_PATH = Path(__file__).with_name("fastpath.cpp")
 # waking a second thread for.
 _TUNING = {"LMF_ROWS": 1, "LMF_ACC": 4, "LMF_PF_F32": 512, "LMF_PF_16": 1024, "LMF_GRAIN_BYTES": 64 * 1024}
 
-_reason: str | None = None
-
-
-def _disabled() -> bool:
-    return os.environ.get("LMFORGE_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _cpu_tag() -> str:
-    """What `-march=native` depends on, so a cache shared between machines never serves a foreign binary."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
 
 def _flags() -> tuple[list[str], list[str]]:
     cflags = ["-O3", "-fopenmp"] + [f"-D{k}={v}" for k, v in _TUNING.items()]
@@ -117,210 +56,22 @@ def _flags() -> tuple[list[str], list[str]]:
     return cflags, ["-fopenmp"]
 
 
-def _cache_key(source: str, cflags: list[str], ldflags: list[str]) -> str:
-    """The name under which a kernel built from `source` with these flags is cached (see the module docstring
-    for what goes in, and why nothing else does)."""
-    parts = [source, *cflags, "|", *ldflags, torch.__version__, sysconfig.get_config_var("EXT_SUFFIX") or "",
-             platform.machine(), _cpu_tag()]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-
-
-# A build in progress elsewhere is waited for this long; then this process runs on PyTorch (and says so).
-_LOCK_TIMEOUT_S = 60.0
-_LOCK_POLL_S = 0.05
-_COMPILE_ESTIMATE_S = 5  # for the notice (measured 2.5-4 s on a busy 2-core Zen 3)
-_LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"  # what torch names the library it links
-
-_loaded: dict[str, object] = {}  # module name -> module: an extension module is loaded once per process
-_noticed = False  # the compile notice is printed once per process
-_thread_lock = threading.Lock()  # two threads' first calls build once
-
-
-class _LockTimeout(Exception):
-    pass
-
-
-def _say(line: str) -> None:
-    print(f"lmforge: {line}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _build_lock(path: Path, timeout: float):
-    """Hold an exclusive flock on `path` (created if missing, never deleted) for the `with` body.
-
-    Raises _LockTimeout after `timeout` seconds of another process holding it. A holder that dies, however it
-    dies, releases it at once (the OS closes its files), so only a live holder can make us wait."""
-    if fcntl is None:
-        raise OSError("no fcntl.flock on this platform to serialise kernel builds")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + timeout
-        waited = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = _lock_holder(fd)
-                if time.monotonic() >= deadline:
-                    raise _LockTimeout(holder) from None
-                if not waited:
-                    _say(f"waiting for {holder}, which is compiling lmforge's CPU kernels (at most {timeout:g} s)")
-                    waited = True
-                time.sleep(_LOCK_POLL_S)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {time.time():.0f}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _lock_holder(fd: int) -> str:
-    """'process PID' from the lock file, for messages (best effort: it is whatever the last holder wrote)."""
-    try:
-        pid = os.pread(fd, 64, 0).split()[0].decode()
-    except (OSError, IndexError, UnicodeDecodeError):
-        return "another process"
-    return f"process {pid}" if pid.isdigit() else "another process"
-
-
-def _compile(name: str, source: str, cflags: list[str], ldflags: list[str], build_dir: Path) -> Path:
-    """Compile and link `source` into `build_dir`, and return the library's path there. Replaceable in tests."""
-    from torch.utils import cpp_extension
-
-    kwargs = dict(extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(build_dir), verbose=False)
-    try:
-        mod = cpp_extension.load_inline(name, [source], no_implicit_headers=True, **kwargs)
-    except TypeError:  # torch < 2.5: no `no_implicit_headers` (torch/extension.h gets prepended; slower)
-        mod = cpp_extension.load_inline(name, [source], **kwargs)
-    if mod.__name__ != name:  # torch appends _v1 when one process builds one name twice (_loaded prevents it)
-        raise RuntimeError(f"torch built the kernel as {mod.__name__!r}, not {name!r}")
-    return Path(mod.__file__)
-
-
-def _import_library(name: str, path: Path):
-    """Import the extension module `name` from the library file `path` (ImportError if it is not a whole one)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _library_path(name: str) -> Path:
-    return paths.cache_dir("kernels") / f"{name}{_LIB_SUFFIX}"
-
-
-def _cached(name: str):
-    """The kernel module `name` if this process has it or lmforge's cache holds it, whole; else None."""
-    if name not in _loaded:
-        target = _library_path(name)
-        if not target.is_file():
-            return None
-        try:
-            _loaded[name] = _import_library(name, target)
-        except ImportError:  # damaged (say, by a full disk): to be rebuilt
-            return None
-    return _loaded[name]
-
-
-def _build_into_cache(name: str, source: str, cflags: list[str], ldflags: list[str]):
-    """Compile the kernel module `name` into lmforge's cache, under the build lock, and load it."""
-    global _noticed
-    target = _library_path(name)
-    directory = target.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    with _build_lock(directory / "build.lock", _LOCK_TIMEOUT_S):
-        if (mod := _cached(name)) is not None:  # another process built it while we waited
-            return mod
-        for stale in directory.glob("build-*"):  # left by killed builds: nobody else builds while we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        build_dir = Path(tempfile.mkdtemp(prefix="build-", dir=directory))
-        try:
-            if not _noticed:
-                _say(f"compiling lmforge's CPU kernels, once, ~{_COMPILE_ESTIMATE_S} s (into {directory})")
-                _noticed = True
-            built = _compile(name, source, cflags, ldflags, build_dir)
-            with open(built, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(built, target)  # atomic: the final name holds a whole library or nothing
-            fsync_dir(directory)
-        finally:
-            shutil.rmtree(build_dir, ignore_errors=True)
-    _loaded[name] = _import_library(name, target)
-    return _loaded[name]
-
-
-def _toolchain_problem() -> str | None:
-    """Why no kernel can be compiled here (None: ninja and a C++ compiler are installed)."""
-    from torch.utils import cpp_extension
-
-    if not cpp_extension.is_ninja_available():
-        return "ninja is not installed (pip install ninja)"
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx.split()[0]) is None:
-        return f"no C++ compiler ({cxx!r} not found)"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _build():
-    """The kernel module, loaded from lmforge's cache or compiled into it, once per process; None on failure."""
-    global _reason
-    _reason = _toolchain_problem()
-    if _reason is not None:
-        return None
-    try:
-        source = _SOURCE_PATH.read_text(encoding="utf-8")
-    except OSError as e:  # an install without the package data
-        _reason = f"kernel source {_SOURCE_PATH.name} unreadable: {e.strerror or e}"
-        return None
-    cflags, ldflags = _flags()
-    attempts = [(cflags, ldflags), ([f for f in cflags if f != "-fopenmp"], [])]  # e.g. Apple clang: no OpenMP
-    names = [f"lmforge_gemv_{_cache_key(source, cf, lf)}" for cf, lf in attempts]
-    errors = []
-    with _thread_lock:
-        for name in names:  # built before by either attempt (where the first fails to compile, a later process
-            # loads the second's library rather than spend seconds failing again; delete the cache to retry)
-            if (mod := _cached(name)) is not None:
-                _reason = None
-                return mod
-        for name, (cf, lf) in zip(names, attempts):
-            try:
-                mod = _build_into_cache(name, source, cf, lf)
-            except _LockTimeout as e:
-                _reason = (f"{e} held the kernel build lock for over {_LOCK_TIMEOUT_S:g} s "
-                           f"({paths.cache_dir('kernels') / 'build.lock'})")
-                _say(f"{_reason}; running on PyTorch without the CPU kernels this time")
-                return None
-            except Exception as e:  # noqa: BLE001 - any build failure means "use the fallback"
-                errors.append(f"{type(e).__name__}: {str(e).strip()[-500:]}")
-                continue
-            _reason = None
-            return mod
-    _reason = "kernel build failed: " + " | ".join(errors)
-    return None
+_KERNEL = native.Kernel("lmforge_gemv", _SOURCE_PATH, _flags, cpu_specific=True)
 
 
 def _kernel():
-    if _disabled():
-        return None
-    return _build()
+    """The compiled module, or None (disabled, or it can't be built here)."""
+    return _KERNEL.module()
 
 
 def available() -> bool:
     """True if the compiled kernel can be used (building it on the first call, a few seconds once per cache)."""
-    return _kernel() is not None
+    return _KERNEL.available()
 
 
 def unavailable_reason() -> str | None:
     """Why `available()` is False (None when it is True)."""
-    if _disabled():
-        return "disabled by LMFORGE_NO_KERNELS"
-    if _build() is None:
-        return _reason or "kernel unavailable"
-    return None
+    return _KERNEL.unavailable_reason()
 
 
 _F32 = torch.float32

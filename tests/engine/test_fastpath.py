@@ -251,13 +251,13 @@ def test_no_kernels_env_disables_and_falls_back(no_kernels, kernel_calls):
 @pytest.fixture
 def rebuild():
     """Forget the built kernel before and after the test (the next `available()` loads it from the cache)."""
-    fastpath._build.cache_clear()
+    fastpath._KERNEL.forget()
     yield
-    fastpath._build.cache_clear()
+    fastpath._KERNEL.forget()
 
 
 def test_missing_kernel_source_falls_back_with_a_reason(kernel, rebuild, monkeypatch, tmp_path):
-    monkeypatch.setattr(fastpath, "_SOURCE_PATH", tmp_path / "fastpath.cpp")
+    monkeypatch.setattr(fastpath._KERNEL, "source", tmp_path / "fastpath.cpp")
     assert not fastpath.available()
     assert "fastpath.cpp" in fastpath.unavailable_reason()
     W, x = torch.randn(5, 7), torch.randn(7)

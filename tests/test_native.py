@@ -1,4 +1,4 @@
-"""Building the CPU kernel safely: a lock that a killed process can't leave behind, a live build elsewhere that
+"""Building a CPU kernel library safely (`lmforge.native`, here through the fastpath gemv that uses it): a lock that a killed process can't leave behind, a live build elsewhere that
 can't hang us, a cache key that is the same in every process, and no half-written library ever loaded.
 
 Bounded in time: no test here waits on a lock for more than a few seconds, and the tests of the lock and the
@@ -19,12 +19,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmforge import paths
+from lmforge import native, paths
 from lmforge.engine import fastpath
 
 pytest.importorskip("fcntl")  # the build lock is an flock (POSIX)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 WHOLE = b" END"  # how every fake library ends; a truncated one does not
 
 
@@ -35,11 +35,11 @@ def fresh(monkeypatch):
     shared = paths.cache_dir("kernels")
     if shared.is_symlink():
         shared.unlink()
-    monkeypatch.setattr(fastpath, "_loaded", {})
-    monkeypatch.setattr(fastpath, "_noticed", False)
-    fastpath._build.cache_clear()
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_noticed", False)
+    fastpath._KERNEL.forget()
     yield
-    fastpath._build.cache_clear()
+    fastpath._KERNEL.forget()
 
 
 @pytest.fixture
@@ -60,10 +60,10 @@ def fake(monkeypatch, fresh):
         return SimpleNamespace(__name__=name, __file__=str(path))
 
     monkeypatch.delenv("LMFORGE_NO_KERNELS", raising=False)  # the machinery is tested with the kernels on
-    monkeypatch.setattr(fastpath, "_toolchain_problem", lambda: None)
-    monkeypatch.setattr(fastpath, "_compile", compile_)
-    monkeypatch.setattr(fastpath, "_import_library", import_)
-    monkeypatch.setattr(fastpath, "_LOCK_TIMEOUT_S", 5.0)  # whatever goes wrong, no test waits longer
+    monkeypatch.setattr(native, "_toolchain_problem", lambda: None)
+    monkeypatch.setattr(native, "_compile", compile_)
+    monkeypatch.setattr(native, "_import_library", import_)
+    monkeypatch.setattr(native, "_LOCK_TIMEOUT_S", 5.0)  # whatever goes wrong, no test waits longer
     return calls
 
 
@@ -73,7 +73,7 @@ def kernel_dir() -> Path:
 
 def kernel_name() -> str:
     """The name the first build attempt (with OpenMP) caches the kernel under."""
-    return f"lmforge_gemv_{fastpath._cache_key(fastpath._SOURCE_PATH.read_text(encoding='utf-8'), *fastpath._flags())}"
+    return fastpath._KERNEL.name(native._read_source(fastpath._SOURCE_PATH), *fastpath._flags())
 
 
 def python(code: str, *args: str, **kw) -> subprocess.Popen:
@@ -121,13 +121,14 @@ def test_a_load_killed_mid_compile_does_not_block_later_loads(fake, capfd):
     with it, and what it had half written is never loaded."""
     child = python(
         "import time\n"
+        "from lmforge import native as n\n"
         "from lmforge.engine import fastpath as f\n"
         "def compile_(name, source, cflags, ldflags, build_dir):\n"
         "    (build_dir / f'{name}.so').write_bytes(b'half a libr')\n"
         "    print('compiling', flush=True)\n"
         "    time.sleep(60)\n"
-        "f._toolchain_problem = lambda: None\n"
-        "f._compile = compile_\n"
+        "n._toolchain_problem = lambda: None\n"
+        "n._compile = compile_\n"
         "f.available()\n")
     try:
         assert child.stdout.readline() == "compiling\n", child.stderr.read()
@@ -159,7 +160,7 @@ def test_a_lock_file_naming_a_dead_process_is_no_obstacle(fake, capfd):
 def test_a_live_build_elsewhere_makes_the_loader_fall_back_not_hang(fake, monkeypatch, capfd):
     """A process that holds the lock and never lets go (stopped, stuck on a network disk ...): after the
     timeout this one runs on PyTorch, says so in one line, and names the holder."""
-    monkeypatch.setattr(fastpath, "_LOCK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(native, "_LOCK_TIMEOUT_S", 0.5)
     holder = hold_lock(60)
     try:
         assert not fastpath.available()  # after waiting out the timeout (the "waiting" line below)
@@ -193,35 +194,36 @@ def test_a_kernel_built_elsewhere_while_waiting_is_loaded_not_rebuilt(fake, capf
 def test_the_cache_key_is_the_same_in_fresh_processes(tmp_path):
     """Computed in two new processes that differ in everything the key must not depend on (working directory,
     compiler variable, torch's extension directory, hash seed): one key, the same as here."""
-    code = ("from lmforge.engine import fastpath as f\n"
-            "print(f._cache_key(f._SOURCE_PATH.read_text(encoding='utf-8'), *f._flags()))\n")
+    code = ("from lmforge import native as n\n"
+            "from lmforge.engine import fastpath as f\n"
+            "print(f._KERNEL.name(n._read_source(f._SOURCE_PATH), *f._flags()))\n")
     envs = [{"PYTHONHASHSEED": "1", "MAX_JOBS": "1"},
             {"PYTHONHASHSEED": "2", "CXX": "g++", "TORCH_EXTENSIONS_DIR": str(tmp_path), "MAX_JOBS": "7"}]
     procs = [python(code, env=env, cwd=cwd) for env, cwd in zip(envs, (REPO, tmp_path))]
     outs = [p.communicate(timeout=120) for p in procs]
     keys = [out.strip() for out, _ in outs]
-    assert keys[0] == keys[1] == kernel_name().removeprefix("lmforge_gemv_"), outs
+    assert keys[0] == keys[1] == kernel_name(), outs
 
 
 def test_the_cache_key_changes_with_what_it_documents_and_nothing_else(monkeypatch):
     source, (cflags, ldflags) = "int x;", fastpath._flags()
-    key = fastpath._cache_key(source, cflags, ldflags)
-    assert fastpath._cache_key(source, cflags, ldflags) == key
-    assert fastpath._cache_key(source + " ", cflags, ldflags) != key
-    assert fastpath._cache_key(source, cflags[:-1], ldflags) != key
-    assert fastpath._cache_key(source, cflags, []) != key
+    key = native._cache_key(source, cflags, ldflags)
+    assert native._cache_key(source, cflags, ldflags) == key
+    assert native._cache_key(source + " ", cflags, ldflags) != key
+    assert native._cache_key(source, cflags[:-1], ldflags) != key
+    assert native._cache_key(source, cflags, []) != key
     monkeypatch.setattr(torch, "__version__", "0.0.0")
-    assert fastpath._cache_key(source, cflags, ldflags) != key
+    assert native._cache_key(source, cflags, ldflags) != key
     monkeypatch.undo()
-    monkeypatch.setattr(fastpath, "_cpu_tag", lambda: "another cpu")
-    assert fastpath._cache_key(source, cflags, ldflags) != key
+    monkeypatch.setattr(native, "_cpu_tag", lambda: "another cpu")
+    assert native._cache_key(source, cflags, ldflags) != key
     monkeypatch.undo()
     # Where this install lives (its virtualenv, torch's directory) is not in it: the rebuilds that were seen
     # came from two virtualenvs sharing one key but not one build command.
     for var in ("CXX", "TORCH_EXTENSIONS_DIR", "VIRTUAL_ENV", "LMFORGE_HOME"):
         monkeypatch.setenv(var, "/somewhere/else")
     monkeypatch.chdir("/")
-    assert fastpath._cache_key(source, cflags, ldflags) == key
+    assert native._cache_key(source, cflags, ldflags) == key
 
 
 # --------------------------------------------------------------------------------------------------- the file
@@ -241,7 +243,7 @@ def test_the_real_import_refuses_a_truncated_library(tmp_path):
     cut = tmp_path / "lmforge_gemv_cut.so"
     cut.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(20))
     with pytest.raises(ImportError):
-        fastpath._import_library("lmforge_gemv_cut", cut)
+        native._import_library("lmforge_gemv_cut", cut)
 
 
 def test_a_failed_build_leaves_nothing_behind(fake, monkeypatch):
@@ -249,7 +251,7 @@ def test_a_failed_build_leaves_nothing_behind(fake, monkeypatch):
         (build_dir / f"{name}.so").write_bytes(b"half")
         raise RuntimeError("Error building extension: c++ exited with status 1")
 
-    monkeypatch.setattr(fastpath, "_compile", failing)
+    monkeypatch.setattr(native, "_compile", failing)
     assert not fastpath.available()
     assert "Error building extension" in fastpath.unavailable_reason()
     assert sorted(p.name for p in kernel_dir().iterdir()) == ["build.lock"]
@@ -257,7 +259,7 @@ def test_a_failed_build_leaves_nothing_behind(fake, monkeypatch):
 
 # --------------------------------------------------------------------------------------------------- the notice
 def test_the_compile_notice_is_one_line_once_per_process(fake, monkeypatch, capfd):
-    real_compile = fastpath._compile
+    real_compile = native._compile
 
     def first_attempt_fails(name, *args):  # the OpenMP build fails, the one without it works: one notice
         if len(fake.compiled) == 0:
@@ -265,22 +267,22 @@ def test_the_compile_notice_is_one_line_once_per_process(fake, monkeypatch, capf
             raise RuntimeError("-fopenmp: unsupported option")
         return real_compile(name, *args)
 
-    monkeypatch.setattr(fastpath, "_compile", first_attempt_fails)
+    monkeypatch.setattr(native, "_compile", first_attempt_fails)
     assert fastpath.available(), fastpath.unavailable_reason()
     assert len(fake.compiled) == 2
     err = capfd.readouterr().err
-    notice = f"compiling lmforge's CPU kernels, once, ~{fastpath._COMPILE_ESTIMATE_S} s (into {kernel_dir()})"
+    notice = f"compiling lmforge's CPU kernels, once, ~{native._COMPILE_ESTIMATE_S} s (into {kernel_dir()})"
     assert err == f"lmforge: {notice}\n"
 
-    fastpath._build.cache_clear()  # a later load of the cached kernel: silent
-    monkeypatch.setattr(fastpath, "_loaded", {})
-    monkeypatch.setattr(fastpath, "_noticed", False)
+    fastpath._KERNEL.forget()  # a later load of the cached kernel: silent
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_noticed", False)
     assert fastpath.available()
     assert len(fake.compiled) == 2 and capfd.readouterr().err == ""
 
 
 # --------------------------------------------------------------------------------------------------- for real
-@pytest.mark.skipif(fastpath._disabled() or fastpath._toolchain_problem() is not None,
+@pytest.mark.skipif(native.disabled() or native._toolchain_problem() is not None,
                     reason="kernels disabled by LMFORGE_NO_KERNELS, or no compiler or ninja here")
 def test_a_real_build_in_a_fresh_home_compiles_once_then_loads(tmp_path):
     """End to end, in new processes: the first compiles (with the notice) into $LMFORGE_HOME/cache/kernels and
@@ -300,3 +302,20 @@ def test_a_real_build_in_a_fresh_home_compiles_once_then_loads(tmp_path):
     second = python(code, env=env)
     out, err = second.communicate(timeout=120)
     assert out == "True None True\n" and "compiling" not in err, err
+
+
+def test_a_library_without_march_native_has_one_key_for_every_cpu(monkeypatch):
+    """The quantized kernels pick their ISA at run time, so one build serves every x86-64 CPU sharing a cache."""
+    key = native._cache_key("int x;", ["-O3"], [], cpu_specific=False)
+    monkeypatch.setattr(native, "_cpu_tag", lambda: "another cpu")
+    assert native._cache_key("int x;", ["-O3"], [], cpu_specific=False) == key
+    assert native._cache_key("int x;", ["-O3"], [], cpu_specific=True) != key
+
+
+def test_an_include_of_a_file_beside_the_source_is_spliced_in_so_the_key_covers_it(tmp_path):
+    (tmp_path / "a.cpp").write_text('#include <cstdint>\n#include "b.h"\nint a;\n#include "b.h"\n')
+    (tmp_path / "b.h").write_text("int b;\n")
+    text = native._read_source(tmp_path / "a.cpp")
+    assert text.count("int b;") == 2 and "#include <cstdint>" in text and '"b.h"' not in text
+    (tmp_path / "b.h").write_text("int b2;\n")
+    assert native._read_source(tmp_path / "a.cpp") != text
