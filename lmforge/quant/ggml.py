@@ -231,16 +231,22 @@ def dequantize(packed: torch.Tensor, qtype: int | str, shape: tuple[int, ...]) -
 
 
 def quantize(weight: torch.Tensor, qtype: int | str) -> torch.Tensor:
-    """`weight` (float, rows of whole blocks) packed into GGML type `qtype` as uint8 bytes, by gguf-py's
-    reference quantizers (numpy, on the CPU; fine for tests and for exporting, not a hot path). gguf-py
-    quantizes F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1; a K-quant is a one-line UserError."""
+    """`weight` (float, rows of whole blocks) packed into GGML type `qtype` as uint8 bytes, on the CPU.
+    The K-quants Q4_K, Q5_K and Q6_K go to lmforge's own quantizers (`lmforge.quant.kquant`: gguf-py only
+    decodes them); F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 to gguf-py's reference quantizers
+    (numpy). Any other type is a one-line UserError."""
     from gguf import GGMLQuantizationType
     from gguf import quants
 
+    from lmforge.quant.kquant import KQUANTS, quantize_k
+
     name = qtype_name(qtype)
     packed_nbytes(name, tuple(weight.shape))  # rows of whole blocks, or a one-line error
+    if name in KQUANTS:
+        return quantize_k(weight, name)
     try:
         out = quants.quantize(weight.detach().float().cpu().numpy(), GGMLQuantizationType[name])
     except NotImplementedError:
-        raise UserError(f"gguf-py cannot quantize to {name}; quantize with llama.cpp instead") from None
+        raise UserError(f"lmforge cannot quantize to {name} (it can: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, "
+                        f"Q5_1, {', '.join(KQUANTS)})") from None
     return torch.from_numpy(out.copy()).view(torch.uint8).reshape(-1)
