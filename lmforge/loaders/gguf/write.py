@@ -1,17 +1,19 @@
-"""Export: `write_gguf` writes a llama.cpp-loadable GGUF (f32/f16/q8_0/q4_0) from our config, state dict and
-tokenizer, atomically, after checking everything.
+"""Export: `write_gguf` writes a llama.cpp-loadable GGUF (f32/f16/q8_0/q4_0/q4_k_m/q5_k_m/q6_k) from our config,
+state dict and tokenizer, atomically, after checking everything.
 
 A module of its own because export runs the other way from loading (ours -> HF -> GGUF names, q/k rows
-permuted, tensors quantized with `gguf.quants`) and only `lmforge export` needs it.
+permuted, tensors quantized by `lmforge.quant`, types chosen by `lmforge.quant.mix`) and only `lmforge export` needs it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
@@ -21,10 +23,12 @@ from lmforge.loaders.gguf.names import ROPE_FREQS, expected_shapes, gguf_to_hf, 
 from lmforge.loaders.gguf.reader import gguf_package, short
 from lmforge.loaders.gguf.vocab import add_tokenizer, export_vocab
 from lmforge.loaders.hf import state_dict_from_hf, state_dict_to_hf
+from lmforge.quant.ggml import block_sizes, qtype_name, quantize
+from lmforge.quant.mix import FTYPES, file_type_name, tensor_types
 from lmforge.tokenizer import Tokenizer
 
 
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")  # what write_gguf accepts
+GGUF_TYPES = FTYPES  # what write_gguf accepts: f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k
 
 
 def _export_tensors(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, np.ndarray]:
@@ -63,73 +67,87 @@ def _check_our_keys(cfg: ModelConfig, want: dict[str, tuple[int, ...]], state_di
                         f"undo quantization before exporting)")
 
 
-def _storage_type(name: str, arr: np.ndarray, qtype: str, tied: bool) -> Any:
-    """The ggml type one tensor is written as. Vectors (norms, biases, rope_freqs) stay F32 as in
-    llama.cpp; for q4_0 the output projection (token_embd when tied) keeps Q8_0, as llama.cpp keeps it at
-    a higher precision than the rest; rows that don't split into blocks fall back to F16."""
-    T = gguf_package().GGMLQuantizationType
-    if arr.ndim == 1 or qtype == "f32":
-        return T.F32
-    if qtype == "f16":
-        return T.F16
-    output = name == "output.weight" or (tied and name == "token_embd.weight")
-    want = T.Q8_0 if qtype == "q8_0" or output else T.Q4_0
-    return want if arr.shape[-1] % gguf_package().GGML_QUANT_SIZES[want][0] == 0 else T.F16
-
-
-def _encode_tensor(arr: np.ndarray, t: Any) -> np.ndarray:
-    gguf = gguf_package()
-    if t == gguf.GGMLQuantizationType.F32:
+def _encode_tensor(arr: np.ndarray, qtype: str) -> np.ndarray:
+    """float32 array -> what GGUFWriter.add_tensor takes: F32/F16 as such, anything else the raw bytes of
+    `lmforge.quant.ggml.quantize` (gguf-py's quantizers, or ours for the K-quants)."""
+    if qtype == "F32":
         return np.ascontiguousarray(arr, dtype=np.float32)
-    if t == gguf.GGMLQuantizationType.F16:
+    if qtype == "F16":
         return np.ascontiguousarray(arr, dtype=np.float16)
-    return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), t)
-
-
-_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+    packed = quantize(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), qtype).numpy()
+    return packed.reshape(*arr.shape[:-1], -1)
 
 
 def write_gguf(path: str | os.PathLike, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer,
-               *, qtype: str = "f16", name: str | None = None, eos_token_ids: list[int] | None = None) -> None:
-    """Write a llama.cpp-loadable GGUF (arch `llama`, or `qwen2` for q/k/v biases), atomically.
+               *, qtype: str = "f16", name: str | None = None, eos_token_ids: list[int] | None = None,
+               types: Mapping[str, str] | None = None, progress: bool = False) -> dict[str, str]:
+    """Write a llama.cpp-loadable GGUF (arch `llama`, or `qwen2` for q/k/v biases), atomically; returns
+    {tensor name: GGML type written}.
 
-    `qtype` is one of GGUF_TYPES: f32; f16 (matrices F16); q8_0 (matrices Q8_0); q4_0 (matrices Q4_0, the
-    output projection Q8_0). Vectors stay F32, and matrices whose rows don't split into 32-value blocks
-    are written F16. `name` defaults to `cfg.name`. GGUF has one EOS id and one end-of-turn id:
-    `eos_token_ids[0]` (default: the tokenizer's EOS) and the tokenizer's end-of-turn token (default:
-    the next of `eos_token_ids`); llama.cpp stops on both. Everything is checked (architecture,
-    tokenizer, tensor names and shapes) before the temp file is created, so a refused export leaves
-    nothing behind.
+    `qtype` is the file type, one of GGUF_TYPES (f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k): it sets
+    general.file_type and, unless `types` gives every tensor's GGML type explicitly, the per-tensor
+    types by llama.cpp's rules (`lmforge.quant.mix.tensor_types`: vectors F32, the output projection
+    Q6_K in the 4/5/6-bit mixes, attn_v/ffn_down Q6_K in some layers of the _M mixes, rows that don't
+    split into blocks falling back as llama.cpp does). `name` defaults to `cfg.name`. GGUF has one EOS id
+    and one end-of-turn id: `eos_token_ids[0]` (default: the tokenizer's EOS) and the tokenizer's
+    end-of-turn token (default: the next of `eos_token_ids`); llama.cpp stops on both. `progress` shows
+    a bar while tensors are quantized. Everything is checked (architecture, tokenizer, tensor names and
+    shapes, types) before the temp file is created, so a refused export leaves nothing behind; an
+    error or Ctrl-C while quantizing leaves nothing either.
     """
     gguf = gguf_package()
-    qtype = str(qtype).lower()
-    if qtype not in GGUF_TYPES:
+    ftype = str(qtype).lower()
+    if ftype not in GGUF_TYPES:
         raise UserError(f"GGUF type {short(qtype)} is not supported for export; choose one of {', '.join(GGUF_TYPES)}")
     arch = export_arch(cfg)
     vocab = export_vocab(cfg, tokenizer)
     tensors = _export_tensors(cfg, state_dict, arch)
+    chosen = tensor_types({n: a.shape for n, a in tensors.items()}, ftype)
+    if types is not None:
+        chosen = _checked_types(types, tensors)
     encoded = {}
-    for tname, arr in tensors.items():
-        t = _storage_type(tname, arr, qtype, cfg.tie_embeddings)
-        encoded[tname] = (_encode_tensor(arr, t), t)
-    quantized = any(t not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) for _, t in encoded.values())
+    total = sum(a.size for a in tensors.values())
+    with tqdm(total=total, unit="w", unit_scale=True, desc=f"quantizing ({ftype})", disable=not progress,
+              leave=False) as bar:
+        for tname in _write_order(tensors):
+            arr = tensors[tname]
+            encoded[tname] = (_encode_tensor(arr, chosen[tname]), chosen[tname])
+            bar.update(arr.size)
+    quantized = any(t not in ("F32", "F16") for _, t in encoded.values())
 
     def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch)
         add_hparams(w, cfg, name or cfg.name)
-        w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[qtype]])
+        w.add_file_type(gguf.LlamaFileType[file_type_name(ftype)])
         if quantized:
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(w, tokenizer, vocab, eos_token_ids)
         for tname in _write_order(encoded):
             data, t = encoded[tname]
-            w.add_tensor(tname, data, raw_dtype=t if data.dtype == np.uint8 else None)
+            raw = gguf.GGMLQuantizationType[t] if data.dtype == np.uint8 else None
+            w.add_tensor(tname, data, raw_dtype=raw)  # a (rows, bytes) shape: gguf-py derives the values' shape
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
 
     atomic_write(path, write)
+    return chosen
+
+
+def _checked_types(types: Mapping[str, str], tensors: dict[str, np.ndarray]) -> dict[str, str]:
+    """Explicit per-tensor types: one for every tensor, each a type we can write whose blocks split the row."""
+    missing = sorted(set(tensors) - set(types))
+    if missing:
+        raise UserError(f"GGUF export: no type given for tensor {missing[0]}")
+    out = {}
+    for n, arr in tensors.items():
+        t = qtype_name(types[n])
+        block, _ = block_sizes(t)
+        if arr.shape[-1] % block:
+            raise UserError(f"GGUF export: {n} has rows of {arr.shape[-1]} values, not whole {t} blocks of {block}")
+        out[n] = t
+    return out
 
 
 def _write_order(encoded: dict[str, Any]) -> list[str]:

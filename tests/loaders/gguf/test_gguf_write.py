@@ -116,4 +116,4 @@ def test_export_refusals(tmp_path, tiny_tokenizer):
 
 
 def test_gguf_types_constant():
-    assert GGUF_TYPES == ("f32", "f16", "q8_0", "q4_0")
+    assert GGUF_TYPES == ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
