@@ -98,7 +98,8 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                   "frequency_penalty", "repeat_last_n", "seed")
 MODEL_HELP = "a model in the store (see lmforge list), a model directory, or a .gguf file"
-DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
+          "f32": "float32", "f16": "float16"}  # llama.cpp's spellings too
 
 
 def sampling_params(args, defaults: dict | None = None, **extra):
@@ -124,9 +125,16 @@ def load_model(args):
     from lmforge.loaders.auto import load
     from lmforge.store import resolve
 
-    dtype = DTYPES[args.dtype]
-    return load(resolve(args.model), device=resolve_device(args.device),
-                dtype=getattr(torch, dtype) if dtype else None, allow_pickle=args.allow_pickle)
+    return load(resolve(args.model), device=resolve_device(args.device), dtype=torch_dtype(args.dtype),
+                allow_pickle=args.allow_pickle)
+
+
+def torch_dtype(flag: str):
+    """A --dtype value -> what `loaders.auto.load` takes: "auto" (stored precision) or a torch dtype."""
+    import torch
+
+    name = DTYPES[flag]
+    return name if name == "auto" else getattr(torch, name)
 
 
 def load_engine(args):
@@ -176,8 +184,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     """MODEL and the flags of every command that loads one."""
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     add_device_flag(p)
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="dtype the weights are loaded in; auto = "
-                   "fp32, whatever the file stores (default: auto)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="precision the weights are held in: auto "
+                   "keeps what the file stores (a GGUF's quantized blocks, 16-bit safetensors) and computes in fp32; "
+                   "fp32/bf16/fp16 (or f32/f16) convert on load (default: auto)")
     p.add_argument("--allow-pickle", action="store_true", help="load pytorch_model.bin weights (only with "
                    "torch.load(weights_only=True)); default: refuse pickles, which can run code")
     p.add_argument("--no-fast", action="store_true", help="don't use lmforge's CPU matrix-vector kernel for batch-1 "

@@ -155,7 +155,9 @@ class Engine:
                     self.model.reset_position_tables()
                 fastpath.accelerate(self.model, dtype=low)
         self.device = p.device
-        self.dtype = self.model.tok_emb.weight.dtype  # the activations' dtype, which the KV cache follows
+        # the activations' dtype, which the KV cache follows: the embedding's, or float32 when it stays packed
+        emb = getattr(self.model.tok_emb, "weight", None)
+        self.dtype = emb.dtype if isinstance(emb, torch.Tensor) else torch.float32
         # Models often have more embedding rows than their tokenizer has tokens (Qwen2: 151,936 for 151,665,
         # rounded up for speed). Those ids have no text: they are never chosen, nor offered as alternatives.
         self.text_vocab = min(self.config.vocab_size, tokenizer.vocab_size)

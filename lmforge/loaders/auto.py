@@ -61,9 +61,11 @@ def read_modelfile(directory: Path) -> Modelfile:
         raise UserError(f"{f}: unreadable ({one_line(e, 120)})") from None
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          allow_pickle: bool = False, merge: bool = True) -> Loaded:
-    """Model + tokenizer (+ Modelfile settings) from a path. `dtype=None` means float32.
+    """Model + tokenizer (+ Modelfile settings) from a path. `dtype=None` means float32; `dtype="auto"`
+    (what the commands that run a model use) keeps the weights in their stored precision: a GGUF's
+    matrices stay in their GGML types, 16-bit safetensors stay 16-bit (see `loaders/packed.py`).
 
     A LoRA adapter (an adapter directory, or a Modelfile ADAPTER) is applied and, with `merge=True`, folded
     into the weights, so inference runs at the base model's speed; `merge=False` keeps it as an adapter.
@@ -73,10 +75,13 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
         return _load_adapter_dir(p, device=device, dtype=dtype, allow_pickle=allow_pickle, merge=merge)
     gguf = gguf_file(p)
     if gguf is not None:
-        from lmforge.loaders.gguf import read_gguf
+        from lmforge.loaders.gguf import load_gguf_packed, read_gguf
 
-        g = read_gguf(gguf, dtype=dtype or torch.float32)
-        model = build_model(g.config, g.state_dict, source=str(gguf), device=device)
+        if dtype == "auto":
+            model, g = load_gguf_packed(gguf, device=device)
+        else:
+            g = read_gguf(gguf, dtype=dtype or torch.float32)
+            model = build_model(g.config, g.state_dict, source=str(gguf), device=device)
         loaded = Loaded(model, g.tokenizer, gguf, f"gguf:{g.file_type}")
     else:
         model = load_model(p, device=device, dtype=dtype, allow_pickle=allow_pickle)

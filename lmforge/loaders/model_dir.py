@@ -38,6 +38,7 @@ from lmforge.loaders.hf import (
     tensor_names,
     without_body,
 )
+from lmforge.loaders.packed import as_part, build_packed_model, check_position_tables, packable
 from lmforge.model.gpt import GPT, unwrap
 from lmforge.tokenizer import Tokenizer
 
@@ -216,6 +217,23 @@ class WeightFiles(Mapping):
                 raise UserError(f"{f}: tensor {name!r} is unreadable ({one_line(e)})") from None
         return t if self.dtype is None or not t.is_floating_point() else t.to(self.dtype)
 
+    def stored_dtypes(self) -> set[torch.dtype]:
+        """The dtypes of the floating-point tensors as stored, from the file headers alone (nothing is read)."""
+        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        out = set()
+        for name, (source, f) in self._where.items():
+            if torch.is_tensor(source):
+                if source.is_floating_point():
+                    out.add(source.dtype)
+                continue
+            try:
+                kind = source.get_slice(name).get_dtype()
+            except (SafetensorError, OSError, ValueError) as e:
+                raise UserError(f"{f}: tensor {name!r} is unreadable ({one_line(e)})") from None
+            if kind in names:
+                out.add(names[kind])
+        return out
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the file headers alone (nothing is read)."""
         out = {}
@@ -289,34 +307,45 @@ def expected_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state_dict_to_hf(cfg, model.state_dict()).items()}
 
 
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               allow_pickle: bool = False) -> GPT:
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype | str | None = None, allow_pickle: bool = False) -> GPT:
     """Build the model described by `path/config.json` and load its weights (strictly: no silent zeros).
 
     The config is checked against the weights' shapes first (`check_weights`). The weights are read
     tensor by tensor from memory-mapped files and *assigned* to a model built on the meta device, so
     loading holds about one copy of the weights (plus one layer's worth in flight).
-    `dtype=None` loads floating-point weights as float32, whatever the file stores.
+    `dtype=None` loads floating-point weights as float32, whatever the file stores. `dtype="auto"` keeps
+    the stored precision: 16-bit matrices stay 16-bit (on the CPU as `GGMLLinear`s over the file's bytes,
+    computing in float32; on a GPU as an ordinary model in that dtype), float32 files load as float32.
     """
     p = _require_model_dir(path)
     cfg = _read_config(p)
+    if dtype == "auto":
+        weights = WeightFiles(p, dtype=None, allow_pickle=allow_pickle)
+        check_weights(cfg, weights.shapes(), source=str(p))
+        low = weights.stored_dtypes() & {torch.bfloat16, torch.float16}
+        if not low:
+            dtype = torch.float32
+        elif torch.device(device).type != "cpu":
+            dtype = torch.bfloat16 if torch.bfloat16 in low else torch.float16
+        else:
+            return _build_stored(cfg, state_dict_from_hf(cfg, weights, source=str(p)), source=str(p), device=device)
     weights = WeightFiles(p, dtype=dtype or torch.float32, allow_pickle=allow_pickle)
     check_weights(cfg, weights.shapes(), source=str(p))
     return build_model(cfg, state_dict_from_hf(cfg, weights, source=str(p)), source=str(p), device=device)
 
 
-def _check_position_tables(cfg: ModelConfig, source: str) -> None:
-    """RoPE and sinusoidal tables are computed from the config, not stored, so no weight file bounds their
-    size: context_length x (2 x head_dim | d_model) float32s. Refuse, before computing them, a context
-    whose tables (and as much again while they are built) would not fit in the memory available (a
-    config.json with max_position_embeddings 10**9 made the loader ask the allocator for 32 GB)."""
-    width = {"rope": 2 * cfg.head_dim, "sinusoidal": cfg.d_model}.get(cfg.positions, 0)
-    need = 2 * 4 * cfg.context_length * width
-    free = available_memory()
-    if free is not None and need > free:
-        raise UserError(f"{source}: the position tables for a context of {cfg.context_length} tokens need "
-                        f"{need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of memory is available (is the "
-                        f"context length in the config right?)")
+def _build_stored(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, source: str, device) -> GPT:
+    """16-bit matrices kept as they are stored (sharing the tensors read), everything else in float32."""
+    with torch.device("meta"):
+        kinds = packable(GPT(cfg))
+    tensors = {}
+    for name, t in sd.items():
+        if name in kinds and t.dtype in (torch.bfloat16, torch.float16):
+            tensors[name] = [as_part(t)]
+        else:
+            tensors[name] = t.float() if t.is_floating_point() else t
+    return build_packed_model(cfg, tensors, source=source, device=device)
 
 
 def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, source: str, device: str | torch.device = "cpu") -> GPT:
@@ -334,7 +363,7 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, source: str, d
     for name, t in sd.items():
         if tuple(t.shape) != tuple(want[name].shape):
             raise UserError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(want[name].shape)}")
-    _check_position_tables(cfg, source)
+    check_position_tables(cfg, source)
     model.load_state_dict(sd, strict=True, assign=True)
     for name, table in model.position_tables().items():  # derived from the config, never stored
         setattr(model, name, table)

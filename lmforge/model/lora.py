@@ -87,7 +87,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
                  parts: list[tuple[str, int, int]] | None = None, scaling: float | None = None) -> None:
         super().__init__()
-        out_features, in_features = base.weight.shape
+        out_features, in_features = base.out_features, base.in_features
         if not isinstance(rank, int) or rank <= 0:
             raise UserError(f"LoRA rank must be a positive integer, got {rank!r}")
         if not 0.0 <= dropout < 1.0:
@@ -103,7 +103,7 @@ class LoRALinear(nn.Module):
         rows = [r for _, start, stop in self.parts for r in range(start, stop)]
         if not rows or len(set(rows)) != len(rows) or min(rows) < 0 or max(rows) >= out_features:
             raise ValueError(f"LoRA parts {self.parts} are not distinct row slices of {out_features} rows")
-        w = base.weight
+        w = _reference_tensor(base)
         # Row indices the update is added into; None when it covers every row in order (a plain add).
         index = None if rows == list(range(out_features)) else torch.tensor(rows, dtype=torch.long, device=w.device)
         self.register_buffer("row_index", index, persistent=False)
@@ -116,7 +116,8 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base weight, so code that reads `.weight` of a projection (shapes, dtype) keeps working."""
+        """The base weight, so code that reads `.weight` of a projection (shapes, dtype) keeps working.
+        (A base whose weight stays packed, `quant.GGMLLinear`, has none: read `in_features`/`out_features`.)"""
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,12 +241,14 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def require_plain_linear(model: nn.Module, name: str, doing: str) -> nn.Linear:
-    """The module called `name`, which LoRA can wrap only if it is a plain (unquantized) nn.Linear."""
+def require_plain_linear(model: nn.Module, name: str, doing: str) -> nn.Module:
+    """The module called `name`, which LoRA can wrap if it is a plain nn.Linear or a frozen layer that keeps
+    its weight in stored bytes (`stays_packed`: quant.GGMLLinear, the QLoRA case). A layer the engine has
+    converted for speed is refused: its weights are a copy the adapter would not see."""
     base = unwrap(model).get_submodule(name)
-    if type(base) is not nn.Linear:
+    if type(base) is not nn.Linear and not getattr(base, "stays_packed", False):
         raise UserError(f"{name} is a {type(base).__name__}, not a plain nn.Linear: LoRA wraps unquantized "
-                        f"projections ({doing} before quantizing or accelerating the model)")
+                        f"or stored-format projections ({doing} before accelerating the model)")
     return base
 
 
@@ -287,15 +290,29 @@ def apply_lora(model: nn.Module, *, targets: Mapping[str, Iterable[str]], rank: 
     return install_lora(m, new)
 
 
+def _reference_tensor(base: nn.Module) -> torch.Tensor:
+    """The tensor that says where a base layer lives: its float weight, or (a base whose weight stays in
+    packed bytes, as QLoRA trains on) its first buffer. The adapter is float32 then."""
+    w = getattr(base, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return w
+    ref = next(base.buffers())
+    return torch.empty(0, dtype=torch.float32, device=ref.device)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight, W[rows] += (alpha / r) B A, and put the base modules back.
 
     In place; returns the model, now a plain GPT whose parameters all have requires_grad True again (as a
     freshly built or loaded model's). The sum is formed in float32 and rounded once into the weight's dtype.
+    An adapter on a base held in packed (quantized) bytes stays beside it, unmerged: folding the update into
+    4-bit blocks would re-quantize the base and lose most of what the adapter learned.
     """
     m = unwrap(model)
     for name, lora in list(lora_modules(m)):
         base = lora.base
+        if not isinstance(getattr(base, "weight", None), torch.Tensor):
+            continue
         with torch.no_grad():
             delta = lora.delta_weight().to(base.weight.device)
             w = base.weight

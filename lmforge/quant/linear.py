@@ -1,16 +1,30 @@
-"""A linear layer whose weight stays in its GGML-packed bytes, swapped into a model from outside it.
+"""Linear and embedding layers whose weights stay in their stored bytes, swapped into a model from outside it.
 
-Why: a 4-bit 7B GGUF is ~4 GB on disk, ~28 GB once dequantized to fp32. `GGMLLinear` keeps the stored bytes
-(a uint8 buffer, so `.to(device)` moves them and `.to(dtype)` leaves them alone) and decodes the weight a
-tile of output rows at a time inside `forward`, so the extra memory of a call is one tile in fp32, never the
-whole matrix. What this step buys is memory; speed (decoding inside the matmul, no fp32 tile at all) comes
-from the kernels of a later step, which can replace `forward` without changing how a model holds weights.
+Why: a 4-bit 7B GGUF is ~4 GB on disk and ~28 GB once dequantized to fp32; a bf16 checkpoint doubles in
+fp32. `GGMLLinear` and `GGMLEmbedding` keep the bytes as stored (uint8 buffers, often views of the
+memory-mapped file, so loading copies nothing) and compute from them:
+
+- `GGMLLinear.forward` hands each part to the compiled kernels of `lmforge.quant.kernels` (integer dot
+  products on the packed blocks for one or a few rows, dequantized tiles into a fast GEMM for many rows)
+  and, where there is no compiler or no kernel for the type, decodes a tile of output rows at a time in
+  PyTorch: slow but correct, and the extra memory of a call is one tile in fp32, never the whole matrix.
+- `GGMLEmbedding` decodes only the rows of the tokens looked up.
+
+A weight may come in *parts* of different types, stacked by rows: our fused projections (q|k|v, gate|up)
+are separate tensors in a GGUF file, and llama.cpp's _M mixes store `attn_v` in Q6_K beside a Q4_K `attn_q`.
+Each part keeps its own type; the output is their outputs side by side.
+
+Gradients flow to the *input* (a LoRA adapter trained on a frozen quantized base, as QLoRA does) through
+the same tile decoding; the packed bytes themselves never train.
 
 The model never learns about any of this (DESIGN.md practice 7): `swap_in` replaces an `nn.Linear` found
 by its dotted name, the way gpt-fast's quantize handlers do, and `lmforge/model/gpt.py` stays unaware.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,56 +33,195 @@ from torch import nn
 from lmforge.errors import UserError
 from lmforge.quant.ggml import dequantize, packed_nbytes, qtype_name
 
-TILE_ROWS = 512  # output rows decoded per step: 512 x 4096 fp32 = 8 MB of scratch for a 7B projection
+TILE_ROWS = 512  # output rows decoded per step of the fallback: 512 x 4096 fp32 = 8 MB of scratch
+
+
+@functools.cache
+def _kernels():
+    """The compiled kernels module when it can be used here, else None (the PyTorch path then runs)."""
+    try:
+        from lmforge.quant import kernels
+    except ImportError:  # pragma: no cover - a build of lmforge without the kernels
+        return None
+    return kernels if kernels.available() else None
+
+
+class Part(NamedTuple):
+    """`rows` output rows of a weight, packed as GGML type `qtype` in `packed` (uint8, rows x row bytes)."""
+
+    packed: torch.Tensor
+    qtype: str
+    rows: int
+
+
+def _decode(part: Part, start: int, stop: int, in_features: int) -> torch.Tensor:
+    """Rows [start, stop) of one part in fp32: the compiled decoder where there is one, else PyTorch's."""
+    rows = part.packed[start:stop]
+    if part.qtype == "F32":
+        return rows.view(torch.float32)
+    k = _kernels()
+    if k is not None and rows.device.type == "cpu" and part.qtype in k.SUPPORTED:
+        return k.dequantize(rows, part.qtype, in_features)
+    return dequantize(rows, part.qtype, (stop - start, in_features))
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """x @ W.T for a packed W, differentiable in x only (the weight is frozen bytes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "GGMLLinear") -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        layer = ctx.layer
+        grad = grad.float()
+        gx = grad.new_zeros(grad.shape[0], layer.in_features)
+        for start, stop, w in layer._tiles():
+            gx += grad[:, start:stop] @ w
+        return gx, None
 
 
 class GGMLLinear(nn.Module):
-    """`y = x @ W.T + b` with W held as GGML blocks (`packed`, uint8) of type `qtype`.
+    """`y = x @ W.T + b` with W held as GGML blocks, in one or more parts of `Part` rows each.
 
-    `packed` holds `out_features` rows of `in_features` values, row-major as in a GGUF file (GGUF's ne[0] is
-    `in_features`). The bias, when there is one, is an ordinary float parameter."""
+    Each part's bytes are `out rows x row bytes`, row-major as in a GGUF file (GGUF's ne[0] is
+    `in_features`). The bias, when there is one, is an ordinary float parameter. Computation is in fp32
+    whatever `x`'s dtype; the result comes back in `x`'s dtype."""
 
-    def __init__(self, packed: torch.Tensor, qtype: int | str, in_features: int, out_features: int,
-                 bias: torch.Tensor | None = None, tile_rows: int = TILE_ROWS) -> None:
+    stays_packed = True  # for LoRA: a frozen base it may wrap (model/lora.py knows nothing else about us)
+
+    def __init__(self, packed: torch.Tensor | list[tuple[torch.Tensor, str | int, int]], qtype: int | str | None,
+                 in_features: int, out_features: int | None = None, bias: torch.Tensor | None = None,
+                 tile_rows: int = TILE_ROWS) -> None:
         super().__init__()
-        self.qtype = qtype_name(qtype)
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        want = packed_nbytes(self.qtype, (self.out_features, self.in_features))
-        if packed.dtype != torch.uint8 or packed.numel() != want:
-            raise UserError(f"a {self.qtype} weight of {self.out_features}x{self.in_features} takes {want} "
-                            f"bytes (torch.uint8), got {packed.numel()} ({packed.dtype})")
+        if isinstance(packed, torch.Tensor):
+            packed = [(packed, qtype, out_features)]
+        self.in_features = int(in_features)
+        parts = []
+        for i, (data, t, rows) in enumerate(packed):
+            name, rows = qtype_name(t), int(rows)
+            want = packed_nbytes(name, (rows, self.in_features))
+            if data.dtype != torch.uint8 or data.numel() != want:
+                raise UserError(f"a {name} weight of {rows}x{self.in_features} takes {want} bytes (torch.uint8), "
+                                f"got {data.numel()} ({data.dtype})")
+            self.register_buffer(f"part{i}", data.detach().reshape(rows, -1))
+            parts.append((name, rows))
+        self._part_types = parts
+        self.out_features = sum(rows for _, rows in parts)
+        if out_features is not None and int(out_features) != self.out_features:
+            raise UserError(f"parts of {self.out_features} rows in all do not make {out_features} outputs")
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise UserError(f"a bias for {self.out_features} outputs has shape ({self.out_features},), "
                             f"got {tuple(bias.shape)}")
         self.tile_rows = max(1, int(tile_rows))
-        self.register_buffer("packed", packed.detach().reshape(self.out_features, -1).contiguous())
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    # ---- what it holds ------------------------------------------------------------------------------
+    @property
+    def parts(self) -> list[Part]:
+        return [Part(getattr(self, f"part{i}"), t, rows) for i, (t, rows) in enumerate(self._part_types)]
+
+    @property
+    def qtype(self) -> str:
+        """The type name, or "mixed (A, B)" when the parts differ."""
+        names = sorted({t for t, _ in self._part_types})
+        return names[0] if len(names) == 1 else f"mixed ({', '.join(names)})"
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The bytes of a one-part weight (tests, export of an unmixed layer)."""
+        if len(self._part_types) != 1:
+            raise ValueError("this weight has several parts; read .parts")
+        return self.part0
 
     @property
     def nbytes(self) -> int:
         """Bytes the weight takes as stored (the bias not counted): the memory this layer exists to save."""
-        return self.packed.numel()
+        return sum(p.packed.numel() for p in self.parts)
 
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
-        """Output rows [start, stop) of the weight in fp32."""
-        return dequantize(self.packed[start:stop], self.qtype, (stop - start, self.in_features))
+    @property
+    def device(self) -> torch.device:
+        return self.part0.device
+
+    def _tiles(self):
+        """(first row, stop row, fp32 rows) over the whole weight, a tile at a time."""
+        offset = 0
+        for part in self.parts:
+            for start in range(0, part.rows, self.tile_rows):
+                stop = min(start + self.tile_rows, part.rows)
+                yield offset + start, offset + stop, _decode(part, start, stop, self.in_features)
+            offset += part.rows
 
     def dequantized(self) -> torch.Tensor:
         """The whole weight (out_features, in_features) in fp32, for tests and export (not for forward)."""
-        return self._rows(0, self.out_features)
+        return torch.cat([w for _, _, w in self._tiles()]) if self.out_features else \
+            torch.empty(0, self.in_features)
+
+    # ---- computing -----------------------------------------------------------------------------------
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, in) fp32 -> (n, out) fp32, no bias."""
+        k = _kernels()
+        out = x.new_empty(x.shape[0], self.out_features)
+        offset = 0
+        for part in self.parts:
+            y = None
+            if k is not None and x.device.type == "cpu" and part.qtype in k.SUPPORTED:
+                y = k.matmul(x, part.packed, part.qtype, self.in_features)
+            if y is not None:
+                out[:, offset:offset + part.rows] = y
+            elif part.qtype == "F32":
+                out[:, offset:offset + part.rows] = F.linear(x, part.packed.view(torch.float32))
+            else:
+                for start in range(0, part.rows, self.tile_rows):
+                    stop = min(start + self.tile_rows, part.rows)
+                    w = _decode(part, start, stop, self.in_features)
+                    out[:, offset + start:offset + stop] = F.linear(x, w)
+            offset += part.rows
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_empty(*x.shape[:-1], self.out_features)
-        for start in range(0, self.out_features, self.tile_rows):
-            stop = min(start + self.tile_rows, self.out_features)
-            w = self._rows(start, stop).to(x.dtype)
-            b = self.bias[start:stop].to(x.dtype) if self.bias is not None else None
-            out[..., start:stop] = F.linear(x, w, b)
-        return out
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _PackedMatmul.apply(x2, self)
+        else:
+            y = self._matmul(x2)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.reshape(*lead, self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
                 f"bias={self.bias is not None}, nbytes={self.nbytes}")
+
+
+class GGMLEmbedding(nn.Module):
+    """A token embedding held as GGML rows: a lookup decodes only the rows of the ids asked for."""
+
+    def __init__(self, packed: torch.Tensor, qtype: int | str, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.qtype = qtype_name(qtype)
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        want = packed_nbytes(self.qtype, (self.num_embeddings, self.embedding_dim))
+        if packed.dtype != torch.uint8 or packed.numel() != want:
+            raise UserError(f"a {self.qtype} embedding of {num_embeddings}x{embedding_dim} takes {want} bytes, "
+                            f"got {packed.numel()} ({packed.dtype})")
+        self.register_buffer("packed", packed.detach().reshape(self.num_embeddings, -1))
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        flat = idx.reshape(-1)
+        rows = self.packed.index_select(0, flat)
+        w = _decode(Part(rows, self.qtype, rows.shape[0]), 0, rows.shape[0], self.embedding_dim)
+        return w.reshape(*idx.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}, nbytes={self.nbytes}"
 
 
 def swap_in(model: nn.Module, name: str, packed: torch.Tensor, qtype: int | str,
@@ -93,3 +246,15 @@ def swap_in(model: nn.Module, name: str, packed: torch.Tensor, qtype: int | str,
     new = GGMLLinear(packed.to(old.weight.device), qtype, old.in_features, old.out_features, bias=old.bias)
     setattr(parent, attr, new)
     return new
+
+
+def stored_nbytes(model: nn.Module) -> int:
+    """Bytes of all weights as the model holds them: packed bytes plus every float parameter and buffer
+    (position tables included), tensors shared between modules counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

@@ -81,14 +81,18 @@ def _data_fingerprint(examples: list) -> str:
 
 
 def _load_start(opts: FinetuneOptions, device: torch.device):
-    """The model to train: the starting model, or on --resume the run's own weights (or base + adapter)."""
+    """The model to train: the starting model, or on --resume the run's own weights (or base + adapter).
+
+    LoRA trains on a frozen base, so the base stays in its stored precision (QLoRA: a quantized GGUF stays
+    in its blocks, a bf16 checkpoint in bf16; the adapters are float32); full fine-tuning needs float32."""
     from lmforge.loaders.auto import load
 
+    dtype = "auto" if opts.lora else None
     if opts.resume:
         if not (opts.out / TRAINER_STATE / "state.json").is_file():
             raise UserError(f"{opts.out} has no trainer state to resume from")
-        return load(opts.out, device=device, merge=False)  # an adapter run comes back with its adapter unmerged
-    return load(opts.model, device=device, merge=True)  # a LoRA starting point is merged: training goes on top
+        return load(opts.out, device=device, merge=False, dtype=dtype)  # an adapter run: its adapter unmerged
+    return load(opts.model, device=device, merge=True, dtype=dtype)  # a LoRA starting point is merged: train on top
 
 
 def _recipe(opts: FinetuneOptions, n_examples: int, saved: dict | None) -> TrainConfig:

@@ -52,7 +52,7 @@ def test_holds_bytes_not_parameters():
     layer = GGMLLinear(packed, 2, 256, 96, bias=torch.zeros(96))
     assert layer.nbytes == packed_nbytes("Q4_0", (96, 256)) == 96 * 8 * 18  # 4.5 bits a value
     assert [n for n, _ in layer.named_parameters()] == ["bias"]
-    assert layer.state_dict()["packed"].dtype == torch.uint8
+    assert layer.state_dict()["part0"].dtype == torch.uint8
     layer.to(torch.bfloat16)  # a model-wide cast leaves the bytes alone and computes in the new dtype
     assert layer.packed.dtype == torch.uint8 and layer.bias.dtype == torch.bfloat16
     assert layer(torch.randn(3, 256, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -26,12 +26,13 @@ K-quant quantizer) or BF16.
 from __future__ import annotations
 
 from lmforge.loaders.gguf.config import SUPPORTED_ARCHITECTURES
-from lmforge.loaders.gguf.load import GGUFModel, describe_gguf, read_gguf
+from lmforge.loaders.gguf.load import GGUFModel, describe_gguf, load_gguf_packed, read_gguf
 from lmforge.loaders.gguf.names import rope_permute, rope_unpermute
 from lmforge.loaders.gguf.reader import GGUFTensorInfo, describe_file_type, read_gguf_header
 from lmforge.loaders.gguf.write import GGUF_TYPES, write_gguf
 
 __all__ = [
+    "load_gguf_packed",
     "GGUF_TYPES",
     "SUPPORTED_ARCHITECTURES",
     "GGUFModel",

@@ -1,14 +1,19 @@
 """Loading a GGUF file into our model: `read_gguf` (config, state dict, tokenizer) and `describe_gguf` (the
 same checks from the header alone, for `lmforge list/show/import`).
 
-Tensors are checked against the config before any data is read, then dequantized to float (at `dtype`) one
-at a time as `state_dict_from_hf` asks for them, un-permuted for `llama` and renamed GGUF -> HF -> ours.
-A module of its own because it is where the reader, names, config and vocab modules meet.
+Tensors are checked against the config before any data is read. Then, by default, the matrices stay in
+their GGML type: `packed_tensors` hands each one over as a view of the memory-mapped file (the q and k rows
+of a `llama` file, whose rows must be un-permuted, are read into a packed copy of their own), so a 4 GB
+Q4_K_M file takes about 4 GB of memory, not the ~28 GB of its fp32 form. With an explicit `dtype` every
+tensor is dequantized to float instead, one at a time as `state_dict_from_hf` asks for them, un-permuted for
+`llama` and renamed GGUF -> HF -> ours. A module of its own because it is where the reader, names, config
+and vocab modules meet.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +35,12 @@ from lmforge.loaders.gguf.reader import (
     public_metadata,
 )
 from lmforge.loaders.gguf.vocab import tokenizer_from_metadata
-from lmforge.loaders.hf import hf_architecture, state_dict_from_hf
+from lmforge.loaders.hf import hf_architecture, hf_tensor_names, state_dict_from_hf
 from lmforge.loaders.model_dir import check_tokenizer as check_tokenizer_fits
+from lmforge.loaders.packed import build_packed_model
+from lmforge.model.gpt import GPT
+from lmforge.quant.ggml import SUPPORTED as GGML_SUPPORTED
+from lmforge.quant.linear import Part
 from lmforge.tokenizer import Tokenizer
 
 
@@ -40,7 +49,7 @@ class GGUFModel:
     """What `read_gguf` returns: everything needed to build `GPT(config)` and run it."""
 
     config: ModelConfig
-    state_dict: dict[str, torch.Tensor]  # our parameter names, lm_head.weight included even when tied
+    state_dict: dict[str, torch.Tensor]  # our parameter names, lm_head.weight included even when tied (float)
     tokenizer: Tokenizer
     metadata: dict[str, Any]  # the KV metadata, without the vocabulary arrays (tokens, merges, ...)
     file_type: str  # "F32", "F16", "Q8_0", "Q4_K_M", "mixed (Q4_K, Q6_K)", ...
@@ -93,6 +102,62 @@ def _read_tensors(path: str, cfg: ModelConfig, arch: str, header: GGUFHeader, da
     return state_dict_from_hf(cfg, _LazyTensors(path, cfg, arch, header, data, dtype), source=path)
 
 
+def _view(data: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
+    """The bytes of one tensor as a uint8 tensor (rows, row bytes) sharing the memory map (read-only: the
+    model never writes its weights, so torch's warning about a non-writable array does not apply)."""
+    raw = data[info.offset:info.offset + info.n_bytes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(raw)
+    rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+    return t.reshape(rows, -1)
+
+
+def _read_rows(path: str, info: GGUFTensorInfo) -> np.ndarray:
+    """One tensor's bytes read into memory of its own (rows, row bytes), not through the map: for tensors
+    that must be rearranged, so the file's pages of them are never mapped in beside the copy."""
+    rows = int(np.prod(info.shape[:-1]))
+    with open(path, "rb") as f:
+        buf = os.pread(f.fileno(), info.n_bytes, info.offset)
+    if len(buf) != info.n_bytes:
+        raise UserError(f"{path}: the file changed while it was being read")
+    return np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1)
+
+
+def packed_tensors(path: str, cfg: ModelConfig, arch: str, header: GGUFHeader,
+                   data: np.ndarray) -> dict[str, torch.Tensor | list[Part]]:
+    """Our tensor names -> `Part`s in their GGML type for the matrices (q|k|v and gate|up as several parts,
+    each in its own type), float32 tensors for the rest (norms, biases). For `build_packed_model`."""
+    with torch.device("meta"):
+        names = list(GPT(cfg).state_dict())
+    infos = {gguf_to_hf(t.name): t for t in header.tensors if t.name != ROPE_FREQS}
+    lazy = _LazyTensors(path, cfg, arch, header, data, torch.float32)
+    out: dict[str, torch.Tensor | list[Part]] = {}
+    for ours in names:
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # build_packed_model points the head at the embedding's bytes
+        theirs = hf_tensor_names(cfg, ours)
+        first = infos[theirs[0]]
+        if len(first.shape) != 2:
+            out[ours] = lazy[theirs[0]] if len(theirs) == 1 else torch.cat([lazy[t] for t in theirs])
+            continue
+        parts = []
+        for t in theirs:
+            info = infos[t]
+            qtype = info.type_name
+            if qtype not in GGML_SUPPORTED and qtype not in ("F32", "F16", "BF16"):
+                raise UserError(f"{path}: tensor {info.name!r} has GGML type {qtype}, which lmforge cannot run "
+                                f"(supported: F32, F16, BF16, {', '.join(GGML_SUPPORTED)})")
+            heads = permute_heads(cfg, info.name) if arch == "llama" else None
+            if heads is not None:
+                rows = torch.from_numpy(np.ascontiguousarray(rope_unpermute(_read_rows(path, info), heads)))
+            else:
+                rows = _view(data, info)
+            parts.append(Part(rows, qtype, info.shape[0]))
+        out[ours] = parts
+    return out
+
+
 def _header_and_config(path: str | os.PathLike) -> tuple[str, Any, dict[str, Any], str, Any]:
     """(path as text, parsed header, tensor table by name, architecture, config before llama-3 rope scaling):
     what describing a file and loading it both start from."""
@@ -123,6 +188,22 @@ def describe_gguf(path: str | os.PathLike, *, check_tokenizer: bool = True) -> d
     return {"architecture": arch, "config": cfg, "file_type": describe_file_type(header.metadata, header.tensors),
             "parameters": sum(t.n_elements for t in header.tensors if t.name != ROPE_FREQS),
             "chat_template": template if isinstance(template, str) else None}
+
+
+def load_gguf_packed(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[GPT, GGUFModel]:
+    """A GGUF file as a ready model whose matrices stay in their GGML types (views of the mapped file),
+    plus what `read_gguf` describes (its `state_dict` left empty: the model holds the weights)."""
+    path_str, header, tensors, arch, cfg = _header_and_config(path)
+    data = open_data(path_str, header.size)  # the views keep the map alive for as long as the model lives
+    if ROPE_FREQS in tensors:
+        cfg = with_llama3_rope(path_str, cfg, arch, header.metadata, data, tensors[ROPE_FREQS])
+    _check_tensor_set(path_str, cfg, tensors)
+    tokenizer = tokenizer_from_metadata(path_str, header.metadata)
+    check_tokenizer_fits(cfg, tokenizer, source=path_str)
+    model = build_packed_model(cfg, packed_tensors(path_str, cfg, arch, header, data), source=path_str,
+                               device=device)
+    return model, GGUFModel(cfg, {}, tokenizer, public_metadata(header.metadata),
+                            describe_file_type(header.metadata, header.tensors))
 
 
 def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> GGUFModel:
