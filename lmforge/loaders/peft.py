@@ -436,7 +436,7 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = 
         module, part_names = theirs_to_ours[theirs]
         parts = [p for p in projection_parts(cfg, module) if p[0] in part_names]
         rows = sum(stop - start for _, start, stop in parts)
-        in_features = m.get_submodule(f"blocks.{layer}.{module}").weight.shape[1]
+        in_features = m.get_submodule(f"blocks.{layer}.{module}").in_features
         r = _pattern(conf.get("rank_pattern"), key, r_default)
         alpha = _pattern(conf.get("alpha_pattern"), key, alpha_default)
         if A.dim() != 2 or B.dim() != 2 or A.shape != (r, in_features) or B.shape != (rows, r):

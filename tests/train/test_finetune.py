@@ -111,3 +111,27 @@ def test_adapter_for_another_base_is_refused(tmp_path, base, tiny_tokenizer):
     other = save_tiny_model(tmp_path / "other", tiny_tokenizer, context_length=64, embedding_scale=3.0)
     with pytest.raises(UserError, match="another model|trained on"):
         load_adapter(load(other).model, tmp_path / "lora")
+
+
+def test_qlora_trains_adapters_on_a_base_that_stays_quantized(tmp_path, base):
+    """LoRA on a Q8_0 GGUF: the base's projections stay packed GGML blocks while the adapters learn, and the
+    saved adapter loads back onto the quantized base (kept beside it, not folded into the blocks)."""
+    from lmforge.loaders.auto import load
+    from lmforge.loaders.export import export_gguf
+    from lmforge.model.lora import lora_modules
+    from lmforge.quant.linear import GGMLLinear
+
+    gguf = tmp_path / "base-q8.gguf"
+    export_gguf(load(base), gguf, qtype="q8_0")
+    data = _chat_file(tmp_path / "chat.jsonl")
+    result, summary = finetune(_opts(gguf, data, tmp_path / "qlora", lora=True, lora_rank=4,
+                                     recipe={"max_steps": 20, "lr": 1e-2}))
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    assert losses[-1] < losses[0] - 0.5
+    adapted = load(tmp_path / "qlora", dtype="auto").model
+    wrapped = dict(lora_modules(adapted))
+    assert wrapped and all(isinstance(m.base, GGMLLinear) for m in wrapped.values())
+    plain = load(gguf, dtype="auto").model
+    ids = torch.randint(0, plain.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(adapted(ids), plain(ids))
