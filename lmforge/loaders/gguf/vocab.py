@@ -3,6 +3,12 @@ byte-level BPE with a named pre-tokenizer; `llama`: SentencePiece BPE rebuilt as
 transformers does) with its special-token roles, BOS policy and chat template; and, for export, turns a
 byte-level BPE tokenizer back into llama.cpp's tokens / token types / merges.
 
+The rebuilt tokenizers aim at llama.cpp's ids and text, not only transformers': tests/loaders/gguf/
+test_gguf_vs_llamacpp.py (and bench/tokenizer_vs_llamacpp.py) compare both kinds with llama.cpp's own
+tokenizer on GGUFs made by its converter. The differences left on purpose: byte-level BPE decode is exact
+(llama.cpp's runs transformers' lossy clean-up of " ," and " 's"), and UNUSED "[PADn]" fillers decode as
+their text (llama.cpp prints nothing for them).
+
 A module of its own because the tokenizer shares nothing with the weights but the vocabulary size, and is
 the part most likely to grow (new pre-tokenizer names).
 """
@@ -91,8 +97,9 @@ def _add_special_tokens(tk: Any, tokens: list[str], types: list[int]) -> None:
         tk.add_tokens(user)
 
 
-def _bpe_backend(path: str, metadata: dict[str, Any], tokens: list[str], types: list[int]) -> Any:
-    """A byte-level BPE `tokenizers.Tokenizer` from tokens + merges + the pre-tokenizer name."""
+def _bpe_backend(path: str, metadata: dict[str, Any], tokens: list[str], types: list[int]) -> tuple[Any, str]:
+    """A byte-level BPE `tokenizers.Tokenizer` from tokens + merges + the pre-tokenizer name, and our name of
+    that pre-tokenizer ("llama3", "qwen2", "gpt2", "smollm")."""
     import tokenizers
     from tokenizers import decoders, models
 
@@ -122,13 +129,15 @@ def _bpe_backend(path: str, metadata: dict[str, Any], tokens: list[str], types: 
     tk.normalizer, tk.pre_tokenizer = _pipeline(kind)
     tk.decoder = decoders.ByteLevel()
     _add_special_tokens(tk, tokens, types)
-    return tk
+    return tk, kind
 
 
 def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
     """BPE merges equivalent to a SentencePiece BPE vocabulary: SentencePiece joins the adjacent pair
     whose joined piece has the highest score, so every split of a normal piece into two pieces that exist
-    is a merge, ranked by the joined piece's score (ties: lower ids first)."""
+    is a merge, ranked by the joined piece's score (ties: lower ids first). Pieces of equal score are the
+    one place this can differ from llama.cpp, which joins the leftmost such pair first; SentencePiece BPE
+    models give every normal piece its own score, so trained vocabularies never have such ties."""
     ids = {}
     for i, t in enumerate(tokens):
         if types[i] == _NORMAL:
@@ -144,9 +153,24 @@ def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> lis
 
 
 def _spm_backend(path: str, metadata: dict[str, Any], tokens: list[str], types: list[int]) -> Any:
-    """A SentencePiece BPE vocabulary (Llama 2, Mistral, TinyLlama GGUFs) as a `tokenizers` BPE with byte
-    fallback: spaces become "▁", a "▁" is prepended unless add_space_prefix is false, unknown characters
-    fall back to the <0xXX> byte tokens. This is what transformers builds from the same vocabulary."""
+    """A SentencePiece BPE vocabulary (Llama 2, Mistral, TinyLlama, Gemma GGUFs) as a `tokenizers` BPE with
+    byte fallback, built to give llama.cpp's ids and text (tests/loaders/gguf/test_gguf_vs_llamacpp.py
+    compares them on files made by llama.cpp's converter):
+
+    * normalizer: spaces become "▁" (only spaces: tabs and newlines stay, as llama.cpp escapes them), and
+      a "▁" goes in front unless tokenizer.ggml.add_space_prefix is false. Added tokens are matched in the
+      raw text first and each stretch of text between them is normalized on its own, so text after a
+      special token gets its "▁" too, as llama.cpp prefixes a space after every special fragment;
+    * no pre-tokenizer: SentencePiece (and llama.cpp) merge across the whole text, spaces included;
+    * model: merges ranked by the joined piece's score (`_spm_merges`); characters that are no piece fall
+      back to their UTF-8 bytes' <0xXX> tokens;
+    * decoder: "▁" back to a space, <0xXX> pieces to bytes, and the first space of the text dropped when
+      the encoder added one; `Tokenizer.token_bytes` reads pieces the same way for streaming, keeping that
+      space (llama.cpp prints it too: it is a real space in the middle of a text);
+    * control and unknown tokens are special added tokens (matched in text only when special tokens are
+      allowed, skipped by skip_special_tokens), user-defined ones always-matched plain added tokens.
+
+    This is also what transformers builds from the same vocabulary (its "legacy" Llama tokenizer)."""
     import tokenizers
     from tokenizers import decoders, models, normalizers
 
@@ -183,11 +207,13 @@ def tokenizer_from_metadata(path: str, metadata: dict[str, Any]) -> Tokenizer:
     model = meta(path, metadata, "tokenizer.ggml.model", "str")
     tokens, types = _token_list(path, metadata)
     if model == "gpt2":
-        tk = _bpe_backend(path, metadata, tokens, types)
-        add_bos_default = False  # llama.cpp: a BPE vocabulary without the key adds no BOS
+        tk, kind = _bpe_backend(path, metadata, tokens, types)
+        # Without the key llama.cpp adds a BOS for Llama 3's pre-tokenizer (Llama 3 files made before the
+        # converter wrote the key need it) and none for the other BPE ones.
+        add_bos_default = kind == "llama3"
     elif model == "llama":
         tk = _spm_backend(path, metadata, tokens, types)
-        add_bos_default = True  # SentencePiece Llama models always started with <s>
+        add_bos_default = True  # SentencePiece Llama models always started with <s> (llama.cpp's default too)
     else:
         raise UserError(f"{path}: tokenizer model {short(model)} is not supported (supported: gpt2, llama)")
 

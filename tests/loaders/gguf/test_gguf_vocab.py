@@ -8,7 +8,7 @@ import pytest
 
 from lmforge.loaders.gguf import read_gguf, read_gguf_header, write_gguf
 from lmforge.tokenizer import Tokenizer
-from tests.loaders.gguf.helpers import (llama_hp, random_model, tiny_cfg, tokenizer_kv, transformers_model,
+from tests.loaders.gguf.helpers import (llama_hp, load, random_model, tiny_cfg, tokenizer_kv, transformers_model,
                                         write_llamacpp_style)
 
 
@@ -118,4 +118,146 @@ def test_pre_tokenizer_names(tmp_path, tiny_tokenizer, pre):
     pieces = tok.backend.pre_tokenizer.pre_tokenize_str(tok.backend.normalizer.normalize_str("x 12345 he\u0301llo")
                                                         if tok.backend.normalizer else "x 12345 héllo")
     assert [p for p, _ in pieces] == PRE_SPLITS[pre]
-    assert tok.decode(tok.encode("x 12345 héllo")) == "x 12345 héllo"
+    assert tok.decode(tok.encode("x 12345 héllo", add_bos=False)) == "x 12345 héllo"
+    # no tokenizer.ggml.add_bos_token: llama.cpp adds a BOS for Llama 3's pre-tokenizer only
+    assert tok.add_bos == (pre == "llama-bpe")
+
+
+# ---- SentencePiece vocabularies as llama.cpp's converter writes them, checked against sentencepiece itself ----
+SPM_TEXTS = ["Hello world", " leading space", "   three leading spaces", "several   spaces  inside  ",
+             "line one\nline two\n\n", "tabs\tand\t\tmore", "\r\n windows", "café naïve", "Straße 中文",
+             "emoji 😀👍🏽", "rare ǅ ☃ 𝄞", "digits 1234567", "quotes ' \" `", "", " ", "\n"]
+
+
+def _train_spm(add_dummy_prefix: bool) -> bytes:
+    """A tiny SentencePiece BPE model trained as Llama 2's was: identity normalization, whitespace kept as
+    it is, byte fallback (emoji and rare characters can only be spelled with <0xXX> pieces)."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    from conftest import make_corpus
+
+    text = make_corpus(400) + "café naïve déjà vu — Straße groß 中文 你好\n" * 10
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()), model_writer=proto, vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        add_dummy_prefix=add_dummy_prefix, num_threads=1, minloglevel=2)
+    return proto.getvalue()
+
+
+def _spm_gguf(path, proto: bytes, *, add_space_prefix: bool | None, add_bos: bool | None = None,
+              added: tuple[tuple[str, int], ...] = (), hf_sd: dict | None = None) -> Tokenizer:
+    """Write the SentencePiece vocabulary to a GGUF as convert_hf_to_gguf.py does (pieces, scores, token types
+    from the model's own flags; `added`: (text, token type) appended after it; `hf_sd`: a model's tensors,
+    else none) and read its tokenizer back."""
+    import sentencepiece
+
+    from lmforge.loaders.gguf.reader import parse_file
+    from lmforge.loaders.gguf.vocab import tokenizer_from_metadata
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i)
+                     else 6 if sp.is_byte(i) else 1)
+    for text, kind in added:
+        tokens.append(text)
+        scores.append(-1000.0)
+        types.append(kind)
+    U32, BOOL = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.BOOL
+    kv = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+          "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+          "tokenizer.ggml.bos_token_id": (sp.bos_id(), U32), "tokenizer.ggml.eos_token_id": (sp.eos_id(), U32),
+          "tokenizer.ggml.unknown_token_id": (sp.unk_id(), U32)}
+    if add_space_prefix is not None:
+        kv["tokenizer.ggml.add_space_prefix"] = (add_space_prefix, BOOL)
+    if add_bos is not None:
+        kv["tokenizer.ggml.add_bos_token"] = (add_bos, BOOL)
+    write_llamacpp_style(path, "llama", llama_hp(), hf_sd or {}, kv)
+    return tokenizer_from_metadata(str(path), parse_file(path).metadata)
+
+
+@pytest.mark.parametrize("prefix", [True, False, None], ids=["space-prefix", "no-space-prefix", "key-missing"])
+def test_sentencepiece_ids_and_text_equal_sentencepiece(tmp_path, prefix):
+    """Ids, decoded text and streamed bytes of a converter-style `llama` GGUF equal sentencepiece's own, with
+    and without the "▁" SentencePiece puts in front of a text (tokenizer.ggml.add_space_prefix; missing
+    means on, as in llama.cpp)."""
+    import sentencepiece
+
+    proto = _train_spm(add_dummy_prefix=prefix is not False)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    tok = _spm_gguf(tmp_path / "spm.gguf", proto, add_space_prefix=prefix)
+    lead = " " if prefix is not False else ""
+    pieces = [sp.id_to_piece(i) for i in sp.encode("the model reads")]
+    assert any(sp.is_byte(i) for i in sp.encode("😀")) and "▁model" in pieces  # the texts test something
+    for text in SPM_TEXTS:
+        ids = tok.encode(text, add_bos=False)
+        assert ids == sp.encode(text), text
+        assert tok.decode(ids) == sp.decode(ids) == text, text
+        streamed = b"".join(tok.token_bytes(i) for i in ids)
+        assert streamed == ((lead + text).encode() if text else b""), text  # generated text keeps its spaces
+        assert tok.encode(text) == [sp.bos_id()] + ids  # BOS by default, as llama.cpp does for `llama` files
+        assert tok.decode([sp.bos_id()] + ids, skip_special_tokens=True) == text
+
+
+def test_sentencepiece_special_and_added_tokens(tmp_path):
+    """Control tokens are matched in text only when special tokens are allowed, user-defined ones always;
+    text after either gets the "▁" prefix again (llama.cpp: a space after every special fragment);
+    add_bos_token=false is honoured; the unknown token is special."""
+    proto = _train_spm(add_dummy_prefix=True)
+    tok = _spm_gguf(tmp_path / "spm.gguf", proto, add_space_prefix=True, add_bos=False,
+                    added=(("<|im_end|>", 3), ("[TOOL]", 4)))
+    piece = tok.backend.id_to_token
+    im_end, tool = tok.backend.token_to_id("<|im_end|>"), tok.backend.token_to_id("[TOOL]")
+    assert not tok.add_bos and tok.encode("the")[0] != tok.bos_id
+    ids = tok.encode("<s>the<|im_end|>[TOOL]x")
+    assert ids[:2] == [tok.bos_id, tok.backend.token_to_id("▁the")] and im_end in ids and tool in ids
+    assert ids[ids.index(tool) + 1:] == tok.encode("x") and piece(ids[ids.index(tool) + 1]).startswith("▁")
+    literal = tok.encode("<s>the<|im_end|>[TOOL]x", allow_special=False)
+    assert tok.bos_id not in literal and im_end not in literal and tool in literal
+    assert b"".join(tok.token_bytes(i) for i in literal) == b" <s>the<|im_end|>[TOOL] x"
+    assert tok.decode(ids) == "<s> the<|im_end|>[TOOL] x"
+    # skipped BOS: the text's own leading "▁" goes, as in transformers (llama.cpp's llama_detokenize keeps it)
+    assert tok.decode(ids, skip_special_tokens=True) == "the[TOOL] x"
+    assert tok.decode(literal) == "<s>the<|im_end|>[TOOL] x"
+    assert tok.backend.token_to_id("<unk>") in [i for i, t in tok.backend.get_added_tokens_decoder().items() if t.special]
+
+
+def test_generate_streams_sentencepiece_text(tmp_path, capsys):
+    """`lmforge generate` on a `llama`-vocabulary GGUF prints what llama.cpp prints for the same tokens: each
+    piece with "▁" as a space and <0xXX> pieces as bytes (issue 14 saw `i▁Three▁Sw▁appear` printed). The
+    expected text is built from sentencepiece's own piece table; the tokens are the model's greedy choice,
+    recomputed here without the engine."""
+    import sentencepiece
+    import torch
+
+    from lmforge.cli import main
+
+    proto = _train_spm(add_dummy_prefix=True)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    hf = transformers_model("llama", sp.vocab_size(), tied=True)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.mul_(8.0)  # sharp logits: no near-ties for greedy decoding to flip on
+    sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    path = tmp_path / "spm.gguf"
+    tok = _spm_gguf(path, proto, add_space_prefix=True, hf_sd=sd)
+    prompt, n_new = "the model reads", 24
+
+    model = load(read_gguf(path))
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        for _ in range(n_new):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    new = ids[len(tok.encode(prompt)):]
+    want = b"".join(bytes([int(sp.id_to_piece(i)[3:5], 16)]) if sp.is_byte(i) else
+                    sp.id_to_piece(i).replace("▁", " ").encode() for i in new).decode("utf-8", "replace")
+    assert any(sp.id_to_piece(i).startswith("▁") for i in new)  # the stream has spaces to get right
+
+    assert main(["generate", str(path), "--prompt", prompt, "--max-new-tokens", str(n_new), "--temperature", "0",
+                 "--no-fast"]) == 0
+    out = capsys.readouterr().out
+    assert out == want + "\n" and "▁" not in out
