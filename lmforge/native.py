@@ -216,7 +216,8 @@ def _cached(name: str):
     return _loaded[name]
 
 
-def _build_into_cache(name: str, source: str, cflags: list[str], ldflags: list[str]):
+def _build_into_cache(name: str, source: str, cflags: list[str], ldflags: list[str],
+                      estimate_s: float = _COMPILE_ESTIMATE_S):
     """Compile the module `name` into lmforge's cache, under the build lock, and load it."""
     global _noticed
     target = _library_path(name)
@@ -230,7 +231,7 @@ def _build_into_cache(name: str, source: str, cflags: list[str], ldflags: list[s
         build_dir = Path(tempfile.mkdtemp(prefix="build-", dir=directory))
         try:
             if not _noticed:
-                say(f"compiling lmforge's CPU kernels, once, ~{_COMPILE_ESTIMATE_S} s (into {directory})")
+                say(f"compiling lmforge's CPU kernels, once, ~{estimate_s:g} s (into {directory})")
                 _noticed = True
             built = _compile(name, source, cflags, ldflags, build_dir)
             with open(built, "rb") as f:
@@ -267,8 +268,9 @@ class Kernel:
     seconds failing again (delete the cache to retry)."""
 
     def __init__(self, prefix: str, source: Path, flags: Callable[[], tuple[list[str], list[str]]], *,
-                 cpu_specific: bool) -> None:
+                 cpu_specific: bool, estimate_s: float | None = None) -> None:
         self.prefix, self.source, self.flags, self.cpu_specific = prefix, Path(source), flags, cpu_specific
+        self.estimate_s = estimate_s  # for the notice (None: _COMPILE_ESTIMATE_S)
         self._module = _UNBUILT
         self._reason: str | None = None
 
@@ -299,7 +301,7 @@ class Kernel:
         errors = []
         for name, (cf, lf) in zip(names, attempts):
             try:
-                return _build_into_cache(name, source, cf, lf)
+                return _build_into_cache(name, source, cf, lf, self.estimate_s or _COMPILE_ESTIMATE_S)
             except _LockTimeout as e:
                 self._reason = (f"{e} held the kernel build lock for over {_LOCK_TIMEOUT_S:g} s "
                                 f"({paths.cache_dir('kernels') / 'build.lock'})")
