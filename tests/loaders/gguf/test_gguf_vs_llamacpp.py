@@ -35,7 +35,10 @@ What "the same" means, per text and vocabulary:
   only drops a leading space from the first token; lmforge drops it ("user"), as transformers does with
   the same decoder (so lmforge's decode of a model directory and of its GGUF agree).
 
-The first test needs `llama_cpp` (llama-cpp-python) and the llama.cpp source tree, and skips without them;
+Also: every token's bytes against llama.cpp's piece for it, and the BOS policy of files without
+tokenizer.ggml.add_bos_token.
+
+The tests need `llama_cpp` (llama-cpp-python) and the llama.cpp source tree, and skips without them;
 the SentencePiece decoding itself is also covered without llama.cpp by test_gguf_vocab.py.
 `bench/tokenizer_vs_llamacpp.py` prints the same comparison as a table.
 """
@@ -335,3 +338,22 @@ def test_every_token_streams_as_llamacpp_prints_it(ggufs, kind):
     differ = [(i, tok.backend.id_to_token(i), tok.token_bytes(i), ref.pieces([i]))
               for i in range(tok.vocab_size) if i not in unused and tok.token_bytes(i) != ref.pieces([i])]
     assert not differ, differ[:10]
+
+
+@pytest.mark.parametrize("kind", ["llama-bpe", "gpt-2", "spm"])
+def test_bos_policy_without_add_bos_token_key(ggufs, kind, tmp_path):
+    """A file without tokenizer.ggml.add_bos_token (older conversions): llama.cpp adds a BOS for SentencePiece
+    and Llama 3 vocabularies and none for GPT-2's; so does lmforge. The key is removed with the llama.cpp
+    tree's own gguf_new_metadata.py."""
+    from lmforge.loaders.gguf import read_gguf, read_gguf_header
+
+    src, path = llama_cpp_src(), tmp_path / f"{kind}-nokey.gguf"
+    r = subprocess.run([sys.executable, str(src / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"),
+                        "--remove-metadata", "tokenizer.ggml.add_bos_token", str(ggufs[kind]), str(path), "--force"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tokenizer.ggml.add_bos_token" not in read_gguf_header(path)[0]
+    tok, ref = read_gguf(path).tokenizer, LlamaCppVocab(path)
+    assert tok.add_bos == (kind != "gpt-2")
+    for text in ("Hello world", "<|im_start|>hi", ""):
+        assert tok.encode(text) == ref.tokenize(text, True, True), text
