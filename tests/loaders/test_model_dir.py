@@ -256,15 +256,15 @@ def test_rope_tables_that_would_not_fit_are_refused_before_they_are_computed(tmp
     """RoPE models store no position table, so the weights cannot bound the context: what the tables would
     cost is compared with the memory available, before they are computed (here: 2**22 positions x 16 x 2
     float32s = 512 MiB against a pretend 100 MiB)."""
-    from lmforge.loaders import model_dir
+    from lmforge.loaders import model_dir, packed
 
     d = _tiny_dir(tmp_path, tiny_tokenizer, max_position_embeddings=2**22)
     assert model_dir.load_config(d).context_length == 2**22  # within the ceiling, and the header agrees
     computed = tables_computed(monkeypatch)
-    monkeypatch.setattr(model_dir, "available_memory", lambda: 100 << 20)
+    monkeypatch.setattr(packed, "available_memory", lambda: 100 << 20)
     _refused(lambda: load_model(d), "context of 4194304 tokens", "1.0 GiB", "0.1 GiB")
     assert computed == []
-    monkeypatch.setattr(model_dir, "available_memory", lambda: None)  # unknown: no refusal on a guess
+    monkeypatch.setattr(packed, "available_memory", lambda: None)  # unknown: no refusal on a guess
     d2 = _tiny_dir(tmp_path / "small", tiny_tokenizer, max_position_embeddings=128)
     computed.clear()
     assert load_model(d2).config.context_length == 128 and computed == [128]
