@@ -414,6 +414,21 @@ def import_model(source: str | os.PathLike, name: str, *, allow_pickle: bool = F
         return _add(norm, tmp, move=True, overwrite=overwrite, hint=_CLI_HINT)
 
 
+@contextmanager
+def new_entry(name: str, *, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh working directory in the store that becomes model `name` when the `with` block ends without an
+    exception (checked like any entry, then renamed into place under the store lock, as `import_model`
+    does); on an error or Ctrl-C it is removed and the store is as before. For commands that write an
+    entry's files themselves (`lmforge quantize --name` writes model.gguf and lmforge.json into it). The
+    name is checked early, before the caller's slow work, and again at the rename."""
+    norm = validate_name(name)
+    if model_path(norm).exists() and not overwrite:
+        raise _exists_error(norm, _CLI_HINT)
+    with _working_dir("import") as tmp:
+        yield tmp
+        _add(norm, tmp, move=True, overwrite=overwrite, hint=_CLI_HINT)
+
+
 def _convert_pickles(src: Path, dst: Path) -> None:
     """Write the weights of a pickle-only directory (already allowed by the caller) as model.safetensors."""
     from safetensors.torch import save_file

@@ -33,6 +33,7 @@ class StoreEntry:
     modified: float  # mtime of the entry directory: when it was added to the store
     error: str | None = None  # set when the entry is damaged; the other fields are then best effort
     config: ModelConfig | None = None  # what the loaders read from config.json or the GGUF header
+    quantization: str | None = None  # "Q4_K_M": lmforge.json's record of `lmforge quantize`, or a GGUF's file type
 
 
 def _dir_size(path: Path) -> int:
@@ -67,7 +68,28 @@ def _entry(name: str, path: Path) -> StoreEntry:
         _describe(entry)
     except Exception as e:  # noqa: BLE001 - one damaged entry is its own DAMAGED line, never the listing's failure
         entry.error = _damage(e)
+    entry.quantization = _quantization_type(path) or entry.quantization
     return entry
+
+
+def _quantization_record(path: Path) -> dict[str, Any] | None:
+    """The `quantization` object `lmforge quantize --name` writes into lmforge.json, or None (also when the
+    file is unreadable: listing never fails on it)."""
+    f = path / "lmforge.json"
+    if not f.is_file():
+        return None
+    try:
+        meta = read_json(f)
+    except UserError:
+        return None
+    q = meta.get("quantization") if isinstance(meta, dict) else None
+    return q if isinstance(q, dict) else None
+
+
+def _quantization_type(path: Path) -> str | None:
+    q = _quantization_record(path)
+    t = q.get("type") if q else None
+    return t if isinstance(t, str) else None
 
 
 def _describe(entry: StoreEntry) -> None:
@@ -108,6 +130,7 @@ def _describe_gguf(entry: StoreEntry, file: Path) -> None:
     except Exception as e:  # noqa: BLE001 - the file's name leads whatever is wrong with it
         raise UserError(f"{file.name}: {_damage(e)}") from None
     entry.architecture, entry.parameters, entry.dtype = d["architecture"], d["parameters"], d["file_type"]
+    entry.quantization = d["file_type"] if d["file_type"] not in ("F32", "F16", "BF16") else None
     entry.config = d["config"]
 
 
@@ -210,7 +233,8 @@ def show(ref: str) -> dict[str, Any]:
         return {"name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
                 "dtype": e.dtype, "size_bytes": e.size_bytes, "modified": e.modified, "error": e.error,
                 **_shape(e.config), "config": config, "chat_template": template, "system": None,
-                "defaults": {}, "modelfile": {}, "lineage": {}, "lmforge": {}, "license": None, "readme": None}
+                "defaults": {}, "modelfile": {}, "lineage": {}, "lmforge": {}, "license": None, "readme": None,
+                "quantization": {"type": e.quantization} if e.quantization else None}
     e = _entry(norm, path)
     info: dict[str, Any] = {
         "name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
@@ -243,6 +267,9 @@ def show(ref: str) -> dict[str, Any]:
         except UserError as err:
             info["error"] = info["error"] or str(err)
     info["lineage"] = meta.get("lineage") or {}  # parent model, data, recipe, step
+    # what `lmforge quantize` recorded (type, per-tensor type counts, source, quality report); for an imported
+    # GGUF, its file type
+    info["quantization"] = _quantization_record(path) or ({"type": e.quantization} if e.quantization else None)
     info["lmforge"] = meta  # all of lmforge.json
     info["license"] = modelfile.get("license") or _first_text(path, ("LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt"))
     info["readme"] = _first_text(path, ("README.md", "README.txt", "README"))

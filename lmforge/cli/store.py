@@ -1,5 +1,6 @@
 """`lmforge import`, `pull`, `list`, `show`, `rm`, `cp`, `create` and `export`: the local model store
-(lmforge.store) and writing models back out for other tools."""
+(lmforge.store) and writing models back out for other tools. `list` and `show` include the quantization
+(`lmforge quantize`'s record in lmforge.json, or an imported GGUF's file type)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def cmd_list(args) -> int:
     for e in entries:
         arch = e.architecture.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
         rows.append((e.name, arch if not e.error else f"DAMAGED: {e.error}"[:60], human_count(e.parameters),
-                     e.dtype or "?", human_size(e.size_bytes), ago(e.modified)))
+                     e.quantization or e.dtype or "?", human_size(e.size_bytes), ago(e.modified)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -100,6 +101,10 @@ def cmd_show(args) -> int:
             ("layers", known("layers")),
             ("dtype/quantization", info.get("dtype") or "?"), ("size on disk", human_size(info.get("size_bytes") or 0)),
             ("path", info.get("path"))]
+    if info.get("quantization"):
+        from lmforge.quant.report import summary_line
+
+        rows.append(("quantization", summary_line(info["quantization"])))
     for k, v in rows:
         print(f"    {k:<20} {v}")
     if info.get("defaults"):
@@ -249,8 +254,10 @@ def register(sub) -> list[argparse.ArgumentParser]:
     add_model_flags(ex)
     ex.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf (a directory) or gguf (one file) (required)")
     ex.add_argument("--out", required=True, help="output directory (hf) or file (gguf) (required)")
-    ex.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], help="GGUF tensor type: f32, f16, or the "
-                    "llama.cpp quantizations q8_0 / q4_0; norms stay f32 (default: f16)")
+    ex.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"], help="GGUF file "
+                    "type: f32, f16, or the llama.cpp quantizations q8_0 / q4_0 / q4_k_m / q5_k_m / q6_k with "
+                    "llama.cpp's per-tensor mixes; norms stay f32; lmforge quantize adds a quality report "
+                    "(default: f16)")
     ex.add_argument("--out-dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the exported "
                     "HF weights (default: fp32)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
