@@ -121,3 +121,39 @@ def test_the_server_starts_and_lists_the_good_entries(tiny_dir, caplog):
     damaged_logs = [r.getMessage() for r in caplog.records if "damaged store entry" in r.getMessage()]
     names = sorted(m.split()[2].rstrip(",") for m in damaged_logs)
     assert names == ["deep:latest", "deep:latest", "eps:latest", "eps:latest"]  # once for each of the two registries
+
+
+# ---------------------------------------------------------------------------------------------------
+# The quantization an entry records (lmforge quantize) or its GGUF header states, in list and show
+# ---------------------------------------------------------------------------------------------------
+def test_quantization_record_and_gguf_file_type_are_listed_and_shown(tiny_dir, tiny_tokenizer, tmp_path, capsys):
+    from lmforge.loaders.auto import load
+    from lmforge.loaders.gguf import write_gguf
+
+    model = load(tiny_dir).model
+    gguf = tmp_path / "t.gguf"
+    write_gguf(gguf, model.config, model.state_dict(), tiny_tokenizer, qtype="q4_k_m")
+    store.import_model(gguf, "imported")
+    path = store.add("recorded", tiny_dir)  # a model directory whose lmforge.json carries a quantization record
+    meta = json.loads((path / "lmforge.json").read_text())
+    report = {"dppl_percent": 0.25, "kld": 0.0012, "top1": 99.06}
+    (path / "lmforge.json").write_text(json.dumps({**meta, "quantization": {"type": "Q8_0", "report": report}}))
+    broken = store.add("broken", tiny_dir)
+    (broken / "lmforge.json").write_text(json.dumps({"quantization": ["not", "an", "object"]}))
+
+    entries = {e.name: e for e in store.list_models()}
+    assert entries["imported:latest"].quantization == "Q4_K_M"
+    assert entries["recorded:latest"].quantization == "Q8_0"
+    assert entries["broken:latest"].quantization is None and entries["broken:latest"].error is None
+    assert main(["list"]) == 0
+    rows = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["imported:latest"][3] == "Q4_K_M" and rows["recorded:latest"][3] == "Q8_0"
+    assert rows["broken:latest"][3] == "float32"
+
+    assert main(["show", "recorded"]) == 0
+    out = capsys.readouterr().out
+    assert "quantization         Q8_0, dPPL +0.25%, KLD 0.00120, top-1 99.1%" in out
+    assert main(["show", "imported"]) == 0
+    assert "quantization         Q4_K_M" in capsys.readouterr().out
+    assert store.show(str(gguf))["quantization"] == {"type": "Q4_K_M"}  # a file outside the store too
+    assert store.show("broken")["quantization"] is None
