@@ -118,24 +118,36 @@ inline void dot32(const uint8_t* w, const BlockQ8* xs, int64_t nb, float* out) {
   float corr[RR];
   for (int r = 0; r < RR; ++r) corr[r] = 0.f;
 #if LMF_X86
-  __m256 acc[RR];
-  for (int r = 0; r < RR; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
+  // U independent accumulators per row: with one or two rows, a single chain of dependent FMAs (4 cycles
+  // each) would cap a core at one block per 4 cycles, below what memory delivers for the 4-bit types.
+  constexpr int U = RR >= 4 ? 1 : 2;
+  __m256 acc[RR][U];
+  for (int r = 0; r < RR; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+  auto one = [&](int64_t b, int u) __attribute__((always_inline)) {
     const uint8_t* blk = w + b * T::bytes;
     const float dw = h2f(blk);
     const __m256i v = codes_v<T>(blk);
-    const __m256i u = T::sign ? _mm256_sign_epi8(v, v) : v;  // |q| for the signed type (s8 x s8 as u8 x s8)
+    const __m256i uv = T::sign ? _mm256_sign_epi8(v, v) : v;  // |q| for the signed type (s8 x s8 as u8 x s8)
     for (int r = 0; r < RR; ++r) {
       const BlockQ8& x = xs[r * nb + b];
       __m256i s = load32(x.q);
       if (T::sign) s = _mm256_sign_epi8(s, v);
-      const __m256i dot = dot_acc(_mm256_setzero_si256(), u, s);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * x.d), acc[r]);
+      const __m256i dot = dot_acc(_mm256_setzero_si256(), uv, s);
+      acc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * x.d), acc[r][u]);
       if (T::offset) corr[r] += dw * x.s;
       if (T::min) corr[r] -= h2f(blk + 2) * x.s;
     }
+  };
+  int64_t b = 0;
+  for (; b + U <= nb; b += U)
+    for (int u = 0; u < U; ++u) one(b + u, u);
+  for (; b < nb; ++b) one(b, 0);
+  for (int r = 0; r < RR; ++r) {
+    __m256 t = acc[r][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[r][u]);
+    out[r] = hsum(t) - (float)(T::offset ? T::offset : 1) * corr[r];
   }
-  for (int r = 0; r < RR; ++r) out[r] = hsum(acc[r]) - (float)(T::offset ? T::offset : 1) * corr[r];
 #else
   float acc[RR];
   for (int r = 0; r < RR; ++r) acc[r] = 0.f;
