@@ -2,16 +2,16 @@
 
     python bench/tokenizer_vs_llamacpp.py [--workdir DIR] [--vocab spm gpt-2 ...] [--llama-cpp SRC]
 
-Builds four tiny vocabularies here (a Llama-2-style SentencePiece BPE with and without the space prefix,
-lmforge's own Llama-3-style byte-level BPE, a GPT-2-style byte-level BPE; trained on tinyshakespeare),
-turns each into a GGUF with llama.cpp's own convert_hf_to_gguf.py, and prints one row per (vocabulary,
-string): whether the token ids equal llama.cpp's (add_bos x special parsing on/off: four encodes) and
-whether the text does (streamed pieces, decode, decode skipping special tokens), then the same over seeded
-random strings. What exactly is compared
-is stated in tests/loaders/gguf/test_gguf_vs_llamacpp.py, which asserts the same table; it needs
-llama-cpp-python (a bench-only extra) and the llama.cpp source tree (LMFORGE_LLAMA_CPP_SRC).
+Builds six tiny vocabularies here, trained on tinyshakespeare: a Llama-2-style SentencePiece BPE with and
+without the space prefix, lmforge's own Llama-3-style byte-level BPE, and byte-level BPEs with the published
+GPT-2, Qwen2 and SmolLM pre-tokenizers. Each becomes a GGUF made by llama.cpp's own convert_hf_to_gguf.py.
+Then one row per (vocabulary, string): whether the token ids equal llama.cpp's (add_bos x special parsing
+on/off: four encodes) and whether the text does (streamed pieces, decode, decode skipping special tokens),
+and the same over seeded random strings. What exactly is compared is stated in
+tests/loaders/gguf/test_gguf_vs_llamacpp.py, which asserts the same; it needs llama-cpp-python (a bench-only
+extra) and the llama.cpp source tree (LMFORGE_LLAMA_CPP_SRC or --llama-cpp).
 
-Takes about a minute, most of it the converter starting up four times.
+Takes a minute or two, most of it the converter starting up six times.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ byte-level BPE tokenizer back into llama.cpp's tokens / token types / merges.
 
 The rebuilt tokenizers aim at llama.cpp's ids and text, not only transformers': tests/loaders/gguf/
 test_gguf_vs_llamacpp.py (and bench/tokenizer_vs_llamacpp.py) compare both kinds with llama.cpp's own
-tokenizer on GGUFs made by its converter. The differences left on purpose: byte-level BPE decode is exact
-(llama.cpp's runs transformers' lossy clean-up of " ," and " 's"), and UNUSED "[PADn]" fillers decode as
-their text (llama.cpp prints nothing for them).
+tokenizer on GGUFs made by its converter. The differences left on purpose: Qwen2's NFC normalization is
+kept (the original tokenizer has it, llama.cpp skips it: only decomposed text gets other ids), byte-level
+BPE decode is exact (llama.cpp's runs transformers' lossy clean-up of " ," and " 's"), and UNUSED "[PADn]"
+fillers decode as their text (llama.cpp prints nothing for them).
 
 A module of its own because the tokenizer shares nothing with the weights but the vocabulary size, and is
 the part most likely to grow (new pre-tokenizer names).

@@ -9,7 +9,8 @@ on tinyshakespeare (no hub):
   tokenizer_config.json -> ``tokenizer.ggml.model = llama`` with scores, BYTE / CONTROL / USER_DEFINED types.
 * ``spm-noprefix``: the same with ``add_prefix_space: false`` -> ``tokenizer.ggml.add_space_prefix = false``.
 * ``llama-bpe``: lmforge's own byte-level BPE (its split regex is Llama 3's) -> ``gpt2`` + ``llama-bpe``.
-* ``gpt-2``: a `tokenizers` ByteLevelBPETokenizer (GPT-2's regex) -> ``gpt2`` + ``gpt-2``.
+* ``gpt-2``, ``qwen2``, ``smollm``: BPEs trained with the normalizer and pre-tokenizer of the published
+  GPT-2, Qwen2 and SmolLM tokenizer.json files -> ``gpt2`` + that pre-tokenizer name.
 
 The converter names a BPE pre-tokenizer by hashing the ids of a probe text, which only matches the real
 published vocabularies; for ours it refuses ("BPE pre-tokenizer was not recognized"). So it is run with
@@ -35,8 +36,8 @@ What "the same" means, per text and vocabulary:
   only drops a leading space from the first token; lmforge drops it ("user"), as transformers does with
   the same decoder (so lmforge's decode of a model directory and of its GGUF agree).
 
-Also: every token's bytes against llama.cpp's piece for it, and the BOS policy of files without
-tokenizer.ggml.add_bos_token.
+Also: every token's bytes against llama.cpp's piece for it, the BOS policy of files without
+tokenizer.ggml.add_bos_token, and the one id difference kept on purpose (Qwen2's NFC normalization).
 
 The tests need `llama_cpp` (llama-cpp-python) and the llama.cpp source tree, and skips without them;
 the SentencePiece decoding itself is also covered without llama.cpp by test_gguf_vocab.py.
@@ -132,9 +133,36 @@ def spm_model_dir(d: Path, *, add_prefix_space: bool = True) -> Path:
     return d
 
 
+def _gpt2():
+    from tokenizers import pre_tokenizers
+
+    return None, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _qwen2():
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    return normalizers.NFC(), pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _smollm():
+    from tokenizers import pre_tokenizers
+
+    return None, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
+# (normalizer, pre-tokenizer) of the published tokenizer.json files of GPT-2, Qwen2 and SmolLM
+_PUBLISHED_PIPELINES = {"gpt-2": _gpt2, "qwen2": _qwen2, "smollm": _smollm}
+
+
 def bpe_model_dir(d: Path, pre: str) -> Path:
-    """A byte-level BPE directory: lmforge's own tokenizer (Llama 3's split) for "llama-bpe", a `tokenizers`
-    ByteLevelBPETokenizer (GPT-2's regex) for "gpt-2"."""
+    """A byte-level BPE directory: lmforge's own tokenizer (Llama 3's split) for "llama-bpe"; for "gpt-2",
+    "qwen2" and "smollm" a BPE trained with the published tokenizer's normalizer and pre-tokenizer."""
     d.mkdir(parents=True, exist_ok=True)
     if pre == "llama-bpe":
         from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -143,15 +171,19 @@ def bpe_model_dir(d: Path, pre: str) -> Path:
         tok = Tokenizer(tok.backend, chat_template=tok.chat_template, add_bos=True)  # llama.cpp's llama-bpe default
         tok.save(d)
         _save_model(d, tok.vocab_size + N_PAD, bos=tok.bos_id, eos=tok.eos_id)
-    elif pre == "gpt-2":
+    elif pre in _PUBLISHED_PIPELINES:
+        import tokenizers
         import transformers
-        from tokenizers import ByteLevelBPETokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        bl = ByteLevelBPETokenizer(add_prefix_space=False)
-        bl.train_from_iterator([training_text()], vocab_size=1000, min_frequency=2, show_progress=False,
-                               special_tokens=["<|endoftext|>", *ADDED_SPECIAL])
+        bl = tokenizers.Tokenizer(models.BPE())
+        bl.normalizer, bl.pre_tokenizer = _PUBLISHED_PIPELINES[pre]()
+        bl.decoder = decoders.ByteLevel()
+        bl.train_from_iterator([training_text()], trainers.BpeTrainer(
+            vocab_size=1000, min_frequency=2, show_progress=False, special_tokens=["<|endoftext|>", *ADDED_SPECIAL],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         bl.add_tokens([ADDED_PLAIN])
-        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bl._tokenizer, bos_token="<|endoftext|>",
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bl, bos_token="<|endoftext|>",
                                                     eos_token="<|endoftext|>", clean_up_tokenization_spaces=False)
         fast.save_pretrained(d)
         _save_model(d, len(fast) + N_PAD, bos=0, eos=0)
@@ -187,7 +219,7 @@ def convert(model_dir: Path, out: Path, pre: str | None = None) -> Path:
     return out
 
 
-VOCABS = ("spm", "spm-noprefix", "llama-bpe", "gpt-2")
+VOCABS = ("spm", "spm-noprefix", "llama-bpe", "gpt-2", "qwen2", "smollm")
 
 
 def build_gguf(kind: str, workdir: Path) -> Path:
@@ -357,3 +389,19 @@ def test_bos_policy_without_add_bos_token_key(ggufs, kind, tmp_path):
     assert tok.add_bos == (kind != "gpt-2")
     for text in ("Hello world", "<|im_start|>hi", ""):
         assert tok.encode(text) == ref.tokenize(text, True, True), text
+
+
+def test_qwen2_normalizes_to_nfc_unlike_llamacpp(ggufs):
+    """The one id difference kept on purpose: Qwen2's tokenizer NFC-normalizes text (its tokenizer.json says
+    so, transformers does it, the model was trained on it) and llama.cpp skips that step. Composed text, all
+    of the strings above, is unaffected; decomposed accents and compatibility characters get the ids
+    llama.cpp gives their NFC form."""
+    import unicodedata
+
+    from lmforge.loaders.gguf import read_gguf
+
+    tok, ref = read_gguf(ggufs["qwen2"]).tokenizer, LlamaCppVocab(ggufs["qwen2"])
+    text = "he\u0301llo cafe\u0301 \u212b"
+    nfc = unicodedata.normalize("NFC", text)
+    assert nfc != text and ref.tokenize(nfc, True, True) != ref.tokenize(text, True, True)
+    assert tok.encode(text) == ref.tokenize(nfc, True, True)
