@@ -559,18 +559,28 @@ inline void dq_row(int type, const uint8_t* src, int64_t k, float* dst) {
       }
       break;
     case Q4_0: case Q4_1: case Q5_0: case Q5_1: {
+      // Straight-line loops over 16 bytes (low nibble: value j, high nibble: value j + 16) vectorise; the
+      // codes<T>() helpers used by the generic dot product did not.
+      const bool five = type == Q5_0 || type == Q5_1, has_min = type == Q4_1 || type == Q5_1;
       const int bytes = type == Q4_0 ? 18 : type == Q4_1 ? 20 : type == Q5_0 ? 22 : 24;
+      const int qs_at = 2 + (has_min ? 2 : 0) + (five ? 4 : 0), offset = has_min ? 0 : five ? 16 : 8;
       for (int64_t b = 0; b < k / 32; ++b) {
         const uint8_t* p = src + bytes * b;
-        int8_t q[32];
-        const float d = h2f(p);
+        const uint8_t* qs = p + qs_at;
+        const float d = h2f(p), mn = has_min ? h2f(p + 2) : 0.f;
+        uint32_t h = 0;
+        if (five) std::memcpy(&h, p + 2 + (has_min ? 2 : 0), 4);
         float* o = dst + 32 * b;
-        if (type == Q4_0) { codes<TQ4_0>(p, q); for (int j = 0; j < 32; ++j) o[j] = d * (float)(q[j] - 8); }
-        if (type == Q5_0) { codes<TQ5_0>(p, q); for (int j = 0; j < 32; ++j) o[j] = d * (float)(q[j] - 16); }
-        if (type == Q4_1 || type == Q5_1) {
-          if (type == Q4_1) codes<TQ4_1>(p, q); else codes<TQ5_1>(p, q);
-          const float mn = h2f(p + 2);
-          for (int j = 0; j < 32; ++j) o[j] = d * (float)q[j] + mn;
+        for (int j = 0; j < 16; ++j) {
+          const int lo = (qs[j] & 0x0F) | (int)(((h >> j) & 1) << 4);
+          const int hi = (qs[j] >> 4) | (int)(((h >> (j + 16)) & 1) << 4);
+          if (has_min) {
+            o[j] = d * (float)lo + mn;
+            o[j + 16] = d * (float)hi + mn;
+          } else {
+            o[j] = d * (float)(lo - offset);
+            o[j + 16] = d * (float)(hi - offset);
+          }
         }
       }
       break;
@@ -639,15 +649,18 @@ inline void dq_row(int type, const uint8_t* src, int64_t k, float* dst) {
         const float d = h2f(p + 208);
         float* o = dst + 256 * b;
         for (int h = 0; h < 2; ++h)
-          for (int l = 0; l < 32; ++l) {
-            const uint8_t a = p[64 * h + l], c = p[64 * h + 32 + l], hb = p[128 + 32 * h + l];
-            const int q[4] = {(a & 0x0F) | ((hb & 3) << 4), (c & 0x0F) | (((hb >> 2) & 3) << 4),
-                              (a >> 4) | (((hb >> 4) & 3) << 4), (c >> 4) | (((hb >> 6) & 3) << 4)};
-            for (int g = 0; g < 4; ++g) {
-              const int v = 128 * h + 32 * g + l;
-              o[v] = (d * (float)sc[v / 16]) * (float)(q[g] - 32);
+          for (int g = 0; g < 4; ++g)
+            for (int half = 0; half < 2; ++half) {
+              const float dl = d * (float)sc[8 * h + 2 * g + half];
+              const uint8_t* ql = p + 64 * h + 32 * (g & 1) + 16 * half;
+              const uint8_t* qh = p + 128 + 32 * h + 16 * half;
+              float* oo = o + 128 * h + 32 * g + 16 * half;
+              const int lshift = 4 * (g >> 1), hshift = 2 * g;
+              for (int l = 0; l < 16; ++l) {
+                const int q = ((ql[l] >> lshift) & 0x0F) | (((qh[l] >> hshift) & 3) << 4);
+                oo[l] = dl * (float)(q - 32);
+              }
             }
-          }
       }
       break;
     default: break;
