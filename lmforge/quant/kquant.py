@@ -68,16 +68,25 @@ def _fit_scale_min(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep
     span = hi - lo
     flat = span == 0
     span = torch.where(flat, torch.ones_like(span), span)
-    sw, swx = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True)
+    shifted = x - lo
+    wx = w * x
+    sw, swx, swx2 = w.sum(-1, keepdim=True), wx.sum(-1, keepdim=True), (wx * x).sum(-1, keepdim=True)
+
+    def error(s, m, sl, sl2, sxl):
+        # sum w (s q + m - x)^2, expanded into the sums already at hand (no pass over the values)
+        return swx2 + s * s * sl2 + m * m * sw + 2 * s * m * sl - 2 * s * sxl - 2 * m * swx
+
+    def sums(q):
+        wq = w * q
+        return wq.sum(-1, keepdim=True), (wq * q).sum(-1, keepdim=True), (wq * x).sum(-1, keepdim=True)
 
     # the plain map: min..max onto 0..nmax
     scale = span / nmax
-    q = torch.clamp(torch.round((x - lo) * (nmax / span)), 0, nmax)
     best_min = lo.clone()
-    best_err = (w * (scale * q + lo - x).square()).sum(-1, keepdim=True)
+    best_err = error(scale, lo, *sums(torch.clamp(torch.round(shifted * (nmax / span)), 0, nmax)))
     for step in range(nstep + 1):
-        q = torch.clamp(torch.round((x - lo) * ((nmax + rmin + rdelta * step) / span)), 0, nmax)
-        sl, sl2, sxl = (w * q).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True), (w * q * x).sum(-1, keepdim=True)
+        q = torch.clamp(torch.round(shifted * ((nmax + rmin + rdelta * step) / span)), 0, nmax)
+        sl, sl2, sxl = sums(q)
         det = sw * sl2 - sl * sl
         ok = det > 0
         det = torch.where(ok, det, torch.ones_like(det))
@@ -86,7 +95,7 @@ def _fit_scale_min(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep
         pos = m > 0  # a positive min would lose exact zeros: refit the scale alone with min = 0
         s = torch.where(pos, sxl / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), s)
         m = torch.where(pos, torch.zeros_like(m), m)
-        err = (w * (s * q + m - x).square()).sum(-1, keepdim=True)
+        err = error(s, m, sl, sl2, sxl)
         better = ok & (err < best_err)
         best_err = torch.where(better, err, best_err)
         scale = torch.where(better, s, scale)
