@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lmforge.cli.common import (
-    PROG, Formatter, add_device_flag, float_arg, name_from_path, nonneg_int, para, positive_int,
+    DTYPES, PROG, Formatter, add_device_flag, float_arg, name_from_path, nonneg_int, para, positive_int, torch_dtype,
 )
 from lmforge.errors import UserError
 
@@ -43,7 +43,8 @@ def cmd_serve(args) -> int:
               f"these models and write feedback files. Use --api-key (or bind 127.0.0.1).", file=sys.stderr)
     registry = ModelRegistry(fixed, device=str(resolve_device(args.device)), max_batch=args.max_concurrency,
                              max_queue=args.max_queue, max_context=args.max_context, keep_alive=args.keep_alive,
-                             fast=not args.no_fast, prefill_chunk=args.prefill_chunk)
+                             fast=not args.no_fast, prefill_chunk=args.prefill_chunk,
+                             dtype=torch_dtype(args.dtype))
     opts = ServerOptions(api_key=api_key, loopback=loopback, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
                          cors_origins=tuple(args.cors_origin), max_body=args.max_body_kb * 1024,
                          feedback_dir=Path(args.feedback_dir).expanduser() if args.feedback_dir else None)
@@ -85,7 +86,11 @@ def register(sub) -> list[argparse.ArgumentParser]:
                                           "/tokenizer_info, /health) and a chat UI in the browser at /, which collects "
                                           "ratings and better answers as fine-tuning data under $LMFORGE_HOME/feedback. "
                                           "Concurrent requests share one forward pass per step (continuous batching). "
-                                          "Models load on first use and unload after --keep-alive seconds idle. SIGTERM "
+                                          "Models load on first use and unload after --keep-alive seconds idle. A model "
+                                          "loads only if its weights (at their stored size, or --dtype), its KV cache "
+                                          "(--max-concurrency requests of --max-context tokens) and runtime fit in the "
+                                          "memory free on --device; idle models are unloaded to make room, least "
+                                          "recently used first, else the request gets 503 insufficient_memory. SIGTERM "
                                           "or Ctrl-C finishes the requests in flight (new ones get 503), then exits."),
                         epilog="examples:\n  lmforge serve\n"
                                "  lmforge serve quickstart-dpo smol --port 8000 --api-key \"$KEY\" --max-concurrency 8\n"
@@ -119,6 +124,9 @@ def register(sub) -> list[argparse.ArgumentParser]:
                     "name on a loopback bind, e.g. behind a reverse proxy (repeatable; default: loopback names only)")
     sv.add_argument("--feedback-dir", help="where UI feedback is written (default: $LMFORGE_HOME/feedback)")
     add_device_flag(sv)
+    sv.add_argument("--dtype", choices=list(DTYPES), default="auto", help="precision the served models' weights are "
+                    "held in: auto keeps what each file stores (a GGUF's quantized blocks, 16-bit safetensors) and "
+                    "computes in fp32; fp32/bf16/fp16 (or f32/f16) convert on load (default: auto)")
     sv.add_argument("--no-fast", action="store_true", help="don't use lmforge's CPU kernel for batch-1 decoding")
     sv.set_defaults(func=cmd_serve)
     return [sv]

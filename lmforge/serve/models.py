@@ -5,14 +5,23 @@ ones given on the command line (store names, directories or .gguf files, resolve
 the operator) or the entries of the model store, matched by validated store name. So no request can make
 the server open a file outside what it was told to serve.
 
-Models load on first use, in a worker thread, after a memory check (weights plus KV cache against the
-memory the OS says is available), and unload after `keep_alive` seconds without requests, freeing memory
-for the next one. Each loaded model has its own `Scheduler` (continuous batching).
+Models load on first use, in a worker thread, and unload after `keep_alive` seconds without requests.
+Each loaded model has its own `Scheduler` (continuous batching).
+
+Before a model loads, its memory is counted as it will really be held (`lmforge.footprint.estimate`: the
+weights at their stored size per tensor type, or at `--dtype`, plus the KV cache for `max_batch` requests
+of the model's context, plus runtime) against what is free on the device it will run on. When it does not
+fit, idle models (no request in flight, nothing queued) are unloaded, least recently used first, until it
+does; only when none is left to unload is the request refused, 503 `insufficient_memory`, saying how much
+the model needs and how much there is. Memory decisions are taken one at a time (`_room`), and a load in
+progress keeps its share reserved, so two models loading at once cannot both count the same free bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 import threading
 import time
@@ -20,8 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.device import available_memory
 from lmforge.errors import UserError
+from lmforge.footprint import Footprint, estimate, free_memory, gib
 from lmforge.serve.protocol import APIError
 
 log = logging.getLogger("lmforge.serve")
@@ -38,6 +50,7 @@ class Served:
     created: int
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # requests in flight: a model in use is never unloaded
+    footprint: Footprint | None = None  # its memory as estimated before loading: what unloading it frees
 
 
 def _mtime(path: Path) -> int:
@@ -47,11 +60,17 @@ def _mtime(path: Path) -> int:
         return 0
 
 
-def _weights_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.iterdir()
-               if p.is_file() and p.suffix in (".safetensors", ".gguf", ".bin"))
+def _return_freed_memory(device: torch.device) -> None:
+    """Hand the memory of an unloaded model back to where the next load is counted from: the CUDA
+    allocator's cache to the driver, and glibc's freed heap pages to the OS (`malloc_trim`), which otherwise
+    keeps them for this process while MemAvailable no longer shows them."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator returns memory its own way
+        pass
 
 
 class ModelRegistry:
@@ -59,15 +78,18 @@ class ModelRegistry:
 
     def __init__(self, fixed: dict[str, Path] | None = None, *, device: str = "cpu", max_batch: int = 8,
                  max_queue: int = 64, max_context: int | None = 4096, keep_alive: float = 300.0,
-                 fast: bool = True, prefill_chunk: int = 512) -> None:
+                 fast: bool = True, prefill_chunk: int = 512, dtype: torch.dtype | str = "auto") -> None:
         self.fixed = fixed
         self.device, self.max_batch, self.max_queue = device, max_batch, max_queue
+        self.dtype = dtype  # "auto": every model in its stored precision (`lmforge serve --dtype`)
         self.prefill_chunk = prefill_chunk
         self.max_context, self.keep_alive, self.fast = max_context, keep_alive, fast
         self.loaded: dict[str, Served] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._guard = threading.Lock()
         self._reported: set[tuple[str, str]] = set()  # damaged store entries already logged
+        self._room = threading.Lock()  # one memory decision at a time
+        self._reserved = 0  # bytes counted for loads in progress, not yet visible as used memory
 
     # -- naming ---------------------------------------------------------------------------------------
     def ids(self) -> list[tuple[str, int]]:
@@ -140,32 +162,77 @@ class ModelRegistry:
         from lmforge.engine.scheduler import Scheduler
         from lmforge.loaders.auto import load
 
-        need = _weights_bytes(path)
-        free = available_memory()
-        if free is not None and need * 1.2 > free:
-            raise APIError(503, f"not enough memory to load '{name}': it needs about {need / 2**30:.1f} GiB and "
-                           f"{free / 2**30:.1f} GiB is available", type="server_error", code="insufficient_memory",
-                           headers={"x-should-retry": "false"})
         try:
-            loaded = load(path, device=self.device)
-        except UserError as e:  # a damaged model: the reason (with its paths) goes to the log, not the client
-            log.error("cannot load %s: %s", name, e)
-            raise APIError(500, f"model '{name}' could not be loaded (the reason is in the server log)",
-                           type="server_error", code="model_load_failed", headers={"x-should-retry": "false"}) from None
-        engine = Engine(loaded.model, loaded.tokenizer, fast=self.fast)
-        cfg = engine.config
-        ctx = min(cfg.context_length, self.max_context or cfg.context_length)
-        cache = 2 * cfg.n_layers * self.max_batch * cfg.n_kv_heads * ctx * cfg.head_dim * engine.dtype.itemsize
-        free = available_memory()
-        if free is not None and cache * 1.1 > free:
-            raise APIError(503, f"not enough memory for '{name}': its KV cache for {self.max_batch} requests of "
-                           f"{ctx} tokens needs {cache / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is available "
-                           f"(lower --max-concurrency or --max-context)", type="server_error",
-                           code="insufficient_memory", headers={"x-should-retry": "false"})
-        scheduler = Scheduler(engine, max_batch=self.max_batch, max_queue=self.max_queue, max_context=self.max_context,
-                              prefill_chunk=self.prefill_chunk)
+            need = estimate(path, dtype=self.dtype, device=self.device, batch=self.max_batch,
+                            tokens=self.max_context, chunk=self.prefill_chunk)
+        except UserError as e:
+            raise self._load_failed(name, e) from None
+        self._make_room(name, need)
+        try:
+            loaded = load(path, device=self.device, dtype=self.dtype)
+            engine = Engine(loaded.model, loaded.tokenizer, fast=self.fast)
+            scheduler = Scheduler(engine, max_batch=self.max_batch, max_queue=self.max_queue,
+                                  max_context=self.max_context, prefill_chunk=self.prefill_chunk)
+        except UserError as e:
+            raise self._load_failed(name, e) from None
+        finally:
+            with self._guard:
+                self._reserved -= need.total
         created = int(path.stat().st_mtime)
-        return Served(name, engine, scheduler, loaded.modelfile, created)
+        return Served(name, engine, scheduler, loaded.modelfile, created, footprint=need)
+
+    @staticmethod
+    def _load_failed(name: str, e: UserError) -> APIError:
+        """A damaged model: the reason (with its paths) goes to the log, not the client."""
+        log.error("cannot load %s: %s", name, e)
+        return APIError(500, f"model '{name}' could not be loaded (the reason is in the server log)",
+                        type="server_error", code="model_load_failed", headers={"x-should-retry": "false"})
+
+    def _free(self) -> int | None:
+        """Bytes free on the device models run on (the CPU's through this module's `available_memory`,
+        which is what tests replace)."""
+        dev = torch.device(self.device)
+        return available_memory() if dev.type != "cuda" else free_memory(dev)
+
+    def _make_room(self, name: str, need: Footprint) -> None:
+        """Reserve `need` for loading `name`, unloading idle models (least recently used first) until it
+        fits; 503 `insufficient_memory` when it cannot. Unknown free memory (None) refuses nothing."""
+        with self._room:
+            free = self._free()
+            while free is not None and need.total > free - self._reserved:
+                victim = self._pop_idle_lru(except_name=name)
+                if victim is None:
+                    raise self._no_room(name, need, free - self._reserved)
+                log.info("unloading %s (idle, least recently used) to make room for %s, which needs %s",
+                         victim.name, name, gib(need.total))
+                victim.scheduler.stop(timeout=5)
+                freed = victim.footprint.total if victim.footprint is not None else 0
+                del victim
+                _return_freed_memory(torch.device(self.device))
+                # What this process freed is ours to reuse even where the allocator keeps it from the OS.
+                now = self._free()
+                free = None if now is None else max(now, free + freed)
+            with self._guard:
+                self._reserved += need.total
+
+    def _pop_idle_lru(self, except_name: str) -> Served | None:
+        """Take out of `loaded` the idle model used least recently, if any (under the guard, so that a
+        request cannot start on it meanwhile: `get` then loads it again)."""
+        with self._guard:
+            idle = [s for s in self.loaded.values() if s.active == 0 and s.scheduler.idle and s.name != except_name]
+            if not idle:
+                return None
+            victim = min(idle, key=lambda s: s.last_used)
+            del self.loaded[victim.name]
+            return victim
+
+    def _no_room(self, name: str, need: Footprint, free: int) -> APIError:
+        busy = [s.name for s in self.snapshot()]
+        held = f"; the models in use ({', '.join(busy)}) stay loaded" if busy else ""
+        return APIError(503, f"not enough memory to load '{name}': it needs about {need.describe()} and "
+                        f"{gib(max(free, 0))} is available on {self.device}{held} (try lowering --max-concurrency "
+                        f"or --max-context)", type="server_error", code="insufficient_memory",
+                        headers={"x-should-retry": "false"})
 
     def unload_idle(self, now: float | None = None) -> list[str]:
         """Unload the models unused for `keep_alive` seconds; returns their names."""
