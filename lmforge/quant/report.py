@@ -153,13 +153,19 @@ def _size(n: int | None) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
+def _kld(v: float) -> str:
+    """KL divergences span orders of magnitude (Q8_0 ~1e-4, Q4_0 ~1e-2): fixed point, or two digits of
+    mantissa below 1e-4 so a tiny one does not print as 0."""
+    return f"{v:.5f}" if v >= 1e-4 or v == 0 else f"{v:.1e}"
+
+
 def format_report(r: QualityReport) -> str:
     """The report as a small two-column table for the terminal."""
     rows = [
         ("type", r.type),
         ("evaluated on", f"{r.eval_tokens:,} tokens of {r.eval_source}"),
         ("perplexity", f"{r.ppl_before:.4f} -> {r.ppl_after:.4f}  ({r.dppl:+.2f} %)"),
-        ("mean KL divergence", f"{r.kld:.5f} nats/token"),
+        ("mean KL divergence", f"{_kld(r.kld)} nats/token"),
         ("top-1 agreement", f"{r.top1:.2f} %"),
         ("file size", f"{_size(r.size_before)} -> {_size(r.size_after)}"
                       + (f"  ({r.size_after / r.size_before:.1%})" if r.size_before and r.size_after else "")),
@@ -177,7 +183,7 @@ def summary_line(quantization: dict[str, Any]) -> str:
     if not isinstance(rep, dict):
         return t
     try:
-        return (f"{t}, dPPL {float(rep['dppl_percent']):+.2f}%, KLD {float(rep['kld']):.5f}, "
+        return (f"{t}, dPPL {float(rep['dppl_percent']):+.2f}%, KLD {_kld(float(rep['kld']))}, "
                 f"top-1 {float(rep['top1']):.1f}%")
     except (KeyError, TypeError, ValueError):
         return t

@@ -90,5 +90,6 @@ def test_format_and_summary():
     d = r.to_dict()
     assert d["dppl_percent"] == pytest.approx(0.2)
     assert summary_line({"type": "Q8_0", "report": d}) == "Q8_0, dPPL +0.20%, KLD 0.00123, top-1 99.1%"
+    assert summary_line({"type": "Q8_0", "report": {**d, "kld": 3.2e-6}}) == "Q8_0, dPPL +0.20%, KLD 3.2e-06, top-1 99.1%"
     assert summary_line({"type": "Q4_K_M", "report": None}) == "Q4_K_M"
     assert summary_line({"type": "Q4_K_M", "report": {"kld": "x"}}) == "Q4_K_M"
