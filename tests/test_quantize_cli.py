@@ -189,3 +189,33 @@ def test_llama_cpp_loads_and_runs_our_q4_k_m(tmp_path, capsys, kmodel):
         if len(tokens) == 5:
             break
     assert len(tokens) == 5 and all(0 <= t < llm.n_vocab() for t in tokens)
+
+
+def test_lora_adapter_is_merged_first_and_its_base_decides_requantizing(tmp_path, capsys, tiny_tokenizer, eval_file):
+    from conftest import save_tiny_model
+    from lmforge.loaders.auto import load
+    from lmforge.loaders.gguf import write_gguf
+    from lmforge.loaders.peft import apply_lora
+    from lmforge.model.lora import lora_modules
+    from lmforge.train.checkpointer import Checkpointer
+
+    base = save_tiny_model(tmp_path / "base", tiny_tokenizer)
+    qbase = tmp_path / "base-q4km.gguf"
+    for b, run_dir in ((base, tmp_path / "run"), (qbase, tmp_path / "qrun")):
+        model = load(base).model
+        if b == qbase:
+            write_gguf(qbase, model.config, model.state_dict(), tiny_tokenizer, qtype="q4_k_m")
+        apply_lora(model, targets="q_proj,v_proj", rank=2, alpha=4)
+        with torch.no_grad():
+            for _, m in lora_modules(model):
+                m.lora_B.normal_(std=0.1, generator=torch.Generator().manual_seed(0))
+        Checkpointer(run_dir, tokenizer=tiny_tokenizer, base_model=str(b)).save(model, None, [], {"step": 1})
+    code, out, err = run(capsys, "quantize", tmp_path / "run", "--type", "q8_0", "--out", tmp_path / "a.gguf",
+                         "--eval-data", eval_file, "--eval-tokens", "256", "--no-progress")
+    assert code == 0 and "LoRA adapter" in err and "merged" in err
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():  # the adapter's effect is in the file: closer to the merged model than to the base
+        merged, plain, q = load(tmp_path / "run").model(ids), load(base).model(ids), load(tmp_path / "a.gguf").model(ids)
+    assert (q - merged).abs().max() < 0.5 * (plain - merged).abs().max()
+    assert_user_error(capsys, ["quantize", tmp_path / "qrun", "--type", "q4_k_m", "--out", tmp_path / "b.gguf"],
+                      "already quantized", "Q4_K_M -> Q4_K_M")

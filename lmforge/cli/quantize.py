@@ -30,7 +30,14 @@ def _source_quantization(src: Path) -> tuple[str | None, set[str]]:
     types its matrices hold, empty for float weights)."""
     from lmforge.loaders.auto import gguf_file
     from lmforge.loaders.gguf import describe_file_type, read_gguf_header
+    from lmforge.loaders.peft import adapter_base, is_adapter_dir
+    from lmforge.paths import resolve
 
+    if is_adapter_dir(src):  # what counts is the base the adapter is merged into
+        try:
+            src = resolve(adapter_base(src))
+        except UserError:
+            return None, set()  # the load that follows says what is missing
     g = gguf_file(src)
     if g is None:
         return None, set()
