@@ -89,7 +89,8 @@ class _LockTimeout(Exception):
 
 def disabled() -> bool:
     """True when the user turned every compiled kernel off (LMFORGE_NO_KERNELS set to anything but 0/false/no)."""
-    return os.environ.get("LMFORGE_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no")
+    value = os.environ.get("LMFORGE_NO_KERNELS")  # read per call (tests flip it), so kept cheap when unset
+    return value is not None and value.strip().lower() not in ("", "0", "false", "no")
 
 
 def say(line: str) -> None:

@@ -220,9 +220,24 @@ def tile_dtype() -> torch.dtype:
 # ---- the public kernels -----------------------------------------------------------------------------------
 
 
-def _check_packed(packed: torch.Tensor, name: str, in_features: int) -> tuple[torch.Tensor, int]:
+_SPECS: dict[str, tuple[str, int, int]] = {}  # qtype as given (a str) -> (name, block values, block bytes)
+
+
+def _spec(qtype: int | str) -> tuple[str, int, int]:
+    """(name, values per block, bytes per block), looked up once per spelling: a decode step calls `matmul`
+    ~200 times, and gguf's enum lookups cost more than the kernel on a small matrix."""
+    spec = _SPECS.get(qtype) if isinstance(qtype, str) else None
+    if spec is None:
+        name = ggml.qtype_name(qtype)
+        spec = (name, *ggml.block_sizes(name))
+        if isinstance(qtype, str):
+            _SPECS[qtype] = spec
+    return spec
+
+
+def _check_packed(packed: torch.Tensor, spec: tuple[str, int, int], in_features: int) -> tuple[torch.Tensor, int]:
     """`packed` as a contiguous (rows, row_bytes) uint8 CPU tensor of whole blocks, and row_bytes."""
-    block, size = ggml.block_sizes(name)
+    name, block, size = spec
     if in_features <= 0 or in_features % block:
         raise UserError(f"a {name} row of {in_features} values is not a whole number of {block}-value blocks")
     row_bytes = in_features // block * size
@@ -238,16 +253,16 @@ def dequantize(packed: torch.Tensor, qtype: int | str, in_features: int) -> torc
     """The float32 (rows, in_features) that `packed` (uint8 (rows, row_bytes), CPU) encodes in `qtype`,
     bit-identical to `gguf.quants.dequantize`. Runs lmforge.quant.ggml's PyTorch decoder when the compiled
     kernels are unavailable."""
-    name = ggml.qtype_name(qtype)
-    packed, row_bytes = _check_packed(packed, name, int(in_features))
+    spec = _spec(qtype)
+    name, in_features = spec[0], int(in_features)
+    packed, row_bytes = _check_packed(packed, spec, in_features)
     rows = packed.shape[0]
     k = _module()
     if k is None:
-        return ggml.dequantize(packed, name, (rows, int(in_features)))
-    out = torch.empty(rows, int(in_features), dtype=torch.float32)
-    if rows and not k.dequantize(_CODES[name], packed.data_ptr(), rows, row_bytes, int(in_features),
-                                 out.data_ptr()):
-        return ggml.dequantize(packed, name, (rows, int(in_features)))
+        return ggml.dequantize(packed, name, (rows, in_features))
+    out = torch.empty(rows, in_features, dtype=torch.float32)
+    if rows and not k.dequantize(_CODES[name], packed.data_ptr(), rows, row_bytes, in_features, out.data_ptr()):
+        return ggml.dequantize(packed, name, (rows, in_features))
     return out
 
 
@@ -259,9 +274,9 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, qtype: int | str, in_features:
 
     Up to SMALL_ROWS rows of an integer type quantize x to int8 per block (see the module docstring for the
     accuracy this costs); F16/BF16 accumulate in fp32; more rows decode tiles for a GEMM in `tile_dtype()`."""
-    name = ggml.qtype_name(qtype)
-    in_features = int(in_features)
-    packed, row_bytes = _check_packed(packed, name, in_features)
+    spec = _spec(qtype)
+    name = spec[0]
+    packed, row_bytes = _check_packed(packed, spec, in_features)
     if x.dim() != 2 or x.shape[1] != in_features:
         raise UserError(f"x must be (rows, {in_features}) for this {name} weight, got {tuple(x.shape)}")
     if not x.is_cpu:
@@ -269,9 +284,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, qtype: int | str, in_features:
     k = _module()
     if k is None or name not in _CODES:
         return None
-    x = x.detach()
-    if x.dtype != torch.float32 or not x.is_contiguous():
-        x = x.float().contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+        x = x.detach().float().contiguous()
     n, m = x.shape[0], packed.shape[0]
     if name == "F32":
         return x @ packed.view(torch.float32).t()

@@ -549,8 +549,19 @@ bool matmul(int type, const float* x, int64_t n, const uint8_t* w, int64_t m, in
 inline void dq_row(int type, const uint8_t* src, int64_t k, float* dst) {
   switch (type) {
     case F32: std::memcpy(dst, src, (size_t)k * 4); break;
-    case F16: for (int64_t i = 0; i < k; ++i) dst[i] = w16<false>(src, i); break;
-    case BF16: for (int64_t i = 0; i < k; ++i) dst[i] = w16<true>(src, i); break;
+    case F16: case BF16: {
+      const bool bf = type == BF16;
+      int64_t i = 0;
+#if LMF_X86
+      for (; i + 8 <= k; i += 8) {
+        const __m128i h = _mm_loadu_si128((const __m128i*)(src + 2 * i));
+        _mm256_storeu_ps(dst + i, bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                                     : _mm256_cvtph_ps(h));
+      }
+#endif
+      for (; i < k; ++i) dst[i] = bf ? w16<true>(src, i) : w16<false>(src, i);
+      break;
+    }
     case Q8_0:
       for (int64_t b = 0; b < k / 32; ++b) {
         const uint8_t* p = src + 34 * b;
