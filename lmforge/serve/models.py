@@ -196,13 +196,19 @@ class ModelRegistry:
 
     def _make_room(self, name: str, need: Footprint) -> None:
         """Reserve `need` for loading `name`, unloading idle models (least recently used first) until it
-        fits; 503 `insufficient_memory` when it cannot. Unknown free memory (None) refuses nothing."""
+        fits; 503 `insufficient_memory` when it cannot, decided before anything is unloaded (no model is
+        unloaded in vain). Unknown free memory (None) refuses nothing."""
         with self._room:
             free = self._free()
+            if free is not None:
+                idle = self._idle(except_name=name)
+                reclaimable = sum(s.footprint.total for s in idle if s.footprint is not None)
+                if need.total > free - self._reserved + reclaimable:
+                    raise self._no_room(name, need, free - self._reserved, idle)
             while free is not None and need.total > free - self._reserved:
                 victim = self._pop_idle_lru(except_name=name)
-                if victim is None:
-                    raise self._no_room(name, need, free - self._reserved)
+                if victim is None:  # what was idle a moment ago got a request meanwhile
+                    raise self._no_room(name, need, free - self._reserved, [])
                 log.info("unloading %s (idle, least recently used) to make room for %s, which needs %s",
                          victim.name, name, gib(need.total))
                 victim.scheduler.stop(timeout=5)
@@ -215,24 +221,39 @@ class ModelRegistry:
             with self._guard:
                 self._reserved += need.total
 
+    def _idle(self, except_name: str) -> list[Served]:
+        """The loaded models that could be unloaded now: no request in flight, nothing queued."""
+        with self._guard:
+            return self._idle_locked(except_name)
+
+    def _idle_locked(self, except_name: str) -> list[Served]:
+        """`_idle`, for a caller that holds `_guard`."""
+        return [s for s in self.loaded.values() if s.active == 0 and s.scheduler.idle and s.name != except_name]
+
     def _pop_idle_lru(self, except_name: str) -> Served | None:
         """Take out of `loaded` the idle model used least recently, if any (under the guard, so that a
         request cannot start on it meanwhile: `get` then loads it again)."""
-        with self._guard:
-            idle = [s for s in self.loaded.values() if s.active == 0 and s.scheduler.idle and s.name != except_name]
+        with self._guard:  # the same lock as _idle's: what it lists is what may go
+            idle = self._idle_locked(except_name)
             if not idle:
                 return None
             victim = min(idle, key=lambda s: s.last_used)
             del self.loaded[victim.name]
             return victim
 
-    def _no_room(self, name: str, need: Footprint, free: int) -> APIError:
-        busy = [s.name for s in self.snapshot()]
-        held = f"; the models in use ({', '.join(busy)}) stay loaded" if busy else ""
-        return APIError(503, f"not enough memory to load '{name}': it needs about {need.describe()} and "
-                        f"{gib(max(free, 0))} is available on {self.device}{held} (try lowering --max-concurrency "
-                        f"or --max-context)", type="server_error", code="insufficient_memory",
-                        headers={"x-should-retry": "false"})
+    def _no_room(self, name: str, need: Footprint, free: int, idle: list[Served]) -> APIError:
+        """The 503 for a model that cannot fit: what it needs, part by part, and what there is."""
+        names = {s.name for s in idle}
+        busy = [s.name for s in self.snapshot() if s.name not in names and s.name != name]
+        there = f"{gib(max(free, 0))} is available on {self.device}"
+        if idle:
+            there += (f", {gib(sum(s.footprint.total for s in idle if s.footprint is not None))} more once the idle "
+                      f"models ({', '.join(sorted(names))}) are unloaded")
+        if busy:
+            there += f"; the models in use ({', '.join(sorted(busy))}) stay loaded"
+        hint = " (the KV cache shrinks with --max-concurrency and --max-context)" if need.kv_cache * 4 >= need.total else ""
+        return APIError(503, f"not enough memory to load '{name}': it needs about {need.describe()} and {there}{hint}",
+                        type="server_error", code="insufficient_memory", headers={"x-should-retry": "false"})
 
     def unload_idle(self, now: float | None = None) -> list[str]:
         """Unload the models unused for `keep_alive` seconds; returns their names."""

@@ -65,9 +65,7 @@ def test_a_second_model_loads_once_the_idle_first_one_is_unloaded(chat_model_dir
 def test_a_model_too_big_for_the_machine_is_a_503_with_the_figures(chat_model_dir, live_server, monkeypatch):
     s = live_server({"a": chat_model_dir, "b": chat_model_dir})
     need = footprint(s.registry, chat_model_dir)
-    machine_with(monkeypatch, s.registry, 2 * need.total)
-    assert complete(s, "a").status_code == 200
-    machine_with(monkeypatch, s.registry, need.total - 1)  # nothing left to unload would make room
+    machine_with(monkeypatch, s.registry, need.total - 1)
     r = complete(s, "b")
     assert r.status_code == 503 and r.headers["x-should-retry"] == "false"
     err = r.json()["error"]
@@ -76,8 +74,22 @@ def test_a_model_too_big_for_the_machine_is_a_503_with_the_figures(chat_model_di
     assert "\n" not in msg and "'b'" in msg
     assert f"needs about {gib(need.total)}" in msg and f"weights {gib(need.weights)}" in msg
     assert f"KV cache for {s.registry.max_batch} x {need.tokens} tokens {gib(need.kv_cache)}" in msg
-    assert f"{gib(need.total - 1)} is available" in msg  # everything, once a was unloaded to try
+    assert f"and {gib(need.total - 1)} is available on cpu" in msg
     assert s.registry.loaded == {}
+
+
+def test_no_model_is_unloaded_in_vain(chat_model_dir, live_server, monkeypatch):
+    s = live_server({"a": chat_model_dir, "b": chat_model_dir})
+    need = footprint(s.registry, chat_model_dir)
+    machine_with(monkeypatch, s.registry, 2 * need.total)
+    assert complete(s, "a").status_code == 200
+    a = s.registry.loaded["a"]
+    machine_with(monkeypatch, s.registry, need.total - 1)  # even with a unloaded, b would not fit
+    r = complete(s, "b")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "insufficient_memory"
+    assert f"{gib(need.total)} more once the idle models (a) are unloaded" in r.json()["error"]["message"]
+    assert s.registry.loaded == {"a": a}  # the very same loaded model
+    assert complete(s, "a").status_code == 200
 
 
 def test_a_model_with_a_request_in_flight_is_never_unloaded(chat_model_dir, live_server, monkeypatch):
@@ -100,7 +112,7 @@ def test_a_model_with_a_request_in_flight_is_never_unloaded(chat_model_dir, live
         assert wait_until(lambda: s.registry.loaded["a"].active == 1, timeout=30)
         r = complete(s, "b")
         assert r.status_code == 503 and r.json()["error"]["code"] == "insufficient_memory"
-        assert "models in use (a) stay loaded" in r.json()["error"]["message"]
+        assert "the models in use (a) stay loaded" in r.json()["error"]["message"]
         assert list(s.registry.loaded) == ["a"] and not done  # a's request was not cut short
     finally:
         t.join(60)
