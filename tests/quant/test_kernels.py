@@ -155,6 +155,27 @@ def test_dequantize_is_bit_identical_to_gguf_py(k, name, path):
             assert torch.equal(kernels.dequantize(packed[3:5], name, width), ref[3:5].float())
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "F16"])
+def test_output_rows_split_over_threads_give_the_same_result(k, name):
+    """Enough rows that every path hands out several chunks to each of two threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        width = widths(name)[-1]
+        packed, w = weights(name, width)
+        big = packed.repeat(40, 1)  # 1480 rows
+        ref = w.repeat(40, 1)
+        for path in kernels.isas():
+            with kernels.forced_isa(path):
+                for n in (1, 5, 9):
+                    x = torch.randn(n, width)
+                    y = kernels.matmul(x, big, name, width)
+                    check(name, x, y, ref)
+                    assert torch.equal(y[:, :OUT], kernels.matmul(x, packed, name, width)), path  # same sums
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_many_rows_split_into_several_gemm_tiles(k, monkeypatch):
     monkeypatch.setattr(kernels, "_TILE_BYTES", 16 * 4 * 256)  # 16-row tiles: 37 rows take three
     packed, w = weights("Q4_K", 256)
