@@ -148,7 +148,8 @@ def llamacpp_worker(path: Path, a) -> dict:
     batch = max(512, a.prompt_tokens)
     n_ctx = max(batch, DECODE_PROMPT + WARMUP_STEPS + a.decode_tokens + 1) + 64  # Llama caps n_batch at n_ctx
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=batch, n_ubatch=batch, n_threads=a.threads,
-                          n_threads_batch=a.threads, flash_attn=a.flash_attn, logits_all=False, verbose=False)
+                          n_threads_batch=a.threads, flash_attn=a.flash_attn, use_mmap=not a.llama_no_mmap,
+                          logits_all=False, verbose=False)
     ctx = llm._ctx.ctx
     out = dict(load_s=time.perf_counter() - t, peak_rss_after_load_mib=peak_rss_mib(), n_ctx=llama_cpp.llama_n_ctx(ctx),
                n_batch=llama_cpp.llama_n_batch(ctx), n_ubatch=llama_cpp.llama_n_ubatch(ctx),
@@ -227,6 +228,8 @@ def measure(tool: str, path: Path, a) -> dict:
             cmd.append("--no-prefill")
         if a.flash_attn:
             cmd.append("--flash-attn")
+        if a.llama_no_mmap:
+            cmd.append("--llama-no-mmap")
         t = time.perf_counter()
         limit, seen, killed = a.mem_limit_gib * 1024, 0.0, False
         with open(Path(d) / "stderr", "w+") as err:
@@ -354,6 +357,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill measurement")
     ap.add_argument("--flash-attn", action="store_true", help="llama.cpp with flash attention (default: "
                     "llama-cpp-python's default, off)")
+    ap.add_argument("--llama-no-mmap", action="store_true", help="llama.cpp reads the file instead of mapping "
+                    "it (default: mapped, llama-cpp-python's default; its RSS then includes the mapped pages it "
+                    "touched, even for weights it copied into repacked buffers)")
     ap.add_argument("--mem-limit-gib", type=float, default=round(0.8 * mem_available_gib(), 1),
                     help="kill a child whose RSS passes this; 0 = no limit (default: 80%% of the memory "
                     "available now)")
@@ -420,14 +426,20 @@ def main(argv=None) -> None:
             print(f"\ngreedy tokens on {r['file']} (first {n}): {'identical' if same else 'DIFFER'}"
                   + ("" if same else f" from token {r['tokens_equal_first']}"))
             print(f"  lmforge  : {o[:n]}\n  llama.cpp: {t[:n]}")
+        elif "tokens_equal_first" in r:
+            print(f"{r['file']}: greedy tokens equal for the first {r['tokens_equal_first']} of "
+                  f"{min(len(o), len(t))}")
         if "first_logits" in r:
             c = r["first_logits"]
             print(f"{r['file']}: first-step logits differ by at most {c['max_abs_diff']:.3g} "
                   f"({c['max_diff_over_spread']:.2%} of their spread); top-5 ids "
                   + ("equal" if c["top5_equal"] else f"differ: {c['top5_lmforge']} vs {c['top5_llamacpp']}"))
-        elif "tokens_equal_first" in r:
-            print(f"{r['file']}: greedy tokens equal for the first {r['tokens_equal_first']} of "
-                  f"{min(len(o), len(t))}")
+    print("\nRSS at the end, anonymous + mapped file pages (MiB; file pages are clean, the kernel can drop them):")
+    for r in rows:
+        split = [f"{tool} {r[tool]['anon_rss_mib_end']:,.0f} + {r[tool]['file_rss_mib_end']:,.0f}" for tool in TOOLS
+                 if "anon_rss_mib_end" in r[tool]]
+        if split:
+            print(f"  {r['file']}: " + "; ".join(split))
     for r in rows:
         if r["also"]:
             t = r["llama.cpp"]
