@@ -1,6 +1,6 @@
 """Our K-quant quantizers against llama.cpp's, on the same tensors: RMSE of quantize -> dequantize, per tensor.
 
-    python bench/kquant_error.py                      # a seeded random Llama-shaped model (d_model 576, 4 layers)
+    python bench/kquant_error.py 2>/dev/null          # a seeded random Llama-shaped model (d_model 512, 4 layers)
     python bench/kquant_error.py --model runs/small   # the weights of a model lmforge can load
 
 It writes the model as an F32 GGUF (our writer), quantizes that file with llama.cpp itself
@@ -8,7 +8,8 @@ It writes the model as an F32 GGUF (our writer), quantizes that file with llama.
 gguf-py's `GGUFReader`, and for every tensor llama.cpp stored as Q4_K, Q5_K or Q6_K quantizes the same F32
 data with `lmforge.quant.kquant` and decodes both with gguf-py's `dequantize`. It prints, per tensor, the
 RMSE of each relative to the tensor's RMS and the ratio ours / llama.cpp's (< 1: ours is closer), and a
-summary per type (element-weighted). Needs llama-cpp-python (the bench extra); nothing is downloaded.
+summary per type (element-weighted), and the share of bytes identical to llama.cpp's. Needs
+llama-cpp-python (the bench extra; llama.cpp logs to stderr); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _model(args):
     text = "\n".join(f"line {i} of a small corpus, with words {i * 7 % 13} and more" for i in range(400))
     tok = train_tokenizer([text], 512, show_progress=False)
     cfg = get_preset("tiny", vocab_size=tok.vocab_size, context_length=256).replace(
-        d_model=576, n_layers=4, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, tie_embeddings=False)
+        d_model=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1536, tie_embeddings=False)
     torch.manual_seed(args.seed)
     return GPT(cfg), tok
 
