@@ -110,3 +110,28 @@ def test_chunks_do_not_change_the_result(monkeypatch):
     whole = quantize_k(x, "Q5_K")
     monkeypatch.setattr(kq, "_CHUNK", 5)  # 12 super-blocks in chunks of 5, 5 and 2
     assert torch.equal(quantize_k(x, "Q5_K"), whole)
+
+
+@pytest.mark.parametrize("name, least_same", [("Q4_K", 0.99), ("Q5_K", 0.97), ("Q6_K", 0.99)])
+def test_bytes_agree_with_llama_cpp(name, least_same):
+    """Where llama-cpp-python is installed: ggml's own reference quantizer (ggml_quantize_chunk, no importance
+    matrix, as llama-quantize runs it) on the same data gives nearly the same bytes and the same error."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+    from pathlib import Path
+
+    lib_dir = Path(llama_cpp.llama_cpp._lib._name).parent
+    found = sorted(lib_dir.glob("libggml-base.*"))
+    if not found:
+        pytest.skip(f"no libggml-base beside {lib_dir}")
+    ggml = ctypes.CDLL(str(found[0]))
+    ggml.ggml_quantize_chunk.restype = ctypes.c_size_t
+    ggml.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    x = np.ascontiguousarray(_gauss(32, 1024, seed=3).numpy())
+    theirs = np.zeros(packed_nbytes(name, x.shape), dtype=np.uint8)
+    ggml.ggml_quantize_chunk(int(T[name]), x.ctypes.data, theirs.ctypes.data, 0, x.shape[0], x.shape[1], None)
+    ours = quantize_k(torch.from_numpy(x), name).numpy()
+    assert np.mean(ours == theirs) >= least_same
+    err = [_rmse(torch.from_numpy(quants.dequantize(b.reshape(32, -1), T[name])), torch.from_numpy(x)) for b in (ours, theirs)]
+    assert err[0] == pytest.approx(err[1], rel=2e-3)
