@@ -186,7 +186,10 @@ def finish_beams(tokenizer, hyps: list[BeamHypothesis], *, stop: tuple[str, ...]
     out = []
     for h in hyps:
         ids = h.ids[:-1] if h.ids and h.ids[-1] in eos_ids else list(h.ids)
-        text, reason = tokenizer.decode(ids), h.finish_reason
+        # the continuation's bytes, as the streamed paths build it: `decode` would drop a SentencePiece
+        # vocabulary's leading space, which belongs to a continuation (llama.cpp keeps it too)
+        text = b"".join(tokenizer.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        reason = h.finish_reason
         cuts = [text.find(s) for s in stop if s in text]
         if cuts:
             text, reason = text[:min(cuts)], "stop"

@@ -184,8 +184,8 @@ def test_matches_transformers(scale, boost, eos, num_beams, length_penalty, earl
 class _Letters:
     """A tokenizer stand-in: id i is the letter chr(97 + i)."""
 
-    def decode(self, ids):
-        return "".join(chr(97 + i) for i in ids)
+    def token_bytes(self, i):
+        return chr(97 + i).encode()
 
 
 @pytest.mark.parametrize("ids, reason, stop, eos, want_text, want_reason, want_ids", [
