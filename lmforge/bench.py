@@ -16,7 +16,9 @@ step; greedy, EOS ignored so every run decodes the same number of tokens), after
 - decode at each batch size: that many prompts of 32 random ids, `decode_tokens` new tokens each; the rate
   counts the tokens after the first step (the first comes out of the prefill) over the time they took;
 - memory: the RSS right after loading and the process's peak RSS (`getrusage` maxrss) before the bandwidth
-  buffer is allocated, and the weights' bytes as loaded (`lmforge.footprint.weights_bytes`).
+  buffer is allocated, and the weights' bytes as loaded (`lmforge.footprint.weights_bytes`). Weights
+  kept as views of a memory-mapped file (GGUF, 16-bit safetensors) enter the RSS as they are first read,
+  so the RSS after loading can be below their size; the peak includes them.
 
 Bytes per decode step = weights + rows x KV bytes per position x the mean length over the run; the bound
 for a batch of b rows is b x bandwidth / that. The weights counted are all of them: for an untied model

@@ -45,11 +45,16 @@ __all__ = ["RUNTIME_BYTES", "Footprint", "activation_bytes", "estimate", "free_m
 
 # Memory a loaded model takes beyond its weights, KV cache, position tables and one prefill chunk's
 # activations: allocator slack, the fast path's scratch, GGML tiles decoded in flight, libraries' first-use
-# buffers. Measured (Linux x86-64, PyTorch 2.13, glibc; RSS sampled every 2 ms around a load with
-# dtype="auto", a prefill of up to 512 tokens and 32 decode steps, in a fresh process per case): with the
-# libraries already warm, 0.2-17 MiB past weights + KV cache for the `tiny` and `small` presets as fp32 and
-# bf16 safetensors and GGUF f16/q8_0 (the 1-D activations term alone says 3.4 MiB for `small`); the first
-# model a process loads adds ~85 MiB more (tokenizers, kernel libraries, thread pools). 128 MiB covers both.
+# buffers. Measured (Linux x86-64, PyTorch 2.13, glibc; RSS sampled every 2 ms, dtype="auto", 2 threads):
+# - with the libraries already warm (a server's second model), a load + a 512-token prefill + 32 decode
+#   steps added 0.2-17 MiB past weights + KV cache for the `tiny` and `small` presets (fp32/bf16
+#   safetensors, GGUF f16/q8_0), and a 512-token prefill on a 135M-parameter GGUF (q8_0, and the same
+#   dequantized to fp32) 54 MiB, 24 MiB of it KV cache;
+# - the first model a process loads adds ~85 MiB more (tokenizers, kernel libraries, thread pools): a cold
+#   `lmforge bench` of the 135M q8_0 / f16 GGUFs peaked 146 / 170 MiB past weights + KV cache.
+# A load's transient peak also holds the pages of the memory-mapped weight file while tensors are copied
+# out of it (~0.6x an fp32 135M model's weights); they are file-backed, which the kernel can drop, so they
+# are not counted. 128 MiB covers the rest with room.
 RUNTIME_BYTES = 128 * 2**20
 
 # Bytes per element of the dtypes a safetensors header may name (its own spelling).
