@@ -40,8 +40,8 @@ from lmforge import device as _device
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError, one_line
 
-__all__ = ["RUNTIME_BYTES", "Footprint", "activation_bytes", "estimate", "free_memory", "kv_cache_bytes",
-           "model_config", "runtime_bytes", "weights_bytes"]
+__all__ = ["RUNTIME_BYTES", "Footprint", "activation_bytes", "compute_dtype", "estimate", "free_memory", "gib",
+           "kv_cache_bytes", "model_config", "runtime_bytes", "weights_bytes"]
 
 # Memory a loaded model takes beyond its weights, KV cache, position tables and one prefill chunk's
 # activations: allocator slack, the fast path's scratch, GGML tiles decoded in flight, libraries' first-use
