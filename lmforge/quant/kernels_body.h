@@ -483,26 +483,39 @@ inline void store(float* y, int64_t m, int64_t i, int64_t r0, const float* out) 
 }
 
 // y (n, m) for output rows [i0, i1). act: n activation rows of act_row bytes (quantized blocks, or fp32).
+// Weight rows go in tiles of ~kTileBytes: each tile meets every group of R activation rows while it is in L2,
+// and a group (R rows of blocks, a few KB) stays in L1 -- rather than every weight row meeting all n
+// activation rows, which makes every dot product read its activations from L2 once n x k no longer fits L1.
+constexpr int64_t kTileBytes = 128 << 10;
+
+template <int RR>
+inline void rows_tile(int type, const char* xr, int64_t nbk, const uint8_t* w, int64_t row_bytes, float* y,
+                      int64_t m, int64_t r0, int64_t i0, int64_t i1) {
+  float out[RR];
+  for (int64_t i = i0; i < i1; ++i) {
+    dot_any<RR>(type, w + i * row_bytes, xr, nbk, out);
+    store<RR>(y, m, i, r0, out);
+  }
+}
+
 void mm_rows(int type, const char* act, int64_t act_row, int64_t n, const uint8_t* w, int64_t row_bytes,
              int64_t nbk, float* y, int64_t m, int64_t i0, int64_t i1) {
-  float out[R];
-  for (int64_t i = i0; i < i1; ++i) {
-    const uint8_t* wr = w + i * row_bytes;
+  int64_t tile = kTileBytes / (row_bytes > 0 ? row_bytes : 1);
+  if (tile < 1) tile = 1;
+  for (int64_t t0 = i0; t0 < i1; t0 += tile) {
+    const int64_t t1 = t0 + tile < i1 ? t0 + tile : i1;
     int64_t r0 = 0;
-    for (; r0 + R <= n; r0 += R) {
-      dot_any<R>(type, wr, act + r0 * act_row, nbk, out);
-      store<R>(y, m, i, r0, out);
-    }
+    for (; r0 + R <= n; r0 += R) rows_tile<R>(type, act + r0 * act_row, nbk, w, row_bytes, y, m, r0, t0, t1);
     const char* xr = act + r0 * act_row;
     switch (n - r0) {
-      case 1: dot_any<1>(type, wr, xr, nbk, out); store<1>(y, m, i, r0, out); break;
-      case 2: dot_any<2>(type, wr, xr, nbk, out); store<2>(y, m, i, r0, out); break;
-      case 3: dot_any<3>(type, wr, xr, nbk, out); store<3>(y, m, i, r0, out); break;
+      case 1: rows_tile<1>(type, xr, nbk, w, row_bytes, y, m, r0, t0, t1); break;
+      case 2: rows_tile<2>(type, xr, nbk, w, row_bytes, y, m, r0, t0, t1); break;
+      case 3: rows_tile<3>(type, xr, nbk, w, row_bytes, y, m, r0, t0, t1); break;
 #if LMF_R > 4
-      case 4: dot_any<4>(type, wr, xr, nbk, out); store<4>(y, m, i, r0, out); break;
-      case 5: dot_any<5>(type, wr, xr, nbk, out); store<5>(y, m, i, r0, out); break;
-      case 6: dot_any<6>(type, wr, xr, nbk, out); store<6>(y, m, i, r0, out); break;
-      case 7: dot_any<7>(type, wr, xr, nbk, out); store<7>(y, m, i, r0, out); break;
+      case 4: rows_tile<4>(type, xr, nbk, w, row_bytes, y, m, r0, t0, t1); break;
+      case 5: rows_tile<5>(type, xr, nbk, w, row_bytes, y, m, r0, t0, t1); break;
+      case 6: rows_tile<6>(type, xr, nbk, w, row_bytes, y, m, r0, t0, t1); break;
+      case 7: rows_tile<7>(type, xr, nbk, w, row_bytes, y, m, r0, t0, t1); break;
 #endif
       default: break;
     }
