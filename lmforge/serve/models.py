@@ -261,9 +261,13 @@ class ModelRegistry:
         with self._guard:
             gone = [self.loaded.pop(n) for n, s in list(self.loaded.items())
                     if s.active == 0 and s.scheduler.idle and now - s.last_used >= self.keep_alive]
+        names = [s.name for s in gone]
         for s in gone:
             s.scheduler.stop()
-        return [s.name for s in gone]
+        if gone:
+            del gone, s
+            _return_freed_memory(torch.device(self.device))
+        return names
 
     def snapshot(self) -> list[Served]:
         """The loaded models now (the keep-alive thread may unload one at any moment)."""

@@ -171,3 +171,12 @@ def test_serve_refuses_an_unknown_dtype_in_one_line(capsys):
         main(["serve", "--dtype", "int3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--dtype" in err[0] and "int3" in err[0]
+
+
+def test_unloading_hands_the_memory_back(chat_model_dir, live_server, monkeypatch):
+    s = live_server({"a": chat_model_dir}, keep_alive=0.0)
+    returned = []
+    monkeypatch.setattr(models, "_return_freed_memory", lambda device: returned.append(str(device)))
+    assert complete(s, "a").status_code == 200
+    assert s.registry.unload_idle() == ["a"] and returned == ["cpu"]
+    assert s.registry.unload_idle() == [] and returned == ["cpu"]  # nothing unloaded, nothing to hand back
