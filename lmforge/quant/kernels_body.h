@@ -5,13 +5,16 @@
 //   LMF_X86      1: 256-bit intrinsics (AVX2 + FMA + F16C at least); 0: portable C++ only (auto-vectorised)
 //   LMF_DOT      how 32 u8 x s8 products are summed into 8 int32 lanes: 0 maddubs+madd (AVX2),
 //                1 vpdpbusd (AVX-512 VNNI with VL, EVEX), 2 vpdpbusd (AVX-VNNI, VEX)
+//   LMF_R        activation rows sharing one decode of a weight block (4 on every path)
+// Nothing here may #include: a header pulled in inside a target region would compile its inline functions
+// for that ISA, and the linker could hand those to the generic path.
 // Everything here reads the packed weights and never writes them (they may be a read-only mmap).
 //
 // Integer types: the activation rows are quantized once per call to int8 blocks (BlockQ8 for the 32-value
 // types, BlockQ8K for the K-quants; see kernels.cpp), so a weight block costs integer multiply-adds and one
-// float multiply-add per block and activation row. A weight row is decoded in registers once per group of up
-// to LMF_R activation rows; all groups run while the row is still in L1, so memory traffic is one read of the
-// packed weights whatever the number of rows.
+// float multiply-add per block and activation row. A weight block is decoded in registers once per group of
+// up to LMF_R activation rows, and weight rows go in L2-sized tiles that meet every group (mm_rows), so memory
+// traffic is one read of the packed weights whatever the number of rows.
 
 namespace LMF_NS {
 
