@@ -443,3 +443,26 @@ def test_create_refuses_a_template_that_fails_or_breaks_the_limits(capsys, tmp_p
     (tmp_path / "Modelfile").write_text(f'FROM {model_dir}\nTEMPLATE """{template}"""\n')
     assert_user_error(capsys, ["create", "hostile", "-f", tmp_path / "Modelfile"], "Modelfile:2: TEMPLATE refused", says)
     assert "no models yet" in run(capsys, "list")[1]  # nothing was stored
+
+
+def test_a_model_that_does_not_fit_is_refused_before_loading(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    """One line with what it needs and what there is, exit 2, nothing loaded (issue 14)."""
+    import lmforge.footprint as footprint
+    from lmforge.loaders import auto
+
+    model = save_tiny_model(tmp_path / "m", tiny_tokenizer)
+    monkeypatch.setattr(footprint, "free_memory", lambda device="cpu": 1 << 20)
+    monkeypatch.setattr(auto, "load", lambda *a, **k: pytest.fail("loaded a model that does not fit"))
+    assert main(["generate", str(model), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "does not fit in memory" in err and "1.0 MiB" not in err and "GiB" in err
+
+
+def test_export_of_a_gguf_reads_its_blocks_as_float(tmp_path, tiny_tokenizer, capsys):
+    from lmforge.loaders.auto import load
+    from lmforge.loaders.export import export_gguf
+
+    model = save_tiny_model(tmp_path / "m", tiny_tokenizer)
+    export_gguf(load(model), tmp_path / "m.gguf", qtype="q8_0")
+    assert main(["export", str(tmp_path / "m.gguf"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()

@@ -117,16 +117,38 @@ def sampling_params(args, defaults: dict | None = None, **extra):
         raise UserError(str(e)) from None
 
 
-def load_model(args):
-    """MODEL (store name, directory or .gguf) -> `Loaded` (model, tokenizer, Modelfile settings)."""
-    import torch
+CHECK_TOKENS = 2048  # KV cache positions counted when checking that a model fits before loading it
 
+
+def load_model(args, *, dtype=None):
+    """MODEL (store name, directory or .gguf) -> `Loaded` (model, tokenizer, Modelfile settings), at
+    `--dtype` unless the command needs another `dtype`. A model that will not fit in the memory available
+    is refused before loading, with what it needs and what there is (a mapped file that does not fit would
+    otherwise thrash, or the OOM killer would end the process without a word)."""
     from lmforge.device import resolve_device
     from lmforge.loaders.auto import load
     from lmforge.store import resolve
 
-    return load(resolve(args.model), device=resolve_device(args.device), dtype=torch_dtype(args.dtype),
-                allow_pickle=args.allow_pickle)
+    path, device = resolve(args.model), resolve_device(args.device)
+    dtype = torch_dtype(args.dtype) if dtype is None else dtype
+    check_fits(args.model, path, dtype, device)
+    return load(path, device=device, dtype=dtype, allow_pickle=args.allow_pickle)
+
+
+def check_fits(name: str, path, dtype, device) -> None:
+    """A one-line UserError when the model at `path` needs more memory than `device` has free."""
+    from lmforge.footprint import estimate, free_memory, gib
+
+    free = free_memory(device)
+    if free is None:
+        return
+    try:
+        need = estimate(path, dtype=dtype, device=device, tokens=CHECK_TOKENS)
+    except UserError:
+        return  # the loader names what is wrong with the files
+    if need.total > free:
+        raise UserError(f"{name} does not fit in memory: it needs about {need.describe()}, and {gib(free)} is "
+                        f"available on {device}")
 
 
 def torch_dtype(flag: str):

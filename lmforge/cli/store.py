@@ -163,7 +163,7 @@ def cmd_export(args) -> int:
         raise UserError(f"{out} is a directory; --format gguf writes one file (e.g. --out model.gguf)")
     if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    loaded = load_model(args)
+    loaded = load_model(args, dtype=torch.float32)  # export writes float (or re-quantizes from float)
     if args.format == "hf":
         export_hf(loaded, out, dtype=getattr(torch, DTYPES[args.out_dtype] or "float32"))
     else:
