@@ -219,3 +219,24 @@ def test_lora_adapter_is_merged_first_and_its_base_decides_requantizing(tmp_path
     assert (q - merged).abs().max() < 0.5 * (plain - merged).abs().max()
     assert_user_error(capsys, ["quantize", tmp_path / "qrun", "--type", "q4_k_m", "--out", tmp_path / "b.gguf"],
                       "already quantized", "Q4_K_M -> Q4_K_M")
+
+
+def test_the_report_uses_the_validation_split_the_model_was_pretrained_with(tmp_path, capsys, kmodel, corpus_file):
+    import shutil
+
+    from lmforge.data.shards import prepare_data
+    from lmforge.paths import cache_dir
+    from lmforge.tokenizer import Tokenizer
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(kmodel, run_dir)
+    meta = json.loads((run_dir / "lmforge.json").read_text())
+    meta["lineage"] = {**meta.get("lineage", {}), "objective": "pretrain", "data": str(corpus_file)}
+    (run_dir / "lmforge.json").write_text(json.dumps(meta))
+    code, out, err = run(capsys, "quantize", run_dir, "--type", "q8_0", "--name", "v", "--no-progress")
+    assert code == 0, err
+    r = _record("v")["report"]
+    assert r["eval_source"] == f"the validation split of {corpus_file}"
+    val = prepare_data(str(corpus_file), Tokenizer.load(run_dir), cache_dir("data"), val_fraction=0.05, seed=0,
+                       show_progress=False).val  # what the pretrainer held out
+    assert r["eval_tokens"] == min(len(val) - 1, 32768) // 64 * 64
