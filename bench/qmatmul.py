@@ -15,7 +15,9 @@ what torchao's CPU int8/int4 paths call).
 Batch-1 weights come from DRAM as in a real decode step: the kernel cycles through enough copies of the packed
 matrix (>= 128 MB) that none is in the 32 MB L3. Weights are random blocks with small finite fp16 scales (speed
 does not depend on the values). Every variant runs once per round, round-robin, best of --repeats rounds (the
-machine may be shared). Speed is reported, never asserted.
+machine may be shared; n=1 gets 3x the rounds). Speed is reported, never asserted. On a loaded machine with
+2 threads, a time near a scheduler quantum (10-20 ms) means a thread waited for a core, not a slow kernel:
+compare with --threads 1.
 """
 
 from __future__ import annotations
@@ -141,7 +143,9 @@ def main() -> None:
                         if n > 8 and label.startswith("torch int"):
                             cols.append("-")  # far too slow here to be worth the bench's time
                             continue
-                        t = best(lambda: fn(xs[n]), args.repeats if n < 512 else max(1, args.repeats // 2))
+                        # n=1 is cheap: more rounds, so that one of them runs with both threads on a core
+                        reps = 3 * args.repeats if n == 1 else args.repeats if n < 512 else max(1, args.repeats // 2)
+                        t = best(lambda: fn(xs[n]), reps)
                         cols.append(t)
                 t1 = cols[0]
                 nbytes = one.numel() if p else (w32.numel() * 4 if label.startswith("F.") else one.numel())
