@@ -22,7 +22,10 @@ lmforge. So the files come from the code people's downloads come from:
 2. `convert_hf_to_gguf.py --outtype f16` and `--outtype q8_0`, from the llama.cpp tree inside the
    llama-cpp-python sdist (`--llama-cpp`).
 3. `llama_cpp.llama_model_quantize` on the F16 file for Q4_0 and Q4_K_M, llama.cpp's own quantizer with
-   its default mixing rules.
+   its default mixing rules. K-quants work on 256-wide super-blocks, and the 135M shape's hidden size 576
+   is not a multiple of 256: every matrix with 576-wide rows falls back to a legacy type (Q5_0 / Q8_0; only
+   ffn_down, 1536 wide, keeps Q4_K / Q6_K), which is why its Q4_K_M file is larger than its Q4_0 one. That
+   is what users of such a model download, so it is kept; the 1B shape gets K-quants throughout.
 
 `--seven-b` writes a Llama-2-7B-shaped Q4_0 file (hidden 4096, 32 layers, 32 heads, MLP 11008, vocab
 32000, untied output) from random blocks with `gguf.GGUFWriter`: no 7B checkpoint exists here, and
