@@ -31,3 +31,15 @@ def live_server():
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _kernels_built(_isolated_home):
+    """Compile the CPU kernels (once per session, into the shared cache) before a server test starts: a
+    model's first forward pass inside a request would otherwise spend the compile (tens of seconds) in the
+    middle of an HTTP call with a client timeout of a few seconds. After the first test this costs nothing."""
+    from lmforge.engine import fastpath
+    from lmforge.quant import kernels
+
+    kernels.available()
+    fastpath.available()
