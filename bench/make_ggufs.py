@@ -78,6 +78,12 @@ SEVEN_B = dict(vocab=32000, hidden=4096, layers=32, heads=32, ff=11008, context=
 SEVEN_B_NAME = "7B-shape-q4_0.gguf"
 
 
+def die(msg: str) -> None:
+    """A user's mistake (or a missing tool): one line on stderr, exit code 2, no traceback."""
+    print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def log(msg: str) -> None:
     print(f"[make_ggufs {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -144,14 +150,14 @@ def convert(hf_dir: Path, qtype: str, dest: Path, llama_cpp: Path) -> None:
     """`convert_hf_to_gguf.py --outtype {f16,q8_0}` from the llama.cpp tree (its own gguf-py first on the path)."""
     script = llama_cpp / "convert_hf_to_gguf.py"
     if not script.is_file():
-        sys.exit(f"error: {script} not found; give the llama.cpp tree with --llama-cpp")
+        die(f"{script} not found; give the llama.cpp tree with --llama-cpp")
     tmp = _fresh(dest)
     env = {**os.environ, "PYTHONPATH": str(llama_cpp / "gguf-py")}
     log(f"convert_hf_to_gguf.py {hf_dir.name} --outtype {qtype} -> {dest.name}")
     r = subprocess.run([sys.executable, str(script), str(hf_dir), "--outtype", qtype, "--outfile", str(tmp)],
                        env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        sys.exit(f"error: the converter failed on {hf_dir} ({qtype}):\n{r.stderr[-3000:]}")
+        die(f"the converter failed on {hf_dir} ({qtype}):\n{r.stderr[-3000:]}")
     os.replace(tmp, dest)
 
 
@@ -160,7 +166,7 @@ def quantize(src: Path, qtype: str, dest: Path, threads: int) -> None:
     try:
         import llama_cpp
     except ImportError:
-        sys.exit("error: llama_cpp is not importable; install the bench extra (see bench/vs_llamacpp.py)")
+        die("llama_cpp is not importable; install the bench extra (see bench/vs_llamacpp.py)")
     ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[qtype]
     tmp = _fresh(dest)
     log(f"llama_model_quantize {src.name} -> {dest.name}")
@@ -169,7 +175,7 @@ def quantize(src: Path, qtype: str, dest: Path, threads: int) -> None:
     params.nthread = threads
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0 or not tmp.is_file():
-        sys.exit(f"error: llama_model_quantize returned {rc} for {src} -> {qtype}")
+        die(f"llama_model_quantize returned {rc} for {src} -> {qtype}")
     os.replace(tmp, dest)
 
 
@@ -295,6 +301,10 @@ def main(argv=None) -> None:
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text the SentencePiece model is trained on")
     ap.add_argument("--threads", type=int, default=2, help="quantizer threads (default: 2)")
     args = ap.parse_args(argv)
+    if args.shapes and not (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
+        die(f"no convert_hf_to_gguf.py in {args.llama_cpp}; give the llama.cpp tree with --llama-cpp")
+    if not args.text.is_file():
+        die(f"{args.text} not found; give the SentencePiece training text with --text")
     args.out.mkdir(parents=True, exist_ok=True)
     spm = spm_model(args.out, args.text)
     made = []

@@ -60,6 +60,12 @@ COMPARE = 32  # greedy tokens compared on F16 files
 WARMUP_STEPS = 4
 
 
+def die(msg: str) -> None:
+    """A user's mistake (or a missing tool): one line on stderr, exit code 2, no traceback."""
+    print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # worker side: one tool, one file, in a fresh process
 def prompts(vocab: int, prompt_tokens: int) -> tuple[list[int], list[int]]:
@@ -378,9 +384,9 @@ def main(argv=None) -> None:
     files += a.also
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
-        sys.exit(f"error: missing {', '.join(missing)} -- make them with bench/make_ggufs.py")
+        die(f"missing {', '.join(missing)} -- make them with bench/make_ggufs.py")
     if not files:
-        sys.exit("error: no files chosen")
+        die("no files chosen")
 
     from importlib.metadata import version
 
@@ -392,7 +398,7 @@ def main(argv=None) -> None:
     except ImportError:
         lc = None
         if "llama.cpp" in a.tools:
-            sys.exit("error: llama_cpp is not importable; install the bench extra (see this script's docstring)")
+            die("llama_cpp is not importable; install the bench extra (see this script's docstring)")
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     print(f"{machine()}; {a.threads} threads each; torch {torch_version}; llama-cpp-python {lc}; lmforge "
           f"{rev.stdout.strip() or '?'}; decode {a.decode_tokens} after {DECODE_PROMPT}, prefill {a.prompt_tokens}; "
