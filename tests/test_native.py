@@ -1,5 +1,6 @@
-"""Building a CPU kernel library safely (`lmforge.native`, here through the fastpath gemv that uses it): a lock that a killed process can't leave behind, a live build elsewhere that
-can't hang us, a cache key that is the same in every process, and no half-written library ever loaded.
+"""Building a CPU kernel library safely (`lmforge.native`, here through the fastpath gemv that uses it): a
+lock that a killed process can't leave behind, a live build elsewhere that can't hang us, a cache key that is
+the same in every process, and no half-written library ever loaded.
 
 Bounded in time: no test here waits on a lock for more than a few seconds, and the tests of the lock and the
 files replace the compiler and the importer by fakes (`_compile` writes a small file ending in END;

@@ -20,18 +20,19 @@ How (llama.cpp's known-good design, written here from the published block layout
   accurate, so results agree with llama.cpp's to rounding, not bit for bit.
 - F16 / BF16 weights: widened exactly and accumulated in fp32 (no activation quantization).
 - Many rows (a prefill, n > SMALL_ROWS) and Q2_K/Q3_K at any n: a tile of weight rows is decoded by the C++
-  decoder into fp32 scratch and multiplied by PyTorch's GEMM, in fp32 or bf16, whichever a quick measurement
-  (once per process) finds faster on this machine -- bf16 only where the CPU multiplies bf16 natively
-  (AVX512-BF16, or AMX through oneDNN on Intel machines: this is how an AMX machine's prefill uses AMX; no
-  hand-written AMX kernel ships, since none could be tested here).
+  decoder into fp32 scratch and multiplied by PyTorch's GEMM, in fp32 or in bf16 where the CPU multiplies
+  bf16 natively (AVX512-BF16, or AMX through oneDNN: this is how an AMX machine's prefill uses AMX; no
+  hand-written AMX kernel ships, since none could be tested here) and a quick measurement (once per process)
+  finds bf16 at least twice as fast (`tile_dtype`).
 
 Instruction sets. The library (kernels.cpp + kernels_body.h, built by `lmforge.native` on first use) is not
 compiled for this machine's CPU: it holds one copy of every kernel per path -- `generic` (portable C++),
 `avx2` (AVX2+FMA+F16C, the x86-64 baseline we support), `avxvnni`, `avx512` (F/BW/VL/DQ), `avx512vnni` -- and
 at run time uses the best one the CPU implements (CPUID) and the OS enables (XCR0; for AMX also Linux's
 arch_prctl permission). The x86 copies need GCC (`#pragma GCC target`); built by another compiler, or on
-another architecture, the library holds `generic` only, which the compiler vectorises for the baseline ISA. `isas()` lists the runnable paths, best first; `isa()` names the one in use;
-`info()` adds what was detected (AMX included). `LMFORGE_ISA=<path>` caps the path (to turn a faulty one off):
+another architecture, the library holds `generic` only, which the compiler vectorises for the baseline ISA.
+`isas()` lists the runnable paths, best first; `isa()` names the one in use; `info()` adds what was detected
+(AMX included). `LMFORGE_ISA=<path>` caps the path (to turn a faulty one off):
 that path or the best runnable one below it in `ORDER` is used; a name that is unknown or not runnable here is
 one warning line on stderr (an unknown name falls to `generic`, the safe choice for someone turning things off).
 The cap also bounds the GEMM tile dtype (bf16 only on the AVX-512 paths). `forced_isa(name)` switches paths
@@ -68,7 +69,7 @@ def _flags() -> tuple[list[str], list[str]]:
     return ["-O3", "-fopenmp", "-ffp-contract=off"], ["-fopenmp"]
 
 
-# Five copies of every kernel (one per path): measured 35 s to compile on a busy 2-core EPYC.
+# Five copies of every kernel (one per path): 14 s of CPU to compile, 25-50 s of wall time on a busy 2-core EPYC.
 _KERNEL = native.Kernel("lmforge_qmatmul", _SOURCE, _flags, cpu_specific=False, estimate_s=40)
 
 # The cap order of LMFORGE_ISA, best first ("amx" is not a kernel path: capping below it keeps bf16 GEMM tiles,

@@ -708,7 +708,9 @@ bool dequantize(int type, const uint8_t* src, int64_t rows, int64_t row_bytes, i
 uint64_t sum_bytes(const uint8_t* p, int64_t n) {
   const int64_t chunks = n / 256;
   uint64_t parts[256] = {0};
-  at::parallel_for(0, chunks, 4096, [&](int64_t b, int64_t e) { parts[at::get_thread_num() & 255] += sum_chunks(p, b, e); });
+  at::parallel_for(0, chunks, 4096, [&](int64_t b, int64_t e) {
+    parts[at::get_thread_num() & 255] += sum_chunks(p, b, e);  // one chunk range per thread
+  });
   uint64_t total = 0;
   for (int64_t i = chunks * 256; i < n; ++i) total += p[i];
   for (uint64_t v : parts) total += v;
