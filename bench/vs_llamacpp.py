@@ -22,7 +22,7 @@ For every file and both tools, each measured alone in a fresh child process of t
     the top-5 ids agree.
 Both get `--threads` (2): `torch.set_num_threads` and OMP_NUM_THREADS for lmforge; `n_threads` and
 `n_threads_batch` for llama.cpp. lmforge is used as `lmforge run` uses it: `lmforge.loaders.auto.load` with the
-default dtype, then `lmforge.engine.generate.Engine(fast=True)`.
+stored precision (dtype="auto", `lmforge run`'s default), then `lmforge.engine.generate.Engine(fast=True)`.
 
 Targets (issue 14): lmforge decode and prefill >= 0.8x llama.cpp's, peak RSS <= 1.2x; the 7B-shaped file
 under 5 GB of peak RSS in lmforge. Reported, never asserted. The parent watches each child's RSS and kills
@@ -112,7 +112,7 @@ def lmforge_worker(path: Path, a) -> dict:
     from lmforge.model.kv_cache import KVCache
 
     t = time.perf_counter()
-    loaded = load(path)  # the default dtype, as `lmforge run` loads
+    loaded = load(path, dtype="auto")  # the stored precision, as `lmforge run` loads (--dtype auto)
     engine = Engine(loaded.model, loaded.tokenizer, fast=True)
     out = dict(load_s=time.perf_counter() - t, format=loaded.format, peak_rss_after_load_mib=peak_rss_mib())
     cfg = engine.config
