@@ -87,7 +87,10 @@ SUPPORTED = tuple(_CODES)
 # decoded tiles and PyTorch's GEMM. The crossover measured on a 2048x4096 weight, one thread of a (busy)
 # 2-core EPYC: at n=32, Q8_0 15 ms direct vs 13 ms tiled, Q4_K 22 vs 24 ms; at n=16 direct is 2-3x faster.
 SMALL_ROWS = 32
-_TILE_BYTES = 2 << 20  # fp32 scratch per GEMM tile: 2 MiB stays in L2/L3 between decode and GEMM
+# fp32 scratch per GEMM tile (512 rows of 4096). Each tile is two parallel regions (decode, GEMM); with 2 MiB
+# tiles a 4096x4096 prefill of 512 rows took 1.5-3x longer on 2 threads than with 8 MiB (more regions, each a
+# chance to wait for a descheduled thread), while one thread ran both alike.
+_TILE_BYTES = 8 << 20
 
 _lock = threading.Lock()
 _configured: dict[str, object] = {}  # "module": the module whose path was set from LMFORGE_ISA
