@@ -121,7 +121,17 @@ class GGMLLinear(nn.Module):
     # ---- what it holds ------------------------------------------------------------------------------
     @property
     def parts(self) -> list[Part]:
-        return [Part(getattr(self, f"part{i}"), t, rows) for i, (t, rows) in enumerate(self._part_types)]
+        """The parts, built once and again only after `.to()`/`.cuda()` replace the buffers: a decode step
+        calls ~200 layers, and rebuilding this list every call was a measurable share of a small model's step."""
+        cached = self.__dict__.get("_parts_cache")
+        if cached is None:
+            cached = [Part(self._buffers[f"part{i}"], t, rows) for i, (t, rows) in enumerate(self._part_types)]
+            self.__dict__["_parts_cache"] = cached
+        return cached
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_parts_cache", None)
+        return super()._apply(fn, recurse)
 
     @property
     def qtype(self) -> str:
@@ -163,9 +173,14 @@ class GGMLLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(n, in) fp32 -> (n, out) fp32, no bias."""
         k = _kernels()
+        parts = self.parts
+        if len(parts) == 1 and k is not None and x.device.type == "cpu" and parts[0].qtype in k.SUPPORTED:
+            y = k.matmul(x, parts[0].packed, parts[0].qtype, self.in_features)  # the common case: no copy
+            if y is not None:
+                return y
         out = x.new_empty(x.shape[0], self.out_features)
         offset = 0
-        for part in self.parts:
+        for part in parts:
             y = None
             if k is not None and x.device.type == "cpu" and part.qtype in k.SUPPORTED:
                 y = k.matmul(x, part.packed, part.qtype, self.in_features)
@@ -183,14 +198,17 @@ class GGMLLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
         if torch.is_grad_enabled() and x.requires_grad:
             y = _PackedMatmul.apply(x2, self)
         else:
             y = self._matmul(x2)
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.reshape(*lead, self.out_features).to(dtype)
+        y = y.reshape(*lead, self.out_features)
+        return y if y.dtype == dtype else y.to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
