@@ -129,8 +129,20 @@ class GGMLLinear(nn.Module):
             self.__dict__["_parts_cache"] = cached
         return cached
 
+    def _bound(self) -> list:
+        """Per part, the compiled kernel bound to its bytes (`kernels.bind`), or None where there is none."""
+        bound = self.__dict__.get("_bound_cache")
+        if bound is None:
+            k = _kernels()
+            bound = [k.bind(p.packed, p.qtype, self.in_features)
+                     if k is not None and p.packed.device.type == "cpu" and p.qtype in k.SUPPORTED else None
+                     for p in self.parts]
+            self.__dict__["_bound_cache"] = bound
+        return bound
+
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_parts_cache", None)
+        self.__dict__.pop("_bound_cache", None)
         return super()._apply(fn, recurse)
 
     @property
@@ -171,19 +183,15 @@ class GGMLLinear(nn.Module):
 
     # ---- computing -----------------------------------------------------------------------------------
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, in) fp32 -> (n, out) fp32, no bias."""
-        k = _kernels()
+        """(n, in) fp32 contiguous -> (n, out) fp32, no bias."""
         parts = self.parts
-        if len(parts) == 1 and k is not None and x.device.type == "cpu" and parts[0].qtype in k.SUPPORTED:
-            y = k.matmul(x, parts[0].packed, parts[0].qtype, self.in_features)  # the common case: no copy
-            if y is not None:
-                return y
+        bound = self._bound() if x.device.type == "cpu" else [None] * len(parts)
+        if len(parts) == 1 and bound[0] is not None:
+            return bound[0](x)  # the common case: the kernel's output as it is
         out = x.new_empty(x.shape[0], self.out_features)
         offset = 0
-        for part in parts:
-            y = None
-            if k is not None and x.device.type == "cpu" and part.qtype in k.SUPPORTED:
-                y = k.matmul(x, part.packed, part.qtype, self.in_features)
+        for part, run in zip(parts, bound):
+            y = run(x) if run is not None else None
             if y is not None:
                 out[:, offset:offset + part.rows] = y
             elif part.qtype == "F32":
