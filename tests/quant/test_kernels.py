@@ -215,6 +215,21 @@ def test_non_contiguous_x_is_accepted_and_bad_shapes_are_one_line_errors(k):
             pass
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "BF16", "Q3_K"])  # integer, K-quant, float, tile-only
+def test_a_bound_kernel_computes_what_matmul_does(k, name):
+    """`bind` does the checks once; the callable a layer keeps must give `matmul`'s result for every row
+    count (small-batch kernel and GEMM tiles alike), and no kernel for F32 (PyTorch's own)."""
+    width = widths(name)[0]
+    packed, _ = weights(name, width)
+    run = kernels.bind(packed, name, width)
+    for n in (1, 8, 33):
+        x = torch.randn(n, width, generator=torch.Generator().manual_seed(n))
+        torch.testing.assert_close(run(x), kernels.matmul(x, packed, name, width), rtol=0, atol=0)
+    assert kernels.bind(torch.zeros(3, 4 * 32, dtype=torch.uint8), "F32", 32) is None
+    with pytest.raises(UserError):
+        kernels.bind(packed, name, width + 1)
+
+
 def test_empty_inputs(k):
     packed, _ = weights("Q8_0", 32)
     assert kernels.matmul(torch.randn(0, 32), packed, "Q8_0", 32).shape == (0, OUT)
