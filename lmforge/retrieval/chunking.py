@@ -9,8 +9,9 @@ opens the file at that line. The splitter is picked by the source's suffix:
 * ``.rst`` -- section titles underlined (optionally overlined) with a punctuation character; levels are
   given by the order in which the styles first appear, as docutils does;
 * ``.py``/``.pyi`` -- one passage per top-level ``def``/``class`` (decorators and the comments right above
-  included), the module docstring first, module-level code between them; a file that does not parse is
-  plain text;
+  included), the module docstring first, module-level code between them; a class too long for one
+  passage is cut along its methods (heading ``("Cls", "method")``); a file that does not parse is plain
+  text;
 * anything else -- plain text: paragraphs separated by blank lines.
 
 Within a section whole paragraphs are packed up to `max_chars`. One paragraph (or fence, or function
@@ -74,7 +75,7 @@ def chunk_document(text: str, source: str, *, max_chars: int = 1200, overlap: in
     elif suffix in RST_SUFFIXES:
         sections = _rst_sections(lines)
     elif suffix in PYTHON_SUFFIXES:
-        sections = _python_sections(lines)
+        sections = _python_sections(lines, max_chars)
     else:
         sections = [((), _paragraphs(lines, 0, len(lines)))]
     return _pack(lines, sections, source, max_chars, overlap)
@@ -244,39 +245,49 @@ def _rst_sections(lines: list[str]) -> list[_Section]:
 # ------------------------------------------------------------------------------------------------ Python
 
 
-def _python_sections(lines: list[str]) -> list[_Section]:
+def _python_sections(lines: list[str], max_chars: int) -> list[_Section]:
     """Module docstring, then each top-level def/class and the module code between them, in file order.
-    Falls back to plain text when the file does not parse (a fragment, Python 2, a template)."""
+
+    A class too long for one passage is cut along its members instead (heading ``("Cls", "method")``, the
+    class line, docstring and attributes under ``("Cls",)``), so a method is not split across two passages
+    just because its neighbour was long. Falls back to plain text when the file does not parse (a
+    fragment, Python 2, a template)."""
     try:
         tree = ast.parse("\n".join(lines))
     except (SyntaxError, ValueError):  # ValueError: a NUL byte
         return [((), _paragraphs(lines, 0, len(lines)))]
     sections: list[_Section] = []
-    covered = 0  # lines before this index are in some section already
 
-    def gap(end: int) -> None:
-        if end > covered and (units := _paragraphs(lines, covered, end)):
-            sections.append(((), units))
+    def gap(heading: tuple[str, ...], start: int, end: int) -> None:
+        if end > start and (units := _paragraphs(lines, start, end)):
+            sections.append((heading, units))
 
-    body = tree.body
+    def definitions(body: list[ast.stmt], prefix: tuple[str, ...], covered: int, end: int) -> None:
+        """Sections for the defs/classes in `body`, lines [covered, end), code between them under `prefix`."""
+        for node in body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+            while start > covered and lines[start - 1].lstrip().startswith("#"):  # its comment block
+                start -= 1
+            gap(prefix, covered, start)
+            name = (*prefix, node.name)
+            too_long = sum(len(line) + 1 for line in lines[start:node.end_lineno]) - 1 > max_chars
+            if isinstance(node, ast.ClassDef) and too_long:
+                definitions(node.body, name, start, node.end_lineno)
+            else:
+                sections.append((name, _paragraphs(lines, start, node.end_lineno)))
+            covered = node.end_lineno
+        gap(prefix, covered, end)
+
+    body, covered = tree.body, 0
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
             and isinstance(body[0].value.value, str):
         doc = body[0]
-        gap(doc.lineno - 1)  # a shebang or coding line stays with the module code
-        covered = doc.end_lineno
-        sections.append(((), _paragraphs(lines, doc.lineno - 1, doc.end_lineno)))
-        body = body[1:]
-    for node in body:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            continue
-        start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
-        while start > covered and lines[start - 1].lstrip().startswith("#"):  # its comment block
-            start -= 1
-        gap(start)
-        end = node.end_lineno
-        sections.append(((node.name,), _paragraphs(lines, start, end)))
-        covered = end
-    gap(len(lines))
+        gap((), 0, doc.lineno - 1)  # a shebang or coding line stays with the module code
+        gap((), doc.lineno - 1, doc.end_lineno)
+        body, covered = body[1:], doc.end_lineno
+    definitions(body, (), covered, len(lines))
     return sections
 
 

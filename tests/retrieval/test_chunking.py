@@ -263,6 +263,20 @@ def test_a_long_function_is_split_but_keeps_its_name():
     assert len(chunks) > 1 and all(c.heading == ("long",) for c in chunks)
 
 
+def test_a_long_class_is_cut_along_its_methods():
+    body = "\n\n".join(f"    def m{i}(self):\n        \"\"\"Method {i}.\"\"\"\n\n        return {i}" for i in range(12))
+    text = f"class Big:\n    \"\"\"Big.\"\"\"\n\n    # about m0\n    @property\n{body}\n\n\ndef after():\n    pass\n"
+    chunks = chunk_document(text, "big.py", max_chars=200, overlap=20)
+    check_ranges(text, chunks, 200)
+    assert all(whole(text, c) for c in chunks)
+    assert [c.heading for c in chunks] == [("Big",)] + [("Big", f"m{i}") for i in range(12)] + [("after",)]
+    assert chunks[0].text == 'class Big:\n    """Big."""'
+    assert chunks[1].text.startswith("    # about m0\n    @property\n    def m0(self):")
+    assert chunks[1].text.endswith("return 0")
+    small = chunk_document(text, "big.py")  # fits in 1200: one passage for the class
+    assert [c.heading for c in small] == [("Big",), ("after",)]
+
+
 def test_python_that_does_not_parse_is_plain_text():
     text = "def broken(:\n    pass\n\nprint 'py2'\n"
     chunks = chunk_document(text, "bad.py")
