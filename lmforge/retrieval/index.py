@@ -169,6 +169,14 @@ class Index:
         if tables and "meta" not in tables:
             raise UserError(f"{self.path} is not an lmforge index (it has other tables); "
                             "choose another name, or delete it")
+        if not {"meta", "chunks_fts"} <= tables:  # a built index is opened without writing, so a search
+            self._create()                         # can open it while an update holds the write lock
+        version = self._meta("schema_version")
+        if version != str(SCHEMA_VERSION):
+            raise UserError(f"index {self.path} has schema version {version}, this lmforge reads "
+                            f"{SCHEMA_VERSION}: {REBUILD_HINT}")
+
+    def _create(self) -> None:
         try:  # one script, one transaction: two processes opening a new index at once create it once
             self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "INSERT OR IGNORE INTO meta VALUES "
                                    f"('schema_version', '{SCHEMA_VERSION}'); COMMIT;")
@@ -176,10 +184,6 @@ class Index:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
-        version = self._meta("schema_version")
-        if version != str(SCHEMA_VERSION):
-            raise UserError(f"index {self.path} has schema version {version}, this lmforge reads "
-                            f"{SCHEMA_VERSION}: {REBUILD_HINT}")
 
     def close(self) -> None:
         self._db.close()

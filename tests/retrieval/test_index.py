@@ -137,6 +137,8 @@ def test_a_killed_update_leaves_the_previous_index_searchable(tmp_path):
         line = proc.stdout.readline()
         assert line.startswith("written garden.md"), line
         assert Path(f"{path}-wal").exists()  # the update really is writing when it dies
+        with Index(path) as reader:  # WAL: a search while an update runs sees the last committed index
+            assert reader.search("tomatoes")[0].path == "garden.md" and reader.search("zebras") == []
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
