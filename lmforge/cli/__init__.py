@@ -2,7 +2,7 @@
 
 The commands come in groups, one module each: `train` (tokenizer, pretrain, finetune, align, merge,
 quickstart), `use` (generate, score, run), `store` (import, pull, list, show, rm, cp, create, export),
-`quantize`, `serve` and `bench`; `common` holds what they share. `GROUPS` below is the table: the order of `lmforge --help`.
+`quantize`, `retrieval` (index, search), `serve` and `bench`; `common` holds what they share. `GROUPS` below is the table: the order of `lmforge --help`.
 
 User mistakes surface as `UserError` and become one line on stderr with exit code 2; a diverged run
 exits 1 with its one-line reason; an interrupted run saves and exits 0. Only bugs show a traceback.
@@ -17,11 +17,11 @@ import sys
 from typing import Callable
 
 from lmforge import __version__
-from lmforge.cli import bench, quantize, serve, store, train, use
+from lmforge.cli import bench, quantize, retrieval, serve, store, train, use
 from lmforge.cli.common import PROG, Formatter, Parser, fail, float_arg, nonneg_int, para, positive_int
 from lmforge.errors import UserError
 
-GROUPS = (train, use, store, quantize, serve, bench)
+GROUPS = (train, use, store, quantize, retrieval, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

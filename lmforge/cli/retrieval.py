@@ -1,0 +1,116 @@
+"""`lmforge index` and `lmforge search`: a local full-text index of your documents (SQLite FTS5, BM25).
+
+The library side is `lmforge/retrieval/` (chunking that follows the documents' structure, and the index);
+these commands only gather the files, report what was skipped, and print results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmforge.cli.common import Formatter, add_progress_flag, para, positive_int
+from lmforge.errors import UserError
+
+BUILTIN_PYDOCS = "builtin:pydocs"
+
+
+def _pydocs_files():
+    """(name, text) for every entry of the built-in Python documentation, named builtin:pydocs/<object>."""
+    from lmforge.data.pydocs import iter_doc_entries
+
+    seen: dict[str, int] = {}
+    for entry in iter_doc_entries():
+        name = f"{BUILTIN_PYDOCS}/{entry.heading}"
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:  # the same heading twice (overloads, topics): keep both, apart
+            name = f"{name}#{seen[name]}"
+        yield name, f"{entry.heading}\n\n{entry.text}"
+
+
+def cmd_index(args) -> int:
+    from lmforge.retrieval.index import Index, collect_files, index_path
+
+    sources = [p for p in args.paths if p != BUILTIN_PYDOCS]
+    walk = collect_files(sources, strict=args.strict) if sources else None
+    files = []
+    if walk is not None:
+        files += list(walk)
+    if BUILTIN_PYDOCS in args.paths:
+        files += list(_pydocs_files())
+    if not files:
+        raise UserError(f"nothing to index in {', '.join(args.paths)} (indexed: .md .markdown .txt .rst .py files)")
+    path = index_path(args.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    index = Index(path, max_chars=args.max_chars, overlap=args.overlap, rebuild=args.rebuild)
+    progress = None
+    if args.progress or (args.progress is None and sys.stderr.isatty()):
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), unit="doc", desc=f"indexing {args.name}")
+        progress = lambda _path: bar.update(1)  # noqa: E731 - one line, called per document written
+    stats = index.update(files, complete=not args.keep_missing, progress=progress)
+    print(f"indexed {len(files)} documents into {args.name} ({path}): {stats.added} added, {stats.changed} changed, "
+          f"{stats.unchanged} unchanged, {stats.removed} removed; {stats.chunks_written} chunks written")
+    if walk is not None and walk.skipped.count:
+        print(f"skipped {walk.skipped.count} files: {', '.join(walk.skipped.examples)}"
+              f"{', ...' if walk.skipped.count > len(walk.skipped.examples) else ''} (--strict stops at the first)",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from lmforge.retrieval.index import open_index
+
+    hits = open_index(args.index).search(args.query, k=args.k)
+    if not hits:
+        print("no passage matches")
+        return 0
+    for h in hits:
+        where = f"{h.path}:{h.start_line}-{h.end_line}" + (f"  ({h.heading})" if h.heading else "")
+        print(f"[{h.rank}] {h.score:.3g}  {where}")
+        text = h.text if len(h.text) <= args.chars else h.text[:args.chars].rstrip() + " ..."
+        print("    " + text.replace("\n", "\n    "))
+    return 0
+
+
+def register(sub) -> list[argparse.ArgumentParser]:
+    """Add `index` and `search` to `sub`; returns the parsers whose numeric flags get short metavars."""
+    i = sub.add_parser("index", help="index your documents for search (SQLite full-text, BM25), incrementally",
+                       formatter_class=Formatter,
+                       description=para("Chunk documents along their structure (Markdown and reStructuredText "
+                                         "headings, paragraphs, code blocks; one chunk per top-level function or class "
+                                         "of a .py file) and store them in a full-text index, "
+                                         "$LMFORGE_HOME/indexes/NAME.sqlite. Running it again re-chunks only files "
+                                         "whose content changed and drops files no longer there, in one transaction: "
+                                         "an interrupted run leaves the previous index searchable. Files taken from "
+                                         "directories: .md .markdown .txt .rst .py (hidden ones, binary and non-UTF-8 "
+                                         "files skipped, with a count); a file named directly is read whatever its "
+                                         "suffix. builtin:pydocs indexes the Python documentation, one document per "
+                                         "object."),
+                       epilog="examples:\n  lmforge index ~/notes ~/project/docs --name mydocs\n"
+                              "  lmforge index builtin:pydocs --name pydocs\n  lmforge search mydocs \"rotate the logs\"")
+    i.add_argument("paths", nargs="+", metavar="PATH", help="files, directories, or builtin:pydocs")
+    i.add_argument("--name", required=True, help="the index's name, as model names: a-z 0-9 . _ - (required)")
+    i.add_argument("--max-chars", type=positive_int, default=1200, help="longest chunk in characters (default: 1200)")
+    i.add_argument("--overlap", type=int, default=200, help="characters repeated between the pieces of a passage "
+                   "too long for one chunk (default: 200)")
+    i.add_argument("--strict", action="store_true", help="stop at the first unreadable, binary or non-UTF-8 file "
+                   "instead of skipping it (default: skip and count)")
+    i.add_argument("--keep-missing", action="store_true", help="keep documents indexed before that are not among "
+                   "PATH this time (default: drop them, so the index mirrors PATH)")
+    i.add_argument("--rebuild", action="store_true", help="start the index afresh (e.g. after it was damaged)")
+    add_progress_flag(i)
+    i.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="ranked passages of an index for a query", formatter_class=Formatter,
+                       description=para("Search an index made by `lmforge index`: the passages that best match the "
+                                         "query's words (BM25, with stemming), best first, with their file, line range "
+                                         "and heading. Query words are matched as words: quotes and operators have no "
+                                         "special meaning."))
+    s.add_argument("index", help="the index's name (see `lmforge index`)")
+    s.add_argument("query", help="what to look for")
+    s.add_argument("-k", type=positive_int, default=5, help="passages to show (default: 5)")
+    s.add_argument("--chars", type=positive_int, default=400, help="characters of each passage to print (default: 400)")
+    s.set_defaults(func=cmd_search)
+    return [i, s]
