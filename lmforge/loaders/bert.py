@@ -45,12 +45,14 @@ def _pooling(d: Path) -> tuple[str, bool]:
     modules_file = d / "modules.json"
     if pool_file.is_file():
         pc = _read_json(pool_file)
+        modes = sorted(k for k, v in pc.items() if k.startswith("pooling_mode") and v)
+        if len(modes) > 1:  # sentence-transformers concatenates them: a vector we do not compute
+            raise UserError(f"{pool_file}: several pooling modes {modes} are not supported (one of mean or cls)")
         if pc.get("pooling_mode_cls_token"):
             pooling = "cls"
         elif pc.get("pooling_mode_mean_tokens"):
             pooling = "mean"
         else:
-            modes = sorted(k for k, v in pc.items() if k.startswith("pooling_mode") and v)
             raise UserError(f"{pool_file}: pooling {modes or 'none'} is not supported (only mean or cls tokens)")
     if modules_file.is_file():
         try:
@@ -102,7 +104,7 @@ def tensor_map(cfg: EncoderConfig) -> dict[str, str]:
     return out
 
 
-def load_encoder(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
+def load_encoder(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[Encoder, Any]:
     """(Encoder in eval mode, `tokenizers.Tokenizer`) from an HF BERT directory with model.safetensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -84,7 +84,11 @@ def test_sentence_transformers_pooling_is_read(tmp_path: Path) -> None:
     modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     (d / "modules.json").write_text(json.dumps(modules))
     assert (encoder_config(d).pooling, encoder_config(d).normalize) == ("mean", True)
-    pool.update(pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)
+    pool.update(pooling_mode_cls_token=True)
+    (d / "1_Pooling" / "config.json").write_text(json.dumps(pool))
+    with pytest.raises(UserError, match="several pooling modes"):
+        encoder_config(d)
+    pool.update(pooling_mode_cls_token=False, pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)
     (d / "1_Pooling" / "config.json").write_text(json.dumps(pool))
     with pytest.raises(UserError, match="max_tokens"):
         encoder_config(d)
