@@ -286,26 +286,19 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, qtype: int | str, in_features:
     accuracy this costs); F16/BF16 accumulate in fp32; more rows decode tiles for a GEMM in `tile_dtype()`."""
     spec = _spec(qtype)
     name = spec[0]
-    packed, row_bytes = _check_packed(packed, spec, in_features)
+    packed, _ = _check_packed(packed, spec, in_features)
     if x.dim() != 2 or x.shape[1] != in_features:
         raise UserError(f"x must be (rows, {in_features}) for this {name} weight, got {tuple(x.shape)}")
     if not x.is_cpu:
         raise UserError(f"the quantized CPU kernels need x on the CPU, not {x.device}")
-    k = _module()
-    if k is None or name not in _CODES:
+    if name == "F32":
+        return None if _module() is None else x.float() @ packed.view(torch.float32).t()
+    run = bind(packed, name, in_features)
+    if run is None:
         return None
     if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
         x = x.detach().float().contiguous()
-    n, m = x.shape[0], packed.shape[0]
-    if name == "F32":
-        return x @ packed.view(torch.float32).t()
-    if n == 0 or m == 0:
-        return torch.zeros(n, m)
-    if n <= SMALL_ROWS and name in _DIRECT:
-        y = torch.empty(n, m, dtype=torch.float32)
-        if k.matmul(_CODES[name], x.data_ptr(), n, packed.data_ptr(), m, row_bytes, in_features, y.data_ptr()):
-            return y
-    return _tiled(k, x, packed, name, row_bytes, in_features)
+    return run(x)
 
 
 def bind(packed: torch.Tensor, qtype: int | str, in_features: int):
