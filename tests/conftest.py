@@ -82,3 +82,15 @@ def load_engine(path, *, fast: bool = False):
 
     loaded = load(path)
     return Engine(loaded.model, loaded.tokenizer, fast=fast)
+
+
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of `lmforge ARGV` run in-process, argparse's own exits included."""
+    from lmforge.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own checks
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,9 +9,8 @@ import math
 import pytest
 import torch
 
-from conftest import save_tiny_model
+from conftest import save_tiny_model, run_cli
 from lmforge import bench
-from lmforge.cli import main
 from lmforge.footprint import weights_bytes
 
 
@@ -28,13 +27,7 @@ def keep_threads():
     torch.set_num_threads(n)
 
 
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's own checks
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli  # (code, out, err) of an in-process lmforge run, from conftest
 
 
 def test_json_has_every_figure_with_a_sane_value(capsys, tiny_model, keep_threads):

@@ -7,16 +7,10 @@ import json
 import pytest
 
 from lmforge.cli import main
-from conftest import save_tiny_model
+from conftest import save_tiny_model, run_cli
 
 
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's own checks
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli  # (code, out, err) of an in-process lmforge run, from conftest
 
 
 def assert_user_error(capsys, argv, *fragments):
