@@ -15,19 +15,6 @@ from lmforge.errors import UserError
 BUILTIN_PYDOCS = "builtin:pydocs"
 
 
-def _pydocs_files():
-    """(name, text) for every entry of the built-in Python documentation, named builtin:pydocs/<object>."""
-    from lmforge.data.pydocs import iter_doc_entries
-
-    seen: dict[str, int] = {}
-    for entry in iter_doc_entries():
-        name = f"{BUILTIN_PYDOCS}/{entry.heading}"
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:  # the same heading twice (overloads, topics): keep both, apart
-            name = f"{name}#{seen[name]}"
-        yield name, f"{entry.heading}\n\n{entry.text}"
-
-
 def cmd_index(args) -> int:
     from lmforge.retrieval.index import Index, collect_files, index_path
 
@@ -37,7 +24,9 @@ def cmd_index(args) -> int:
     if walk is not None:
         files += list(walk)
     if BUILTIN_PYDOCS in args.paths:
-        files += list(_pydocs_files())
+        from lmforge.data.pydocs import named_documents
+
+        files += list(named_documents(BUILTIN_PYDOCS))
     if not files:
         raise UserError(f"nothing to index in {', '.join(args.paths)} (indexed: .md .markdown .txt .rst .py files)")
     path = index_path(args.name)

@@ -46,7 +46,7 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Iterator
 
-__all__ = ["DocEntry", "iter_doc_entries", "pydocs_documents", "pydocs_corpus_hash"]
+__all__ = ["DocEntry", "iter_doc_entries", "pydocs_documents", "pydocs_corpus_hash", "named_documents"]
 
 #: Docstrings (and topics) shorter than this many characters are dropped: one-liners such
 #: as "Return self." teach a language model nothing and only add near-duplicates.
@@ -318,6 +318,17 @@ def iter_doc_entries() -> Iterator[DocEntry]:
 
 def _document(entry: DocEntry) -> str:
     return f"{entry.heading}\n\n{entry.text}"
+
+
+def named_documents(prefix: str = "builtin:pydocs") -> Iterator[tuple[str, str, str]]:
+    """(name, text, title) per entry, as `lmforge index builtin:pydocs` indexes them: one document per
+    object, named `<prefix>/<heading>` (a repeated heading -- overloads, platform variants -- gets `#2`,
+    `#3` ...), its text the docstring and its title the object's dotted name."""
+    seen: dict[str, int] = {}
+    for entry in _cached_build().entries:
+        name = f"{prefix}/{entry.heading}"
+        seen[name] = seen.get(name, 0) + 1
+        yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), entry.text, entry.heading
 
 
 @functools.lru_cache(maxsize=1)

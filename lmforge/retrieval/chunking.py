@@ -59,10 +59,13 @@ class Chunk:
 _Section = tuple[tuple[str, ...], list[tuple[int, int]]]
 
 
-def chunk_document(text: str, source: str, *, max_chars: int = 1200, overlap: int = 200) -> list[Chunk]:
+def chunk_document(text: str, source: str, *, max_chars: int = 1200, overlap: int = 200,
+                   title: str = "") -> list[Chunk]:
     """`text` (the content of `source`) cut into passages of at most `max_chars` characters, in order.
 
     `source` picks the splitter by its suffix and is copied into every `Chunk`; the file is not read.
+    `title` names a document whose text does not (a docstring: `builtin:pydocs` passes the object's dotted
+    name); it becomes the outermost heading of every chunk.
     """
     if not isinstance(max_chars, int) or max_chars < MIN_MAX_CHARS:
         raise UserError(f"max_chars must be an integer of at least {MIN_MAX_CHARS}, got {max_chars!r}")
@@ -78,6 +81,8 @@ def chunk_document(text: str, source: str, *, max_chars: int = 1200, overlap: in
         sections = _python_sections(lines, max_chars)
     else:
         sections = [((), _paragraphs(lines, 0, len(lines)))]
+    if title:
+        sections = [((title, *heading), units) for heading, units in sections]
     return _pack(lines, sections, source, max_chars, overlap)
 
 

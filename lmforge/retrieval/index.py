@@ -44,6 +44,15 @@ SUFFIXES = (".md", ".markdown", ".txt", ".rst", ".py")  # what a directory walk 
 MAX_FILE_BYTES = 16 << 20  # a text file past this is a log or a dump, not documentation: skipped, counted
 MAX_QUERY_TERMS = 64  # a pasted page as a query would make an OR of thousands of terms: keep the first 64
 SKIPPED_EXAMPLES = 5
+#: A query word found in a passage's heading counts this many times one in its text: a heading names what
+#: the passage is about ("textwrap.dedent"), the text only mentions things.
+HEADING_WEIGHT = 3.0
+#: Function words dropped from queries when other words remain (as search engines' English analyzers do):
+#: in "What does `os.path.join` do?" only os, path and join say what is wanted, and BM25 would otherwise
+#: reward short passages that happen to say "what" and "do".
+STOPWORDS = frozenset("""a an and are as at be but by can could do does did for from how i if in into is it its
+me my of on or so than that the their then there these this those to was were what when where which who whom
+why will with would you your""".split())
 REBUILD_HINT = "rebuild it with `lmforge index --rebuild`"
 
 _SCHEMA = """
@@ -216,9 +225,10 @@ class Index:
         return row[0] if row else None
 
     # -----------------------------------------------------------------------------------------------
-    def update(self, files: Iterable[tuple[str, str]], *, complete: bool = False,
+    def update(self, files: Iterable[tuple[str, str] | tuple[str, str, str]], *, complete: bool = False,
                progress: Callable[[str], None] | None = None) -> Stats:
-        """Index (path, text) pairs: a document whose text hash is unchanged is left alone (its chunk ids
+        """Index (path, text) pairs, or (path, text, title) for documents whose text does not name them
+        (see `chunk_document`): a document whose text hash is unchanged is left alone (its chunk ids
         too), a new or changed one is re-chunked and rewritten. With `complete=True` the pairs are the whole
         collection, so documents not among them are removed. All of it is one transaction: on any error, or
         a kill, the index is as it was. `progress(path)` is called after each document rewritten (the CLI
@@ -239,15 +249,16 @@ class Index:
         seen: set[str] = set()
         added = changed = unchanged = written = 0
         max_chars, overlap = int(self.settings["max_chars"]), int(self.settings["overlap"])
-        for path, text in files:
+        for path, text, *title in files:
+            title = title[0] if title else ""
             if path in seen:
                 raise UserError(f"{path} is given twice; each document path must be unique in one update")
             seen.add(path)
-            sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            sha = hashlib.sha256((text + ("\0" + title if title else "")).encode("utf-8", "surrogatepass")).hexdigest()
             if old.get(path) == sha and not rechunk_all:
                 unchanged += 1
                 continue
-            chunks = chunk_document(text, path, max_chars=max_chars, overlap=overlap)
+            chunks = chunk_document(text, path, max_chars=max_chars, overlap=overlap, title=title)
             self._db.execute("DELETE FROM chunks WHERE path = ?", (path,))
             self._db.executemany(
                 "INSERT INTO chunks(path, heading, start_line, end_line, text) VALUES (?, ?, ?, ?, ?)",
@@ -283,9 +294,9 @@ class Index:
             return []
         with self._errors():
             rows = self._db.execute(
-                "SELECT -bm25(chunks_fts), c.path, c.heading, c.start_line, c.end_line, c.text "
+                f"SELECT -bm25(chunks_fts, 1.0, {HEADING_WEIGHT}), c.path, c.heading, c.start_line, c.end_line, c.text "
                 "FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
-                "WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts), c.id LIMIT ?", (match, k)).fetchall()
+                f"WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts, 1.0, {HEADING_WEIGHT}), c.id LIMIT ?", (match, k)).fetchall()
         return [Hit(i + 1, *row) for i, row in enumerate(rows)]
 
     def chunk_ids(self, path: str) -> list[int]:
@@ -301,12 +312,15 @@ def fts5_query(query: str) -> str | None:
     """User text -> an FTS5 MATCH expression that cannot be a syntax error: the words of `query`, each
     quoted as a string (so `AND`, `NEAR`, `*` are plain words or gone), ORed. None when it has no words.
 
+    Function words (`STOPWORDS`) are dropped unless the query has nothing else.
+
     >>> fts5_query('rotate the "logs" AND -x*')
-    '"rotate" OR "the" OR "logs" OR "AND" OR "x"'
+    '"rotate" OR "logs" OR "AND" OR "x"'
     """
-    terms = re.findall(r"\w+", query)[:MAX_QUERY_TERMS]
+    terms = re.findall(r"\w+", query)
     if not terms:
         return None
+    terms = ([t for t in terms if t.lower() not in STOPWORDS] or terms)[:MAX_QUERY_TERMS]
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 

@@ -159,7 +159,8 @@ def test_hostile_queries_never_raise(index, query):
 
 
 def test_operator_words_are_plain_words(index):
-    assert fts5_query('rotate "logs" AND -x*') == '"rotate" OR "logs" OR "AND" OR "x"'
+    assert fts5_query('rotate "logs" AND -x*') == '"rotate" OR "logs" OR "x"'  # "and" is a function word
+    assert fts5_query('rotate "logs" NEAR -x*') == '"rotate" OR "logs" OR "NEAR" OR "x"'
     assert fts5_query('"*-()') is None
     assert index.search("NOT logs")[0].path == "logs.md"  # NOT is a word here, not a negation
 
@@ -273,3 +274,18 @@ def test_an_unopenable_place_is_one_line(tmp_path):
     (tmp_path / "t.sqlite").mkdir()  # a directory where the file should be (permissions can't be tested as root)
     with pytest.raises(UserError, match="cannot open index .* for writing"):
         Index(tmp_path / "t.sqlite")
+
+
+def test_function_words_are_dropped_unless_nothing_else_is_left():
+    assert fts5_query("What does `textwrap.dedent` do?") == '"textwrap" OR "dedent"'
+    assert fts5_query("to be or not") == '"not"'
+    assert fts5_query("what is it") == '"what" OR "is" OR "it"'
+
+
+def test_a_title_heads_every_chunk_and_weighs_more_than_text(tmp_path):
+    with Index(tmp_path / "t.sqlite") as ix:
+        ix.update([("doc/a", "Mentions dedent once among other words about text.", ""),
+                   ("doc/b", "Remove common leading whitespace.", "textwrap.dedent")])
+        hits = ix.search("dedent")
+    assert [h.path for h in hits] == ["doc/b", "doc/a"]
+    assert hits[0].heading == "textwrap.dedent" and hits[0].text == "Remove common leading whitespace."
