@@ -1,4 +1,5 @@
-"""`lmforge index` and `lmforge search`: a local full-text index of your documents (SQLite FTS5, BM25).
+"""`lmforge index` and `lmforge search`: a local index of your documents (SQLite FTS5, BM25; with
+`--embed MODEL` also one vector per chunk, and search is then hybrid).
 
 The library side is `lmforge/retrieval/` (chunking that follows the documents' structure, and the index);
 these commands only gather the files, report what was skipped, and print results.
@@ -32,15 +33,35 @@ def cmd_index(args) -> int:
     path = index_path(args.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     index = Index(path, max_chars=args.max_chars, overlap=args.overlap, rebuild=args.rebuild)
-    progress = None
+    embedder = None
+    model = args.embed or index.embed_model  # an index with vectors keeps getting them, from its model
+    if model is not None:
+        from lmforge.paths import resolve
+        from lmforge.retrieval.embed import Embedder, embedder_for, model_id_of
+
+        if args.embed:
+            index.check_model(model_id_of(args.embed, resolve(args.embed)))  # before minutes of loading
+        embedder = Embedder.load(args.embed) if args.embed else embedder_for(model)
+    progress = embed_progress = None
     if args.progress or (args.progress is None and sys.stderr.isatty()):
         from tqdm import tqdm
 
         bar = tqdm(total=len(files), unit="doc", desc=f"indexing {args.name}")
         progress = lambda _path: bar.update(1)  # noqa: E731 - one line, called per document written
-    stats = index.update(files, complete=not args.keep_missing, progress=progress)
+        if embedder is not None:
+            ebar = tqdm(unit="chunk", desc=f"embedding with {embedder.model_id}")
+            embed_progress = ebar.update
+    stats = index.update(files, complete=not args.keep_missing, progress=progress, embedder=embedder,
+                         embed_progress=embed_progress)
     print(f"indexed {len(files)} documents into {args.name} ({path}): {stats.added} added, {stats.changed} changed, "
           f"{stats.unchanged} unchanged, {stats.removed} removed; {stats.chunks_written} chunks written")
+    if embedder is not None:
+        print(f"{stats.embedded} chunks embedded with {embedder.model_id} ({embedder.dim} dimensions); "
+              "search is hybrid (BM25 + vectors)")
+        if stats.truncated:
+            print(f"warning: {stats.truncated} of them longer than {embedder.model_id}'s context of "
+                  f"{embedder.max_tokens} tokens were embedded from their beginning only (a smaller --max-chars "
+                  "avoids it)", file=sys.stderr)
     if walk is not None and walk.skipped.count:
         print(f"skipped {walk.skipped.count} files: {', '.join(walk.skipped.examples)}"
               f"{', ...' if walk.skipped.count > len(walk.skipped.examples) else ''} (--strict stops at the first)",
@@ -51,7 +72,13 @@ def cmd_index(args) -> int:
 def cmd_search(args) -> int:
     from lmforge.retrieval.index import open_index
 
-    hits = open_index(args.index).search(args.query, k=args.k)
+    index = open_index(args.index)
+    hits = index.search(args.query, k=args.k)
+    if hits.truncated:
+        print(f"warning: the query is longer than the context of {index.embed_model}; only its beginning was "
+              "embedded (the whole query was used for BM25)", file=sys.stderr)
+    if hits.mode == "hybrid":
+        print(f"hybrid search (BM25 + vectors from {index.embed_model}, fused by reciprocal rank)")
     if not hits:
         print("no passage matches")
         return 0
@@ -88,7 +115,13 @@ def register(sub) -> list[argparse.ArgumentParser]:
                    "instead of skipping it (default: skip and count)")
     i.add_argument("--keep-missing", action="store_true", help="keep documents indexed before that are not among "
                    "PATH this time (default: drop them, so the index mirrors PATH)")
-    i.add_argument("--rebuild", action="store_true", help="start the index afresh (e.g. after it was damaged)")
+    i.add_argument("--embed", metavar="MODEL", help="also store one vector per chunk from MODEL (a store name or "
+                   "directory: an embedding model such as an imported bge/e5/MiniLM, or, weaker, any chat model), so "
+                   "search is hybrid: BM25 and vector similarity fused. Only chunks without a vector are embedded. "
+                   "An index keeps the model it was embedded with; another needs --rebuild (default: no vectors, "
+                   "or the index's own model if it has some)")
+    i.add_argument("--rebuild", action="store_true", help="start the index afresh (e.g. after it was damaged, or to "
+                   "switch --embed model)")
     add_progress_flag(i)
     i.set_defaults(func=cmd_index)
 
@@ -96,7 +129,9 @@ def register(sub) -> list[argparse.ArgumentParser]:
                        description=para("Search an index made by `lmforge index`: the passages that best match the "
                                          "query's words (BM25, with stemming), best first, with their file, line range "
                                          "and heading. Query words are matched as words: quotes and operators have no "
-                                         "special meaning."))
+                                         "special meaning. An index built with --embed is searched hybrid: the BM25 "
+                                         "ranking and the vector-similarity ranking fused by reciprocal rank (scores "
+                                         "are then fusion scores, at most 0.033), with the model it was built with."))
     s.add_argument("index", help="the index's name (see `lmforge index`)")
     s.add_argument("query", help="what to look for")
     s.add_argument("-k", type=positive_int, default=5, help="passages to show (default: 5)")

@@ -17,15 +17,23 @@ whatever is keyed by chunk id later (vectors, citations) can never silently poin
 Writes: `Index.update` runs in ONE transaction (`BEGIN IMMEDIATE` ... `COMMIT`), in WAL mode. A process
 killed half-way leaves the previous index intact and searchable; readers never see half an update.
 
+Vectors (optional, `lmforge index --embed MODEL`): each chunk's embedding from one model, stored and
+searched as `lmforge.retrieval.vectors` describes (why a BLOB per chunk and numpy, with the measurements);
+`meta` records the model (`embed_model`: a store name or a directory's path) and `embed_dim`. An index
+with vectors is searched hybrid, BM25 and cosine fused by reciprocal rank, by every caller, with the
+recorded model loaded once per process. Vectors from two models never mix: asking for another model is
+refused, and `--rebuild` is the way to switch.
+
 Queries are user text. FTS5 has its own query language (`"`, `*`, `NEAR(`, `AND`, `-`, `:` ...) in which
 ordinary text raises syntax errors, so `search` keeps only the words of the query, quotes each one and ORs
 them: BM25 then ranks the chunks that match more (and rarer) words first. Scores are `-bm25()` so that
-higher is better.
+higher is better; in hybrid search they are the fused reciprocal-rank scores, higher better too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import sqlite3
@@ -34,8 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
+
 from lmforge.errors import UserError, one_line
 from lmforge.paths import home, split_name
+from lmforge.retrieval import vectors
 from lmforge.retrieval.chunking import chunk_document
 
 SCHEMA_VERSION = 1
@@ -54,6 +65,9 @@ STOPWORDS = frozenset("""a an and are as at be but by can could do does did for 
 me my of on or so than that the their then there these this those to was were what when where which who whom
 why will with would you your""".split())
 REBUILD_HINT = "rebuild it with `lmforge index --rebuild`"
+EMBED_BATCH = 64  # chunks per embedding call: progress is reported, and a kill lands, between batches
+
+log = logging.getLogger("lmforge.retrieval")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -122,11 +136,16 @@ class Stats:
     unchanged: int = 0
     removed: int = 0
     chunks_written: int = 0
+    embedded: int = 0  # chunks given a vector in this update
+    truncated: int = 0  # of those, chunks longer than the model's context: embedded from their beginning
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One ranked passage. `score` is BM25 (higher is better); `rank` starts at 1."""
+    """One ranked passage; `rank` starts at 1. `score` is higher-is-better: the BM25 score (`-bm25()`) when
+    the index has no vectors, else the reciprocal-rank-fusion score sum(1 / (60 + rank)) over the BM25 and
+    cosine rankings (at most 2/61 ~ 0.033, for a passage first in both). Compare scores within one result
+    list only."""
     rank: int
     score: float
     path: str
@@ -134,6 +153,16 @@ class Hit:
     start_line: int
     end_line: int
     text: str
+
+
+class SearchResult(list):
+    """The hits of one search, best first (a plain list of `Hit`s to callers that need no more), with how
+    they were ranked: `mode` "bm25" or "hybrid"; `truncated`: the query was longer than the embedding
+    model's context and only its beginning was embedded."""
+
+    def __init__(self, hits=(), *, mode: str = "bm25", truncated: bool = False) -> None:
+        super().__init__(hits)
+        self.mode, self.truncated = mode, truncated
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,6 +187,7 @@ class Index:
         self.path = Path(path)
         chunk_document("", "settings.txt", max_chars=max_chars, overlap=overlap)  # bad settings: now, not mid-update
         self.settings = {"max_chars": str(max_chars), "overlap": str(overlap)}
+        self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (data_version, chunk ids, vectors)
         if rebuild:
             for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
                 p.unlink(missing_ok=True)
@@ -225,23 +255,82 @@ class Index:
         return row[0] if row else None
 
     # -----------------------------------------------------------------------------------------------
+    @property
+    def embed_model(self) -> str | None:
+        """The model this index's vectors come from (as `Embedder.model_id`), None without vectors."""
+        with self._errors():
+            return self._meta("embed_model")
+
+    def check_model(self, model_id: str, dim: int | None = None) -> None:
+        """Refuse model `model_id` (of `dim` dimensions) when the index holds vectors of another model or
+        size: one index, one model (cosine between two models' vectors means nothing)."""
+        recorded = self.embed_model
+        if recorded is None:
+            return
+        if recorded != model_id:
+            raise UserError(f"index {self.path.stem} has vectors from model {recorded}, not {model_id}; "
+                            f"use {recorded}, or switch with `lmforge index --rebuild --embed {model_id}`")
+        have = self._meta("embed_dim")
+        if dim is not None and have != str(dim):
+            raise UserError(f"index {self.path.stem} has {have}-dimensional vectors but {model_id} makes "
+                            f"{dim}-dimensional ones (the model changed since?): {REBUILD_HINT} --embed {model_id}")
+
     def update(self, files: Iterable[tuple[str, str] | tuple[str, str, str]], *, complete: bool = False,
-               progress: Callable[[str], None] | None = None) -> Stats:
+               progress: Callable[[str], None] | None = None, embedder=None,
+               embed_progress: Callable[[int], None] | None = None) -> Stats:
         """Index (path, text) pairs, or (path, text, title) for documents whose text does not name them
         (see `chunk_document`): a document whose text hash is unchanged is left alone (its chunk ids
         too), a new or changed one is re-chunked and rewritten. With `complete=True` the pairs are the whole
         collection, so documents not among them are removed. All of it is one transaction: on any error, or
         a kill, the index is as it was. `progress(path)` is called after each document rewritten (the CLI
-        shows progress with it)."""
+        shows progress with it).
+
+        `embedder` (a `lmforge.retrieval.embed.Embedder`) gives a vector to every chunk that has none, in
+        the same transaction; an index that already has vectors gets them for its new chunks from its
+        recorded model even without one (loaded once per process), so it never becomes half-embedded.
+        `embed_progress(n)` is called after each batch of `n` chunks embedded."""
+        if embedder is None and self.embed_model is not None:
+            from lmforge.retrieval.embed import embedder_for
+
+            embedder = embedder_for(self.embed_model)
+        if embedder is not None:
+            self.check_model(embedder.model_id, embedder.dim)
         with self._errors():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 stats = self._update(files, complete, progress)
+                if embedder is not None:
+                    self.check_model(embedder.model_id, embedder.dim)  # again: another writer may have been first
+                    embedded, truncated = self._embed(embedder, embed_progress)
+                    stats = Stats(**{**stats.__dict__, "embedded": embedded, "truncated": truncated})
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._matrix = None
         return stats
+
+    def _embed(self, embedder, progress: Callable[[int], None] | None) -> tuple[int, int]:
+        """Vectors for the chunks without one (inside `update`'s transaction); (embedded, truncated)."""
+        for statement in vectors.SCHEMA:  # DDL in the transaction: rolled back with it
+            self._db.execute(statement)
+        self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             [("embed_model", embedder.model_id), ("embed_dim", str(embedder.dim))])
+        todo = vectors.missing(self._db)
+        truncated = 0
+        for start in range(0, len(todo), EMBED_BATCH):
+            batch = todo[start:start + EMBED_BATCH]
+            # The heading path says what a passage is about ("Logging > Rotation") when its text does not.
+            texts = [f"{heading}\n\n{text}" if heading and not text.startswith(heading) else text
+                     for _id, heading, text in batch]
+            rows, cut = embedder.embed(texts)
+            truncated += sum(cut)
+            self._db.executemany("INSERT INTO vectors(chunk_id, v) VALUES (?, ?)",
+                                 [(cid, vectors.to_blob(row)) for (cid, _h, _t), row in zip(batch, rows)])
+            if progress is not None:
+                progress(len(batch))
+        return len(todo), truncated
 
     def _update(self, files, complete, progress) -> Stats:
         rechunk_all = any(self._meta(k) not in (None, v) for k, v in self.settings.items())
@@ -282,22 +371,68 @@ class Index:
         return Stats(added=added, changed=changed, unchanged=unchanged, removed=removed, chunks_written=written)
 
     # -----------------------------------------------------------------------------------------------
-    def search(self, query: str, k: int = 5) -> list[Hit]:
-        """The `k` best chunks for `query` by BM25. A query of only punctuation/operators has no words and
-        matches nothing (an empty list); a blank query is a UserError."""
+    def search(self, query: str, k: int = 5, embedder=None) -> SearchResult:
+        """The `k` best chunks for `query`: by BM25, or hybrid when the index has vectors (BM25 and cosine
+        rankings fused, see `lmforge.retrieval.vectors`), with `embedder` or else the recorded model
+        (loaded once per process). A query of only punctuation/operators has no words for BM25 (an
+        empty BM25 list); a blank query is a UserError. A query longer than the model's context is embedded
+        from its beginning: the result's `truncated` says so, and it is logged."""
         if not isinstance(query, str) or not query.strip():
             raise UserError("the search query is empty; give some words to search for")
         if k < 1:
             raise UserError(f"k must be at least 1 (got {k})")
+        model = self.embed_model
+        if model is None and embedder is None:
+            return SearchResult(self._bm25(query, k))
+        if model is None:
+            raise UserError(f"index {self.path.stem} has no vectors to search with {embedder.model_id}; "
+                            f"add them with `lmforge index ... --name {self.path.stem} --embed {embedder.model_id}`")
+        if embedder is None:
+            from lmforge.retrieval.embed import embedder_for
+
+            embedder = embedder_for(model)
+        self.check_model(embedder.model_id, embedder.dim)
+        (q,), (cut,) = embedder.embed([query])
+        if cut:
+            log.warning("the query is longer than %s's context of %d tokens; only its beginning was embedded",
+                        embedder.model_id, embedder.max_tokens)
+        depth = max(k, vectors.CANDIDATES)
+        lexical = [h[0] for h in self._bm25(query, depth, ids=True)]
+        ids, matrix = self._vectors(embedder.dim)
+        fused = vectors.fuse(lexical, vectors.nearest(ids, matrix, q, depth))[:k]
+        with self._errors():
+            rows = {r[0]: r[1:] for r in self._db.execute(
+                "SELECT id, path, heading, start_line, end_line, text FROM chunks WHERE id IN "
+                f"({','.join('?' * len(fused))})", [cid for cid, _ in fused])}
+        found = [(score, rows[cid]) for cid, score in fused if cid in rows]  # a chunk just removed is left out
+        return SearchResult([Hit(i + 1, score, *row) for i, (score, row) in enumerate(found)], mode="hybrid",
+                            truncated=cut)
+
+    def _bm25(self, query: str, k: int, *, ids: bool = False) -> list:
+        """BM25's `k` best: `Hit`s, or (chunk id,) rows with `ids=True`."""
         match = fts5_query(query)
         if match is None:
             return []
+        cols = "c.id" if ids else "-bm25(chunks_fts, 1.0, {w}), c.path, c.heading, c.start_line, c.end_line, c.text"
         with self._errors():
             rows = self._db.execute(
-                f"SELECT -bm25(chunks_fts, 1.0, {HEADING_WEIGHT}), c.path, c.heading, c.start_line, c.end_line, c.text "
-                "FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
-                f"WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts, 1.0, {HEADING_WEIGHT}), c.id LIMIT ?", (match, k)).fetchall()
-        return [Hit(i + 1, *row) for i, row in enumerate(rows)]
+                f"SELECT {cols.format(w=HEADING_WEIGHT)} FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
+                f"WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts, 1.0, {HEADING_WEIGHT}), c.id LIMIT ?",
+                (match, k)).fetchall()
+        return rows if ids else [Hit(i + 1, *row) for i, row in enumerate(rows)]
+
+    def _vectors(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk ids, matrix) of the stored vectors, read once and again only after a commit (ours, or
+        another process's: `PRAGMA data_version` changes then)."""
+        with self._errors():
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if self._matrix is None or self._matrix[0] != version:
+                try:
+                    ids, matrix = vectors.read_matrix(self._db, dim)
+                except ValueError as e:
+                    raise UserError(f"index {self.path} is damaged ({e}): {REBUILD_HINT}") from None
+                self._matrix = (version, ids, matrix)
+        return self._matrix[1], self._matrix[2]
 
     def chunk_ids(self, path: str) -> list[int]:
         """Ids of a document's chunks, in order (what vectors and citations key on)."""

@@ -1,0 +1,145 @@
+"""`Embedder`: a tiny random BERT written by transformers matches transformers + manual pooling, a decoder's
+embedding matches a hand-computed mean of its hidden states, truncation is reported, and bad input is one
+line. `bert_dir` is shared with the hybrid-search, store and server tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.errors import UserError
+from lmforge.retrieval.embed import Embedder, embedder_for, is_encoder_dir
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "dog", "ran", "a",
+         "##s", ".", "logs", "rotate", "backup", "night", "purr"]
+TINY = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=16)
+
+
+def bert_dir(path: Path, *, cls_pooling: bool = False, seed: int = 1, **config) -> Path:
+    """A seeded random HF `BertModel` directory (safetensors, WordPiece tokenizer.json, and with
+    `cls_pooling` sentence-transformers' modules.json + 1_Pooling/config.json choosing the CLS token)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    torch.manual_seed(seed)
+    hf = transformers.BertModel(transformers.BertConfig(**{**TINY, **config}, initializer_range=0.5)).eval()
+    hf.save_pretrained(path, safe_serialization=True)
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(str(path / "tokenizer.json"))
+    if cls_pooling:
+        (path / "1_Pooling").mkdir()
+        (path / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": TINY["hidden_size"], "pooling_mode_cls_token": True,
+             "pooling_mode_mean_tokens": False}))
+        (path / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    return path
+
+
+def _reference(d: Path, texts: list[str], *, cls: bool) -> np.ndarray:
+    """transformers' BertModel on the same ids, pooled and normalised by hand."""
+    from tokenizers import Tokenizer
+
+    hf = transformers.BertModel.from_pretrained(d).eval()
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    out = []
+    with torch.no_grad():
+        for t in texts:
+            h = hf(input_ids=torch.tensor([tok.encode(t).ids])).last_hidden_state[0]
+            v = h[0] if cls else h.mean(0)
+            out.append((v / v.norm()).numpy())
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("cls", [False, True])
+def test_encoder_matches_transformers_and_manual_pooling(tmp_path, cls):
+    d = bert_dir(tmp_path / "bert", cls_pooling=cls)
+    e = Embedder.load(d)
+    assert (e.kind, e.dim, e.max_tokens, e.model_id) == ("encoder", 32, 16, str(d.resolve()))
+    texts = ["The cat sat on the mat.", "a dog ran", "rotate the logs"]
+    vectors, truncated = e.embed(texts, batch_size=2)  # batches with padding
+    assert vectors.dtype == np.float32 and vectors.shape == (3, 32) and truncated == [False] * 3
+    np.testing.assert_allclose(vectors, _reference(d, texts, cls=cls), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    # token ids given as they are: the same vectors as the texts they encode
+    np.testing.assert_allclose(e.embed_ids(e.tokenize(texts)), vectors, atol=1e-5)
+
+
+def test_encoder_truncates_and_says_so(tmp_path):
+    e = Embedder.load(bert_dir(tmp_path / "bert"))
+    long = " ".join(["cat"] * 40)
+    vectors, truncated = e.embed(["a dog", long])
+    assert truncated == [False, True] and np.isfinite(vectors).all()
+    cut = e.tokenize([long])[0][:15] + [3]  # what was embedded: the beginning, and [SEP] last
+    np.testing.assert_allclose(vectors[1], e.embed_ids([cut])[0], atol=1e-5)
+
+
+def _decoder_dir(tmp_path, tiny_tokenizer) -> Path:
+    from tests.conftest import save_tiny_model
+
+    return save_tiny_model(tmp_path / "dec", tiny_tokenizer, context_length=32)
+
+
+def test_decoder_embedding_is_the_mean_of_the_last_hidden_states(tmp_path, tiny_tokenizer):
+    from lmforge.loaders.auto import load
+
+    d = _decoder_dir(tmp_path, tiny_tokenizer)
+    e = Embedder.load(d)
+    texts = ["the quick brown fox", "a", "jumps over the lazy dog again and again"]
+    vectors, truncated = e.embed(texts, batch_size=3)
+    assert e.kind == "decoder" and vectors.shape == (3, e.dim) and truncated == [False] * 3
+    model = load(d).model
+    want = []
+    with torch.no_grad():  # by hand: the blocks, the final norm, the mean over tokens, unit length
+        for t in texts:
+            ids = torch.tensor([tiny_tokenizer.encode(t, allow_special=False)])
+            x = model.tok_emb(ids)
+            if model.config.positions == "learned":
+                x = x + model.pos_emb(torch.arange(ids.shape[1]))[None]
+            rope = None
+            if model.config.positions == "rope":
+                pos = torch.arange(ids.shape[1])[None]
+                rope = (model.rope_cos[pos][:, None], model.rope_sin[pos][:, None])
+            for block in model.blocks:
+                x = block(x, rope, None, True, None, None)
+            v = model.norm(x)[0].mean(0)
+            want.append((v / v.norm()).numpy())
+    np.testing.assert_allclose(vectors, np.stack(want), atol=1e-5)
+    # the hook only acts while embedding: the model still generates logits as before
+    ids = torch.tensor([tiny_tokenizer.encode("the quick")])
+    with torch.no_grad():
+        assert torch.equal(e.model(ids), model(ids))
+    long = " ".join(["word"] * 200)
+    _, truncated = e.embed([long])
+    assert truncated == [True]
+
+
+def test_bad_inputs_are_one_line(tmp_path):
+    e = Embedder.load(bert_dir(tmp_path / "bert"))
+    for rows, needle in [([[]], "no tokens"), ([[5] * 17], "more than the model's context of 16"),
+                         ([[5, 999]], "outside the vocabulary")]:
+        with pytest.raises(UserError, match=needle):
+            e.embed_ids(rows)
+    with pytest.raises(UserError, match="list of strings"):
+        e.embed([1, 2])
+    assert e.embed([])[0].shape == (0, 32)
+
+
+def test_is_encoder_dir_and_the_per_process_cache(tmp_path, tiny_tokenizer):
+    d = bert_dir(tmp_path / "bert")
+    assert is_encoder_dir(d) and not is_encoder_dir(_decoder_dir(tmp_path, tiny_tokenizer))
+    assert embedder_for(str(d)) is embedder_for(str(d))
+    with pytest.raises(UserError, match="cannot load embedding model .*missing"):
+        embedder_for(str(tmp_path / "missing"))
