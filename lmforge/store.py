@@ -47,7 +47,15 @@ from lmforge.checkpoint import LOCK, MARKER, STAGING, FileLock, locked, recover
 from lmforge.errors import UserError
 from lmforge.io import fsync_dir
 from lmforge.loaders.hf import hf_architecture
-from lmforge.loaders.model_dir import WEIGHTS, WeightFiles, expected_weight_shapes, is_model_dir, load_config
+from lmforge.loaders.model_dir import (
+    WEIGHTS,
+    WeightFiles,
+    check_encoder_dir,
+    expected_weight_shapes,
+    is_encoder_dir,
+    is_model_dir,
+    load_config,
+)
 from lmforge.modelfile import FILE as MODELFILE
 from lmforge.paths import (  # noqa: F401 - re-exported: the store's names are the paths module's
     DEFAULT_TAG,
@@ -331,6 +339,18 @@ def _wanted(name: str) -> bool:
     return name.endswith(_IMPORT_SUFFIXES) or name.startswith(_IMPORT_PREFIXES)
 
 
+# sentence-transformers keeps a module's settings in a numbered folder ("1_Pooling/config.json"): how an
+# embedding model pools its tokens, which its vectors depend on
+_ST_MODULE_DIR = re.compile(r"[0-9]+_[A-Za-z]+")
+
+
+def _copy_module_configs(src: Path, dst: Path) -> None:
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.is_symlink() and f.name.endswith(".json"):
+            dst.mkdir(exist_ok=True)
+            shutil.copy2(f, dst / f.name)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link when possible (a `create` on top of a store model costs no space), else copy."""
     try:
@@ -361,8 +381,11 @@ def check_model_dir(src: Path, *, allow_pickle: bool = False) -> str:
     """Validate a Hugging Face model directory without loading its weights; returns its architecture.
 
     Reads config.json (unsupported architectures and remote code are refused here, before anything is
-    copied), the tokenizer, and the names and shapes of the weights from the safetensors headers.
+    copied), the tokenizer, and the names and shapes of the weights from the safetensors headers. An
+    encoder (BERT family, an embedding model) is checked as one (`check_encoder_dir`).
     """
+    if is_encoder_dir(src):
+        return check_encoder_dir(src)
     cfg = load_config(src)
     load_hf_tokenizer(src).check_chat_template()  # a template that hangs or fails never enters the store
     weights = WeightFiles(src, allow_pickle=allow_pickle)
@@ -406,6 +429,8 @@ def import_model(source: str | os.PathLike, name: str, *, allow_pickle: bool = F
                 for f in sorted(src.iterdir()):
                     if f.is_file() and not f.is_symlink() and _wanted(f.name):
                         shutil.copy2(f, tmp / f.name)
+                    elif f.is_dir() and not f.is_symlink() and _ST_MODULE_DIR.fullmatch(f.name):
+                        _copy_module_configs(f, tmp / f.name)
                 if not any(tmp.glob("*.safetensors")):
                     _convert_pickles(src, tmp)
             fmt = "hf"

@@ -10,6 +10,7 @@ config.json or the GGUF header, so every format is described in one vocabulary.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ class StoreEntry:
     error: str | None = None  # set when the entry is damaged; the other fields are then best effort
     config: ModelConfig | None = None  # what the loaders read from config.json or the GGUF header
     quantization: str | None = None  # "Q4_K_M": lmforge.json's record of `lmforge quantize`, or a GGUF's file type
+    embedding: bool = False  # an encoder (BERT family): embeds text for retrieval, cannot generate
+    shape: dict[str, int] | None = None  # an encoder's context, width and layers (it has no ModelConfig)
 
 
 def _dir_size(path: Path) -> int:
@@ -116,10 +119,26 @@ def _describe(entry: StoreEntry) -> None:
         entry.architecture = archs[0]
     dtype = cfg.get("torch_dtype") or cfg.get("dtype")
     entry.dtype = dtype if isinstance(dtype, str) else None
+    if cfg.get("model_type") == "bert":
+        _describe_encoder(entry, cfg)
+        return
     entry.config = config_from_hf(cfg, source="config.json")
     entry.parameters = entry.config.num_params()
     if (path / WEIGHTS).is_file() or (path / WEIGHTS_INDEX).is_file():
         check_weights(entry.config, WeightFiles(path).shapes(), source="weights")
+
+
+def _describe_encoder(entry: StoreEntry, cfg: dict[str, Any]) -> None:
+    """An embedding model (BERT encoder): its own config keys, and the parameters counted from the weights'
+    header (`check_encoder_dir` is what an import ran; it reads headers only and never writes)."""
+    from lmforge.loaders.model_dir import WeightFiles, check_encoder_dir
+
+    entry.embedding = True
+    entry.architecture = check_encoder_dir(entry.path)
+    shapes = WeightFiles(entry.path).shapes()
+    entry.parameters = sum(math.prod(s) for s in shapes.values())
+    entry.shape = {"context_length": cfg.get("max_position_embeddings"), "embedding_length": cfg.get("hidden_size"),
+                   "layers": cfg.get("num_hidden_layers")}
 
 
 def _describe_gguf(entry: StoreEntry, file: Path) -> None:
@@ -239,7 +258,10 @@ def show(ref: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "name": norm, "path": str(path), "architecture": e.architecture, "parameters": e.parameters,
         "dtype": e.dtype, "size_bytes": e.size_bytes, "modified": e.modified, "error": e.error, **_shape(e.config),
+        "kind": "embedding" if e.embedding else "generate",
     }
+    if e.shape:
+        info.update(e.shape)
     try:
         info["config"] = read_json(path / "config.json") if (path / "config.json").is_file() else None
     except UserError:

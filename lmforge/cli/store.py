@@ -47,6 +47,7 @@ def cmd_list(args) -> int:
     rows = [("NAME", "ARCHITECTURE", "PARAMETERS", "DTYPE/QUANT", "SIZE", "MODIFIED")]
     for e in entries:
         arch = e.architecture.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
+        arch += " (embedding)" if e.embedding else ""
         rows.append((e.name, arch if not e.error else f"DAMAGED: {e.error}"[:60], human_count(e.parameters),
                      e.quantization or e.dtype or "?", human_size(e.size_bytes), ago(e.modified)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -96,7 +97,10 @@ def cmd_show(args) -> int:
 
     print(f"  {info['name']}" + (f"   [DAMAGED: {info['error']}]" if info.get("error") else ""))
     print("  Model")
-    rows = [("architecture", info.get("architecture")), ("parameters", human_count(info.get("parameters"))),
+    rows = [("architecture", info.get("architecture")),
+            *([("kind", "embedding model (for lmforge index --embed and /v1/embeddings; cannot generate)")]
+              if info.get("kind") == "embedding" else []),
+            ("parameters", human_count(info.get("parameters"))),
             ("context length", known("context_length")), ("embedding length", known("embedding_length")),
             ("layers", known("layers")),
             ("dtype/quantization", info.get("dtype") or "?"), ("size on disk", human_size(info.get("size_bytes") or 0)),

@@ -19,7 +19,7 @@ import torch
 
 from lmforge.errors import UserError, one_line
 from lmforge.io import read_json
-from lmforge.loaders.model_dir import build_model, check_tokenizer, load_model
+from lmforge.loaders.model_dir import build_model, check_tokenizer, is_encoder_dir, load_model
 from lmforge.loaders.peft import adapter_base, is_adapter_dir, load_adapter
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import merge_lora
@@ -71,6 +71,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     into the weights, so inference runs at the base model's speed; `merge=False` keeps it as an adapter.
     """
     p = Path(path)
+    if is_encoder_dir(p):  # an imported bge/e5/MiniLM: config_from_hf would call it unsupported, which misleads
+        raise UserError(f"{p} is an embedding model (a BERT encoder): it turns text into vectors and cannot generate "
+                        "text; use it with `lmforge index PATH --name N --embed MODEL` or the server's "
+                        "POST /v1/embeddings, and run a chat model instead")
     if is_adapter_dir(p):
         return _load_adapter_dir(p, device=device, dtype=dtype, allow_pickle=allow_pickle, merge=merge)
     gguf = gguf_file(p)

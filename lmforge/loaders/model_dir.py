@@ -50,8 +50,10 @@ __all__ = [
     "WeightFiles",
     "build_model",
     "check_tokenizer",
+    "check_encoder_dir",
     "check_weights",
     "expected_weight_shapes",
+    "is_encoder_dir",
     "is_model_dir",
     "load_config",
     "load_model",
@@ -90,6 +92,69 @@ def write_model_files(directory: Path, model: torch.nn.Module, *, tokenizer=None
 def is_model_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (p / "config.json").is_file()
+
+
+def is_encoder_dir(path: str | os.PathLike) -> bool:
+    """A model directory of an encoder (config.json model_type "bert", loaded by `lmforge.loaders.bert`):
+    it embeds text and cannot generate, so every place that would build a `GPT` from it refuses it by
+    name instead of failing on its config. An unreadable config answers False (the loader says why)."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return False
+    try:
+        cfg = read_json(p / "config.json")
+    except UserError:
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") == "bert"
+
+
+# sentence-transformers modules whose effect `lmforge.loaders.bert` reproduces (a Dense projection, or
+# any other, would change the vectors: a model using one is refused rather than embedded differently)
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def check_encoder_dir(path: str | os.PathLike) -> str:
+    """Validate an encoder directory from its files' headers (config, pooling, tokenizer, every tensor's
+    name and shape; no weights read), as an import does before copying; returns its architecture."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.loaders.bert import encoder_config, tensor_map
+    from lmforge.model.bert import Encoder
+
+    p = Path(path)  # no recover(): `lmforge list` describes entries with this, and listing never writes
+    if not p.is_dir():
+        raise UserError(f"{p}: not a model directory")
+    cfg = encoder_config(p)  # config.json and the pooling files, refusing what we cannot compute
+    modules = read_json(p / "modules.json") if (p / "modules.json").is_file() else []
+    for m in modules if isinstance(modules, list) else []:
+        kind = str(m.get("type", "")).rpartition(".")[2] if isinstance(m, dict) else "?"
+        if kind not in _ST_MODULES:
+            raise UserError(f"{p}: sentence-transformers module {kind!r} is not supported "
+                            f"(only {', '.join(_ST_MODULES)})")
+    if not (p / WEIGHTS).is_file():
+        raise UserError(f"{p}: an embedding model needs its weights in one {WEIGHTS}")
+    shapes = WeightFiles(p).shapes()
+    prefix = "bert." if any(k.startswith("bert.") for k in shapes) else ""
+    with torch.device("meta"):
+        want = Encoder(cfg).state_dict()
+    for ours, theirs in tensor_map(cfg).items():
+        have = shapes.get(prefix + theirs)
+        if have is None:
+            raise UserError(f"{p}: tensor {prefix + theirs!r} is missing from the weights")
+        if tuple(have) != tuple(want[ours].shape):
+            raise UserError(f"{p}: tensor {prefix + theirs!r} has shape {tuple(have)}, "
+                            f"config.json implies {tuple(want[ours].shape)}")
+    if not (p / "tokenizer.json").is_file():
+        raise UserError(f"{p}: no tokenizer.json (a fast Hugging Face tokenizer file is required)")
+    try:
+        tok = HFTokenizer.from_file(str(p / "tokenizer.json"))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"{p / 'tokenizer.json'}: unreadable tokenizer ({one_line(e)})") from None
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise UserError(f"{p}: the tokenizer has {tok.get_vocab_size()} tokens but the model's embedding only "
+                        f"{cfg.vocab_size} rows (vocab_size); is it another model's tokenizer?")
+    archs = read_json(p / "config.json").get("architectures")
+    return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else "BertModel"
 
 
 def _require_model_dir(path: str | os.PathLike) -> Path:

@@ -32,25 +32,13 @@ import numpy as np
 import torch
 
 from lmforge.errors import UserError
+from lmforge.loaders.model_dir import is_encoder_dir
 
 __all__ = ["Embedder", "embedder_for", "is_encoder_dir", "model_id_of"]
 
 log = logging.getLogger("lmforge.retrieval")
 
 DEFAULT_BATCH = 32
-
-
-def is_encoder_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` is a model directory of an encoder (config.json model_type "bert"): such a model
-    embeds, and cannot generate. Unreadable or odd config files answer False (their loader says why)."""
-    import json
-
-    f = Path(path) / "config.json"
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("model_type") == "bert"
 
 
 def model_id_of(ref: str | os.PathLike, path: Path) -> str:

@@ -143,3 +143,47 @@ def test_is_encoder_dir_and_the_per_process_cache(tmp_path, tiny_tokenizer):
     assert embedder_for(str(d)) is embedder_for(str(d))
     with pytest.raises(UserError, match="cannot load embedding model .*missing"):
         embedder_for(str(tmp_path / "missing"))
+
+
+def test_an_encoder_imports_into_the_store_as_an_embedding_model(tmp_path, capsys):
+    from tests.conftest import run_cli
+
+    src = bert_dir(tmp_path / "bge-src", cls_pooling=True)
+    code, out, err = run_cli(capsys, "import", src, "--name", "bge")
+    assert code == 0, err
+    code, out, _ = run_cli(capsys, "list")
+    line = next(x for x in out.splitlines() if x.startswith("bge:latest"))
+    assert "BertModel (embedding)" in line and "DAMAGED" not in line
+    code, out, _ = run_cli(capsys, "show", "bge")
+    assert code == 0 and "embedding model" in out and "context length       16" in out
+    assert "embedding length     32" in out and "layers               2" in out
+    # the pooling files came along: the stored model embeds exactly as the source directory does
+    stored, source = Embedder.load("bge"), Embedder.load(src)
+    assert stored.model_id == "bge" and stored.model.cfg.pooling == "cls"
+    np.testing.assert_array_equal(stored.embed(["a dog ran"])[0], source.embed(["a dog ran"])[0])
+    for argv in (["run", "bge"], ["generate", "bge", "--prompt", "hi"]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and "is an embedding model" in err and "cannot generate" in err
+
+
+def test_an_unsupported_encoder_is_refused_at_import(tmp_path, capsys):
+    from tests.conftest import run_cli
+
+    src = bert_dir(tmp_path / "src", cls_pooling=True)
+    modules = json.loads((src / "modules.json").read_text())
+    (src / "modules.json").write_text(json.dumps(modules + [{"idx": 3, "name": "3", "path": "3_Dense",
+                                                             "type": "sentence_transformers.models.Dense"}]))
+    capsys.readouterr()  # transformers' own progress bars while writing the directory
+    code, _, err = run_cli(capsys, "import", src, "--name", "x")
+    assert code == 2 and "module 'Dense' is not supported" in err and err.count("\n") == 1
+    src2 = bert_dir(tmp_path / "src2")
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(src2 / "model.safetensors"))
+    del t["encoder.layer.1.output.dense.weight"]
+    save_file(t, str(src2 / "model.safetensors"))
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "import", src2, "--name", "x")
+    assert code == 2 and "encoder.layer.1.output.dense.weight" in err and "missing" in err
+    code, out, _ = run_cli(capsys, "list")
+    assert "x:" not in out
