@@ -6,14 +6,16 @@ Formats
   ``messages`` list: an optional ``system`` message first, then ``user`` and ``assistant`` turns
   alternating, starting with ``user`` and ending with ``assistant``. ``builtin:pydocs-qa`` (the train
   split), ``builtin:pydocs-qa:heldout`` and ``builtin:pydocs-qa:all`` name the built-in data
-  (:mod:`lmforge.data.pydocs_qa`).
+  (:mod:`lmforge.data.pydocs_qa`); ``builtin:pydocs-qa-open[:split]`` its open-book form, each question
+  with retrieved sources (:mod:`lmforge.data.pydocs_open`).
 * **Preferences** (``lmforge align --data``): one object per line with ``prompt``, ``chosen`` and
   ``rejected``. ``prompt`` is a string (one user turn) or a messages list ending with a user turn;
   ``chosen``/``rejected`` are strings (the assistant reply) or message lists whose last message is the
   assistant reply (TRL's conversational format: ``[{"role": "assistant", "content": ...}]``, or the whole
   conversation repeating the prompt). Without ``prompt``, two message lists that share everything but
   their last message give the prompt implicitly (TRL's "implicit prompt" format).
-  ``builtin:pydocs-prefs[:train|:heldout|:all]`` names the built-in pairs.
+  ``builtin:pydocs-prefs[:train|:heldout|:all]`` names the built-in pairs, ``builtin:pydocs-prefs-open`` the
+  open-book ones.
 * **Feedback** (what `lmforge serve`'s chat UI collects, `feedback.jsonl`): one object per line with
   ``messages`` (ending with the user turn), the model's ``response``, a ``rating`` ("up"/"down"/null) and
   a ``better`` answer or null. Both readers take it as it is: as a conversation, the better answer or a
@@ -51,8 +53,8 @@ __all__ = [
 ROLES = ("system", "user", "assistant")
 _SHOWN_PROBLEMS = 3  # problems quoted in a summary line or an error message
 
-_CHAT_BUILTINS = {"pydocs-qa"}
-_PREF_BUILTINS = {"pydocs-prefs"}
+_CHAT_BUILTINS = {"pydocs-qa", "pydocs-qa-open"}  # closed-book, and open-book (lmforge.data.pydocs_open)
+_PREF_BUILTINS = {"pydocs-prefs", "pydocs-prefs-open"}
 _BUILTIN_SPLITS = ("train", "heldout", "all")
 
 
@@ -371,7 +373,7 @@ class _Kind:
     builtins: set[str]  # our builtin:NAME data of this kind
     others: set[str]  # the other kind's, named in the message that says which command takes them
     other_cmd: str
-    builtin_items: Callable[[str], list]  # split -> records
+    builtin_items: Callable[[str, str], list]  # (name, split) -> records
     check: Callable[[Any], tuple[Any, str | None]]  # JSON object -> (record, None) or (None, reason)
     example: str  # one line of the file format
 
@@ -383,19 +385,27 @@ def _read(spec: str, limit: int | None, kind: _Kind) -> tuple[str, list, list, i
         raise UserError(f"empty --data: give a .jsonl file of {kind.plural} or builtin:{min(kind.builtins)}")
     spec = spec.strip()
     if spec.startswith("builtin:"):
-        _, split = _parse_builtin(spec, kind.builtins, kind.others, kind.what, kind.other_cmd)
-        items = kind.builtin_items(split)
+        name, split = _parse_builtin(spec, kind.builtins, kind.others, kind.what, kind.other_cmd)
+        items = kind.builtin_items(name, split)
         return spec, items[:limit] if limit else items, [], len(items)
     return (spec, *_read_file(spec, kind.check, limit=limit, what=kind.what, example=kind.example))
 
 
-def _builtin_conversations(split: str) -> list:
+def _builtin_conversations(name: str, split: str) -> list:
+    if name == "pydocs-qa-open":
+        from lmforge.data.pydocs_open import open_conversations
+
+        return [ex.messages for ex in open_conversations(split)]
     from lmforge.data.pydocs_qa import qa_conversations
 
     return [qa.messages for qa in qa_conversations(split)]
 
 
-def _builtin_preferences(split: str) -> list:
+def _builtin_preferences(name: str, split: str) -> list:
+    if name == "pydocs-prefs-open":
+        from lmforge.data.pydocs_open import open_preference_pairs
+
+        return [Preference(p.prompt, p.chosen, p.rejected) for p in open_preference_pairs(split)]
     from lmforge.data.pydocs_qa import preference_pairs
 
     return [Preference(p.prompt, p.chosen, p.rejected) for p in preference_pairs(split)]

@@ -112,7 +112,10 @@ def _placement(tokenizer: Any) -> str:
 
 
 def placement(tokenizer: Any) -> str:
-    """"system" when the tokenizer's chat template renders a system turn, else "user"."""
+    """"system" when the tokenizer's chat template renders a system turn, else "user". No tokenizer (data
+    written for any model, as the quickstart's): "system", the common case."""
+    if tokenizer is None:
+        return "system"
     if tokenizer.chat_template is None:
         return "user"
     key = (tokenizer.chat_template, tokenizer.fingerprint())

@@ -66,7 +66,7 @@ class FinetuneOptions:
 
 
 def _default_val(spec: str) -> str | None:
-    for name in ("builtin:pydocs-qa", "builtin:pydocs-prefs"):
+    for name in ("builtin:pydocs-qa", "builtin:pydocs-prefs", "builtin:pydocs-qa-open", "builtin:pydocs-prefs-open"):
         if spec in (name, f"{name}:train"):
             return f"{name}:heldout"
     return None
