@@ -13,6 +13,8 @@ from lmforge.cli.common import (
 )
 from lmforge.errors import UserError
 
+DEFAULT_K = 4  # passages per turn for `run --docs` (the server's `documents` default is the same, tested)
+
 
 # ---------------------------------------------------------------------------------------------------
 # generate / score / run
@@ -108,12 +110,16 @@ def cmd_score(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from lmforge.chat import ChatSession, answer_once, repl
+    from lmforge.chat import ChatSession, Documents, answer_once, repl
 
+    if args.k is not None and args.docs is None:
+        raise UserError("-k is the number of passages retrieved per turn: it needs --docs INDEX")
+    # The index first: an unknown name is one line listing the known ones, before minutes of model loading.
+    docs = Documents(args.docs, args.k or DEFAULT_K) if args.docs is not None else None
     loaded = load_model(args)
     try:
         session = ChatSession.from_loaded(loaded, system=args.system, fast=not args.no_fast,
-                                          params=sampling_params(args, loaded.modelfile.parameters))
+                                          params=sampling_params(args, loaded.modelfile.parameters), docs=docs)
     except ValueError as e:
         raise UserError(str(e)) from None
     if not sys.stdin.isatty():
@@ -165,11 +171,25 @@ def register(sub) -> list[argparse.ArgumentParser]:
 
     rn = sub.add_parser("run", help="chat with a model in the terminal", formatter_class=Formatter,
                         description=para("A multi-turn chat through the model's chat template, like `ollama run`. "
-                                          "Type /? for commands (/set, /show, /clear, /bye); wrap multi-line messages "
-                                          "in triple quotes; Ctrl-C stops an answer. Without a terminal, reads one "
-                                          "message from stdin and prints the answer."))
+                                          "Type /? for commands (/set, /show, /sources, /clear, /bye); wrap multi-line "
+                                          "messages in triple quotes; Ctrl-C stops an answer. Without a terminal, reads "
+                                          "one message from stdin and prints the answer.")
+                        + "\n\n" + para("With --docs INDEX (built by `lmforge index`), every turn is grounded: the "
+                                         "top -k passages for your message are numbered [1], [2] ... and put before "
+                                         "it (lowest-ranked dropped first if they do not fit the context, and a line "
+                                         "says so); the model is told to answer from them and cite them; after the "
+                                         "answer, a 'sources:' footer lists the passages it cited (path:lines and "
+                                         "heading), and /sources shows every passage of the last turn. The "
+                                         "conversation keeps your plain messages, not the passages."),
+                        epilog="examples:\n  lmforge run quickstart-dpo\n"
+                               "  lmforge run qwen --docs mydocs -k 6\n"
+                               "  echo 'What does textwrap.dedent do?' | lmforge run quickstart-dpo --docs pydocs")
     add_model_flags(rn)
     rn.add_argument("--system", help="system prompt (default: none)")
+    rn.add_argument("--docs", metavar="INDEX", help="ground every answer on passages retrieved from this index "
+                    "(`lmforge index ... --name INDEX`); answers cite them as [n] (default: none)")
+    rn.add_argument("-k", type=positive_int, metavar="N", help=f"passages retrieved per turn, with --docs "
+                    f"(default: {DEFAULT_K})")
     add_sampling_flags(rn)
     rn.set_defaults(func=cmd_run)
     return [gen, sc, rn]
