@@ -36,6 +36,10 @@ def cmd_serve(args) -> int:
             if name in fixed:
                 raise UserError(f"two models would be served as {name!r}; serve one of them from the store under another name")
             fixed[name] = path
+    if args.docs is not None:  # an unknown index: one line listing the known ones, before anything starts
+        from lmforge.retrieval.index import open_index
+
+        open_index(args.docs).close()
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None  # an empty key means none, never ""
     loopback = is_loopback(args.host)
     if not loopback and api_key is None:
@@ -47,7 +51,8 @@ def cmd_serve(args) -> int:
                              dtype=torch_dtype(args.dtype))
     opts = ServerOptions(api_key=api_key, loopback=loopback, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
                          cors_origins=tuple(args.cors_origin), max_body=args.max_body_kb * 1024,
-                         feedback_dir=Path(args.feedback_dir).expanduser() if args.feedback_dir else None)
+                         feedback_dir=Path(args.feedback_dir).expanduser() if args.feedback_dir else None,
+                         docs=args.docs)
     names = [n for n, _ in registry.ids()]
     server = build_server(registry, opts, host=args.host, port=args.port, grace=args.grace)
     keep_alive_loop(registry, server)
@@ -59,7 +64,9 @@ def cmd_serve(args) -> int:
             await asyncio.sleep(0.05)
         where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{server.port}"
         print(f"serving {', '.join(names) if names else 'the model store (empty so far)'}\n"
-              f"  API: {where}/v1   web UI: {where}/   (Ctrl-C to stop)", flush=True)
+              f"  API: {where}/v1   web UI: {where}/   (Ctrl-C to stop)"
+              + (f"\n  the web UI grounds answers on the index {args.docs} (the API when a request sends "
+                 f"documents)" if args.docs else ""), flush=True)
 
     import asyncio
 
@@ -91,12 +98,22 @@ def register(sub) -> list[argparse.ArgumentParser]:
                                           "(--max-concurrency requests of --max-context tokens) and runtime fit in the "
                                           "memory free on --device; idle models are unloaded to make room, least "
                                           "recently used first, else the request gets 503 insufficient_memory. SIGTERM "
-                                          "or Ctrl-C finishes the requests in flight (new ones get 503), then exits."),
+                                          "or Ctrl-C finishes the requests in flight (new ones get 503), then exits.")
+                        + "\n\n" + para("Answers grounded in your documents: a chat completion with the extension "
+                                         "field documents (an index name from `lmforge index`, or {\"index\": NAME, "
+                                         "\"k\": N}; k defaults to 4) retrieves the top-k passages for the latest user "
+                                         "message, puts them numbered before it, and returns them as "
+                                         "choices[i].message.sources (streaming: in the first chunk's delta.sources); "
+                                         "an unknown index is a 404. GET /v1/indexes lists the indexes. --docs INDEX "
+                                         "makes that index the web UI's default collection; the API grounds only "
+                                         "requests that ask."),
                         epilog="examples:\n  lmforge serve\n"
                                "  lmforge serve quickstart-dpo smol --port 8000 --api-key \"$KEY\" --max-concurrency 8\n"
                                "  python -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:11435/v1', "
                                "api_key='x'); print(c.chat.completions.create(model='quickstart-dpo', messages=[{'role': "
-                               "'user', 'content': 'What does os.getcwd do?'}]).choices[0].message.content)\"")
+                               "'user', 'content': 'What does os.getcwd do?'}]).choices[0].message.content)\"\n"
+                               "  lmforge serve quickstart-dpo --docs pydocs     # then, in Python:\n"
+                               "    c.chat.completions.create(..., extra_body={'documents': 'pydocs'}).choices[0].message.sources")
     sv.add_argument("models", nargs="*", metavar="MODEL", help="store names, model directories or .gguf files to serve "
                     "(default: every model in the store, by name)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the server to "
@@ -122,6 +139,8 @@ def register(sub) -> list[argparse.ArgumentParser]:
                     "this origin to call the API (repeatable; default: no CORS)")
     sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME", help="also accept this Host header "
                     "name on a loopback bind, e.g. behind a reverse proxy (repeatable; default: loopback names only)")
+    sv.add_argument("--docs", metavar="INDEX", help="the index the web UI grounds answers on by default (it can "
+                    "pick another, or none); API requests are grounded only when they send documents (default: none)")
     sv.add_argument("--feedback-dir", help="where UI feedback is written (default: $LMFORGE_HOME/feedback)")
     add_device_flag(sv)
     sv.add_argument("--dtype", choices=list(DTYPES), default="auto", help="precision the served models' weights are "

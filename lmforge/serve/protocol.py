@@ -12,6 +12,10 @@ search: `use_beam_search: true` with `best_of` beams (default `n`), returning th
 scored with `length_penalty` (vLLM's former spelling of the same feature). Beam search is deterministic,
 so it needs temperature 0 (the default when it is asked for) and cannot stream.
 
+Grounded chat (`serve/grounded.py`): `documents` on a chat completion, an index name (`"mydocs"`) or
+`{"index": "mydocs", "k": 4}`, retrieves the top-k passages of that index (`lmforge index`) for the latest
+user message and puts them, numbered, before it; the answer's message then carries `sources`.
+
 Every failure becomes `APIError`, which the app turns into `{"error": {message, type, param, code}}`.
 """
 
@@ -19,12 +23,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 MAX_N = 16  # choices per request (each is a row of the batch)
 MAX_LOGPROBS = 20
 MAX_STOP = 16  # stop strings (OpenAI allows 4; lm-eval sends more); each is checked on every token
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
+DEFAULT_DOCUMENTS_K = 4  # passages per request, as `lmforge run --docs`
+MAX_DOCUMENTS_K = 32  # more passages than this cannot fit any context worth having
 
 
 class APIError(Exception):
@@ -99,8 +105,27 @@ class _Sampling(_Strict):
     length_penalty: _Float = 1.0
 
 
+class Documents(_Strict):
+    """The object form of `documents`: which index, and how many passages to retrieve."""
+
+    index: str = Field(min_length=1, max_length=200)
+    k: int = Field(DEFAULT_DOCUMENTS_K, ge=1, le=MAX_DOCUMENTS_K)
+
+
+def _documents_form(value: Any) -> str | None:
+    return "str" if isinstance(value, str) else "dict" if isinstance(value, (dict, Documents)) else None
+
+
+# A name or an object, told apart by the JSON type, so that an error inside the object names its field
+# ("documents.k") instead of "none of the forms matched".
+_DocumentsField = Annotated[Annotated[str, Tag("str")] | Annotated[Documents, Tag("dict")],
+                            Discriminator(_documents_form, custom_error_type="invalid_documents",
+                                          custom_error_message="must be an index name or {\"index\": NAME, \"k\": N}")]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    documents: _DocumentsField | None = None  # lmforge extension (serve/grounded.py)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)

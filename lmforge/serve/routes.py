@@ -6,8 +6,9 @@ runs the rows on the model's scheduler, and `models.ModelRegistry` lends the mod
 handler releases it when done, or hands that to the stream it returns). What reaches a handler has
 already passed the guard in `security`.
 
-Routes: the OpenAI API (models, chat and text completions), the tokenizer routes lm-evaluation-harness
-uses, feedback collection, and the web chat UI's files. Errors never carry a path or a traceback.
+Routes: the OpenAI API (models, chat and text completions, with the `documents` extension of `grounded`),
+the index listing, the tokenizer routes lm-evaluation-harness uses, feedback collection, and the web chat
+UI's files. Errors never carry a path or a traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from lmforge.engine.sampling import SamplingParams
+from lmforge.serve import grounded as gr
 from lmforge.serve import translate as tr
 from lmforge.serve.feedback import FeedbackRefused, save_feedback
 from lmforge.serve.models import ModelRegistry, Served
@@ -68,35 +70,53 @@ async def get_model(request: Request, model_id: str):
 async def chat_completions(request: Request):
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_body(request))
     tr.check_chat_request(req)
+    turns = tr.message_dicts(req.messages)
+    # Retrieval needs no model: an unknown index is a 404 before one is loaded.
+    found = await _cpu(request, gr.search, req.documents, turns) if req.documents is not None else None
     served = await _use(request, req.model)
     streaming = False
     try:
         tok, mf = served.engine.tokenizer, served.modelfile
-        ids = await _cpu(request, tr.chat_prompt_ids, tok, tr.message_dicts(req.messages), mf.system, mf.messages)
+        ctx = served.scheduler.context_length
+        ids = await _cpu(request, tr.chat_prompt_ids, tok, turns, mf.system, mf.messages)  # checks the turns
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = tr.sampling_params(req, mf.parameters, prompt_len=len(ids), context=served.scheduler.context_length,
+        grounding = None
+        if found is not None:
+            default_max = mf.parameters.get("max_new_tokens", SamplingParams.max_new_tokens)
+            ids, grounded = await _cpu(request, gr.grounded_ids, tok, turns, found, context=ctx, max_tokens=max_tokens,
+                                       default_max_new=default_max, system=mf.system, examples=mf.messages)
+            grounding = (gr.grounding_info(found, grounded), [s.to_dict() for s in grounded.sources])
+        params = tr.sampling_params(req, mf.parameters, prompt_len=len(ids), context=ctx,
                                     vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens)
         if params.num_beams > 1:
-            return await _beam_chat(served, request, req, ids, params)
+            return await _beam_chat(served, request, req, ids, params, grounding)
         gen = Generation(served, [ids] * req.n, [params] * req.n)
         rid, created = tr.new_id("chatcmpl"), int(time.time())
         if req.stream:
             streaming = True  # the stream releases the model when it ends
             cleanup = once(lambda: (gen.cancel(), _registry(request).release(served)))
-            return SSEResponse(_chat_stream(served, request, gen, req, rid, created, len(ids), cleanup), cleanup)
+            return SSEResponse(_chat_stream(served, request, gen, req, rid, created, len(ids), cleanup, grounding),
+                               cleanup)
         choices = await collect(gen, request, req.n)
         body = tr.chat_response(rid, req.model, [
             tr.chat_choice(i, c.text, c.finish_reason or "stop",
-                           tr.chat_logprobs(tok, c.ids, c.logprobs, c.tops) if req.logprobs else None)
+                           tr.chat_logprobs(tok, c.ids, c.logprobs, c.tops) if req.logprobs else None,
+                           grounding[1] if grounding else None)
             for i, c in enumerate(choices)], tr.usage(len(ids), sum(len(c.ids) for c in choices)), created)
-        return JSONResponse(body)
+        return JSONResponse(_with_grounding(body, grounding))
     finally:
         if not streaming:
             _registry(request).release(served)
 
 
+def _with_grounding(body: dict, grounding: tuple[dict, list[dict]] | None) -> dict:
+    """`body` with the top-level `grounding` extension object of a grounded request (`serve/grounded.py`)."""
+    return {**body, "grounding": grounding[0]} if grounding else body
+
+
 def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCompletionRequest, rid: str,
-                 created: int, n_prompt: int, cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
+                 created: int, n_prompt: int, cleanup: Callable[[], None],
+                 grounding: tuple[dict, list[dict]] | None = None) -> AsyncIterator[bytes]:
     tok = served.engine.tokenizer
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -114,20 +134,23 @@ def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCom
             out.append(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}]))
         return out
 
-    head = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-            for i in range(req.n)]
+    # A grounded request's sources ride on the first chunk of each choice, before any content.
+    extra = {"sources": grounding[1]} if grounding else {}
+    head = [_with_grounding(chunk([{"index": i, "delta": {"role": "assistant", "content": "", **extra}, "logprobs": None,
+                                    "finish_reason": None}]), grounding) for i in range(req.n)]
     usage_chunk = (lambda n_out: {**tr.chat_chunk(rid, req.model, created, [], False),
                                   "usage": tr.usage(n_prompt, n_out)}) if with_usage else None
     return sse_stream(request, gen, head, chunks, usage_chunk, cleanup)
 
 
 async def _beam_chat(served: Served, request: Request, req: ChatCompletionRequest, ids: list[int],
-                     params: SamplingParams):
+                     params: SamplingParams, grounding: tuple[dict, list[dict]] | None = None):
     check_sequences(served, params.num_beams, "beams", param="best_of")
     beams = await _beam(served, request, ids, params, req.n)
-    choices = [tr.chat_choice(i, b.text, b.finish_reason, None) for i, b in enumerate(beams)]
+    choices = [tr.chat_choice(i, b.text, b.finish_reason, None, grounding[1] if grounding else None)
+               for i, b in enumerate(beams)]
     usage = tr.usage(len(ids), sum(b.n_tokens for b in beams))
-    return JSONResponse(tr.chat_response(tr.new_id("chatcmpl"), req.model, choices, usage))
+    return JSONResponse(_with_grounding(tr.chat_response(tr.new_id("chatcmpl"), req.model, choices, usage), grounding))
 
 
 async def _beam(served: Served, request: Request, ids: list[int], params: SamplingParams, n: int):
@@ -146,6 +169,11 @@ async def _json(request: Request, body: dict) -> Response:
     """A JSON response serialised on the worker pool (200,000 token ids take the event loop a second)."""
     raw = await _cpu(request, json.dumps, body, ensure_ascii=False, separators=(",", ":"))
     return Response(raw.encode(), media_type="application/json")
+
+
+# -- document indexes (for the web UI's collection picker) --------------------------------------------------
+async def list_indexes(request: Request):
+    return await _cpu(request, gr.index_listing, request.app.state.opts.docs)
 
 
 # -- text completions ---------------------------------------------------------------------------------------
@@ -379,6 +407,7 @@ ROUTES: list[tuple[str, str, Callable]] = [
     ("GET", "/v1/models/{model_id:path}", get_model),
     ("POST", "/v1/chat/completions", chat_completions),
     ("POST", "/v1/completions", completions),
+    ("GET", "/v1/indexes", list_indexes),
     ("POST", "/tokenize", tokenize),
     ("POST", "/detokenize", detokenize),
     ("GET", "/tokenizer_info", tokenizer_info),

@@ -65,6 +65,7 @@ class ServerOptions:
     header_timeout: float = 10.0  # seconds a client may take to send a request's headers
     body_timeout: float = 30.0  # seconds a client may take to send a request's body
     feedback_dir: Path | None = None  # default $LMFORGE_HOME/feedback
+    docs: str | None = None  # `serve --docs`: the index the web UI grounds on by default (the API only when asked)
     feedback_per_minute: float = 60.0  # records a minute, on average (bursts of 10); 429 beyond
     feedback_max_record: int = 256 * 1024  # bytes of one feedback record; 413 beyond
     feedback_max_file: int = 64 << 20  # bytes a feedback file may grow to; 507 beyond

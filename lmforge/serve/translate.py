@@ -232,9 +232,14 @@ def chat_response(rid: str, model: str, choices: list[dict], usage_: dict, creat
             "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage_}
 
 
-def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None,
+                sources: list[dict] | None = None) -> dict:
+    """One choice of a chat completion; `sources` (a grounded request's passages, `Source.to_dict()`) is
+    the lmforge extension field `message.sources`, present only on grounded requests."""
+    message = {"role": "assistant", "content": text, "refusal": None}
+    if sources is not None:
+        message["sources"] = sources
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_chunk(rid: str, model: str, created: int, choices: list[dict], with_usage: bool) -> dict:
