@@ -39,6 +39,9 @@ __all__ = ["Embedder", "embedder_for", "is_encoder_dir", "model_id_of"]
 log = logging.getLogger("lmforge.retrieval")
 
 DEFAULT_BATCH = 32
+#: Tokens in one batch at most (rows x longest row): 32 rows of a 512-token encoder, 4 of a 4096-token decoder,
+#: so a long-context model's activations stay bounded (the server counts an encoder's memory by this).
+MAX_BATCH_TOKENS = 16384
 
 
 def model_id_of(ref: str | os.PathLike, path: Path) -> str:
@@ -153,9 +156,12 @@ class Embedder:
             device = next(self.model.parameters()).device
             # longest first: rows of similar length share a batch, so little of each batch is padding
             order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-            for start in range(0, len(order), batch_size):
-                batch = [list(rows[i]) for i in order[start:start + batch_size]]
+            start = 0
+            while start < len(order):
+                n = max(1, min(batch_size, MAX_BATCH_TOKENS // len(rows[order[start]])))
+                batch = [list(rows[i]) for i in order[start:start + n]]
                 out.append(self._pooled(batch, device))
+                start += n
         if not out:
             return np.zeros((0, self.dim), np.float32)
         vectors = np.empty((len(rows), self.dim), np.float32)

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.serve.embeddings import ROUTES as EMBEDDING_ROUTES
 from lmforge.serve.feedback import RateLimit
 from lmforge.serve.models import ModelRegistry
 from lmforge.serve.protocol import APIError, invalid
@@ -64,7 +65,7 @@ def create_app(registry: ModelRegistry, opts: ServerOptions | None = None) -> Fa
         return error_response(APIError(500, "internal server error (details are in the server log)",
                                        type="server_error", code="internal_error", headers={"x-should-retry": "false"}))
 
-    for method, path, endpoint in ROUTES:
+    for method, path, endpoint in ROUTES + EMBEDDING_ROUTES:
         app.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
 
     app.state.guarded = secure(app, opts)

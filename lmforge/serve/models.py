@@ -15,6 +15,12 @@ fit, idle models (no request in flight, nothing queued) are unloaded, least rece
 does; only when none is left to unload is the request refused, 503 `insufficient_memory`, saying how much
 the model needs and how much there is. Memory decisions are taken one at a time (`_room`), and a load in
 progress keeps its share reserved, so two models loading at once cannot both count the same free bytes.
+
+Embedding models (BERT encoders in the store or on the command line) are served the same way, for
+`POST /v1/embeddings` only: they load on first use into a `Served` without an engine (`_Embedding` stands
+in for the scheduler, always idle), are counted in memory as their fp32 weights plus the activations of one
+embedding batch (`encoder_footprint`), and unload like any other. A chat model embeds too (`embedder`
+makes an `Embedder` around the model already loaded). Asking an embedding model for text is a 400.
 """
 
 from __future__ import annotations
@@ -51,6 +57,43 @@ class Served:
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # requests in flight: a model in use is never unloaded
     footprint: Footprint | None = None  # its memory as estimated before loading: what unloading it frees
+    embedder: Any = None  # `lmforge.retrieval.embed.Embedder`, made on the first embeddings request
+    embedding_only: bool = False  # an encoder: no engine, cannot generate
+
+
+class _Embedding:
+    """The scheduler slot of an embedding model: nothing is ever queued on it (its requests run in their own
+    thread, one at a time per model, under the embedder's lock), so it is always idle and stopping is a no-op."""
+
+    idle, busy, queued, context_length = True, 0, 0, 0
+
+    def stop(self, timeout: float | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+#: Rows of one embedding batch counted as runtime memory (`Embedder.embed_ids` batches at most this many).
+EMBED_BATCH_ROWS = 32
+
+
+def encoder_footprint(path: Path) -> Footprint:
+    """An encoder's memory once loaded: the tensors `load_encoder` keeps (not a checkpoint's pooler head),
+    as float32, from the safetensors header, plus one batch's activations at its full context: attention
+    scores and their softmax per head, the MLP's intermediate, a few hidden-size buffers."""
+    import math
+
+    from lmforge.loaders.bert import encoder_config, tensor_map
+    from lmforge.loaders.model_dir import WeightFiles
+
+    cfg = encoder_config(path)
+    shapes = WeightFiles(path).shapes()
+    prefix = "bert." if any(k.startswith("bert.") for k in shapes) else ""
+    weights = sum(math.prod(shapes.get(prefix + theirs, ())) for theirs in tensor_map(cfg).values()) * 4
+    t, b = cfg.max_position_embeddings, EMBED_BATCH_ROWS
+    per_row = (2 * cfg.num_attention_heads * t * t + 2 * cfg.intermediate_size * t + 6 * cfg.hidden_size * t) * 4
+    return Footprint(weights=weights, kv_cache=0, runtime=b * per_row, batch=b, tokens=t)
 
 
 def _mtime(path: Path) -> int:
@@ -134,9 +177,16 @@ class ModelRegistry:
                        type="invalid_request_error", param="model", code="model_not_found")
 
     # -- loading --------------------------------------------------------------------------------------
-    async def get(self, model_id: str) -> Served:
-        """The loaded model `model_id`, loading it first if needed. Marks it in use: call `release`."""
+    async def get(self, model_id: str, *, embedding: bool = False) -> Served:
+        """The loaded model `model_id`, loading it first if needed. Marks it in use: call `release`.
+        An embedding model is refused (400) unless `embedding` (the embeddings route) asks for one."""
+        from lmforge.loaders.model_dir import is_encoder_dir
+
         name, path = self.path_of(model_id)
+        encoder = path.is_dir() and is_encoder_dir(path)
+        if encoder and not embedding:
+            raise APIError(400, f"'{name}' is an embedding model: it cannot generate text; use it with "
+                           "POST /v1/embeddings, and a chat model here", param="model", code="model_not_supported")
         with self._guard:
             lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
@@ -145,7 +195,7 @@ class ModelRegistry:
                 if served is not None:
                     served.active += 1
             if served is None:
-                served = await asyncio.to_thread(self._load, name, path)
+                served = await asyncio.to_thread(self._load_encoder if encoder else self._load, name, path)
                 with self._guard:
                     self.loaded[name] = served
                     served.active += 1
@@ -180,6 +230,38 @@ class ModelRegistry:
                 self._reserved -= need.total
         created = int(path.stat().st_mtime)
         return Served(name, engine, scheduler, loaded.modelfile, created, footprint=need)
+
+    def _load_encoder(self, name: str, path: Path) -> Served:
+        from lmforge.loaders.bert import load_encoder
+
+        try:
+            need = encoder_footprint(path)
+        except UserError as e:
+            raise self._load_failed(name, e) from None
+        self._make_room(name, need)
+        try:
+            from lmforge.retrieval.embed import Embedder
+
+            encoder, tokenizer = load_encoder(path, device=self.device)
+            embedder = Embedder.from_encoder(encoder, tokenizer, model_id=name)
+        except UserError as e:
+            raise self._load_failed(name, e) from None
+        finally:
+            with self._guard:
+                self._reserved -= need.total
+        return Served(name, None, _Embedding(), None, int(path.stat().st_mtime), footprint=need, embedder=embedder,
+                      embedding_only=True)
+
+    def embedder(self, served: Served) -> Any:
+        """The `Embedder` of a loaded model (made once around a chat model's own weights, so embedding with
+        it costs no second copy)."""
+        with self._guard:
+            if served.embedder is None:
+                from lmforge.retrieval.embed import Embedder
+
+                served.embedder = Embedder.from_decoder(served.engine.model, served.engine.tokenizer,
+                                                        model_id=served.name)
+            return served.embedder
 
     @staticmethod
     def _load_failed(name: str, e: UserError) -> APIError:
