@@ -181,3 +181,31 @@ def test_real_tiny_bert_end_to_end(tmp_path, capsys):
         np.testing.assert_allclose(matrix[0], e.embed([text])[0][0], atol=1e-6)
     code, _, err = run_cli(capsys, "index", docs, "--name", "d", "--embed", tmp_path / "nope")
     assert code == 2 and err.count("\n") == 1 and "nope" in err
+
+
+def test_an_index_whose_model_is_gone_says_how_to_get_out(tmp_path):
+    with build(tmp_path / "h.sqlite", FakeEmbedder(str(tmp_path / "gone-model"))) as index:
+        for call in (lambda: index.search("logs"), lambda: index.update(CORPUS.items())):
+            with pytest.raises(UserError, match=r"embedded with model .*gone-model, which cannot be loaded now "
+                                                 r"\(.*no such file.*--rebuild"):
+                call()
+
+
+def test_the_vectors_are_read_once_and_again_after_each_update(tmp_path, monkeypatch):
+    from lmforge.retrieval import vectors
+
+    fake = FakeEmbedder()
+    build(tmp_path / "h.sqlite", fake).close()
+    reads = []
+    real = vectors.read_matrix
+    monkeypatch.setattr(vectors, "read_matrix", lambda db, dim: reads.append(dim) or real(db, dim))
+    for _ in range(3):  # a server opens the index per request: the matrix is still read once
+        with Index(tmp_path / "h.sqlite") as index:
+            index.search("rotate the logs", embedder=fake)
+    assert len(reads) == 1
+    with Index(tmp_path / "h.sqlite") as index:
+        index.update({**CORPUS, "new.md": "Zebras graze.\n"}.items(), embedder=fake)
+        new_id = index.chunk_ids("new.md")[0]
+    with Index(tmp_path / "h.sqlite") as index:  # another connection sees the commit
+        assert index.search("zebras graze", k=1, embedder=fake)[0].path == "new.md"
+        assert new_id in index._vectors(fake.dim)[0] and len(reads) == 2
