@@ -66,14 +66,17 @@ export function apiMessages(system, messages) {
 
 /**
  * The request body for the conversation as it stands (its last message is the user's), with the settings
- * panel's `sampling` fields.
+ * panel's `sampling` fields, grounded on the index `documents` when one is picked (lmforge's extension:
+ * the server retrieves passages for the last message and returns them as the answer's `sources`). The
+ * messages stay the plain conversation: the server puts the passages in, for the latest question only.
  */
-export function requestBody(conv, sampling) {
+export function requestBody(conv, sampling, documents = null) {
   const messages = apiMessages(conv.system, conv.messages);
   const body = {
     model: conv.model, messages, stream: true, stream_options: { include_usage: true },
     logprobs: true, top_logprobs: DEFAULT_TOP_LOGPROBS,
   };
+  if (documents) body.documents = documents;
   for (const [name, value] of Object.entries(sampling || {})) {
     if (value !== null && value !== undefined && value !== "" && !Number.isNaN(value)) body[name] = value;
   }

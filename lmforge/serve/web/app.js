@@ -6,12 +6,14 @@
 //   store.js     conversations and settings in localStorage, the page's state
 //   api.js       the OpenAI-style API client and the SSE stream reader
 //   chat.js      send, stream an answer, stop, regenerate, edit, open, delete, copy
+//   sources.js   a grounded answer's sources panel and its [n] citations (passages are inert text)
 //   feedback.js  thumbs, the better-answer form, POST /v1/feedback
 //   tokens.js    the token probability view and its popover
 //   render.js    state -> DOM
 //
 // It talks to the server only through the public OpenAI-style API (/v1/models, /v1/chat/completions
-// with SSE streaming and logprobs) plus /v1/feedback, so anything it does a script can do too.
+// with SSE streaming and logprobs, and lmforge's `documents` extension) plus /v1/feedback and the index
+// listing /v1/indexes, so anything it does a script can do too.
 //
 // Security model: model output is untrusted text, and so is everything stored in localStorage. Markdown is
 // rendered by `marked` with every piece of the model's text escaped (HTML it writes is shown as text), then
@@ -70,6 +72,29 @@ async function loadModels() {
   updateControls();
 }
 
+/**
+ * The Documents picker: "none" and every index the server lists. The user's last pick is kept in the
+ * settings; until there is one, the server's default (`lmforge serve --docs INDEX`) is picked. A server
+ * without the listing (or one that wants a key we lack) leaves just "none".
+ */
+async function loadIndexes() {
+  const select = $("#docs-select");
+  let names = [];
+  let fallback = "";
+  try {
+    const r = await fetch("/v1/indexes", { headers: apiHeaders() });
+    if (r.ok) {
+      const body = await r.json();
+      names = (Array.isArray(body.data) ? body.data : []).map((d) => d && d.id).filter((id) => typeof id === "string");
+      if (typeof body.default === "string") fallback = body.default;
+    }
+  } catch { /* the model list reports an unreachable server */ }
+  state.indexes = names;
+  select.replaceChildren(h("option", { value: "" }, "none"), ...names.map((n) => h("option", { value: n }, n)));
+  const wanted = typeof state.settings.docs === "string" ? state.settings.docs : fallback;
+  select.value = names.includes(wanted) ? wanted : "";
+}
+
 function wireSettings() {
   const panel = $("#settings");
   const toggle = $("#settings-button");
@@ -115,6 +140,7 @@ function wireSettings() {
     if (apiKey.value) localStorage.setItem(API_KEY_KEY, apiKey.value);
     else localStorage.removeItem(API_KEY_KEY);
     loadModels();
+    loadIndexes();
   });
 
   const prob = $("#prob-toggle");
@@ -128,6 +154,10 @@ function wireSettings() {
 
   $("#model-select").addEventListener("change", (e) => {
     state.settings.model = e.target.value;
+    saveSettings();
+  });
+  $("#docs-select").addEventListener("change", (e) => {
+    state.settings.docs = e.target.value;
     saveSettings();
   });
 }
@@ -164,6 +194,7 @@ function start() {
   wireTokenEvents();
   renderAll();
   loadModels();
+  loadIndexes();
   document.body.dataset.ready = "true"; // tests wait for this before interacting
 }
 

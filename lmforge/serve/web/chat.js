@@ -23,9 +23,11 @@ async function generate(conv) {
     return;
   }
   // The system prompt is kept with each answer: feedback must pair an answer with what it answered.
+  const documents = $("#docs-select").value || null; // the collection picked now (none: "")
   const msg = { id: newId(), role: "assistant", content: "", model: conv.model, system: conv.system,
-    logprobs: [], finish: null, error: null, usage: null, elapsed: null, feedback: { rating: null, better: null, status: "" } };
-  const body = requestBody(conv, state.settings.sampling);
+    logprobs: [], finish: null, error: null, usage: null, elapsed: null, feedback: { rating: null, better: null, status: "" },
+    documents, sources: null, grounding: null };
+  const body = requestBody(conv, state.settings.sampling, documents);
   conv.messages.push(msg);
   conv.updated = Date.now();
   const controller = new AbortController();
@@ -52,8 +54,13 @@ async function generate(conv) {
       }
       if (chunk.error) throw new Error(chunk.error.message || "the server reported an error");
       if (chunk.usage) msg.usage = chunk.usage;
+      if (chunk.grounding && typeof chunk.grounding === "object") msg.grounding = chunk.grounding;
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) continue;
+      if (choice.delta && Array.isArray(choice.delta.sources)) {
+        msg.sources = choice.delta.sources; // a grounded answer: its passages come before any text
+        renderAll(); // draws the sources panel (streaming updates redraw only the text)
+      }
       if (choice.delta && typeof choice.delta.content === "string") msg.content += choice.delta.content;
       const lp = choice.logprobs && choice.logprobs.content;
       if (Array.isArray(lp)) msg.logprobs.push(...lp);

@@ -10,6 +10,7 @@ import { copyText, deleteConversation, openConversation, regenerate, saveEdit } 
 import { $, button, h } from "./dom.js";
 import { feedbackButtons, feedbackFooter } from "./feedback.js";
 import { renderMarkdown } from "./markdown.js";
+import { linkCitations, sourcesPanel } from "./sources.js";
 import { currentConversation, drafts, editing, state, tokenViewOpen } from "./store.js";
 import { hidePopover, hidePopoverWithin, tokenView } from "./tokens.js";
 
@@ -107,6 +108,8 @@ function renderAssistantMessage(conv, msg, index, el, bodyEl) {
   el.classList.toggle("streaming", !!streaming);
   if (streaming) el.setAttribute("aria-busy", "true"); // assistive tech waits for the whole answer
   renderAssistantBody(msg, bodyEl);
+  const panel = sourcesPanel(msg); // the passages a grounded answer was given (sources.js: inert text)
+  if (panel) el.append(panel);
 
   if (msg.error) el.append(h("div", { class: "error", "data-testid": "message-error", role: "alert" }, msg.error));
   const meta = metaLine(msg);
@@ -154,6 +157,7 @@ function renderAssistantBody(msg, bodyEl) {
   } else {
     bodyEl.className = "body markdown";
     bodyEl.replaceChildren(renderMarkdown(msg.content));
+    linkCitations(bodyEl, msg); // [n] opens source n of the panel
   }
   if (state.busy && state.busy.msg === msg) {
     // The cursor goes at the end of the text, inside the last paragraph or token run when there is one.

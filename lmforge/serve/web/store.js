@@ -18,13 +18,19 @@ export const newId = () =>
  *                   // assistant only:
  *                   model, system, logprobs: [{token, logprob, bytes, top_logprobs}] | null,
  *                   finish: "stop"|"length"|"stopped"|"error"|null, error, usage, elapsed,
- *                   feedback: {rating, better, status} }
+ *                   feedback: {rating, better, status},
+ *                   documents: index name | null, sources: [{index, path, heading, start_line, end_line,
+ *                   score, text, truncated}] | null, grounding: {index, k, retrieved, passages, dropped,
+ *                   dropped_messages, notice} | null }    (the last three: a grounded answer, see sources.js)
+ * Settings: { model, system, sampling, probColours, docs } where docs is the picked index ("" = none;
+ *           absent = the server's default, `lmforge serve --docs`).
  */
 export const state = {
   conversations: loadJSON(STORE_KEY, []),
   currentId: null,
   settings: loadJSON(SETTINGS_KEY, { model: "", system: "", sampling: {}, probColours: false }),
   models: [],
+  indexes: [], // document indexes the server lists (GET /v1/indexes)
   // The one generation in flight: {conv, msg, controller}. One at a time keeps the UI honest.
   busy: null,
 };
