@@ -175,7 +175,7 @@ def register(sub) -> list[argparse.ArgumentParser]:
                                           "messages in triple quotes; Ctrl-C stops an answer. Without a terminal, reads "
                                           "one message from stdin and prints the answer.")
                         + "\n\n" + para("With --docs INDEX (built by `lmforge index`), every turn is grounded: the "
-                                         "top -k passages for your message are numbered [1], [2] ... and put before "
+                                         "top k passages (-k) for your message are numbered [1], [2] ... and put before "
                                          "it (lowest-ranked dropped first if they do not fit the context, and a line "
                                          "says so); the model is told to answer from them and cite them; after the "
                                          "answer, a 'sources:' footer lists the passages it cited (path:lines and "

@@ -193,3 +193,19 @@ def test_index_listing_names_the_default(server, live_server, docs_model):
     assert httpx.get(plain.base_url + "/v1/indexes").status_code == 401  # behind the key, like the API
     body = httpx.get(plain.base_url + "/v1/indexes", headers={"Authorization": "Bearer k"}).json()
     assert body["default"] is None and [d["id"] for d in body["data"]] == ["mydocs", "other"]
+
+
+def test_beam_search_answers_carry_the_sources_too(server, docs_model):
+    r = client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                               max_tokens=4, extra_body={"documents": "mydocs", "use_beam_search": True,
+                                                                         "best_of": 2})
+    assert r.choices[0].message.sources == reference(docs_model, QUESTION, 4, 4)[1]
+    assert r.model_extra["grounding"]["passages"] == 2
+
+
+def test_serve_refuses_an_unknown_default_index(capsys):
+    from tests.conftest import run_cli
+
+    make_index()
+    code, _, err = run_cli(capsys, "serve", "--docs", "nosuch", "--port", "0")
+    assert code == 2 and err.count("\n") == 1 and "no index named nosuch (known: mydocs;" in err
