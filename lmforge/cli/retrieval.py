@@ -42,6 +42,10 @@ def cmd_index(args) -> int:
         if args.embed:
             index.check_model(model_id_of(args.embed, resolve(args.embed)))  # before minutes of loading
         embedder = Embedder.load(args.embed) if args.embed else embedder_for(model)
+        if embedder.kind == "decoder":
+            print(f"note: {embedder.model_id} is a text-generation model; its vectors (the mean of its hidden states) "
+                  "retrieve worse than an embedding model's: import one (a bge, e5 or MiniLM directory) and pass "
+                  "it to --embed", file=sys.stderr)
     progress = embed_progress = None
     if args.progress or (args.progress is None and sys.stderr.isatty()):
         from tqdm import tqdm

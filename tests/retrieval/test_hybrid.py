@@ -209,3 +209,16 @@ def test_the_vectors_are_read_once_and_again_after_each_update(tmp_path, monkeyp
     with Index(tmp_path / "h.sqlite") as index:  # another connection sees the commit
         assert index.search("zebras graze", k=1, embedder=fake)[0].path == "new.md"
         assert new_id in index._vectors(fake.dim)[0] and len(reads) == 2
+
+
+def test_a_chat_model_can_embed_an_index_with_a_note(tmp_path, capsys, tiny_tokenizer):
+    from tests.conftest import run_cli, save_tiny_model
+
+    model = save_tiny_model(tmp_path / "chat", tiny_tokenizer, context_length=32)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# Logs\n\nrotate the logs daily.\n")
+    code, out, err = run_cli(capsys, "index", docs, "--name", "d", "--embed", model)
+    assert code == 0 and "1 chunks embedded" in out and "note:" in err and "retrieve worse" in err
+    code, out, _ = run_cli(capsys, "search", "d", "logs")
+    assert code == 0 and out.startswith("hybrid search") and "a.md" in out
