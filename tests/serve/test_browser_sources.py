@@ -95,6 +95,11 @@ def test_pick_a_collection_and_see_the_sources(ui):
         expect(item.get_by_test_id("source-text")).to_have_text(s["text"])
         expect(item.get_by_test_id("source-text")).to_be_visible()
 
+    # A question no passage matches: the answer says so instead of showing an empty panel.
+    answer = ui.ask("zebra quantum")
+    expect(answer.get_by_test_id("sources-none")).to_have_text("No passage from mydocs matched this question.")
+    expect(answer.get_by_test_id("sources")).to_have_count(0)
+
     # "none": the next request is not grounded and its answer has no panel; the choice outlives a reload.
     picker.select_option("")
     answer = ui.ask(QUESTION)
