@@ -46,27 +46,6 @@ HELP = """Commands:
 Ctrl-C stops an answer and keeps you in the chat."""
 
 
-_ZWSP = "\u200b"
-
-
-def inert_passages(tokenizer, sources: list[Source]) -> list[Source]:
-    """`sources` with every literal control-token text (`<|im_end|>` in a document about chat templates)
-    broken by a zero-width space after its first character.
-
-    Why: passages are untrusted text that goes through the chat template, whose output is encoded with
-    control tokens recognised, so such text would end the turn early and forge the conversation's
-    structure; the one chat-prompt builder refuses it (rightly, for the user's own text). A reader sees
-    the same characters; the tokenizer sees ordinary ones."""
-    out = []
-    for s in sources:
-        text = s.text
-        for _ in range(64):  # each pass removes one token's every occurrence; a few tokens at most
-            hit = tokenizer.control_token_in(text)
-            if hit is None:
-                break
-            text = text.replace(hit, hit[:1] + _ZWSP + hit[1:])
-        out.append(s if text == s.text else dataclasses.replace(s, text=text))
-    return out
 
 
 def grounded_prompt(tokenizer, turns: list[dict], sources: list[Source], *, context: int, reserve: int,
@@ -75,8 +54,7 @@ def grounded_prompt(tokenizer, turns: list[dict], sources: list[Source], *, cont
     `ground`, with the `Grounded` result (the sources kept, what was dropped). `lmforge run --docs` and the
     server's `documents` extension both build their prompts here. Raises ValueError (a `ChatPromptError`)
     when the template refuses the conversation."""
-    grounded = ground(tokenizer, turns, inert_passages(tokenizer, sources), context=context, reserve=reserve,
-                      system=system)
+    grounded = ground(tokenizer, turns, sources, context=context, reserve=reserve, system=system)
     return chat_prompt_ids(tokenizer, grounded.messages), grounded
 
 

@@ -39,7 +39,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.pydocs_qa import _check_split, _hash, _Item, _selected, _truncate, summarize_docstring
+from lmforge.data.pydocs_qa import check_split, stable_hash, QAItem, selected_items, truncate_answer, summarize_docstring
 from lmforge.retrieval.grounding import NOT_IN_SOURCES, Source, ground, sources_from_hits
 
 __all__ = ["INDEX_SETTINGS", "K", "OpenExample", "OpenPair", "open_conversations", "open_preference_pairs",
@@ -126,20 +126,20 @@ def _first_sentence(source: Source) -> str | None:
 @functools.lru_cache(maxsize=1)
 def _retrieved() -> dict[str, tuple[Source, ...]]:
     """name -> the top K+1 sources for its question (one spare for when the right one is taken out)."""
-    from lmforge.data.pydocs_qa import _items
+    from lmforge.data.pydocs_qa import qa_items
 
     index = pydocs_index()
     try:
-        return {it.name: tuple(sources_from_hits(index.search(it.question, k=K + 1))) for it in _items()}
+        return {it.name: tuple(sources_from_hits(index.search(it.question, k=K + 1))) for it in qa_items()}
     finally:
         index.close()
 
 
-def _example(it: _Item, train: bool) -> OpenExample:
+def _example(it: QAItem, train: bool) -> OpenExample:
     hits = list(_retrieved()[it.name])
     removed = False
     right = next((i for i, s in enumerate(hits[:K]) if _contains(s.text, it.answer)), None)
-    if train and right is not None and _hash(_SALT, "absent", it.name) % _ABSENT_ONE_IN == 0:
+    if train and right is not None and stable_hash(_SALT, "absent", it.name) % _ABSENT_ONE_IN == 0:
         del hits[right]
         removed = True
     sources = [Source(i + 1, s.path, s.heading, s.start_line, s.end_line, s.text, s.score) for i, s in enumerate(hits[:K])]
@@ -152,8 +152,8 @@ def _example(it: _Item, train: bool) -> OpenExample:
 
 @functools.lru_cache(maxsize=3)
 def _examples(split: str) -> tuple[OpenExample, ...]:
-    _check_split(split)
-    return tuple(_example(it, train=not it.heldout) for it in _selected(split))
+    check_split(split)
+    return tuple(_example(it, train=not it.heldout) for it in selected_items(split))
 
 
 def open_conversations(split: str = "train") -> list[OpenExample]:
@@ -162,7 +162,7 @@ def open_conversations(split: str = "train") -> list[OpenExample]:
 
 
 def _rejected(ex: OpenExample) -> tuple[str, str] | None:
-    h = _hash(_SALT, "reject", ex.name)
+    h = stable_hash(_SALT, "reject", ex.name)
     others = [(s.n, _first_sentence(s)) for s in ex.sources if s.n != ex.answer_source]
     others = [(n, t) for n, t in others if t and t != ex.summary]
     if ex.answer_source is None:
@@ -175,7 +175,7 @@ def _rejected(ex: OpenExample) -> tuple[str, str] | None:
         n, t = others[h // 4 % len(others)]
         return f"{t} [{n}]", "other"
     if choice == 2:
-        cut = _truncate(ex.summary)
+        cut = truncate_answer(ex.summary)
         if cut:
             return f"{cut} [{ex.answer_source}]", "truncated"
     return ex.summary, "uncited"
@@ -193,7 +193,7 @@ def open_preference_pairs(split: str = "train") -> list[OpenPair]:
 
 def retrieval_recall(split: str = "heldout") -> float:
     """Share of `split`'s questions whose answer is in the top-K sources (nothing taken out)."""
-    items = _selected(split)
+    items = selected_items(split)
     found = sum(any(_contains(s.text, it.answer) for s in _retrieved()[it.name][:K]) for it in items)
     return found / max(1, len(items))
 

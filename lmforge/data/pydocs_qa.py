@@ -61,6 +61,13 @@ __all__ = [
     "qa_conversations",
     "qa_counts",
     "summarize_docstring",
+    # the items behind both forms, for the open-book data (lmforge.data.pydocs_open)
+    "QAItem",
+    "check_split",
+    "qa_items",
+    "selected_items",
+    "stable_hash",
+    "truncate_answer",
 ]
 
 #: Answers are the docstring's first sentence when it fits in this many characters.
@@ -218,7 +225,7 @@ def summarize_docstring(text: str, name: str = "") -> str | None:
     return sentence
 
 
-def _truncate(answer: str) -> str | None:
+def truncate_answer(answer: str) -> str | None:
     """The answer cut off mid-sentence (a bit under half its words, without the final period), or None
     when it is too short for a cut to still read as the start of the same answer."""
     words = answer.split()
@@ -233,23 +240,23 @@ def _truncate(answer: str) -> str | None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _hash(*parts: str) -> int:
+def stable_hash(*parts: str) -> int:
     return int.from_bytes(hashlib.sha256("\0".join(parts).encode("utf-8")).digest()[:8], "big")
 
 
 def heldout_module(module: str) -> bool:
     """True when `module` (dotted) belongs to the held-out split; decided by its top-level package."""
     top = module.split(".", 1)[0]
-    return _hash(_SPLIT_SALT, top) % _HELDOUT_MODULO == 0
+    return stable_hash(_SPLIT_SALT, top) % _HELDOUT_MODULO == 0
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r} of the pydocs QA data; use one of: {', '.join(SPLITS)}")
 
 
 @dataclass(frozen=True)
-class _Item:
+class QAItem:
     module: str
     name: str
     kind: str
@@ -260,11 +267,11 @@ class _Item:
 
 
 @functools.lru_cache(maxsize=1)
-def _items() -> tuple[_Item, ...]:
+def qa_items() -> tuple[QAItem, ...]:
     """Every usable entry as one QA item, in the corpus' deterministic order (cached)."""
     from lmforge.data.pydocs import iter_doc_entries
 
-    items: list[_Item] = []
+    items: list[QAItem] = []
     seen: set[str] = set()
     for entry in iter_doc_entries():
         if entry.kind not in _KINDS:
@@ -276,24 +283,24 @@ def _items() -> tuple[_Item, ...]:
         if answer is None:
             continue
         seen.add(name)
-        h = _hash(_CHOICE_SALT, "question", name)
+        h = stable_hash(_CHOICE_SALT, "question", name)
         phrasings = _QUESTIONS[entry.kind]
         question = phrasings[h % len(phrasings)].format(name=name)
         system = (h // len(phrasings)) % _SYSTEM_ONE_IN == 0
-        items.append(_Item(entry.module, name, entry.kind, question, system, answer, heldout_module(entry.module)))
+        items.append(QAItem(entry.module, name, entry.kind, question, system, answer, heldout_module(entry.module)))
     return tuple(items)
 
 
-def _selected(split: str) -> list[_Item]:
-    _check_split(split)
-    items = _items()
+def selected_items(split: str) -> list[QAItem]:
+    check_split(split)
+    items = qa_items()
     if split == "all":
         return list(items)
     want = split == "heldout"
     return [it for it in items if it.heldout == want]
 
 
-def _prompt(item: _Item) -> list[dict]:
+def _prompt(item: QAItem) -> list[dict]:
     messages = [{"role": "system", "content": SYSTEM_PROMPT}] if item.system else []
     messages.append({"role": "user", "content": item.question})
     return messages
@@ -311,28 +318,28 @@ def qa_conversations(split: str = "train") -> list[QAExample]:
     """
     return [
         QAExample(_prompt(it) + [{"role": "assistant", "content": it.answer}], it.module, it.name, it.kind)
-        for it in _selected(split)
+        for it in selected_items(split)
     ]
 
 
 @functools.lru_cache(maxsize=len(SPLITS))
-def _pairs(split: str) -> tuple[tuple[_Item, str, str], ...]:
+def _pairs(split: str) -> tuple[tuple[QAItem, str, str], ...]:
     """(item, rejected, rejected_kind) per item of `split`; rejected answers come from the same split, so
     no held-out text leaks into training pairs."""
-    items = _selected(split)
-    by_module_kind: dict[tuple[str, str], list[_Item]] = {}
-    by_module: dict[str, list[_Item]] = {}
-    by_top_kind: dict[tuple[str, str], list[_Item]] = {}
-    by_kind: dict[str, list[_Item]] = {}
+    items = selected_items(split)
+    by_module_kind: dict[tuple[str, str], list[QAItem]] = {}
+    by_module: dict[str, list[QAItem]] = {}
+    by_top_kind: dict[tuple[str, str], list[QAItem]] = {}
+    by_kind: dict[str, list[QAItem]] = {}
     for it in items:
         by_module_kind.setdefault((it.module, it.kind), []).append(it)
         by_module.setdefault(it.module, []).append(it)
         by_top_kind.setdefault((it.module.split(".", 1)[0], it.kind), []).append(it)
         by_kind.setdefault(it.kind, []).append(it)
 
-    def other_answer(it: _Item) -> str | None:
-        h = _hash(_CHOICE_SALT, "other", it.name)
-        pools: Iterable[list[_Item]] = (
+    def other_answer(it: QAItem) -> str | None:
+        h = stable_hash(_CHOICE_SALT, "other", it.name)
+        pools: Iterable[list[QAItem]] = (
             by_module_kind[(it.module, it.kind)],
             by_module[it.module],
             by_top_kind[(it.module.split(".", 1)[0], it.kind)],
@@ -350,8 +357,8 @@ def _pairs(split: str) -> tuple[tuple[_Item, str, str], ...]:
     out = []
     for it in items:
         rejected, kind = None, "other"
-        if _hash(_CHOICE_SALT, "mode", it.name) % _TRUNCATED_ONE_IN == 0:
-            rejected, kind = _truncate(it.answer), "truncated"
+        if stable_hash(_CHOICE_SALT, "mode", it.name) % _TRUNCATED_ONE_IN == 0:
+            rejected, kind = truncate_answer(it.answer), "truncated"
         if rejected is None:
             rejected, kind = other_answer(it), "other"
         if rejected is None or rejected == it.answer:
@@ -363,7 +370,7 @@ def _pairs(split: str) -> tuple[tuple[_Item, str, str], ...]:
 def preference_pairs(split: str = "train") -> list[PreferencePairExample]:
     """The preference pairs of `split` ("train", "heldout" or "all"): one per QA conversation, with the
     same prompt; `rejected` always differs from `chosen`."""
-    _check_split(split)
+    check_split(split)
     return [
         PreferencePairExample(_prompt(it), it.answer, rejected, kind, it.module, it.name)
         for it, rejected, kind in _pairs(split)
@@ -372,7 +379,7 @@ def preference_pairs(split: str = "train") -> list[PreferencePairExample]:
 
 def qa_counts() -> dict[str, int]:
     """Sizes of the built-in data: conversations and pairs per split, and top-level modules per split."""
-    items = _items()
+    items = qa_items()
     tops = {it.module.split(".", 1)[0]: it.heldout for it in items}
     return {
         "train_conversations": sum(not it.heldout for it in items),

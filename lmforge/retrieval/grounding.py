@@ -25,6 +25,12 @@ Fitting: passages are untrusted text of any length and the context is fixed. `gr
 best-ranked passages that fit in `context - reserve` tokens, **dropping the lowest-ranked first** (and says
 how many it dropped); when even the best one alone does not fit, its text is cut to fit (and marked cut).
 Older turns are dropped before any passage, as `lmforge run` drops them without sources.
+
+Passages are untrusted text that goes through the chat template, whose output is encoded with control
+tokens recognised: a document about chat templates that says `<|im_end|>` would end the turn early and
+forge the conversation. The one chat-prompt builder rightly refuses such text from the user; in a passage
+(text or heading) `ground` breaks it instead with a zero-width space after its first character
+(`inert`): a reader sees the same characters, the tokenizer ordinary ones.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-__all__ = ["INSTRUCTIONS", "NOT_IN_SOURCES", "Source", "Grounded", "ground", "placement", "cited", "strip_citations",
-           "sources_from_hits"]
+__all__ = ["INSTRUCTIONS", "NOT_IN_SOURCES", "Source", "Grounded", "ground", "inert", "placement", "cited",
+           "strip_citations", "sources_from_hits"]
 
 #: What the model is told. Short on purpose: the quickstart's 6.5M-parameter model reads it every turn.
 INSTRUCTIONS = ("Answer from the numbered sources below and cite them like [1]. "
@@ -42,6 +48,7 @@ INSTRUCTIONS = ("Answer from the numbered sources below and cite them like [1]. 
 #: The answer the quickstart teaches when the right passage was not retrieved.
 NOT_IN_SOURCES = "That is not in the sources."
 
+_ZWSP = "\u200b"
 _CITATION = re.compile(r"\[(\d{1,3})\]")
 _MARKER = "\x1flmforge-system-marker\x1f"
 
@@ -124,6 +131,23 @@ def placement(tokenizer: Any) -> str:
     return _PLACEMENTS[key]
 
 
+def _break_control_text(tokenizer: Any, text: str) -> str:
+    for _ in range(64):  # each pass breaks every occurrence of one control token; a model has a few
+        hit = tokenizer.control_token_in(text)
+        if hit is None:
+            break
+        text = text.replace(hit, hit[:1] + _ZWSP + hit[1:])
+    return text
+
+
+def inert(tokenizer: Any, source: Source) -> Source:
+    """`source` with any control-token text in its text, heading or path broken (see the module docstring)."""
+    if tokenizer is None:
+        return source
+    fields = {k: _break_control_text(tokenizer, getattr(source, k)) for k in ("text", "heading", "path")}
+    return source if all(fields[k] == getattr(source, k) for k in fields) else replace(source, **fields)
+
+
 def _messages(turns: list[dict], sources: list[Source], system: str | None, where: str) -> list[dict]:
     own = [m for m in turns if m.get("role") == "system"]
     rest = [dict(m) for m in turns if m.get("role") != "system"]
@@ -151,7 +175,7 @@ def ground(tokenizer: Any, turns: Sequence[dict], sources: Sequence[Source], *, 
     if any(m.get("role") == "system" for m in turns):
         system = None
     where = placement(tokenizer)
-    sources = [replace(s, n=i + 1) for i, s in enumerate(sources)]
+    sources = [inert(tokenizer, replace(s, n=i + 1)) for i, s in enumerate(sources)]
     if context is None:
         return Grounded(_messages(turns, sources, system, where), sources)
 

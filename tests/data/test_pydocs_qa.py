@@ -47,7 +47,7 @@ def test_conversations_are_valid_nonempty_and_deterministic():
     assert len({q.question.replace(q.name, "X") for q in qa}) >= 10  # several phrasings
 
     # A rebuild from the (cached) doc entries gives the same data; results are fresh copies.
-    pydocs_qa._items.cache_clear()
+    pydocs_qa.qa_items.cache_clear()
     pydocs_qa._pairs.cache_clear()
     assert qa_conversations("all") == qa
     qa[0].messages[-1]["content"] = "changed"
