@@ -84,7 +84,7 @@ def preference_scores(model, tokenizer, examples, *, batch_size: int = 32) -> li
     """For each encoded preference example (`lmforge.data.preferences.PreferenceExample`), the log-likelihood
     of the chosen and the rejected reply under `model`, summed and per token."""
     from lmforge.data.preferences import PreferenceBatches
-    from lmforge.train.losses import sequence_logprobs
+    from lmforge.train.losses import IGNORE_INDEX, sequence_logprobs
 
     if not examples:
         return []
@@ -97,7 +97,7 @@ def preference_scores(model, tokenizer, examples, *, batch_size: int = 32) -> li
         b = batch["chosen_input_ids"].shape[0]
         ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        logits = model(ids)
+        logits = model(ids, output_mask=labels != IGNORE_INDEX)  # the replies' places only
         total = sequence_logprobs(logits, labels).tolist()
         mean = sequence_logprobs(logits, labels, average=True).tolist()
         out += [PairScores(total[i], total[b + i], mean[i], mean[b + i]) for i in range(b)]

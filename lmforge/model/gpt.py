@@ -262,6 +262,7 @@ class GPT(nn.Module):
         mask: torch.Tensor | None = None,
         last_only: bool = False,
         output_positions: torch.Tensor | None = None,
+        output_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids `idx` (B, T); (B, 1, V) with `last_only`.
 
@@ -277,7 +278,9 @@ class GPT(nn.Module):
         `positions` (T,) or (B, T) give each token's position when they differ from its slot (left-padded
         batches). `output_positions` (B,) computes the logits of one chosen place per row, (B, 1, V): the
         last real token of right-padded prompts in a batched prefill (the output head over every place of
-        32 prompts would be the biggest tensor of the step).
+        32 prompts would be the biggest tensor of the step). `output_mask` (B, T) bool computes logits only
+        where it is True, as (N, V) in row-major order: fine-tuning and preference losses count only the
+        reply's places, and the output head over every place of a long grounded prompt is most of its cost.
         """
         B, T = idx.shape
         cfg = self.config
@@ -308,7 +311,9 @@ class GPT(nn.Module):
 
         for block in self.blocks:
             x = block(x, rope, mask, causal, cache, slots)
-        if output_positions is not None:
+        if output_mask is not None:
+            x = x[output_mask]  # (N, C)
+        elif output_positions is not None:
             x = x[torch.arange(B, device=x.device), output_positions][:, None]
         elif last_only:
             x = x[:, -1:]

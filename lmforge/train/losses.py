@@ -12,10 +12,11 @@ from lmforge.errors import UserError
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean next-token negative log-likelihood in nats over the targets that are not `ignore_index`.
 
-    logits (B, T, V), targets (B, T). Computed in float32 whatever the autocast dtype, because a bf16
+    logits (B, T, V) and targets (B, T), or any (..., V) and (...) alike (the (N, V) logits of the counted
+    places only, `GPT(..., output_mask=)`). Computed in float32 whatever the autocast dtype, because a bf16
     log-softmax over a large vocabulary loses the small probabilities the loss is made of.
     """
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, *,
@@ -26,10 +27,20 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     i.e. the caller has shifted them). The log-softmax is in float32. `average` divides each sum by its
     number of counted tokens (length-normalised scores; a sequence with none gives 0).
 
+    logits may also be (N, V): the logits of the counted places only, in row-major order, as
+    `GPT(..., output_mask=labels != ignore_index)` computes them (the same sums, without the output head
+    over the prompt).
+
     Example: V = 2, one sequence, logits [[0, 0], [0, ln 3]], labels [1, -100] -> log(1/2) = -0.6931 (the
     second position is ignored; with label 1 it would add log(3/4)).
     """
     mask = labels != ignore_index  # (B, T)
+    if logits.dim() == 2:
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+        picked = logp.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)  # (N,)
+        rows = mask.nonzero()[:, 0]
+        total = torch.zeros(labels.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
+        return total / mask.sum(-1).clamp_min(1) if average else total
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     picked = logp.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)  # (B, T)
     total = torch.where(mask, picked, torch.zeros_like(picked)).sum(-1)  # (B,)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lmforge.train.losses import cross_entropy, dpo_loss, sequence_logprobs
+from lmforge.train.losses import IGNORE_INDEX, cross_entropy, dpo_loss, sequence_logprobs
 
 
 def pretrain(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -26,9 +26,12 @@ def sft(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     The batch comes from `lmforge.data.sft.SFTBatches`: `labels` are the shifted targets with -100 on
     system/user turns, role headers and padding, so the mean runs over exactly the reply tokens (and the
     end-of-turn token that teaches the model to stop). Right padding needs no attention mask: under the
-    causal mask no real token ever attends to a pad that comes after it.
+    causal mask no real token ever attends to a pad that comes after it. The output head runs only at the
+    reply's places (`output_mask`): on a grounded prompt that is a tenth of them.
     """
-    return cross_entropy(model(batch["input_ids"]), batch["labels"]), {}
+    labels = batch["labels"]
+    keep = labels != IGNORE_INDEX
+    return cross_entropy(model(batch["input_ids"], output_mask=keep), labels[keep]), {}
 
 
 def policy_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +39,7 @@ def policy_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     b = batch["chosen_input_ids"].shape[0]
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    logps = sequence_logprobs(model(ids), labels)
+    logps = sequence_logprobs(model(ids, output_mask=labels != IGNORE_INDEX), labels)
     return logps[:b], logps[b:]
 
 

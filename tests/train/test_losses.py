@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmforge.errors import UserError
-from lmforge.train.losses import dpo_loss, sequence_logprobs
+from lmforge.train.losses import cross_entropy, dpo_loss, sequence_logprobs
 
 BETA = 0.1
 
@@ -138,3 +138,22 @@ def test_bad_arguments():
         dpo_loss(*args, BETA, label_smoothing=0.5)
     with pytest.raises(ValueError, match="one shape"):
         dpo_loss(t(-1.0, -2.0), *args[1:], BETA)
+
+
+def test_losses_over_the_counted_places_only_equal_the_full_ones():
+    """GPT(..., output_mask=) computes logits only where labels count; the losses are the same numbers."""
+    from lmforge.model.gpt import GPT
+    from lmforge.presets import get_preset
+
+    torch.manual_seed(0)
+    m = GPT(get_preset("tiny", vocab_size=100, context_length=16)).eval()
+    ids, labels = torch.randint(0, 100, (3, 10)), torch.randint(0, 100, (3, 10))
+    labels[:, :4] = -100
+    labels[1, 8:] = -100
+    labels[2] = -100  # a row with nothing to count
+    keep = labels != -100
+    full, sel = m(ids), m(ids, output_mask=keep)
+    assert sel.shape == (int(keep.sum()), 100)
+    torch.testing.assert_close(sequence_logprobs(sel, labels), sequence_logprobs(full, labels))
+    torch.testing.assert_close(sequence_logprobs(sel, labels, average=True), sequence_logprobs(full, labels, average=True))
+    torch.testing.assert_close(cross_entropy(sel, labels[keep]), cross_entropy(full, labels))
