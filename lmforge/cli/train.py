@@ -104,7 +104,7 @@ def cmd_pretrain(args) -> int:
 # finetune / align / merge
 # ---------------------------------------------------------------------------------------------------
 FT_RECIPE = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
-             "eval_interval", "save_interval", "log_interval", "seed")
+             "eval_interval", "save_interval", "log_interval", "seed", "group_by_length")
 
 
 def _run_finetune(args, method: str) -> int:
@@ -263,6 +263,8 @@ def register(sub) -> list[argparse.ArgumentParser]:
         p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a model")
         p.add_argument("--epochs", type=float_arg, default=1.0, help="passes over the data when --max-steps is not given (default: 1)")
         p.add_argument("--limit", type=positive_int, help="use at most this many records (default: all)")
+        p.add_argument("--group-by-length", action="store_const", const=True, help="batch records of similar length together: "
+                       "less padding, faster when lengths vary (default: random batches)")
         g = p.add_argument_group("training recipe")
         g.add_argument("--max-steps", type=positive_int, help="optimizer steps (default: --epochs over the data)")
         g.add_argument("--batch-size", type=positive_int, help=f"{what} per micro-batch (default: 8)")

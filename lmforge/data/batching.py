@@ -11,6 +11,13 @@ plus the causal mask a real token never attends to padding (padding only ever co
 batches are simply correct. The price is compute spent on padding, which is small for chat data of similar
 lengths.
 
+**Length grouping** (`group_by_length=True`, as transformers' `group_by_length`): the price of padding is
+not small when lengths vary, as with grounded prompts (80 to 400 tokens): a random batch of 16 is padded
+to its longest, and ~40% of the compute is padding. With grouping, each window of `LENGTH_GROUP` batches'
+worth of the epoch's permutation is sorted by length and cut into batches, and the window's batches are
+visited in a seeded random order: batches hold examples of similar length, and which examples are seen
+when stays random at the scale of windows. Still a pure function of ``(seed, step, micro)``.
+
 **The pad == eos trap.** Many tokenizers use their EOS as padding. Masking the loss by comparing ids
 with the pad id would then also mask every real EOS, and the model would never learn to stop. Here
 padding is masked *by position* (everything past an example's length is `IGNORE_INDEX`); ids are never
@@ -27,12 +34,14 @@ import torch
 
 from lmforge.errors import UserError
 
-__all__ = ["IGNORE_INDEX", "ExampleBatches", "EpochSampler", "check_batching", "shift_and_pad"]
+__all__ = ["IGNORE_INDEX", "LENGTH_GROUP", "ExampleBatches", "EpochSampler", "check_batching", "shift_and_pad"]
 
 # The label of a token that is not a target. It must equal `lmforge.train.losses.IGNORE_INDEX`, the loss's
 # default ignore_index (tests/data checks the labels against it); it is defined here because data/ does
 # not import train/.
 IGNORE_INDEX = -100
+#: Batches per length-sorted window with `group_by_length`.
+LENGTH_GROUP = 16
 
 
 def _pad(rows: Sequence[Sequence[int]], width: int, value: int) -> torch.Tensor:
@@ -97,14 +106,16 @@ class ExampleBatches:
 
     def __init__(self, examples: Sequence[Any], *, batch_size: int, grad_accum: int = 1, seed: int = 0,
                  val_examples: Sequence[Any] = (), pad_id: int | None = 0,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, group_by_length: bool = False) -> None:
         check_batching(len(examples), batch_size, grad_accum, self.what)
         self.examples, self.val_examples = list(examples), list(val_examples)
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.pad_id = 0 if pad_id is None else int(pad_id)
         self.device = torch.device(device) if device is not None else None
         self._sampler = EpochSampler(len(self.examples), seed)
-        mean_len = sum(self.input_tokens(e) for e in self.examples) / len(self.examples)
+        self.group_by_length = group_by_length
+        self._lengths = [self.input_tokens(e) for e in self.examples]
+        mean_len = sum(self._lengths) / len(self.examples)
         self.tokens_per_batch = max(1, round(batch_size * mean_len))  # an average: rows vary in length
         self._val: list[dict] | None = None
 
@@ -126,8 +137,15 @@ class ExampleBatches:
         return {k: v.to(self.device) for k, v in batch.items()} if self.device is not None else batch
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        first = (step * self.grad_accum + micro) * self.batch_size
-        idx = self._sampler.indices(first, self.batch_size)
+        j, b = step * self.grad_accum + micro, self.batch_size  # the j-th batch of the run
+        if not self.group_by_length:
+            idx = self._sampler.indices(j * b, b)
+        else:
+            window, g = divmod(j, LENGTH_GROUP)
+            pool = self._sampler.indices(window * LENGTH_GROUP * b, LENGTH_GROUP * b)
+            pool.sort(key=lambda i: (self._lengths[i], i))
+            slot = int(np.random.default_rng([self.seed, window, 1]).permutation(LENGTH_GROUP)[g])
+            idx = pool[slot * b:(slot + 1) * b]
         return self._batch([self.examples[i] for i in idx], idx)
 
     def val_batches(self) -> list[dict[str, torch.Tensor]]:

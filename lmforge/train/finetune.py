@@ -236,11 +236,11 @@ def finetune(opts: FinetuneOptions) -> tuple[FitResult, dict[str, Any]]:
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     if opts.method == "sft":
         data = SFTBatches(train, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum, seed=recipe.seed,
-                          val_examples=val, pad_id=pad, device=device)
+                          val_examples=val, pad_id=pad, device=device, group_by_length=recipe.group_by_length)
         objective = objectives.sft
     else:
         inner = PreferenceBatches(train, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum, seed=recipe.seed,
-                                  val_examples=val, pad_id=pad, device=device)
+                                  val_examples=val, pad_id=pad, device=device, group_by_length=recipe.group_by_length)
         fp = hashlib.sha256(f"{_data_fingerprint(train)}|{_data_fingerprint(val)}|{recipe.seed}|{recipe.batch_size}|"
                             f"{recipe.grad_accum}|{recipe.max_steps}|{opts.model}".encode()).hexdigest()
         ref_train, ref_val = _reference_tables(opts, model, inner, inner, recipe, fp, len(train), len(val))

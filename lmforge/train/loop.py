@@ -66,6 +66,7 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    group_by_length: bool = False  # fine-tuning: batches of similar lengths (lmforge.data.batching)
     compile: bool = False
 
     def resolved(self) -> "TrainConfig":

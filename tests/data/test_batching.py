@@ -73,3 +73,26 @@ def test_preference_batches_share_one_width(tiny_tokenizer):
 def test_batches_refuse_empty_data():
     with pytest.raises(UserError, match="no conversations"):
         SFTBatches([], batch_size=2)
+
+
+def test_length_grouping_pads_less_covers_every_example_and_stays_pure(tiny_tokenizer):
+    from lmforge.data.batching import LENGTH_GROUP
+
+    tok = tiny_tokenizer
+    examples = [encode_sft(tok, [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": "the model reads " * (1 + (i * 7) % 23)}], 512)
+                for i in range(97)]
+    make = lambda group: SFTBatches(examples, batch_size=4, seed=3, group_by_length=group)  # noqa: E731
+    plain, grouped, again = make(False), make(True), make(True)
+    n_batches = LENGTH_GROUP * 3
+    assert all(_same(grouped.train_batch(s, 0), again.train_batch(s, 0)) for s in (5, 0, 47, 5))
+
+    def padded(data):
+        return sum(data.train_batch(s, 0)["input_ids"].numel() for s in range(n_batches))
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    # a window of LENGTH_GROUP batches holds the same examples either way: only their grouping changes
+    for w in range(3):
+        steps = range(w * LENGTH_GROUP, (w + 1) * LENGTH_GROUP)
+        idx = lambda d: sorted(i for s in steps for i in d.train_batch(s, 0)["index"].tolist())  # noqa: E731
+        assert idx(grouped) == idx(plain)
