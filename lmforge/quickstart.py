@@ -1,21 +1,26 @@
-"""`lmforge quickstart`: grow a Python-docs assistant from nothing, offline, in about 15 minutes on a laptop.
+"""`lmforge quickstart`: grow a Python-docs assistant that answers from the documentation, with sources,
+offline, in about 15 minutes on a laptop.
 
-    pretrain `small` on builtin:pydocs  ->  SFT on builtin:pydocs-qa  ->  DPO on builtin:pydocs-prefs
-    -> evaluate every stage on held-out data -> register quickstart-base/-sft/-dpo -> lmforge run
+    measure fp32 vs bf16 -> pretrain `small` (512-token context) on builtin:pydocs -> index builtin:pydocs
+    -> open-book SFT on builtin:pydocs-qa-open -> DPO on builtin:pydocs-prefs-open
+    -> evaluate every stage on held-out modules -> register quickstart-base/-sft/-dpo and the `pydocs` index
+    -> lmforge run quickstart-dpo --docs pydocs
+
+Why open-book: a model this size pretrained for minutes cannot *know* what each standard-library function
+does (closed-book it answers in the right style with the wrong content); what fine-tuning can teach is the
+behaviour -- read the retrieved sources, answer from the right one, cite it, and say so when none has the
+answer (`lmforge.data.pydocs_open`). The knowledge stays in the index, as in every retrieval-augmented
+assistant.
 
 Each stage writes a run directory under `--out` (default runs/quickstart) and is recorded in
 `quickstart.json` there when it finishes, so re-running skips what is done (a stage that was interrupted
 resumes from its last checkpoint). `--budget MINUTES` scales the number of steps of every stage: the
 default 15 is sized for a 2-core CPU; a GPU or a longer budget buys a better model with the same command.
 
-What the table measures, all on data the training never saw:
-  * validation perplexity of the pretrained model on the held-out 5% of the corpus;
-  * held-out QA token-F1: greedy answers to questions about Python modules excluded from SFT, scored
-    against the docstring summaries (SQuAD token F1);
-  * held-out preference accuracy: how often the model's own likelihood prefers the right summary to a
-    plausible wrong one, for pairs about the held-out modules: by the likelihood of the whole reply (which
-    always favours a reply cut short) and per token (fair to replies of different lengths), and split
-    by the kind of wrong reply.
+Precision: on a CPU the quickstart first times a few training steps of the model in fp32 and under bf16
+autocast (`lmforge.train.precision`) and trains every stage in the faster one (bf16 only when clearly
+faster: AMX or AVX-512-BF16 machines); the figures are printed and kept in `quickstart.json`. The table is
+`lmforge.eval.stages`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from lmforge.io import atomic_write_json
 
 STATE = "quickstart.json"
 BASE_MINUTES = 15.0
-EVAL_VERSION = 2  # bump when the evaluation changes, so a re-run re-evaluates finished stages
+EVAL_VERSION = 3  # bump when the evaluation changes, so a re-run re-evaluates finished stages
+
+
+CONTEXT = 512  # tokens: three sources, the question and the answer fit (lmforge.data.pydocs_open)
 
 
 @dataclass
@@ -44,12 +52,20 @@ class Plan:
     sft_steps: int
     dpo_steps: int
     eval_questions: int
+    pretrain_batch: int = 4
+    sft_batch: int = 16
+    dpo_batch: int = 8
 
     @classmethod
     def for_budget(cls, minutes: float) -> "Plan":
         scale = max(0.05, minutes / BASE_MINUTES)
-        return cls(pretrain_steps=max(10, round(360 * scale)), sft_steps=max(5, round(300 * scale)),
-                   dpo_steps=max(5, round(120 * scale)), eval_questions=min(317, max(16, round(160 * scale))))
+        return cls(pretrain_steps=max(10, round(PLAN_15["pretrain"] * scale)),
+                   sft_steps=max(5, round(PLAN_15["sft"] * scale)), dpo_steps=max(5, round(PLAN_15["dpo"] * scale)),
+                   eval_questions=min(317, max(16, round(PLAN_15["questions"] * scale))))
+
+
+#: Steps of the 15-minute plan.
+PLAN_15 = {"pretrain": 300, "sft": 300, "dpo": 60, "questions": 120}
 
 
 def _load_state(out: Path) -> dict[str, Any]:
@@ -62,51 +78,41 @@ def _load_state(out: Path) -> dict[str, Any]:
     return {}
 
 
-def _stage_done(state: dict, name: str, steps: int) -> bool:
+def _stage_done(state: dict, name: str, key: dict) -> bool:
+    """A stage is done when it finished with the same settings (steps, data, context): an older
+    quickstart's closed-book stages are not this one's."""
     s = state.get("stages", {}).get(name)
-    return bool(s) and s.get("steps") == steps
+    return bool(s) and all(s.get(k) == v for k, v in key.items())
 
 
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def _evaluate(path: Path, device, plan: Plan) -> dict[str, Any]:
-    """Held-out QA token-F1 (with the answers) and preference accuracy of the model at `path`."""
-    from lmforge.data.preferences import encode_preference
-    from lmforge.data.pydocs_qa import preference_pairs, qa_conversations
-    from lmforge.data.records import read_preferences
-    from lmforge.engine.generate import Engine
-    from lmforge.eval.assistant import preference_wins, qa_f1
-    from lmforge.loaders.auto import load
+def _precision(state: dict, dev, plan: Plan) -> str:
+    """fp32 or bf16 for every stage: measured once on this machine's CPU (kept in the state, so a re-run
+    finishes in the precision it started with); on a GPU, the training loop's own choice."""
+    if dev.type != "cpu":
+        return "auto"
+    if state.get("precision") in ("fp32", "bf16"):
+        print(f"precision {state['precision']} (measured on the first run: {state.get('precision_note', '')})")
+        return state["precision"]
+    from lmforge.presets import get_preset
+    from lmforge.train.precision import measure_for_config
 
-    loaded = load(path, device=device)
-    engine = Engine(loaded.model, loaded.tokenizer, fast=False)
-    qa = qa_conversations("heldout")[: plan.eval_questions]
-    res = qa_f1(engine, [q.prompt_messages for q in qa], [q.answer for q in qa])
-    kinds = [p.rejected_kind for p in preference_pairs("heldout")]
-    ctx = loaded.model.config.context_length
-    encoded = [(k, encode_preference(loaded.tokenizer, p, ctx))
-               for k, p in zip(kinds, read_preferences("builtin:pydocs-prefs:heldout").pairs)]
-    encoded = [(k, e) for k, e in encoded if e is not None]
-    wins = preference_wins(loaded.model, loaded.tokenizer, [e for _, e in encoded])
-
-    def share(which: int, kind: str | None = None) -> float:
-        picked = [w[which] for (k, _), w in zip(encoded, wins) if kind is None or k == kind]
-        return sum(picked) / max(1, len(picked))
-
-    return {"qa_f1": res.f1, "qa_n": res.n, "pref_accuracy": share(0), "pref_accuracy_norm": share(1),
-            "pref_by_kind": {k: {"sum": share(0, k), "per_token": share(1, k), "n": kinds.count(k)}
-                             for k in sorted(set(kinds))},
-            "pref_n": len(encoded), "answers": res.answers[:4], "questions": [q.question for q in qa[:4]],
-            "references": [q.answer for q in qa[:4]]}
+    choice = measure_for_config(get_preset("small", context_length=CONTEXT), max(1, plan.pretrain_batch // 2))
+    print(choice.describe(), flush=True)
+    state["precision"], state["precision_note"] = choice.precision, choice.describe()
+    return choice.precision
 
 
 def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINUTES, device: str = "auto",
                progress: bool = True, register: bool = True, chat: bool = True) -> dict[str, Any]:
+    from lmforge.data.pydocs_open import pydocs_index
+    from lmforge.device import resolve_device
+    from lmforge.eval.stages import evaluate_stage, print_report
     from lmforge.train.finetune import FinetuneOptions, finetune
     from lmforge.train.loop import print_evaluations
-    from lmforge.device import resolve_device
     from lmforge.train.pretrain import PretrainOptions, pretrain
 
     if not (budget > 0 and math.isfinite(budget)):
@@ -115,10 +121,13 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
     dev = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out)
-    state.setdefault("stages", {})
+    state.setdefault("stages", {})  # finished stages: name -> their settings and figures
+    state.setdefault("started", {})  # name -> the settings a stage was started with (resume only those)
     state["plan"] = plan.__dict__
     t0 = time.perf_counter()
     on_log = None if progress else print_evaluations  # no progress bar: a line per evaluation instead
+    precision = _precision(state, dev, plan)
+    atomic_write_json(out / STATE, state)
 
     def record(name: str, **info: Any) -> None:
         state["stages"][name] = info
@@ -126,97 +135,86 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
 
     # 1. pretrain
     base = out / "base"
-    if not _stage_done(state, "pretrain", plan.pretrain_steps):
-        _banner(f"1/4 pretrain `small` on builtin:pydocs ({plan.pretrain_steps} steps)")
+    key = {"steps": plan.pretrain_steps, "context": CONTEXT, "batch": plan.pretrain_batch}
+    if not _stage_done(state, "pretrain", key):
+        _banner(f"1/4 pretrain `small` on builtin:pydocs ({plan.pretrain_steps} steps of {plan.pretrain_batch} x "
+                f"{CONTEXT} tokens)")
         t = time.perf_counter()
-        resume = (base / "trainer_state" / "state.json").is_file()
+        resume = (base / "trainer_state" / "state.json").is_file() and state["started"].get("pretrain") == key
+        state["started"]["pretrain"] = key
         result, summary = pretrain(PretrainOptions(
-            out=base, data="builtin:pydocs", preset="small", resume=resume, overwrite=not resume, device=device,
-            progress=progress, on_log=on_log, eval_tokens=65536,
-            recipe={"max_steps": plan.pretrain_steps, "batch_size": 8, "lr": 3e-3,
-                    "eval_interval": max(1, plan.pretrain_steps // 3), "save_interval": max(1, plan.pretrain_steps // 3)}))
+            out=base, data="builtin:pydocs", preset="small", context_length=CONTEXT, resume=resume,
+            overwrite=not resume, device=device, progress=progress, on_log=on_log, eval_tokens=65536,
+            recipe={"max_steps": plan.pretrain_steps, "batch_size": plan.pretrain_batch, "lr": 3e-3,
+                    "precision": precision, "eval_interval": max(1, plan.pretrain_steps // 3),
+                    "save_interval": max(1, plan.pretrain_steps // 3)}))
         if result.interrupted:
             raise UserError("interrupted: run lmforge quickstart again to continue")
-        record("pretrain", steps=plan.pretrain_steps, seconds=time.perf_counter() - t, val_loss=result.val_loss,
+        record("pretrain", **key, seconds=time.perf_counter() - t, val_loss=result.val_loss,
                val_ppl=math.exp(result.val_loss), nats_per_char=summary.get("val_nats_per_char"))
     else:
         print(f"1/4 pretrain: done ({base})")
 
-    # 2. SFT, 3. DPO
-    stages = [("sft", base, out / "sft", "builtin:pydocs-qa", plan.sft_steps, {"lr": 1e-3, "batch_size": 16}),
-              ("dpo", out / "sft", out / "dpo", "builtin:pydocs-prefs", plan.dpo_steps,
-               {"lr": 5e-5, "batch_size": 16})]
-    for i, (method, src, dst, data, steps, recipe) in enumerate(stages, start=2):
-        if _stage_done(state, method, steps):
+    # the index the open-book data retrieves from (built once, cached; seconds)
+    print("indexing builtin:pydocs for retrieval (BM25) ...", flush=True)
+    pydocs_index().close()
+
+    # 2. open-book SFT, 3. DPO
+    stages = [("sft", base, out / "sft", "builtin:pydocs-qa-open", plan.sft_steps, plan.sft_batch, 1e-3),
+              ("dpo", out / "sft", out / "dpo", "builtin:pydocs-prefs-open", plan.dpo_steps, plan.dpo_batch, 5e-5)]
+    for i, (method, src, dst, data, steps, batch, lr) in enumerate(stages, start=2):
+        # "after": the wall time of the stage this one starts from, as a fingerprint of that run: when it
+        # was trained again, this stage must be too
+        key = {"steps": steps, "data": data, "batch": batch, "after": state["stages"].get(
+            "pretrain" if method == "sft" else "sft", {}).get("seconds")}
+        if _stage_done(state, method, key):
             print(f"{i}/4 {method}: done ({dst})")
             continue
-        _banner(f"{i}/4 {method.upper()} on {data} ({steps} steps)")
+        _banner(f"{i}/4 {method.upper()} on {data} ({steps} steps of {batch})")
         t = time.perf_counter()
-        resume = (dst / "trainer_state" / "state.json").is_file()
+        resume = (dst / "trainer_state" / "state.json").is_file() and state["started"].get(method) == key
+        state["started"][method] = key
         result, summary = finetune(FinetuneOptions(
             model=str(src), data=data, out=dst, method=method, resume=resume, overwrite=not resume, device=device,
-            progress=progress, on_log=on_log, on_info=lambda line: print("  " + line, flush=True), beta=0.1, base_ref=f"quickstart-{'base' if method == 'sft' else 'sft'}",
-            recipe={**recipe, "max_steps": steps, "eval_interval": max(1, steps // 3), "warmup_steps": max(1, steps // 10)}))
+            progress=progress, on_log=on_log, on_info=lambda line: print("  " + line, flush=True), beta=0.1,
+            base_ref=f"quickstart-{'base' if method == 'sft' else 'sft'}",
+            recipe={"lr": lr, "batch_size": batch, "max_steps": steps, "precision": precision,
+                    "group_by_length": True, "eval_interval": steps,  # one validation, at the end: the
+                    "warmup_steps": max(1, steps // 10)}))              # held-out evaluation below is the real one
         if result.interrupted:
             raise UserError("interrupted: run lmforge quickstart again to continue")
-        record(method, steps=steps, seconds=time.perf_counter() - t, val_loss=result.val_loss, val_metrics=result.val_metrics)
+        record(method, **key, seconds=time.perf_counter() - t, val_loss=result.val_loss, val_metrics=result.val_metrics)
 
-    # 4. evaluate every stage on held-out data
-    if not state.get("eval") or state["eval"].get("plan") != plan.__dict__ or state["eval"].get("version") != EVAL_VERSION:
+    # 4. evaluate every stage on held-out modules
+    ev_key = {"plan": plan.__dict__, "version": EVAL_VERSION,
+              "trained": [state["stages"][s]["seconds"] for s in ("pretrain", "sft", "dpo")]}
+    if not state.get("eval") or any(state["eval"].get(k) != v for k, v in ev_key.items()):
         _banner("4/4 evaluate on held-out modules")
         t = time.perf_counter()
-        ev = {name: _evaluate(out / name, dev, plan) for name in ("base", "sft", "dpo")}
-        state["eval"] = {"plan": plan.__dict__, "results": ev, "seconds": time.perf_counter() - t,
-                         "version": EVAL_VERSION}
+        ev = {name: evaluate_stage(out / name, dev, plan.eval_questions) for name in ("base", "sft", "dpo")}
+        state["eval"] = {**ev_key, "results": ev, "seconds": time.perf_counter() - t}
         atomic_write_json(out / STATE, state)
     else:
         print("4/4 evaluate: done")
 
     print_report(state)
     if register:
+        from lmforge.data.pydocs_open import K
+        from lmforge.retrieval.index import index_path
         from lmforge.store import import_model
 
         for name in ("base", "sft", "dpo"):
             import_model(out / name, f"quickstart-{name}", overwrite=True)
-        print("registered in the store: quickstart-base, quickstart-sft, quickstart-dpo\n"
-              "chat in the terminal: lmforge run quickstart-dpo    in the browser: lmforge serve quickstart-dpo")
+        pydocs_index(index_path("pydocs")).close()
+        print("registered in the store: quickstart-base, quickstart-sft, quickstart-dpo, and the index `pydocs`\n"
+              f"chat in the terminal: lmforge run quickstart-dpo --docs pydocs -k {K}    "
+              "in the browser: lmforge serve quickstart-dpo --docs pydocs")
     print(f"total wall time this run: {time.perf_counter() - t0:.0f}s")
     if chat and register and sys.stdin.isatty() and sys.stdout.isatty():
-        from lmforge.chat import ChatSession, repl
+        from lmforge.chat import ChatSession, Documents, repl
+        from lmforge.data.pydocs_open import K
         from lmforge.loaders.auto import load
 
-        print("\nstarting `lmforge run quickstart-dpo` (type /bye to leave)")
-        repl(ChatSession.from_loaded(load(out / "dpo", device=dev)))
+        print(f"\nstarting `lmforge run quickstart-dpo --docs pydocs -k {K}` (type /bye to leave)")
+        repl(ChatSession.from_loaded(load(out / "dpo", device=dev), docs=Documents("pydocs", K)))
     return state
-
-
-def print_report(state: dict[str, Any]) -> None:
-    st, ev = state["stages"], state["eval"]["results"]
-
-    def pref(name: str) -> str:
-        e = ev[name]
-        return f"{e['pref_accuracy']:.3f} / {e.get('pref_accuracy_norm', float('nan')):.3f}"
-
-    rows = [("stage", "wall time", "val ppl", "held-out QA F1", "held-out pref acc (sum / per token)")]
-    rows.append(("pretrain (base)", f"{st['pretrain']['seconds']:.0f}s", f"{st['pretrain']['val_ppl']:.1f}",
-                 f"{ev['base']['qa_f1']:.3f}", pref("base")))
-    rows.append(("SFT", f"{st['sft']['seconds']:.0f}s", f"(QA loss {st['sft']['val_loss']:.3f})",
-                 f"{ev['sft']['qa_f1']:.3f}", pref("sft")))
-    rows.append(("DPO", f"{st['dpo']['seconds']:.0f}s", "", f"{ev['dpo']['qa_f1']:.3f}", pref("dpo")))
-    rows.append(("evaluation", f"{state['eval']['seconds']:.0f}s", "", f"n={ev['base']['qa_n']}", f"n={ev['base']['pref_n']}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    print()
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    kinds = ev["dpo"].get("pref_by_kind") or {}
-    for kind, label in (("other", "rejected = another object's summary"), ("truncated", "rejected = the right summary cut short")):
-        if kind in kinds:
-            cells = "   ".join(f"{name} {ev[name]['pref_by_kind'][kind]['sum']:.2f}/{ev[name]['pref_by_kind'][kind]['per_token']:.2f}"
-                               for name in ("base", "sft", "dpo"))
-            print(f"  pref acc, {label} (n={kinds[kind]['n']}): {cells}")
-    print("\nsample answers to held-out questions:")
-    for i, q in enumerate(ev["base"]["questions"]):
-        print(f"\nQ: {q}\n   reference: {ev['base']['references'][i]}")
-        for name in ("base", "sft", "dpo"):
-            a = " ".join(ev[name]["answers"][i].split())[:160]
-            print(f"   {name:<4} {a}")

@@ -37,15 +37,19 @@ def test_every_stage_runs_and_the_report_is_complete(first_run):
     assert set(state["stages"]) == {"pretrain", "sft", "dpo"}
     plan = Plan.for_budget(0.05)
     assert [state["stages"][s]["steps"] for s in ("pretrain", "sft", "dpo")] == [plan.pretrain_steps, plan.sft_steps, plan.dpo_steps]
+    assert state["precision"] in ("fp32", "bf16") and "precision " in text  # measured, and said
     for name in ("base", "sft", "dpo"):
         ev = state["eval"]["results"][name]
-        assert 0.0 <= ev["qa_f1"] <= 1.0 and ev["qa_n"] == plan.eval_questions
-        assert ev["pref_n"] > 100 and 0.0 <= ev["pref_accuracy"] <= 1.0 and 0.0 <= ev["pref_accuracy_norm"] <= 1.0
-        assert set(ev["pref_by_kind"]) == {"other", "truncated"}
-        assert sum(k["n"] for k in ev["pref_by_kind"].values()) == ev["pref_n"]
+        assert ev["n_questions"] == plan.eval_questions and 0.9 < ev["recall_at_k"] <= 1.0
+        o = ev["open"]
+        assert 0.0 <= o["f1_answerable"] <= 1.0 and 0.0 <= o["f1_all"] <= 1.0 and 0.0 <= o["citation_accuracy"] <= 1.0
+        assert 0.0 <= ev["closed_f1"] <= 1.0
+        assert len(ev["pref_kinds"]) > 250 and set(ev["pref_kinds"]) == {"other", "uncited", "truncated", "confident"}
+        assert len(ev["margins"]) == len(ev["pref_sum"]) == len(ev["pref_mean"]) == len(ev["pref_kinds"])
         assert (out / name / "model.safetensors").is_file()
-    # the table, the per-kind lines and the sample answers
-    assert "held-out pref acc (sum / per token)" in text and "rejected = the right summary cut short" in text
+    # the table (implicit reward only after a reference), the per-kind lines and the sample answers
+    assert "open F1" in text and "cite acc" in text and "NIS P/R" in text and "closed F1" in text
+    assert "retrieval recall@3" in text and "confident" in text
     assert text.count("   reference: ") == 4
     # no terminal, no progress bar: a line per evaluation of every stage instead
     assert f"step {plan.pretrain_steps}: val loss" in text and "(ppl " in text
@@ -59,7 +63,10 @@ def test_models_are_registered_with_their_lineage(first_run, monkeypatch):
 
     names = {e.name for e in list_models()}
     assert {"quickstart-base", "quickstart-sft", "quickstart-dpo"} <= {n.split(":")[0] for n in names}
-    assert "lmforge run quickstart-dpo" in text
+    assert "lmforge run quickstart-dpo --docs pydocs -k 3" in text
+    from lmforge.retrieval.index import list_indexes, open_index
+
+    assert "pydocs" in list_indexes() and open_index("pydocs").search("textwrap dedent")[0].heading == "textwrap.dedent"
 
 
 def test_a_rerun_skips_finished_stages(first_run, monkeypatch, capsys):
@@ -80,8 +87,9 @@ def test_a_bigger_budget_trains_the_stages_again(first_run):
 
     _, _, out, _ = first_run
     state = json.loads((out / "quickstart.json").read_text())
-    assert _stage_done(state, "pretrain", Plan.for_budget(0.05).pretrain_steps)
-    assert not _stage_done(state, "pretrain", Plan.for_budget(5).pretrain_steps)
+    done = state["stages"]["pretrain"]
+    assert _stage_done(state, "pretrain", {"steps": Plan.for_budget(0.05).pretrain_steps, "context": done["context"]})
+    assert not _stage_done(state, "pretrain", {"steps": Plan.for_budget(5).pretrain_steps, "context": done["context"]})
 
 
 def test_a_bad_budget_is_one_line(capsys, tmp_path):

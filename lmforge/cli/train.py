@@ -324,11 +324,16 @@ def register(sub) -> list[argparse.ArgumentParser]:
 
     qs = sub.add_parser("quickstart", help="pretrain -> SFT -> DPO -> evaluate -> chat, on the built-in data, offline",
                         formatter_class=Formatter,
-                        description=para("Grow a Python-docs assistant from scratch: pretrain `small` on builtin:pydocs, "
-                                          "fine-tune on builtin:pydocs-qa, align with DPO on builtin:pydocs-prefs, "
-                                          "evaluate each stage on held-out modules (perplexity, QA token-F1, preference "
-                                          "accuracy), register quickstart-base/-sft/-dpo in the store, then chat. About "
-                                          "15 minutes on a 2-core CPU; re-running skips finished stages."))
+                        description=para("Grow a Python-docs assistant that answers from the documentation, with "
+                                          "sources: pretrain `small` on builtin:pydocs, index builtin:pydocs, fine-tune "
+                                          "on builtin:pydocs-qa-open (each question with passages retrieved by the "
+                                          "index; answers cite them, or say they are not in the sources), align with DPO "
+                                          "on builtin:pydocs-prefs-open, evaluate each stage on held-out modules "
+                                          "(retrieval recall, open- and closed-book QA token-F1, citation accuracy, "
+                                          "preference accuracy), register quickstart-base/-sft/-dpo and the `pydocs` "
+                                          "index, then chat with --docs pydocs. On a CPU it first measures whether bf16 "
+                                          "autocast trains faster than fp32 there, and uses the faster. About 15 "
+                                          "minutes on a 2-core CPU; re-running skips finished stages."))
     qs.add_argument("--out", default="runs/quickstart", help="where the three runs go (default: runs/quickstart)")
     qs.add_argument("--budget", type=float_arg, default=15.0, help="minutes the default plan is sized for; steps of every "
                     "stage scale with it (default: 15)")
