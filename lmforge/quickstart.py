@@ -161,11 +161,11 @@ def quickstart(*, out: Path = Path("runs/quickstart"), budget: float = BASE_MINU
 
     # 2. open-book SFT, 3. DPO
     stages = [("sft", base, out / "sft", "builtin:pydocs-qa-open", plan.sft_steps, plan.sft_batch, 1e-3),
-              ("dpo", out / "sft", out / "dpo", "builtin:pydocs-prefs-open", plan.dpo_steps, plan.dpo_batch, 5e-5)]
+              ("dpo", out / "sft", out / "dpo", "builtin:pydocs-prefs-open", plan.dpo_steps, plan.dpo_batch, 1.5e-4)]
     for i, (method, src, dst, data, steps, batch, lr) in enumerate(stages, start=2):
         # "after": the wall time of the stage this one starts from, as a fingerprint of that run: when it
         # was trained again, this stage must be too
-        key = {"steps": steps, "data": data, "batch": batch, "after": state["stages"].get(
+        key = {"steps": steps, "data": data, "batch": batch, "lr": lr, "after": state["stages"].get(
             "pretrain" if method == "sft" else "sft", {}).get("seconds")}
         if _stage_done(state, method, key):
             print(f"{i}/4 {method}: done ({dst})")

@@ -195,10 +195,3 @@ def test_cli_help_documents_docs_and_k(capsys):
     flat = " ".join(out.split())
     assert code == 0 and "--docs INDEX" in out and "-k N" in out
     assert "(default: 4)" in flat and "/sources" in flat and "sources:" in flat
-
-
-def test_cli_and_server_default_k_agree():
-    from lmforge.cli.use import DEFAULT_K
-    from lmforge.serve.protocol import DEFAULT_DOCUMENTS_K
-
-    assert DEFAULT_K == DEFAULT_DOCUMENTS_K == 4

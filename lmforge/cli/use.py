@@ -13,7 +13,7 @@ from lmforge.cli.common import (
 )
 from lmforge.errors import UserError
 
-DEFAULT_K = 4  # passages per turn for `run --docs` (the server's `documents` default is the same, tested)
+from lmforge.retrieval.grounding import DEFAULT_K  # passages per turn for `run --docs`, as the server's
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,12 +39,14 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-__all__ = ["INSTRUCTIONS", "NOT_IN_SOURCES", "Source", "Grounded", "ground", "inert", "placement", "cited",
+__all__ = ["DEFAULT_K", "INSTRUCTIONS", "NOT_IN_SOURCES", "Source", "Grounded", "ground", "inert", "placement", "cited",
            "strip_citations", "sources_from_hits"]
 
 #: What the model is told. Short on purpose: the quickstart's 6.5M-parameter model reads it every turn.
 INSTRUCTIONS = ("Answer from the numbered sources below and cite them like [1]. "
                 "If they do not contain the answer, say it is not in the sources.")
+#: Passages retrieved per question when the caller does not say (`lmforge run --docs`, the API's `documents`).
+DEFAULT_K = 4
 #: The answer the quickstart teaches when the right passage was not retrieved.
 NOT_IN_SOURCES = "That is not in the sources."
 

@@ -108,7 +108,10 @@ def index_path(name: str) -> Path:
     try:
         base, _ = split_name(name)
     except UserError as e:
-        raise UserError(str(e).replace("invalid model name", "invalid index name")) from None
+        from lmforge.paths import NAME_RULE
+
+        rule = "index names are 1-64 characters of a-z 0-9 . _ -, starting with a letter or digit"
+        raise UserError(str(e).replace("invalid model name", "invalid index name").replace(NAME_RULE, rule)) from None
     root = indexes_root().resolve()
     path = (root / f"{base}.sqlite").resolve()
     if not path.is_relative_to(root):  # unreachable for a valid name, barring a planted symlink

@@ -25,11 +25,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
+from lmforge.retrieval.grounding import DEFAULT_K
+
 MAX_N = 16  # choices per request (each is a row of the batch)
 MAX_LOGPROBS = 20
 MAX_STOP = 16  # stop strings (OpenAI allows 4; lm-eval sends more); each is checked on every token
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
-DEFAULT_DOCUMENTS_K = 4  # passages per request, as `lmforge run --docs`
+DEFAULT_DOCUMENTS_K = DEFAULT_K  # passages per request, the same default as `lmforge run --docs`
 MAX_DOCUMENTS_K = 32  # more passages than this cannot fit any context worth having
 
 
