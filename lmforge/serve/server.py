@@ -107,8 +107,11 @@ class DrainingServer(uvicorn.Server):
 
     def begin_drain(self) -> None:
         """Refuse new requests with 503, wait for those in flight (at most `grace` s), then stop."""
+        # The guard now answers 503 to every new request. Requests already admitted finish, even one that
+        # has its model but has not reached the scheduler yet (still tokenizing on the worker pool): closing
+        # the schedulers here refused those with 503 mid-drain, and the drain, seeing nothing in flight,
+        # stopped the server early.
         self.opts.draining = True
-        self.registry.close()
         log.warning("shutting down: finishing %d request(s) in flight (at most %.0fs)", self.registry.in_flight,
                     self.grace)
 
