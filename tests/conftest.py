@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +95,59 @@ def run_cli(capsys, *argv):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# A tiny BERT-family encoder for the embedding tests (loaders, retrieval, server): its WordPiece vocabulary
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "dog", "ran", "a",
+              "##s", ".", "logs", "rotate", "backup", "night", "purr"]
+TINY_BERT = dict(vocab_size=len(BERT_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=16)
+
+
+def save_tiny_bert(path, *, cls_pooling: bool = False, seed: int = 1, **config):
+    """A seeded random HF `BertModel` directory (safetensors, WordPiece tokenizer.json, and with
+    `cls_pooling` sentence-transformers' modules.json + 1_Pooling/config.json choosing the CLS token)."""
+    import json
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    torch.manual_seed(seed)
+    hf = transformers.BertModel(transformers.BertConfig(**{**TINY_BERT, **config}, initializer_range=0.5)).eval()
+    path = Path(path)
+    hf.save_pretrained(path, safe_serialization=True)
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(BERT_VOCAB)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(str(path / "tokenizer.json"))
+    if cls_pooling:
+        (path / "1_Pooling").mkdir()
+        (path / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": TINY_BERT["hidden_size"], "pooling_mode_cls_token": True,
+             "pooling_mode_mean_tokens": False}))
+        (path / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    return path
+
+
+def drive(session, lines):
+    """Run `lmforge.chat.repl` on `session` with `lines` as the user's input (then EOF): (exit code, output)."""
+    import io
+
+    from lmforge.chat import repl
+
+    it = iter(lines)
+
+    def read_line(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    return repl(session, out=out, read_line=read_line), out.getvalue()

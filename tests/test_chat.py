@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
 
 import pytest
 
-from lmforge.chat import ChatSession, repl
+from lmforge.chat import ChatSession
 from lmforge.engine.sampling import SamplingParams
-from conftest import load_engine, save_tiny_model
+from conftest import drive, load_engine, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +22,6 @@ def model_dir(tmp_path_factory, tiny_tokenizer):
 def session(model_dir):
     return ChatSession(load_engine(model_dir), system="You are terse.",
                        params=SamplingParams(max_new_tokens=8, seed=0))
-
-
-def drive(session, lines):
-    it = iter(lines)
-
-    def read_line(prompt):
-        try:
-            return next(it)
-        except StopIteration:
-            raise EOFError from None
-
-    out = io.StringIO()
-    code = repl(session, out=out, read_line=read_line)
-    return code, out.getvalue()
 
 
 def test_rendered_prompt_matches_the_template_without_double_bos(session):

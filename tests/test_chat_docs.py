@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import load_engine, run_cli, save_tiny_model
-from lmforge.chat import ChatSession, Documents, answer_once, repl
+from conftest import drive, load_engine, run_cli, save_tiny_model
+from lmforge.chat import ChatSession, Documents, answer_once
 from lmforge.engine.prompt import chat_prompt_ids
 from lmforge.engine.sampling import SamplingParams
 from lmforge.retrieval.grounding import ground, sources_from_hits
@@ -68,19 +68,6 @@ def expected_ids(session, turns):
         sources = sources_from_hits(index.search(turns[-1]["content"], 4))
     g = ground(tok, turns, sources, context=512, reserve=8, system="Be brief.")
     return chat_prompt_ids(tok, g.messages), g
-
-
-def drive(session, lines):
-    it = iter(lines)
-
-    def read_line(prompt):
-        try:
-            return next(it)
-        except StopIteration:
-            raise EOFError from None
-
-    out = io.StringIO()
-    return repl(session, out=out, read_line=read_line), out.getvalue()
 
 
 def test_each_turn_is_grounded_and_the_conversation_keeps_plain_text(session):

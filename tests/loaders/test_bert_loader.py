@@ -14,30 +14,14 @@ from lmforge.loaders.bert import embed_texts, encoder_config, load_encoder
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "dog", "ran", "a",
-         "##s", "."]
-TINY = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=8)
-
-
-def _tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok.save(str(path / "tokenizer.json"))
+from conftest import save_tiny_bert  # the shared tiny encoder
 
 
 def _bert_dir(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
-    torch.manual_seed(1)
-    hf = transformers.BertModel(transformers.BertConfig(**TINY, initializer_range=0.5)).eval()  # big: errors show
-    d = tmp_path / "bert"
-    hf.save_pretrained(d, safe_serialization=True)
-    _tokenizer(d)
-    return d, hf
+    """The shared tiny BERT with an 8-position context (the too-long-input tests need a short one), and
+    transformers' own model of it, the reference."""
+    d = save_tiny_bert(tmp_path / "bert", max_position_embeddings=8)
+    return d, transformers.BertModel.from_pretrained(d).eval()
 
 
 def test_round_trip_matches_transformers(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """`Embedder`: a tiny random BERT written by transformers matches transformers + manual pooling, a decoder's
 embedding matches a hand-computed mean of its hidden states, truncation is reported, and bad input is one
-line. `bert_dir` is shared with the hybrid-search, store and server tests."""
+line. The tiny BERT directory comes from conftest (`save_tiny_bert`), shared with the loader tests."""
 
 from __future__ import annotations
 
@@ -16,36 +16,7 @@ from lmforge.retrieval.embed import Embedder, embedder_for, is_encoder_dir
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "dog", "ran", "a",
-         "##s", ".", "logs", "rotate", "backup", "night", "purr"]
-TINY = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=16)
-
-
-def bert_dir(path: Path, *, cls_pooling: bool = False, seed: int = 1, **config) -> Path:
-    """A seeded random HF `BertModel` directory (safetensors, WordPiece tokenizer.json, and with
-    `cls_pooling` sentence-transformers' modules.json + 1_Pooling/config.json choosing the CLS token)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    torch.manual_seed(seed)
-    hf = transformers.BertModel(transformers.BertConfig(**{**TINY, **config}, initializer_range=0.5)).eval()
-    hf.save_pretrained(path, safe_serialization=True)
-    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok.save(str(path / "tokenizer.json"))
-    if cls_pooling:
-        (path / "1_Pooling").mkdir()
-        (path / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"word_embedding_dimension": TINY["hidden_size"], "pooling_mode_cls_token": True,
-             "pooling_mode_mean_tokens": False}))
-        (path / "modules.json").write_text(json.dumps([
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    return path
+from conftest import save_tiny_bert as bert_dir  # the shared tiny encoder
 
 
 def _reference(d: Path, texts: list[str], *, cls: bool) -> np.ndarray:

@@ -157,7 +157,7 @@ def test_a_kill_during_embedding_leaves_the_previous_index_searchable(tmp_path, 
 
 def test_real_tiny_bert_end_to_end(tmp_path, capsys):
     from tests.conftest import run_cli
-    from tests.retrieval.test_embed import bert_dir
+    from conftest import save_tiny_bert as bert_dir
 
     bert = bert_dir(tmp_path / "bert")
     docs = tmp_path / "docs"

@@ -16,7 +16,7 @@ openai = pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def bge_dir(tmp_path_factory):
-    from tests.retrieval.test_embed import bert_dir
+    from conftest import save_tiny_bert as bert_dir
 
     return bert_dir(tmp_path_factory.mktemp("enc") / "bge", cls_pooling=True)
 
