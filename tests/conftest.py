@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -151,3 +152,25 @@ def drive(session, lines):
 
     out = io.StringIO()
     return repl(session, out=out, read_line=read_line), out.getvalue()
+
+
+@contextlib.contextmanager
+def writer_killed_midway(script: str, path, first_line: str):
+    """Run `script` (python -c, argv[1] = `path`) until it prints a line starting with `first_line` from
+    inside its write transaction (its WAL file exists), let the caller look while it writes, then SIGKILL it."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(first_line), line
+        assert Path(f"{path}-wal").exists()  # the update really is writing when it dies
+        yield
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()

@@ -28,13 +28,14 @@ _CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
                 "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id")
 
 
-def _read_json(f: Path) -> dict[str, Any]:
+def _read_json(f: Path, kind: type = dict) -> Any:
+    """`f`'s JSON, which must be a `kind` (an object, or a list for modules.json); else one line."""
     try:
         data = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{f}: not readable JSON ({one_line(e)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{f}: expected a JSON object")
+    if not isinstance(data, kind):
+        raise UserError(f"{f}: expected a JSON {'object' if kind is dict else 'list of modules'}")
     return data
 
 
@@ -55,12 +56,7 @@ def _pooling(d: Path) -> tuple[str, bool]:
         else:
             raise UserError(f"{pool_file}: pooling {modes or 'none'} is not supported (only mean or cls tokens)")
     if modules_file.is_file():
-        try:
-            modules = json.loads(modules_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{modules_file}: not readable JSON ({one_line(e)})") from None
-        if not isinstance(modules, list):
-            raise UserError(f"{modules_file}: expected a JSON list of modules")
+        modules = _read_json(modules_file, list)
         normalize = any(isinstance(m, dict) and str(m.get("type", "")).endswith("Normalize") for m in modules)
     return pooling, normalize
 

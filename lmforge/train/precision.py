@@ -3,9 +3,9 @@
 A CPU's bf16 speed varies by an order of magnitude between the machines lmforge runs on: Intel's AMX tiles
 and AVX-512-BF16 (`vdpbf16ps`) make bf16 matmuls faster than fp32, while a CPU with AVX2 only converts bf16
 to fp32 around every kernel and runs several times *slower*. Which kernels PyTorch picks also depends on
-the shapes and its oneDNN build. So `lmforge quickstart` (and `--precision measure` of the training
-commands) times a few forward+backward passes of the model at its training shape in each precision and
-keeps bf16 autocast only when it is clearly faster (`MIN_SPEEDUP`); the figures are logged with the choice.
+the shapes and its oneDNN build. So `lmforge quickstart` times a few forward+backward passes of the model
+at its training shape in each precision and keeps bf16 autocast only when it is clearly faster
+(`MIN_SPEEDUP`); the figures are logged with the choice.
 
 Why not do this for every `precision="auto"` CPU run: the choice is a timing, so two runs of the same
 command could train in different precisions, and bf16 autocast on CPU is not bit-reproducible across

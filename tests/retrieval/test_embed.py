@@ -58,7 +58,7 @@ def test_encoder_truncates_and_says_so(tmp_path):
 
 
 def _decoder_dir(tmp_path, tiny_tokenizer) -> Path:
-    from tests.conftest import save_tiny_model
+    from conftest import save_tiny_model
 
     return save_tiny_model(tmp_path / "dec", tiny_tokenizer, context_length=32)
 
@@ -117,7 +117,7 @@ def test_is_encoder_dir_and_the_per_process_cache(tmp_path, tiny_tokenizer):
 
 
 def test_an_encoder_imports_into_the_store_as_an_embedding_model(tmp_path, capsys):
-    from tests.conftest import run_cli
+    from conftest import run_cli
 
     src = bert_dir(tmp_path / "bge-src", cls_pooling=True)
     code, out, err = run_cli(capsys, "import", src, "--name", "bge")
@@ -138,7 +138,7 @@ def test_an_encoder_imports_into_the_store_as_an_embedding_model(tmp_path, capsy
 
 
 def test_an_unsupported_encoder_is_refused_at_import(tmp_path, capsys):
-    from tests.conftest import run_cli
+    from conftest import run_cli
 
     src = bert_dir(tmp_path / "src", cls_pooling=True)
     modules = json.loads((src / "modules.json").read_text())

@@ -4,14 +4,13 @@ per index, a kill during `update(embedder=...)`, and a real tiny BERT end to end
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import writer_killed_midway
 
 from lmforge.errors import UserError
 from lmforge.retrieval import embed as embed_module
@@ -120,6 +119,7 @@ def test_another_model_is_refused_naming_both(tmp_path):
 
 KILLED_EMBED = textwrap.dedent("""
     import sys, time
+    sys.path.insert(0, "tests")  # test_hybrid imports from conftest, as pytest lets it
     from lmforge.retrieval.index import Index
     from tests.retrieval.test_hybrid import FakeEmbedder
     def slow(n):
@@ -134,17 +134,8 @@ KILLED_EMBED = textwrap.dedent("""
 def test_a_kill_during_embedding_leaves_the_previous_index_searchable(tmp_path, embedded_before):
     path = tmp_path / "t.sqlite"
     build(path, FakeEmbedder() if embedded_before else None).close()
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_EMBED, str(path)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("embedded"), line
-        assert Path(f"{path}-wal").exists()
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
+    with writer_killed_midway(KILLED_EMBED, path, "embedded"):
+        pass
     with Index(path) as index:
         fake = FakeEmbedder()
         assert index.embed_model == ("fake" if embedded_before else None)
@@ -156,7 +147,7 @@ def test_a_kill_during_embedding_leaves_the_previous_index_searchable(tmp_path, 
 
 
 def test_real_tiny_bert_end_to_end(tmp_path, capsys):
-    from tests.conftest import run_cli
+    from conftest import run_cli
     from conftest import save_tiny_bert as bert_dir
 
     bert = bert_dir(tmp_path / "bert")
@@ -212,7 +203,7 @@ def test_the_vectors_are_read_once_and_again_after_each_update(tmp_path, monkeyp
 
 
 def test_a_chat_model_can_embed_an_index_with_a_note(tmp_path, capsys, tiny_tokenizer):
-    from tests.conftest import run_cli, save_tiny_model
+    from conftest import run_cli, save_tiny_model
 
     model = save_tiny_model(tmp_path / "chat", tiny_tokenizer, context_length=32)
     docs = tmp_path / "docs"

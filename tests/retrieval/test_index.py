@@ -4,13 +4,12 @@ queries, damaged files, and the file walk that feeds it."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from conftest import writer_killed_midway
 
 from lmforge.errors import UserError
 from lmforge.retrieval.index import Index, collect_files, fts5_query, index_path, list_indexes, open_index
@@ -131,19 +130,9 @@ KILLED_UPDATE = textwrap.dedent("""
 def test_a_killed_update_leaves_the_previous_index_searchable(tmp_path):
     path = tmp_path / "t.sqlite"
     build(path).close()
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_UPDATE, str(path)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("written garden.md"), line
-        assert Path(f"{path}-wal").exists()  # the update really is writing when it dies
+    with writer_killed_midway(KILLED_UPDATE, path, "written garden.md"):
         with Index(path) as reader:  # WAL: a search while an update runs sees the last committed index
             assert reader.search("tomatoes")[0].path == "garden.md" and reader.search("zebras") == []
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
     with Index(path) as index:
         assert index.search("tomatoes")[0].path == "garden.md"
         assert index.search("strawberries") == [] and index.search("zebras") == []

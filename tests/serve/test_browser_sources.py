@@ -39,7 +39,7 @@ def make_index(name: str, docs: dict[str, str]) -> None:
 
 @pytest.fixture(scope="module")
 def docs_model(tmp_path_factory, tiny_tokenizer):
-    from tests.conftest import save_tiny_model
+    from conftest import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("browser-docs") / MODEL, tiny_tokenizer, context_length=512)
 

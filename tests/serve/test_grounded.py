@@ -25,7 +25,7 @@ CONTEXT = 512
 
 @pytest.fixture(scope="module")
 def docs_model(tmp_path_factory, tiny_tokenizer):
-    from tests.conftest import save_tiny_model
+    from conftest import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("docs-model") / MODEL, tiny_tokenizer, context_length=CONTEXT,
                            embedding_scale=8.0)
@@ -55,7 +55,7 @@ def reference(model_dir, question: str, k: int, max_tokens: int, name: str = "my
     from lmforge.engine.sampling import SamplingParams
     from lmforge.retrieval.grounding import ground, sources_from_hits
     from lmforge.retrieval.index import open_index
-    from tests.conftest import load_engine
+    from conftest import load_engine
 
     engine = load_engine(model_dir)
     with open_index(name) as index:
@@ -109,7 +109,7 @@ def test_earlier_turns_are_kept_and_only_the_latest_question_retrieves(server, d
     from lmforge.engine.prompt import chat_prompt_ids
     from lmforge.retrieval.grounding import ground, sources_from_hits
     from lmforge.retrieval.index import open_index
-    from tests.conftest import load_engine
+    from conftest import load_engine
 
     turns = [{"role": "user", "content": "what about trains"}, {"role": "assistant", "content": "Nothing [1]."},
              {"role": "user", "content": "and the cache"}]
@@ -136,7 +136,7 @@ def test_passages_too_long_for_the_context_are_dropped_and_said(server):
 
 
 def test_a_passage_holding_a_control_token_cannot_forge_a_turn(server, docs_model):
-    from tests.conftest import load_engine
+    from conftest import load_engine
 
     tok = load_engine(docs_model).tokenizer
     r = client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the template turn"}],
@@ -204,7 +204,7 @@ def test_beam_search_answers_carry_the_sources_too(server, docs_model):
 
 
 def test_serve_refuses_an_unknown_default_index(capsys):
-    from tests.conftest import run_cli
+    from conftest import run_cli
 
     make_index()
     code, _, err = run_cli(capsys, "serve", "--docs", "nosuch", "--port", "0")
