@@ -12,11 +12,16 @@ Also decided here, for every path alike:
   their own system message (Ollama's rule);
 - message text may not contain the literal text of a control token (`<|im_end|>`, ...): the rendered
   template is encoded with control tokens recognised, so such text would forge turn boundaries;
-- a template that refuses the messages (roles out of order, ...) is a `ChatPromptError` naming it.
+- a template that refuses the messages (roles out of order, ...) is a `ChatPromptError` naming it;
+- function tools (OpenAI's `tools`, as JSON-schema dicts) reach the template as its `tools` variable, and
+  extra variables (`template_kwargs`: vLLM's `chat_template_kwargs`, Ollama's `think`) as themselves, the
+  way transformers' `apply_chat_template(tools=..., **kwargs)` passes them; so a model sees tools in the
+  format it was trained on, whatever that is.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 from lmforge.errors import UserError
@@ -44,13 +49,19 @@ def conversation(turns: Sequence[dict], *, system: str | None = None, examples: 
 
 
 def chat_prompt_ids(tokenizer: Any, turns: Sequence[dict], *, system: str | None = None,
-                    examples: Sequence[dict] = (), add_generation_prompt: bool = True) -> list[int]:
+                    examples: Sequence[dict] = (), add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
     """The `conversation` of `turns` (with `system` and `examples`) rendered through the model's chat
     template (ending with the assistant header when `add_generation_prompt`) and encoded exactly as
     transformers' `apply_chat_template(tokenize=True)`: no BOS beyond what the template writes.
 
     Only `turns` are checked for control-token text, and errors count messages as the caller numbered
-    them: the system prompt and the examples are the model's own (its Modelfile)."""
+    them: the system prompt and the examples are the model's own (its Modelfile).
+
+    `tools` (a non-empty list) becomes the template's `tools` variable; `template_kwargs` are further
+    template variables. They cannot replace `messages`, `add_generation_prompt` or `tools` (the render sets
+    those last). Tool definitions and the tool calls in the turns are checked for control-token text as
+    message text is: both are written into the prompt verbatim."""
     if tokenizer.chat_template is None:
         raise ChatPromptError("this model has no chat template (tokenizer_config.json chat_template); use text "
                               "completion instead (lmforge generate, /v1/completions)", param="model",
@@ -61,8 +72,21 @@ def chat_prompt_ids(tokenizer: Any, turns: Sequence[dict], *, system: str | None
         if hit is not None:
             raise ChatPromptError(f"message {i} contains the control token {hit!r}, which would forge the "
                                   f"conversation's structure", param=f"messages.{i}.content")
+        if m.get("tool_calls"):
+            hit = tokenizer.control_token_in(json.dumps(m["tool_calls"], ensure_ascii=False))
+            if hit is not None:
+                raise ChatPromptError(f"the tool calls of message {i} contain the control token {hit!r}, which "
+                                      f"would forge the conversation's structure", param=f"messages.{i}.tool_calls")
+    if tools:
+        hit = tokenizer.control_token_in(json.dumps(tools, ensure_ascii=False))
+        if hit is not None:
+            raise ChatPromptError(f"the tools contain the control token {hit!r}, which would forge the "
+                                  f"conversation's structure", param="tools")
+    extra = {k: v for k, v in (template_kwargs or {}).items() if k not in ("messages", "add_generation_prompt", "tools")}
+    if tools:
+        extra["tools"] = list(tools)
     try:
         return tokenizer.encode_chat(conversation(turns, system=system, examples=examples),
-                                     add_generation_prompt=add_generation_prompt)
+                                     add_generation_prompt=add_generation_prompt, **extra)
     except UserError as e:  # the template raised (e.g. roles that do not alternate)
         raise ChatPromptError(f"the model's chat template refused these messages: {e}") from None
