@@ -6,7 +6,8 @@ Layers, each in its own file: `protocol` (the wire format: request schemas and t
 `Scheduler` (continuous batching), reached through `models.ModelRegistry` (lazy loading, keep-alive).
 The HTTP side: `security` (the ASGI guard before routing), `stream` (the scheduler thread -> asyncio
 bridge and SSE), `routes` (every handler, in the one `ROUTES` table). This file only assembles them
-(`create_app`): error handlers that give every error OpenAI's shape, the routes, CORS, the guard.
+(`create_app`): error handlers that give every error OpenAI's shape, the routes, CORS, the guard, and
+`metrics` (`GET /metrics`, with requests counted around the guard so that refused ones count too).
 Imports flow one way: app -> routes -> stream / security -> protocol, translate, models, engine.
 
 `ServerOptions` and `Guard` are re-exported here, where callers have always imported them from.
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serve.embeddings import ROUTES as EMBEDDING_ROUTES
 from lmforge.serve.feedback import RateLimit
+from lmforge.serve.metrics import Metrics, RequestCounter, metrics_endpoint
 from lmforge.serve.models import ModelRegistry
 from lmforge.serve.protocol import APIError, invalid
 from lmforge.serve.routes import ROUTES
@@ -41,6 +43,7 @@ def create_app(registry: ModelRegistry, opts: ServerOptions | None = None) -> Fa
     app.state.registry, app.state.opts = registry, opts
     app.state.feedback_rate = RateLimit(opts.feedback_per_minute)
     app.state.cpu = WorkerPool(opts.cpu_workers, opts.max_cpu_jobs)
+    app.state.metrics = Metrics(registry)  # this app's own Prometheus registry (`serve/metrics.py`)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -67,6 +70,8 @@ def create_app(registry: ModelRegistry, opts: ServerOptions | None = None) -> Fa
 
     for method, path, endpoint in ROUTES + EMBEDDING_ROUTES:
         app.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
-    app.state.guarded = secure(app, opts)
+    # Requests are counted outside the guard, so the ones it refuses are counted too.
+    app.state.guarded = RequestCounter(secure(app, opts), app, app.state.metrics)
     return app

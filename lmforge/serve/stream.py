@@ -28,6 +28,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from lmforge.engine.sampling import SamplingParams
+from lmforge.serve import metrics
 from lmforge.serve.models import Served
 from lmforge.serve.protocol import APIError, invalid
 
@@ -73,6 +74,9 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.rows: list[Row] = []
         self.open = len(prompts)
+        # Token counts and latencies for /metrics (`serve/metrics.py`), timed from here: the rows' submission.
+        m = metrics.current()
+        self.timer = m.timer(served.name, prompts) if m is not None else None
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
                 row = Row(ids, p, self._emitter(i), seq=i, seed_offset=seed_offsets[i] if seed_offsets else None)
@@ -87,9 +91,13 @@ class Generation:
         except ValueError as e:
             self.cancel()
             raise invalid(str(e), code="context_length_exceeded") from None
+        if self.timer is not None:
+            self.timer.submitted()  # prompt tokens count once every row is in (a refused request has none)
 
     def _emitter(self, i: int) -> Callable:
-        def emit(ev):
+        def emit(ev):  # on the scheduler thread: the latency measured is the engine's, not the event loop's
+            if self.timer is not None and ev is not None and ev.token_id is not None:
+                self.timer.token(i)
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
         return emit
 
