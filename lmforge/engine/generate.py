@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lmforge.engine.beam import Cancelled, beam_search, finish_beams
+from lmforge.engine.constrain import apply_constraints
 from lmforge.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from lmforge.engine.sampling import SamplingParams, penalty_window, sample_from, token_logprobs
 from lmforge.model.kv_cache import KVCache
@@ -70,16 +71,25 @@ class ScoreResult:
 
 def choose_tokens(logits: torch.Tensor, params: SamplingParams, states: Sequence["SequenceState"]) -> torch.Tensor:
     """The next token of every row of `logits` (B, V), all under one `params`, by `sample_from`: each row's
-    own history for the penalties (built only when a penalty is on) and its own random generator."""
+    own history for the penalties (built only when a penalty is on) and its own random generator. With a
+    grammar, each unfinished row's disallowed ids are masked off first (on a copy: the caller's logits stay
+    raw for the logprobs); rows without one never pay for it."""
+    if params.grammar is not None:
+        logits = apply_constraints(logits, [None if s.finished else s.constraint for s in states])
     prev = penalty_window([s.history for s in states], params.repeat_last_n, logits.device) if params.penalized else None
     return sample_from(logits, params, prev, [s.generator for s in states])
 
 
 class SequenceState:
     """One sequence being decoded: its token history (what penalties look at), its random generator, the
-    incremental detokenizer and stop-string matcher, and its token budget. `push(token)` turns the chosen
-    token into a `TokenEvent` and decides whether the sequence is finished. The batch engine and the
-    server's continuous-batching scheduler share it, so both stop, stream and count exactly alike."""
+    incremental detokenizer and stop-string matcher, its token budget, and its place in the grammar when the
+    request has one (`constraint`). `push(token)` turns the chosen token into a `TokenEvent` and decides
+    whether the sequence is finished. The batch engine and the server's continuous-batching scheduler share
+    it, so both stop, stream and count exactly alike.
+
+    A grammar ends a sequence too: its EOS (allowed when the grammar accepts) is an EOS even under
+    `ignore_eos`, and once nothing more can follow (the closing brace of a JSON object) the sequence stops
+    with "stop" at once, without a step spent on an EOS token."""
 
     def __init__(self, tokenizer, prompt_ids: list[int], params: SamplingParams, budget: int, seq: int = 0,
                  eos: set[int] | None = None, device: torch.device | str = "cpu", seed_offset: int | None = None) -> None:
@@ -91,6 +101,10 @@ class SequenceState:
         self.finished = False
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stop = StopMatcher(params.stop) if params.stop else None
+        # a fresh copy of the compiled grammar (compiled once per grammar text, see constrain.py)
+        self.constraint = params.grammar.constraint(tokenizer) if params.grammar is not None else None
+        if self.constraint is not None:
+            self.eos = self.eos | self.constraint.eos
         self.generator = torch.Generator(device=device)
         offset = seq if seed_offset is None else seed_offset
         # seed + offset, wrapped into the 64 bits a generator takes (any int the API accepts stays valid)
@@ -101,6 +115,8 @@ class SequenceState:
         self.n_out += 1
         self.history.append(tok)
         ev = TokenEvent(seq=self.seq, token_id=tok, text="", logprob=logprob, top_logprobs=top)
+        if self.constraint is not None:
+            self.constraint.advance(tok)
         if tok in self.eos:
             ev.text, _ = self._finish_text()
             ev.finish_reason = "stop"
@@ -111,6 +127,10 @@ class SequenceState:
                 if hit:
                     ev.finish_reason = "stop"
             ev.text = delta
+            if ev.finish_reason is None and self.constraint is not None and self.constraint.done:
+                tail, _ = self._finish_text()  # the grammar is complete: nothing may follow
+                ev.text += tail
+                ev.finish_reason = "stop"
             if ev.finish_reason is None and self.n_out >= self.budget:
                 tail, stopped = self._finish_text()
                 ev.text += tail

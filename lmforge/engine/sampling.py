@@ -37,6 +37,11 @@ logits; then 4. temperature; then 5. top-k, 6. top-p, 7. min-p; then softmax and
 Log-probabilities (`token_logprobs`) are computed from the RAW model logits, before any penalty,
 temperature or filter: that is what OpenAI and vLLM report by default, and it makes a token's reported
 logprob a property of the model, not of the sampling settings.
+
+Structured output (`SamplingParams.grammar`, see `constrain.py`) is one more exclusion, applied by the
+caller (`generate.choose_tokens`) BEFORE this pipeline: the ids the grammar forbids are -inf from the start,
+so penalties and bias cannot revive them, top-p's mass is that of the tokens that can actually come, and a
+forbidden token has probability exactly 0. Its logprobs stay raw, like every other filter's.
 """
 
 from __future__ import annotations
@@ -44,8 +49,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lmforge.engine.constrain import Grammar
 
 __all__ = [
     "SamplingParams",
@@ -107,6 +116,7 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool = False
+    grammar: Grammar | None = None  # structured output: only the tokens this grammar allows (constrain.py)
 
     @property
     def greedy(self) -> bool:
@@ -122,9 +132,9 @@ class SamplingParams:
 
     @property
     def plain_greedy(self) -> bool:
-        """True when the next token is the argmax of the raw logits: greedy, no penalty, no logit bias.
-        Rows with these settings need no history and can share one argmax."""
-        return self.greedy and not self.penalized and not self.logit_bias
+        """True when the next token is the argmax of the raw logits: greedy, no penalty, no logit bias, no
+        grammar. Rows with these settings need no history and can share one argmax."""
+        return self.greedy and not self.penalized and not self.logit_bias and self.grammar is None
 
     def validate(self) -> SamplingParams:
         """Raise ValueError with one line naming the bad field; return self so calls can chain."""
@@ -165,6 +175,13 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         _check_int("num_beams", self.num_beams, low=1)
         _check_float("length_penalty", self.length_penalty)
+        if self.grammar is not None:
+            from lmforge.engine.constrain import Grammar
+
+            if not isinstance(self.grammar, Grammar):
+                raise ValueError(f"grammar must be a constrain.Grammar, got {type(self.grammar).__name__}")
+            if self.num_beams > 1:
+                raise ValueError("beam search cannot follow a grammar (structured output); use num_beams 1")
         if self.num_beams > 1 and self.temperature != 0.0:
             raise ValueError(
                 f"beam search is deterministic; set temperature 0 (or 'greedy') with num_beams > 1 "
