@@ -24,6 +24,8 @@ limits of `lmforge.tokenizer.chat_template` (2 s, 1,000,000 steps, 1,000,000 cha
 PARAMETER names are Ollama's (`repeat_penalty`, `num_predict`, ...) or lmforge's own
 (`repetition_penalty`, `max_new_tokens`, ...); both map onto `SamplingParams` fields, and the values are
 validated when the Modelfile is read, so a bad one is reported with its line number, not at chat time.
+`PARAMETER num_ctx N` is kept apart (`Modelfile.num_ctx`): not a sampling setting but the context `lmforge
+serve` loads the model with (its KV cache is sized for it), bounded by the model's own context.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ PARAMETERS: dict[str, tuple[str, type]] = {
 }
 # Ollama parameters that describe its runtime (threads, GPU layers, ...), not the model's answers: accepted
 # so that existing Modelfiles work, and reported as ignored.
-IGNORED_PARAMETERS = {"num_ctx", "num_gpu", "num_thread", "num_batch", "num_keep", "mirostat", "mirostat_eta",
+IGNORED_PARAMETERS = {"num_gpu", "num_thread", "num_batch", "num_keep", "mirostat", "mirostat_eta",
                       "mirostat_tau", "tfs_z", "typical_p", "use_mmap", "use_mlock", "numa", "penalize_newline"}
 INSTRUCTIONS = ("from", "system", "template", "parameter", "adapter", "license", "message")
 ROLES = ("system", "user", "assistant")
@@ -71,6 +73,7 @@ class Modelfile:
     adapter: str | None = None
     license: str | None = None
     ignored: list[str] = field(default_factory=list)  # parameters accepted but not used (see IGNORED_PARAMETERS)
+    num_ctx: int | None = None  # PARAMETER num_ctx: the context the server loads the model with (its KV cache)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -88,7 +91,8 @@ class Modelfile:
             template=self.template if self.template is not None else parent.template,
             parameters={**parent.parameters, **self.parameters},
             messages=self.messages or parent.messages, adapter=self.adapter or parent.adapter,
-            license=self.license if self.license is not None else parent.license, ignored=self.ignored)
+            license=self.license if self.license is not None else parent.license, ignored=self.ignored,
+            num_ctx=self.num_ctx if self.num_ctx is not None else parent.num_ctx)
 
 
 def _value(text: str, lines: list[str], i: int, where: str) -> tuple[str, int]:
@@ -127,6 +131,14 @@ def _parameter(text: str, where: str) -> tuple[str, Any] | None:
     name = name.lower()
     if name in IGNORED_PARAMETERS:
         return None
+    if name == "num_ctx":  # not a sampling setting: the context the model is served with
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise UserError(f"{where}: PARAMETER num_ctx needs an integer, got {raw.strip()!r}") from None
+        if value < 1:
+            raise UserError(f"{where}: PARAMETER num_ctx must be at least 1, got {value}")
+        return "num_ctx", value
     if name not in PARAMETERS:
         raise UserError(f"{where}: unknown parameter {name!r}; known: {', '.join(PARAMETERS)}")
     attr, kind = PARAMETERS[name]
@@ -161,7 +173,9 @@ def parse(text: str, *, source: str = "Modelfile") -> Modelfile:
             raise UserError(f"{where}: unknown instruction {word!r}; known: {', '.join(k.upper() for k in INSTRUCTIONS)}")
         if kw == "parameter":
             p = _parameter(rest, where)
-            if p is None:
+            if p is not None and p[0] == "num_ctx":
+                mf.num_ctx = p[1]
+            elif p is None:
                 mf.ignored.append(rest.split()[0].lower())
             elif p[0] == "stop":
                 stops.append(p[1])

@@ -32,7 +32,7 @@ def test_full_modelfile():
                              "stop": ["<|im_end|>", "\nUser:"]}
     assert mf.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     assert mf.license == "MIT"
-    assert mf.ignored == ["num_ctx"]
+    assert mf.ignored == [] and mf.num_ctx == 4096  # the context the server loads it with
     assert Modelfile.from_json(mf.to_json()) == mf
 
 

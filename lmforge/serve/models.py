@@ -29,6 +29,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ class Served:
     footprint: Footprint | None = None  # its memory as estimated before loading: what unloading it frees
     embedder: Any = None  # `lmforge.retrieval.embed.Embedder`, made on the first embeddings request
     embedding_only: bool = False  # an encoder: no engine, cannot generate
+    keep_alive: float | None = None  # seconds unused before unloading, set by the last request that said; None:
+    # the server's default; math.inf: never (Ollama's negative keep_alive); 0: as soon as it is idle
+    num_ctx: int | None = None  # the context asked for when it was loaded (Modelfile or request), None: the server's
 
 
 class _Embedding:
@@ -177,9 +181,15 @@ class ModelRegistry:
                        type="invalid_request_error", param="model", code="model_not_found")
 
     # -- loading --------------------------------------------------------------------------------------
-    async def get(self, model_id: str, *, embedding: bool = False) -> Served:
+    async def get(self, model_id: str, *, embedding: bool = False, num_ctx: int | None = None,
+                  keep_alive: float | None = None) -> Served:
         """The loaded model `model_id`, loading it first if needed. Marks it in use: call `release`.
-        An embedding model is refused (400) unless `embedding` (the embeddings route) asks for one."""
+        An embedding model is refused (400) unless `embedding` (the embeddings route) asks for one.
+
+        Ollama's per-request settings: `keep_alive` (seconds; math.inf = never unload, 0 = as soon as it is
+        idle) replaces the model's keep-alive from now on; `num_ctx` asks for that context (bounded by the
+        model's own), and a model loaded with another one is reloaded with it once its requests are done,
+        as Ollama does: the KV cache is sized at load, so a context is a property of the loaded model."""
         from lmforge.loaders.model_dir import is_encoder_dir
 
         name, path = self.path_of(model_id)
@@ -192,29 +202,58 @@ class ModelRegistry:
         async with lock:
             with self._guard:  # the keep-alive thread unloads under the same lock
                 served = self.loaded.get(name)
+            if served is not None and num_ctx is not None and not served.embedding_only \
+                    and min(num_ctx, served.engine.config.context_length) != served.scheduler.context_length:
+                out, served = [served], None  # no reference of ours may keep its memory alive
+                await self._unload_for_reload(out, num_ctx)
+            with self._guard:
                 if served is not None:
                     served.active += 1
             if served is None:
-                served = await asyncio.to_thread(self._load_encoder if encoder else self._load, name, path)
+                served = await asyncio.to_thread(self._load_encoder if encoder else self._load, name, path,
+                                                 *(() if encoder else (num_ctx,)))
                 with self._guard:
                     self.loaded[name] = served
                     served.active += 1
             served.last_used = time.monotonic()
+            if keep_alive is not None:
+                served.keep_alive = keep_alive
             return served
+
+    async def _unload_for_reload(self, out: list[Served], num_ctx: int) -> None:
+        """Take the model in `out` out to load it again at another context: once its requests are over (the
+        caller holds the model's lock, so no new one starts on it meanwhile)."""
+        served = out.pop()
+        log.info("reloading %s with a context of %d (was %d)", served.name, min(num_ctx, served.engine.config.context_length),
+                 served.scheduler.context_length)
+        while True:
+            with self._guard:
+                if served.active == 0 and served.scheduler.idle:
+                    self.loaded.pop(served.name, None)
+                    break
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(served.scheduler.stop, 5)
+        del served
+        await asyncio.to_thread(_return_freed_memory, torch.device(self.device))
 
     def release(self, served: Served) -> None:
         with self._guard:
             served.active -= 1
             served.last_used = time.monotonic()
 
-    def _load(self, name: str, path: Path) -> Served:
+    def _load(self, name: str, path: Path, num_ctx: int | None = None) -> Served:
+        """Load `name` with a context of `num_ctx` (a request's), else its Modelfile's `PARAMETER num_ctx`,
+        else the server's --max-context; each bounded by the model's own context."""
         from lmforge.engine.generate import Engine
         from lmforge.engine.scheduler import Scheduler
-        from lmforge.loaders.auto import load
+        from lmforge.loaders.auto import load, read_modelfile
 
         try:
+            if num_ctx is None and path.is_dir():
+                num_ctx = getattr(read_modelfile(path), "num_ctx", None)
+            context = num_ctx if num_ctx is not None else self.max_context
             need = estimate(path, dtype=self.dtype, device=self.device, batch=self.max_batch,
-                            tokens=self.max_context, chunk=self.prefill_chunk)
+                            tokens=context, chunk=self.prefill_chunk)
         except UserError as e:
             raise self._load_failed(name, e) from None
         self._make_room(name, need)
@@ -222,14 +261,14 @@ class ModelRegistry:
             loaded = load(path, device=self.device, dtype=self.dtype)
             engine = Engine(loaded.model, loaded.tokenizer, fast=self.fast)
             scheduler = Scheduler(engine, max_batch=self.max_batch, max_queue=self.max_queue,
-                                  max_context=self.max_context, prefill_chunk=self.prefill_chunk)
+                                  max_context=context, prefill_chunk=self.prefill_chunk)
         except UserError as e:
             raise self._load_failed(name, e) from None
         finally:
             with self._guard:
                 self._reserved -= need.total
         created = int(path.stat().st_mtime)
-        return Served(name, engine, scheduler, loaded.modelfile, created, footprint=need)
+        return Served(name, engine, scheduler, loaded.modelfile, created, footprint=need, num_ctx=num_ctx)
 
     def _load_encoder(self, name: str, path: Path) -> Served:
         from lmforge.loaders.bert import load_encoder
@@ -337,12 +376,31 @@ class ModelRegistry:
         return APIError(503, f"not enough memory to load '{name}': it needs about {need.describe()} and {there}{hint}",
                         type="server_error", code="insufficient_memory", headers={"x-should-retry": "false"})
 
+    def keep_alive_of(self, served: Served) -> float:
+        """Seconds `served` stays loaded once unused: its last request's keep_alive, else the server's."""
+        return self.keep_alive if served.keep_alive is None else served.keep_alive
+
+    def expires_at(self, served: Served) -> float | None:
+        """Unix time `served` will be unloaded if no request comes (counted from now while it is in use, as
+        its keep-alive only starts when the last request ends); None: never."""
+        keep = self.keep_alive_of(served)
+        if math.isinf(keep):
+            return None
+        with self._guard:
+            in_use = served.active > 0 or not served.scheduler.idle
+            since = 0.0 if in_use else time.monotonic() - served.last_used
+        return time.time() - since + keep
+
+    def processor(self, served: Served) -> str:
+        """Where the model runs, as `ollama ps` shows it: "100% GPU" or "100% CPU" (never split)."""
+        return "100% GPU" if torch.device(self.device).type == "cuda" else "100% CPU"
+
     def unload_idle(self, now: float | None = None) -> list[str]:
-        """Unload the models unused for `keep_alive` seconds; returns their names."""
+        """Unload the models unused for their keep-alive (`keep_alive_of`); returns their names."""
         now = time.monotonic() if now is None else now
         with self._guard:
             gone = [self.loaded.pop(n) for n, s in list(self.loaded.items())
-                    if s.active == 0 and s.scheduler.idle and now - s.last_used >= self.keep_alive]
+                    if s.active == 0 and s.scheduler.idle and now - s.last_used >= self.keep_alive_of(s)]
         names = [s.name for s in gone]
         for s in gone:
             s.scheduler.stop()
@@ -350,6 +408,29 @@ class ModelRegistry:
             del gone, s
             _return_freed_memory(torch.device(self.device))
         return names
+
+    def unload(self, model_id: str, wait: float = 0.0) -> bool:
+        """Unload `model_id` (Ollama's keep_alive 0, `lmforge stop`): now if it is idle (waiting up to `wait`
+        seconds for its requests to end), else as soon as it is (its keep-alive becomes 0). True when it
+        is no longer loaded. Blocking: call it from a worker thread."""
+        name, _ = self.path_of(model_id)
+        deadline = time.monotonic() + wait
+        while True:
+            with self._guard:
+                served = self.loaded.get(name)
+                if served is None:
+                    return True
+                served.keep_alive = 0.0
+                if served.active == 0 and served.scheduler.idle:
+                    del self.loaded[name]
+                    break
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        served.scheduler.stop(timeout=5)
+        del served
+        _return_freed_memory(torch.device(self.device))
+        return True
 
     def snapshot(self) -> list[Served]:
         """The loaded models now (the keep-alive thread may unload one at any moment)."""
