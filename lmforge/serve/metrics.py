@@ -148,7 +148,8 @@ class _LoadedModels:
         hit = family(GaugeMetricFamily, "lmforge_prefix_cache_hit_ratio",
                      "Cached / prompt tokens since the model loaded (use the two counters for a rate)")
         for s in loaded:
-            memory.add_metric([s.name], s.footprint.total if s.footprint is not None else 0)
+            if s.footprint is not None:
+                memory.add_metric([s.name], s.footprint.total)
             active.add_metric([s.name], s.active)
             if s.embedding_only:
                 continue

@@ -158,6 +158,7 @@ def test_loaded_model_gauges_from_the_scheduler():
     assert value(m, "lmforge_prefix_cache_hit_tokens_total", model="a") == 300
     assert value(m, "lmforge_model_memory_bytes", model="a") == 1234
     assert value(m, "lmforge_busy_rows", model="b") == 1
+    assert value(m, "lmforge_model_memory_bytes", model="b") is None  # never counted: not reported as 0
     assert value(m, "lmforge_kv_cache_tokens", model="b") is None  # unknown, not a made-up zero
     assert value(m, "lmforge_prefix_cache_hit_ratio", model="b") is None
     assert value(m, "lmforge_busy_rows", model="enc") is None  # an encoder has no scheduler rows
