@@ -17,8 +17,8 @@ takes (seconds for a few thousand tokens on a CPU). So while other rows are deco
 most about `prefill_chunk` prompt tokens: short prompts (up to `prefill_chunk` tokens) are admitted until
 that budget is used, and longer ones are read in chunks, one chunk per turn, with a decode step for the
 running rows in between. The long prompts admitted together form one *filling group* in the top rows of the
-cache, read side by side (the budget shared between them), the shortest in the lowest row: prompts finish
-shortest first, so the group shrinks from the bottom and stays contiguous, and each finished prompt's row
+cache, read side by side (the budget shared between them), the shortest (to read) in the lowest row: prompts
+finish shortest first, so the group shrinks from the bottom and stays contiguous, and each finished prompt's row
 moves down to the end of the busy rows and decodes from the next step on. With nothing decoding there is
 nothing to hold up, and the budget is `max_prefill_tokens` (vLLM's chunked prefill answers the same
 problem with a per-step token budget).
@@ -26,6 +26,25 @@ problem with a per-step token budget).
 Requests join and leave between steps (vLLM's and TGI's "continuous" or "in-flight" batching), so a short
 answer never waits for a long one. Each row keeps its own timeline in the cache (slot = position, see
 `KVCache`), and busy rows are kept packed at the front, so a step runs over exactly the busy rows.
+
+**Prompt caching.** A chat re-sends the whole conversation every turn, and many requests share a system
+prompt: reading those tokens again is most of a long chat's time to first token on a CPU. So a request's
+row is not wiped when it ends: it is *parked*, still holding its prompt and answer (every token written to
+the cache, i.e. up to `pos`), and a new request whose prompt shares a prefix of at least `MIN_REUSE`
+tokens with a parked row -- or with a busy row, whose prompt never changes while it runs -- gets those
+keys and values and reads only the rest (`prompt[L:]` at slots L.., always at least its last token, whose
+logits choose the first answer token). The source row is used in place when it is the row the request
+lands in anyway, else its first L slots are copied (a memcpy: a few MB at most, where reading the same
+tokens streams every weight of the model once per chunk). What a newcomer displaces is saved into the least
+recently used free row when it is worth more (`ParkedRows`), and a leaving row is *swapped* with the last
+busy row instead of overwritten by it, so its content survives in the row that becomes free. Long prompts
+gain the same way: only their uncached part counts against the chunk budget, and a filling group's members
+each start at their own cached length. Any failure forgets every parked row (the cache may be what
+failed). This is llama.cpp's per-slot `cache_prompt` generalised to any row, rather than vLLM's block
+table or SGLang's radix tree: those share blocks between sequences but need attention over a block table
+(paged kernels), while here every row is one contiguous timeline that the plain attention reads as is; the
+price is that a free row remembers one conversation, so at most `max_batch` - busy ones are remembered,
+least recently used first to go. `prefix_cache=False` turns it off (the outputs are the same either way).
 
 The scheduler owns the model: all model work runs on its one thread, which keeps PyTorch single-owner
 and lets other work (scoring a prompt, beam search) be queued as a `call()` between steps. Requests and
@@ -47,6 +66,7 @@ from typing import Any, Callable
 import torch
 
 from lmforge.engine.generate import Engine, SequenceState, TokenEvent, choose_tokens
+from lmforge.engine.prefix_cache import PromptCache
 from lmforge.engine.sampling import SamplingParams, sample_from, token_logprobs
 from lmforge.model.kv_cache import KVCache
 
@@ -72,6 +92,7 @@ class Request:
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     error: BaseException | None = None
+    cached_tokens: int = 0  # prompt tokens found in the cache at admission (OpenAI's usage.cached_tokens)
 
     def cancel(self) -> None:
         """Stop this request at the next step boundary and free its row (thread-safe: a flag)."""
@@ -86,13 +107,21 @@ class _Row:
 
 
 class _Filling:
-    """Long prompts being prefilled side by side in the top cache rows, shortest first (see the module
-    docstring). Every member has read the same `done` tokens: they started together and read equal chunks."""
+    """Long prompts being prefilled side by side in the top cache rows (see the module docstring), the one
+    with the least left to read lowest. Member i started at slot `starts[i]` (its cached prefix) and every
+    member has read `read` tokens since: they started together and read equal chunks."""
 
-    __slots__ = ("reqs", "done")
+    __slots__ = ("reqs", "starts", "read")
 
-    def __init__(self, reqs: list[Request]) -> None:
-        self.reqs, self.done = sorted(reqs, key=lambda r: len(r.prompt_ids)), 0
+    def __init__(self, reqs: list[Request], starts: list[int]) -> None:
+        self.reqs, self.starts, self.read = reqs, starts, 0
+
+    def written(self, i: int) -> int:
+        """The slots of member i's row that hold its prompt so far."""
+        return min(len(self.reqs[i].prompt_ids), self.starts[i] + self.read)
+
+    def finished(self, i: int) -> bool:
+        return self.starts[i] + self.read >= len(self.reqs[i].prompt_ids)
 
 
 class Scheduler:
@@ -102,10 +131,12 @@ class Scheduler:
     wait for a row, and `submit` raises `QueueFull` beyond that, so overload is refused at once instead of
     queueing without end. While rows are decoding, a loop turn reads about `prefill_chunk` prompt tokens at
     most; longer prompts are read in chunks between decode steps (see the module docstring).
+    `prefix_cache` reuses the keys and values of earlier requests' prompts and answers (module docstring);
+    `prompt_tokens_total`, `cached_tokens_total` and `kv_tokens_used` report on it.
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 max_prefill_tokens: int = 4096, prefill_chunk: int = 512) -> None:
+                 max_prefill_tokens: int = 4096, prefill_chunk: int = 512, prefix_cache: bool = True) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
@@ -123,6 +154,7 @@ class Scheduler:
         self._closed = False
         self._stopped = False
         self.steps = 0  # decode steps run (for tests and stats)
+        self.pcache = PromptCache(self.cache, prefix_cache)  # what the rows hold, reused across requests
         self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
         self._thread.start()
 
@@ -170,6 +202,34 @@ class Scheduler:
     def busy(self) -> int:
         """Rows running now (a long prompt being prefilled counts)."""
         return len(self.rows) + self._n_filling
+
+    @property
+    def kv_tokens_used(self) -> int:
+        """Cache slots that busy rows (and prompts being read) hold now."""
+        f = self.filling
+        filling = sum(f.written(i) for i in range(len(f.reqs))) if f is not None else 0
+        return sum(row.pos for row in list(self.rows)) + filling
+
+    @property
+    def prefix_cache(self) -> bool:
+        return self.pcache.enabled
+
+    @property
+    def prompt_tokens_total(self) -> int:
+        """Prompt tokens of the requests admitted so far."""
+        return self.pcache.prompt_tokens_total
+
+    @property
+    def cached_tokens_total(self) -> int:
+        """Of `prompt_tokens_total`, those found in the cache rather than read."""
+        return self.pcache.cached_tokens_total
+
+    def set_prefix_cache(self, on: bool) -> None:
+        """Turn prompt caching on or off while serving (between two steps; off forgets the parked rows)."""
+        def switch() -> None:
+            self.pcache.enabled = on
+            self.pcache.clear()
+        self.call(switch).result()
 
     @property
     def _turn_budget(self) -> int:
@@ -243,7 +303,9 @@ class Scheduler:
                         pass
 
     def _fail_rows(self, error: BaseException) -> None:
-        """End every running row with `error`, without touching the cache (it may be what failed)."""
+        """End every running row with `error`, without touching the cache (it may be what failed), and
+        forget what the free rows held."""
+        self.pcache.clear()
         rows, self.rows = self.rows, []
         reqs = [row.req for row in rows]
         if self.filling is not None:
@@ -267,7 +329,8 @@ class Scheduler:
 
     def _retire(self, done: Callable[[_Row], bool]) -> None:
         """Remove the rows for which `done(row)` holds, keeping the busy rows packed at the front: the last
-        busy row moves into each freed row (a copy of its cache entries)."""
+        busy row moves into each freed row. With the prompt cache the two rows swap contents, so the freed
+        row's tokens stay parked in the row that becomes free; without it the last row is simply copied."""
         i = 0
         while i < len(self.rows):
             row = self.rows[i]
@@ -275,10 +338,9 @@ class Scheduler:
                 i += 1
                 continue
             last = len(self.rows) - 1
-            if i != last:
-                moved = self.rows[last]
-                self.cache.copy_row(last, i, moved.pos)
-                self.rows[i] = moved
+            held = row.state.history[:row.pos] if self.prefix_cache else []
+            self.pcache.leave(i, last, held, self.rows[last].pos)
+            self.rows[i] = self.rows[last]
             self.rows.pop()
             _tell(row.req)
 
@@ -290,6 +352,7 @@ class Scheduler:
         new: list[Request] = []
         longs: list[Request] = []
         gone: list[Request] = []
+        unread: dict[int, int] = {}  # prompt tokens to read, the cached prefix left out (an estimate)
         spent = 0
         with self._wake:
             free = self.max_batch - len(self.rows) - self._n_filling
@@ -297,6 +360,9 @@ class Scheduler:
             while self.waiting:
                 req = self.waiting.popleft()
                 n = len(req.prompt_ids)
+                if free and not req.cancelled:
+                    n -= self.pcache.estimate(req.prompt_ids, self._free_rows(), self._busy_rows())
+                unread[req.id] = n
                 if req.cancelled:
                     gone.append(req)
                 elif free == 0:
@@ -317,41 +383,73 @@ class Scheduler:
         for req in gone:
             _tell(req)
         # Prompts of similar length share a prefill pass; a pass holds at most `max_prefill_tokens` (padded).
-        new.sort(key=lambda r: len(r.prompt_ids))
+        new.sort(key=lambda r: unread[r.id])
         group: list[Request] = []
+        groups: list[list[Request]] = [[]]
         for req in new:
-            if group and (len(group) + 1) * len(req.prompt_ids) > self.max_prefill_tokens:
+            if groups[-1] and (len(groups[-1]) + 1) * unread[req.id] > self.max_prefill_tokens:
+                groups.append([])
+            groups[-1].append(req)
+        for group in groups:
+            if group:  # those with a cached prefix take their rows first, before others displace it
+                group.sort(key=lambda r: unread[r.id] - len(r.prompt_ids))
                 self._prefill_group(group)
-                group = []
-            group.append(req)
-        if group:
-            self._prefill_group(group)
         self._retire(lambda r: False)  # a first token can already finish a request
-        if longs:
-            self.filling = _Filling(longs)  # rows [max_batch - len(longs), max_batch): free, above the busy rows
+        if longs:  # rows [max_batch - len(longs), max_batch): free, above the busy rows
+            longs.sort(key=lambda r: unread[r.id])  # the least left to read lowest (see `_fill_chunk`)
+            top, claimed = self.max_batch - len(longs), set()
+            try:
+                starts = [self._claim(req, top + i, claimed) for i, req in enumerate(longs)]
+            except Exception as e:
+                self.pcache.clear()
+                for req in longs:
+                    req.error = e
+                    _tell(req)
+                return
+            self.filling = _Filling(longs, starts)
+
+    # -- the prompt cache (see the module docstring and engine/prefix_cache.py) ---------------------------
+    def _free_rows(self, claimed: set[int] = frozenset()) -> list[int]:
+        return [j for j in range(len(self.rows), self.max_batch - self._n_filling) if j not in claimed]
+
+    def _busy_rows(self) -> list[tuple[list[int], int]]:
+        return [(row.state.history, row.pos) for row in self.rows]
+
+    def _claim(self, req: Request, t: int, claimed: set[int]) -> int:
+        """Free row `t` becomes `req`'s, holding the longest cached prefix of its prompt; returns its length
+        (the slot its reading starts at). `claimed`: the rows already taken this turn, t added."""
+        n = self.pcache.claim(req.prompt_ids, t, self._free_rows(claimed), self._busy_rows())
+        claimed.add(t)
+        req.cached_tokens = n
+        return n
 
     def _prefill_group(self, reqs: list[Request]) -> None:
         try:
             self._prefill(reqs)
         except Exception as e:  # fail these requests, keep the others running
+            self.pcache.clear()
             for req in reqs:
                 req.error = e
                 _tell(req)
 
     def _prefill(self, reqs: list[Request]) -> None:
         """Run the prompts of `reqs` through the model in one right-padded pass, each into its own free row
-        (see `_forward_padded`), and emit each first generated token."""
-        logits = self._forward_padded([r.prompt_ids for r in reqs], start=0, first_row=len(self.rows))
+        (see `_forward_padded`), and emit each first generated token. Each reads only what its row does not
+        already hold (see `_claim`)."""
+        first, claimed = len(self.rows), set()
+        starts = [self._claim(req, first + b, claimed) for b, req in enumerate(reqs)]
+        logits = self._forward_padded([r.prompt_ids[s:] for r, s in zip(reqs, starts)], starts=starts, first_row=first)
         rows = [self._new_row(req) for req in reqs]
         self.rows.extend(rows)
         self._choose(rows, logits)
 
-    def _forward_padded(self, pieces: list[list[int]], *, start: int, first_row: int) -> torch.Tensor:
+    def _forward_padded(self, pieces: list[list[int]], *, starts: list[int], first_row: int) -> torch.Tensor:
         """One forward pass of token lists `pieces`, right-padded into a (B, W) batch, into cache rows
-        first_row.. at slots start..start+W-1; the logits (B, V) after each piece's last real token.
+        first_row.. (piece b at slots starts[b]..); the logits (B, V) after each piece's last real token.
 
         A row's padding lands at slots after its real tokens, which its own queries never see (slot >
-        position) and which its later tokens overwrite, in order, before they become visible."""
+        position) and which its later tokens overwrite, in order, before they become visible. Padding that
+        would run past the context is clamped to its last slot: past every real token of a prompt that fits."""
         engine, dev, B = self.engine, self.engine.device, len(pieces)
         lengths = [len(x) for x in pieces]
         width = max(lengths)
@@ -359,7 +457,7 @@ class Scheduler:
         idx = torch.full((B, width), pad, dtype=torch.long)
         for b, x in enumerate(pieces):
             idx[b, :lengths[b]] = torch.tensor(x)
-        slots = (start + torch.arange(width, device=dev)).expand(B, width)
+        slots = (torch.tensor(starts)[:, None] + torch.arange(width)).clamp_(max=self.context_length - 1).to(dev)
         view = self.cache.rows(first_row + B, first_row)
         logits = engine.model(idx.to(dev), cache=view, slots=slots, mask=view.mask(slots),
                             output_positions=torch.tensor(lengths, device=dev) - 1)[:, -1]
@@ -376,18 +474,18 @@ class Scheduler:
     def _fill(self) -> None:
         """Read the next chunk of every prompt of the filling group, in one right-padded pass over the top
         rows; the turn's budget is shared equally. Members whose prompt is now in move down to the end of
-        the busy rows (a copy of their cache entries), choose their first token and decode from the next step
-        on. A failure ends the group's requests; the running rows go on."""
+        the busy rows, choose their first token and decode from the next step on. A failure ends the
+        group's requests (and forgets the parked rows); the running rows go on."""
         f = self.filling
-        dropped = [r for r in f.reqs if r.cancelled]
-        if dropped:  # the members below a dropped one move up, keeping the group contiguous at the top
+        if any(r.cancelled for r in f.reqs):  # the members below a dropped one move up: the group stays at the top
             top = self.max_batch - len(f.reqs)
-            keep = [r for r in f.reqs if not r.cancelled]
-            for i in reversed(range(len(keep))):  # moving up: the highest first, so no source is overwritten
-                src, dst = top + f.reqs.index(keep[i]), self.max_batch - len(keep) + i
-                if src != dst and f.done:
-                    self.cache.copy_row(src, dst, f.done)
-            f.reqs = keep
+            keep = [i for i, r in enumerate(f.reqs) if not r.cancelled]
+            dropped = [r for r in f.reqs if r.cancelled]
+            for j in reversed(range(len(keep))):  # moving up: the highest first, so no source is overwritten
+                src, dst = top + keep[j], self.max_batch - len(keep) + j
+                if src != dst and f.written(keep[j]):
+                    self.cache.copy_row(src, dst, f.written(keep[j]))
+            f.reqs, f.starts = [f.reqs[i] for i in keep], [f.starts[i] for i in keep]
             for req in dropped:
                 _tell(req)
             if not keep:
@@ -397,6 +495,7 @@ class Scheduler:
             self._fill_chunk(f)
         except Exception as e:
             self.filling = None
+            self.pcache.clear()
             for req in f.reqs:
                 req.error = req.error or e
                 _tell(req)
@@ -404,24 +503,35 @@ class Scheduler:
     def _fill_chunk(self, f: _Filling) -> None:
         k = len(f.reqs)
         c = max(1, self._turn_budget // k)
-        # The shortest may run out: its padding stays below done + width <= the longest prompt, so inside the
-        # context (see `_forward_padded`).
         top = self.max_batch - k
-        logits = self._forward_padded([r.prompt_ids[f.done:f.done + c] for r in f.reqs], start=f.done, first_row=top)
-        f.done += c
+        at = [s + f.read for s in f.starts]
+        logits = self._forward_padded([r.prompt_ids[a:a + c] for r, a in zip(f.reqs, at)], starts=at, first_row=top)
+        f.read += c
+        done = [i for i in range(k) if f.finished(i)]
+        if not done:
+            return
+        # The finished members go to the bottom of the group (they normally are there already: the least left
+        # to read is lowest, unless a cached prefix moved between admission and `_claim`), keeping their order.
+        order = list(range(k))  # order[p] = the member now in row top + p
+        for p, i in enumerate(done):
+            q = order.index(i)
+            if q != p:
+                self.cache.swap_rows(top + q, top + p, f.written(i), f.written(order[p]))
+                order[p], order[q] = i, order[p]
+        logits = logits[done]
+        f.reqs, f.starts = [f.reqs[i] for i in order], [f.starts[i] for i in order]
         rows: list[_Row] = []
-        while f.reqs and len(f.reqs[0].prompt_ids) <= f.done:  # finished: the lowest rows, shortest first
+        for p in range(len(done)):  # moving down in order never overwrites a member not yet moved (dst <= src)
             req = f.reqs.pop(0)
-            src = top + len(rows)  # moving down in order never overwrites a member not yet moved (dst <= src)
-            if len(self.rows) != src:
-                self.cache.copy_row(src, len(self.rows), len(req.prompt_ids))
+            f.starts.pop(0)
+            src, dst = top + p, len(self.rows)
+            self.pcache.relocate(src, dst, len(req.prompt_ids))  # what dst held moves up into src, now free
             rows.append(self._new_row(req))
             self.rows.append(rows[-1])
         if not f.reqs:
             self.filling = None
-        if rows:
-            self._choose(rows, logits[:len(rows)])
-            self._retire(lambda r: False)  # a first token may already finish a request
+        self._choose(rows, logits)
+        self._retire(lambda r: False)  # a first token may already finish a request
 
     def _step(self) -> None:
         """One forward pass over every busy row, each at its own position, then each row's next token."""

@@ -55,6 +55,18 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    def swap_rows(self, a: int, b: int, len_a: int, len_b: int) -> None:
+        """Exchange the first `len_a` slots of row `a` with the first `len_b` slots of row `b` (the
+        scheduler keeps a row's content when another takes its place: see its prompt cache). One of the two
+        goes through a temporary copy, so this costs about one and a half row copies."""
+        if a == b:
+            return
+        k, v = self.k[:, a, :, :len_a].clone(), self.v[:, a, :, :len_a].clone()
+        self.k[:, a, :, :len_b] = self.k[:, b, :, :len_b]
+        self.v[:, a, :, :len_b] = self.v[:, b, :, :len_b]
+        self.k[:, b, :, :len_a] = k
+        self.v[:, b, :, :len_a] = v
+
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]

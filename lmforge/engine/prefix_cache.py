@@ -1,0 +1,211 @@
+"""The scheduler's prompt cache: which tokens each KV-cache row holds, and moving rows to reuse them.
+
+The scheduler (engine/scheduler.py, whose docstring explains the design and why) keeps a finished
+request's row as it was -- its prompt and its answer, as keys and values -- until the row is needed again,
+so that the next turn of the same chat, or another request with the same system prompt, reads only what
+is new. `ParkedRows` holds the token lists of those *parked* rows and decides which to give up first (plain
+Python, no tensors); `PromptCache` finds the row a new prompt shares most with and moves rows in the
+`KVCache` accordingly. The scheduler owns the batch (which rows are busy, free or filling) and tells
+`PromptCache` which are which; it lives in its own module so that batching and caching read separately.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from lmforge.model.kv_cache import KVCache
+
+# Shorter matches are not worth moving a row for: every chat prompt starts with the same few template
+# tokens (BOS, a role header), which say nothing about the rest and save almost no reading.
+MIN_REUSE = 8
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """The number of leading tokens `a` and `b` share, at most `limit`.
+
+    List slices compare in C, so this checks the whole common length at once (the usual case: the parked
+    row is the previous turn, a prefix of the new prompt) and otherwise halves the range where the first
+    difference lies, comparing only the new half each time: O(n) element comparisons, none in Python."""
+    n = min(len(a), len(b), len(a) if limit is None else limit)
+    if n <= 0:
+        return 0
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class ParkedRows:
+    """What each cache row holds while no request uses it: `tokens[row]` (their keys and values are at slots
+    0..len-1 of that row), or None when the row holds nothing usable. `stamp[row]` orders rows by last use,
+    so the least recently used content is the first given up."""
+
+    def __init__(self, n_rows: int) -> None:
+        self.tokens: list[list[int] | None] = [None] * n_rows
+        self.stamp = [0] * n_rows
+        self._tick = 0
+
+    def length(self, row: int) -> int:
+        t = self.tokens[row]
+        return len(t) if t else 0
+
+    def park(self, row: int, tokens: list[int]) -> None:
+        """Row `row` now holds `tokens` (a request just left it), the most recently used content."""
+        self.tokens[row] = tokens or None
+        self.touch(row)
+
+    def touch(self, row: int) -> None:
+        """Row `row`'s content was just reused: it is worth keeping longer."""
+        self._tick += 1
+        self.stamp[row] = self._tick
+
+    def drop(self, row: int) -> None:
+        """Row `row` is about to be overwritten (a request takes it)."""
+        self.tokens[row] = None
+
+    def copy(self, src: int, dst: int) -> None:
+        """The cache copied row `src`'s content into row `dst`."""
+        self.tokens[dst], self.stamp[dst] = self.tokens[src], self.stamp[src]
+
+    def swap(self, a: int, b: int) -> None:
+        """The cache exchanged the contents of rows `a` and `b`."""
+        self.tokens[a], self.tokens[b] = self.tokens[b], self.tokens[a]
+        self.stamp[a], self.stamp[b] = self.stamp[b], self.stamp[a]
+
+    def clear(self) -> None:
+        """Forget everything (after a failure: the cache itself may be what failed)."""
+        self.tokens = [None] * len(self.tokens)
+
+    def victim(self, rows: Iterable[int]) -> int | None:
+        """The row of `rows` whose content is least worth keeping: an empty one, else the least recently
+        used; None when `rows` is empty."""
+        return min(rows, key=lambda r: (self.tokens[r] is not None, self.stamp[r]), default=None)
+
+    def less_valuable(self, a: int, b: int) -> bool:
+        """Whether row `a`'s content is worth less than row `b`'s (so `b`'s may be saved over it)."""
+        return self.tokens[a] is None or (self.tokens[b] is not None and self.stamp[a] < self.stamp[b])
+
+
+# A busy row as the prompt cache sees it: its tokens so far (prompt + answer) and how many of them are in
+# the cache (the last chosen token is not written until the next step).
+Busy = tuple[Sequence[int], int]
+
+
+class PromptCache:
+    """Reuse of cached prefixes across requests, over the scheduler's `cache` (see the module docstring).
+
+    Row indices are cache rows. `free` lists the rows no request uses (their content is in `parked`) and
+    `busy` the rows in use, row i being `busy[i]` (busy rows are packed at the front). Nothing here runs
+    when `enabled` is False, except the counting."""
+
+    def __init__(self, cache: KVCache, enabled: bool = True) -> None:
+        self.cache, self.enabled = cache, enabled
+        self.parked = ParkedRows(cache.batch_size)
+        self.prompt_tokens_total = 0  # prompt tokens of the requests admitted so far
+        self.cached_tokens_total = 0  # ... of which were found in the cache, not read
+        self.copied_slots = 0  # row slots copied to reuse or keep cached content (its cost, for benches)
+
+    def best_source(self, prompt: Sequence[int], free: list[int], busy: Sequence[Busy],
+                    prefer: int | None = None) -> tuple[int | None, int]:
+        """The row holding the longest prefix of `prompt` and that length, at most len(prompt) - 1 (the
+        last prompt token is always read, for the logits of the first answer token); on a tie `prefer` (the
+        row the request lands in: no copy), then a free row. (None, 0) when no row shares a token."""
+        limit = len(prompt) - 1
+        best, best_len = None, 0
+        for j in ([prefer] if prefer in free else []) + free:
+            tokens = self.parked.tokens[j]
+            if tokens:
+                n = common_prefix(prompt, tokens, limit)
+                if n > best_len:
+                    best, best_len = j, n
+        for i, (tokens, written) in enumerate(busy):
+            n = common_prefix(prompt, tokens, min(limit, written))
+            if n > best_len:
+                best, best_len = i, n
+        return best, best_len
+
+    def estimate(self, prompt: Sequence[int], free: list[int], busy: Sequence[Busy]) -> int:
+        """How many of `prompt`'s tokens the cache holds now (the scheduler's admission budget counts the
+        rest). A free row found counts as used: it is about to be, and must not be the first displaced."""
+        if not self.enabled:
+            return 0
+        src, n = self.best_source(prompt, free, busy)
+        if n < MIN_REUSE:
+            return 0
+        if src >= len(busy):
+            self.parked.touch(src)
+        return n
+
+    def claim(self, prompt: Sequence[int], t: int, free: list[int], busy: Sequence[Busy]) -> int:
+        """Make free row `t` (in `free`) hold the longest cached prefix of `prompt` for the request about
+        to take it; returns that prefix's length, the slot its reading starts at. What `t` held is saved
+        into the least valuable other free row when it is worth more than that row's content."""
+        n = 0
+        if self.enabled:
+            parked = self.parked
+            src, n = self.best_source(prompt, free, busy, prefer=t)
+            if n < MIN_REUSE:
+                src, n = None, 0
+            if src == t:  # in place; keep what lies beyond the prefix if it is worth a copy
+                if parked.length(t) - n >= MIN_REUSE:
+                    self._save(t, free, avoid=t)
+            elif src is not None and src >= len(busy) and n == parked.length(src):
+                # a free row that this request uses up entirely: the two rows swap contents
+                self._swap(t, src, parked.length(t), n)
+            else:
+                self._save(t, free, avoid=src)
+                if src is not None:
+                    self._copy(src, t, n)
+                    if src >= len(busy):
+                        parked.touch(src)
+            parked.drop(t)
+        self.prompt_tokens_total += len(prompt)
+        self.cached_tokens_total += n
+        return n
+
+    def leave(self, row: int, last: int, tokens: list[int], last_len: int) -> None:
+        """Busy `row` (holding `tokens`) ends and the last busy row, `last` (holding `last_len` slots), moves
+        into it: swapped, so that `tokens` stay parked in `last`, which becomes free (or, off, copied)."""
+        if row != last:  # (off, `tokens` is not looked at)
+            if self.enabled:
+                self._swap(row, last, len(tokens), last_len)
+            else:
+                self.cache.copy_row(last, row, last_len)
+        if self.enabled:
+            self.parked.park(last, tokens)
+
+    def relocate(self, src: int, dst: int, n: int) -> None:
+        """A row not in `busy` nor free (a prompt being read) with `n` slots moves into free row `dst`;
+        what `dst` held moves up into `src`, which becomes free."""
+        if src == dst:
+            return
+        if self.enabled:
+            self._swap(src, dst, n, self.parked.length(dst))
+        else:
+            self.cache.copy_row(src, dst, n)
+
+    def clear(self) -> None:
+        self.parked.clear()
+
+    def _save(self, t: int, free: list[int], avoid: int | None) -> None:
+        if not self.parked.length(t):
+            return
+        v = self.parked.victim(j for j in free if j != t and j != avoid)
+        if v is not None and self.parked.less_valuable(v, t):
+            self._copy(t, v, self.parked.length(t))
+            self.parked.copy(t, v)
+
+    def _copy(self, src: int, dst: int, n: int) -> None:
+        self.cache.copy_row(src, dst, n)
+        self.copied_slots += n
+
+    def _swap(self, a: int, b: int, len_a: int, len_b: int) -> None:
+        self.cache.swap_rows(a, b, len_a, len_b)
+        self.copied_slots += len_a + len_b
+        self.parked.swap(a, b)

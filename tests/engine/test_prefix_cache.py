@@ -1,0 +1,300 @@
+"""The scheduler's prompt cache: a prompt that starts with what a cache row already holds (the previous turn
+of a chat, a shared system prompt) reads only the rest, and every answer is exactly what it is without the
+cache. Answers are compared token for token and by their logprobs: the tiny model's greedy tokens barely
+depend on a few wrong cache entries, its logprobs do (by ~1e-3), so a row reused wrongly shows."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import load_engine, save_tiny_model
+from lmforge.engine.prefix_cache import MIN_REUSE, ParkedRows, common_prefix
+from lmforge.engine.sampling import SamplingParams
+from lmforge.engine.scheduler import Request, Scheduler
+
+WORDS = ["the model", "a token reads the", "each layer", "the data returns the value and", "our loss",
+         "every byte counts", "the cache writes a long sentence and", "some text"]
+SYSTEM = "you are a helpful model . " + " ".join(WORDS[:4])  # ~30 tokens, shared by many prompts
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tiny_tokenizer):
+    d = save_tiny_model(tmp_path_factory.mktemp("prefix") / "m", tiny_tokenizer, context_length=256)
+    return load_engine(d)
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True, logprobs=1)
+
+
+class Answer:
+    """The events of one request, and a way to wait for its end."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.done = threading.Event()
+
+    def __call__(self, ev) -> None:
+        if ev is None:
+            self.done.set()
+        else:
+            self.ids.append(ev.token_id)
+            self.logprobs.append(ev.logprob)
+
+
+def submit(sched: Scheduler, prompt: list[int], params: SamplingParams) -> tuple[Request, Answer]:
+    ans = Answer()
+    return sched.submit(Request(list(prompt), params, ans)), ans
+
+
+def wait(*answers: Answer) -> None:
+    for a in answers:
+        assert a.done.wait(60), "a request never finished"
+
+
+def same(a: Answer, b: Answer) -> None:
+    assert a.ids == b.ids
+    assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def run_all(sched: Scheduler, prompts: list[list[int]], params: list[SamplingParams]):
+    """Submit every prompt while the scheduler is held, so that they are admitted as one queue."""
+    hold = threading.Event()
+    sched.call(lambda: hold.wait(10))
+    out = [submit(sched, p, q) for p, q in zip(prompts, params)]
+    hold.set()
+    wait(*(a for _, a in out))
+    return out
+
+
+def schedulers(engine, **kw):
+    return Scheduler(engine, prefix_cache=True, **kw), Scheduler(engine, prefix_cache=False, **kw)
+
+
+# --- the bookkeeping --------------------------------------------------------------------------------------
+def test_common_prefix_against_a_plain_loop():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randrange(40))]
+        b = a[:rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(40))]
+        ref = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == ref
+        assert common_prefix(a, b, 5) == min(ref, 5)
+
+
+def test_parked_rows_give_up_the_least_recently_used_first():
+    p = ParkedRows(4)
+    p.park(0, [1, 2])
+    p.park(1, [3])
+    p.park(2, [4])
+    assert p.victim([0, 1, 2, 3]) == 3  # empty first
+    p.touch(0)
+    assert p.victim([0, 1, 2]) == 1
+    assert p.less_valuable(1, 2) and not p.less_valuable(2, 1) and p.less_valuable(3, 0)
+    p.swap(0, 3)
+    assert p.tokens[3] == [1, 2] and p.tokens[0] is None
+
+
+# --- answers with and without the cache -----------------------------------------------------------------
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_a_ten_turn_chat_reads_only_what_is_new(engine, max_batch):
+    """Each turn's prompt is the previous prompt + its answer + a new message: with the cache, turn k finds
+    everything the previous turn wrote (its prompt and all but the last answer token, never written) and the
+    transcript is token for token the one without the cache. With 4 rows, other requests come and go
+    between the turns, so the chat's row is swapped around and its neighbours are reused too."""
+    tok = engine.tokenizer
+    transcripts = []
+    for sched in schedulers(engine, max_batch=max_batch):
+        try:
+            prompt = engine.encode_prompt(SYSTEM)
+            turns = []
+            for k in range(10):
+                prompt = prompt + tok.encode(" user : " + WORDS[k % len(WORDS)], allow_special=False)
+                others = [submit(sched, engine.encode_prompt(WORDS[(k + j) % len(WORDS)]), greedy(3 + j))
+                          for j in range(max_batch - 1)]
+                req, ans = submit(sched, prompt, greedy(5 + k % 3))
+                wait(ans, *(a for _, a in others))
+                turns.append((list(prompt), req.cached_tokens, ans))
+                prompt = prompt + ans.ids
+            transcripts.append(turns)
+            if sched.prefix_cache:
+                assert sched.cached_tokens_total >= sum(c for _, c, _ in turns)
+                assert sched.prompt_tokens_total >= sum(len(p) for p, _, _ in turns)
+        finally:
+            sched.stop()
+    cached, plain = transcripts
+    for k, ((p1, c1, a1), (p2, c2, a2)) in enumerate(zip(cached, plain)):
+        assert p1 == p2, k
+        same(a1, a2)
+        assert c2 == 0
+        if k:
+            prev_prompt, _, prev = cached[k - 1]
+            assert c1 == len(prev_prompt) + len(prev.ids) - 1, k
+
+
+def test_many_requests_sharing_a_system_prompt(engine):
+    """12 requests with one system prompt and their own questions, 3 rows: the first 3 read everything (no
+    row holds anything yet); every later one finds the system prompt in a busy or a parked row; and every
+    answer equals the answer without the cache."""
+    system = engine.encode_prompt(SYSTEM)
+    prompts = [system + engine.tokenizer.encode(f" question {i} : " + WORDS[i % len(WORDS)], allow_special=False)
+               for i in range(12)]
+    params = [greedy(2 + (5 * i) % 7) for i in range(12)]  # rows leave at different times
+    results = []
+    for sched in schedulers(engine, max_batch=3, max_queue=16):
+        try:
+            results.append(run_all(sched, prompts, params))
+            if sched.prefix_cache:
+                cached = [r.cached_tokens for r, _ in results[-1]]
+                assert cached[:3] == [0, 0, 0] and all(c >= len(system) for c in cached[3:]), cached
+                assert sched.cached_tokens_total == sum(cached)
+                assert sched.prompt_tokens_total == sum(map(len, prompts))
+                assert sched.kv_tokens_used == 0 and sched.busy == 0
+        finally:
+            sched.stop()
+    for (_, a), (_, b) in zip(*results):
+        same(a, b)
+
+
+@pytest.mark.parametrize("max_batch", [2, 4])
+def test_long_prompts_with_a_cached_prefix_fill_from_it(engine, max_batch):
+    """Prompts longer than `prefill_chunk` are read in chunks; one whose start is cached reads only the rest
+    (in chunks when that is still long, in one pass when no longer), and members of one filling group start
+    at their own cached lengths. Answers equal those without the cache."""
+    base = engine.encode_prompt(" ".join(WORDS))  # ~45 tokens
+    more = engine.tokenizer.encode(" " + " ".join(WORDS[2:6]), allow_special=False)
+    first = [base]
+    then = [base + more, base + more[:3], engine.encode_prompt(" ".join(reversed(WORDS))), base + more[::-1]]
+    results = []
+    for sched in schedulers(engine, max_batch=max_batch, prefill_chunk=8, max_prefill_tokens=8):
+        try:
+            out = run_all(sched, first, [greedy(4)])
+            out += run_all(sched, then, [greedy(3 + i) for i in range(len(then))])
+            results.append(out)
+            if sched.prefix_cache:
+                cached = [r.cached_tokens for r, _ in out]
+                assert cached[0] == 0 and cached[1] >= len(base) and cached[2] >= len(base) and cached[3] == 0
+                assert cached[4] >= len(base)
+                assert sched.filling is None and sched.kv_tokens_used == 0
+        finally:
+            sched.stop()
+    for (_, a), (_, b) in zip(*results):
+        same(a, b)
+
+
+def test_a_prompt_equal_to_or_shorter_than_a_parked_row(engine):
+    """A prompt equal to everything a row holds rereads only its last token (whose logits choose the first
+    answer token); a prompt that is a shorter prefix of a parked row reuses that prefix."""
+    prompt = engine.encode_prompt(SYSTEM + " " + WORDS[6])
+    results = []
+    for sched in schedulers(engine, max_batch=2):
+        try:
+            (_, a), = run_all(sched, [prompt], [greedy(6)])
+            held = prompt + a.ids[:-1]  # what the row holds: the last answer token was never written
+            out = [run_all(sched, [p], [greedy(4)])[0] for p in (held, prompt, prompt[:20])]
+            results.append([a] + [x for _, x in out])
+            if sched.prefix_cache:
+                assert [r.cached_tokens for r, _ in out] == [len(held) - 1, len(prompt) - 1, 19]
+        finally:
+            sched.stop()
+    for a, b in zip(*results):
+        same(a, b)
+
+
+def test_cancelled_requests_leave_a_usable_row(engine):
+    """A request cancelled mid-answer leaves its row parked with what it wrote; a follow-up that continues
+    it reuses that and answers exactly as the same prompt served alone; cancelling a queued one costs nothing."""
+    sched = Scheduler(engine, max_batch=2)
+    try:
+        prompt = engine.encode_prompt(SYSTEM)
+        got = threading.Event()
+        ans = Answer()
+
+        def emit(ev):
+            ans(ev)
+            if ev is not None and len(ans.ids) >= 5:
+                got.set()
+        req = sched.submit(Request(prompt, greedy(200), emit))
+        assert got.wait(30)
+        req.cancel()
+        wait(ans)
+        assert 5 <= len(ans.ids) < 200
+        follow = prompt + ans.ids[:4]
+        queued = Request(follow, greedy(3), Answer())
+        queued.cancel()
+        sched.submit(queued)
+        r, a = run_all(sched, [follow], [greedy(5)])[0]
+        assert r.cached_tokens == len(follow) - 1 and queued.cached_tokens == 0
+        ref = engine.complete([follow], greedy(5))[0]
+        assert a.ids == ref.ids and a.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    finally:
+        sched.stop()
+
+
+def test_a_failure_forgets_the_parked_rows(engine, monkeypatch):
+    """After a failing step nothing parked is trusted: the next request reads its whole prompt."""
+    sched = Scheduler(engine, max_batch=2)
+    try:
+        prompt = engine.encode_prompt(SYSTEM)
+        run_all(sched, [prompt], [greedy(3)])
+        original = sched._step
+        monkeypatch.setattr(sched, "_step", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+        (r, _), = run_all(sched, [prompt + [5]], [greedy(3)])
+        assert isinstance(r.error, RuntimeError) and r.cached_tokens == len(prompt)
+        monkeypatch.setattr(sched, "_step", original)
+        (r, a), = run_all(sched, [prompt], [greedy(3)])
+        assert r.error is None and r.cached_tokens == 0
+        assert a.ids == engine.complete([prompt], greedy(3))[0].ids
+    finally:
+        sched.stop()
+
+
+def test_prefix_cache_can_be_switched_while_serving(engine):
+    sched = Scheduler(engine, max_batch=2)
+    try:
+        prompt = engine.encode_prompt(SYSTEM)
+        run_all(sched, [prompt], [greedy(2)])
+        sched.set_prefix_cache(False)
+        (r, _), = run_all(sched, [prompt], [greedy(2)])
+        assert r.cached_tokens == 0
+        sched.set_prefix_cache(True)
+        run_all(sched, [prompt], [greedy(2)])
+        (r, _), = run_all(sched, [prompt], [greedy(2)])
+        assert r.cached_tokens == len(prompt) - 1 >= MIN_REUSE
+    finally:
+        sched.stop()
+
+
+def test_a_filling_member_above_may_finish_first(engine, monkeypatch):
+    """Long prompts fill with the least left to read lowest, as estimated at admission; should a member's
+    cached prefix be lost before it takes its row (here: forced, it rereads everything), a member above it
+    finishes first and is swapped to the bottom of the group before moving down. Answers stay exact."""
+    base = engine.encode_prompt(" ".join(WORDS))
+    longer = base + engine.tokenizer.encode(" " + " ".join(WORDS[2:5]), allow_special=False)
+    other = engine.encode_prompt(" ".join(reversed(WORDS[1:])))
+    sched = Scheduler(engine, max_batch=3, prefill_chunk=8, max_prefill_tokens=8)
+    try:
+        run_all(sched, [base], [greedy(2)])
+        claim = sched.pcache.claim
+        forced = []
+
+        def forget(prompt, t, free, busy):
+            n = claim(prompt, t, free, busy)
+            if list(prompt) == longer:
+                forced.append(n)
+                return 0  # reading from slot 0 is always right, merely slower
+            return n
+        monkeypatch.setattr(sched.pcache, "claim", forget)
+        out = run_all(sched, [longer, other], [greedy(4), greedy(5)])
+        assert forced and forced[0] >= len(base) and len(other) < len(longer)
+        for (r, a), p, n in zip(out, [longer, other], [4, 5]):
+            ref = engine.complete([p], greedy(n))[0]
+            assert r.error is None and a.ids == ref.ids and a.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+        assert sched.filling is None and sched.busy == 0
+    finally:
+        sched.stop()
