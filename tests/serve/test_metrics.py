@@ -118,6 +118,35 @@ def test_counts_equal_what_was_sent(server):
     assert r.headers["content-type"].startswith("application/openmetrics-text") and r.text.endswith("# EOF\n")
 
 
+def test_ollama_routes_counted_too(server):
+    """Ollama's API runs its rows through the same Generation: its tokens land in the same counters."""
+    url = server.base_url
+    if httpx.get(url + "/api/version").status_code == 404:
+        pytest.skip("Ollama's API is not in this build")
+    before = scrape(url)
+    r = httpx.post(url + "/api/generate", json={"model": "tiny", "prompt": "the model", "stream": False,
+                                                "options": {"num_predict": 4, "temperature": 0}}, timeout=60)
+    assert r.status_code == 200, r.text
+    done = [r.json()]
+    with httpx.stream("POST", url + "/api/chat", json={"model": "tiny", "messages": MSG,
+                                                       "options": {"num_predict": 5, "temperature": 0}},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        done += [json.loads(line) for line in r.iter_lines() if line.strip() and json.loads(line).get("done")]
+    assert len(done) == 2
+    after = scrape(url)
+
+    def grew(sample: str, **labels) -> float:
+        return (value(after, sample, **labels) or 0) - (value(before, sample, **labels) or 0)
+
+    req = "lmforge_requests_total"
+    assert grew(req, route="/api/generate", method="POST", status="200") == 1
+    assert grew(req, route="/api/chat", method="POST", status="200") == 1
+    assert grew("lmforge_prompt_tokens_total", model="tiny") == sum(d["prompt_eval_count"] for d in done)
+    assert grew("lmforge_completion_tokens_total", model="tiny") == sum(d["eval_count"] for d in done)
+    assert grew("lmforge_time_to_first_token_seconds_count", model="tiny") == 2
+
+
 def test_metrics_behind_the_api_key_and_refusals_counted(chat_model_dir):
     s = start_server({"tiny": chat_model_dir}, max_batch=2, max_queue=2, api_key="sekrit")
     try:
