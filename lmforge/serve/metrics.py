@@ -36,8 +36,8 @@ from typing import Any, Iterable
 from fastapi import Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from starlette.routing import Match
 
 # 1 ms to a minute: a token on a GPU takes a few ms, a first token on a CPU behind a long prompt tens of seconds.
