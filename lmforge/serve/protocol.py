@@ -3,8 +3,17 @@
 Requests are validated strictly, as OpenAI does: a string is not a number, a float is not an integer,
 NaN and infinities are refused, and every range is checked before any model work. Fields we do not know
 are ignored (vLLM and llama.cpp do the same, and clients such as LangChain send extras); fields we know
-but cannot honour (tools, JSON mode, image parts) are refused with a 400 that says so, never silently
+but cannot honour (image parts, say) are refused with a 400 that says so, never silently
 dropped.
+
+Structured output: `response_format` (`json_object`, `json_schema` with `schema` and `strict`) on chat
+completions, and llama.cpp's `grammar` (GBNF, or Lark with a `start:` rule) and `json_schema` on both chat
+and text completions (see engine/constrain.py); an unsupported schema feature or a grammar syntax error is a
+400 naming the field.
+
+Tool calling (serve/tools.py): `tools`, `tool_choice`, `parallel_tool_calls`, and in the history assistant
+messages with `tool_calls` and `role: tool` messages with `tool_call_id`; vLLM's `chat_template_kwargs`
+passes further variables to the model's chat template.
 
 lmforge extensions, sent by the `openai` SDK through `extra_body`: `top_k`, `min_p`,
 `repetition_penalty` (alias `repeat_penalty`), `repeat_last_n`, `ignore_eos`, `stop_token_ids`, and beam
@@ -33,6 +42,7 @@ MAX_STOP = 16  # stop strings (OpenAI allows 4; lm-eval sends more); each is che
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
 DEFAULT_DOCUMENTS_K = DEFAULT_K  # passages per request, the same default as `lmforge run --docs`
 MAX_DOCUMENTS_K = 32  # more passages than this cannot fit any context worth having
+MAX_GRAMMAR = 100_000  # characters of a `grammar`; llguidance bounds the compiled size and per-token work too
 
 
 class APIError(Exception):
@@ -64,18 +74,73 @@ class ContentPart(_Strict):
     text: str | None = None
 
 
+class FunctionCall(_Strict):
+    """A call in an assistant message of the history. OpenAI sends `arguments` as a JSON string; an object
+    (Ollama's and some clients' spelling) is accepted too. `serve/tools.py` holds the rest of tool calling."""
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(_Strict):
+    id: str | None = Field(None, max_length=200)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(max_length=128)] | None = None  # assistant messages
+    tool_call_id: str | None = Field(None, max_length=200)  # tool messages: which call this answers
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    """A function the model may call: `{"type": "function", "function": {name, description, parameters,
+    strict}}`, `parameters` a JSON schema of the arguments."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`. `name` is optional here (OpenAI requires it; llama.cpp's
+    clients leave it out, and it changes nothing for us); no `schema` means any JSON object."""
+
+    name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = False
+
+
 class ResponseFormat(_Strict):
-    type: str
+    """Structured output (engine/constrain.py): plain text, any JSON object, or JSON valid under a schema.
+    `schema` beside `type: json_object` is llama.cpp's spelling of a schema, accepted as such."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
 
 
 class _Sampling(_Strict):
@@ -105,6 +170,8 @@ class _Sampling(_Strict):
     use_beam_search: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     length_penalty: _Float = 1.0
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR)  # llama.cpp: GBNF (or Lark with a `start:` rule)
+    json_schema: dict[str, Any] | None = None  # llama.cpp: output valid under this JSON schema
 
 
 class Documents(_Strict):
@@ -132,8 +199,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: more variables for the chat template
 
 
 class CompletionRequest(_Sampling):

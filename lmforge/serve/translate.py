@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import json
 import time
 import uuid
 from typing import Any, Sequence
 
+from lmforge.engine.constrain import Grammar, GrammarError
 from lmforge.engine.prompt import ChatPromptError
 from lmforge.engine.prompt import chat_prompt_ids as build_chat_prompt
 from lmforge.engine.sampling import SamplingParams
@@ -32,14 +34,17 @@ def new_id(prefix: str) -> str:
 # Requests
 # ----------------------------------------------------------------------------------------------------
 def message_dicts(messages: Sequence[Message]) -> list[dict]:
-    """Plain {"role", "content"} dicts for the chat template. `developer` is OpenAI's new name for
-    `system`; text parts are joined. (The Modelfile's SYSTEM and MESSAGE examples are added by the one
+    """Plain dicts for the chat template, in the shape transformers' templates expect. `developer` is
+    OpenAI's new name for `system`; text parts are joined. An assistant message's `tool_calls` become
+    `{"type": "function", "function": {"name", "arguments": <object>}, "id"}` (templates write the arguments
+    with `tojson`, so the JSON string OpenAI sends is parsed here), and a `tool` message
+    `{"role": "tool", "content", "tool_call_id", "name"?}`. A tool message must answer a call of the
+    assistant message before it (as OpenAI requires), so a history that lost a message is a 400, not a
+    prompt that silently makes no sense. (The Modelfile's SYSTEM and MESSAGE examples are added by the one
     chat-prompt builder, `chat_prompt_ids`.)"""
     out: list[dict] = []
+    open_calls: set[str] = set()  # ids of the latest assistant message's calls
     for i, m in enumerate(messages):
-        if m.role == "tool":
-            raise invalid("tool messages are not supported: lmforge does not do function calling",
-                          param=f"messages.{i}.role")
         if isinstance(m.content, list):
             parts = []
             for j, p in enumerate(m.content):
@@ -50,20 +55,60 @@ def message_dicts(messages: Sequence[Message]) -> list[dict]:
             text = "".join(parts)
         else:
             text = m.content or ""
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": text}
+        if m.tool_calls is not None and m.role != "assistant":
+            raise invalid("only assistant messages carry tool_calls", param=f"messages.{i}.tool_calls")
+        if m.tool_calls:
+            d["tool_calls"] = [_tool_call_dict(c, f"messages.{i}.tool_calls.{j}") for j, c in enumerate(m.tool_calls)]
+            if m.content is None:
+                d["content"] = None  # as the client sent it: templates test `message.content` (None is left out)
+            open_calls = {c["id"] for c in d["tool_calls"]}
+        elif m.role == "tool":
+            if m.tool_call_id is None:
+                raise invalid(f"message {i} has role 'tool' but no tool_call_id saying which call it answers",
+                              param=f"messages.{i}.tool_call_id", code="missing_required_parameter")
+            if m.tool_call_id not in open_calls:
+                raise invalid(f"message {i} answers tool call {m.tool_call_id[:80]!r}, which no assistant message "
+                              f"before it made", param=f"messages.{i}.tool_call_id")
+            d["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                d["name"] = m.name
+        else:
+            open_calls = set()
+        out.append(d)
     if out[-1]["role"] == "system":
         raise invalid("the conversation has no user message after the system prompt", param="messages")
     return out
 
 
+def _tool_call_dict(call: Any, where: str) -> dict:
+    """One call of the history as templates expect it, its JSON-string arguments parsed into an object."""
+    if call.id is None:
+        raise invalid(f"{where}.id is missing: every tool call needs the id its tool message answers",
+                      param=f"{where}.id", code="missing_required_parameter")
+    args = call.function.arguments
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError as e:
+            raise invalid(f"{where}.function.arguments is not valid JSON: {e}", param=f"{where}.function.arguments") \
+                from None
+    if not isinstance(args, dict):
+        raise invalid(f"{where}.function.arguments must be a JSON object", param=f"{where}.function.arguments")
+    return {"type": "function", "function": {"name": call.function.name, "arguments": args}, "id": call.id}
+
+
 def chat_prompt_ids(tokenizer: Any, turns: list[dict], system: str | None = None, examples: Sequence[dict] = (),
-                    add_generation_prompt: bool = True) -> list[int]:
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> list[int]:
     """The request's `turns` (after the Modelfile's `system` and `examples`, unless the turns hold their own
-    system message) as token ids, by the one chat-prompt builder (`engine/prompt.py`); what it refuses
-    becomes a 400 naming the part of the request at fault."""
+    system message) as token ids, by the one chat-prompt builder (`engine/prompt.py`), with `tools` (plain
+    dicts, `serve/tools.py`) and `template_kwargs` for the template; what it refuses becomes a 400 naming
+    the part of the request at fault."""
     try:
         return build_chat_prompt(tokenizer, turns, system=system, examples=examples,
-                                 add_generation_prompt=add_generation_prompt)
+                                 add_generation_prompt=add_generation_prompt, tools=tools,
+                                 template_kwargs=template_kwargs)
     except ChatPromptError as e:
         raise invalid(str(e), param=e.param, **({"code": e.code} if e.code else {})) from None
 
@@ -94,13 +139,56 @@ def completion_prompts(tokenizer: Any, prompt: Any, vocab_size: int) -> list[lis
     return out
 
 
+def request_grammar(req: ChatCompletionRequest | CompletionRequest, tokenizer: Any = None) -> Grammar | None:
+    """The structured output a request asks for (`response_format`, or llama.cpp's `grammar` /
+    `json_schema`), or None for free text. One of them at most; a grammar that cannot be used is a 400
+    naming the field and what is wrong (`invalid 'response_format.json_schema.schema': unsupported keyword
+    'not'`). With `tokenizer`, the grammar is also compiled against its vocabulary (a special token it lacks
+    is refused here, not in the middle of generation)."""
+    asked: list[tuple[str, Any]] = []
+    rf = getattr(req, "response_format", None)
+    if rf is not None and rf.type != "text":
+        if rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise invalid("response_format of type 'json_schema' needs a 'json_schema' object",
+                              param="response_format.json_schema", code="missing_required_parameter")
+            js = rf.json_schema
+            if js.schema_ is None:
+                asked.append(("response_format", Grammar.json_object))
+            else:
+                asked.append(("response_format.json_schema.schema",
+                              lambda: Grammar.json_schema(js.schema_, strict=bool(js.strict))))
+        elif rf.schema_ is not None:  # llama.cpp: {"type": "json_object", "schema": {...}}
+            asked.append(("response_format.schema", lambda: Grammar.json_schema(rf.schema_)))
+        else:
+            asked.append(("response_format", Grammar.json_object))
+    if req.grammar is not None:
+        asked.append(("grammar", lambda: Grammar.from_text(req.grammar)))
+    if req.json_schema is not None:
+        asked.append(("json_schema", lambda: Grammar.json_schema(req.json_schema)))
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise invalid(f"{asked[0][0].split('.')[0]} and {asked[1][0].split('.')[0]} both constrain the output; "
+                      f"send one", param=asked[1][0].split(".")[0])
+    param, build = asked[0]
+    try:
+        grammar = build()
+        if tokenizer is not None:
+            grammar.check(tokenizer)
+    except GrammarError as e:
+        raise invalid(f"invalid '{param}': {e}", param=param) from None
+    return grammar
+
+
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: dict, *, prompt_len: int,
-                    context: int, vocab_size: int, max_tokens: int | None) -> SamplingParams:
+                    context: int, vocab_size: int, max_tokens: int | None, tokenizer: Any = None) -> SamplingParams:
     """A validated `SamplingParams` for one request (one prompt), or a 400 naming the field.
 
     The token budget: the request's max tokens, else the Modelfile's `num_predict`, else all the room the
     context leaves. An explicit budget that does not fit is refused (`context_length_exceeded`), as OpenAI
-    does, rather than silently shortened."""
+    does, rather than silently shortened. Structured output: see `request_grammar` (`tokenizer` lets it
+    compile the grammar against the model's vocabulary before anything is queued)."""
     given: dict[str, Any] = dict(defaults)
     if max_tokens is not None:
         if prompt_len + max_tokens > context:
@@ -150,7 +238,13 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: di
         given["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
     else:
         given["logprobs"] = req.logprobs
+    grammar = request_grammar(req, tokenizer)
+    if grammar is not None:
+        given["grammar"] = grammar
     if req.use_beam_search:
+        if grammar is not None:
+            raise invalid("beam search cannot follow a grammar (structured output); leave use_beam_search out",
+                          param="use_beam_search")
         if req.stream:
             raise invalid("beam search returns whole hypotheses and cannot stream", param="stream")
         if req.temperature not in (None, 0):
@@ -170,16 +264,13 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: di
 
 def check_chat_request(req: ChatCompletionRequest) -> None:
     """Refuse what lmforge cannot honour instead of ignoring it."""
-    if req.tools:
-        raise invalid("tools are not supported: lmforge does not do function calling", param="tools")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise invalid(f"response_format '{req.response_format.type}' is not supported; only 'text'",
-                      param="response_format")
+    request_grammar(req)  # a bad schema or grammar is a 400 before any model is loaded
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options is only allowed with stream: true", param="stream_options")
 
 
 def check_completion_request(req: CompletionRequest) -> None:
+    request_grammar(req)
     if req.suffix:
         raise invalid("suffix (fill-in-the-middle) is not supported", param="suffix")
     if req.stream_options is not None and not req.stream:

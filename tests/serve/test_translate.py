@@ -116,11 +116,11 @@ def test_message_dicts(messages, system, examples, expected):
 
 @pytest.mark.parametrize("messages, expected", [
     pytest.param([{"role": "tool", "content": "42"}],
-                 error("tool messages are not supported: lmforge does not do function calling", "messages.0.role"),
-                 id="tool message"),
-    pytest.param([*U, {"role": "assistant", "content": "x"}, {"role": "tool", "content": "42"}],
-                 error("tool messages are not supported: lmforge does not do function calling", "messages.2.role"),
-                 id="tool message names its index"),
+                 error("message 0 has role 'tool' but no tool_call_id saying which call it answers",
+                       "messages.0.tool_call_id", "missing_required_parameter"), id="tool message without its call"),
+    pytest.param([*U, {"role": "assistant", "content": "x"}, {"role": "tool", "content": "42", "tool_call_id": "c"}],
+                 error("message 2 answers tool call 'c', which no assistant message before it made",
+                       "messages.2.tool_call_id"), id="tool message names its index"),
     pytest.param([{"role": "user", "content": [{"type": "image_url"}]}],
                  error("content parts of type 'image_url' are not supported: these models read text only",
                        "messages.0.content.0.type"), id="image part"),
@@ -395,7 +395,11 @@ def test_sampling_params_refuses(req, defaults, prompt_len, max_tokens, expected
 @pytest.mark.parametrize("check, req", [
     pytest.param(tr.check_chat_request, chat(), id="chat: plain"),
     pytest.param(tr.check_chat_request, chat(tools=[]), id="chat: no tools"),
+    pytest.param(tr.check_chat_request, chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+                 id="chat: tools (checked against the model's template later: serve/tools.py)"),
     pytest.param(tr.check_chat_request, chat(response_format={"type": "text"}), id="chat: text format"),
+    pytest.param(tr.check_chat_request, chat(response_format={"type": "json_object"}), id="chat: JSON mode"),
+    pytest.param(tr.check_completion_request, comp(grammar='root ::= "yes" | "no"'), id="completion: a GBNF grammar"),
     pytest.param(tr.check_chat_request, chat(stream=True, stream_options={"include_usage": True}),
                  id="chat: stream_options with stream"),
     pytest.param(tr.check_completion_request, comp(), id="completion: plain"),
@@ -409,11 +413,13 @@ def test_checks_accept(check, req):
 
 
 @pytest.mark.parametrize("check, req, expected", [
-    pytest.param(tr.check_chat_request, chat(tools=[{"type": "function", "function": {"name": "f"}}]),
-                 error("tools are not supported: lmforge does not do function calling", "tools"), id="chat: tools"),
-    pytest.param(tr.check_chat_request, chat(response_format={"type": "json_object"}),
-                 error("response_format 'json_object' is not supported; only 'text'", "response_format"),
-                 id="chat: JSON mode"),
+    pytest.param(tr.check_chat_request, chat(response_format={"type": "json_schema", "json_schema": {
+                     "name": "x", "schema": {"type": "array", "uniqueItems": True}}}),
+                 error("invalid 'response_format.json_schema.schema': unsupported keyword 'uniqueItems'",
+                       "response_format.json_schema.schema"), id="chat: unsupported schema keyword"),
+    pytest.param(tr.check_completion_request, comp(grammar="start: bar"),
+                 error('invalid \'grammar\': line 1, column 8: unknown name: "bar"', "grammar"),
+                 id="completion: grammar naming a missing rule"),
     pytest.param(tr.check_chat_request, chat(stream_options={"include_usage": True}),
                  error("stream_options is only allowed with stream: true", "stream_options"),
                  id="chat: stream_options without stream"),
