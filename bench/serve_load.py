@@ -2,6 +2,7 @@
 
     python bench/serve_load.py                  # 32 clients, the "15M" shape (a few minutes on 2 cores)
     python bench/serve_load.py --quick          # 8 clients, short answers: a smoke run (well under a minute)
+    python bench/serve_load.py --shared-prefix  # 32 clients, one 400-token system prompt: prompt cache on/off
 
 A random-weight model of the `llama-15m` preset (llama2.c stories15M's shape: d_model 288, 6 layers, 6 heads,
 context 256, vocab 32000, tied embeddings) is saved as a model directory with a byte-level BPE trained on
@@ -20,6 +21,14 @@ client with its own prompt -- 1 to 4 lines of the text -- and its own max_tokens
   - disconnects: `--disconnects` streams with long answers whose clients hang up after 0..5 tokens; then
     the scheduler must be empty (busy rows, queue, requests in flight all 0) within `--free-timeout` s, and
     the server must still answer.
+The scheduler's prompt cache is off in these phases (the one-at-a-time phase repeats the batched prompts).
+With `--shared-prefix` it runs one other scenario instead (on a model of the same shape with a 1024-token
+context): `--clients` streams at once whose prompts are one ~`--prefix-tokens` system prompt (the start of
+the text) + a question of their own (a line), 16 tokens each, first with the scheduler's prompt cache on,
+then off (`Scheduler.set_prefix_cache`); a request with the system prompt goes first each time, as on a
+server that has seen it before. It reports TTFT mean/p50/p90 and tokens/s for both and their ratios, and
+fails (exit 1) when an answer differs between the two.
+
 The speedup (batched / one-at-a-time tokens/s) is reported against the target (>= 3x), never asserted:
 other load on the machine moves it. The exit status is 1 when any request failed, any batched output
 differs from its solo run, or the disconnect test left work behind; so the bench doubles as a check.
@@ -31,6 +40,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -55,9 +65,11 @@ SPEEDUP_TARGET = 3.0
 # ----------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------
-def build_model(directory: Path, preset: str, text: str, *, seed: int, weight_scale: float) -> tuple[Path, dict]:
-    """Save a seeded random `preset` model with a BPE trained on `text` into `directory`."""
-    cfg = get_preset(preset)
+def build_model(directory: Path, preset: str, text: str, *, seed: int, weight_scale: float,
+                context_length: int | None = None) -> tuple[Path, dict]:
+    """Save a seeded random `preset` model with a BPE trained on `text` into `directory` (with a longer
+    context than the preset's when `context_length` says so: long shared prompts need one)."""
+    cfg = get_preset(preset, **({"context_length": context_length} if context_length else {}))
     t0 = time.perf_counter()
     # min_frequency 1: as many merges as the text allows (tinyshakespeare: ~22k tokens, not 32000).
     tok = train_tokenizer(text.split("\n\n"), cfg.vocab_size, min_frequency=1, show_progress=False)
@@ -279,6 +291,9 @@ async def bench(args, server: Server, tok, text: str, context: int) -> dict:
                 raise RuntimeError(f"warm-up request failed: {r.error}")
         await asyncio.gather(*(stream_one(client, url, payload(j, logprobs=False)) for j in warm))
     sched = server.scheduler
+    # The one-at-a-time phase repeats the batched phase's prompts, which the prompt cache would hand it
+    # ready-made: off here, so that both phases read their prompts (--shared-prefix measures the cache).
+    await asyncio.to_thread(sched.set_prefix_cache, False)
 
     jobs = make_jobs(tok, text, args.clients, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
                      context=context, seed=args.seed)
@@ -349,6 +364,66 @@ async def bench(args, server: Server, tok, text: str, context: int) -> dict:
                          for j, x, y in zip(jobs, batched, solo)]}
 
 
+async def bench_shared_prefix(args, server: Server, tok, text: str) -> dict:
+    """The `--shared-prefix` scenario (see the module docstring)."""
+    url, sched = server.base_url, None
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 8]
+    system, k = "", 0
+    while len(tok.encode(system)) < args.prefix_tokens:
+        system += lines[k] + "\n"
+        k += 1
+    questions = [lines[k + 50 + 13 * i] for i in range(args.clients + 1)]
+    jobs = [Job(system + "QUESTION: " + q, args.shared_tokens, len(tok.encode(system + "QUESTION: " + q)))
+            for q in questions]
+    warm, jobs = jobs[0], jobs[1:]
+    out = {"system_tokens": len(tok.encode(system)), "prompt_tokens": sum(j.prompt_tokens for j in jobs),
+           "modes": {}}
+    async with _client(2) as client:  # loads the model (not timed)
+        await stream_one(client, url, payload(warm, logprobs=False))
+    sched = server.scheduler
+    for on in (True, False):
+        await asyncio.to_thread(sched.set_prefix_cache, on)
+        async with _client(2) as client:  # the system prompt has been seen before (a no-op with the cache off)
+            r = await stream_one(client, url, payload(warm, logprobs=False))
+            if r.error:
+                raise RuntimeError(f"warm-up request failed: {r.error}")
+        c0, p0 = sched.cached_tokens_total, sched.prompt_tokens_total
+        results, wall = await run_batched(url, jobs, False)
+        ok = [r for r in results if r.error is None]
+        ttfts = [r.ttft for r in ok if r.ttft is not None]
+        out["modes"]["on" if on else "off"] = {
+            "failed": len(results) - len(ok), "wall_s": wall, "tokens": sum(r.tokens for r in ok),
+            "tokens_per_s": sum(r.tokens for r in ok) / wall, "ttft_mean_ms": statistics.fmean(ttfts) * 1e3,
+            "ttft_p50_ms": percentile(ttfts, 50) * 1e3, "ttft_p90_ms": percentile(ttfts, 90) * 1e3,
+            "cached_tokens": sched.cached_tokens_total - c0, "prompt_tokens": sched.prompt_tokens_total - p0,
+            "texts": [r.text for r in results]}
+        await wait_free(server, args.free_timeout)
+    await asyncio.to_thread(sched.set_prefix_cache, True)
+    on, off = out["modes"]["on"], out["modes"]["off"]
+    out["differ"] = [i for i, (a, b) in enumerate(zip(on["texts"], off["texts"])) if a != b]
+    out["ok"] = not on["failed"] and not off["failed"] and not out["differ"]
+    return out
+
+
+def report_shared_prefix(args, res: dict) -> bool:
+    print(f"{args.clients} streaming clients at once, one {res['system_tokens']}-token system prompt + a question "
+          f"each ({res['prompt_tokens']:,} prompt tokens in all), {args.shared_tokens} tokens each, greedy\n")
+    print("| prompt cache | cached prompt tokens | wall s | tokens/s | TTFT mean ms | TTFT p50 ms | TTFT p90 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for name, m in res["modes"].items():
+        failed = f" ({m['failed']} failed)" if m["failed"] else ""
+        print(f"| {name}{failed} | {m['cached_tokens']:,} / {m['prompt_tokens']:,} | {m['wall_s']:.2f} | "
+              f"{m['tokens_per_s']:,.0f} | {m['ttft_mean_ms']:,.0f} | {m['ttft_p50_ms']:,.0f} | "
+              f"{m['ttft_p90_ms']:,.0f} |")
+    on, off = res["modes"]["on"], res["modes"]["off"]
+    print(f"\ncache on / off: TTFT mean {off['ttft_mean_ms'] / on['ttft_mean_ms']:.1f}x lower, p90 "
+          f"{off['ttft_p90_ms'] / on['ttft_p90_ms']:.1f}x lower; throughput {on['tokens_per_s'] / off['tokens_per_s']:.1f}x")
+    print(f"answers identical with and without the cache: "
+          f"{'yes' if not res['differ'] else 'NO, requests ' + str(res['differ'])}")
+    print(f"\n{'PASS' if res['ok'] else 'FAIL'}")
+    return res["ok"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default: 32)")
@@ -373,6 +448,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="8 clients, max_batch 8, 8..32 tokens, 6 disconnects: a smoke run")
     ap.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
+    ap.add_argument("--shared-prefix", action="store_true",
+                    help="run the shared-system-prompt scenario (prompt cache on vs off) instead")
+    ap.add_argument("--prefix-tokens", type=int, default=400, help="its system prompt's length (default: 400)")
+    ap.add_argument("--shared-tokens", type=int, default=16, help="its answers' length (default: 16)")
     args = ap.parse_args()
     if args.quick:
         args.clients, args.disconnects, args.min_tokens, args.max_tokens = 8, 6, 8, 32
@@ -385,6 +464,8 @@ def main() -> int:
         ap.error(f"no text file {args.text} (give one with --text)")
     text = args.text.read_text(encoding="utf-8")
 
+    if args.shared_prefix:
+        return shared_prefix_main(args, text)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, built = build_model(Path(tmp) / "model", args.preset, text, seed=args.seed,
                                        weight_scale=args.weight_scale)
@@ -436,6 +517,26 @@ def main() -> int:
         out = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "torch": torch.__version__, "threads": torch.get_num_threads(), "model": info, **res, "ok": ok}
         args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+def shared_prefix_main(args, text: str) -> int:
+    context = max(1024, args.prefix_tokens + 256)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, built = build_model(Path(tmp) / "model", args.preset, text, seed=args.seed,
+                                       weight_scale=args.weight_scale, context_length=context)
+        info = built["info"]
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.preset} shape with context "
+              f"{context}: {info['params'] / 1e6:.2f}M params; scheduler max_batch {args.max_batch}", flush=True)
+        server = Server(model_dir, max_batch=args.max_batch, max_queue=args.max_queue)
+        try:
+            res = asyncio.run(bench_shared_prefix(args, server, built["tokenizer"], text))
+        finally:
+            server.stop()
+    ok = report_shared_prefix(args, res)
+    if args.json:
+        args.json.write_text(json.dumps({"config": {k: (str(v) if isinstance(v, Path) else v)
+                                                    for k, v in vars(args).items()}, **res}, indent=2) + "\n")
     return 0 if ok else 1
 
 
