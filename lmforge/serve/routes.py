@@ -14,6 +14,7 @@ UI's files. Errors never carry a path or a traceback.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -25,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from lmforge.engine.sampling import SamplingParams
 from lmforge.serve import grounded as gr
+from lmforge.serve import tools as tl
 from lmforge.serve import translate as tr
 from lmforge.serve.feedback import FeedbackRefused, save_feedback
 from lmforge.serve.models import ModelRegistry, Served
@@ -71,6 +73,9 @@ async def chat_completions(request: Request):
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_body(request))
     tr.check_chat_request(req)
     turns = tr.message_dicts(req.messages)
+    if req.documents is not None and req.tools and req.tool_choice != "none":
+        raise invalid("documents (grounded chat) cannot be combined with tools yet; send one or the other",
+                      param="tools")
     # Retrieval needs no model: an unknown index is a 404 before one is loaded.
     found = await _cpu(request, gr.search, req.documents, turns) if req.documents is not None else None
     served = await _use(request, req.model)
@@ -78,7 +83,9 @@ async def chat_completions(request: Request):
     try:
         tok, mf = served.engine.tokenizer, served.modelfile
         ctx = served.scheduler.context_length
-        ids = await _cpu(request, tr.chat_prompt_ids, tok, turns, mf.system, mf.messages)  # checks the turns
+        plan, turns = _tool_plan(req, tok, turns)
+        ids = await _cpu(request, tr.chat_prompt_ids, tok, turns, mf.system, mf.messages, tools=plan.tools,
+                         template_kwargs=req.chat_template_kwargs)  # checks the turns
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         grounding = None
         if found is not None:
@@ -87,7 +94,11 @@ async def chat_completions(request: Request):
                                        default_max_new=default_max, system=mf.system, examples=mf.messages)
             grounding = (gr.grounding_info(found, grounded), [s.to_dict() for s in grounded.sources])
         params = tr.sampling_params(req, mf.parameters, prompt_len=len(ids), context=ctx,
-                                    vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens)
+                                    vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens, tokenizer=tok)
+        if plan.parses and params.num_beams > 1:
+            raise invalid("beam search cannot be combined with tools", param="use_beam_search")
+        if plan.constrained:
+            params = await _cpu(request, _forced_call, req, plan, params, tok)
         if params.num_beams > 1:
             return await _beam_chat(served, request, req, ids, params, grounding)
         gen = Generation(served, [ids] * req.n, [params] * req.n)
@@ -95,18 +106,61 @@ async def chat_completions(request: Request):
         if req.stream:
             streaming = True  # the stream releases the model when it ends
             cleanup = once(lambda: (gen.cancel(), _registry(request).release(served)))
-            return SSEResponse(_chat_stream(served, request, gen, req, rid, created, len(ids), cleanup, grounding),
-                               cleanup)
+            return SSEResponse(_chat_stream(served, request, gen, req, rid, created, len(ids), cleanup, grounding,
+                                            plan), cleanup)
         choices = await collect(gen, request, req.n)
         body = tr.chat_response(rid, req.model, [
-            tr.chat_choice(i, c.text, c.finish_reason or "stop",
-                           tr.chat_logprobs(tok, c.ids, c.logprobs, c.tops) if req.logprobs else None,
-                           grounding[1] if grounding else None)
+            _with_tool_calls(tr.chat_choice(i, c.text, c.finish_reason or "stop",
+                                            tr.chat_logprobs(tok, c.ids, c.logprobs, c.tops) if req.logprobs else None,
+                                            grounding[1] if grounding else None), plan, c.text)
             for i, c in enumerate(choices)], tr.usage(len(ids), sum(len(c.ids) for c in choices)), created)
         return JSONResponse(_with_grounding(body, grounding))
     finally:
         if not streaming:
             _registry(request).release(served)
+
+
+def _tool_plan(req: ChatCompletionRequest, tok, turns: list[dict]) -> tuple[tl.ToolPlan, list[dict]]:
+    """The request's tools for this model (`serve/tools.py`), and the turns made fit for its template; a
+    `ToolError` becomes a 400 naming the field."""
+    try:
+        plan = tl.plan_tools(req.tools, req.tool_choice, tok.chat_template, req.parallel_tool_calls)
+        return plan, tl.template_history(tok.chat_template, turns)
+    except tl.ToolError as e:
+        raise invalid(str(e), param=e.param, code=e.code) from None
+
+
+def _forced_call(req: ChatCompletionRequest, plan: tl.ToolPlan, params: SamplingParams, tok) -> SamplingParams:
+    """`params` constrained to a call in the model's format (tool_choice "required" or a named function):
+    the grammar of `tools.tool_grammar`, compiled against the model's vocabulary here, on the worker pool."""
+    from lmforge.engine.constrain import Grammar, GrammarError
+
+    if params.grammar is not None:
+        raise invalid("response_format (or grammar) and a required tool_choice both constrain the output; send one",
+                      param="tool_choice")
+    try:
+        grammar = Grammar.lark(tl.tool_grammar(plan, tok))
+        grammar.check(tok)
+    except GrammarError as e:
+        raise invalid(f"invalid 'tools': a call to these functions cannot be constrained: {e}", param="tools") \
+            from None
+    return dataclasses.replace(params, grammar=grammar)
+
+
+def _with_tool_calls(choice: dict, plan: tl.ToolPlan, text: str) -> dict:
+    """A chat choice with the tool calls parsed out of its text: `message.tool_calls` (arguments as JSON
+    strings), the text around them as `content` (null when there is none), finish reason "tool_calls"."""
+    if not plan.parses:
+        return choice
+    content, calls = tl.parse_tool_calls(plan.fmt, text)
+    if not plan.parallel:
+        calls = calls[:1]
+    if calls:
+        choice["message"]["content"] = content
+        choice["message"]["tool_calls"] = [c.openai() for c in calls]
+        if choice["finish_reason"] == "stop":
+            choice["finish_reason"] = "tool_calls"
+    return choice
 
 
 def _with_grounding(body: dict, grounding: tuple[dict, list[dict]] | None) -> dict:
@@ -116,9 +170,17 @@ def _with_grounding(body: dict, grounding: tuple[dict, list[dict]] | None) -> di
 
 def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCompletionRequest, rid: str,
                  created: int, n_prompt: int, cleanup: Callable[[], None],
-                 grounding: tuple[dict, list[dict]] | None = None) -> AsyncIterator[bytes]:
+                 grounding: tuple[dict, list[dict]] | None = None,
+                 plan: tl.ToolPlan | None = None) -> AsyncIterator[bytes]:
+    """The SSE chunks of a chat completion. With tools, each choice's text goes through a
+    `tools.ToolCallStream`: content deltas as usual (text that may begin a call is held back), then each
+    call, once complete, as one OpenAI tool-call delta (`index`, `id`, `type`, `function.name` and the whole
+    `function.arguments`), and finish reason "tool_calls"."""
     tok = served.engine.tokenizer
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
+    parsing = plan is not None and plan.parses
+    streams = [tl.ToolCallStream(plan.fmt) for _ in range(req.n)] if parsing else []
+    sent = [0] * req.n  # tool calls sent per choice
 
     def chunk(choices: list[dict]) -> dict:
         return tr.chat_chunk(rid, req.model, created, choices, with_usage)
@@ -128,10 +190,22 @@ def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCom
         lp = None
         if req.logprobs and ev.token_id is not None:
             lp = tr.chat_logprobs(tok, [ev.token_id], [ev.logprob], [ev.top_logprobs or []])
-        if ev.text or lp is not None:
-            out.append(chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}]))
+        text, calls = ev.text, []
+        if parsing:
+            events = streams[i].push(ev.text) + (streams[i].finish() if ev.finish_reason else [])
+            text = "".join(e for e in events if isinstance(e, str))
+            calls = [e for e in events if isinstance(e, tl.ToolCall)]
+        if text or lp is not None:
+            out.append(chunk([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]))
+        for call in calls:
+            if sent[i] and not plan.parallel:
+                break
+            out.append(chunk([{"index": i, "delta": {"tool_calls": [{"index": sent[i], **call.openai()}]},
+                               "logprobs": None, "finish_reason": None}]))
+            sent[i] += 1
         if ev.finish_reason:
-            out.append(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}]))
+            reason = "tool_calls" if sent[i] and ev.finish_reason == "stop" else ev.finish_reason
+            out.append(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}]))
         return out
 
     # A grounded request's sources ride on the first chunk of each choice, before any content.
@@ -188,7 +262,7 @@ async def completions(request: Request):
         ctx = served.scheduler.context_length
         max_tokens = req.max_tokens
         params = [tr.sampling_params(req, mf.parameters, prompt_len=len(p), context=ctx, vocab_size=cfg.vocab_size,
-                                     max_tokens=max_tokens if max_tokens else None) for p in prompts]
+                                     max_tokens=max_tokens if max_tokens else None, tokenizer=tok) for p in prompts]
         if req.echo and req.stream:
             raise invalid("echo cannot be combined with stream", param="echo")
         k = req.logprobs
