@@ -25,6 +25,8 @@ from lmforge.serve.embeddings import ROUTES as EMBEDDING_ROUTES
 from lmforge.serve.feedback import RateLimit
 from lmforge.serve.metrics import Metrics, RequestCounter, metrics_endpoint
 from lmforge.serve.models import ModelRegistry
+from lmforge.serve.ollama import OLLAMA_ROUTES
+from lmforge.serve.ollama_protocol import error_response as ollama_error_response
 from lmforge.serve.protocol import APIError, invalid
 from lmforge.serve.routes import ROUTES
 from lmforge.serve.security import Guard, ServerOptions, error_response, secure
@@ -33,6 +35,12 @@ from lmforge.serve.stream import WorkerPool
 __all__ = ["Guard", "ServerOptions", "create_app"]
 
 log = logging.getLogger("lmforge.serve")
+
+
+def _error(request: Request, e: APIError):
+    """The error in the shape of the API the path belongs to: Ollama's `{"error": "..."}` on its routes
+    (/api/*, `serve/ollama.py`), OpenAI's `{"error": {message, type, param, code}}` everywhere else."""
+    return ollama_error_response(e) if request.url.path.startswith("/api/") else error_response(e)
 
 
 def create_app(registry: ModelRegistry, opts: ServerOptions | None = None) -> FastAPI:
@@ -47,28 +55,28 @@ def create_app(registry: ModelRegistry, opts: ServerOptions | None = None) -> Fa
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return error_response(e)
+        return _error(request, e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path"))
-        return error_response(invalid(f"invalid '{loc}': {err.get('msg', 'invalid value')}", param=loc or None))
+        return _error(request, invalid(f"invalid '{loc}': {err.get('msg', 'invalid value')}", param=loc or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}.get(
             e.status_code, str(e.detail))
-        return error_response(APIError(e.status_code, message, code=kind))
+        return _error(request, APIError(e.status_code, message, code=kind))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(APIError(500, "internal server error (details are in the server log)",
+        return _error(request, APIError(500, "internal server error (details are in the server log)",
                                        type="server_error", code="internal_error", headers={"x-should-retry": "false"}))
 
-    for method, path, endpoint in ROUTES + EMBEDDING_ROUTES:
+    for method, path, endpoint in ROUTES + EMBEDDING_ROUTES + OLLAMA_ROUTES:
         app.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 

@@ -1,0 +1,275 @@
+"""Ollama's wire format (its `docs/api.md`): request schemas, the error shape, `options`, durations, times.
+
+Kept apart from `ollama.py` (the handlers) as `protocol.py` is from `routes.py`: this is what a request may
+say and how each field maps onto what lmforge already has, with no I/O.
+
+Requests are validated like the OpenAI ones (a string is not a number; an integral float is an integer, as
+Go's JSON decoder in Ollama accepts it) and unknown top-level fields are ignored. Errors on /api/* are
+Ollama's `{"error": "message"}` (`error_response`), with the status of the `APIError` raised.
+
+`options` (Ollama's Modelfile parameter names): the sampling ones become the fields of an OpenAI request
+(`sampling_fields`), so that ONE function, `translate.sampling_params`, turns either API's request into
+`SamplingParams`. `num_predict` -1 (no limit) and -2 (fill the context) both mean "until the context is
+full"; a positive count is cut to the room the context leaves (Ollama stops at the end of the context, it
+does not refuse). `num_ctx` sets the context the model is loaded with (`ModelRegistry.get`). Ollama's
+runtime options (threads, GPU layers, mmap, ...) are accepted and ignored, as they describe Ollama's own
+runtime; sampling options lmforge does not implement (mirostat, typical_p, tfs_z, penalize_newline) and
+unknown names are ignored too, as Ollama ignores unknown ones, but each is named in a log line and in the
+response header `X-Lmforge-Warning` (`warnings`), so a client can see its setting had no effect.
+
+`keep_alive`: a number of seconds or a Go duration string ("5m", "1h30m", "300ms", "-1m"); 0 unloads the
+model once the request is answered, a negative value keeps it loaded for ever (`parse_keep_alive`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from lmforge.serve.protocol import APIError, invalid
+
+__all__ = ["ChatRequest", "GenerateRequest", "EmbedRequest", "EmbeddingsRequest", "ShowRequest", "CopyRequest",
+           "DeleteRequest", "Options", "error_response", "parse_keep_alive", "sampling_fields", "warnings",
+           "rfc3339", "not_found"]
+
+# Options that describe Ollama's runtime, not the answer: accepted and ignored without a word.
+RUNTIME_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "vocab_only", "use_mmap", "use_mlock",
+                   "num_thread", "logits_all", "embedding_only", "f16_kv", "num_keep", "num_gqa", "rope_frequency_base",
+                   "rope_frequency_scale"}
+# Sampling options of Ollama's that lmforge does not implement: ignored, with a warning.
+UNSUPPORTED_OPTIONS = {"typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline"}
+WARNING_HEADER = "X-Lmforge-Warning"
+
+
+def _integral(value: Any) -> Any:
+    """An integral float (3.0) as the int it is, as Go's JSON decoder accepts it; anything else unchanged
+    (so 3.5 is refused as not an integer, and "3" as not a number)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_Int = Annotated[int, BeforeValidator(_integral)]
+_Float = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class Options(BaseModel):
+    """`options`: the ones lmforge uses are typed and range-checked; every other key is kept (extra) so
+    that `warnings` can name it."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    temperature: _Float | None = Field(None, ge=0)
+    top_k: _Int | None = Field(None, ge=-1)
+    top_p: _Float | None = Field(None, ge=0, le=1)
+    min_p: _Float | None = Field(None, ge=0, le=1)
+    repeat_penalty: _Float | None = Field(None, gt=0, le=10)
+    repeat_last_n: _Int | None = Field(None, ge=-1)
+    presence_penalty: _Float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: _Float | None = Field(None, ge=-2, le=2)
+    seed: _Int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    num_predict: _Int | None = Field(None, ge=-2)
+    num_ctx: _Int | None = Field(None, ge=1)
+
+
+KeepAlive = Annotated[float | str | None, Field(union_mode="left_to_right")]
+
+
+class OllamaMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = ""
+    images: list[Any] | None = None
+    tool_calls: list[dict] | None = None
+    tool_name: str | None = None
+    thinking: str | None = None
+
+
+class _Generating(_Strict):
+    model: str = Field(min_length=1, max_length=500)
+    stream: bool = True
+    format: Literal["", "json"] | dict | None = None
+    options: Options | None = None
+    keep_alive: KeepAlive = None
+    think: bool | Literal["high", "medium", "low"] | None = None
+
+
+class ChatRequest(_Generating):
+    messages: list[OllamaMessage] | None = None
+    tools: list[dict] | None = None
+
+
+class GenerateRequest(_Generating):
+    prompt: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[_Int] | None = None
+    raw: bool = False
+    images: list[Any] | None = None
+
+
+class EmbedRequest(_Strict):
+    model: str = Field(min_length=1, max_length=500)
+    input: str | Annotated[list[str], Field(max_length=2048)]
+    truncate: bool = True
+    dimensions: _Int | None = Field(None, ge=1)
+    options: Options | None = None
+    keep_alive: KeepAlive = None
+
+
+class EmbeddingsRequest(_Strict):
+    """The legacy `/api/embeddings`: one `prompt`, one `embedding`."""
+
+    model: str = Field(min_length=1, max_length=500)
+    prompt: str = ""
+    options: Options | None = None
+    keep_alive: KeepAlive = None
+
+
+class ShowRequest(_Strict):
+    model: str | None = Field(None, max_length=500)
+    name: str | None = Field(None, max_length=500)  # the older spelling, still sent by some clients
+    verbose: bool = False
+
+    @property
+    def ref(self) -> str:
+        return _one_name(self.model, self.name)
+
+
+class DeleteRequest(ShowRequest):
+    pass
+
+
+class CopyRequest(_Strict):
+    source: str = Field(min_length=1, max_length=500)
+    destination: str = Field(min_length=1, max_length=500)
+
+
+def _one_name(model: str | None, name: str | None) -> str:
+    ref = model or name
+    if not ref:
+        raise invalid("missing required field 'model'", param="model", code="missing_required_parameter")
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors and times
+# ----------------------------------------------------------------------------------------------------
+def error_response(e: APIError) -> JSONResponse:
+    """Ollama's error body, `{"error": "message"}`, with the status and headers of `e`."""
+    return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers or None)
+
+
+def not_found(model: str) -> APIError:
+    shown = model if len(model) <= 80 else model[:77] + "..."
+    return APIError(404, f'model "{shown}" is not served here (GET /api/tags lists the models; '
+                         f'`lmforge pull` or `lmforge import` adds one to the store)', param="model",
+                    code="model_not_found")
+
+
+def rfc3339(t: float | None = None, ns: int | None = None) -> str:
+    """A UTC time as RFC 3339 with nanoseconds (`2024-07-22T20:33:28.123648123Z`), as Ollama writes them.
+    `t` in seconds, or `ns` in nanoseconds since the epoch; now when neither is given."""
+    if ns is None:
+        ns = time.time_ns() if t is None else int(t * 1e9)
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+
+
+FOREVER = "9999-12-31T23:59:59.999999999Z"  # expires_at of a model kept loaded for ever (keep_alive < 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# keep_alive
+# ----------------------------------------------------------------------------------------------------
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_keep_alive(value: float | str | None) -> float | None:
+    """Seconds to keep the model loaded after this request (math.inf: for ever), or None (not given: the
+    model keeps what it had). A number is seconds; a string is a Go duration ("5m", "1h30m", "-1s", "0").
+    Anything else is a 400 naming the field."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise invalid("invalid 'keep_alive': a duration such as \"5m\" or a number of seconds", param="keep_alive")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise invalid(f"invalid 'keep_alive': {value} is not a duration", param="keep_alive")
+        seconds = float(value)
+    else:
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        if body == "0":
+            seconds = 0.0
+        else:
+            parts = _PART.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise invalid(f"invalid 'keep_alive' {value[:40]!r}: a duration such as \"5m\", \"1h30m\" or "
+                              f"\"300s\", or a number of seconds", param="keep_alive")
+            seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    return math.inf if seconds < 0 else seconds
+
+
+# ----------------------------------------------------------------------------------------------------
+# options
+# ----------------------------------------------------------------------------------------------------
+def warnings(options: Options | None) -> list[str]:
+    """One line for each option that had no effect: not one lmforge implements, or not one Ollama knows."""
+    out = []
+    for name in sorted((options.model_extra or {}) if options is not None else {}):
+        if name in RUNTIME_OPTIONS:
+            continue
+        if name in UNSUPPORTED_OPTIONS:
+            out.append(f"option '{name}' is not supported by lmforge and was ignored")
+        else:
+            out.append(f"unknown option '{name[:60]}' was ignored")
+    return out
+
+
+def sampling_fields(options: Options | None, defaults: dict) -> tuple[dict[str, Any], dict]:
+    """(fields of an OpenAI request, Modelfile defaults) carrying `options`, for `translate.sampling_params`.
+
+    `num_predict` is applied to the defaults (so it is cut to the room the context leaves rather than
+    refused, as Ollama does): a positive count is the budget, -1 and -2 lift the Modelfile's own."""
+    defaults = dict(defaults)
+    if options is None:
+        return {}, defaults
+    fields: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+                 "frequency_penalty"):
+        value = getattr(options, name)
+        if value is not None:
+            fields[name] = value
+    if options.top_k is not None:
+        fields["top_k"] = options.top_k
+    if options.top_p == 0:  # Ollama lets 0 through; it keeps only the most likely token, as 1e-9 would
+        fields["top_p"] = 1e-9
+    if options.seed is not None and options.seed >= 0:  # Ollama's -1: a random seed
+        fields["seed"] = options.seed
+    if options.stop is not None:
+        fields["stop"] = [options.stop] if isinstance(options.stop, str) else list(options.stop)
+        if any(s == "" for s in fields["stop"]):
+            raise invalid("options.stop strings must not be empty", param="options.stop")
+    n = options.num_predict
+    if n is not None:
+        if n == 0:
+            raise invalid("options.num_predict must be a positive number of tokens, or -1 (no limit) or -2 "
+                          "(fill the context)", param="options.num_predict")
+        if n > 0:
+            defaults["max_new_tokens"] = n
+        else:
+            defaults.pop("max_new_tokens", None)
+    return fields, defaults
