@@ -1,5 +1,10 @@
 """`lmforge generate`, `score` and `run`: using a model (every decoding strategy, likelihoods, the
-terminal chat)."""
+terminal chat); `ps` and `stop`: what a running `lmforge serve` holds in memory, and unloading it.
+
+`run MODEL PROMPT` answers one prompt, like `ollama run MODEL PROMPT`: through the running server when one
+answers at LMFORGE_HOST (`cli/client.py`; the model is then loaded once, by the server, and stays loaded
+for the next question) and in-process otherwise, or when the server does not serve MODEL (a directory, say),
+or with --docs or --local. The interactive chat (`run MODEL` in a terminal) always runs in-process."""
 
 from __future__ import annotations
 
@@ -114,6 +119,12 @@ def cmd_run(args) -> int:
 
     if args.k is not None and args.docs is None:
         raise UserError("-k is the number of passages retrieved per turn: it needs --docs INDEX")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("PROMPT is empty: give the question to answer, or leave it out to chat")
+    if args.prompt is not None and args.docs is None and not args.local:
+        answered = _run_on_server(args)
+        if answered is not None:
+            return answered
     # The index first: an unknown name is one line listing the known ones, before minutes of model loading.
     docs = Documents(args.docs, args.k or DEFAULT_K) if args.docs is not None else None
     loaded = load_model(args)
@@ -122,12 +133,115 @@ def cmd_run(args) -> int:
                                           params=sampling_params(args, loaded.modelfile.parameters), docs=docs)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if not sys.stdin.isatty():
+    if args.prompt is not None or not sys.stdin.isatty():
         try:
-            return answer_once(session, sys.stdin.read())
+            return answer_once(session, args.prompt if args.prompt is not None else sys.stdin.read())
         except ValueError as e:
             raise UserError(str(e)) from None
     return repl(session)
+
+
+# Sampling flag -> Ollama's option name, for `run` through a server's /api/chat.
+OLLAMA_OPTIONS = {"max_new_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
+
+
+def _run_on_server(args) -> int | None:
+    """Answer `args.prompt` through the server at LMFORGE_HOST (streamed); None when no server answers
+    there or it does not serve the model, for the caller to load it in-process instead."""
+    from lmforge.cli.client import Client, ServerError
+    from lmforge.cli.common import SAMPLING_FLAGS
+
+    client = Client()
+    if not client.answers():
+        return None
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+        [{"role": "user", "content": args.prompt}]
+    options = {OLLAMA_OPTIONS.get(k, k): getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    body = {"model": args.model, "messages": messages, "stream": True, **({"options": options} if options else {})}
+    started = False
+    try:
+        for obj in client.stream("/api/chat", body):
+            text = (obj.get("message") or {}).get("content") or ""
+            if text:
+                started = True
+                print(text, end="", flush=True)
+    except ServerError as e:
+        if e.status == 404 and not started:  # not one of the server's models: load it here
+            return None
+        raise
+    print()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# ps / stop (a running server)
+# ---------------------------------------------------------------------------------------------------
+def _until(expires_at: str | None, now: float | None = None) -> str:
+    """`ollama ps`'s UNTIL column: "4 minutes from now", "Forever", "Stopping..."."""
+    import datetime
+    import re
+    import time
+
+    if not expires_at:
+        return "?"
+    m = re.match(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})$", expires_at)
+    if not m:
+        return expires_at
+    if int(m.group(1)[:4]) >= 9999:
+        return "Forever"
+    frac = (m.group(2) or "0")[:6].ljust(6, "0")
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    when = datetime.datetime.fromisoformat(f"{m.group(1)}.{frac}{zone}").timestamp()
+    left = when - (time.time() if now is None else now)
+    if left <= 0:
+        return "Stopping..."
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if left >= size:
+            n = int(left // size)
+            return f"{n} {unit}{'s' if n != 1 else ''} from now"
+    n = int(left)
+    return f"{n} second{'s' if n != 1 else ''} from now" if n else "Less than a second from now"
+
+
+def _processor(size: int, vram: int) -> str:
+    if not vram:
+        return "100% CPU"
+    if vram >= size:
+        return "100% GPU"
+    gpu = round(100 * vram / size)
+    return f"{100 - gpu}%/{gpu}% CPU/GPU"
+
+
+def cmd_ps(args) -> int:
+    from lmforge.cli.client import Client
+    from lmforge.cli.common import human_size
+
+    models = Client().get("/api/ps").get("models") or []
+    rows = [("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL")]
+    for m in models:
+        size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
+        rows.append((str(m.get("name") or m.get("model")), str(m.get("digest") or "")[:12], human_size(size),
+                     _processor(size, vram), str(m.get("context_length") or "?"), _until(m.get("expires_at"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _plain_name(name: str) -> str:
+    return name[: -len(":latest")] if name.endswith(":latest") else name
+
+
+def cmd_stop(args) -> int:
+    from lmforge.cli.client import Client
+
+    client = Client()
+    loaded = [str(m.get("name") or m.get("model")) for m in client.get("/api/ps").get("models") or []]
+    if _plain_name(args.model) not in {_plain_name(n) for n in loaded}:
+        held = f" (it holds: {', '.join(loaded)})" if loaded else " (it holds none)"
+        raise UserError(f"{args.model} is not loaded on the server at {client.base}{held}")
+    client.post("/api/generate", {"model": args.model, "keep_alive": 0})
+    return 0
 
 
 def register(sub) -> list[argparse.ArgumentParser]:
@@ -182,9 +296,15 @@ def register(sub) -> list[argparse.ArgumentParser]:
                                          "heading), and /sources shows every passage of the last turn. The "
                                          "conversation keeps your plain messages, not the passages."),
                         epilog="examples:\n  lmforge run quickstart-dpo\n"
+                               "  lmforge run quickstart-dpo \"Why is the sky blue?\"   (one answer; through a running server)\n"
                                "  lmforge run qwen --docs mydocs -k 6\n"
                                "  echo 'What does textwrap.dedent do?' | lmforge run quickstart-dpo --docs pydocs")
     add_model_flags(rn)
+    rn.add_argument("prompt", nargs="?", metavar="PROMPT", help="answer this one prompt and exit, through the "
+                    "running server when one answers at LMFORGE_HOST (default 127.0.0.1:11435), else in-process "
+                    "(default: chat)")
+    rn.add_argument("--local", action="store_true", help="with PROMPT: load the model in this process even when a "
+                    "server answers (default: use the server)")
     rn.add_argument("--system", help="system prompt (default: none)")
     rn.add_argument("--docs", metavar="INDEX", help="ground every answer on passages retrieved from this index "
                     "(`lmforge index ... --name INDEX`); answers cite them as [n] (default: none)")
@@ -192,4 +312,16 @@ def register(sub) -> list[argparse.ArgumentParser]:
                     f"(default: {DEFAULT_K})")
     add_sampling_flags(rn)
     rn.set_defaults(func=cmd_run)
-    return [gen, sc, rn]
+
+    ps = sub.add_parser("ps", help="the models a running server holds in memory", formatter_class=Formatter,
+                        description=para("List the models the lmforge server at LMFORGE_HOST (default "
+                                          "127.0.0.1:11435) has loaded, like `ollama ps`: name, id, size in memory, "
+                                          "processor, context length and until when it stays loaded."))
+    ps.set_defaults(func=cmd_ps)
+    st = sub.add_parser("stop", help="unload a model from a running server", formatter_class=Formatter,
+                        description=para("Unload MODEL from the lmforge server at LMFORGE_HOST (default "
+                                          "127.0.0.1:11435) now, like `ollama stop` (its requests in flight finish "
+                                          "first)."))
+    st.add_argument("model", metavar="MODEL", help="a model the server has loaded (see lmforge ps)")
+    st.set_defaults(func=cmd_stop)
+    return [gen, sc, rn, ps, st]
