@@ -26,11 +26,46 @@ from lmforge.retrieval.grounding import DEFAULT_K  # passages per turn for `run 
 # ---------------------------------------------------------------------------------------------------
 
 
+def _output_grammar(args):
+    """The grammar of --json-schema FILE or --grammar FILE (GBNF, or Lark with a `start:` rule), or None;
+    checked before the model loads, so a bad file costs no wait."""
+    from lmforge.engine.constrain import Grammar, GrammarError
+
+    path = args.json_schema or args.grammar
+    if path is None:
+        return None
+    flag = "--json-schema" if args.json_schema else "--grammar"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        if args.grammar:
+            return Grammar.from_text(text)
+        import json
+
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{flag}: {path} is not JSON: {e}") from None
+        return Grammar.json_schema(schema, strict=True)
+    except GrammarError as e:
+        raise UserError(f"{flag} {path}: {e}") from None
+
+
 def cmd_generate(args) -> int:
     import math
 
+    from lmforge.engine.constrain import GrammarError
+
+    grammar = _output_grammar(args)
     engine, mf = load_engine(args)
     tok = engine.tokenizer
+    if grammar is not None:
+        try:
+            grammar.check(tok)
+        except GrammarError as e:
+            raise UserError(f"{'--json-schema' if args.json_schema else '--grammar'}: {e}") from None
     prompt = args.prompt
     if args.chat:
         from lmforge.engine.prompt import chat_prompt_ids
@@ -42,7 +77,7 @@ def cmd_generate(args) -> int:
             raise UserError(str(e)) from None
     if args.beams > 1:
         params = sampling_params(args, mf.parameters, num_beams=args.beams, length_penalty=args.length_penalty,
-                                  early_stopping=args.early_stopping, stop=args.stop or [],
+                                  early_stopping=args.early_stopping, stop=args.stop or [], grammar=grammar,
                                   **({} if args.temperature is not None else {"temperature": 0.0}))
         try:
             beams = engine.beam_search(prompt, params, n_best=args.n_best)
@@ -52,7 +87,7 @@ def cmd_generate(args) -> int:
             print(f"--- beam {rank}: score {b.score:.4f} (log-prob {b.sum_logprob:.3f}, {b.n_tokens} tokens, {b.finish_reason})")
             print(b.text)
         return 0
-    params = sampling_params(args, mf.parameters, stop=args.stop or [],
+    params = sampling_params(args, mf.parameters, stop=args.stop or [], grammar=grammar,
                               logprobs=args.top_logprobs if args.show_probs else None)
     try:
         events = engine.generate([prompt], params)
@@ -268,6 +303,10 @@ def register(sub) -> list[argparse.ArgumentParser]:
     gen.add_argument("--show-probs", action="store_true", help="print each token with its probability and alternatives")
     gen.add_argument("--top-logprobs", type=nonneg_int, metavar="N", default=5, help="alternatives shown by --show-probs, up to 20 (default: 5)")
     gen.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    shape = gen.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="output JSON valid under this JSON schema (strict: objects closed unless it says otherwise)")
+    shape.add_argument("--grammar", metavar="FILE", help="output that follows this GBNF (or Lark) grammar")
     gen.add_argument("--verbose", action="store_true", help="report the finish reason on stderr")
     gen.set_defaults(func=cmd_generate)
 

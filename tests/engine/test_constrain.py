@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import torch
 
-from conftest import load_engine, save_tiny_model
+from conftest import load_engine, run_cli, save_tiny_model
 from lmforge.engine.constrain import Grammar, GrammarError, apply_constraints
 from lmforge.engine.sampling import SamplingParams, token_logprobs
 from lmforge.engine.scheduler import Request, Scheduler
@@ -30,10 +30,14 @@ def tok(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, tiny_tokenizer):
-    d = save_tiny_model(tmp_path_factory.mktemp("constrain") / "m", tiny_tokenizer, context_length=128,
-                        embedding_scale=8.0)
-    return load_engine(d)
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    return save_tiny_model(tmp_path_factory.mktemp("constrain") / "m", tiny_tokenizer, context_length=128,
+                           embedding_scale=8.0)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return load_engine(model_dir)
 
 
 def allowed_ids(constraint) -> set[int]:
@@ -234,3 +238,34 @@ def test_raw_logits_logprob_reference():
     raw = torch.tensor([[0.0, 1.0, 2.0]])
     lp, _, _ = token_logprobs(raw, torch.tensor([0]))
     torch.testing.assert_close(lp, torch.log_softmax(raw, -1)[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# lmforge generate --json-schema / --grammar
+# ----------------------------------------------------------------------------------------------------
+def test_generate_cli_follows_a_schema_or_a_grammar(capsys, tmp_path, model_dir):
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    code, out, err = run_cli(capsys, "generate", model_dir, "--prompt", "the model", "--json-schema", schema,
+                             "--temperature", "1", "--seed", "2", "--max-new-tokens", "100", "--no-fast")
+    assert code == 0, err
+    jsonschema.validate(json.loads(out), PERSON)
+    yes_no = tmp_path / "yn.gbnf"
+    yes_no.write_text('root ::= "yes" | "no"\n')
+    code, out, err = run_cli(capsys, "generate", model_dir, "--prompt", "the", "--grammar", yes_no, "--no-fast")
+    assert code == 0 and out.strip() in ("yes", "no"), err
+
+
+@pytest.mark.parametrize("flag, text, message", [
+    ("--json-schema", "{not json", "is not JSON"),
+    ("--json-schema", '{"type": "object", "not": {}}', "unsupported keyword 'not'"),
+    ("--grammar", 'root ::= ("a"', "GBNF syntax error"),
+    ("--grammar", "start: <|nope|>", "unknown special token"),
+])
+def test_generate_cli_refuses_bad_files_in_one_line(capsys, tmp_path, model_dir, flag, text, message):
+    path = tmp_path / "g.txt"
+    path.write_text(text)
+    code, out, err = run_cli(capsys, "generate", model_dir, "--prompt", "x", flag, path, "--no-fast")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(capsys, "generate", model_dir, "--grammar", tmp_path / "missing.gbnf", "--no-fast")
+    assert code == 2 and "cannot read" in err
