@@ -417,7 +417,8 @@ def report_shared_prefix(args, res: dict) -> bool:
               f"{m['ttft_p90_ms']:,.0f} |")
     on, off = res["modes"]["on"], res["modes"]["off"]
     print(f"\ncache on / off: TTFT mean {off['ttft_mean_ms'] / on['ttft_mean_ms']:.1f}x lower, p90 "
-          f"{off['ttft_p90_ms'] / on['ttft_p90_ms']:.1f}x lower; throughput {on['tokens_per_s'] / off['tokens_per_s']:.1f}x")
+          f"{off['ttft_p90_ms'] / on['ttft_p90_ms']:.1f}x lower; "
+          f"throughput {on['tokens_per_s'] / off['tokens_per_s']:.1f}x")
     print(f"answers identical with and without the cache: "
           f"{'yes' if not res['differ'] else 'NO, requests ' + str(res['differ'])}")
     print(f"\n{'PASS' if res['ok'] else 'FAIL'}")

@@ -18,6 +18,10 @@ from lmforge.model.kv_cache import KVCache
 # Shorter matches are not worth moving a row for: every chat prompt starts with the same few template
 # tokens (BOS, a role header), which say nothing about the rest and save almost no reading.
 MIN_REUSE = 8
+# A waiting request that shares at least this many not-yet-cached prompt tokens with one admitted in the
+# same turn (the n copies of an n > 1 request, clients arriving together with one system prompt) waits a
+# turn and then copies them from that one's row, rather than reading them alongside it.
+MIN_SHARED = 32
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:

@@ -39,12 +39,14 @@ tokens streams every weight of the model once per chunk). What a newcomer displa
 recently used free row when it is worth more (`ParkedRows`), and a leaving row is *swapped* with the last
 busy row instead of overwritten by it, so its content survives in the row that becomes free. Long prompts
 gain the same way: only their uncached part counts against the chunk budget, and a filling group's members
-each start at their own cached length. Any failure forgets every parked row (the cache may be what
-failed). This is llama.cpp's per-slot `cache_prompt` generalised to any row, rather than vLLM's block
-table or SGLang's radix tree: those share blocks between sequences but need attention over a block table
-(paged kernels), while here every row is one contiguous timeline that the plain attention reads as is; the
-price is that a free row remembers one conversation, so at most `max_batch` - busy ones are remembered,
-least recently used first to go. `prefix_cache=False` turns it off (the outputs are the same either way).
+each start at their own cached length. Prompts arriving together that share a long uncached prefix (an
+n > 1 request's copies, clients with one system prompt) do not all read it: the first does, the others wait
+a turn and copy it (`MIN_SHARED`). Any failure forgets every parked row (the cache may be what failed).
+This is llama.cpp's per-slot `cache_prompt` generalised to any row, rather than vLLM's block table or
+SGLang's radix tree: those share blocks between sequences but need attention over a block table (paged
+kernels), while here every row is one contiguous timeline that the plain attention reads as is; the price
+is that a free row remembers one conversation, so at most `max_batch` - busy ones are remembered, least
+recently used first to go. `prefix_cache=False` turns it off (the outputs are the same either way).
 
 The scheduler owns the model: all model work runs on its one thread, which keeps PyTorch single-owner
 and lets other work (scoring a prompt, beam search) be queued as a `call()` between steps. Requests and
@@ -66,7 +68,7 @@ from typing import Any, Callable
 import torch
 
 from lmforge.engine.generate import Engine, SequenceState, TokenEvent, choose_tokens
-from lmforge.engine.prefix_cache import PromptCache
+from lmforge.engine.prefix_cache import MIN_SHARED, PromptCache, common_prefix
 from lmforge.engine.sampling import SamplingParams, sample_from, token_logprobs
 from lmforge.model.kv_cache import KVCache
 
@@ -205,9 +207,13 @@ class Scheduler:
 
     @property
     def kv_tokens_used(self) -> int:
-        """Cache slots that busy rows (and prompts being read) hold now."""
+        """Cache slots that busy rows (and prompts being read) hold now. Read from any thread (metrics): it
+        works on snapshots of lists the scheduler thread may be changing, so it is exact only between steps."""
         f = self.filling
-        filling = sum(f.written(i) for i in range(len(f.reqs))) if f is not None else 0
+        filling = 0
+        if f is not None:
+            reqs, starts, read = list(f.reqs), list(f.starts), f.read
+            filling = sum(min(len(r.prompt_ids), s + read) for r, s in zip(reqs, starts))
         return sum(row.pos for row in list(self.rows)) + filling
 
     @property
@@ -365,7 +371,7 @@ class Scheduler:
                 unread[req.id] = n
                 if req.cancelled:
                     gone.append(req)
-                elif free == 0:
+                elif free == 0 or self._shares_with(req, n, new + longs):
                     kept.append(req)
                 elif n > self.prefill_chunk:
                     if self.filling is None:
@@ -384,7 +390,6 @@ class Scheduler:
             _tell(req)
         # Prompts of similar length share a prefill pass; a pass holds at most `max_prefill_tokens` (padded).
         new.sort(key=lambda r: unread[r.id])
-        group: list[Request] = []
         groups: list[list[Request]] = [[]]
         for req in new:
             if groups[-1] and (len(groups[-1]) + 1) * unread[req.id] > self.max_prefill_tokens:
@@ -409,6 +414,15 @@ class Scheduler:
             self.filling = _Filling(longs, starts)
 
     # -- the prompt cache (see the module docstring and engine/prefix_cache.py) ---------------------------
+    def _shares_with(self, req: Request, unread: int, admitted: list[Request]) -> bool:
+        """Whether `req` should wait a turn because a request admitted this turn reads at least `MIN_SHARED`
+        of the tokens `req` would have to read too: next turn they are in that one's row, ready to copy."""
+        if not self.prefix_cache or unread < MIN_SHARED:
+            return False
+        cached, limit = len(req.prompt_ids) - unread, len(req.prompt_ids) - 1
+        return any(common_prefix(req.prompt_ids, other.prompt_ids, limit) - cached >= MIN_SHARED
+                   for other in admitted)
+
     def _free_rows(self, claimed: set[int] = frozenset()) -> list[int]:
         return [j for j in range(len(self.rows), self.max_batch - self._n_filling) if j not in claimed]
 

@@ -138,9 +138,9 @@ def test_a_ten_turn_chat_reads_only_what_is_new(engine, max_batch):
 
 
 def test_many_requests_sharing_a_system_prompt(engine):
-    """12 requests with one system prompt and their own questions, 3 rows: the first 3 read everything (no
-    row holds anything yet); every later one finds the system prompt in a busy or a parked row; and every
-    answer equals the answer without the cache."""
+    """12 requests with one system prompt and their own questions, 3 rows, all waiting at once: the first
+    reads everything, the others wait a turn rather than read the system prompt alongside it, and then each
+    finds it in a busy or a parked row; every answer equals the answer without the cache."""
     system = engine.encode_prompt(SYSTEM)
     prompts = [system + engine.tokenizer.encode(f" question {i} : " + WORDS[i % len(WORDS)], allow_special=False)
                for i in range(12)]
@@ -151,7 +151,7 @@ def test_many_requests_sharing_a_system_prompt(engine):
             results.append(run_all(sched, prompts, params))
             if sched.prefix_cache:
                 cached = [r.cached_tokens for r, _ in results[-1]]
-                assert cached[:3] == [0, 0, 0] and all(c >= len(system) for c in cached[3:]), cached
+                assert cached[0] == 0 and all(c >= len(system) for c in cached[1:]), cached
                 assert sched.cached_tokens_total == sum(cached)
                 assert sched.prompt_tokens_total == sum(map(len, prompts))
                 assert sched.kv_tokens_used == 0 and sched.busy == 0
@@ -298,3 +298,32 @@ def test_a_filling_member_above_may_finish_first(engine, monkeypatch):
         assert sched.filling is None and sched.busy == 0
     finally:
         sched.stop()
+
+
+def test_copies_of_one_long_prompt_read_it_once(engine):
+    """The n copies of an n > 1 request (one long prompt): the first is read alone, in chunks, and the others
+    copy it once it is in, instead of all four reading it side by side; the answers are those without the
+    cache, for a quarter of the prompt reading."""
+    prompt = engine.encode_prompt(" ".join(WORDS + WORDS[:3]))  # ~80 tokens: 10 chunks of 8
+    params = [SamplingParams(temperature=0.8, seed=5, max_new_tokens=4, logprobs=1) for _ in range(4)]
+    results, reads = [], []
+    for sched in schedulers(engine, max_batch=4, prefill_chunk=8, max_prefill_tokens=8):
+        try:
+            read = []
+            inner = sched._forward_padded
+            sched._forward_padded = lambda pieces, **kw: (read.append(sum(map(len, pieces))), inner(pieces, **kw))[1]
+            hold = threading.Event()
+            sched.call(lambda: hold.wait(10))
+            out = [Answer() for _ in range(4)]
+            reqs = [sched.submit(Request(prompt, p, a, seq=i)) for i, (p, a) in enumerate(zip(params, out))]
+            hold.set()
+            wait(*out)
+            results.append(out)
+            reads.append(sum(read))
+        finally:
+            sched.stop()
+        if sched.prefix_cache:
+            assert [r.cached_tokens for r in reqs] == [0] + [len(prompt) - 1] * 3
+    for a, b in zip(*results):
+        same(a, b)
+    assert reads == [len(prompt) + 3, 4 * len(prompt)]

@@ -281,9 +281,10 @@ def test_a_long_prompt_does_not_stall_running_streams(engine1):
 
 
 def test_long_prompts_arriving_together_are_read_side_by_side(engine1, monkeypatch):
-    """n long prompts at once (an n > 1 request, say) are one filling group: one forward pass per chunk for
-    all of them, not one prompt after another."""
-    sched = Scheduler(engine1, max_batch=4, prefill_chunk=8, max_prefill_tokens=32)
+    """n long prompts at once are one filling group: one forward pass per chunk for all of them, not one
+    prompt after another. (Without the prompt cache, which would have the second LONG[0] wait and copy the
+    first: tests/engine/test_prefix_cache.py.)"""
+    sched = Scheduler(engine1, max_batch=4, prefill_chunk=8, max_prefill_tokens=32, prefix_cache=False)
     passes = []
     model = engine1.model
     inner = model.forward
