@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import load_engine, run_cli, save_tiny_model
-from lmforge.engine.constrain import Grammar, GrammarError, apply_constraints
+from lmforge.engine.constrain import Constraint, Grammar, GrammarError, apply_constraints
 from lmforge.engine.sampling import SamplingParams, token_logprobs
 from lmforge.engine.scheduler import Request, Scheduler
 
@@ -208,7 +208,7 @@ def _run(sched: Scheduler, prompts, params) -> list[list[int]]:
     return out
 
 
-def test_constrained_and_free_rows_in_one_batch_equal_their_solo_runs(engine):
+def test_constrained_and_free_rows_in_one_batch_equal_their_solo_runs(engine, monkeypatch):
     g = Grammar.json_schema(PERSON, strict=True)
     enc = engine.tokenizer.encode
     prompts = [enc(p) for p in ["the model", "a token reads", "each layer", "our loss", "the cache", "some text"]]
@@ -218,10 +218,17 @@ def test_constrained_and_free_rows_in_one_batch_equal_their_solo_runs(engine):
               SamplingParams(temperature=0.8, seed=5, max_new_tokens=12),
               SamplingParams(temperature=0, max_new_tokens=30, grammar=Grammar.gbnf('root ::= "yes" | "no"')),
               SamplingParams(temperature=1.0, seed=11, max_new_tokens=60, grammar=Grammar.json_object())]
+    masks = []  # every mask computed: the free rows of the batch must cause none
+    real = Constraint._allowed
+    monkeypatch.setattr(Constraint, "_allowed", lambda self: masks.append(1) or real(self))
     sched = Scheduler(engine, max_batch=6, max_queue=16)
     try:
         together = _run(sched, prompts, params)
+        constrained_tokens = sum(len(ids) for ids, sp in zip(together, params) if sp.grammar is not None)
+        assert len(masks) == constrained_tokens  # one mask per token of a constrained row, nothing else
+        steps_together = sched.steps
         solo = [_run(sched, [p], [sp])[0] for p, sp in zip(prompts, params)]
+        assert sched.steps - steps_together > steps_together  # the first run did share decode steps
     finally:
         sched.stop(10)
     assert together == solo
