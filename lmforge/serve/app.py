@@ -5,7 +5,8 @@ Layers, each in its own file: `protocol` (the wire format: request schemas and t
 `translate` (requests to token ids and `SamplingParams`, results to response objects) -> the engine's
 `Scheduler` (continuous batching), reached through `models.ModelRegistry` (lazy loading, keep-alive).
 The HTTP side: `security` (the ASGI guard before routing), `stream` (the scheduler thread -> asyncio
-bridge and SSE), `routes` (every handler, in the one `ROUTES` table). This file only assembles them
+bridge and SSE), `routes` (every handler, in the one `ROUTES` table), `ollama` (Ollama's native API on /api/*,
+`OLLAMA_ROUTES`, whose errors take Ollama's `{"error": "..."}` shape). This file only assembles them
 (`create_app`): error handlers that give every error OpenAI's shape, the routes, CORS, the guard, and
 `metrics` (`GET /metrics`, with requests counted around the guard so that refused ones count too).
 Imports flow one way: app -> routes -> stream / security -> protocol, translate, models, engine.
@@ -26,7 +27,6 @@ from lmforge.serve.feedback import RateLimit
 from lmforge.serve.metrics import Metrics, RequestCounter, metrics_endpoint
 from lmforge.serve.models import ModelRegistry
 from lmforge.serve.ollama import OLLAMA_ROUTES
-from lmforge.serve.ollama_protocol import error_response as ollama_error_response
 from lmforge.serve.protocol import APIError, invalid
 from lmforge.serve.routes import ROUTES
 from lmforge.serve.security import Guard, ServerOptions, error_response, secure
@@ -40,7 +40,7 @@ log = logging.getLogger("lmforge.serve")
 def _error(request: Request, e: APIError):
     """The error in the shape of the API the path belongs to: Ollama's `{"error": "..."}` on its routes
     (/api/*, `serve/ollama.py`), OpenAI's `{"error": {message, type, param, code}}` everywhere else."""
-    return ollama_error_response(e) if request.url.path.startswith("/api/") else error_response(e)
+    return error_response(e, request.url.path)
 
 
 def create_app(registry: ModelRegistry, opts: ServerOptions | None = None) -> FastAPI:

@@ -5,7 +5,8 @@ say and how each field maps onto what lmforge already has, with no I/O.
 
 Requests are validated like the OpenAI ones (a string is not a number; an integral float is an integer, as
 Go's JSON decoder in Ollama accepts it) and unknown top-level fields are ignored. Errors on /api/* are
-Ollama's `{"error": "message"}` (`error_response`), with the status of the `APIError` raised.
+Ollama's `{"error": "message"}` (`security.error_response` picks the shape by path, for the guard's refusals
+too), with the status of the `APIError` raised.
 
 `options` (Ollama's Modelfile parameter names): the sampling ones become the fields of an OpenAI request
 (`sampling_fields`), so that ONE function, `translate.sampling_params`, turns either API's request into
@@ -28,13 +29,12 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from lmforge.serve.protocol import APIError, invalid
 
 __all__ = ["ChatRequest", "GenerateRequest", "EmbedRequest", "EmbeddingsRequest", "ShowRequest", "CopyRequest",
-           "DeleteRequest", "Options", "error_response", "parse_keep_alive", "sampling_fields", "warnings",
+           "DeleteRequest", "Options", "parse_keep_alive", "sampling_fields", "warnings",
            "rfc3339", "not_found"]
 
 # Options that describe Ollama's runtime, not the answer: accepted and ignored without a word.
@@ -165,11 +165,6 @@ def _one_name(model: str | None, name: str | None) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Errors and times
 # ----------------------------------------------------------------------------------------------------
-def error_response(e: APIError) -> JSONResponse:
-    """Ollama's error body, `{"error": "message"}`, with the status and headers of `e`."""
-    return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers or None)
-
-
 def not_found(model: str) -> APIError:
     shown = model if len(model) <= 80 else model[:77] + "..."
     return APIError(404, f'model "{shown}" is not served here (GET /api/tags lists the models; '

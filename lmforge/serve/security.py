@@ -75,8 +75,10 @@ class ServerOptions:
     draining: bool = field(default=False, init=False)  # set on shutdown: new requests get 503
 
 
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
+def error_response(e: APIError, path: str = "") -> JSONResponse:
+    """OpenAI's error body; Ollama's `{"error": "message"}` on its routes (/api/*, `serve/ollama.py`)."""
+    body = {"error": e.message} if path.startswith("/api/") else e.body()
+    return JSONResponse(body, status_code=e.status, headers=e.headers or None)
 
 
 def secure(app: Any, opts: ServerOptions) -> Any:
@@ -112,7 +114,7 @@ class Guard:
             await send(message)
 
         if problem is not None:
-            return await error_response(problem)(scope, receive, send_secured)
+            return await error_response(problem, scope["path"])(scope, receive, send_secured)
         return await self.app(scope, _limited(receive, self.opts.max_body), send_secured)
 
     def _check(self, scope, headers: dict[str, str]) -> APIError | None:

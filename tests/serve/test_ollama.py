@@ -362,3 +362,11 @@ def test_a_body_that_is_not_json(server):
     r = httpx.post(server.base_url + "/api/chat", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]
     assert wait_until(lambda: server.registry.in_flight == 0)
+
+
+def test_the_guards_refusals_on_api_routes_are_ollama_shaped(server):
+    r = httpx.post(server.base_url + "/api/chat", content=b"{}", headers={"content-type": "text/plain"})
+    assert 400 <= r.status_code < 500 and isinstance(r.json()["error"], str)
+    openai_shaped = httpx.post(server.base_url + "/v1/chat/completions", content=b"{}",
+                               headers={"content-type": "text/plain"})
+    assert openai_shaped.status_code == r.status_code and isinstance(openai_shaped.json()["error"], dict)
