@@ -242,6 +242,8 @@ def test_keep_alive_load_unload_and_ps(server, client):
     assert [m for m in client.ps().models if m.model == "tiny"][0].expires_at.year == 9999  # for ever
     r = client.chat(model="tiny", messages=MSG, keep_alive=0, options={"num_predict": 2})
     assert r.done and "tiny" not in [m.model for m in client.ps().models]  # gone before `done` was sent
+    *_, last = client.generate(model="tiny", prompt="the", keep_alive=0, stream=True, options={"num_predict": 2})
+    assert last.done and "tiny" not in [m.model for m in client.ps().models]
     client.chat(model="tiny", messages=MSG, options={"num_predict": 1})
     unloaded = post(server, "/api/chat", {"model": "tiny", "messages": [], "keep_alive": 0}).json()
     assert unloaded["done_reason"] == "unload" and unloaded["message"] == {"role": "assistant", "content": ""}
@@ -358,10 +360,17 @@ def test_bad_requests_are_one_clear_ollama_error(server, path, body, status, wor
     assert isinstance(err, str) and words in err and "Traceback" not in err
 
 
-def test_a_body_that_is_not_json(server):
-    r = httpx.post(server.base_url + "/api/chat", content=b"{nope", headers={"content-type": "application/json"})
+@pytest.mark.parametrize("raw", [b"{nope", b"", b"3", b"null", b"[1, 2]", b'{"model": "\xff"}'])
+def test_a_body_that_is_not_a_json_object(server, raw):
+    r = httpx.post(server.base_url + "/api/chat", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]
+
+
+def test_no_500_and_still_healthy_after_every_bad_request(server, client):
+    statuses = [post(server, path, body).status_code for path, body, *_ in BAD]
+    assert all(400 <= s < 500 for s in statuses), statuses
     assert wait_until(lambda: server.registry.in_flight == 0)
+    assert client.chat(model="tiny", messages=MSG, options={"num_predict": 2}).done
 
 
 def test_the_guards_refusals_on_api_routes_are_ollama_shaped(server):
