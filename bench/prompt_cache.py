@@ -103,8 +103,8 @@ def main() -> int:
 
     chat(engine, system, users[:2], params, True, args.max_batch)  # warm-up, not measured
     runs = {True: [], False: []}
-    for _ in range(args.repeats):
-        for cache in (True, False):
+    for r in range(args.repeats):
+        for cache in ((True, False) if r % 2 == 0 else (False, True)):  # neither mode always goes first
             runs[cache].append(chat(engine, system, users, params, cache, args.max_batch))
     reference = [t["answer"] for t in runs[False][0]]
     same = all([t["answer"] for t in r] == reference for mode in runs.values() for r in mode)
