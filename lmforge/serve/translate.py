@@ -143,7 +143,8 @@ def request_grammar(req: ChatCompletionRequest | CompletionRequest, tokenizer: A
     """The structured output a request asks for (`response_format`, or llama.cpp's `grammar` /
     `json_schema`), or None for free text. One of them at most; a grammar that cannot be used is a 400
     naming the field and what is wrong (`invalid 'response_format.json_schema.schema': unsupported keyword
-    'not'`). With `tokenizer`, the grammar is also compiled against its vocabulary (a special token it lacks
+    'not'`). llama.cpp's spellings (`json_schema`, `response_format.schema`) close objects that do not say
+    otherwise, as llama.cpp's converter does; OpenAI's `json_schema` does so only with `strict: true`. With `tokenizer`, the grammar is also compiled against its vocabulary (a special token it lacks
     is refused here, not in the middle of generation)."""
     asked: list[tuple[str, Any]] = []
     rf = getattr(req, "response_format", None)
@@ -159,13 +160,13 @@ def request_grammar(req: ChatCompletionRequest | CompletionRequest, tokenizer: A
                 asked.append(("response_format.json_schema.schema",
                               lambda: Grammar.json_schema(js.schema_, strict=bool(js.strict))))
         elif rf.schema_ is not None:  # llama.cpp: {"type": "json_object", "schema": {...}}
-            asked.append(("response_format.schema", lambda: Grammar.json_schema(rf.schema_)))
+            asked.append(("response_format.schema", lambda: Grammar.json_schema(rf.schema_, strict=True)))
         else:
             asked.append(("response_format", Grammar.json_object))
     if req.grammar is not None:
         asked.append(("grammar", lambda: Grammar.from_text(req.grammar)))
     if req.json_schema is not None:
-        asked.append(("json_schema", lambda: Grammar.json_schema(req.json_schema)))
+        asked.append(("json_schema", lambda: Grammar.json_schema(req.json_schema, strict=True)))
     if not asked:
         return None
     if len(asked) > 1:

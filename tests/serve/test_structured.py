@@ -149,3 +149,25 @@ def test_bad_schemas_are_400s_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", extra_body={"grammar": 'root ::= "a" | ('})
     assert e.value.body["param"] == "grammar" and "GBNF syntax error" in e.value.body["message"]
+
+
+def test_which_spellings_close_objects():
+    """OpenAI's json_schema closes objects only with strict; llama.cpp's spellings always (as its converter)."""
+    from lmforge.engine.constrain import Grammar
+    from lmforge.serve import translate as tr
+    from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    schema = SCHEMAS["enum"]
+
+    def chat(**kw):
+        return ChatCompletionRequest.model_validate({"model": "m", "messages": U, **kw})
+
+    strict, loose = Grammar.json_schema(schema, strict=True), Grammar.json_schema(schema)
+    assert strict != loose
+    assert tr.request_grammar(chat(response_format=schema_format("enum", strict=False))) == loose
+    assert tr.request_grammar(chat(response_format=schema_format("enum", strict=True))) == strict
+    assert tr.request_grammar(chat(response_format={"type": "json_object", "schema": schema})) == strict
+    assert tr.request_grammar(CompletionRequest.model_validate({"model": "m", "prompt": "x", "json_schema": schema})) \
+        == strict
+    assert tr.request_grammar(chat(response_format={"type": "json_object"})) == Grammar.json_object()
+    assert tr.request_grammar(chat(response_format={"type": "text"})) is None
