@@ -107,6 +107,7 @@ class Generation:
 
     async def events(self, ping: float | None = None) -> AsyncIterator[tuple[int, Any]]:
         """(choice, event) until every row is over; (-1, None) every `ping` seconds of silence."""
+        from lmforge.engine.constrain import GrammarError
         from lmforge.engine.scheduler import SchedulerClosed
 
         try:
@@ -121,6 +122,9 @@ class Generation:
                     row = self.rows[i]
                     if isinstance(row.error, SchedulerClosed):
                         raise shutting_down()
+                    if isinstance(row.error, GrammarError):  # the request's grammar hit llguidance's limits
+                        raise invalid(f"the output's grammar could not be followed: {row.error}",
+                                      code="grammar_failed")
                     if row.error is not None:
                         log.error("generation failed: %r", row.error)
                         raise APIError(500, "generation failed inside the server", type="server_error",

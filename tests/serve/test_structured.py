@@ -171,3 +171,24 @@ def test_which_spellings_close_objects():
         == strict
     assert tr.request_grammar(chat(response_format={"type": "json_object"})) == Grammar.json_object()
     assert tr.request_grammar(chat(response_format={"type": "text"})) is None
+
+
+def test_a_grammar_failing_mid_answer_is_a_400_not_a_500(client, monkeypatch):
+    """llguidance's per-token limits can stop a hostile grammar in the middle of an answer: the client gets
+    a 400 saying so (the server keeps serving)."""
+    from lmforge.engine.constrain import Constraint, GrammarError
+
+    real, calls = Constraint._allowed, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise GrammarError("the grammar failed: lexer too complex")
+        return real(self)
+
+    monkeypatch.setattr(Constraint, "_allowed", failing)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=U, max_tokens=40, response_format={"type": "json_object"})
+    assert e.value.body["code"] == "grammar_failed" and "lexer too complex" in e.value.body["message"]
+    r = client.chat.completions.create(model="tiny", messages=U, max_tokens=5)
+    assert r.choices[0].finish_reason in ("stop", "length")
