@@ -327,3 +327,24 @@ def test_copies_of_one_long_prompt_read_it_once(engine):
     for a, b in zip(*results):
         same(a, b)
     assert reads == [len(prompt) + 3, 4 * len(prompt)]
+
+
+def test_padding_near_the_end_of_the_context(engine):
+    """A filling group whose members start far apart (one has almost the whole context cached): the short
+    member's padding would run past the context, and is kept inside it; both answers are exact."""
+    words = engine.tokenizer.encode(" " + " ".join(WORDS * 12), allow_special=False)
+    near = engine.encode_prompt("")[:1] + words[:249]  # 250 of the context's 256 tokens
+    other = engine.encode_prompt(" ".join(reversed(WORDS)) * 2)
+    results = []
+    for sched in schedulers(engine, max_batch=3, prefill_chunk=8, max_prefill_tokens=64):
+        try:
+            run_all(sched, [near[:241]], [greedy(1)])
+            out = run_all(sched, [near, other], [greedy(4), greedy(3)])
+            assert [r.error for r, _ in out] == [None, None]
+            if sched.prefix_cache:
+                assert out[0][0].cached_tokens == 241 and len(near) - 241 > 8 and len(other) > 32
+            results.append([a for _, a in out])
+        finally:
+            sched.stop()
+    for a, b in zip(*results):
+        same(a, b)
