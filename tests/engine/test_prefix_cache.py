@@ -80,11 +80,12 @@ def test_common_prefix_against_a_plain_loop():
 
     rng = random.Random(0)
     for _ in range(500):
-        a = [rng.randrange(3) for _ in range(rng.randrange(40))]
-        b = a[:rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(40))]
+        size = rng.choice([40, 400])
+        a = [rng.randrange(3) for _ in range(rng.randrange(size))]
+        b = a[:rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(size))]
         ref = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         assert common_prefix(a, b) == ref
-        assert common_prefix(a, b, 5) == min(ref, 5)
+        assert common_prefix(a, b, 5) == min(ref, 5) and common_prefix(a, b, 0) == 0
 
 
 def test_parked_rows_give_up_the_least_recently_used_first():
