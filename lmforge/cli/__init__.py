@@ -1,7 +1,7 @@
 """The `lmforge` command: one table of subcommands, each a thin layer over a library function.
 
 The commands come in groups, one module each: `train` (tokenizer, pretrain, finetune, align, merge,
-quickstart), `use` (generate, score, run), `store` (import, pull, list, show, rm, cp, create, export),
+quickstart), `use` (generate, score, run, and ps/stop for a running server), `store` (import, pull, list, show, rm, cp, create, export),
 `quantize`, `retrieval` (index, search), `serve` and `bench`; `common` holds what they share. `GROUPS` below is the table: the order of `lmforge --help`.
 
 User mistakes surface as `UserError` and become one line on stderr with exit code 2; a diverged run
