@@ -379,3 +379,33 @@ def test_the_guards_refusals_on_api_routes_are_ollama_shaped(server):
     openai_shaped = httpx.post(server.base_url + "/v1/chat/completions", content=b"{}",
                                headers={"content-type": "text/plain"})
     assert openai_shaped.status_code == r.status_code and isinstance(openai_shaped.json()["error"], dict)
+
+
+@pytest.mark.parametrize("given,seconds", [("5m", 300.0), ("1h30m", 5400.0), ("300ms", 0.3), ("1.5h", 5400.0),
+                                           (10, 10.0), (2.5, 2.5), ("0", 0.0), (0, 0.0), ("-1m", float("inf")),
+                                           (-1, float("inf")), (None, None)])
+def test_keep_alive_durations(given, seconds):
+    from lmforge.serve.ollama_protocol import parse_keep_alive
+
+    assert parse_keep_alive(given) == (pytest.approx(seconds) if seconds not in (None, float("inf")) else seconds)
+
+
+@pytest.mark.parametrize("given", ["5", "5 m", "m", "", "1h-30m", "forever", "1d", True])
+def test_keep_alive_garbage_is_a_400(given):
+    from lmforge.serve.ollama_protocol import parse_keep_alive
+    from lmforge.serve.protocol import APIError
+
+    with pytest.raises(APIError) as e:
+        parse_keep_alive(given)
+    assert e.value.status == 400 and "keep_alive" in e.value.message
+
+
+def test_num_predict_against_the_modelfiles_default():
+    from lmforge.serve.ollama_protocol import Options, sampling_fields
+
+    mf = {"max_new_tokens": 64, "temperature": 0.2}
+    assert sampling_fields(Options(num_predict=5), mf)[1] == {"max_new_tokens": 5, "temperature": 0.2}
+    for lift in (-1, -2):  # no limit / fill the context: the context decides
+        assert sampling_fields(Options(num_predict=lift), mf)[1] == {"temperature": 0.2}
+    fields, _ = sampling_fields(Options(temperature=0.5, repeat_penalty=1.1, seed=-1, stop="x", top_p=0), mf)
+    assert fields == {"temperature": 0.5, "repeat_penalty": 1.1, "stop": ["x"], "top_p": 1e-9}
