@@ -2,6 +2,7 @@
 
     python bench/prompt_cache.py               # 10 turns, 3 repeats (about a minute on 2 cores)
     python bench/prompt_cache.py --repeats 1   # quicker
+    python bench/prompt_cache.py --http        # the same chat against `lmforge serve`'s app, over HTTP
 
 A chat re-sends the whole conversation every turn, so without a prompt cache turn k reads every earlier
 turn again and its time to first token (TTFT) grows with the conversation; with the scheduler's prompt
@@ -11,11 +12,18 @@ the `llama-15m` shape with a 1024-token context (see bench/serve_load.py's `buil
 turn's prompt is the previous prompt + its answer + a new user line of tinyshakespeare, after a ~200-token
 system prompt. TTFT is from `submit` to the first token's event. Every repeat, cache on or off, must give
 the same answers token for token (exit status 1 otherwise); the table shows the median TTFT per turn.
+
+With `--http` the chat goes to the server instead (the app started in this process, as bench/serve_load.py
+does), as a client would send it: POST /v1/completions, streaming, the conversation so far as text (so
+each turn's prompt is re-tokenized, and the cached prefix may stop a token or two before the previous
+answer's end); TTFT is from sending the request to the first streamed token, the cache switched with
+`Scheduler.set_prefix_cache`, and the answers' texts must be identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import tempfile
@@ -28,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_load import DEFAULT_TEXT, build_model  # noqa: E402
+from serve_load import DEFAULT_TEXT, MODEL, Server, _client, build_model, stream_one  # noqa: E402
 
 from lmforge.engine.generate import Engine  # noqa: E402
 from lmforge.engine.sampling import SamplingParams  # noqa: E402
@@ -72,6 +80,31 @@ def chat(engine: Engine, system: list[int], users: list[list[int]], params: Samp
         sched.stop()
 
 
+async def http_chats(args, server: Server, system: str, users: list[str]) -> dict[bool, list[list[dict]]]:
+    """`args.repeats` chats per mode against the server; per turn: prompt and cached tokens, TTFT, answer."""
+    url = server.base_url
+    body = {"model": MODEL, "max_tokens": args.answer_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    runs: dict[bool, list[list[dict]]] = {True: [], False: []}
+    async with _client(1) as client:
+        await stream_one(client, url, {**body, "prompt": system + users[0]})  # loads the model: not measured
+        sched = server.scheduler
+        for r in range(args.repeats):
+            for cache in ((True, False) if r % 2 == 0 else (False, True)):
+                await asyncio.to_thread(sched.set_prefix_cache, cache)  # (which also forgets what was cached)
+                prompt, turns = system, []
+                for user in users:
+                    prompt += user
+                    p0, c0 = sched.prompt_tokens_total, sched.cached_tokens_total
+                    res = await stream_one(client, url, {**body, "prompt": prompt})
+                    if res.error or res.ttft is None:
+                        raise RuntimeError(f"request failed: {res.error}")
+                    turns.append({"prompt": sched.prompt_tokens_total - p0, "cached": sched.cached_tokens_total - c0,
+                                  "ttft": res.ttft, "answer": res.text})
+                    prompt += res.text
+                runs[cache].append(turns)
+    return runs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--turns", type=int, default=10)
@@ -83,29 +116,40 @@ def main() -> int:
     ap.add_argument("--preset", default="llama-15m")
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--http", action="store_true", help="chat with the server over HTTP (see above)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     text = args.text.read_text(encoding="utf-8")
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 30]
+    user_texts = [f"\nUSER: {lines[37 * k + 5]}\nASSISTANT:" for k in range(args.turns)]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, built = build_model(Path(tmp) / "m", args.preset, text, seed=0, weight_scale=3.0,
                                        context_length=args.context)
-        loaded = load(model_dir)
-    engine = Engine(loaded.model, loaded.tokenizer, fast=False)
-    tok = loaded.tokenizer
-    system = engine.encode_prompt(text[:4000])[:args.system_tokens]
-    lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 30]
-    users = [tok.encode(f"\nUSER: {lines[37 * k + 5]}\nASSISTANT:", allow_special=False) for k in range(args.turns)]
-    params = SamplingParams(temperature=0, max_new_tokens=args.answer_tokens, ignore_eos=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.preset} shape, context "
-          f"{args.context}; system prompt {len(system)} tokens, {args.turns} turns of {args.answer_tokens}-token "
-          f"answers, max_batch {args.max_batch}, {args.repeats} repeats\n", flush=True)
-
-    chat(engine, system, users[:2], params, True, args.max_batch)  # warm-up, not measured
-    runs = {True: [], False: []}
-    for r in range(args.repeats):
-        for cache in ((True, False) if r % 2 == 0 else (False, True)):  # neither mode always goes first
-            runs[cache].append(chat(engine, system, users, params, cache, args.max_batch))
+        tok = built["tokenizer"]
+        system = tok.encode(text[:4000], allow_special=False)[:args.system_tokens]
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.preset} shape, context "
+              f"{args.context}; system prompt {len(system)} tokens, {args.turns} turns of {args.answer_tokens}-token "
+              f"answers, max_batch {args.max_batch}, {args.repeats} repeats{', over HTTP' if args.http else ''}\n",
+              flush=True)
+        if args.http:
+            server = Server(model_dir, max_batch=args.max_batch, max_queue=8)
+            try:
+                runs = asyncio.run(http_chats(args, server, tok.decode(system), user_texts))
+            finally:
+                server.stop()
+        else:
+            loaded = load(model_dir)
+    if not args.http:
+        engine = Engine(loaded.model, loaded.tokenizer, fast=False)
+        system = engine.encode_prompt(tok.decode(system))
+        users = [tok.encode(u, allow_special=False) for u in user_texts]
+        params = SamplingParams(temperature=0, max_new_tokens=args.answer_tokens, ignore_eos=True)
+        chat(engine, system, users[:2], params, True, args.max_batch)  # warm-up, not measured
+        runs = {True: [], False: []}
+        for r in range(args.repeats):
+            for cache in ((True, False) if r % 2 == 0 else (False, True)):  # neither mode always goes first
+                runs[cache].append(chat(engine, system, users, params, cache, args.max_batch))
     reference = [t["answer"] for t in runs[False][0]]
     same = all([t["answer"] for t in r] == reference for mode in runs.values() for r in mode)
 
