@@ -93,8 +93,10 @@ async def chat_completions(request: Request):
             ids, grounded = await _cpu(request, gr.grounded_ids, tok, turns, found, context=ctx, max_tokens=max_tokens,
                                        default_max_new=default_max, system=mf.system, examples=mf.messages)
             grounding = (gr.grounding_info(found, grounded), [s.to_dict() for s in grounded.sources])
-        params = tr.sampling_params(req, mf.parameters, prompt_len=len(ids), context=ctx,
-                                    vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens, tokenizer=tok)
+        # on the worker pool: a response_format is compiled against the vocabulary (a second, the first time, for
+        # a 150k-token one)
+        params = await _cpu(request, tr.sampling_params, req, mf.parameters, prompt_len=len(ids), context=ctx,
+                            vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens, tokenizer=tok)
         if plan.parses and params.num_beams > 1:
             raise invalid("beam search cannot be combined with tools", param="use_beam_search")
         if plan.constrained:
@@ -261,8 +263,9 @@ async def completions(request: Request):
         prompts = await _cpu(request, tr.completion_prompts, tok, req.prompt, cfg.vocab_size)
         ctx = served.scheduler.context_length
         max_tokens = req.max_tokens
-        params = [tr.sampling_params(req, mf.parameters, prompt_len=len(p), context=ctx, vocab_size=cfg.vocab_size,
-                                     max_tokens=max_tokens if max_tokens else None, tokenizer=tok) for p in prompts]
+        params = await _cpu(request, lambda: [  # on the worker pool: a grammar is compiled here (see chat)
+            tr.sampling_params(req, mf.parameters, prompt_len=len(p), context=ctx, vocab_size=cfg.vocab_size,
+                               max_tokens=max_tokens if max_tokens else None, tokenizer=tok) for p in prompts])
         if req.echo and req.stream:
             raise invalid("echo cannot be combined with stream", param="echo")
         k = req.logprobs
