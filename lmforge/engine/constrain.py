@@ -165,17 +165,28 @@ class Grammar:
                           lltok.eos_tokens)
 
 
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples", "x-guidance"})  # data and options, not schemas
+
+
 def _closed(schema: Any) -> Any:
     """`schema` with `additionalProperties: false` on every object schema that does not set it (OpenAI's
-    strict mode). Walks every nested schema: properties, items, $defs, anyOf..."""
-    if isinstance(schema, dict):
-        for value in schema.values():
-            _closed(value)
-        if "additionalProperties" not in schema and ("properties" in schema or schema.get("type") == "object"):
+    strict mode), walking every nested schema (properties, items, $defs, anyOf...) but never data (`const`,
+    `enum`, `default`, `examples`: an object there is a value, not a schema)."""
+    if isinstance(schema, list):
+        for item in schema:
+            _closed(item)
+    elif isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                for sub in value.values():
+                    _closed(sub)
+            elif key not in _NOT_SCHEMAS:
+                _closed(value)
+        types = schema.get("type")
+        is_object = types == "object" or (isinstance(types, list) and "object" in types)
+        if "additionalProperties" not in schema and ("properties" in schema or is_object):
             schema["additionalProperties"] = False
-    elif isinstance(schema, list):
-        for value in schema:
-            _closed(value)
     return schema
 
 

@@ -129,6 +129,14 @@ def test_strict_closes_objects(tok):
         walk(c, tok, '{"a": 1')
     assert {comma, close} <= allowed_ids(loose)  # JSON Schema's default: more properties may follow
     assert close in allowed_ids(strict) and comma not in allowed_ids(strict)
+    # values are not schemas: an object inside `const` is kept exactly as written
+    const = {"type": "object", "properties": {"k": {"const": {"properties": 1}}}, "required": ["k"]}
+    c = Grammar.json_schema(const, strict=True).constraint(tok)
+    walk(c, tok, '{"k": {"properties": 1}}')
+    assert c.done
+    c = Grammar.json_schema({"type": ["object", "null"]}, strict=True).constraint(tok)  # a list of types too
+    walk(c, tok, "{")
+    assert allowed_ids(c) == {close}
 
 
 def test_control_tokens_never_enter_a_json_string(tok):
