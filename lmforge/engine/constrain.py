@@ -267,9 +267,11 @@ class _Vocab:
         added = backend.get_added_tokens_decoder() if backend is not None else {}
         self.special_token_ids = sorted(i for i, t in added.items() if t.special)
 
-    def __call__(self, text: str | bytes) -> list[int]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
+    def __call__(self, text: str) -> list[int]:
+        # str only: TokenizerWrapper probes with bytes and, refused, passes text, so llguidance itself deals
+        # with bytes that are not whole UTF-8 characters (decoding them here would invent U+FFFD tokens)
+        if not isinstance(text, str):
+            raise TypeError("text only")
         return self._tok.encode(text, add_bos=False, allow_special=False)
 
 
