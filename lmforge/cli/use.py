@@ -191,7 +191,8 @@ def _run_on_server(args) -> int | None:
         return None
     messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
         [{"role": "user", "content": args.prompt}]
-    options = {OLLAMA_OPTIONS.get(k, k): getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    options = {OLLAMA_OPTIONS.get(k, k): getattr(args, k) for k in SAMPLING_FLAGS
+               if getattr(args, k, None) is not None}
     body = {"model": args.model, "messages": messages, "stream": True, **({"options": options} if options else {})}
     started = False
     try:

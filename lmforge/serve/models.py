@@ -224,8 +224,8 @@ class ModelRegistry:
         """Take the model in `out` out to load it again at another context: once its requests are over (the
         caller holds the model's lock, so no new one starts on it meanwhile)."""
         served = out.pop()
-        log.info("reloading %s with a context of %d (was %d)", served.name, min(num_ctx, served.engine.config.context_length),
-                 served.scheduler.context_length)
+        log.info("reloading %s with a context of %d (was %d)", served.name,
+                 min(num_ctx, served.engine.config.context_length), served.scheduler.context_length)
         while True:
             with self._guard:
                 if served.active == 0 and served.scheduler.idle:
