@@ -178,7 +178,9 @@ def _params(served: Served, req: ChatRequest | GenerateRequest, n_prompt: int, c
     `translate.sampling_params`; then `format` as a grammar."""
     fields, defaults = sampling_fields(req.options, served.modelfile.parameters)
     cls = ChatCompletionRequest if chat else CompletionRequest
-    openai_req = cls.model_construct(**fields)
+    # Built without validation (the options were validated by Ollama's rules), so its required fields are
+    # given placeholders: sampling_params reads the sampling fields only.
+    openai_req = cls.model_construct(model="", **({"messages": []} if chat else {"prompt": ""}), **fields)
     return tr.sampling_params(openai_req, defaults, prompt_len=n_prompt, context=served.scheduler.context_length,
                               vocab_size=served.engine.config.vocab_size, max_tokens=None)
 
