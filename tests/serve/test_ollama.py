@@ -236,7 +236,8 @@ def test_keep_alive_load_unload_and_ps(server, client):
     client.chat(model="tiny", messages=MSG, keep_alive="1h", options={"num_predict": 1})
     (m,) = [m for m in client.ps().models if m.model == "tiny"]
     assert 3500 < m.expires_at.timestamp() - time.time() <= 3600
-    assert m.size > 0 and m.size_vram == 0 and m.context_length == 128 and len(m.digest) == 64
+    assert m.size == server.registry.loaded["tiny"].footprint.total  # its memory as counted before loading
+    assert m.size_vram == 0 and m.context_length == 128 and len(m.digest) == 64  # on the CPU here
     assert m.details.format == "safetensors" and m.details.parameter_size
     client.chat(model="tiny", messages=MSG, keep_alive=-1, options={"num_predict": 1})
     assert [m for m in client.ps().models if m.model == "tiny"][0].expires_at.year == 9999  # for ever
