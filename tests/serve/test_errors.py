@@ -39,7 +39,15 @@ BAD = [
     ("content a number", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, "invalid_value", None),
     ("image content part", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      400, "invalid_value", "messages.0.content.0.type"),
-    ("tool message", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400, "invalid_value", "messages.0.role"),
+    ("tool message without tool_call_id", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400,
+     "missing_required_parameter", "messages.0.tool_call_id"),
+    ("tool message answering no call", CHAT, chat(messages=[*U, {"role": "tool", "content": "x", "tool_call_id": "c1"}]),
+     400, None, "messages.1.tool_call_id"),
+    ("tool call arguments not JSON", CHAT, chat(messages=[*U, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{nope"}}]}]), 400, None,
+     "messages.1.tool_calls.0.function.arguments"),
+    ("tool call without an id", CHAT, chat(messages=[*U, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]), 400, None, "messages.1.tool_calls.0.id"),
     ("only a system message", CHAT, chat(messages=[{"role": "system", "content": "x"}]), 400, "invalid_value", "messages"),
     ("temperature wrong type", CHAT, chat(temperature="hot"), 400, "invalid_value", "temperature"),
     ("temperature NaN", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
@@ -73,7 +81,13 @@ BAD = [
     ("logit_bias value 500", CHAT, chat(logit_bias={"5": 500}), 400, "invalid_value", "logit_bias"),
     ("top_logprobs 50", CHAT, chat(logprobs=True, top_logprobs=50), 400, "invalid_value", "top_logprobs"),
     ("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "invalid_value", "top_logprobs"),
-    ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "invalid_value", "tools"),
+    ("tools on a template that cannot take them", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "tools_not_supported", "tools"),
+    ("a tool without a name", CHAT, chat(tools=[{"type": "function", "function": {"description": "x"}}]), 400,
+     "missing_required_parameter", "tools.0.function.name"),
+    ("tool_choice naming a missing tool", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}],
+     tool_choice={"type": "function", "function": {"name": "g"}}), 400, None, "tool_choice.function.name"),
+    ("tool_choice without tools", CHAT, chat(tool_choice="required"), 400, None, "tool_choice"),
     ("response_format of an unknown type", CHAT, chat(response_format={"type": "xml"}), 400, "invalid_value",
      "response_format.type"),
     ("json_schema format without its object", CHAT, chat(response_format={"type": "json_schema"}), 400,
@@ -219,3 +233,48 @@ def test_an_error_after_the_stream_started_is_an_error_event(server, monkeypatch
     assert "generation failed" in str(e.value.message)
     monkeypatch.setattr(served.scheduler, "_step", original)
     assert c.chat.completions.create(model="tiny", messages=U, max_tokens=2).choices[0].finish_reason
+
+
+# Ollama's native routes answer in Ollama's error shape, {"error": "one line"}: (what, path, body, status)
+OCHAT, OGEN = "/api/chat", "/api/generate"
+
+
+def ochat(**kw):
+    return {"model": "tiny", "messages": U, "stream": False, **kw}
+
+
+OLLAMA_BAD = [
+    ("keep_alive garbage", OCHAT, ochat(keep_alive="5 minutes"), 400),
+    ("keep_alive a list", OCHAT, ochat(keep_alive=[5]), 400),
+    ("images", OGEN, {"model": "tiny", "prompt": "hi", "images": ["aGk="]}, 400),
+    ("format neither json nor a schema", OCHAT, ochat(format="xml"), 400),
+    ("format with an unsupported schema keyword", OCHAT, ochat(format={"type": "object", "not": {}}), 400),
+    ("unknown model", OCHAT, ochat(model="nope"), 404),
+    ("a template override", OGEN, {"model": "tiny", "prompt": "hi", "template": "{{ .Prompt }}"}, 400),
+    ("think on a model that cannot", OCHAT, ochat(think=True), 400),
+    ("num_predict 0", OCHAT, ochat(options={"num_predict": 0}), 400),
+    ("temperature a string", OCHAT, ochat(options={"temperature": "hot"}), 400),
+    ("a tool message answering no call", OCHAT, ochat(messages=[*U, {"role": "tool", "content": "x"}]), 400),
+    ("a tool without a name", OCHAT, ochat(tools=[{"type": "function", "function": {"description": "x"}}]), 400),
+    ("missing model", OCHAT, {"messages": U}, 400),
+    ("malformed JSON", OCHAT, b'{"model": ', 400),
+    ("copy from a missing model", "/api/copy", {"source": "nope", "destination": "x"}, 400),
+    ("show without a model", "/api/show", {}, 400),
+]
+
+
+@pytest.mark.parametrize("what,path,body,status", OLLAMA_BAD, ids=[b[0] for b in OLLAMA_BAD])
+def test_bad_ollama_request(server, what, path, body, status):
+    r = _send(server, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert isinstance(err, str) and err and "\n" not in err and "Traceback" not in err
+    assert "/tmp" not in err and "/root" not in err
+
+
+def test_unknown_ollama_options_are_ignored_with_a_warning(server):
+    """Ollama ignores options it does not know (a log line); we do too, and say so in a response header."""
+    r = _send(server, OCHAT, ochat(options={"num_predict": 2, "mirostat_tau": 5.0, "bogus": 1}))
+    assert r.status_code == 200 and r.json()["done"] is True
+    warning = r.headers["x-lmforge-warning"]
+    assert "bogus" in warning and "mirostat_tau" in warning
