@@ -27,10 +27,10 @@ from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 from fastapi import Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from lmforge.errors import UserError, one_line
-from lmforge.serve.protocol import APIError, invalid, parse
+from lmforge.serve.protocol import APIError, Integer, Strict, invalid, parse
 from lmforge.serve.security import read_body
 
 __all__ = ["ROUTES", "EmbeddingRequest"]
@@ -41,17 +41,14 @@ MAX_TOTAL_TOKENS = 300_000  # OpenAI's limit on tokens summed over the inputs of
 _Ids = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
-class EmbeddingRequest(BaseModel):
-    """The request body. Strict like the other schemas (`lmforge.serve.protocol`): a number is not a
-    string, and unknown fields are ignored."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
+class EmbeddingRequest(Strict):
+    """The request body, strict and lenient where the other schemas are (`lmforge.serve.protocol.Strict`)."""
 
     model: str = Field(max_length=500)
     input: str | Annotated[list[str], Field(max_length=MAX_INPUTS)] | _Ids | \
         Annotated[list[_Ids], Field(max_length=MAX_INPUTS)]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: Integer | None = Field(None, ge=1)
     user: str | None = None
 
 

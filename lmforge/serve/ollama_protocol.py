@@ -29,9 +29,9 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from lmforge.serve.protocol import APIError, invalid
+from lmforge.serve.protocol import APIError, Integer, Number, Strict, invalid
 
 __all__ = ["ChatRequest", "GenerateRequest", "EmbedRequest", "EmbeddingsRequest", "ShowRequest", "CopyRequest",
            "DeleteRequest", "Options", "parse_keep_alive", "sampling_fields", "warnings",
@@ -46,46 +46,30 @@ UNSUPPORTED_OPTIONS = {"typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirost
 WARNING_HEADER = "X-Lmforge-Warning"
 
 
-def _integral(value: Any) -> Any:
-    """An integral float (3.0) as the int it is, as Go's JSON decoder accepts it; anything else unchanged
-    (so 3.5 is refused as not an integer, and "3" as not a number)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-_Int = Annotated[int, BeforeValidator(_integral)]
-_Float = Annotated[float, Field(allow_inf_nan=False)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class Options(BaseModel):
+class Options(Strict):
     """`options`: the ones lmforge uses are typed and range-checked; every other key is kept (extra) so
     that `warnings` can name it."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
-    temperature: _Float | None = Field(None, ge=0)
-    top_k: _Int | None = Field(None, ge=-1)
-    top_p: _Float | None = Field(None, ge=0, le=1)
-    min_p: _Float | None = Field(None, ge=0, le=1)
-    repeat_penalty: _Float | None = Field(None, gt=0, le=10)
-    repeat_last_n: _Int | None = Field(None, ge=-1)
-    presence_penalty: _Float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: _Float | None = Field(None, ge=-2, le=2)
-    seed: _Int | None = Field(None, ge=-(2**63), lt=2**64)
+    temperature: Number | None = Field(None, ge=0)
+    top_k: Integer | None = Field(None, ge=-1)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    min_p: Number | None = Field(None, ge=0, le=1)
+    repeat_penalty: Number | None = Field(None, gt=0, le=10)
+    repeat_last_n: Integer | None = Field(None, ge=-1)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    seed: Integer | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    num_predict: _Int | None = Field(None, ge=-2)
-    num_ctx: _Int | None = Field(None, ge=1)
+    num_predict: Integer | None = Field(None, ge=-2)
+    num_ctx: Integer | None = Field(None, ge=1)
 
 
 KeepAlive = Annotated[float | str | None, Field(union_mode="left_to_right")]
 
 
-class OllamaMessage(_Strict):
+class OllamaMessage(Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = ""
     images: list[Any] | None = None
@@ -94,7 +78,7 @@ class OllamaMessage(_Strict):
     thinking: str | None = None
 
 
-class _Generating(_Strict):
+class _Generating(Strict):
     model: str = Field(min_length=1, max_length=500)
     stream: bool = True
     format: Literal["", "json"] | dict | None = None
@@ -113,21 +97,21 @@ class GenerateRequest(_Generating):
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
-    context: list[_Int] | None = None
+    context: list[Integer] | None = None
     raw: bool = False
     images: list[Any] | None = None
 
 
-class EmbedRequest(_Strict):
+class EmbedRequest(Strict):
     model: str = Field(min_length=1, max_length=500)
     input: str | Annotated[list[str], Field(max_length=2048)]
     truncate: bool = True
-    dimensions: _Int | None = Field(None, ge=1)
+    dimensions: Integer | None = Field(None, ge=1)
     options: Options | None = None
     keep_alive: KeepAlive = None
 
 
-class EmbeddingsRequest(_Strict):
+class EmbeddingsRequest(Strict):
     """The legacy `/api/embeddings`: one `prompt`, one `embedding`."""
 
     model: str = Field(min_length=1, max_length=500)
@@ -136,7 +120,7 @@ class EmbeddingsRequest(_Strict):
     keep_alive: KeepAlive = None
 
 
-class ShowRequest(_Strict):
+class ShowRequest(Strict):
     model: str | None = Field(None, max_length=500)
     name: str | None = Field(None, max_length=500)  # the older spelling, still sent by some clients
     verbose: bool = False
@@ -150,7 +134,7 @@ class DeleteRequest(ShowRequest):
     pass
 
 
-class CopyRequest(_Strict):
+class CopyRequest(Strict):
     source: str = Field(min_length=1, max_length=500)
     destination: str = Field(min_length=1, max_length=500)
 

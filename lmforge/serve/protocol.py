@@ -1,7 +1,10 @@
 """The OpenAI wire format: request schemas (pydantic) and the error shape.
 
-Requests are validated strictly, as OpenAI does: a string is not a number, a float is not an integer,
-NaN and infinities are refused, and every range is checked before any model work. Fields we do not know
+Requests are validated strictly, as OpenAI does: a string is not a number, a non-integral float is not an
+integer, NaN and infinities are refused, and every range is checked before any model work. Where OpenAI's
+API (and vLLM) are lenient we are too: an integral float (`"max_tokens": 64.0`, as JavaScript clients
+serialise numbers) is the integer it is, and `null` for an optional field means the field's default
+(`"n": null` is n = 1), as if it were left out. Fields we do not know
 are ignored (vLLM and llama.cpp do the same, and clients such as LangChain send extras); fields we know
 but cannot honour (image parts, say) are refused with a 400 that says so, never silently
 dropped.
@@ -30,9 +33,11 @@ Every failure becomes `APIError`, which the app turns into `{"error": {message, 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 from lmforge.retrieval.grounding import DEFAULT_K
 
@@ -62,19 +67,61 @@ def invalid(message: str, param: str | None = None, code: str | None = "invalid_
     return APIError(400, message, param=param, code=code)
 
 
-_Float = Annotated[float, Field(allow_inf_nan=False)]
+def _integral(value: Any) -> Any:
+    """An integral float (3.0) as the int it is; anything else unchanged, so 3.5 is refused as not an
+    integer and "3" as not a number. Booleans stay booleans (and are refused): JSON true is not 1."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
-class _Strict(BaseModel):
+Integer = Annotated[int, BeforeValidator(_integral)]
+"""An integer field that also takes an integral float (64.0), as OpenAI's API, vLLM and Go's JSON decoder do."""
+Number = Annotated[float, Field(allow_inf_nan=False)]
+"""A float field that refuses NaN and the infinities (Python's JSON parser reads them; no API means them)."""
+
+
+class Strict(BaseModel):
+    """Every request schema: strict types, unknown fields ignored, and `null` for an optional field that
+    is not nullable treated as the field left out (its default)."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            drop = _defaulted_non_nullable(cls)
+            if any(data.get(k, 0) is None for k in drop):
+                data = {k: v for k, v in data.items() if not (v is None and k in drop)}
+        return data
 
-class ContentPart(_Strict):
+
+def _defaulted_non_nullable(cls: type[BaseModel]) -> frozenset[str]:
+    """The fields of `cls` that have a default and whose type does not admit None (cached per class)."""
+    cached = _NON_NULLABLE.get(cls)
+    if cached is None:
+        cached = _NON_NULLABLE[cls] = frozenset(name for name, f in cls.model_fields.items()
+                                                if not f.is_required() and not _admits_none(f.annotation))
+    return cached
+
+
+_NON_NULLABLE: dict[type, frozenset[str]] = {}
+
+
+def _admits_none(annotation: Any) -> bool:
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    return any(_admits_none(a) for a in get_args(annotation)
+               if get_origin(annotation) in (Union, UnionType))
+
+
+class ContentPart(Strict):
     type: str
     text: str | None = None
 
 
-class FunctionCall(_Strict):
+class FunctionCall(Strict):
     """A call in an assistant message of the history. OpenAI sends `arguments` as a JSON string; an object
     (Ollama's and some clients' spelling) is accepted too. `serve/tools.py` holds the rest of tool calling."""
 
@@ -82,13 +129,13 @@ class FunctionCall(_Strict):
     arguments: str | dict[str, Any] = "{}"
 
 
-class ToolCallIn(_Strict):
+class ToolCallIn(Strict):
     id: str | None = Field(None, max_length=200)
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(_Strict):
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -96,14 +143,14 @@ class Message(_Strict):
     tool_call_id: str | None = Field(None, max_length=200)  # tool messages: which call this answers
 
 
-class FunctionDef(_Strict):
+class FunctionDef(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(Strict):
     """A function the model may call: `{"type": "function", "function": {name, description, parameters,
     strict}}`, `parameters` a JSON schema of the arguments."""
 
@@ -111,20 +158,20 @@ class Tool(_Strict):
     function: FunctionDef
 
 
-class NamedFunction(_Strict):
+class NamedFunction(Strict):
     name: str = Field(min_length=1, max_length=64)
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class JSONSchemaFormat(_Strict):
+class JSONSchemaFormat(Strict):
     """OpenAI's `response_format.json_schema`. `name` is optional here (OpenAI requires it; llama.cpp's
     clients leave it out, and it changes nothing for us); no `schema` means any JSON object."""
 
@@ -134,7 +181,7 @@ class JSONSchemaFormat(_Strict):
     strict: bool | None = False
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(Strict):
     """Structured output (engine/constrain.py): plain text, any JSON object, or JSON valid under a schema.
     `schema` beside `type: json_object` is llama.cpp's spelling of a schema, accepted as such."""
 
@@ -143,42 +190,42 @@ class ResponseFormat(_Strict):
     schema_: dict[str, Any] | None = Field(None, alias="schema")
 
 
-class _Sampling(_Strict):
+class _Sampling(Strict):
     """Fields shared by chat and text completions."""
 
     model: str
-    temperature: _Float | None = Field(None, ge=0, le=2)
-    top_p: _Float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    n: Integer = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    presence_penalty: _Float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: _Float | None = Field(None, ge=-2, le=2)
-    logit_bias: Annotated[dict[str, _Float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    max_tokens: Integer | None = Field(None, ge=1)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    logit_bias: Annotated[dict[str, Number], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    seed: Integer | None = Field(None, ge=-(2**63), lt=2**64)
     user: str | None = None
     # lmforge / vLLM extensions
-    top_k: int | None = Field(None, ge=-1)
-    min_p: _Float | None = Field(None, ge=0, le=1)
-    repetition_penalty: _Float | None = Field(None, gt=0, le=10)
-    repeat_penalty: _Float | None = Field(None, gt=0, le=10)
-    repeat_last_n: int | None = Field(None, ge=-1)
+    top_k: Integer | None = Field(None, ge=-1)
+    min_p: Number | None = Field(None, ge=0, le=1)
+    repetition_penalty: Number | None = Field(None, gt=0, le=10)
+    repeat_penalty: Number | None = Field(None, gt=0, le=10)
+    repeat_last_n: Integer | None = Field(None, ge=-1)
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP)] | None = None
     use_beam_search: bool = False
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
-    length_penalty: _Float = 1.0
+    best_of: Integer | None = Field(None, ge=1, le=MAX_N)
+    length_penalty: Number = 1.0
     grammar: str | None = Field(None, max_length=MAX_GRAMMAR)  # llama.cpp: GBNF (or Lark with a `start:` rule)
     json_schema: dict[str, Any] | None = None  # llama.cpp: output valid under this JSON schema
 
 
-class Documents(_Strict):
+class Documents(Strict):
     """The object form of `documents`: which index, and how many passages to retrieve."""
 
     index: str = Field(min_length=1, max_length=200)
-    k: int = Field(DEFAULT_DOCUMENTS_K, ge=1, le=MAX_DOCUMENTS_K)
+    k: Integer = Field(DEFAULT_DOCUMENTS_K, ge=1, le=MAX_DOCUMENTS_K)
 
 
 def _documents_form(value: Any) -> str | None:
@@ -195,9 +242,9 @@ _DocumentsField = Annotated[Annotated[str, Tag("str")] | Annotated[Documents, Ta
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     documents: _DocumentsField | None = None  # lmforge extension (serve/grounded.py)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Integer | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Integer | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
@@ -207,26 +254,32 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 only makes sense with echo (score the prompt)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Integer | None = Field(16, ge=0)  # OpenAI's default; 0 only makes sense with echo (score the prompt)
+    logprobs: Integer | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(Strict):
+    """vLLM's form (`prompt` or `messages`, `add_special_tokens`) or llama.cpp's (`content`, `add_special`,
+    which defaults to false there, and `with_pieces`)."""
+
     model: str | None = None
     prompt: str | None = None
+    content: str | None = None  # llama.cpp's name for `prompt`
+    add_special: bool = False  # llama.cpp's: add BOS to `content`
+    with_pieces: bool = False  # llama.cpp's: each token as {"id", "piece"}
     messages: list[Message] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[int]
 
 
-class FeedbackRequest(_Strict):
+class FeedbackRequest(Strict):
     """A rating or a better answer from the web UI (or any client), kept as fine-tuning data."""
 
     model: str = Field(max_length=200)
