@@ -48,7 +48,7 @@ def cmd_serve(args) -> int:
     registry = ModelRegistry(fixed, device=str(resolve_device(args.device)), max_batch=args.max_concurrency,
                              max_queue=args.max_queue, max_context=args.max_context, keep_alive=args.keep_alive,
                              fast=not args.no_fast, prefill_chunk=args.prefill_chunk,
-                             dtype=torch_dtype(args.dtype))
+                             dtype=torch_dtype(args.dtype), prompt_cache=not args.no_prompt_cache)
     opts = ServerOptions(api_key=api_key, loopback=loopback, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
                          cors_origins=tuple(args.cors_origin), max_body=args.max_body_kb * 1024,
                          feedback_dir=Path(args.feedback_dir).expanduser() if args.feedback_dir else None,
@@ -130,6 +130,9 @@ def register(sub) -> list[argparse.ArgumentParser]:
     sv.add_argument("--prefill-chunk", type=positive_int, default=512, help="while requests are decoding, read "
                     "about this many prompt tokens per step, longer prompts in chunks between decode steps, so new "
                     "prompts do not stall the running streams (default: 512)")
+    sv.add_argument("--no-prompt-cache", action="store_true", help="re-read every prompt in full instead of reusing "
+                    "the keys/values of a prefix already in the cache (the previous turn of a chat, a shared system "
+                    "prompt); outputs are the same either way (default: the cache is on)")
     sv.add_argument("--keep-alive", type=float_arg, default=300.0, help="seconds an unused model stays loaded (default: 300)")
     sv.add_argument("--grace", type=float_arg, default=30.0, help="seconds to finish requests in flight on shutdown "
                     "(default: 30)")

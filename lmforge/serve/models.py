@@ -125,8 +125,10 @@ class ModelRegistry:
 
     def __init__(self, fixed: dict[str, Path] | None = None, *, device: str = "cpu", max_batch: int = 8,
                  max_queue: int = 64, max_context: int | None = 4096, keep_alive: float = 300.0,
-                 fast: bool = True, prefill_chunk: int = 512, dtype: torch.dtype | str = "auto") -> None:
+                 fast: bool = True, prefill_chunk: int = 512, dtype: torch.dtype | str = "auto",
+                 prompt_cache: bool = True) -> None:
         self.fixed = fixed
+        self.prompt_cache = prompt_cache  # reuse cached prompt prefixes across requests (Scheduler.prefix_cache)
         self.device, self.max_batch, self.max_queue = device, max_batch, max_queue
         self.dtype = dtype  # "auto": every model in its stored precision (`lmforge serve --dtype`)
         self.prefill_chunk = prefill_chunk
@@ -261,7 +263,8 @@ class ModelRegistry:
             loaded = load(path, device=self.device, dtype=self.dtype)
             engine = Engine(loaded.model, loaded.tokenizer, fast=self.fast)
             scheduler = Scheduler(engine, max_batch=self.max_batch, max_queue=self.max_queue,
-                                  max_context=context, prefill_chunk=self.prefill_chunk)
+                                  max_context=context, prefill_chunk=self.prefill_chunk,
+                                  prefix_cache=self.prompt_cache)
         except UserError as e:
             raise self._load_failed(name, e) from None
         finally:

@@ -186,13 +186,15 @@ def _params(served: Served, req: ChatRequest | GenerateRequest, n_prompt: int, c
 
 
 def _grammar(fmt: Any, tok: Any):
-    """Ollama's `format`: "json" -> any JSON object, a JSON schema -> that schema; "" or None -> none."""
+    """Ollama's `format`: "json" -> any JSON object, a JSON schema -> that schema; "" or None -> none.
+    Objects that do not say otherwise take no extra keys (`strict`), as Ollama's llama.cpp schema converter
+    reads them."""
     if fmt in (None, ""):
         return None
     from lmforge.engine.constrain import Grammar, GrammarError
 
     try:
-        g = Grammar.json_object() if fmt == "json" else Grammar.json_schema(fmt)
+        g = Grammar.json_object() if fmt == "json" else Grammar.json_schema(fmt, strict=True)
         g.check(tok)
     except GrammarError as e:
         raise invalid(f"invalid 'format': {e}", param="format") from None

@@ -115,7 +115,7 @@ async def chat_completions(request: Request):
             _with_tool_calls(tr.chat_choice(i, c.text, c.finish_reason or "stop",
                                             tr.chat_logprobs(tok, c.ids, c.logprobs, c.tops) if req.logprobs else None,
                                             grounding[1] if grounding else None), plan, c.text)
-            for i, c in enumerate(choices)], tr.usage(len(ids), sum(len(c.ids) for c in choices)), created)
+            for i, c in enumerate(choices)], tr.usage(len(ids), sum(len(c.ids) for c in choices), gen.cached_tokens), created)
         return JSONResponse(_with_grounding(body, grounding))
     finally:
         if not streaming:
@@ -215,7 +215,7 @@ def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCom
     head = [_with_grounding(chunk([{"index": i, "delta": {"role": "assistant", "content": "", **extra}, "logprobs": None,
                                     "finish_reason": None}]), grounding) for i in range(req.n)]
     usage_chunk = (lambda n_out: {**tr.chat_chunk(rid, req.model, created, [], False),
-                                  "usage": tr.usage(n_prompt, n_out)}) if with_usage else None
+                                  "usage": tr.usage(n_prompt, n_out, gen.cached_tokens)}) if with_usage else None
     return sse_stream(request, gen, head, chunks, usage_chunk, cleanup)
 
 
@@ -313,7 +313,8 @@ async def completions(request: Request):
                     lp = {key: head[key] + lp[key] for key in lp}
             choices.append(tr.completion_choice(j, text, c.finish_reason or "stop", lp))
         return JSONResponse(tr.completion_response(rid, req.model, choices,
-                                                   tr.usage(sum(map(len, prompts)), sum(len(c.ids) for c in results)),
+                                                   tr.usage(sum(map(len, prompts)), sum(len(c.ids) for c in results),
+                                                            gen.cached_tokens),
                                                    created))
     finally:
         if not streaming:
@@ -343,7 +344,8 @@ def _completion_stream(served: Served, request: Request, gen: Generation, req: C
             chunk.pop("usage")
         return [chunk]
 
-    usage_chunk = (lambda n_out: tr.completion_response(rid, req.model, [], tr.usage(n_prompt, n_out), created)) \
+    usage_chunk = (lambda n_out: tr.completion_response(rid, req.model, [], tr.usage(n_prompt, n_out, gen.cached_tokens),
+                                                                  created)) \
         if with_usage else None
     return sse_stream(request, gen, [], chunks, usage_chunk, cleanup)
 
@@ -361,8 +363,8 @@ async def _tokenizer_model(request: Request, model_id: str | None) -> Served:
 
 async def tokenize(request: Request):
     req: TokenizeRequest = parse(TokenizeRequest, await read_body(request))
-    if (req.prompt is None) == (req.messages is None):
-        raise invalid("send exactly one of 'prompt' or 'messages'", param="prompt")
+    if sum(x is not None for x in (req.prompt, req.content, req.messages)) != 1:
+        raise invalid("send exactly one of 'prompt' (or llama.cpp's 'content') or 'messages'", param="prompt")
     served = await _tokenizer_model(request, req.model)
     try:
         tok = served.engine.tokenizer
@@ -370,8 +372,14 @@ async def tokenize(request: Request):
             ids = await _cpu(request, tr.chat_prompt_ids, tok, tr.message_dicts(req.messages),
                              add_generation_prompt=req.add_generation_prompt)
         else:
-            ids = await _cpu(request, tok.encode, req.prompt, add_bos=None if req.add_special_tokens else False)
-        return await _json(request, {"count": len(ids), "max_model_len": served.scheduler.context_length, "tokens": ids})
+            special = req.add_special_tokens if req.content is None else req.add_special
+            ids = await _cpu(request, tok.encode, req.prompt if req.content is None else req.content,
+                             add_bos=None if special else False)
+        tokens: list = ids
+        if req.with_pieces:
+            tokens = [{"id": t, "piece": await _cpu(request, tok.decode, [t])} for t in ids]
+        return await _json(request, {"count": len(ids), "max_model_len": served.scheduler.context_length,
+                                     "tokens": tokens})
     finally:
         _registry(request).release(served)
 
@@ -474,7 +482,8 @@ async def static(request: Request, name: str):
 async def vendor(request: Request, path: str):
     modules = WEB_DIR / "node_modules"
     if not modules.is_dir():
-        raise APIError(404, "the web UI's libraries are not installed (run the set-up: make setup)", code="not_found")
+        raise APIError(404, "the web UI's libraries are not installed (in a checkout: make setup; a wheel "
+                       "built with LMFORGE_WEB=skip has none)", code="not_found")
     return _asset(modules, path)
 
 

@@ -94,6 +94,15 @@ class Generation:
         if self.timer is not None:
             self.timer.submitted()  # prompt tokens count once every row is in (a refused request has none)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the prompt cache served, counted as usage counts prompts: each distinct prompt once
+        (the n rows of one prompt share it), by its best-served row. Read once the rows are admitted."""
+        best: dict[int, int] = {}
+        for row in self.rows:
+            best[id(row.prompt_ids)] = max(best.get(id(row.prompt_ids), 0), row.cached_tokens)
+        return sum(best.values())
+
     def _emitter(self, i: int) -> Callable:
         def emit(ev):  # on the scheduler thread: the latency measured is the engine's, not the event loop's
             if self.timer is not None and ev is not None and ev.token_id is not None:

@@ -42,7 +42,7 @@ import hashlib
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 __all__ = ["FORMATS", "ToolCall", "ToolCallStream", "ToolError", "ToolPlan", "new_call_id", "parse_tool_calls",

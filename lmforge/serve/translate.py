@@ -314,9 +314,14 @@ def completion_logprobs(tokenizer: Any, ids: Sequence[int], logprobs: Sequence[f
             "text_offset": offsets}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; `cached_tokens`, when known, is how many prompt tokens the prompt cache served
+    (`prompt_tokens_details.cached_tokens`, as OpenAI and vLLM report it)."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 def chat_response(rid: str, model: str, choices: list[dict], usage_: dict, created: int | None = None) -> dict:

@@ -39,7 +39,8 @@ def start_server(models: dict[str, Path] | None, **options) -> LiveServer:
     from lmforge.serve.models import ModelRegistry
     from lmforge.serve.server import build_server
 
-    reg_keys = {"max_batch", "max_queue", "max_context", "keep_alive", "fast", "prefill_chunk"}
+    reg_keys = {"max_batch", "max_queue", "max_context", "keep_alive", "fast", "prefill_chunk",
+                "prompt_cache"}
     registry = ModelRegistry(models, device="cpu", **{k: v for k, v in options.items() if k in reg_keys})
     grace = options.pop("grace", 10.0)
     opts = ServerOptions(**{k: v for k, v in options.items() if k not in reg_keys})
