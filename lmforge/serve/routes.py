@@ -83,7 +83,7 @@ async def chat_completions(request: Request):
     try:
         tok, mf = served.engine.tokenizer, served.modelfile
         ctx = served.scheduler.context_length
-        plan, turns = _tool_plan(req, tok, turns)
+        plan, turns = tl.tool_plan(req.tools, req.tool_choice, tok.chat_template, turns, req.parallel_tool_calls)
         ids = await _cpu(request, tr.chat_prompt_ids, tok, turns, mf.system, mf.messages, tools=plan.tools,
                          template_kwargs=req.chat_template_kwargs)  # checks the turns
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -120,16 +120,6 @@ async def chat_completions(request: Request):
     finally:
         if not streaming:
             _registry(request).release(served)
-
-
-def _tool_plan(req: ChatCompletionRequest, tok, turns: list[dict]) -> tuple[tl.ToolPlan, list[dict]]:
-    """The request's tools for this model (`serve/tools.py`), and the turns made fit for its template; a
-    `ToolError` becomes a 400 naming the field."""
-    try:
-        plan = tl.plan_tools(req.tools, req.tool_choice, tok.chat_template, req.parallel_tool_calls)
-        return plan, tl.template_history(tok.chat_template, turns)
-    except tl.ToolError as e:
-        raise invalid(str(e), param=e.param, code=e.code) from None
 
 
 def _forced_call(req: ChatCompletionRequest, plan: tl.ToolPlan, params: SamplingParams, tok) -> SamplingParams:

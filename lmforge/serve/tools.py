@@ -45,8 +45,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from lmforge.serve.protocol import invalid
+
 __all__ = ["FORMATS", "ToolCall", "ToolCallStream", "ToolError", "ToolPlan", "new_call_id", "parse_tool_calls",
-           "parse_tools", "plan_tools", "template_history", "tool_format", "tool_grammar"]
+           "parse_tools", "plan_tools", "template_history", "tool_format", "tool_grammar", "tool_plan"]
 
 FORMATS = ("hermes", "llama3", "mistral")
 
@@ -248,6 +250,17 @@ def template_history(template: str | None, turns: list[dict]) -> list[dict]:
             m["tool_call_id"] = _mistral_id(m["tool_call_id"])
         out.append(m)
     return out
+
+
+def tool_plan(tools: Sequence[Any] | None, tool_choice: Any, template: str | None, turns: list[dict],
+              parallel: bool | None = None) -> tuple[ToolPlan, list[dict]]:
+    """What both APIs' chat handlers need: the request's `plan_tools` and its `turns` through
+    `template_history`, with a `ToolError` turned into the API's 400 naming the field (`APIError`; Ollama's
+    routes answer it in their own one-line shape). Ollama has no tool_choice: it passes None ("auto")."""
+    try:
+        return plan_tools(tools, tool_choice, template, parallel), template_history(template, turns)
+    except ToolError as e:
+        raise invalid(str(e), param=e.param, code=e.code) from None
 
 
 def _mistral_id(given: Any) -> str:

@@ -218,6 +218,22 @@ def test_tool_choice_resolution_and_errors():
                hermes)[0] == "tools.0.function.parameters"
 
 
+def test_tool_plan_is_one_400_for_both_apis(tiny_tokenizer):
+    """`tool_plan` (what the OpenAI and Ollama chat handlers both call) turns a `ToolError` from the tools or
+    from the history into the API's 400 naming the field."""
+    hermes = FAMILIES["hermes"][0]
+    user = [{"role": "user", "content": "hi"}]
+    plan, turns = tl.tool_plan(TOOLS, None, hermes, user)
+    assert plan.parses and turns == user
+    with pytest.raises(APIError) as e:
+        tl.tool_plan(TOOLS, {"type": "function", "function": {"name": "nope"}}, hermes, user)
+    assert (e.value.status, e.value.param) == (400, "tool_choice.function.name")
+    with pytest.raises(APIError) as e:
+        tl.tool_plan(None, None, tiny_tokenizer.chat_template,
+                     [*user, {"role": "tool", "content": "x", "tool_call_id": "c"}])
+    assert (e.value.param, e.value.code) == ("messages.1", "tools_not_supported")
+
+
 def messages_error(msgs) -> tuple[str, str]:
     with pytest.raises(APIError) as e:
         tr.message_dicts(ChatCompletionRequest.model_validate({"model": "m", "messages": msgs}).messages)
