@@ -9,9 +9,17 @@ Why this design
 ---------------
 * **Validated where the request arrives, compiled once, copied per row.** The constructors check the
   grammar's syntax and features without a tokenizer, so a request handler can refuse a bad one with a 400
-  before any model work. `check(tokenizer)` compiles it against the model's vocabulary (on the request's
-  thread, not the scheduler's: a big schema takes milliseconds to compile) and keeps the compiled matcher in
-  a small LRU keyed by the grammar's text; each sequence then starts from a `deep_copy` of it, which is cheap.
+  before any model work (the server runs them on its worker pool: an 80 KB GBNF takes a quarter second).
+  `check(tokenizer)` compiles it against the model's vocabulary and attaches the compiled matcher to that
+  `Grammar` object; each sequence then starts from a `deep_copy` of it, which is cheap and cannot fail. So
+  in the server, which checks every grammar in the request's handler, nothing is compiled on the
+  scheduler's thread, however many grammars are in use. A small LRU keyed by the grammar's text only saves
+  the next request with the same grammar the compile. A grammar never checked is compiled by its first
+  `constraint()` (the CLI, which has no scheduler).
+* **A grammar fails its own sequence, never its neighbours.** A `Constraint` that cannot be made (compiling
+  an unchecked grammar fails) becomes a `FailedConstraint`, whose first mask raises the error: the row
+  ends with it where every row's sampling errors end (`generate.SequenceState`), not in the batch's
+  prefill that other requests share.
 * **One `LLTokenizer` per tokenizer**, built from our own `token_bytes` (so byte-level and SentencePiece
   vocabularies both work) and cached weakly by tokenizer object. Special tokens are marked as special, so a
   JSON string can never contain `<|im_end|>`.
@@ -39,7 +47,7 @@ import copy
 import re
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import llguidance
@@ -47,9 +55,11 @@ from llguidance import gbnf_to_lark as _gbnf
 import numpy as np
 import torch
 
-__all__ = ["Grammar", "GrammarError", "Constraint", "apply_constraints"]
+__all__ = ["Grammar", "GrammarError", "Constraint", "FailedConstraint", "JSON_DEFAULTS", "apply_constraints",
+           "closed_schema"]
 
 COMPILED_CACHE = 32  # compiled grammars kept (per process): a server's recurring schemas stay hot
+VALIDATED_CACHE = 256  # llguidance's verdicts on grammar texts (small strings; the keys are the texts)
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # llguidance's defaults are sized for servers; only the error text is made short (no parser dumps).
 _LIMITS = llguidance.LLParserLimits(verbose_errors=False)
@@ -83,6 +93,9 @@ class Grammar:
 
     kind: str  # "json_object" | "json_schema" | "lark" | "gbnf"
     spec: str
+    # what check() compiled, per llguidance tokenizer: id -> (that tokenizer, never-advanced matcher). Not part
+    # of the value: two equal grammars are equal whether or not they were checked.
+    _bound: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __repr__(self) -> str:
         return f"Grammar.{self.kind}(<{len(self.spec)} chars>)"
@@ -100,7 +113,7 @@ class Grammar:
         if not isinstance(schema, dict):
             raise GrammarError(f"the schema must be a JSON object, got {type(schema).__name__}")
         if strict:
-            schema = _closed(copy.deepcopy(schema))
+            schema = closed_schema(copy.deepcopy(schema))
         return cls._from_schema("json_schema", schema)
 
     @classmethod
@@ -146,7 +159,7 @@ class Grammar:
             error = llguidance.LLMatcher.validate_grammar(spec, None, limits=_LIMITS)
             with _lock:
                 _validated_cache[spec] = error
-                while len(_validated_cache) > COMPILED_CACHE:
+                while len(_validated_cache) > VALIDATED_CACHE:
                     _validated_cache.popitem(last=False)
         if error and not error.startswith("WARNING"):
             raise GrammarError(_one_line(error))
@@ -155,34 +168,44 @@ class Grammar:
     # -- against a tokenizer -----------------------------------------------------------------------
     def check(self, tokenizer) -> None:
         """Compile against `tokenizer`'s vocabulary (raising GrammarError, e.g. for a special token it does
-        not have) and keep the result for the sequences that will use it."""
-        _compiled(_lltokenizer(tokenizer), self.spec)
+        not have) and attach the result to this object, for the sequences that will use it (`constraint`
+        then only copies it). Call it where slow work may happen: the server's worker pool."""
+        lltok = _lltokenizer(tokenizer)
+        with _lock:
+            if id(lltok) in self._bound:
+                return
+        matcher = _compiled(lltok, self.spec)
+        with _lock:
+            self._bound[id(lltok)] = (lltok, matcher)
 
     def constraint(self, tokenizer) -> Constraint:
-        """A fresh matcher for one sequence."""
+        """A fresh matcher for one sequence: a copy of what `check` attached, else compiled now (through
+        the LRU)."""
         lltok = _lltokenizer(tokenizer)
-        return Constraint(_compiled(lltok, self.spec).deep_copy(), tokenizer.vocab_size, lltok.vocab_size,
-                          lltok.eos_tokens)
+        with _lock:
+            bound = self._bound.get(id(lltok))
+        matcher = bound[1] if bound is not None else _compiled(lltok, self.spec)
+        return Constraint(matcher.deep_copy(), tokenizer.vocab_size, lltok.vocab_size, lltok.eos_tokens)
 
 
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples", "x-guidance"})  # data and options, not schemas
 
 
-def _closed(schema: Any) -> Any:
-    """`schema` with `additionalProperties: false` on every object schema that does not set it (OpenAI's
+def closed_schema(schema: Any) -> Any:
+    """`schema` (changed in place) with `additionalProperties: false` on every object schema that does not set it (OpenAI's
     strict mode), walking every nested schema (properties, items, $defs, anyOf...) but never data (`const`,
     `enum`, `default`, `examples`: an object there is a value, not a schema)."""
     if isinstance(schema, list):
         for item in schema:
-            _closed(item)
+            closed_schema(item)
     elif isinstance(schema, dict):
         for key, value in schema.items():
             if key in _SCHEMA_MAPS and isinstance(value, dict):
                 for sub in value.values():
-                    _closed(sub)
+                    closed_schema(sub)
             elif key not in _NOT_SCHEMAS:
-                _closed(value)
+                closed_schema(value)
         types = schema.get("type")
         is_object = types == "object" or (isinstance(types, list) and "object" in types)
         if "additionalProperties" not in schema and ("properties" in schema or is_object):
@@ -222,6 +245,29 @@ class Constraint:
         """Move past `token` (one the mask allowed); a token the grammar refuses is a bug upstream."""
         if not self.matcher.consume_token(token):
             raise GrammarError(f"token {token} does not fit the grammar: {_one_line(self.matcher.get_error())}")
+
+
+class FailedConstraint:
+    """The place of a sequence whose grammar could not be started: it allows nothing, and its first mask
+    (or step) raises `error`, so the error ends that sequence where sampling errors do, one row only."""
+
+    __slots__ = ("error", "vocab", "eos")
+
+    def __init__(self, error: Exception) -> None:
+        self.error, self.vocab, self.eos = error, 0, frozenset()
+
+    @property
+    def done(self) -> bool:
+        return False
+
+    def allowed(self) -> torch.Tensor:
+        raise self.error
+
+    def _allowed(self) -> np.ndarray:
+        raise self.error
+
+    def advance(self, token: int) -> None:
+        raise self.error
 
 
 def apply_constraints(logits: torch.Tensor, constraints: Sequence[Constraint | None]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lmforge.engine.beam import Cancelled, beam_search, finish_beams
-from lmforge.engine.constrain import apply_constraints
+from lmforge.engine.constrain import Constraint, FailedConstraint, apply_constraints
 from lmforge.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from lmforge.engine.sampling import SamplingParams, penalty_window, sample_from, token_logprobs
 from lmforge.model.kv_cache import KVCache
@@ -101,8 +101,14 @@ class SequenceState:
         self.finished = False
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stop = StopMatcher(params.stop) if params.stop else None
-        # a fresh copy of the compiled grammar (compiled once per grammar text, see constrain.py)
-        self.constraint = params.grammar.constraint(tokenizer) if params.grammar is not None else None
+        # a fresh copy of the grammar the handler compiled (constrain.py); one that cannot be started fails at
+        # this row's first mask, inside the per-row error handling, never in a prefill other requests share
+        self.constraint: Constraint | FailedConstraint | None = None
+        if params.grammar is not None:
+            try:
+                self.constraint = params.grammar.constraint(tokenizer)
+            except Exception as e:
+                self.constraint = FailedConstraint(e)
         if self.constraint is not None:
             self.eos = self.eos | self.constraint.eos
         self.generator = torch.Generator(device=device)

@@ -71,7 +71,7 @@ async def get_model(request: Request, model_id: str):
 # -- chat completions --------------------------------------------------------------------------------------
 async def chat_completions(request: Request):
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_body(request))
-    tr.check_chat_request(req)
+    grammar = await _cpu(request, tr.check_chat_request, req)  # a big grammar takes a while to validate
     turns = tr.message_dicts(req.messages)
     if req.documents is not None and req.tools and req.tool_choice != "none":
         raise invalid("documents (grounded chat) cannot be combined with tools yet; send one or the other",
@@ -94,9 +94,10 @@ async def chat_completions(request: Request):
                                        default_max_new=default_max, system=mf.system, examples=mf.messages)
             grounding = (gr.grounding_info(found, grounded), [s.to_dict() for s in grounded.sources])
         # on the worker pool: a response_format is compiled against the vocabulary (a second, the first time, for
-        # a 150k-token one)
+        # a 150k-token one) and the result attached to the grammar, which the scheduler's rows only copy
         params = await _cpu(request, tr.sampling_params, req, mf.parameters, prompt_len=len(ids), context=ctx,
-                            vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens, tokenizer=tok)
+                            vocab_size=served.engine.config.vocab_size, max_tokens=max_tokens, tokenizer=tok,
+                            grammar=grammar)
         if plan.parses and params.num_beams > 1:
             raise invalid("beam search cannot be combined with tools", param="use_beam_search")
         if plan.constrained:
@@ -245,7 +246,7 @@ async def list_indexes(request: Request):
 # -- text completions ---------------------------------------------------------------------------------------
 async def completions(request: Request):
     req: CompletionRequest = parse(CompletionRequest, await read_body(request))
-    tr.check_completion_request(req)
+    grammar = await _cpu(request, tr.check_completion_request, req)  # built once, for every prompt
     served = await _use(request, req.model)
     streaming = False
     try:
@@ -255,7 +256,8 @@ async def completions(request: Request):
         max_tokens = req.max_tokens
         params = await _cpu(request, lambda: [  # on the worker pool: a grammar is compiled here (see chat)
             tr.sampling_params(req, mf.parameters, prompt_len=len(p), context=ctx, vocab_size=cfg.vocab_size,
-                               max_tokens=max_tokens if max_tokens else None, tokenizer=tok) for p in prompts])
+                               max_tokens=max_tokens if max_tokens else None, tokenizer=tok, grammar=grammar)
+            for p in prompts])
         if req.echo and req.stream:
             raise invalid("echo cannot be combined with stream", param="echo")
         k = req.logprobs

@@ -139,13 +139,17 @@ def completion_prompts(tokenizer: Any, prompt: Any, vocab_size: int) -> list[lis
     return out
 
 
-def request_grammar(req: ChatCompletionRequest | CompletionRequest, tokenizer: Any = None) -> Grammar | None:
+def request_grammar(req: ChatCompletionRequest | CompletionRequest, tokenizer: Any = None,
+                    built: Grammar | None = None) -> Grammar | None:
     """The structured output a request asks for (`response_format`, or llama.cpp's `grammar` /
     `json_schema`), or None for free text. One of them at most; a grammar that cannot be used is a 400
     naming the field and what is wrong (`invalid 'response_format.json_schema.schema': unsupported keyword
     'not'`). llama.cpp's spellings (`json_schema`, `response_format.schema`) close objects that do not say
-    otherwise, as llama.cpp's converter does; OpenAI's `json_schema` does so only with `strict: true`. With `tokenizer`, the grammar is also compiled against its vocabulary (a special token it lacks
-    is refused here, not in the middle of generation)."""
+        otherwise, as llama.cpp's converter does; OpenAI's `json_schema` does so only with `strict: true`. With
+    `tokenizer`, the grammar is also compiled against its vocabulary (a special token it lacks is refused
+    here, not in the middle of generation). `built`: the grammar an earlier call made for this request
+    (`check_chat_request`), reused rather than built and validated again. Slow for big grammars (a quarter
+    second for an 80 KB GBNF): the server calls it on its worker pool, never on the event loop."""
     asked: list[tuple[str, Any]] = []
     rf = getattr(req, "response_format", None)
     if rf is not None and rf.type != "text":
@@ -174,7 +178,7 @@ def request_grammar(req: ChatCompletionRequest | CompletionRequest, tokenizer: A
                       f"send one", param=asked[1][0].split(".")[0])
     param, build = asked[0]
     try:
-        grammar = build()
+        grammar = built if built is not None else build()
         if tokenizer is not None:
             grammar.check(tokenizer)
     except GrammarError as e:
@@ -183,13 +187,15 @@ def request_grammar(req: ChatCompletionRequest | CompletionRequest, tokenizer: A
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: dict, *, prompt_len: int,
-                    context: int, vocab_size: int, max_tokens: int | None, tokenizer: Any = None) -> SamplingParams:
+                    context: int, vocab_size: int, max_tokens: int | None, tokenizer: Any = None,
+                    grammar: Grammar | None = None) -> SamplingParams:
     """A validated `SamplingParams` for one request (one prompt), or a 400 naming the field.
 
     The token budget: the request's max tokens, else the Modelfile's `num_predict`, else all the room the
     context leaves. An explicit budget that does not fit is refused (`context_length_exceeded`), as OpenAI
     does, rather than silently shortened. Structured output: see `request_grammar` (`tokenizer` lets it
-    compile the grammar against the model's vocabulary before anything is queued)."""
+    compile the grammar against the model's vocabulary before anything is queued; `grammar` is the one
+    `check_chat_request` / `check_completion_request` already built for this request)."""
     given: dict[str, Any] = dict(defaults)
     if max_tokens is not None:
         if prompt_len + max_tokens > context:
@@ -239,7 +245,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: di
         given["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
     else:
         given["logprobs"] = req.logprobs
-    grammar = request_grammar(req, tokenizer)
+    grammar = request_grammar(req, tokenizer, grammar)
     if grammar is not None:
         given["grammar"] = grammar
     if req.use_beam_search:
@@ -263,21 +269,24 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: di
         raise invalid(str(e)) from None
 
 
-def check_chat_request(req: ChatCompletionRequest) -> None:
-    """Refuse what lmforge cannot honour instead of ignoring it."""
-    request_grammar(req)  # a bad schema or grammar is a 400 before any model is loaded
+def check_chat_request(req: ChatCompletionRequest) -> Grammar | None:
+    """Refuse what lmforge cannot honour instead of ignoring it; the request's grammar (validated, not yet
+    compiled against a vocabulary), for `sampling_params` to reuse. Run it on the worker pool: a big grammar
+    takes a while to validate."""
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options is only allowed with stream: true", param="stream_options")
+    return request_grammar(req)  # a bad schema or grammar is a 400 before any model is loaded
 
 
-def check_completion_request(req: CompletionRequest) -> None:
-    request_grammar(req)
+def check_completion_request(req: CompletionRequest) -> Grammar | None:
+    """As `check_chat_request`, for /v1/completions."""
     if req.suffix:
         raise invalid("suffix (fill-in-the-middle) is not supported", param="suffix")
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options is only allowed with stream: true", param="stream_options")
     if req.max_tokens == 0 and not req.echo:
         raise invalid("max_tokens must be >= 1 (0 is only meaningful with echo: score the prompt)", param="max_tokens")
+    return request_grammar(req)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -248,6 +248,55 @@ def test_constrained_and_free_rows_in_one_batch_equal_their_solo_runs(engine, mo
     assert [c.ids for c in engine.complete([engine.tokenizer.decode(prompts[0])], params[0])] == [together[0]]
 
 
+def test_a_checked_grammar_is_never_compiled_again(tok, monkeypatch):
+    """check() (the server's handler, on its worker pool) attaches the compiled grammar; the scheduler's rows
+    only copy it, even once the LRU has evicted it (more than COMPILED_CACHE grammars in use)."""
+    from lmforge.engine import constrain
+
+    g = Grammar.json_schema(PERSON, strict=True)
+    g.check(tok)
+    constrain._compiled_cache.clear()
+
+    def no_compiling(*args):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(constrain, "_compiled", no_compiling)
+    c = g.constraint(tok)
+    walk(c, tok, '{"name": "ab"')
+    assert Grammar.json_schema(PERSON, strict=True) == g  # the attached result is no part of the value
+
+
+def test_a_grammar_that_cannot_start_fails_only_its_own_request(engine, monkeypatch):
+    """A grammar whose matcher cannot be made (here: made to fail) ends its own request with the error; the
+    requests prefilled in the same group, free or constrained, are untouched."""
+    bad, good = Grammar.gbnf('root ::= "x"'), Grammar.gbnf('root ::= "yes" | "no"')
+    real = Grammar.constraint
+
+    def constraint(self, tokenizer):
+        if self.spec == bad.spec:
+            raise GrammarError("too complex")
+        return real(self, tokenizer)
+
+    monkeypatch.setattr(Grammar, "constraint", constraint)
+    enc = engine.tokenizer.encode
+    params = [SamplingParams(temperature=0, max_new_tokens=8), SamplingParams(temperature=0, max_new_tokens=8, grammar=bad),
+              SamplingParams(temperature=0, max_new_tokens=8, grammar=good)]
+    done, out = threading.Semaphore(0), [[] for _ in params]
+    sched = Scheduler(engine, max_batch=4, max_queue=8)
+    try:
+        with sched._wake:  # the scheduler admits all three together: one prefill group
+            reqs = [sched.submit(Request(prompt_ids=enc("the model"), params=sp,
+                                         emit=lambda ev, i=i: done.release() if ev is None else out[i].append(ev)))
+                    for i, sp in enumerate(params)]
+        for _ in reqs:
+            assert done.acquire(timeout=120)
+    finally:
+        sched.stop(10)
+    assert isinstance(reqs[1].error, GrammarError) and "too complex" in str(reqs[1].error)
+    assert reqs[0].error is None and out[0][-1].finish_reason is not None
+    assert reqs[2].error is None and "".join(ev.text for ev in out[2]) in ("yes", "no")
+
+
 def test_raw_logits_logprob_reference():
     """token_logprobs is what a constrained row reports (on the raw logits, not the masked ones)."""
     raw = torch.tensor([[0.0, 1.0, 2.0]])

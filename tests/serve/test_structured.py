@@ -173,6 +173,38 @@ def test_which_spellings_close_objects():
     assert tr.request_grammar(chat(response_format={"type": "text"})) is None
 
 
+def test_grammars_are_built_once_per_request_and_only_on_the_worker_pool(server, monkeypatch):
+    """Validating and compiling a grammar take a quarter second for a big one: never on the event loop
+    (every stream would stall) nor on the scheduler's thread (every row would), and once per request, not
+    once per prompt."""
+    import threading
+
+    from lmforge.engine import constrain
+    from lmforge.engine.constrain import Grammar
+
+    validated, compiled = [], []
+    real_validated, real_compiled = Grammar._validated.__func__, constrain._compiled
+
+    def spy_validated(cls, kind, spec):
+        validated.append(threading.current_thread().name)
+        return real_validated(cls, kind, spec)
+
+    def spy_compiled(lltok, spec):
+        compiled.append(threading.current_thread().name)
+        return real_compiled(lltok, spec)
+
+    monkeypatch.setattr(Grammar, "_validated", classmethod(spy_validated))
+    monkeypatch.setattr(constrain, "_compiled", spy_compiled)
+    body = {"model": "tiny", "prompt": ["a", "b c", "d e f"], "max_tokens": 30, "n": 2, "json_schema": SCHEMAS["enum"]}
+    got = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60)
+    assert got.status_code == 200 and len(got.json()["choices"]) == 6
+    assert len(validated) == 1 and len(compiled) == 1
+    body = {"model": "tiny", "messages": U, "max_tokens": 30, "response_format": schema_format("nested")}
+    assert httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    assert len(validated) == 2 and len(compiled) == 2
+    assert all(name.startswith("lmforge-cpu") for name in validated + compiled), validated + compiled
+
+
 def test_a_grammar_failing_mid_answer_is_a_400_not_a_500(client, monkeypatch):
     """llguidance's per-token limits can stop a hostile grammar in the middle of an answer: the client gets
     a 400 saying so (the server keeps serving)."""

@@ -409,7 +409,13 @@ def test_sampling_params_refuses(req, defaults, prompt_len, max_tokens, expected
                  id="completion: stream_options with stream"),
 ])
 def test_checks_accept(check, req):
-    assert check(req) is None
+    """Accepted: the result is the request's grammar (built once here, reused by sampling_params), or None."""
+    from lmforge.engine.constrain import Grammar
+
+    got = check(req)
+    rf = getattr(req, "response_format", None)
+    asked = req.grammar is not None or (rf is not None and rf.type != "text")
+    assert isinstance(got, Grammar) if asked else got is None
 
 
 @pytest.mark.parametrize("check, req, expected", [
