@@ -26,7 +26,14 @@ from typing import Any, Sequence
 
 from lmforge.errors import UserError
 
-__all__ = ["ChatPromptError", "chat_prompt_ids", "conversation"]
+__all__ = ["ChatPromptError", "RESERVED_KWARGS", "chat_prompt_ids", "conversation"]
+
+# Template variables a request's kwargs may not set: what the render passes itself (transformers' names and
+# `tokenizer.chat_template.render_chat_template`'s own arguments). Special-token variables (`bos_token`,
+# `additional_special_tokens`, ...) are refused by their suffix.
+RESERVED_KWARGS = frozenset({"messages", "conversation", "add_generation_prompt", "continue_final_message",
+                             "tools", "documents", "special_tokens", "limits", "template", "chat_template",
+                             "tokenize", "return_dict"})
 
 
 class ChatPromptError(ValueError):
@@ -59,9 +66,11 @@ def chat_prompt_ids(tokenizer: Any, turns: Sequence[dict], *, system: str | None
     them: the system prompt and the examples are the model's own (its Modelfile).
 
     `tools` (a non-empty list) becomes the template's `tools` variable; `template_kwargs` are further
-    template variables. They cannot replace `messages`, `add_generation_prompt` or `tools` (the render sets
-    those last). Tool definitions and the tool calls in the turns are checked for control-token text as
-    message text is: both are written into the prompt verbatim."""
+    template variables. A key the render sets itself (`RESERVED_KWARGS`: `messages`, `tools`, the render's
+    own arguments) or a special-token variable (`bos_token`, ...) is refused, not overridden: a client's
+    `{"bos_token": "<|im_end|>..."}` would forge turns, and `limits` would lift the render limits. Tool
+    definitions, the tool calls in the turns and the kwargs' values are checked for control-token text as
+    message text is: all are written into the prompt verbatim."""
     if tokenizer.chat_template is None:
         raise ChatPromptError("this model has no chat template (tokenizer_config.json chat_template); use text "
                               "completion instead (lmforge generate, /v1/completions)", param="model",
@@ -82,7 +91,16 @@ def chat_prompt_ids(tokenizer: Any, turns: Sequence[dict], *, system: str | None
         if hit is not None:
             raise ChatPromptError(f"the tools contain the control token {hit!r}, which would forge the "
                                   f"conversation's structure", param="tools")
-    extra = {k: v for k, v in (template_kwargs or {}).items() if k not in ("messages", "add_generation_prompt", "tools")}
+    extra = dict(template_kwargs or {})
+    reserved = sorted(k for k in extra if k in RESERVED_KWARGS or k.endswith("_token") or k.endswith("_tokens"))
+    if reserved:
+        raise ChatPromptError(f"chat_template_kwargs cannot set {reserved[0]!r}: the chat template's messages, "
+                              f"tools, special tokens and render settings are lmforge's", param="chat_template_kwargs")
+    if extra:
+        hit = tokenizer.control_token_in(json.dumps(extra, ensure_ascii=False, default=str))
+        if hit is not None:
+            raise ChatPromptError(f"chat_template_kwargs contain the control token {hit!r}, which would forge the "
+                                  f"conversation's structure", param="chat_template_kwargs")
     if tools:
         extra["tools"] = list(tools)
     try:

@@ -124,8 +124,10 @@ def test_template_kwargs_reach_the_template(tiny_tokenizer):
     msgs = [{"role": "user", "content": "hi"}]
     assert tok.decode(tr.chat_prompt_ids(tok, msgs, template_kwargs={"think": True})) == "hi /think"
     assert tok.decode(tr.chat_prompt_ids(tok, msgs)) == "hi"
-    # the messages themselves cannot be replaced through template_kwargs
-    assert tok.decode(tr.chat_prompt_ids(tok, msgs, template_kwargs={"messages": [{"content": "x"}]})) == "hi"
+    # the messages themselves cannot be replaced through template_kwargs: a 400 naming the field
+    with pytest.raises(APIError) as e:
+        tr.chat_prompt_ids(tok, msgs, template_kwargs={"messages": [{"content": "x"}]})
+    assert e.value.param == "chat_template_kwargs"
 
 
 # --------------------------------------------------------------------------------------------- parsing
