@@ -62,7 +62,8 @@ class Served:
     embedding_only: bool = False  # an encoder: no engine, cannot generate
     keep_alive: float | None = None  # seconds unused before unloading, set by the last request that said; None:
     # the server's default; math.inf: never (Ollama's negative keep_alive); 0: as soon as it is idle
-    num_ctx: int | None = None  # the context asked for when it was loaded (Modelfile or request), None: the server's
+    num_ctx: int | None = None  # the context it was loaded for (`context_for`); None: the model's whole context
+    path: Path | None = None  # where it was loaded from: a busy model deleted from the store is still listed by it
 
 
 class _Embedding:
@@ -204,10 +205,11 @@ class ModelRegistry:
         async with lock:
             with self._guard:  # the keep-alive thread unloads under the same lock
                 served = self.loaded.get(name)
-            if served is not None and num_ctx is not None and not served.embedding_only \
-                    and min(num_ctx, served.engine.config.context_length) != served.scheduler.context_length:
-                out, served = [served], None  # no reference of ours may keep its memory alive
-                await self._unload_for_reload(out, num_ctx)
+            if served is not None and not served.embedding_only:
+                wanted = self.context_for(num_ctx, getattr(served.modelfile, "num_ctx", None))
+                if min(wanted or math.inf, served.engine.config.context_length) != served.scheduler.context_length:
+                    out, served = [served], None  # no reference of ours may keep its memory alive
+                    await self._unload_for_reload(out, wanted)
             with self._guard:
                 if served is not None:
                     served.active += 1
@@ -222,12 +224,24 @@ class ModelRegistry:
                 served.keep_alive = keep_alive
             return served
 
-    async def _unload_for_reload(self, out: list[Served], num_ctx: int) -> None:
+    def context_for(self, num_ctx: int | None, modelfile_ctx: int | None) -> int | None:
+        """The context a model is served with (before the model's own bound; None: the model's whole context).
+        No request num_ctx: the Modelfile's `PARAMETER num_ctx`, else --max-context. A request's num_ctx is
+        floored at 4 (as Ollama does) and capped at the larger of those two: --max-context is the operator's
+        bound on what any client may make the server allocate, and a context is sized for `max_batch` rows,
+        so one request asking for the model's full context could push idle models out (`_make_room`)."""
+        default = modelfile_ctx if modelfile_ctx is not None else self.max_context
+        if num_ctx is None:
+            return default
+        ceiling = None if self.max_context is None else max(self.max_context, default or 0)
+        return max(4, num_ctx if ceiling is None else min(num_ctx, ceiling))
+
+    async def _unload_for_reload(self, out: list[Served], num_ctx: int | None) -> None:
         """Take the model in `out` out to load it again at another context: once its requests are over (the
         caller holds the model's lock, so no new one starts on it meanwhile)."""
         served = out.pop()
         log.info("reloading %s with a context of %d (was %d)", served.name,
-                 min(num_ctx, served.engine.config.context_length), served.scheduler.context_length)
+                 min(num_ctx or math.inf, served.engine.config.context_length), served.scheduler.context_length)
         while True:
             with self._guard:
                 if served.active == 0 and served.scheduler.idle:
@@ -244,16 +258,15 @@ class ModelRegistry:
             served.last_used = time.monotonic()
 
     def _load(self, name: str, path: Path, num_ctx: int | None = None) -> Served:
-        """Load `name` with a context of `num_ctx` (a request's), else its Modelfile's `PARAMETER num_ctx`,
-        else the server's --max-context; each bounded by the model's own context."""
+        """Load `name` with the context `context_for` gives for a request's `num_ctx` (bounded by the model's
+        own context)."""
         from lmforge.engine.generate import Engine
         from lmforge.engine.scheduler import Scheduler
         from lmforge.loaders.auto import load, read_modelfile
 
         try:
-            if num_ctx is None and path.is_dir():
-                num_ctx = getattr(read_modelfile(path), "num_ctx", None)
-            context = num_ctx if num_ctx is not None else self.max_context
+            context = self.context_for(num_ctx, getattr(read_modelfile(path), "num_ctx", None)
+                                       if path.is_dir() else None)
             need = estimate(path, dtype=self.dtype, device=self.device, batch=self.max_batch,
                             tokens=context, chunk=self.prefill_chunk)
         except UserError as e:
@@ -271,7 +284,7 @@ class ModelRegistry:
             with self._guard:
                 self._reserved -= need.total
         created = int(path.stat().st_mtime)
-        return Served(name, engine, scheduler, loaded.modelfile, created, footprint=need, num_ctx=num_ctx)
+        return Served(name, engine, scheduler, loaded.modelfile, created, footprint=need, num_ctx=context, path=path)
 
     def _load_encoder(self, name: str, path: Path) -> Served:
         from lmforge.loaders.bert import load_encoder
@@ -292,7 +305,7 @@ class ModelRegistry:
             with self._guard:
                 self._reserved -= need.total
         return Served(name, None, _Embedding(), None, int(path.stat().st_mtime), footprint=need, embedder=embedder,
-                      embedding_only=True)
+                      embedding_only=True, path=path)
 
     def embedder(self, served: Served) -> Any:
         """The `Embedder` of a loaded model (made once around a chat model's own weights, so embedding with

@@ -261,6 +261,23 @@ def test_num_ctx_sets_the_context_the_model_is_loaded_with(server, client):
     assert server.registry.loaded["tiny"].scheduler.context_length == 128
 
 
+def test_num_ctx_is_capped_by_max_context_and_does_not_stick(live_server, chat_model_dir):
+    s = live_server({"tiny": chat_model_dir}, max_context=64)
+    c = ollama.Client(host=s.base_url, timeout=60)
+
+    def context() -> int:
+        return s.registry.loaded["tiny"].scheduler.context_length
+
+    c.chat(model="tiny", messages=MSG, options={"num_ctx": 100000, "num_predict": 1})
+    assert context() == 64  # a client cannot make the server allocate past --max-context
+    c.generate(model="tiny", prompt="the", raw=True, options={"num_ctx": 1, "num_predict": 1})
+    assert context() == 4  # floored, as Ollama does
+    c.chat(model="tiny", messages=MSG, options={"num_predict": 1})
+    assert context() == 64  # no num_ctx: back to the default, for every client
+    assert s.registry.context_for(None, 48) == 48 and s.registry.context_for(100, 48) == 64
+    assert s.registry.context_for(100, 96) == 96  # a Modelfile's own larger context stays reachable
+
+
 def test_models_list_show_copy_delete_through_the_store(live_server, chat_model_dir, tmp_path):
     from lmforge import store
 
