@@ -126,8 +126,8 @@ def register(sub) -> list[argparse.ArgumentParser]:
     sv.add_argument("--max-queue", type=nonneg_int, default=64, help="requests that may wait for a batch slot; more "
                     "get 429 (default: 64)")
     sv.add_argument("--max-context", type=positive_int, default=4096, help="tokens per request at most (prompt + "
-                    "answer), capped at the model's context; the KV cache holds max-concurrency of these. An Ollama request's "
-                    "num_ctx is capped at it too (or at a Modelfile's larger num_ctx) (default: 4096)")
+                    "answer), capped at the model's context; the KV cache holds max-concurrency of these. An Ollama "
+                    "request's num_ctx is capped at it too, or at a Modelfile's larger num_ctx (default: 4096)")
     sv.add_argument("--prefill-chunk", type=positive_int, default=512, help="while requests are decoding, read "
                     "about this many prompt tokens per step, longer prompts in chunks between decode steps, so new "
                     "prompts do not stall the running streams (default: 512)")
