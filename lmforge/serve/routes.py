@@ -125,14 +125,15 @@ async def chat_completions(request: Request):
 
 def _forced_call(req: ChatCompletionRequest, plan: tl.ToolPlan, params: SamplingParams, tok) -> SamplingParams:
     """`params` constrained to a call in the model's format (tool_choice "required" or a named function):
-    the grammar of `tools.tool_grammar`, compiled against the model's vocabulary here, on the worker pool."""
+    the grammar of `serve/tool_grammar.py`, compiled against the model's vocabulary here, on the worker pool."""
     from lmforge.engine.constrain import Grammar, GrammarError
+    from lmforge.serve.tool_grammar import tool_grammar
 
     if params.grammar is not None:
         raise invalid("response_format (or grammar) and a required tool_choice both constrain the output; send one",
                       param="tool_choice")
     try:
-        grammar = Grammar.lark(tl.tool_grammar(plan, tok))
+        grammar = Grammar.lark(tool_grammar(plan, tok))
         grammar.check(tok)
     except GrammarError as e:
         raise invalid(f"invalid 'tools': a call to these functions cannot be constrained: {e}", param="tools") \

@@ -16,7 +16,7 @@ Why it looks like this
   - `llama3` (Llama 3.1/3.2/3.3 JSON tool calling): `{"name": ..., "parameters": {...}}` as the whole
     answer, optionally after `<|python_tag|>`; several joined by `;`;
   - `mistral` (Mistral v3 style): `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`, or the newer
-    `[TOOL_CALLS]name[ARGS]{...}`.
+    `[TOOL_CALLS]name[ARGS]{...}` (which one the template writes: `mistral_variant`).
 * **One parser for both paths.** `parse_tool_calls` runs the same `ToolCallStream` over the whole text that
   a streamed answer goes through piece by piece, so a streamed answer reassembled is the non-streamed one,
   however the text was chunked. The stream releases content as it comes and holds back only what might
@@ -26,7 +26,7 @@ Why it looks like this
   the text the model wrote, never dropped and never an error: the client sees what happened.
 * **Forced calls are constrained, not hoped for.** `tool_choice: "required"` or a named function
   constrains decoding (`engine/constrain.py`, llguidance) to the family's call syntax with each function's
-  `parameters` schema inline (`tool_grammar`), so even a small model produces a call that parses.
+  `parameters` schema inline (`serve/tool_grammar.py`), so even a small model produces a call that parses.
 * **Ids.** Calls get OpenAI-style ids `call_<24 hex>`, except in the `mistral` format, whose templates
   refuse any tool-call id that is not 9 letters or digits; `template_history` maps a client's ids to such
   ids (the same id always to the same one) before a Mistral template sees them.
@@ -48,7 +48,7 @@ from typing import Any, Sequence
 from lmforge.serve.protocol import invalid
 
 __all__ = ["FORMATS", "ToolCall", "ToolCallStream", "ToolError", "ToolPlan", "new_call_id", "parse_tool_calls",
-           "parse_tools", "plan_tools", "template_history", "tool_format", "tool_grammar", "tool_plan"]
+           "parse_tools", "plan_tools", "template_history", "tool_format", "tool_plan"]
 
 FORMATS = ("hermes", "llama3", "mistral")
 
@@ -56,6 +56,7 @@ HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 MISTRAL_OPEN = "[TOOL_CALLS]"
 MISTRAL_ARGS = "[ARGS]"
+MISTRAL_CALL_ID = "[CALL_ID]"
 _LLAMA_ENDS = ("<|eom_id|>", "<|eot_id|>")  # end-of-message tokens a template may not list as EOS
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")  # OpenAI's rule for function names
 _MISTRAL_ID = re.compile(r"^[A-Za-z0-9]{9}$")
@@ -170,13 +171,15 @@ def tool_format(template: str | None) -> str | None:
 @dataclass
 class ToolPlan:
     """What a request's tools mean for one model: `fmt` (None: no tools in play), the `tools` rendered
-    into the prompt (None: none), `mode` ("auto", "none" or "required") and the `forced` function name."""
+    into the prompt (None: none), `mode` ("auto", "none" or "required"), the `forced` function name, and
+    for `mistral` which of its call syntaxes the template writes (`variant`)."""
 
     fmt: str | None = None
     tools: list[dict] | None = None
     mode: str = "none"
     forced: str | None = None
     parallel: bool = True
+    variant: str = ""  # mistral: the call syntax its template writes (`mistral_variant`), for the grammar
 
     @property
     def parses(self) -> bool:
@@ -225,7 +228,18 @@ def plan_tools(tools: Sequence[Any] | None, tool_choice: Any, template: str | No
                         "format lmforge can parse: Hermes <tool_call>, Llama 3 JSON or Mistral [TOOL_CALLS])",
                         param="tools", code="tools_not_supported")
     # A named function is forced by the grammar; the prompt still shows every tool, as OpenAI's models see them.
-    return ToolPlan(fmt=fmt, tools=offered, mode=mode, forced=forced, parallel=parallel is not False and forced is None)
+    return ToolPlan(fmt=fmt, tools=offered, mode=mode, forced=forced, parallel=parallel is not False and forced is None,
+                    variant=mistral_variant(template) if fmt == "mistral" else "")
+
+
+def mistral_variant(template: str) -> str:
+    """Which Mistral call syntax `template` writes in its history: "list" (v3: `[TOOL_CALLS] [{...}]`),
+    "list-tight" (the same without the space), "args" (`[TOOL_CALLS]name[ARGS]{...}`) or "args+id"
+    (`[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`). The parser reads all of them; a forced call's grammar
+    (`serve/tool_grammar.py`) writes the one the model was trained on."""
+    if MISTRAL_ARGS in template:
+        return "args+id" if MISTRAL_CALL_ID in template else "args"
+    return "list-tight" if MISTRAL_OPEN + "[" in template else "list"
 
 
 def template_history(template: str | None, turns: list[dict]) -> list[dict]:
@@ -337,7 +351,7 @@ def _parse_mistral_args(body: str) -> list[ToolCall] | None:
         if not part:
             continue
         name, sep, args = part.partition(MISTRAL_ARGS)
-        name = name.split("[CALL_ID]")[0].strip()
+        name = name.split(MISTRAL_CALL_ID)[0].strip()
         objs = _json_objects(args, "") if sep else None
         if not objs or len(objs) != 1:
             return None
@@ -473,78 +487,3 @@ def parse_tool_calls(fmt: str, text: str) -> tuple[str | None, list[ToolCall]]:
     if calls and not content.strip():
         return None, calls
     return content, calls
-
-
-# ----------------------------------------------------------------------------------------------------
-# Forcing a call: the grammar
-# ----------------------------------------------------------------------------------------------------
-# How a forced call's JSON is written: no free whitespace (a model cannot wander off in newlines) and the
-# separators of json.dumps, which the templates' `tojson` writes in the history too.
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-
-def _call_schema(tool: dict, key: str) -> dict:
-    """The JSON schema of one call of `tool`: its name, then its arguments under `key`. A `strict` tool's
-    objects allow no properties beyond those listed, as OpenAI's strict function calling."""
-    fn = tool["function"]
-    params = fn.get("parameters") or {"type": "object", "properties": {}}
-    if fn.get("strict"):
-        params = _closed(json.loads(json.dumps(params)))
-    return {"type": "object", "properties": {"name": {"const": fn["name"]}, key: params},
-            "required": ["name", key], "additionalProperties": False, "x-guidance": _JSON_STYLE}
-
-
-def _closed(schema: Any) -> Any:
-    """`schema` with `additionalProperties: false` on every object schema that does not say otherwise."""
-    if isinstance(schema, dict):
-        for value in schema.values():
-            _closed(value)
-        if "additionalProperties" not in schema and ("properties" in schema or schema.get("type") == "object"):
-            schema["additionalProperties"] = False
-    elif isinstance(schema, list):
-        for value in schema:
-            _closed(value)
-    return schema
-
-
-def _lark_str(text: str) -> str:
-    return json.dumps(text)  # a lark string literal has JSON's escapes
-
-
-def tool_grammar(plan: ToolPlan, tokenizer: Any = None) -> str:
-    """A Lark grammar (llguidance's dialect, with inline `%json` schemas) that accepts only a tool call in
-    the plan's format: of the forced function, or of any offered one (several in a row when `parallel`);
-    each call's arguments follow that function's `parameters` schema. An opener that is a single control
-    token of `tokenizer` (Mistral's `[TOOL_CALLS]`) is written as that token (`<[id]>`), since control
-    tokens have no text a grammar could match."""
-    if not plan.constrained or plan.tools is None:
-        raise ValueError("only a plan with a required or named tool choice has a grammar")
-    tools = [t for t in plan.tools if plan.forced is None or t["function"]["name"] == plan.forced]
-    key = "parameters" if plan.fmt == "llama3" else "arguments"
-    lines = []
-    names = []
-    for j, t in enumerate(tools):
-        lines.append(f"fn{j}: %json {json.dumps(_call_schema(t, key))}")
-        names.append(f"fn{j}")
-    lines.append("body: " + " | ".join(names))
-    many = plan.parallel and plan.fmt != "llama3"
-    if plan.fmt == "hermes":
-        lines.append(f"call: {_lark_str(HERMES_OPEN + chr(10))} body {_lark_str(chr(10) + HERMES_CLOSE)}")
-        lines.append('start: call ("\\n" call)*' if many else "start: call")
-    elif plan.fmt == "mistral":
-        opener = _token_literal(tokenizer, MISTRAL_OPEN)
-        lines.append(f'start: {opener} " [" body (", " body)* "]"' if many else f'start: {opener} " [" body "]"')
-    else:
-        lines.append("start: body")
-    return "\n".join(lines) + "\n"
-
-
-def _token_literal(tokenizer: Any, text: str) -> str:
-    """`text` in a grammar: `<[id]>` when the tokenizer has it as one control token, else the string."""
-    if tokenizer is not None:
-        control = getattr(tokenizer, "control_token_texts", lambda: [])()
-        if text in control:
-            ids = tokenizer.encode(text, add_bos=False)
-            if len(ids) == 1:
-                return f"<[{ids[0]}]>"
-    return _lark_str(text)

@@ -11,6 +11,7 @@ import pytest
 
 from lmforge.serve import tools as tl
 from lmforge.serve import translate as tr
+from lmforge.serve.tool_grammar import call_schema, tool_grammar
 from lmforge.serve.protocol import APIError, ChatCompletionRequest
 from tests.serve.tool_templates import FAMILIES, family_tokenizer, hf_tokenizer
 
@@ -276,22 +277,17 @@ def test_tool_history_for_a_template_without_tools_is_refused(tiny_tokenizer):
 
 
 # ------------------------------------------------------------------------------------------ forced calls
-@pytest.mark.parametrize("forced", [None, "get_time"])
-def test_forced_calls_parse_and_follow_the_schema(family, forced):
-    """Random choices among the ids the grammar allows (a random model, at its worst) still give a call
-    that parses, of an offered (or the named) function, with arguments valid under its schema."""
-    import jsonschema
+def forced_texts(tok, plan, trials: int = 4) -> list[str]:
+    """What a random model (random choices among the ids the grammar allows, at its worst) writes under the
+    plan's forced-call grammar."""
     import torch
 
     from lmforge.engine.constrain import Grammar
 
-    name, tok, _ = family
-    choice = {"type": "function", "function": {"name": forced}} if forced else "required"
-    plan = tl.plan_tools(TOOLS, choice, tok.chat_template)
-    grammar = Grammar.lark(tl.tool_grammar(plan, tok))
+    grammar = Grammar.lark(tool_grammar(plan, tok))
     gen = torch.Generator().manual_seed(0)
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-    for trial in range(4):
+    out = []
+    for trial in range(trials):
         c = grammar.constraint(tok)
         ids = []
         while not c.done and len(ids) < 400:
@@ -301,14 +297,100 @@ def test_forced_calls_parse_and_follow_the_schema(family, forced):
                 break
             c.advance(t)
             ids.append(t)
-        text = tok.decode(ids)
-        content, calls = tl.parse_tool_calls(name, text)
-        assert calls and content is None, text
-        if forced or name == "llama3":
-            assert len(calls) == 1
-        for call in calls:
-            assert call.name == (forced or call.name) and call.name in schemas
-            jsonschema.validate(call.arguments, schemas[call.name])
+        out.append(tok.decode(ids))
+    return out
+
+
+def assert_calls(fmt: str, text: str, forced: str | None, single: bool) -> list:
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    content, calls = tl.parse_tool_calls(fmt, text)
+    assert calls and content is None, text
+    if single:
+        assert len(calls) == 1
+    for call in calls:
+        assert call.name == (forced or call.name) and call.name in schemas
+        jsonschema.validate(call.arguments, schemas[call.name])
+    return calls
+
+
+@pytest.mark.parametrize("forced", [None, "get_time"])
+def test_forced_calls_parse_and_follow_the_schema(family, forced):
+    """Random choices among the ids the grammar allows still give a call that parses, of an offered (or
+    the named) function, with arguments valid under its schema."""
+    name, tok, _ = family
+    choice = {"type": "function", "function": {"name": forced}} if forced else "required"
+    plan = tl.plan_tools(TOOLS, choice, tok.chat_template)
+    for text in forced_texts(tok, plan):
+        assert_calls(name, text, forced, single=bool(forced) or name == "llama3")
+        if name == "mistral":
+            assert text.startswith("[TOOL_CALLS] [{")  # v3, as its template writes calls
+
+
+# Mistral's newer templates (Small 3.2, Magistral, Devstral) write a call as [TOOL_CALLS]name[ARGS]{...}.
+MISTRAL_ARGS_TEMPLATE = """{{- bos_token }}{%- for message in messages %}
+{%- if message.role == "user" %}{%- if tools and loop.last %}[AVAILABLE_TOOLS]{{ tools|tojson }}[/AVAILABLE_TOOLS]{%- endif %}[INST]{{ message.content }}[/INST]
+{%- elif message.tool_calls %}{%- for c in message.tool_calls %}[TOOL_CALLS]{{ c.function.name }}{% if with_id %}[CALL_ID]{{ c.id }}{% endif %}[ARGS]{{ c.function.arguments|tojson }}{%- endfor %}{{ eos_token }}
+{%- elif message.role == "tool" %}[TOOL_RESULTS]{{ message.content }}[/TOOL_RESULTS]
+{%- else %}{{ message.content }}{{ eos_token }}{%- endif %}{%- endfor %}"""
+
+
+@pytest.mark.parametrize("with_id", [False, True])
+@pytest.mark.parametrize("forced", [None, "get_time"])
+def test_newer_mistral_templates_are_forced_into_their_own_syntax(tiny_tokenizer, monkeypatch, forced, with_id):
+    """A template that writes name[ARGS]{...} gets a forced call in that syntax, not v3's JSON list; its
+    markers are the tokenizer's control tokens."""
+    from tests.serve import tool_templates
+
+    template = MISTRAL_ARGS_TEMPLATE.replace("{% if with_id %}", "{% if true %}" if with_id else "{% if false %}")
+    if not with_id:
+        template = template.replace("[CALL_ID]", "")
+    specials = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "[AVAILABLE_TOOLS]",
+                "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+    monkeypatch.setitem(tool_templates.FAMILIES, "mistral-args", (template, specials, [], "<s>", "</s>", None))
+    tok = family_tokenizer(tiny_tokenizer, "mistral-args")
+    choice = {"type": "function", "function": {"name": forced}} if forced else "required"
+    plan = tl.plan_tools(TOOLS, choice, tok.chat_template)
+    assert (plan.fmt, plan.variant) == ("mistral", "args+id" if with_id else "args")
+    args_id = tok.encode("[ARGS]", add_bos=False)
+    assert len(args_id) == 1 and f"<[{args_id[0]}]>" in tool_grammar(plan, tok)
+    for text in forced_texts(tok, plan):
+        calls = assert_calls("mistral", text, forced, single=bool(forced))
+        assert text.startswith("[TOOL_CALLS]get_") and text.count("[ARGS]") == len(calls), text
+        assert ("[CALL_ID]" in text) == with_id
+
+
+def test_a_special_hermes_opener_is_forced_as_its_token(tiny_tokenizer, monkeypatch):
+    """A tokenizer that marks <tool_call> special has no text for it a grammar could match: the grammar
+    names the token (the model writes the one token it was trained on, not the characters)."""
+    from tests.serve import tool_templates
+
+    template, specials, plain, bos, eos, eot = tool_templates.FAMILIES["hermes"]
+    monkeypatch.setitem(tool_templates.FAMILIES, "hermes-special", (template, specials + plain, [], bos, eos, eot))
+    tok = family_tokenizer(tiny_tokenizer, "hermes-special")
+    plan = tl.plan_tools(TOOLS, "required", tok.chat_template)
+    opener, closer = (tok.encode(t, add_bos=False) for t in ("<tool_call>", "</tool_call>"))
+    assert f"<[{opener[0]}]>" in tool_grammar(plan, tok) and f"<[{closer[0]}]>" in tool_grammar(plan, tok)
+    for text in forced_texts(tok, plan, trials=2):
+        assert_calls("hermes", text, None, single=False)
+
+
+def test_a_strict_tool_closes_schemas_but_never_data():
+    """Strict tools follow constrain's rule (one copy): objects inside const/enum/default are values, left as
+    written, and a type list naming "object" is an object schema."""
+    params = {"type": "object", "properties": {
+        "mode": {"enum": [{"fast": True}]}, "fixed": {"const": {"a": 1}}, "opt": {"type": ["object", "null"]},
+        "conf": {"type": "object", "default": {"x": 1}, "properties": {"x": {"type": "integer"}}}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": params, "strict": True}}
+    args = call_schema(tool, "arguments")["properties"]["arguments"]
+    assert args["properties"]["mode"]["enum"] == [{"fast": True}]
+    assert args["properties"]["fixed"]["const"] == {"a": 1}
+    assert args["properties"]["opt"]["additionalProperties"] is False
+    assert args["properties"]["conf"]["default"] == {"x": 1} and args["additionalProperties"] is False
+    assert "additionalProperties" not in params  # the request's own schema is not changed
+    loose = call_schema({**tool, "function": {**tool["function"], "strict": False}}, "arguments")
+    assert "additionalProperties" not in loose["properties"]["arguments"]
 
 
 def test_control_token_text_in_tools_or_calls_is_refused(tiny_tokenizer):
