@@ -133,7 +133,8 @@ def register(sub) -> list[argparse.ArgumentParser]:
                     "prompts do not stall the running streams (default: 512)")
     sv.add_argument("--no-prompt-cache", action="store_true", help="re-read every prompt in full instead of reusing "
                     "the keys/values of a prefix already in the cache (the previous turn of a chat, a shared system "
-                    "prompt); outputs are the same either way (default: the cache is on)")
+                    "prompt); outputs are the same either way up to floating-point rounding, which can flip a near-tie "
+                    "between two tokens (default: the cache is on)")
     sv.add_argument("--keep-alive", type=float_arg, default=300.0, help="seconds an unused model stays loaded (default: 300)")
     sv.add_argument("--grace", type=float_arg, default=30.0, help="seconds to finish requests in flight on shutdown "
                     "(default: 30)")
