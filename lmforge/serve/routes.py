@@ -368,13 +368,26 @@ async def tokenize(request: Request):
             special = req.add_special_tokens if req.content is None else req.add_special
             ids = await _cpu(request, tok.encode, req.prompt if req.content is None else req.content,
                              add_bos=None if special else False)
-        tokens: list = ids
-        if req.with_pieces:
-            tokens = [{"id": t, "piece": await _cpu(request, tok.decode, [t])} for t in ids]
+        tokens: list = await _cpu(request, _pieces, tok, ids) if req.with_pieces else ids
         return await _json(request, {"count": len(ids), "max_model_len": served.scheduler.context_length,
                                      "tokens": tokens})
     finally:
         _registry(request).release(served)
+
+
+def _pieces(tok, ids: list[int]) -> list[dict]:
+    """llama.cpp's `with_pieces`: each token with its text, or, when its bytes are not whole UTF-8 characters
+    on their own (half of an emoji), the list of those byte values, as llama.cpp answers (decoding one token
+    alone would give U+FFFD). One call for the whole prompt: no round trip per token."""
+    out = []
+    for t in ids:
+        raw = tok.token_bytes(t)
+        try:
+            piece: str | list[int] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            piece = list(raw)
+        out.append({"id": t, "piece": piece})
+    return out
 
 
 async def detokenize(request: Request):

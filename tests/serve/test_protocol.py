@@ -81,5 +81,10 @@ def test_tokenize_takes_llama_cpp_content(server, chat_model_dir):
     pieces = httpx.post(url, json={"content": "the model", "with_pieces": True}).json()["tokens"]
     assert [p["id"] for p in pieces] == plain["tokens"]
     assert "".join(p["piece"] for p in pieces) == tok.decode(plain["tokens"])
+    # a token that is part of a UTF-8 character comes back as its byte values, as llama.cpp answers
+    emoji = httpx.post(url, json={"content": "a😀", "with_pieces": True}).json()["tokens"]
+    raw = b"".join(bytes(p["piece"]) if isinstance(p["piece"], list) else p["piece"].encode() for p in emoji)
+    assert raw == "a😀".encode() and any(isinstance(p["piece"], list) for p in emoji), emoji
+    assert "\ufffd" not in json.dumps(emoji)
     both = httpx.post(url, json={"content": "a", "prompt": "b"})
     assert both.status_code == 400 and both.json()["error"]["param"] == "prompt"
