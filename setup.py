@@ -7,9 +7,10 @@ files itself, or `pip install .` gives a server whose page loads without its lib
 
 So, when a wheel is built, `build_py` also runs `npm ci` against web/package-lock.json in a temporary
 folder (the exact versions and integrity hashes of the lock file; `--ignore-scripts`: no package's install
-script runs during our build) and copies what the vendor route serves (.js, .mjs, .css: the same files a
-checkout serves) and each library's licence files into the wheel's lmforge/serve/web/node_modules. Nothing
-is written into the source tree, and node_modules stays out of git.
+script runs during our build) and copies what the vendor route serves (the suffixes in
+lmforge/serve/web_assets.py, the table the server reads too: the same files a checkout serves) and each
+library's licence files into the wheel's lmforge/serve/web/node_modules. Nothing is written into the source
+tree, and node_modules stays out of git.
 
 With no npm (or npm failing) the build stops with one line saying what to do: a wheel without the
 libraries would install fine and then serve a broken page, found only by its user. `LMFORGE_WEB=skip`
@@ -22,6 +23,7 @@ web/node_modules, which `make setup` fills, so they cost no npm run and no time.
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +34,9 @@ from setuptools.command.build_py import build_py
 from setuptools.errors import ExecError
 
 WEB = Path("lmforge") / "serve" / "web"
-SERVED = (".js", ".mjs", ".css")  # the suffixes lmforge.serve.routes.ASSET_TYPES serves from node_modules
+# the suffixes the vendor route serves, from the server's own table: run by path, since importing lmforge here
+# would import its dependencies at build time
+SERVED = tuple(runpy.run_path(str(Path(__file__).resolve().parent / WEB.parent / "web_assets.py"))["ASSET_TYPES"])
 LICENCES = ("license", "licence", "copying", "notice")  # name prefixes of the files that must travel with the code
 NPM_CI = ["ci", "--ignore-scripts", "--omit=dev", "--no-audit", "--no-fund", "--prefer-offline"]
 

@@ -106,6 +106,18 @@ def test_installed_wheel_serves_the_web_ui(tmp_path):
         proc.wait(30)
 
 
+def test_the_build_copies_what_the_server_serves():
+    """One table of served suffixes (lmforge/serve/web_assets.py): setup.py reads it rather than keeping a
+    copy that could drift from the vendor route (a suffix served but not packed would 404 from a wheel)."""
+    import runpy
+
+    from lmforge.serve.routes import ASSET_TYPES
+
+    setup = runpy.run_path(str(ROOT / "setup.py"), run_name="setup")  # importable without building anything
+    assert setup["SERVED"] == tuple(ASSET_TYPES)
+    assert not re.search(r"""["']\.(m?js|css)["']""", (ROOT / "setup.py").read_text(encoding="utf-8"))
+
+
 def test_wheel_without_npm_is_one_clear_error_unless_skipped(tmp_path):
     src = _source_copy(tmp_path)
     no_npm = {"PATH": str(tmp_path / "empty-path")}  # pip runs the build with sys.executable: no PATH needed

@@ -34,6 +34,7 @@ from lmforge.serve.protocol import (APIError, ChatCompletionRequest, CompletionR
                                     FeedbackRequest, TokenizeRequest, invalid, parse)
 from lmforge.serve.security import AUTHORIZED, read_body
 from lmforge.serve.stream import Generation, SSEResponse, check_sequences, collect, once, run_job, sse_stream
+from lmforge.serve.web_assets import ASSET_TYPES  # what the UI's pages load (one table, setup.py reads it too)
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -466,12 +467,6 @@ def _safe_file(root: Path, rel: str) -> Path:
     if not path.is_relative_to(base) or not path.is_file():
         raise APIError(404, "not found", code="not_found")
     return path
-
-
-# What the UI's pages load: scripts and styles. Nothing else under web/ or node_modules/ is served (no
-# package.json or lock file telling strangers which library versions run here, no READMEs or sources).
-ASSET_TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8",
-               ".css": "text/css; charset=utf-8"}
 
 
 def _asset(root: Path, rel: str) -> FileResponse:
