@@ -58,6 +58,10 @@ def cmd_generate(args) -> int:
 
     from lmforge.engine.constrain import GrammarError
 
+    if args.beams > 1 and (args.json_schema or args.grammar):  # refused before the model loads
+        flag = "--json-schema" if args.json_schema else "--grammar"
+        raise UserError(f"--beams cannot be combined with {flag}: beam search cannot follow a grammar; "
+                        f"use --beams 1 (the default)")
     grammar = _output_grammar(args)
     engine, mf = load_engine(args)
     tok = engine.tokenizer

@@ -333,3 +333,14 @@ def test_generate_cli_refuses_bad_files_in_one_line(capsys, tmp_path, model_dir,
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli(capsys, "generate", model_dir, "--grammar", tmp_path / "missing.gbnf", "--no-fast")
     assert code == 2 and "cannot read" in err
+
+
+@pytest.mark.parametrize("flag", ["--json-schema", "--grammar"])
+def test_generate_cli_refuses_beams_with_a_grammar_before_loading(capsys, tmp_path, flag):
+    """Beam search cannot follow a grammar: said in one line before any model is loaded (the model named
+    here does not even exist, so a refusal after loading would be a different error)."""
+    path = tmp_path / "g.txt"
+    path.write_text('{"type": "object"}' if flag == "--json-schema" else 'root ::= "a"')
+    code, out, err = run_cli(capsys, "generate", tmp_path / "no-such-model", "--prompt", "x", flag, path,
+                             "--beams", "2", "--no-fast")
+    assert code == 2 and "--beams cannot be combined with " + flag in err and len(err.strip().splitlines()) == 1, err
