@@ -38,26 +38,40 @@ from typing import Any
 
 from lmforge.errors import UserError
 
-# PARAMETER name -> (SamplingParams field, type). Ollama's spellings first, ours as aliases.
-PARAMETERS: dict[str, tuple[str, type]] = {
-    "temperature": ("temperature", float),
-    "top_k": ("top_k", int),
-    "top_p": ("top_p", float),
-    "min_p": ("min_p", float),
-    "repeat_penalty": ("repetition_penalty", float),
-    "repetition_penalty": ("repetition_penalty", float),
-    "repeat_last_n": ("repeat_last_n", int),
-    "presence_penalty": ("presence_penalty", float),
-    "frequency_penalty": ("frequency_penalty", float),
-    "seed": ("seed", int),
-    "num_predict": ("max_new_tokens", int),
-    "max_new_tokens": ("max_new_tokens", int),
-    "stop": ("stop", str),
+# Ollama's parameter names lmforge implements -> SamplingParams field. THE table of Ollama's names: the
+# Modelfile's PARAMETERs, Ollama's request `options` (`serve/ollama_protocol`), the `parameters` /api/show
+# prints and `lmforge run`'s options through a server (`cli/use`) all read it, so they cannot disagree.
+OLLAMA_PARAMETERS: dict[str, str] = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repeat_penalty": "repetition_penalty",
+    "repeat_last_n": "repeat_last_n",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "seed": "seed",
+    "num_predict": "max_new_tokens",
+    "stop": "stop",
 }
-# Ollama parameters that describe its runtime (threads, GPU layers, ...), not the model's answers: accepted
-# so that existing Modelfiles work, and reported as ignored.
-IGNORED_PARAMETERS = {"num_gpu", "num_thread", "num_batch", "num_keep", "mirostat", "mirostat_eta",
-                      "mirostat_tau", "tfs_z", "typical_p", "use_mmap", "use_mlock", "numa", "penalize_newline"}
+OLLAMA_NAME: dict[str, str] = {f: name for name, f in OLLAMA_PARAMETERS.items()}  # SamplingParams field -> name
+_KINDS = {"top_k": int, "repeat_last_n": int, "seed": int, "max_new_tokens": int, "stop": str}
+# PARAMETER name -> (SamplingParams field, type): Ollama's spellings, and lmforge's own field names as aliases.
+PARAMETERS: dict[str, tuple[str, type]] = {
+    **{name: (f, _KINDS.get(f, float)) for name, f in OLLAMA_PARAMETERS.items()},
+    "repetition_penalty": ("repetition_penalty", float),
+    "max_new_tokens": ("max_new_tokens", int),
+}
+# Ollama parameters that describe its runtime (threads, GPU layers, context reuse, ...), not the answers:
+# accepted, in a Modelfile and in a request's options, without a word.
+RUNTIME_OPTIONS = frozenset({"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "vocab_only", "use_mmap",
+                             "use_mlock", "num_thread", "logits_all", "embedding_only", "f16_kv", "num_keep", "num_gqa",
+                             "rope_frequency_base", "rope_frequency_scale"})
+# Ollama's sampling parameters lmforge does not implement: accepted (existing Modelfiles and clients work) but
+# they would change the answers, so they are named: in `Modelfile.ignored`, in a request's warning header.
+UNSUPPORTED_OPTIONS = frozenset({"typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta",
+                                 "penalize_newline"})
+IGNORED_PARAMETERS = RUNTIME_OPTIONS | UNSUPPORTED_OPTIONS
 INSTRUCTIONS = ("from", "system", "template", "parameter", "adapter", "license", "message")
 ROLES = ("system", "user", "assistant")
 FILE = "modelfile.json"  # what `lmforge create` writes into the store entry
@@ -72,7 +86,7 @@ class Modelfile:
     messages: list[dict[str, str]] = field(default_factory=list)
     adapter: str | None = None
     license: str | None = None
-    ignored: list[str] = field(default_factory=list)  # parameters accepted but not used (see IGNORED_PARAMETERS)
+    ignored: list[str] = field(default_factory=list)  # sampling parameters accepted but not used (UNSUPPORTED_OPTIONS)
     num_ctx: int | None = None  # PARAMETER num_ctx: the context the server loads the model with (its KV cache)
 
     def to_json(self) -> dict[str, Any]:
@@ -176,7 +190,8 @@ def parse(text: str, *, source: str = "Modelfile") -> Modelfile:
             if p is not None and p[0] == "num_ctx":
                 mf.num_ctx = p[1]
             elif p is None:
-                mf.ignored.append(rest.split()[0].lower())
+                if rest.split()[0].lower() in UNSUPPORTED_OPTIONS:  # runtime ones change nothing worth a word
+                    mf.ignored.append(rest.split()[0].lower())
             elif p[0] == "stop":
                 stops.append(p[1])
             else:

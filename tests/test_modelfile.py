@@ -99,3 +99,17 @@ def test_a_template_that_refuses_system_messages_is_accepted():
     template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
                 "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
     assert parse(f'FROM a\nTEMPLATE """{template}"""\n').template == template
+
+
+def test_ollamas_names_are_one_table_for_modelfiles_and_options():
+    """A Modelfile and a request's options treat Ollama's parameters alike: runtime ones (num_keep, num_gpu)
+    pass silently, unimplemented sampling ones (typical_p) are named."""
+    from lmforge.modelfile import OLLAMA_NAME, OLLAMA_PARAMETERS
+    from lmforge.serve.ollama_protocol import Options, warnings
+
+    mf = parse("FROM smol\nPARAMETER num_keep 4\nPARAMETER num_gpu 1\nPARAMETER typical_p 0.7\n")
+    assert mf.ignored == ["typical_p"]
+    assert warnings(Options(num_keep=4, num_gpu=1, typical_p=0.7)) == [
+        "option 'typical_p' is not supported by lmforge and was ignored"]
+    assert set(OLLAMA_PARAMETERS) <= set(Options.model_fields) | {"num_predict"}
+    assert OLLAMA_NAME["repetition_penalty"] == "repeat_penalty" and OLLAMA_NAME["max_new_tokens"] == "num_predict"

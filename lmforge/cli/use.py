@@ -180,22 +180,19 @@ def cmd_run(args) -> int:
     return repl(session)
 
 
-# Sampling flag -> Ollama's option name, for `run` through a server's /api/chat.
-OLLAMA_OPTIONS = {"max_new_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
-
-
 def _run_on_server(args) -> int | None:
     """Answer `args.prompt` through the server at LMFORGE_HOST (streamed); None when no server answers
     there or it does not serve the model, for the caller to load it in-process instead."""
     from lmforge.cli.client import Client, ServerError
     from lmforge.cli.common import SAMPLING_FLAGS
+    from lmforge.modelfile import OLLAMA_NAME
 
     client = Client()
     if not client.answers():
         return None
     messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
         [{"role": "user", "content": args.prompt}]
-    options = {OLLAMA_OPTIONS.get(k, k): getattr(args, k) for k in SAMPLING_FLAGS
+    options = {OLLAMA_NAME[k]: getattr(args, k) for k in SAMPLING_FLAGS  # sampling flags are SamplingParams fields
                if getattr(args, k, None) is not None}
     body = {"model": args.model, "messages": messages, "stream": True, **({"options": options} if options else {})}
     started = False

@@ -8,7 +8,8 @@ Go's JSON decoder in Ollama accepts it) and unknown top-level fields are ignored
 Ollama's `{"error": "message"}` (`security.error_response` picks the shape by path, for the guard's refusals
 too), with the status of the `APIError` raised.
 
-`options` (Ollama's Modelfile parameter names): the sampling ones become the fields of an OpenAI request
+`options` (Ollama's Modelfile parameter names, from the one table `modelfile.OLLAMA_PARAMETERS`; their
+ranges are the OpenAI schema's, `_openai_bounds`): the sampling ones become the fields of an OpenAI request
 (`sampling_fields`), so that ONE function, `translate.sampling_params`, turns either API's request into
 `SamplingParams`. `num_predict` -1 (no limit) and -2 (fill the context) both mean "until the context is
 full"; a positive count is cut to the room the context leaves (Ollama stops at the end of the context, it
@@ -31,36 +32,47 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
 
-from lmforge.serve.protocol import APIError, Integer, Number, Strict, invalid
+from lmforge.modelfile import OLLAMA_NAME, OLLAMA_PARAMETERS, RUNTIME_OPTIONS, UNSUPPORTED_OPTIONS
+from lmforge.serve.protocol import APIError, ChatCompletionRequest, Integer, Number, Strict, invalid
 
 __all__ = ["ChatRequest", "GenerateRequest", "EmbedRequest", "EmbeddingsRequest", "ShowRequest", "CopyRequest",
            "DeleteRequest", "Options", "parse_keep_alive", "sampling_fields", "warnings",
-           "rfc3339", "not_found"]
+           "rfc3339", "not_found", "option_error"]
 
-# Options that describe Ollama's runtime, not the answer: accepted and ignored without a word.
-RUNTIME_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "vocab_only", "use_mmap", "use_mlock",
-                   "num_thread", "logits_all", "embedding_only", "f16_kv", "num_keep", "num_gqa", "rope_frequency_base",
-                   "rope_frequency_scale"}
-# Sampling options of Ollama's that lmforge does not implement: ignored, with a warning.
-UNSUPPORTED_OPTIONS = {"typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline"}
 WARNING_HEADER = "X-Lmforge-Warning"
 
 
+def _openai_bounds(name: str) -> Any:
+    """The field `name` with the range the OpenAI schema gives it (`protocol.ChatCompletionRequest`, which spells
+    Ollama's `repeat_penalty` too), so an option is refused by the same rule on either API."""
+    from annotated_types import Ge, Gt, Le, Lt
+
+    bounds = {}
+    for m in ChatCompletionRequest.model_fields[name].metadata:
+        for cls, key in ((Ge, "ge"), (Gt, "gt"), (Le, "le"), (Lt, "lt")):
+            if isinstance(m, cls):
+                bounds[key] = getattr(m, key)
+    if name == "top_p":  # Ollama lets 0 through: only the most likely token (see sampling_fields)
+        bounds.pop("gt", None)
+        bounds["ge"] = 0
+    return Field(None, **bounds)
+
+
 class Options(Strict):
-    """`options`: the ones lmforge uses are typed and range-checked; every other key is kept (extra) so
-    that `warnings` can name it."""
+    """`options`: the ones lmforge uses are typed and range-checked (the OpenAI schema's ranges); every other
+    key is kept (extra) so that `warnings` can name it."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
-    temperature: Number | None = Field(None, ge=0)
-    top_k: Integer | None = Field(None, ge=-1)
-    top_p: Number | None = Field(None, ge=0, le=1)
-    min_p: Number | None = Field(None, ge=0, le=1)
-    repeat_penalty: Number | None = Field(None, gt=0, le=10)
-    repeat_last_n: Integer | None = Field(None, ge=-1)
-    presence_penalty: Number | None = Field(None, ge=-2, le=2)
-    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
-    seed: Integer | None = Field(None, ge=-(2**63), lt=2**64)
+    temperature: Number | None = _openai_bounds("temperature")
+    top_k: Integer | None = _openai_bounds("top_k")
+    top_p: Number | None = _openai_bounds("top_p")
+    min_p: Number | None = _openai_bounds("min_p")
+    repeat_penalty: Number | None = _openai_bounds("repeat_penalty")
+    repeat_last_n: Integer | None = _openai_bounds("repeat_last_n")
+    presence_penalty: Number | None = _openai_bounds("presence_penalty")
+    frequency_penalty: Number | None = _openai_bounds("frequency_penalty")
+    seed: Integer | None = _openai_bounds("seed")
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     num_predict: Integer | None = Field(None, ge=-2)
     num_ctx: Integer | None = Field(None, ge=1)
@@ -221,19 +233,20 @@ def warnings(options: Options | None) -> list[str]:
 def sampling_fields(options: Options | None, defaults: dict) -> tuple[dict[str, Any], dict]:
     """(fields of an OpenAI request, Modelfile defaults) carrying `options`, for `translate.sampling_params`.
 
+    An option replaces the Modelfile's parameter of that name, as in Ollama: `stop` included (the Modelfile's
+    stop strings are dropped from the defaults, so `translate.sampling_params`, which adds an OpenAI
+    request's `stop` to the Modelfile's, has only the request's to add).
+
     `num_predict` is applied to the defaults (so it is cut to the room the context leaves rather than
     refused, as Ollama does): a positive count is the budget, -1 and -2 lift the Modelfile's own."""
     defaults = dict(defaults)
     if options is None:
         return {}, defaults
     fields: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
-                 "frequency_penalty"):
+    for name in OLLAMA_PARAMETERS.keys() - {"seed", "stop", "num_predict"}:  # the OpenAI request spells these so
         value = getattr(options, name)
         if value is not None:
             fields[name] = value
-    if options.top_k is not None:
-        fields["top_k"] = options.top_k
     if options.top_p == 0:  # Ollama lets 0 through; it keeps only the most likely token, as 1e-9 would
         fields["top_p"] = 1e-9
     if options.seed is not None and options.seed >= 0:  # Ollama's -1: a random seed
@@ -242,6 +255,7 @@ def sampling_fields(options: Options | None, defaults: dict) -> tuple[dict[str, 
         fields["stop"] = [options.stop] if isinstance(options.stop, str) else list(options.stop)
         if any(s == "" for s in fields["stop"]):
             raise invalid("options.stop strings must not be empty", param="options.stop")
+        defaults.pop("stop", None)  # Ollama's options replace the Modelfile's stop list (OpenAI's stop adds to it)
     n = options.num_predict
     if n is not None:
         if n == 0:
@@ -252,3 +266,15 @@ def sampling_fields(options: Options | None, defaults: dict) -> tuple[dict[str, 
         else:
             defaults.pop("max_new_tokens", None)
     return fields, defaults
+
+
+def option_error(e: APIError) -> APIError:
+    """An `APIError` of `translate.sampling_params` refusing a value with no field named (SamplingParams'
+    own checks, "temperature must be >= 0 ...") as the `options.<name>` it came from, in Ollama's names."""
+    if e.param is not None or e.status != 400:
+        return e
+    word = e.message.split(" ", 1)[0]
+    name = OLLAMA_NAME.get(word)
+    if name is None:
+        return e
+    return invalid(f"invalid 'options.{name}': {e.message}", param=f"options.{name}")
