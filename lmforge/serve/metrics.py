@@ -90,6 +90,8 @@ class GenerationTimer:
         self.start = time.monotonic()
         self.last: list[float | None] = [None] * len(prompts)
         self.first_seen = False
+        self.first: float | None = None  # the request's first token, and its latest one (any row)
+        self.latest: float | None = None
         self.ttft = metrics.ttft.labels(model)
         self.tpot = metrics.tpot.labels(model)
         self.completion_tokens = metrics.completion_tokens.labels(model)
@@ -108,8 +110,16 @@ class GenerationTimer:
             self.tpot.observe(now - last)
         elif not self.first_seen:
             self.first_seen = True
+            self.first = now
             self.ttft.observe(now - self.start)
         self.last[row] = now
+        self.latest = now
+
+    def spans(self) -> tuple[float, float | None, float | None]:
+        """(rows submitted, first token, latest token) in `time.monotonic()` seconds, as timed on the scheduler
+        thread: what Ollama's prompt_eval_duration and eval_duration are read from, so they agree with the
+        histograms here rather than include the event loop's lag."""
+        return self.start, self.first, self.latest
 
 
 class _LoadedModels:

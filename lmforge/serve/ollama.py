@@ -22,7 +22,13 @@ Decisions where Ollama leaves room (each one line in the report, and in these do
   text only. A model without a chat template generates from the prompt text itself.
 - `think`: the chat template's `enable_thinking` is set from it; `think: true` on a model whose template
   never mentions thinking is a 400 (`"MODEL" does not support thinking`, as Ollama answers). With `think`,
-  what the model writes before `</think>` is returned as `thinking`, apart from `content`.
+  what the model writes before `</think>` is returned as `thinking`, apart from `content`. `think` with
+  `format` is a 400: the grammar holds from the first token, so the model could never close its thinking
+  and the whole answer would come back as `thinking`.
+- What can be refused without the model (`format`, `think` with `format`, the shape of `tools`) is refused
+  before it is loaded, as on the OpenAI routes: a bad request costs no load and evicts nothing.
+- `options` replace the Modelfile's parameters, `stop` included (Ollama's rule; on the OpenAI routes a
+  request's `stop` adds to the Modelfile's). A value refused by the sampler names `options.<name>`.
 - `prompt_eval_duration` is the time from the request's rows being queued to the first token (prefill and
   any wait for a free row); `eval_duration` from the first token to the last. `prompt_eval_count` is the
   prompt's length in tokens.
@@ -46,10 +52,10 @@ from pydantic import ValidationError
 from lmforge.serve import tools as tl
 from lmforge.serve import translate as tr
 from lmforge.serve.models import Served
-from lmforge.serve.ollama_models import (MODEL_ROUTES, THINK_CLOSE, THINK_OPEN, Clock, on_cpu, registry_of, release,
+from lmforge.serve.ollama_models import (MODEL_ROUTES, Clock, ThinkSplitter, on_cpu, registry_of, release,
                                          served_name, supports_thinking, use_model, warning_headers)
-from lmforge.serve.ollama_protocol import (ChatRequest, GenerateRequest, parse_keep_alive, rfc3339, sampling_fields,
-                                           warnings)
+from lmforge.serve.ollama_protocol import (ChatRequest, GenerateRequest, option_error, parse_keep_alive, rfc3339,
+                                           sampling_fields, warnings)
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Message, invalid, parse
 from lmforge.serve.security import read_body
 from lmforge.serve.stream import Generation, once
@@ -62,54 +68,6 @@ NDJSON = "application/x-ndjson"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Thinking: what a reasoning model writes before </think>, apart from its answer
-# ----------------------------------------------------------------------------------------------------
-class ThinkSplitter:
-    """Splits streamed text into (thinking, content): everything up to `</think>` (after an optional
-    leading `<think>`, which the template may already have written) is thinking. A tag cut across two
-    tokens is held back until it is whole."""
-
-    def __init__(self) -> None:
-        self.buf, self.thinking, self.opened, self.answered = "", True, False, False
-
-    def feed(self, text: str) -> tuple[str, str]:
-        self.buf += text
-        if not self.thinking:
-            return "", self._content(self._take())
-        if not self.opened:
-            s = self.buf.lstrip()
-            if s.startswith(THINK_OPEN):
-                self.buf, self.opened = s[len(THINK_OPEN):], True
-            elif THINK_OPEN.startswith(s):
-                return "", ""  # still possibly the opening tag
-            else:
-                self.opened = True
-        i = self.buf.find(THINK_CLOSE)
-        if i >= 0:
-            thought, rest = self.buf[:i], self.buf[i + len(THINK_CLOSE):]
-            self.buf, self.thinking = "", False
-            return thought, self._content(rest)
-        keep = next((k for k in range(min(len(THINK_CLOSE) - 1, len(self.buf)), 0, -1)
-                     if THINK_CLOSE.startswith(self.buf[-k:])), 0)
-        thought, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-        return thought, ""
-
-    def flush(self) -> tuple[str, str]:
-        rest = self._take()
-        return (rest, "") if self.thinking else ("", self._content(rest))
-
-    def _take(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-    def _content(self, text: str) -> str:
-        if not self.answered:
-            text = text.lstrip()
-            self.answered = bool(text)
-        return text
-
-
-# ----------------------------------------------------------------------------------------------------
 # Building a request's rows
 # ----------------------------------------------------------------------------------------------------
 def _turns(req: ChatRequest) -> list[dict]:
@@ -117,7 +75,10 @@ def _turns(req: ChatRequest) -> list[dict]:
     OpenAI path's rules: roles, content, tool-call checks). Tool calls keep their arguments as objects.
     Ollama's tool results name their tool (`tool_name`) where OpenAI's name the call (`tool_call_id`): each
     is matched to the first unanswered call of that tool (any call when it names none) of the assistant
-    message before it, and a result that answers no call is a 400."""
+    message before it, and a result that answers no call is a 400 in Ollama's terms. Which calls are open
+    follows `message_dicts`' rule exactly (only the latest assistant message's calls, closed by any message
+    that is not a tool result), so every id given here is one `message_dicts` accepts: it never answers with
+    a call id the client did not send."""
     msgs: list[dict] = []
     open_calls: list[tuple[str, str]] = []  # (id, function name) of calls not answered yet
     for i, m in enumerate(req.messages or []):
@@ -135,7 +96,7 @@ def _turns(req: ChatRequest) -> list[dict]:
                               f"{'that tool' if named else 'a tool'}", param=f"messages.{i}")
             call_id, fn = open_calls.pop(k)
             d["tool_call_id"], d["name"] = call_id, m.tool_name or fn
-        elif m.role != "assistant":
+        else:  # any other message closes the calls, as in message_dicts (an assistant reply without calls too)
             open_calls = []
         msgs.append(d)
     try:
@@ -181,39 +142,59 @@ def _params(served: Served, req: ChatRequest | GenerateRequest, n_prompt: int, c
     # Built without validation (the options were validated by Ollama's rules), so its required fields are
     # given placeholders: sampling_params reads the sampling fields only.
     openai_req = cls.model_construct(model="", **({"messages": []} if chat else {"prompt": ""}), **fields)
-    return tr.sampling_params(openai_req, defaults, prompt_len=n_prompt, context=served.scheduler.context_length,
-                              vocab_size=served.engine.config.vocab_size, max_tokens=None)
+    try:
+        return tr.sampling_params(openai_req, defaults, prompt_len=n_prompt, context=served.scheduler.context_length,
+                                  vocab_size=served.engine.config.vocab_size, max_tokens=None)
+    except APIError as e:  # SamplingParams' own checks name no field: name the option
+        raise option_error(e) from None
 
 
-def _grammar(fmt: Any, tok: Any):
+def _grammar(fmt: Any):
     """Ollama's `format`: "json" -> any JSON object, a JSON schema -> that schema; "" or None -> none.
     Objects that do not say otherwise take no extra keys (`strict`), as Ollama's llama.cpp schema converter
-    reads them."""
+    reads them. Built and validated before the model is loaded (a bad schema costs no load, as on the
+    OpenAI routes); `_with_format` compiles it against the vocabulary once the model is there."""
     if fmt in (None, ""):
         return None
     from lmforge.engine.constrain import Grammar, GrammarError
 
     try:
-        g = Grammar.json_object() if fmt == "json" else Grammar.json_schema(fmt, strict=True)
-        g.check(tok)
+        return Grammar.json_object() if fmt == "json" else Grammar.json_schema(fmt, strict=True)
     except GrammarError as e:
         raise invalid(f"invalid 'format': {e}", param="format") from None
-    return g
 
 
-async def _with_format(request: Request, params, fmt: Any, tok: Any):
-    grammar = await on_cpu(request, _grammar, fmt, tok)
-    return params if grammar is None else dataclasses.replace(params, grammar=grammar)
+def _checked(grammar, tok: Any):
+    from lmforge.engine.constrain import GrammarError
 
-
-def _tool_plan(req: ChatRequest, tok: Any, turns: list[dict]) -> tuple[tl.ToolPlan, list[dict]]:
-    """Ollama's `tools` through `serve/tools.py`, as the OpenAI route takes them (Ollama has no tool_choice:
-    "auto"), and the turns made fit for the model's template; a `ToolError` is a 400 naming the field."""
     try:
-        plan = tl.plan_tools(req.tools, None, tok.chat_template)
-        return plan, tl.template_history(tok.chat_template, turns)
-    except tl.ToolError as e:
-        raise invalid(str(e), param=e.param, code=e.code) from None
+        grammar.check(tok)
+    except GrammarError as e:
+        raise invalid(f"invalid 'format': {e}", param="format") from None
+    return grammar
+
+
+async def _with_format(request: Request, params, grammar, tok: Any):
+    if grammar is None:
+        return params
+    return dataclasses.replace(params, grammar=await on_cpu(request, _checked, grammar, tok))
+
+
+async def _checked_request(request: Request, req: ChatRequest | GenerateRequest, thinking: bool):
+    """What can be refused before the model is loaded (a load can evict other models): `format` (built and
+    validated on the worker pool), `format` with `think` (the grammar would hold from the first token, so
+    the model could never write its `</think>` and the whole answer would come back as thinking), and the
+    shape of `tools`. Returns the grammar."""
+    if thinking and req.think and req.format not in (None, ""):
+        raise invalid("format and think cannot be used together: the format holds from the first token, so the "
+                      "model could not think first; send think: false (or leave it out) with a format",
+                      param="format")
+    if isinstance(req, ChatRequest) and req.tools is not None:
+        try:
+            tl.parse_tools(req.tools)
+        except tl.ToolError as e:
+            raise invalid(str(e), param=e.param, code=e.code) from None
+    return await on_cpu(request, _grammar, req.format)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,17 +208,18 @@ async def chat(request: Request):
     if not req.messages:  # Ollama's "load a model" / "unload a model"
         empty = {"message": {"role": "assistant", "content": ""}}
         return await _load_or_unload(request, req.model, keep, num_ctx, empty, notes)
-    turns = _turns(req)
     clock = Clock()
+    turns = _turns(req)
+    grammar = await _checked_request(request, req, True)
     served = await use_model(request, req.model, num_ctx=num_ctx, keep_alive=keep)
     clock.loaded = time.monotonic_ns()
     handed = False
     try:
         tok, mf = served.engine.tokenizer, served.modelfile
         kwargs = _template_kwargs(served, req.model, req.think)
-        plan, turns = _tool_plan(req, tok, turns)
+        plan, turns = tl.tool_plan(req.tools, None, tok.chat_template, turns)
         ids = await on_cpu(request, _prompt_ids, tok, turns, mf.system, mf.messages, kwargs, plan.tools)
-        params = await _with_format(request, _params(served, req, len(ids), chat=True), req.format, tok)
+        params = await _with_format(request, _params(served, req, len(ids), chat=True), grammar, tok)
         splitter = ThinkSplitter() if kwargs.get("enable_thinking") else None
 
         def piece(thinking: str, content: str, calls: list[dict] | None = None) -> dict:
@@ -278,6 +260,7 @@ async def generate(request: Request):
     if not req.prompt and not req.context:
         return await _load_or_unload(request, req.model, keep, num_ctx, {"response": ""}, notes)
     clock = Clock()
+    grammar = await _checked_request(request, req, not req.raw)
     served = await use_model(request, req.model, num_ctx=num_ctx, keep_alive=keep)
     clock.loaded = time.monotonic_ns()
     handed = False
@@ -296,7 +279,7 @@ async def generate(request: Request):
         ids = [*(req.context or []), *ids]
         if not ids:
             raise invalid("the prompt is empty", param="prompt")
-        params = await _with_format(request, _params(served, req, len(ids), chat=False), req.format, tok)
+        params = await _with_format(request, _params(served, req, len(ids), chat=False), grammar, tok)
         splitter = ThinkSplitter() if kwargs.get("enable_thinking") else None
 
         def piece(thinking: str, content: str) -> dict:
@@ -368,6 +351,7 @@ class _Run:
         self.out_ids: list[int] = []
         clock.queued = time.monotonic_ns()
         self.gen = Generation(served, [ids], [params])
+        clock.timer = self.gen.timer  # token times from the scheduler thread, as /metrics has them
 
     def _split(self, text: str) -> tuple[str, str]:
         return self.splitter.feed(text) if self.splitter is not None else ("", text)

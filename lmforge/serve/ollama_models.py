@@ -1,14 +1,19 @@
 """Ollama's model routes (`/api/tags`, `/api/show`, `/api/ps`, `/api/version`, `/api/copy`, `/api/delete`) and
 embeddings (`/api/embed`, the legacy `/api/embeddings`), and the pieces every /api/* handler shares: the
-model lookup with Ollama's 404, the warning header, the statistics clock. `ollama.py` holds the generating
-routes (`/api/chat`, `/api/generate`) and the one `OLLAMA_ROUTES` table.
+model lookup with Ollama's 404, the warning header, the statistics clock, thinking (the "thinking"
+capability and `ThinkSplitter`, in one place). `ollama.py` holds the generating routes (`/api/chat`,
+`/api/generate`) and the one `OLLAMA_ROUTES` table.
 
 Models are described from what `lmforge.store_info.show` reads (config.json or the GGUF header, the
 Modelfile, lmforge.json), in Ollama's vocabulary: `details` {format, family, parameter_size,
 quantization_level}, `model_info` with `general.*` and `<family>.context_length`-style keys, `capabilities`
-("completion", "tools" when the template shows tools, "thinking" when it knows thinking; "embedding" for an
-encoder). A model's `digest` is a stable identifier of its name, size and modification time, not a hash of
-its weights (see `digest`). `/api/copy` and `/api/delete` work on the model store (`lmforge.store`); a
+("completion", "tools" when the template shows tools in a format `/api/chat` parses (`tools.tool_format`, the
+test the chat route itself applies), "thinking" when it knows thinking; "embedding" for an encoder).
+`describe` is cached by modification time (of the model's path and what its folder holds), so a client
+polling /api/tags does not re-read every folder and header each time. `/api/ps` lists a loaded model from
+the path it was loaded from: one deleted from the store while busy is still listed until it unloads. A
+model's `digest` is a stable identifier of its name, size and modification time, not a hash of its weights
+(see `digest`). `/api/copy` and `/api/delete` work on the model store (`lmforge.store`); a
 server given its models on the command line refuses them. Embeddings take the path of `/v1/embeddings`
 (the model's `Embedder`); `truncate` (default true) cuts an input to the model's context, false refuses it.
 """
@@ -20,15 +25,17 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from lmforge import __version__
 from lmforge.errors import UserError, one_line
+from lmforge.serve import tools as tl
 from lmforge.serve.models import ModelRegistry, Served
 from lmforge.serve.ollama_protocol import (FOREVER, WARNING_HEADER, CopyRequest, DeleteRequest, EmbeddingsRequest,
                                            EmbedRequest, ShowRequest, not_found, parse_keep_alive, rfc3339,
@@ -87,13 +94,16 @@ async def release(request: Request, served: Served, keep: float | None) -> None:
 # ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Clock:
-    """When a request's phases began, for Ollama's durations (monotonic nanoseconds)."""
+    """When a request's phases began, for Ollama's durations (monotonic nanoseconds). The token times come
+    from the Generation's `metrics.GenerationTimer` (`timer`), taken on the scheduler thread as /metrics
+    takes them; `token()` times them on the event loop only where no timer runs (outside a served request)."""
 
     start: int = dataclasses.field(default_factory=time.monotonic_ns)
     loaded: int = 0  # when the model was ours (loaded or found loaded)
     queued: int = 0  # when the rows were handed to the scheduler
     first: int | None = None  # first token
     last: int | None = None  # last token
+    timer: Any = None  # the Generation's GenerationTimer, when metrics run
 
     def token(self) -> None:
         now = time.monotonic_ns()
@@ -103,10 +113,16 @@ class Clock:
 
     def stats(self, n_prompt: int, n_out: int) -> dict[str, int]:
         now = time.monotonic_ns()
-        first = self.first if self.first is not None else now
-        last = self.last if self.last is not None else now
+        queued, first, last = self.queued, self.first, self.last
+        if self.timer is not None:
+            start, t_first, t_last = self.timer.spans()
+            queued = int(start * 1e9)
+            first = int(t_first * 1e9) if t_first is not None else None
+            last = int(t_last * 1e9) if t_last is not None else None
+        first = first if first is not None else now
+        last = last if last is not None else now
         return {"total_duration": max(1, now - self.start), "load_duration": max(1, self.loaded - self.start),
-                "prompt_eval_count": n_prompt, "prompt_eval_duration": max(1, first - (self.queued or self.loaded)),
+                "prompt_eval_count": n_prompt, "prompt_eval_duration": max(1, first - (queued or self.loaded)),
                 "eval_count": n_out, "eval_duration": max(1, last - first)}
 
 
@@ -123,17 +139,90 @@ def supports_thinking(template: str | None) -> bool:
                                                             "thinking"))
 
 
+class ThinkSplitter:
+    """Splits streamed text into (thinking, content): everything up to `</think>` (after an optional
+    leading `<think>`, which the template may already have written) is thinking. A tag cut across two
+    tokens is held back until it is whole."""
+
+    def __init__(self) -> None:
+        self.buf, self.thinking, self.opened, self.answered = "", True, False, False
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self.buf += text
+        if not self.thinking:
+            return "", self._content(self._take())
+        if not self.opened:
+            s = self.buf.lstrip()
+            if s.startswith(THINK_OPEN):
+                self.buf, self.opened = s[len(THINK_OPEN):], True
+            elif THINK_OPEN.startswith(s):
+                return "", ""  # still possibly the opening tag
+            else:
+                self.opened = True
+        i = self.buf.find(THINK_CLOSE)
+        if i >= 0:
+            thought, rest = self.buf[:i], self.buf[i + len(THINK_CLOSE):]
+            self.buf, self.thinking = "", False
+            return thought, self._content(rest)
+        keep = next((k for k in range(min(len(THINK_CLOSE) - 1, len(self.buf)), 0, -1)
+                     if THINK_CLOSE.startswith(self.buf[-k:])), 0)
+        thought, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return thought, ""
+
+    def flush(self) -> tuple[str, str]:
+        rest = self._take()
+        return (rest, "") if self.thinking else ("", self._content(rest))
+
+    def _take(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+    def _content(self, text: str) -> str:
+        if not self.answered:
+            text = text.lstrip()
+            self.answered = bool(text)
+        return text
+
+
 # ----------------------------------------------------------------------------------------------------
 # Models: tags, show, ps, copy, delete, version
 # ----------------------------------------------------------------------------------------------------
+_DESCRIBED: dict[str, tuple[tuple, dict]] = {}  # path -> (modification stamp, description)
+_DESCRIBED_MAX = 256
+
+
+def _stamp(path: Path) -> tuple:
+    """What changes when a model does: the modification times (and sizes) of its path and, for a folder, of
+    what it holds (a rewritten config.json or modelfile.json changes its own time, not the folder's)."""
+    try:
+        st = path.stat()
+        items = [("", st.st_mtime_ns, st.st_size)]
+        if path.is_dir():
+            with os.scandir(path) as it:
+                items += sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in it)
+        return tuple(items)
+    except OSError:
+        return ()
+
+
 def describe(path: Path) -> dict:
-    """`store_info.show` of a served model's path (store entry or command-line model)."""
+    """`store_info.show` of a served model's path (store entry or command-line model), cached until the
+    path's modification stamp (`_stamp`) changes."""
     from lmforge.store_info import show
 
+    key, stamp = str(path), _stamp(path)
+    hit = _DESCRIBED.get(key)
+    if hit is not None and stamp and hit[0] == stamp:
+        return hit[1]
     try:
-        return show(str(path))
+        info = show(str(path))
     except UserError as e:
         return {"error": str(e)}
+    if stamp:
+        if len(_DESCRIBED) >= _DESCRIBED_MAX:
+            _DESCRIBED.pop(next(iter(_DESCRIBED)), None)
+        _DESCRIBED[key] = (stamp, info)
+    return info
 
 
 def digest(name: str, info: dict) -> str:
@@ -174,7 +263,10 @@ def details(path: Path, info: dict) -> dict:
 async def tags(request: Request):
     registry, models = registry_of(request), []
     for name, _created in registry.ids():
-        path = registry.path_of(name)[1]
+        try:
+            path = registry.path_of(name)[1]
+        except APIError:  # deleted since the listing was read
+            continue
         info = await on_cpu(request, describe, path)
         models.append({"name": name, "model": name, "modified_at": rfc3339(info.get("modified") or 0),
                        "size": int(info.get("size_bytes") or 0), "digest": digest(name, info),
@@ -187,21 +279,23 @@ def capabilities(info: dict) -> list[str]:
         return ["embedding"]
     template = info.get("chat_template") or ""
     caps = ["completion"]
-    if "tools" in template:
+    if tl.tool_format(template) is not None:  # what /api/chat's tools need, not just the word in the text
         caps.append("tools")
     if supports_thinking(template):
         caps.append("thinking")
     return caps
 
 
-# SamplingParams field -> Ollama's PARAMETER name, for the Modelfile and `parameters` text of /api/show.
-_OLLAMA_NAMES = {"repetition_penalty": "repeat_penalty", "max_new_tokens": "num_predict"}
-
-
 def _parameters_text(defaults: dict, num_ctx: int | None) -> str:
+    """The `parameters` of /api/show, in Ollama's names (`modelfile.OLLAMA_NAME`, the one table): settings
+    Ollama has no name for (lmforge's own) are left out, as an Ollama client could not send them back."""
+    from lmforge.modelfile import OLLAMA_NAME
+
     lines = []
     for key, value in defaults.items():
-        name = _OLLAMA_NAMES.get(key, key)
+        name = OLLAMA_NAME.get(key)
+        if name is None:
+            continue
         for v in value if isinstance(value, list) else [value]:
             lines.append(f"{name:<30} {json.dumps(v) if isinstance(v, str) else v}")
     if num_ctx is not None:
@@ -252,7 +346,7 @@ async def show(request: Request):
 async def ps(request: Request):
     registry, models = registry_of(request), []
     for s in sorted(registry.snapshot(), key=lambda s: s.name):
-        path = registry.path_of(s.name)[1]
+        path = s.path if s.path is not None else registry.path_of(s.name)[1]  # still loaded if deleted since
         info = await on_cpu(request, describe, path)
         size = s.footprint.total if s.footprint is not None else 0
         expires = registry.expires_at(s)

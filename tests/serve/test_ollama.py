@@ -182,7 +182,7 @@ def test_think_sets_the_templates_enable_thinking(client):
 
 
 def test_think_splitter_separates_thinking_however_the_text_is_cut():
-    from lmforge.serve.ollama import ThinkSplitter
+    from lmforge.serve.ollama_models import ThinkSplitter
 
     text = "<think>\nfirst, the cause</think>\n\nThe answer."
     for cut in range(1, len(text)):
@@ -363,6 +363,13 @@ BAD = [
     ("/api/chat", {"model": "tiny", "messages": [{"role": "tool", "content": "x", "tool_name": "f"}]}, 400, "tool"),
     ("/api/chat", {"model": "tools", "messages": MSG, "tools": [{"type": "function", "function": {}}]}, 400, "name"),
     ("/api/chat", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("/api/chat", {"model": "think", "messages": MSG, "think": True, "format": "json"}, 400, "think"),
+    ("/api/generate", {"model": "think", "prompt": "x", "think": True, "format": {"type": "object"}}, 400, "think"),
+    ("/api/chat", {"model": "tiny", "messages": MSG, "options": {"temperature": 3}}, 400, "temperature"),
+    ("/api/chat", {"model": "tiny", "messages": MSG + [
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+        {"role": "assistant", "content": "no call here"}, {"role": "tool", "content": "x", "tool_name": "f"}]},
+     400, "tool result of 'f'"),
     ("/api/chat", {"messages": MSG}, 400, "model"),
     ("/api/show", {}, 400, "model"),
     ("/api/copy", {"source": "tiny"}, 400, "destination"),
@@ -427,3 +434,88 @@ def test_num_predict_against_the_modelfiles_default():
         assert sampling_fields(Options(num_predict=lift), mf)[1] == {"temperature": 0.2}
     fields, _ = sampling_fields(Options(temperature=0.5, repeat_penalty=1.1, seed=-1, stop="x", top_p=0), mf)
     assert fields == {"temperature": 0.5, "repeat_penalty": 1.1, "stop": ["x"], "top_p": 1e-9}
+
+
+def test_a_bad_format_or_tools_is_refused_before_the_model_loads(server):
+    post(server, "/api/chat", {"model": "tools", "messages": [], "keep_alive": 0})
+    assert "tools" not in server.registry.loaded
+    for body in ({"format": {"type": "object", "not": {}}}, {"tools": [{"type": "function", "function": {}}]},
+                 {"format": "json", "think": True}):
+        r = post(server, "/api/chat", {"model": "tools", "messages": MSG, **body})
+        assert r.status_code == 400, r.text
+        assert "tools" not in server.registry.loaded  # no load (nor an eviction) for a request refused anyway
+
+
+def test_options_replace_the_modelfiles_stop_list():
+    from lmforge.serve.ollama_protocol import Options, sampling_fields
+
+    mf = {"stop": ["<|im_end|>", "User:"], "temperature": 0.2}
+    fields, defaults = sampling_fields(Options(stop=["END"]), mf)
+    assert fields["stop"] == ["END"] and "stop" not in defaults  # Ollama: options replace parameters
+    assert sampling_fields(Options(temperature=0.5), mf)[1]["stop"] == ["<|im_end|>", "User:"]
+
+
+def test_a_refused_option_value_names_the_option():
+    from lmforge.serve.ollama_protocol import option_error
+    from lmforge.serve.protocol import invalid
+
+    e = option_error(invalid("repetition_penalty must be > 0 (1 = off), got 0"))
+    assert e.param == "options.repeat_penalty" and "options.repeat_penalty" in e.message
+    assert option_error(invalid("x", param="stop")).param == "stop"
+
+
+def test_capabilities_promise_tools_only_for_a_format_chat_parses(model_dirs):
+    from lmforge.serve.ollama_models import capabilities
+
+    assert capabilities({"chat_template": "{% if tools %}{{ tools | tojson }}{% endif %}"}) == ["completion"]
+    assert "tools" in capabilities({"chat_template": (model_dirs["tools"] / "tokenizer_config.json").read_text()})
+
+
+def test_show_prints_ollamas_parameter_names_only():
+    from lmforge.serve.ollama_models import _parameters_text
+
+    text = _parameters_text({"repetition_penalty": 1.1, "max_new_tokens": 9, "logit_bias": {5: 2.0},
+                             "stop": ["a", "b"]}, 64)
+    assert text.split("\n") == [f"{'repeat_penalty':<30} 1.1", f"{'num_predict':<30} 9", f"{'stop':<30} \"a\"",
+                                 f"{'stop':<30} \"b\"", f"{'num_ctx':<30} 64"]
+
+
+def test_durations_come_from_the_generations_timer():
+    from types import SimpleNamespace
+
+    from lmforge.serve.ollama_models import Clock
+
+    clock = Clock(start=0, loaded=10)
+    clock.token()  # an event-loop time, which the scheduler thread's times replace
+    clock.timer = SimpleNamespace(spans=lambda: (1.0, 3.0, 7.5))
+    stats = clock.stats(5, 4)
+    assert stats["prompt_eval_duration"] == 2_000_000_000 and stats["eval_duration"] == 4_500_000_000
+
+
+def test_describe_is_cached_until_the_model_changes(chat_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from lmforge import store_info
+    from lmforge.serve import ollama_models
+
+    model = shutil.copytree(chat_model_dir, tmp_path / "m")
+    calls = []
+    real = store_info.show
+    monkeypatch.setattr(store_info, "show", lambda p: calls.append(p) or real(p))
+    first = ollama_models.describe(model)
+    assert ollama_models.describe(model) == first and len(calls) == 1  # a poll re-reads nothing
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")
+    ollama_models.describe(model)
+    assert len(calls) == 2
+
+
+def test_ps_lists_a_loaded_model_deleted_from_the_store(live_server, chat_model_dir):
+    from lmforge import store
+
+    store.add("gone", chat_model_dir)
+    s = live_server(None)
+    c = ollama.Client(host=s.base_url, timeout=60)
+    c.generate(model="gone", prompt="the", options={"num_predict": 1}, keep_alive=-1)
+    store.remove("gone")  # as a busy model deleted through /api/delete: still loaded until it is idle
+    assert [m.model for m in c.ps().models] == ["gone"]
+    assert "gone" not in [m.model for m in c.list().models]
