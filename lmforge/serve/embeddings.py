@@ -33,7 +33,7 @@ from lmforge.errors import UserError, one_line
 from lmforge.serve.protocol import APIError, Integer, Strict, invalid, parse
 from lmforge.serve.security import read_body
 
-__all__ = ["ROUTES", "EmbeddingRequest"]
+__all__ = ["ROUTES", "EmbeddingRequest", "embed_inputs"]
 
 MAX_INPUTS = 2048  # OpenAI's limit on items per request
 MAX_TOTAL_TOKENS = 300_000  # OpenAI's limit on tokens summed over the inputs of one request
@@ -87,38 +87,60 @@ async def embeddings(request: Request) -> Response:
     registry = request.app.state.registry
     served = await registry.get(req.model, embedding=True)
     try:
-        embedder = served.embedder if served.embedding_only else registry.embedder(served)
-        if req.dimensions is not None and req.dimensions != embedder.dim:
-            raise invalid(f"'dimensions' {req.dimensions} is not available: {served.name} makes {embedder.dim}-"
-                          f"dimensional vectors and does not shorten them; omit 'dimensions' or send {embedder.dim}",
-                          param="dimensions")
-        if texts is not None:
-            rows = await request.app.state.cpu.run(embedder.tokenize, texts)
-        _check_lengths(rows, embedder.max_tokens)
-        body = await asyncio.to_thread(_embed, embedder.embed_ids, rows, served.name, req.encoding_format)
+        vectors, n_tokens = await embed_inputs(request, served, texts, rows, req.dimensions)
     finally:
         registry.release(served)
+    body = await asyncio.to_thread(_vectors_body, vectors, served.name, n_tokens, req.encoding_format)
     return Response(body, media_type="application/json")
 
 
-def _check_lengths(rows: list[list[int]], context: int) -> None:
-    total = 0
+async def embed_inputs(request: Request, served: Any, texts: list[str] | None, rows: list[list[int]] | None,
+                       dimensions: int | None, truncate: bool | None = None) -> tuple[np.ndarray, int]:
+    """(vectors, tokens embedded) of `texts` (tokenized on the worker pool) or token-id `rows`, with a
+    loaded model: THE embedding path of both APIs (/v1/embeddings, Ollama's /api/embed and /api/embeddings),
+    so they refuse alike. `dimensions` other than the model's is a 400; an input past the model's context is
+    a 400 (`truncate` None: OpenAI's, False: Ollama's, naming truncate) or cut to it (`truncate` True, as
+    Ollama's default); more than MAX_TOTAL_TOKENS in all is a 400."""
+    registry = request.app.state.registry
+    embedder = served.embedder if served.embedding_only else registry.embedder(served)
+    if dimensions is not None and dimensions != embedder.dim:
+        raise invalid(f"'dimensions' {dimensions} is not available: {served.name} makes {embedder.dim}-"
+                      f"dimensional vectors and does not shorten them; omit 'dimensions' or send {embedder.dim}",
+                      param="dimensions")
+    if texts is not None:
+        for i, text in enumerate(texts):
+            if not text:
+                raise invalid(f"'input' item {i} is an empty string; every input needs some text", param="input")
+        rows = await request.app.state.cpu.run(embedder.tokenize, texts) if texts else []
+    rows = _fit_lengths(rows or [], embedder.max_tokens, truncate)
+    if not rows:
+        return np.zeros((0, embedder.dim), dtype=np.float32), 0
+    return await asyncio.to_thread(_embed, embedder.embed_ids, rows), sum(len(r) for r in rows)
+
+
+def _fit_lengths(rows: list[list[int]], context: int, truncate: bool | None) -> list[list[int]]:
+    total, out = 0, []
     for i, r in enumerate(rows):
         if len(r) > context:
-            raise invalid(f"input {i} has {len(r)} tokens, more than this model's maximum context of {context} "
-                          "tokens; shorten it or split it", param="input", code="context_length_exceeded")
+            if truncate:
+                r = r[:context]
+            else:
+                how = "shorten it, or send truncate: true" if truncate is False else "shorten it or split it"
+                raise invalid(f"input {i} has {len(r)} tokens, more than this model's maximum context of {context} "
+                              f"tokens; {how}", param="input", code="context_length_exceeded")
         total += len(r)
+        out.append(r)
     if total > MAX_TOTAL_TOKENS:
         raise invalid(f"the inputs have {total} tokens in all, more than {MAX_TOTAL_TOKENS} per request; "
                       "send them in several requests", param="input", code="context_length_exceeded")
+    return out
 
 
-def _embed(embed_ids: Callable, rows: list[list[int]], model: str, encoding: str) -> bytes:
+def _embed(embed_ids: Callable, rows: list[list[int]]) -> np.ndarray:
     try:
-        vectors = embed_ids(rows)
+        return embed_ids(rows)
     except UserError as e:  # a token id outside the vocabulary
         raise APIError(400, one_line(e), param="input", code="invalid_value") from None
-    return _vectors_body(vectors, model, sum(len(r) for r in rows), encoding)
 
 
 ROUTES: list[tuple[str, str, Callable]] = [("POST", "/v1/embeddings", embeddings)]

@@ -404,32 +404,17 @@ async def delete(request: Request):
 # ----------------------------------------------------------------------------------------------------
 async def _vectors(request: Request, model: str, texts: list[str], keep: float | None, truncate: bool,
                    dimensions: int | None) -> tuple[list[list[float]], int, Clock]:
+    """The vectors of `texts` through `embeddings.embed_inputs`, the one path /v1/embeddings takes too (the
+    same refusals and limits); `truncate` cuts an input to the model's context, false refuses it."""
+    from lmforge.serve.embeddings import embed_inputs
+
     clock = Clock()
-    registry = registry_of(request)
     served = await use_model(request, model, keep_alive=keep, embedding=True)
     clock.loaded = time.monotonic_ns()
     try:
-        embedder = served.embedder if served.embedding_only else registry.embedder(served)
-        if dimensions is not None and dimensions != embedder.dim:
-            raise invalid(f"'dimensions' {dimensions} is not available: {served.name} makes {embedder.dim}-dimensional "
-                          f"vectors and does not shorten them; omit 'dimensions' or send {embedder.dim}",
-                          param="dimensions")
-        for i, t in enumerate(texts):
-            if not t:
-                raise invalid(f"'input' item {i} is an empty string; every input needs some text", param="input")
-        rows = await on_cpu(request, embedder.tokenize, texts) if texts else []
-        for i, r in enumerate(rows):
-            if len(r) > embedder.max_tokens:
-                if not truncate:
-                    raise invalid(f"input {i} has {len(r)} tokens, more than this model's context of "
-                                  f"{embedder.max_tokens}; shorten it, or send truncate: true", param="input")
-                rows[i] = r[:embedder.max_tokens]
         clock.queued = time.monotonic_ns()
-        try:
-            vectors = await asyncio.to_thread(embedder.embed_ids, rows) if rows else []
-        except UserError as e:
-            raise invalid(one_line(e), param="input") from None
-        return [[float(x) for x in v] for v in vectors], sum(map(len, rows)), clock
+        vectors, n_tokens = await embed_inputs(request, served, texts, None, dimensions, truncate=truncate)
+        return [[float(x) for x in v] for v in vectors], n_tokens, clock
     finally:
         await release(request, served, keep)
 

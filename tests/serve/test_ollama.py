@@ -519,3 +519,15 @@ def test_ps_lists_a_loaded_model_deleted_from_the_store(live_server, chat_model_
     store.remove("gone")  # as a busy model deleted through /api/delete: still loaded until it is idle
     assert [m.model for m in c.ps().models] == ["gone"]
     assert "gone" not in [m.model for m in c.list().models]
+
+
+def test_embed_shares_the_openai_routes_limits(server, client, monkeypatch):
+    from lmforge.serve import embeddings
+
+    monkeypatch.setattr(embeddings, "MAX_TOTAL_TOKENS", 10)
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="tiny", input=["the cat sat on the mat"] * 3)
+    assert e.value.status_code == 400 and "in all" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="tiny", input="the", dimensions=3)
+    assert e.value.status_code == 400 and "dimensions" in e.value.error
