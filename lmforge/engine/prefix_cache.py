@@ -1,12 +1,33 @@
 """The scheduler's prompt cache: which tokens each KV-cache row holds, and moving rows to reuse them.
 
-The scheduler (engine/scheduler.py, whose docstring explains the design and why) keeps a finished
-request's row as it was -- its prompt and its answer, as keys and values -- until the row is needed again,
-so that the next turn of the same chat, or another request with the same system prompt, reads only what
-is new. `ParkedRows` holds the token lists of those *parked* rows and decides which to give up first (plain
-Python, no tensors); `PromptCache` finds the row a new prompt shares most with and moves rows in the
-`KVCache` accordingly. The scheduler owns the batch (which rows are busy, free or filling) and tells
-`PromptCache` which are which; it lives in its own module so that batching and caching read separately.
+A chat re-sends the whole conversation every turn, and many requests share a system prompt: reading those
+tokens again is most of a long chat's time to first token on a CPU. So the scheduler (engine/scheduler.py)
+does not wipe a request's row when it ends: the row is *parked*, still holding its prompt and answer (every
+token written to the cache, i.e. up to its position), and a new request whose prompt shares a prefix of at
+least `MIN_REUSE` tokens with a parked row -- or with a busy row, whose prompt never changes while it runs
+-- gets those keys and values and reads only the rest (`prompt[L:]` at slots L.., always at least its last
+token, whose logits choose the first answer token). The source row is used in place when it is the row the
+request lands in anyway, else its first L slots are copied (a memcpy: a few MB at most, where reading the
+same tokens streams every weight of the model once per chunk). What a newcomer displaces is saved into the
+least recently used free row when it is worth more (`ParkedRows`), and a leaving row is *swapped* with the
+last busy row instead of overwritten by it, so its content survives in the row that becomes free. Long
+prompts gain the same way: only their uncached part counts against the chunk budget, and a filling group's
+members each start at their own cached length. Prompts arriving together that share a long uncached prefix
+(an n > 1 request's copies, clients with one system prompt) do not all read it: the first does, the others
+wait a turn and copy it (`MIN_SHARED`). Any failure forgets every parked row (the cache may be what failed).
+
+This is llama.cpp's per-slot `cache_prompt` generalised to any row, rather than vLLM's block table or
+SGLang's radix tree: those share blocks between sequences but need attention over a block table (paged
+kernels), while here every row is one contiguous timeline that the plain attention reads as is; the price
+is that a free row remembers one conversation, so at most `max_batch` - busy ones are remembered, least
+recently used first to go. The outputs are those without the cache up to floating-point rounding: keys and
+values written one token at a time while decoding differ in the last bits from a batched prefill's, which
+can flip a greedy near-tie (fp32 greedy answers were identical in every test).
+
+`ParkedRows` holds the token lists of the parked rows and decides which to give up first (plain Python, no
+tensors); `PromptCache` finds the row a new prompt shares most with and moves rows in the `KVCache`
+accordingly. The scheduler owns the batch (which rows are busy, free or filling) and tells `PromptCache`
+which are which; it lives in its own module so that batching and caching read separately.
 """
 
 from __future__ import annotations
@@ -114,8 +135,10 @@ class PromptCache:
     def __init__(self, cache: KVCache, enabled: bool = True) -> None:
         self.cache, self.enabled = cache, enabled
         self.parked = ParkedRows(cache.batch_size)
-        self.prompt_tokens_total = 0  # prompt tokens of the requests admitted so far
-        self.cached_tokens_total = 0  # ... of which were found in the cache, not read
+        # Prompt tokens admitted so far, each prompt of an API request once (`record`), and of those the ones
+        # the cache served rather than read; what the n copies of one prompt copy from each other is not counted.
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
         self.copied_slots = 0  # row slots copied to reuse or keep cached content (its cost, for benches)
 
     def best_source(self, prompt: Sequence[int], free: list[int], busy: Sequence[Busy],
@@ -137,17 +160,32 @@ class PromptCache:
                 best, best_len = i, n
         return best, best_len
 
-    def estimate(self, prompt: Sequence[int], free: list[int], busy: Sequence[Busy]) -> int:
-        """How many of `prompt`'s tokens the cache holds now (the scheduler's admission budget counts the
-        rest). A free row found counts as used: it is about to be, and must not be the first displaced."""
+    def estimate(self, prompt: Sequence[int], free: list[int], busy: Sequence[Busy]) -> tuple[int | None, int]:
+        """How many of `prompt`'s tokens the cache holds now (the admission budget counts the rest), and the
+        free row holding them (None when a busy row does, or none). Changes nothing: most requests asked
+        about are not admitted this turn, and must not make the rows they match look recently used."""
         if not self.enabled:
-            return 0
+            return None, 0
         src, n = self.best_source(prompt, free, busy)
         if n < MIN_REUSE:
-            return 0
-        if src >= len(busy):
-            self.parked.touch(src)
-        return n
+            return None, 0
+        return (src if src >= len(busy) else None), n
+
+    def reserve(self, rows: Iterable[int | None]) -> None:
+        """Free `rows` hold the prefixes of requests just admitted: the most recently used, so the claims
+        made before theirs save other content over them last."""
+        for row in rows:
+            if row is not None:
+                self.parked.touch(row)
+
+    def shares(self, prompt: Sequence[int], unread: int, others: Iterable[Sequence[int]]) -> bool:
+        """Whether a prompt with `unread` tokens left to read should wait a turn because one of `others`
+        (admitted this turn) reads at least `MIN_SHARED` of those very tokens: next turn they are in that
+        one's row, ready to copy."""
+        if not self.enabled or unread < MIN_SHARED:
+            return False
+        cached, limit = len(prompt) - unread, len(prompt) - 1
+        return any(common_prefix(prompt, other, limit) - cached >= MIN_SHARED for other in others)
 
     def claim(self, prompt: Sequence[int], t: int, free: list[int], busy: Sequence[Busy]) -> int:
         """Make free row `t` (in `free`) hold the longest cached prefix of `prompt` for the request about
@@ -172,9 +210,18 @@ class PromptCache:
                     if src >= len(busy):
                         parked.touch(src)
             parked.drop(t)
-        self.prompt_tokens_total += len(prompt)
-        self.cached_tokens_total += n
         return n
+
+    def release(self, t: int, held: list[int]) -> None:
+        """Claimed row `t`, holding `held` (the prefix its claim found), goes back unused: the request that
+        claimed it waits for another turn (the scheduler's re-check of its reading)."""
+        if self.enabled:
+            self.parked.park(t, held)
+
+    def record(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """Count an admitted prompt: its length and how much of it the cache served."""
+        self.prompt_tokens_total += prompt_tokens
+        self.cached_tokens_total += cached_tokens
 
     def leave(self, row: int, last: int, tokens: list[int], last_len: int) -> None:
         """Busy `row` (holding `tokens`) ends and the last busy row, `last` (holding `last_len` slots), moves

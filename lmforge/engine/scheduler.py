@@ -27,26 +27,11 @@ Requests join and leave between steps (vLLM's and TGI's "continuous" or "in-flig
 answer never waits for a long one. Each row keeps its own timeline in the cache (slot = position, see
 `KVCache`), and busy rows are kept packed at the front, so a step runs over exactly the busy rows.
 
-**Prompt caching.** A chat re-sends the whole conversation every turn, and many requests share a system
-prompt: reading those tokens again is most of a long chat's time to first token on a CPU. So a request's
-row is not wiped when it ends: it is *parked*, still holding its prompt and answer (every token written to
-the cache, i.e. up to `pos`), and a new request whose prompt shares a prefix of at least `MIN_REUSE`
-tokens with a parked row -- or with a busy row, whose prompt never changes while it runs -- gets those
-keys and values and reads only the rest (`prompt[L:]` at slots L.., always at least its last token, whose
-logits choose the first answer token). The source row is used in place when it is the row the request
-lands in anyway, else its first L slots are copied (a memcpy: a few MB at most, where reading the same
-tokens streams every weight of the model once per chunk). What a newcomer displaces is saved into the least
-recently used free row when it is worth more (`ParkedRows`), and a leaving row is *swapped* with the last
-busy row instead of overwritten by it, so its content survives in the row that becomes free. Long prompts
-gain the same way: only their uncached part counts against the chunk budget, and a filling group's members
-each start at their own cached length. Prompts arriving together that share a long uncached prefix (an
-n > 1 request's copies, clients with one system prompt) do not all read it: the first does, the others wait
-a turn and copy it (`MIN_SHARED`). Any failure forgets every parked row (the cache may be what failed).
-This is llama.cpp's per-slot `cache_prompt` generalised to any row, rather than vLLM's block table or
-SGLang's radix tree: those share blocks between sequences but need attention over a block table (paged
-kernels), while here every row is one contiguous timeline that the plain attention reads as is; the price
-is that a free row remembers one conversation, so at most `max_batch` - busy ones are remembered, least
-recently used first to go. `prefix_cache=False` turns it off (the outputs are the same either way).
+**Prompt caching.** A request's row is not wiped when it ends: it stays *parked* with its prompt and
+answer, and a later prompt sharing a prefix with a parked or a busy row copies those keys and values and
+reads only the rest (engine/prefix_cache.py explains the design). `prefix_cache=False` turns it off; the
+outputs are the same either way up to floating-point rounding (decode writes keys/values one token at a
+time, a prefill in batches, and the last bits differ), which can flip a greedy near-tie.
 
 The scheduler owns the model: all model work runs on its one thread, which keeps PyTorch single-owner
 and lets other work (scoring a prompt, beam search) be queued as a `call()` between steps. Requests and
@@ -67,8 +52,9 @@ from typing import Any, Callable
 
 import torch
 
+from lmforge.engine.admission import Admission, FillingGroup, select
 from lmforge.engine.generate import Engine, SequenceState, TokenEvent, choose_tokens
-from lmforge.engine.prefix_cache import MIN_SHARED, PromptCache, common_prefix
+from lmforge.engine.prefix_cache import PromptCache
 from lmforge.engine.sampling import SamplingParams, sample_from, token_logprobs
 from lmforge.model.kv_cache import KVCache
 
@@ -95,6 +81,9 @@ class Request:
     cancelled: bool = False
     error: BaseException | None = None
     cached_tokens: int = 0  # prompt tokens found in the cache at admission (OpenAI's usage.cached_tokens)
+    # a further copy of the previous request's prompt in one API request (its n > 1 choices): left out of the
+    # prompt/cached totals, as usage counts a prompt once, and what it copies from the first is no reuse
+    repeat: bool = False
 
     def cancel(self) -> None:
         """Stop this request at the next step boundary and free its row (thread-safe: a flag)."""
@@ -108,24 +97,6 @@ class _Row:
         self.req, self.state, self.pos, self.next_token = req, state, pos, next_token
 
 
-class _Filling:
-    """Long prompts being prefilled side by side in the top cache rows (see the module docstring), the one
-    with the least left to read lowest. Member i started at slot `starts[i]` (its cached prefix) and every
-    member has read `read` tokens since: they started together and read equal chunks."""
-
-    __slots__ = ("reqs", "starts", "read")
-
-    def __init__(self, reqs: list[Request], starts: list[int]) -> None:
-        self.reqs, self.starts, self.read = reqs, starts, 0
-
-    def written(self, i: int) -> int:
-        """The slots of member i's row that hold its prompt so far."""
-        return min(len(self.reqs[i].prompt_ids), self.starts[i] + self.read)
-
-    def finished(self, i: int) -> bool:
-        return self.starts[i] + self.read >= len(self.reqs[i].prompt_ids)
-
-
 class Scheduler:
     """Serve `engine` to many concurrent requests with continuous batching.
 
@@ -133,7 +104,7 @@ class Scheduler:
     wait for a row, and `submit` raises `QueueFull` beyond that, so overload is refused at once instead of
     queueing without end. While rows are decoding, a loop turn reads about `prefill_chunk` prompt tokens at
     most; longer prompts are read in chunks between decode steps (see the module docstring).
-    `prefix_cache` reuses the keys and values of earlier requests' prompts and answers (module docstring);
+    `prefix_cache` reuses the keys and values of earlier requests' prompts and answers (engine/prefix_cache.py);
     `prompt_tokens_total`, `cached_tokens_total` and `kv_tokens_used` report on it.
     """
 
@@ -149,7 +120,7 @@ class Scheduler:
         self.context_length = min(cfg.context_length, max_context or cfg.context_length)
         self.cache = KVCache.for_model(cfg, max_batch, self.context_length, dtype=engine.dtype, device=engine.device)
         self.rows: list[_Row] = []  # busy rows; row i lives in cache row i
-        self.filling: _Filling | None = None  # long prompts being prefilled into the top cache rows
+        self.filling: FillingGroup | None = None  # long prompts being prefilled into the top cache rows
         self.waiting: collections.deque[Request] = collections.deque()
         self.calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._wake = threading.Condition()
@@ -222,12 +193,12 @@ class Scheduler:
 
     @property
     def prompt_tokens_total(self) -> int:
-        """Prompt tokens of the requests admitted so far."""
+        """Prompt tokens of the requests admitted so far, the n copies of one prompt once (`Request.repeat`)."""
         return self.pcache.prompt_tokens_total
 
     @property
     def cached_tokens_total(self) -> int:
-        """Of `prompt_tokens_total`, those found in the cache rather than read."""
+        """Of `prompt_tokens_total`, those found in the cache rather than read (reuse across requests)."""
         return self.pcache.cached_tokens_total
 
     def set_prefix_cache(self, on: bool) -> None:
@@ -351,78 +322,57 @@ class Scheduler:
             _tell(row.req)
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows, in queue order: short prompts are prefilled together (see
-        `_prefill`) within this turn's token budget; long ones start a filling group (see `_fill`) when none is
-        under way, and otherwise keep their place without holding up the short prompts behind them."""
-        budget = self._turn_budget
-        new: list[Request] = []
-        longs: list[Request] = []
-        gone: list[Request] = []
-        unread: dict[int, int] = {}  # prompt tokens to read, the cached prefix left out (an estimate)
-        spent = 0
+        """Move waiting requests into free rows (`admission.select` decides which, on a snapshot of the queue,
+        outside the lock `submit()` waits on): short prompts are prefilled together (`_prefill`), long ones
+        start a filling group (`_fill`)."""
         with self._wake:
-            free = self.max_batch - len(self.rows) - self._n_filling
-            kept: collections.deque[Request] = collections.deque()
-            while self.waiting:
-                req = self.waiting.popleft()
-                n = len(req.prompt_ids)
-                if free and not req.cancelled:
-                    n -= self.pcache.estimate(req.prompt_ids, self._free_rows(), self._busy_rows())
-                unread[req.id] = n
-                if req.cancelled:
-                    gone.append(req)
-                elif free == 0 or self._shares_with(req, n, new + longs):
-                    kept.append(req)
-                elif n > self.prefill_chunk:
-                    if self.filling is None:
-                        longs.append(req)
-                        free -= 1
-                    else:
-                        kept.append(req)
-                elif not new or spent + n <= budget:
-                    new.append(req)
-                    spent += n
-                    free -= 1
-                else:
-                    kept.append(req)
-            self.waiting = kept
-        for req in gone:
+            queue = list(self.waiting)
+        if not queue:
+            return
+        free, busy, sources = self._free_rows(), self._busy_rows(), {}
+
+        def cached(req: Request) -> int:
+            sources[req.id], n = self.pcache.estimate(req.prompt_ids, free, busy)
+            return n
+        def shares(req: Request, n: int, others: list[Request]) -> bool:
+            return self.pcache.shares(req.prompt_ids, n, [o.prompt_ids for o in others])
+        plan = select(queue, free=len(free), budget=self._turn_budget, prefill_chunk=self.prefill_chunk,
+                      max_prefill_tokens=self.max_prefill_tokens, filling=self.filling is not None, cached=cached,
+                      shares=shares)
+        with self._wake:  # `submit()` may have dropped (and told) cancelled requests meanwhile: apply to the rest
+            present = {r.id for r in self.waiting}
+            taken = plan.taken
+            self.waiting = collections.deque(r for r in self.waiting if r.id not in taken)
+        plan = plan.only(present)
+        for req in plan.gone:
             _tell(req)
-        # Prompts of similar length share a prefill pass; a pass holds at most `max_prefill_tokens` (padded).
-        new.sort(key=lambda r: unread[r.id])
-        groups: list[list[Request]] = [[]]
-        for req in new:
-            if groups[-1] and (len(groups[-1]) + 1) * unread[req.id] > self.max_prefill_tokens:
-                groups.append([])
-            groups[-1].append(req)
-        for group in groups:
-            if group:  # those with a cached prefix take their rows first, before others displace it
-                group.sort(key=lambda r: unread[r.id] - len(r.prompt_ids))
-                self._prefill_group(group)
+        self.pcache.reserve(sources.get(r.id) for r in plan.longs + [r for g in plan.groups for r in g])
+        for group in plan.groups:
+            self._prefill_group(group, plan)
         self._retire(lambda r: False)  # a first token can already finish a request
-        if longs:  # rows [max_batch - len(longs), max_batch): free, above the busy rows
-            longs.sort(key=lambda r: unread[r.id])  # the least left to read lowest (see `_fill_chunk`)
-            top, claimed = self.max_batch - len(longs), set()
-            try:
-                starts = [self._claim(req, top + i, claimed) for i, req in enumerate(longs)]
-            except Exception as e:
-                self.pcache.clear()
-                for req in longs:
-                    req.error = e
-                    _tell(req)
-                return
-            self.filling = _Filling(longs, starts)
+        if plan.longs:
+            self._start_filling(plan.longs)
 
-    # -- the prompt cache (see the module docstring and engine/prefix_cache.py) ---------------------------
-    def _shares_with(self, req: Request, unread: int, admitted: list[Request]) -> bool:
-        """Whether `req` should wait a turn because a request admitted this turn reads at least `MIN_SHARED`
-        of the tokens `req` would have to read too: next turn they are in that one's row, ready to copy."""
-        if not self.prefix_cache or unread < MIN_SHARED:
-            return False
-        cached, limit = len(req.prompt_ids) - unread, len(req.prompt_ids) - 1
-        return any(common_prefix(req.prompt_ids, other.prompt_ids, limit) - cached >= MIN_SHARED
-                   for other in admitted)
+    def _start_filling(self, reqs: list[Request]) -> None:
+        """`reqs` (least left to read first) become the filling group, in the top rows: free, above the busy rows."""
+        states = self._states(reqs)
+        longs = [r for r in reqs if r.id in states]
+        if not longs:
+            return
+        top, claimed = self.max_batch - len(longs), set()
+        try:
+            starts = [self._claim(req, top + i, claimed) for i, req in enumerate(longs)]
+        except Exception as e:
+            self.pcache.clear()
+            for req in longs:
+                req.error = e
+                _tell(req)
+            return
+        for req, n in zip(longs, starts):
+            self._admitted(req, n)
+        self.filling = FillingGroup(longs, starts, states)
 
+    # -- the prompt cache (see engine/prefix_cache.py) -----------------------------------------------------
     def _free_rows(self, claimed: set[int] = frozenset()) -> list[int]:
         return [j for j in range(len(self.rows), self.max_batch - self._n_filling) if j not in claimed]
 
@@ -434,26 +384,65 @@ class Scheduler:
         (the slot its reading starts at). `claimed`: the rows already taken this turn, t added."""
         n = self.pcache.claim(req.prompt_ids, t, self._free_rows(claimed), self._busy_rows())
         claimed.add(t)
-        req.cached_tokens = n
         return n
 
-    def _prefill_group(self, reqs: list[Request]) -> None:
+    def _admitted(self, req: Request, cached: int) -> None:
+        req.cached_tokens = cached
+        if not req.repeat:
+            self.pcache.record(len(req.prompt_ids), cached)
+
+    def _states(self, reqs: list[Request]) -> dict[int, SequenceState]:
+        """Each request's SequenceState by id, made before it takes a row. One that cannot be made (its
+        grammar, its settings) ends that request alone with the error, not the group admitted with it."""
+        states = {}
+        for req in reqs:
+            try:
+                budget = min(req.params.max_new_tokens, self.context_length - len(req.prompt_ids))
+                states[req.id] = SequenceState(self.engine.tokenizer, req.prompt_ids, req.params, budget, req.seq,
+                                               self.engine.eos_ids(req.params), self.engine.device,
+                                               seed_offset=req.seed_offset)
+            except Exception as e:
+                req.error = e
+                _tell(req)
+        return states
+
+    def _prefill_group(self, reqs: list[Request], plan: Admission) -> None:
+        states, later = self._states(reqs), []
         try:
-            self._prefill(reqs)
+            self._prefill([r for r in reqs if r.id in states], states, plan.unread, later)
         except Exception as e:  # fail these requests, keep the others running
             self.pcache.clear()
             for req in reqs:
-                req.error = e
-                _tell(req)
+                if req.id in states and req not in later:
+                    req.error = e
+                    _tell(req)
+        if later:
+            with self._wake:
+                self.waiting.extendleft(reversed(later))
 
-    def _prefill(self, reqs: list[Request]) -> None:
+    def _prefill(self, reqs: list[Request], states: dict[int, SequenceState], unread: dict[int, int],
+                 later: list[Request]) -> None:
         """Run the prompts of `reqs` through the model in one right-padded pass, each into its own free row
         (see `_forward_padded`), and emit each first generated token. Each reads only what its row does not
-        already hold (see `_claim`)."""
-        first, claimed = len(self.rows), set()
-        starts = [self._claim(req, first + b, claimed) for b, req in enumerate(reqs)]
-        logits = self._forward_padded([r.prompt_ids[s:] for r, s in zip(reqs, starts)], starts=starts, first_row=first)
-        rows = [self._new_row(req) for req in reqs]
+        already hold (see `_claim`); one whose counted prefix was displaced since admission (an earlier claim
+        saved over it) would read more than the turn allows: it gives its row back and goes into `later`,
+        to be admitted again, first in the queue, with a fresh estimate."""
+        first, claimed, taken, starts = len(self.rows), set(), [], []
+        for req in reqs:
+            t = first + len(taken)
+            n = self._claim(req, t, claimed)
+            if len(req.prompt_ids) - n > unread[req.id]:
+                claimed.discard(t)
+                self.pcache.release(t, req.prompt_ids[:n])
+                later.append(req)
+                continue
+            taken.append(req)
+            starts.append(n)
+            self._admitted(req, n)
+        if not taken:
+            return
+        logits = self._forward_padded([r.prompt_ids[s:] for r, s in zip(taken, starts)], starts=starts, first_row=first)
+        rows = [_Row(req, states[req.id], len(req.prompt_ids), -1) for req in taken]
         self.rows.extend(rows)
         self._choose(rows, logits)
 
@@ -477,34 +466,17 @@ class Scheduler:
                             output_positions=torch.tensor(lengths, device=dev) - 1)[:, -1]
         return engine.text_logits(logits)
 
-    def _new_row(self, req: Request) -> _Row:
-        """The row of a request whose prompt is in the cache (its first token is still to be chosen)."""
-        engine, n = self.engine, len(req.prompt_ids)
-        budget = min(req.params.max_new_tokens, self.context_length - n)
-        state = SequenceState(engine.tokenizer, req.prompt_ids, req.params, budget, req.seq,
-                              engine.eos_ids(req.params), engine.device, seed_offset=req.seed_offset)
-        return _Row(req, state, n, -1)
-
     def _fill(self) -> None:
         """Read the next chunk of every prompt of the filling group, in one right-padded pass over the top
         rows; the turn's budget is shared equally. Members whose prompt is now in move down to the end of
         the busy rows, choose their first token and decode from the next step on. A failure ends the
         group's requests (and forgets the parked rows); the running rows go on."""
         f = self.filling
-        if any(r.cancelled for r in f.reqs):  # the members below a dropped one move up: the group stays at the top
-            top = self.max_batch - len(f.reqs)
-            keep = [i for i, r in enumerate(f.reqs) if not r.cancelled]
-            dropped = [r for r in f.reqs if r.cancelled]
-            for j in reversed(range(len(keep))):  # moving up: the highest first, so no source is overwritten
-                src, dst = top + keep[j], self.max_batch - len(keep) + j
-                if src != dst and f.written(keep[j]):
-                    self.cache.copy_row(src, dst, f.written(keep[j]))
-            f.reqs, f.starts = [f.reqs[i] for i in keep], [f.starts[i] for i in keep]
-            for req in dropped:
-                _tell(req)
-            if not keep:
-                self.filling = None
-                return
+        for req in f.drop_cancelled(self.cache, self.max_batch):
+            _tell(req)
+        if not f.reqs:
+            self.filling = None
+            return
         try:
             self._fill_chunk(f)
         except Exception as e:
@@ -514,7 +486,7 @@ class Scheduler:
                 req.error = req.error or e
                 _tell(req)
 
-    def _fill_chunk(self, f: _Filling) -> None:
+    def _fill_chunk(self, f: FillingGroup) -> None:
         k = len(f.reqs)
         c = max(1, self._turn_budget // k)
         top = self.max_batch - k
@@ -540,7 +512,7 @@ class Scheduler:
             f.starts.pop(0)
             src, dst = top + p, len(self.rows)
             self.pcache.relocate(src, dst, len(req.prompt_ids))  # what dst held moves up into src, now free
-            rows.append(self._new_row(req))
+            rows.append(_Row(req, f.states.pop(req.id), len(req.prompt_ids), -1))
             self.rows.append(rows[-1])
         if not f.reqs:
             self.filling = None

@@ -101,6 +101,86 @@ def test_parked_rows_give_up_the_least_recently_used_first():
     assert p.tokens[3] == [1, 2] and p.tokens[0] is None
 
 
+def test_estimating_changes_nothing_and_shares_needs_min_shared():
+    """Admission asks `estimate` about every waiting prompt while a row is free; most are not admitted, so it
+    must not make the rows they match look recently used (only `reserve`, for the admitted ones, does)."""
+    from types import SimpleNamespace
+
+    from lmforge.engine.prefix_cache import MIN_SHARED, PromptCache
+
+    pc = PromptCache(SimpleNamespace(batch_size=3))
+    prompt = list(range(40))
+    pc.parked.park(1, prompt[:30])
+    pc.parked.park(2, [7] * 10)
+    stamps = list(pc.parked.stamp)
+    assert pc.estimate(prompt, [1, 2], []) == (1, 30)
+    assert pc.estimate(prompt, [], [(prompt[:20], 12)]) == (None, 12)  # a busy row: only its written slots
+    assert pc.estimate([7] * 5, [1, 2], []) == (None, 0)  # under MIN_REUSE: not worth a row
+    assert pc.parked.stamp == stamps
+    pc.reserve([None, 1])
+    assert pc.parked.stamp[1] > max(stamps)
+    others = [list(range(30 + MIN_SHARED)), list(range(29 + MIN_SHARED))]
+    assert pc.shares(prompt + list(range(40, 80)), 50, others[:1])  # 32 shared beyond its cached 30
+    assert not pc.shares(prompt + list(range(40, 80)), 50, others[1:])
+    pc.enabled = False
+    assert pc.estimate(prompt, [1, 2], []) == (None, 0) and not pc.shares(prompt, 50, others)
+
+
+def test_admission_estimates_outside_the_submit_lock(engine, monkeypatch):
+    """The estimates compare every waiting prompt with every row: `submit()` (the event loop) must not wait for
+    them, so the scheduler makes them without holding its lock."""
+    sched = Scheduler(engine, max_batch=2)
+    try:
+        run_all(sched, [engine.encode_prompt(SYSTEM)], [greedy(2)])
+        estimate, free = sched.pcache.estimate, []
+
+        def try_lock():
+            got = sched._wake.acquire(timeout=5)
+            if got:
+                sched._wake.release()
+            free.append(got)
+
+        def probe(*a):
+            t = threading.Thread(target=try_lock)
+            t.start()
+            t.join()
+            return estimate(*a)
+        monkeypatch.setattr(sched.pcache, "estimate", probe)
+        (r, _), = run_all(sched, [engine.encode_prompt(SYSTEM + " more")], [greedy(2)])
+        assert free == [True] and r.error is None and r.cached_tokens >= MIN_REUSE
+    finally:
+        sched.stop()
+
+
+def test_a_prefix_lost_after_admission_is_not_read_past_the_chunk(engine, monkeypatch):
+    """Admission counts a short prompt's reading with its cached prefix left out; should that prefix be gone
+    when the prompt claims its row (an earlier claim of the turn saved over it; here forced once), reading it
+    all would take one pass far past `prefill_chunk`. The prompt waits a turn instead, is estimated again (now
+    a long prompt, read in chunks) and answers as alone."""
+    base = engine.encode_prompt(" ".join(WORDS))  # ~45 tokens
+    follow = base + engine.tokenizer.encode(" our loss", allow_special=False)
+    sched = Scheduler(engine, max_batch=2, prefill_chunk=8, max_prefill_tokens=8)
+    try:
+        run_all(sched, [base], [greedy(2)])
+        claim, claims, passes = sched.pcache.claim, [], []
+
+        def forget_once(prompt, t, free, busy):
+            n = claim(prompt, t, free, busy)
+            claims.append(n)
+            return 0 if len(claims) == 1 else n
+        monkeypatch.setattr(sched.pcache, "claim", forget_once)
+        inner = sched._forward_padded
+        monkeypatch.setattr(sched, "_forward_padded",
+                            lambda pieces, **kw: (passes.append(max(map(len, pieces))), inner(pieces, **kw))[1])
+        (r, a), = run_all(sched, [follow], [greedy(4)])
+        assert claims[0] >= len(base) - 1 and len(claims) == 2 and max(passes) <= 8, (claims, passes)
+        ref = engine.complete([follow], greedy(4))[0]
+        assert r.error is None and a.ids == ref.ids and a.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+        assert sched.prompt_tokens_total == len(base) + len(follow)  # the deferred claim is not counted twice
+    finally:
+        sched.stop()
+
+
 # --- answers with and without the cache -----------------------------------------------------------------
 @pytest.mark.parametrize("max_batch", [1, 4])
 def test_a_ten_turn_chat_reads_only_what_is_new(engine, max_batch):

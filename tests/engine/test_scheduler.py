@@ -383,3 +383,35 @@ def test_a_failing_fill_ends_its_group_alone(engine1, monkeypatch):
         assert_as_alone(engine1, col, 2, LONG[1], SamplingParams(temperature=0, max_new_tokens=3, logprobs=1))
     finally:
         sched.stop()
+
+
+@pytest.mark.parametrize("prefill_chunk", [512, 8], ids=["short-group", "filling-group"])
+def test_a_row_whose_state_cannot_be_made_fails_alone(engine1, monkeypatch, prefill_chunk):
+    """A request whose SequenceState cannot be made (its grammar's matcher, its settings) ends with that
+    error alone: the requests admitted with it, in one prefill pass or one filling group, answer as alone."""
+    import lmforge.engine.scheduler as scheduler_module
+
+    real = scheduler_module.SequenceState
+
+    def state(tokenizer, prompt_ids, params, *a, **kw):
+        if params.max_new_tokens == 5:
+            raise RuntimeError("no state for this one")
+        return real(tokenizer, prompt_ids, params, *a, **kw)
+
+    monkeypatch.setattr(scheduler_module, "SequenceState", state)
+    prompts = LONG if prefill_chunk == 8 else PROMPTS[:3]
+    params = [SamplingParams(temperature=0, max_new_tokens=n, logprobs=1) for n in (4, 5, 6)]
+    sched = Scheduler(engine1, max_batch=4, prefill_chunk=prefill_chunk, max_prefill_tokens=4096, prefix_cache=False)
+    try:
+        col = Collector(3)
+        with sched._wake:  # admitted together: one pass (short prompts) or one filling group (long ones)
+            reqs = [sched.submit(Request(engine1.encode_prompt(p), q, col.emit_for(i)))
+                    for i, (p, q) in enumerate(zip(prompts, params))]
+        col.wait(3)
+        assert isinstance(reqs[1].error, RuntimeError) and col.ids(1) == []
+        for i in (0, 2):
+            assert reqs[i].error is None
+            assert_as_alone(engine1, col, i, prompts[i], params[i])
+        assert sched.busy == 0 and sched.filling is None
+    finally:
+        sched.stop()
