@@ -117,3 +117,31 @@ def test_until_column():
     assert _until("2023-11-14T23:13:19.123456789Z", now) == "59 minutes from now"
     assert _until("2023-11-14T22:13:50.5Z", now) == "30 seconds from now"
     assert _until("2023-11-17T22:13:21Z", now) == "3 days from now"
+
+
+def test_run_with_loading_flags_loads_in_process(model_dir, greedy, monkeypatch, capsys):
+    """--dtype/--device/--no-fast say how this process loads the model: a server would drop them."""
+    from tests.serve.live import start_server
+
+    s = start_server({str(model_dir): model_dir}, max_batch=2, max_queue=4)  # serves the very name given
+    try:
+        monkeypatch.setenv("LMFORGE_HOST", f"127.0.0.1:{s.server.port}")
+        code, out, _ = run_cli(capsys, "run", str(model_dir), MSG, "--temperature", "0", "--max-new-tokens", "6",
+                               "--no-fast")
+        assert code == 0 and out == greedy + "\n"
+        assert s.registry.loaded == {}  # answered here, not by the server
+    finally:
+        s.stop()
+
+
+def test_an_error_in_the_middle_of_a_stream_has_no_made_up_status(monkeypatch):
+    import contextlib
+
+    from lmforge.cli.client import Client, ServerError
+
+    c = Client("127.0.0.1:1")
+    monkeypatch.setattr(c, "_request", lambda *a, **k: contextlib.nullcontext(
+        [b'{"message": {"content": "a"}}\n', b'{"error": "invalid \'format\': bad"}\n']))
+    with pytest.raises(ServerError) as e:
+        list(c.stream("/api/chat", {}))
+    assert e.value.status is None and "format" in str(e.value)

@@ -28,9 +28,10 @@ class ServerUnavailable(UserError):
 
 
 class ServerError(UserError):
-    """The server answered with an error; `status` is its HTTP status."""
+    """The server answered with an error; `status` is its HTTP status, None for an error in the middle of a
+    stream (the response had already begun as 200 OK, so the line carries no status of its own)."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int | None) -> None:
         super().__init__(message)
         self.status = status
 
@@ -92,7 +93,7 @@ class Client:
                     continue
                 obj = _json(line)
                 if isinstance(obj, dict) and "error" in obj:
-                    raise ServerError(str(obj["error"]), 500)
+                    raise ServerError(str(obj["error"]), None)  # not a 500: it may be the request's fault
                 yield obj
 
     def answers(self) -> bool:

@@ -4,7 +4,9 @@ terminal chat); `ps` and `stop`: what a running `lmforge serve` holds in memory,
 `run MODEL PROMPT` answers one prompt, like `ollama run MODEL PROMPT`: through the running server when one
 answers at LMFORGE_HOST (`cli/client.py`; the model is then loaded once, by the server, and stays loaded
 for the next question) and in-process otherwise, or when the server does not serve MODEL (a directory, say),
-or with --docs or --local. The interactive chat (`run MODEL` in a terminal) always runs in-process."""
+or with --docs or --local, or with --dtype, --device or --no-fast (they say how THIS process loads the
+model; a server loads its models its own way, so they are honoured by loading here rather than dropped).
+The interactive chat (`run MODEL` in a terminal) always runs in-process."""
 
 from __future__ import annotations
 
@@ -160,7 +162,7 @@ def cmd_run(args) -> int:
         raise UserError("-k is the number of passages retrieved per turn: it needs --docs INDEX")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("PROMPT is empty: give the question to answer, or leave it out to chat")
-    if args.prompt is not None and args.docs is None and not args.local:
+    if args.prompt is not None and args.docs is None and not args.local and not _loading_flags(args):
         answered = _run_on_server(args)
         if answered is not None:
             return answered
@@ -178,6 +180,13 @@ def cmd_run(args) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
     return repl(session)
+
+
+def _loading_flags(args) -> list[str]:
+    """The flags given that say how to load the model here (a server has its own --dtype/--device)."""
+    return [flag for flag, given in (("--dtype", getattr(args, "dtype", "auto") != "auto"),
+                                     ("--device", getattr(args, "device", "auto") != "auto"),
+                                     ("--no-fast", getattr(args, "no_fast", False))) if given]
 
 
 def _run_on_server(args) -> int | None:
@@ -345,7 +354,8 @@ def register(sub) -> list[argparse.ArgumentParser]:
                     "running server when one answers at LMFORGE_HOST (default 127.0.0.1:11435), else in-process "
                     "(default: chat)")
     rn.add_argument("--local", action="store_true", help="with PROMPT: load the model in this process even when a "
-                    "server answers (default: use the server)")
+                    "server answers; --dtype, --device or --no-fast do the same, as they say how this process "
+                    "loads it (default: use the server)")
     rn.add_argument("--system", help="system prompt (default: none)")
     rn.add_argument("--docs", metavar="INDEX", help="ground every answer on passages retrieved from this index "
                     "(`lmforge index ... --name INDEX`); answers cite them as [n] (default: none)")
