@@ -16,6 +16,10 @@ An input longer than the model's context is a 400 naming it (code `context_lengt
 answers, rather than a vector of its beginning: a client that stores vectors of silently cut text would
 search documents whose ends were never seen. Token-id inputs are used as they are (no special tokens added),
 so the client controls exactly what is embedded; text gets the model's own framing ([CLS] ... [SEP]).
+
+`embed_inputs` is the one embedding path, shared with Ollama's /api/embed and /api/embeddings
+(`ollama_models`): the same dimensions refusal and limits there, where Ollama's `truncate` (default true)
+cuts an input to the context instead of refusing it.
 """
 
 from __future__ import annotations
