@@ -152,9 +152,11 @@ class _LoadedModels:
         kv_frac = family(GaugeMetricFamily, "lmforge_kv_cache_usage_ratio",
                          "Fraction of the KV cache holding tokens (rows x context length)")
         prompt = family(CounterMetricFamily, "lmforge_scheduler_prompt_tokens",
-                        "Prompt tokens admitted by the scheduler, cached or not (every row), since the model loaded")
+                        "Prompt tokens admitted by the scheduler, cached or not (as usage counts: "
+                        "the n copies of one prompt once), since the model loaded")
         cached = family(CounterMetricFamily, "lmforge_prefix_cache_hit_tokens",
-                        "Prompt tokens reused from the prompt cache instead of prefilled, since the model loaded")
+                        "Prompt tokens reused from earlier requests' cache rows instead of prefilled, "
+                        "since the model loaded")
         hit = family(GaugeMetricFamily, "lmforge_prefix_cache_hit_ratio",
                      "Cached / prompt tokens since the model loaded (use the two counters for a rate)")
         for s in loaded:

@@ -79,7 +79,9 @@ class Generation:
         self.timer = m.timer(served.name, prompts) if m is not None else None
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
-                row = Row(ids, p, self._emitter(i), seq=i, seed_offset=seed_offsets[i] if seed_offsets else None)
+                # a row repeating the previous row's prompt list is one of the n > 1 choices of one prompt
+                row = Row(ids, p, self._emitter(i), seq=i, seed_offset=seed_offsets[i] if seed_offsets else None,
+                          repeat=i > 0 and ids is prompts[i - 1])
                 self.rows.append(row)
                 served.scheduler.submit(row)
         except QueueFull:
@@ -96,12 +98,11 @@ class Generation:
 
     @property
     def cached_tokens(self) -> int:
-        """Prompt tokens the prompt cache served, counted as usage counts prompts: each distinct prompt once
-        (the n rows of one prompt share it), by its best-served row. Read once the rows are admitted."""
-        best: dict[int, int] = {}
-        for row in self.rows:
-            best[id(row.prompt_ids)] = max(best.get(id(row.prompt_ids), 0), row.cached_tokens)
-        return sum(best.values())
+        """Prompt tokens the prompt cache served from earlier requests, counted as usage counts prompts: each
+        prompt once, by its first row. Its further copies (n > 1) copy what the first reads, so their counts
+        say nothing about the cache (a cold n=4 request would report its whole prompt cached); the scheduler's
+        totals leave them out the same way (`Request.repeat`). Read once the rows are admitted."""
+        return sum(row.cached_tokens for row in self.rows if not row.repeat)
 
     def _emitter(self, i: int) -> Callable:
         def emit(ev):  # on the scheduler thread: the latency measured is the engine's, not the event loop's

@@ -57,3 +57,20 @@ def test_a_chat_answers_the_same_with_and_without_the_cache(servers, stream):
     # tokenize differently when sent back, so not always the answer too); never the whole prompt
     for k in range(1, len(TURNS)):
         assert usage_on[k - 1]["prompt_tokens"] <= cached[k] < usage_on[k]["prompt_tokens"]
+
+
+def test_copies_of_one_cold_prompt_are_not_cache_hits(servers):
+    """n=4 choices of a prompt never seen: the later copies copy what the first reads rather than all reading
+    it, but that is no reuse across requests. Usage reports nothing cached, the scheduler's totals grow by the
+    prompt once (as usage counts it); the same prompt sent again is then served from the cache."""
+    on, _ = servers
+    c = openai.OpenAI(base_url=on.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
+    c.completions.create(model="tiny", prompt="hi", max_tokens=1)  # the model is loaded
+    sched = on.registry.snapshot()[0].scheduler
+    before = sched.prompt_tokens_total, sched.cached_tokens_total
+    prompt = " ".join(f"word{i} and" for i in range(12))  # well past MIN_SHARED tokens, in no other test
+    usage = c.completions.create(model="tiny", prompt=prompt, max_tokens=3, n=4, temperature=1.0, seed=1).usage
+    assert usage.prompt_tokens > 40 and usage.prompt_tokens_details.cached_tokens == 0
+    assert (sched.prompt_tokens_total - before[0], sched.cached_tokens_total - before[1]) == (usage.prompt_tokens, 0)
+    usage = c.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0).usage
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
