@@ -52,7 +52,7 @@ def select(waiting: Sequence[Any], *, free: int, budget: int, prefill_chunk: int
     Short prompts (at most `prefill_chunk` tokens to read) are admitted until `budget` tokens are read
     (the first always is); long ones start a filling group when none is under way (`filling` False), and
     otherwise keep their place without holding up the short prompts behind them. `cached(req)` estimates the
-    cached prefix (asked only while a row is free: a request that cannot be admitted costs nothing); a
+    cached prefix (asked only while a row is still free: once the rows are taken, the rest cost nothing); a
     request for which `shares(req, unread, admitted)` holds waits a turn, to copy what an admitted one reads.
     Short prompts of similar length share a prefill pass of at most `max_prefill_tokens` (padded); in a
     pass, those with a cached prefix claim their rows first, before others displace it."""
