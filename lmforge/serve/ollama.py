@@ -46,7 +46,7 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from lmforge.serve import tools as tl
@@ -58,7 +58,7 @@ from lmforge.serve.ollama_protocol import (ChatRequest, GenerateRequest, option_
                                            sampling_fields, warnings)
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Message, invalid, parse
 from lmforge.serve.security import read_body
-from lmforge.serve.stream import Generation, once
+from lmforge.serve.stream import CleanStream, Generation, once
 
 __all__ = ["OLLAMA_ROUTES"]
 
@@ -320,20 +320,6 @@ async def _load_or_unload(request: Request, model: str, keep: float | None, num_
                         headers=warning_headers(notes))
 
 
-class NDJSONResponse(StreamingResponse):
-    """A streaming NDJSON response whose clean-up runs even if its body never starts (see SSEResponse)."""
-
-    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], None], headers: dict[str, str]) -> None:
-        super().__init__(body, media_type=NDJSON, headers=headers)
-        self._cleanup = cleanup
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._cleanup()
-
-
 def _line(obj: dict) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
@@ -401,7 +387,7 @@ class _Run:
         return [_line({"model": self.model, "created_at": rfc3339(), **p, "done": False}) for p in out]
 
     def stream(self, piece: Callable[..., dict], extra: Callable[[], dict],
-               headers: dict[str, str] | None = None) -> NDJSONResponse:
+               headers: dict[str, str] | None = None) -> CleanStream:
         registry = registry_of(self.request)
         cleanup = once(lambda: (self.gen.cancel(), registry.release(self.served)))
 
@@ -431,7 +417,7 @@ class _Run:
             finally:
                 cleanup()
 
-        return NDJSONResponse(body(), cleanup, headers or {})
+        return CleanStream(body(), cleanup, media_type=NDJSON, headers=headers or {})
 
 
 OLLAMA_ROUTES: list[tuple[str, str, Callable]] = [

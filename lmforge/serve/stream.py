@@ -247,13 +247,14 @@ class WorkerPool:
 # ----------------------------------------------------------------------------------------------------
 # Server-sent events: the response class and the framing both streaming routes share
 # ----------------------------------------------------------------------------------------------------
-class SSEResponse(StreamingResponse):
+class CleanStream(StreamingResponse):
     """A streaming response whose clean-up runs even when its body never starts (a client that hangs up
     before the first chunk: Starlette then cancels the body task before it runs, so the generator's own
-    `finally` would never execute)."""
+    `finally` would never execute). SSE here, NDJSON on Ollama's routes."""
 
-    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], None]) -> None:
-        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], None], *, media_type: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(body, media_type=media_type, headers=headers)
         self._cleanup = cleanup
 
     async def __call__(self, scope, receive, send) -> None:
@@ -261,6 +262,13 @@ class SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._cleanup()
+
+
+class SSEResponse(CleanStream):
+    """Server-sent events (OpenAI's streaming), with CleanStream's clean-up."""
+
+    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], None]) -> None:
+        super().__init__(body, cleanup, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def once(fn: Callable[[], None]) -> Callable[[], None]:
