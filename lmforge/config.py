@@ -29,7 +29,7 @@ MAX_LAYERS = 1 << 12
 MAX_SIZE = 1 << 24  # vocabulary, widths, head counts
 _SIZE_LIMITS = {"vocab_size": MAX_SIZE, "context_length": MAX_CONTEXT, "d_model": MAX_SIZE, "n_layers": MAX_LAYERS,
                 "n_heads": MAX_SIZE, "n_kv_heads": MAX_SIZE, "head_dim": MAX_SIZE, "d_ff": MAX_SIZE}
-_FLAGS = ("attention_bias", "qkv_bias", "mlp_bias", "tie_embeddings")
+_FLAGS = ("attention_bias", "qkv_bias", "mlp_bias", "tie_embeddings", "qk_norm")
 
 
 def shown(v: Any, limit: int = 60) -> str:
@@ -85,6 +85,12 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on q, k, v only (Qwen2 style)
     mlp_bias: bool = False
     tie_embeddings: bool = True  # output projection shares the token embedding matrix
+    qk_norm: bool = False  # RMSNorm of each query and key head over head_dim, before RoPE (Qwen3)
+    # Mixture of experts (Mixtral): n_experts SwiGLU MLPs of width d_ff per block in place of the one MLP,
+    # each token routed to experts_per_token of them. 0 experts = the dense MLP.
+    n_experts: int = 0
+    experts_per_token: int = 2
+    norm_topk_prob: bool = True  # renormalise the chosen experts' router probabilities to sum to 1 (Mixtral)
     dropout: float = 0.0
     init_std: float = 0.02
     name: str = field(default="custom", compare=False)
@@ -135,6 +141,12 @@ class ModelConfig:
         need(finite_number(self.norm_eps) and self.norm_eps > 0, f"norm_eps must be a positive number, got {shown(self.norm_eps)}")
         need(finite_number(self.rope_theta) and self.rope_theta > 0, f"rope_theta must be a positive number, got {shown(self.rope_theta)}")
         need(isinstance(self.name, str), f"name must be a string, got {shown(self.name)}")
+        need(is_int(self.n_experts) and 0 <= self.n_experts <= MAX_SIZE, f"n_experts must be an integer >= 0, got {shown(self.n_experts)}")
+        if self.n_experts:
+            need(is_int(self.experts_per_token) and 1 <= self.experts_per_token <= self.n_experts,
+                 f"experts_per_token must be between 1 and n_experts ({self.n_experts}), got {shown(self.experts_per_token)}")
+            need(isinstance(self.norm_topk_prob, bool), f"norm_topk_prob must be true or false, got {shown(self.norm_topk_prob)}")
+            need(self.mlp == "swiglu", f"experts are SwiGLU MLPs; mlp={self.mlp} with n_experts is not supported")
         if self.positions == "rope":
             need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.positions == "sinusoidal":
@@ -153,11 +165,12 @@ class ModelConfig:
                 need(high > low, f"rope_scaling high_freq_factor ({high}) must be above low_freq_factor ({low})")
 
     # ----------------------------------------------------------------------------------------------
-    def num_params(self, *, include_embeddings: bool = True) -> int:
+    def num_params(self, *, include_embeddings: bool = True, active: bool = False) -> int:
         """Parameter count computed from the shape alone (equals `sum(p.numel())` of the built model).
 
         Used to plan a run (memory, FLOPs) before building anything. `include_embeddings=False` leaves out
-        the token and position tables, which is the count that FLOPs-per-token estimates use.
+        the token and position tables, which is the count that FLOPs-per-token estimates use. `active=True`
+        counts, of a mixture of experts, only the experts_per_token experts each token runs through.
         """
         d, h, kv, hd, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
         norm_p = 2 * d if self.norm == "layernorm" else d
@@ -167,10 +180,14 @@ class ModelConfig:
             attn += qkv_out + d
         elif self.qkv_bias:
             attn += qkv_out
+        if self.qk_norm:
+            attn += 2 * hd  # one weight vector for all query heads, one for all key heads
         if self.mlp == "swiglu":
             mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
         else:
             mlp = 2 * d * f + (f + d if self.mlp_bias else 0)
+        if self.n_experts:  # n_experts MLPs (or the k a token uses) and the router
+            mlp = mlp * (self.experts_per_token if active else self.n_experts) + d * self.n_experts
         n = self.n_layers * (attn + mlp + 2 * norm_p) + norm_p
         if not self.tie_embeddings:
             n += self.vocab_size * d  # separate output projection
@@ -183,12 +200,13 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), the PaLM/Chinchilla estimate.
 
-        6 * N for the matmuls with N the non-embedding parameters plus the output projection (the token
+        6 * N for the matmuls with N the non-embedding parameters (of a mixture of experts, those a token
+        runs through) plus the output projection (the token
         lookup is free; the output projection is a real matmul), plus 12 * layers * T * d_attn for attention
         scores and values.
         """
         T = seq_len or self.context_length
-        n = self.num_params(include_embeddings=False) + (self.vocab_size * self.d_model if self.tie_embeddings else 0)
+        n = self.num_params(include_embeddings=False, active=True) + (self.vocab_size * self.d_model if self.tie_embeddings else 0)
         return 6 * n + 12 * self.n_layers * T * self.n_heads * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:

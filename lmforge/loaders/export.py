@@ -42,7 +42,7 @@ def _why_not_hf(cfg) -> str:
 
 
 def export_hf(loaded: Loaded, out: Path, *, dtype: torch.dtype = torch.float32) -> None:
-    """Write `loaded` as a transformers-loadable directory (Llama, Qwen2 or GPT-2 architecture)."""
+    """Write `loaded` as a transformers-loadable directory (Llama, Qwen2, Qwen3 or GPT-2 architecture)."""
     cfg = loaded.model.config
     if hf_architecture(cfg) == NATIVE:
         raise UserError(f"--format hf needs a shape transformers has a class for; this model has {_why_not_hf(cfg)} "
@@ -61,7 +61,7 @@ def export_hf(loaded: Loaded, out: Path, *, dtype: torch.dtype = torch.float32) 
 
 
 def export_gguf(loaded: Loaded, out: Path, *, qtype: str = "f16") -> None:
-    """Write `loaded` as one GGUF file (llama or qwen2 architecture) with its tokenizer and chat template."""
+    """Write `loaded` as one GGUF file (llama, qwen2 or qwen3 architecture) with its tokenizer and chat template."""
     from lmforge.loaders.gguf import write_gguf
 
     if out.is_dir():

@@ -2,7 +2,7 @@
 
 Why explicit maps: an importer that guesses tensor names breaks silently (a transposed or unpermuted
 weight still loads, it just produces garbage). Each family here is a table of names (`TENSOR_NAMES`:
-Llama-like, which covers Mistral and Qwen2; GPT-2; and our own), proved by a logits-parity test against
+Llama-like, which covers Mistral, Qwen2 and Qwen3; Mixtral's mixture of experts; GPT-2; and our own), proved by a logits-parity test against
 `transformers` (tests/loaders/test_hf.py). `family(cfg)` is the one rule for which table applies, and
 everything that names a tensor asks it: import and export here, GGUF (through these names), and LoRA
 targets and adapter files (`lmforge.loaders.peft`).
@@ -20,6 +20,7 @@ don't implement, an activation other than the one our MLP applies, custom code b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ __all__ = [
     "GPT2",
     "GPT2_FAMILY",
     "LLAMA_FAMILY",
+    "MIXTRAL",
+    "MIXTRAL_FAMILY",
     "LLAMA_LIKE",
     "NATIVE",
     "NATIVE_FAMILY",
@@ -59,6 +62,7 @@ __all__ = [
     "hf_tensor_names",
     "is_gpt2_shaped",
     "is_llama_shaped",
+    "is_mixtral_shaped",
     "load_hf_tokenizer",
     "state_dict_from_hf",
     "state_dict_to_hf",
@@ -66,7 +70,9 @@ __all__ = [
     "without_body",
 ]
 
-LLAMA_LIKE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+LLAMA_LIKE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+              "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral"}
+MIXTRAL = "MixtralForCausalLM"  # Llama-like attention; a sparse mixture of SwiGLU experts in place of the MLP
 GPT2 = "GPT2LMHeadModel"
 NATIVE = "LmforgeForCausalLM"
 SUPPORTED_ARCHITECTURES = [*LLAMA_LIKE, GPT2, NATIVE]
@@ -82,6 +88,11 @@ _LLAMA_LIKE_DEFAULTS: dict[str, dict[str, Any]] = {
     "MistralForCausalLM": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
                            "sliding_window": 4096},
     "Qwen2ForCausalLM": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "rms_norm_eps": 1e-6},
+    # Qwen3's head_dim defaults to 128 whatever hidden_size / num_attention_heads is (Qwen3Config).
+    "Qwen3ForCausalLM": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "rms_norm_eps": 1e-6,
+                         "head_dim": 128},
+    "MixtralForCausalLM": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": None, "rms_norm_eps": 1e-5,
+                           "rope_theta": 1e6, "sliding_window": None, "num_local_experts": 8, "num_experts_per_tok": 2},
 }
 _SILU = ("silu", "swish")  # the same function under two names in transformers' ACT2FN
 # GPT-2's activation names that compute the tanh approximation of GELU, which is what our MLP applies
@@ -93,9 +104,12 @@ _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # Which transformers class describes a ModelConfig
 # ---------------------------------------------------------------------------------------------------
 def is_llama_shaped(cfg: ModelConfig) -> bool:
-    """True when `LlamaForCausalLM` (or Qwen2, for q/k/v biases) computes exactly what our model does."""
-    if (cfg.norm, cfg.mlp, cfg.positions) != ("rmsnorm", "swiglu", "rope"):
+    """True when `LlamaForCausalLM` (or Qwen2, for q/k/v biases; Qwen3, for q/k norms) computes exactly what
+    our model does."""
+    if (cfg.norm, cfg.mlp, cfg.positions) != ("rmsnorm", "swiglu", "rope") or cfg.n_experts:
         return False
+    if cfg.qk_norm:  # Qwen3: biases on all four attention projections or none, never on the MLP
+        return not (cfg.qkv_bias or cfg.mlp_bias)
     # q/k/v-only biases exist in Qwen2, which has no other bias; any mix of the two has no HF class.
     return not (cfg.qkv_bias and (cfg.attention_bias or cfg.mlp_bias))
 
@@ -115,11 +129,20 @@ def is_gpt2_shaped(cfg: ModelConfig) -> bool:
     )
 
 
+def is_mixtral_shaped(cfg: ModelConfig) -> bool:
+    """True when `MixtralForCausalLM` computes exactly what our model does: Llama's attention without biases,
+    experts chosen softmax -> top k -> renormalised."""
+    return (bool(cfg.n_experts) and (cfg.norm, cfg.mlp, cfg.positions) == ("rmsnorm", "swiglu", "rope")
+            and cfg.norm_topk_prob and not (cfg.attention_bias or cfg.qkv_bias or cfg.mlp_bias or cfg.qk_norm))
+
+
 def hf_architecture(cfg: ModelConfig) -> str:
+    if cfg.n_experts:
+        return MIXTRAL if is_mixtral_shaped(cfg) else NATIVE
     if is_gpt2_shaped(cfg):
         return GPT2
     if is_llama_shaped(cfg):
-        return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+        return "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
     return NATIVE
 
 
@@ -184,11 +207,15 @@ def config_to_hf(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token
         **common,
         **ours,
     }
-    if arch == "LlamaForCausalLM":
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
         d["attention_bias"] = cfg.attention_bias
+    if arch == "LlamaForCausalLM":
         d["mlp_bias"] = cfg.mlp_bias
-    if arch == "Qwen2ForCausalLM":
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         d["use_sliding_window"] = False
+    if arch == MIXTRAL:  # (router_aux_loss_coef is MixtralConfig's default: our coefficient is the recipe's)
+        d.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token, sliding_window=None,
+                 output_router_logits=False, router_aux_loss_coef=0.001, router_jitter_noise=0.0)
     rope: dict[str, Any] = {"rope_type": "default"}
     if cfg.rope_scaling:
         sc = dict(cfg.rope_scaling)
@@ -298,7 +325,7 @@ def _model_config(source: str, fields: dict[str, Any]) -> ModelConfig:
         raise UserError(f"{source}: {e}") from None
 
 
-def _rope(keys: _Keys) -> tuple[float, dict[str, Any] | None]:
+def _rope(keys: _Keys, default_theta: float = 10000.0) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, our rope_scaling or None) from either spelling.
 
     transformers 5 renamed rope_scaling -> rope_parameters and may keep rope_theta only inside it.
@@ -307,7 +334,7 @@ def _rope(keys: _Keys) -> tuple[float, dict[str, Any] | None]:
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise UserError(f"{source}: rope_parameters/rope_scaling should be an object, got {shown(params)}")
-    theta = _Keys(params, source).number("rope_theta") if params.get("rope_theta") else keys.number("rope_theta", 10000.0)
+    theta = _Keys(params, source).number("rope_theta") if params.get("rope_theta") else keys.number("rope_theta", default_theta)
     kind = params.get("rope_type", params.get("type")) or "default"
     if kind == "default":
         return theta, None
@@ -321,16 +348,16 @@ def _rope(keys: _Keys) -> tuple[float, dict[str, Any] | None]:
 
 def _sliding_window(arch: str, keys: _Keys) -> int | None:
     """The attention window if any layer of this model uses one (transformers' rules), else None."""
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", MIXTRAL):
         return keys.size("sliding_window", _LLAMA_LIKE_DEFAULTS[arch]["sliding_window"])
-    if arch == "Qwen2ForCausalLM":
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):  # the same rules in both config classes
         window = keys.size("sliding_window", None) if keys.flag("use_sliding_window", False) else None
         if window is None:
             return None
         layer_types = keys.d.get("layer_types")
         if isinstance(layer_types, list):
             return window if "sliding_attention" in layer_types else None
-        # Without layer_types, layers from max_window_layers on slide (Qwen2Config).
+        # Without layer_types, layers from max_window_layers on slide (Qwen2Config, Qwen3Config).
         return window if keys.size("num_hidden_layers", limit=MAX_LAYERS) > keys.size("max_window_layers", 28) else None
     return None
 
@@ -340,7 +367,7 @@ def _llama_like_config(arch: str, keys: _Keys, ours: dict[str, Any]) -> ModelCon
     act = keys.d.get("hidden_act", "silu")
     if act not in _SILU:
         raise UserError(f"{source}: hidden_act {shown(act)} is not supported for {arch} (our SwiGLU MLP uses silu)")
-    theta, scaling = _rope(keys)
+    theta, scaling = _rope(keys, defaults.get("rope_theta", 10000.0))
     d_model, n_heads = keys.size("hidden_size"), keys.size("num_attention_heads")
     context = keys.size("max_position_embeddings", defaults["max_position_embeddings"], limit=MAX_CONTEXT)
     window = _sliding_window(arch, keys)
@@ -357,7 +384,7 @@ def _llama_like_config(arch: str, keys: _Keys, ours: dict[str, Any]) -> ModelCon
         n_layers=keys.size("num_hidden_layers", limit=MAX_LAYERS),
         n_heads=n_heads,
         n_kv_heads=keys.size("num_key_value_heads", defaults["num_key_value_heads"]) or n_heads,
-        head_dim=keys.size("head_dim", None) or d_model // n_heads,
+        head_dim=keys.size("head_dim", defaults.get("head_dim")) or d_model // n_heads,
         d_ff=keys.size("intermediate_size"),
         norm="rmsnorm",
         norm_eps=keys.number("rms_norm_eps", defaults["rms_norm_eps"]),
@@ -365,13 +392,25 @@ def _llama_like_config(arch: str, keys: _Keys, ours: dict[str, Any]) -> ModelCon
         positions="rope",
         rope_theta=theta,
         rope_scaling=scaling,
-        # Only Llama has these keys; Mistral has no biases and Qwen2 hard-codes q/k/v biases.
-        attention_bias=is_llama and keys.flag("attention_bias", False),
+        # Only Llama (and Qwen3, attention_bias) have these keys; Mistral has no biases and Qwen2 hard-codes
+        # q/k/v biases. Qwen3 always normalises each query and key head.
+        attention_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and keys.flag("attention_bias", False),
         qkv_bias=arch == "Qwen2ForCausalLM",
         mlp_bias=is_llama and keys.flag("mlp_bias", False),
+        qk_norm=arch == "Qwen3ForCausalLM",
+        **_experts(arch, keys),
         tie_embeddings=keys.flag("tie_word_embeddings", False),
         **{"name": keys.name(LLAMA_LIKE[arch]), **ours},
     ))
+
+
+def _experts(arch: str, keys: _Keys) -> dict[str, Any]:
+    """Mixtral's mixture of experts (every layer sparse; routing weights always renormalised over the k)."""
+    if arch != MIXTRAL:
+        return {}
+    defaults = _LLAMA_LIKE_DEFAULTS[arch]
+    return {"n_experts": keys.size("num_local_experts", defaults["num_local_experts"]),
+            "experts_per_token": keys.size("num_experts_per_tok", defaults["num_experts_per_tok"])}
 
 
 def _gpt2_config(keys: _Keys, ours: dict[str, Any]) -> ModelConfig:
@@ -409,7 +448,7 @@ def _gpt2_config(keys: _Keys, ours: dict[str, Any]) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------------
 # Tensor names: ONE table per architecture family
 # ---------------------------------------------------------------------------------------------------
-LLAMA_FAMILY, GPT2_FAMILY, NATIVE_FAMILY = "llama", "gpt2", "lmforge"
+LLAMA_FAMILY, GPT2_FAMILY, NATIVE_FAMILY, MIXTRAL_FAMILY = "llama", "gpt2", "lmforge", "mixtral"
 
 
 @dataclass(frozen=True)
@@ -435,17 +474,34 @@ class TensorNames:
 
 
 _OURS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc", "mlp.proj")
+# A mixture of experts' modules under blocks.N (`lmforge.model.gpt.MoE`); "{}" is the expert's number, and an
+# expert's fc / proj split into parts as the dense mlp.fc / mlp.proj do.
+_OURS_MOE = ("mlp.router", "mlp.experts.{}.fc", "mlp.experts.{}.proj")
 TENSOR_NAMES: dict[str, TensorNames] = {
-    # Llama, Mistral and Qwen2 name their tensors alike (Qwen2 adds q/k/v biases under the same modules).
+    # Llama, Mistral, Qwen2 and Qwen3 name their tensors alike (Qwen2 adds q/k/v biases under the same modules;
+    # Qwen3 its per-head q/k norms, which only models with `qk_norm` have).
     LLAMA_FAMILY: TensorNames(
         LLAMA_FAMILY, "Llama-style", "model.", "layers.{}.",
         top={"tok_emb": "embed_tokens", "norm": "norm"},
         block={"norm1": "input_layernorm",
                "attn.qkv": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
                "attn.proj": "self_attn.o_proj",
+               "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
                "norm2": "post_attention_layernorm",
                "mlp.fc": {"gate": "mlp.gate_proj", "up": "mlp.up_proj"},
                "mlp.proj": "mlp.down_proj"}),
+    # Mixtral: Llama's attention; w1 = gate, w3 = up, w2 = down of each expert (in transformers 5 the
+    # in-memory layout is fused 3-D tensors, but files are saved and read under these names).
+    MIXTRAL_FAMILY: TensorNames(
+        MIXTRAL_FAMILY, "Mixtral-style", "model.", "layers.{}.",
+        top={"tok_emb": "embed_tokens", "norm": "norm"},
+        block={"norm1": "input_layernorm",
+               "attn.qkv": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+               "attn.proj": "self_attn.o_proj",
+               "norm2": "post_attention_layernorm",
+               "mlp.router": "block_sparse_moe.gate",
+               "mlp.experts.{}.fc": {"gate": "block_sparse_moe.experts.{}.w1", "up": "block_sparse_moe.experts.{}.w3"},
+               "mlp.experts.{}.proj": "block_sparse_moe.experts.{}.w2"}),
     # GPT-2's c_attn output columns are q | k | v, heads contiguous inside each: exactly the rows of our
     # fused attn.qkv. (attn.bias / attn.masked_bias in older files are causal-mask buffers, never read.)
     GPT2_FAMILY: TensorNames(
@@ -458,7 +514,7 @@ TENSOR_NAMES: dict[str, TensorNames] = {
     NATIVE_FAMILY: TensorNames(
         NATIVE_FAMILY, "lmforge-native", "", "blocks.{}.",
         top={"tok_emb": "tok_emb", "pos_emb": "pos_emb", "norm": "norm"},
-        block={m: m for m in _OURS}),
+        block={m: m for m in (*_OURS, *_OURS_MOE)}),
 }
 
 
@@ -467,6 +523,8 @@ def family(cfg: ModelConfig) -> str:
     computes exactly what `cfg` does (`hf_architecture`), else our own. Exporting, importing, LoRA target
     names and adapter files all ask this, so they cannot disagree."""
     arch = hf_architecture(cfg)
+    if arch == MIXTRAL:
+        return MIXTRAL_FAMILY
     return GPT2_FAMILY if arch == GPT2 else NATIVE_FAMILY if arch == NATIVE else LLAMA_FAMILY
 
 
@@ -493,9 +551,25 @@ def hf_tensor_names(cfg: ModelConfig, ours: str) -> list[str]:
     if module.startswith("blocks."):
         _, layer, mine = module.split(".", 2)
         prefix = names.body + names.layer.format(layer)
-        theirs = list(hf_modules(cfg, mine)) if mine in PROJECTIONS else [names.block[mine]]
+        expert = _EXPERT.fullmatch(mine)
+        if expert:  # mlp.experts.E.fc -> the entry "mlp.experts.{}.fc", its parts those of the dense mlp.fc
+            entry = names.block[f"mlp.experts.{{}}.{expert[2]}"]
+            parts = [p for p, _, _ in projection_parts(cfg, _projection(mine))]
+            theirs = [entry[p] for p in parts] if isinstance(entry, dict) else [entry]
+            theirs = [t.format(expert[1]) for t in theirs]
+        else:
+            theirs = list(hf_modules(cfg, mine)) if mine in PROJECTIONS else [names.block[mine]]
         return [f"{prefix}{t}.{kind}" for t in theirs]
     return [f"{names.body}{names.top[module]}.{kind}"]
+
+
+_EXPERT = re.compile(r"mlp\.experts\.([0-9]+)\.(fc|proj)")
+
+
+def _projection(module: str) -> str:
+    """The per-block projection whose row parts `module` has: an expert's fc / proj are shaped as mlp.fc / mlp.proj."""
+    expert = _EXPERT.fullmatch(module)
+    return f"mlp.{expert[2]}" if expert else module
 
 
 def _our_names(cfg: ModelConfig) -> list[str]:
@@ -523,7 +597,7 @@ def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
             continue
         w, theirs = sd[ours], hf_tensor_names(cfg, ours)
         if len(theirs) > 1:  # q|k|v or gate|up: one tensor per part
-            module = ours.rpartition(".")[0].split(".", 2)[2]
+            module = _projection(ours.rpartition(".")[0].split(".", 2)[2])
             out.update(zip(theirs, w.split([stop - start for _, start, stop in projection_parts(cfg, module)], dim=0)))
         else:
             out[theirs[0]] = w.t() if _is_transposed(names, ours) else w

@@ -1,9 +1,9 @@
 """THE model: a decoder-only transformer, GPT-2 or Llama flavoured by `ModelConfig`.
 
 Reading order follows the data: token ids -> embeddings (+ learned or sinusoidal positions) -> n_layers x
-[norm -> causal self-attention (RoPE, grouped-query, SDPA) -> residual -> norm -> MLP -> residual] -> final
-norm -> output projection -> logits. Shapes in comments: B batch, T tokens in this call, S key/value slots,
-C d_model, H query heads, K key/value heads, D head_dim, V vocab.
+[norm -> causal self-attention (per-head q/k norm, RoPE, grouped-query, SDPA) -> residual -> norm -> MLP ->
+residual] -> final norm -> output projection -> logits. Shapes in comments: B batch, T tokens in this call,
+S key/value slots, C d_model, H query heads, K key/value heads, D head_dim, V vocab.
 
 Training, quantization and distribution wrap this module from outside; it imports none of them. The
 optional `KVCache` argument is what the generation engine uses to decode one token at a time.
@@ -12,6 +12,7 @@ optional `KVCache` argument is what the generation engine uses to decode one tok
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -113,7 +114,7 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Attention and MLP
+# Attention, MLP and mixture of experts
 # ---------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
     """Causal self-attention with H query heads sharing K key/value heads (MHA: K=H, GQA: 1<K<H, MQA: K=1).
@@ -129,6 +130,9 @@ class Attention(nn.Module):
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attention_bias)
+        if cfg.qk_norm:  # Qwen3: one RMSNorm weight over D shared by all query heads, one by all key heads
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
         self.use_rope = cfg.positions == "rope"
 
@@ -145,6 +149,8 @@ class Attention(nn.Module):
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qk, v = self.qkv(x).split([(H + K) * D, K * D], dim=-1)
         qk = qk.view(B, T, H + K, D).transpose(1, 2)  # (B, H+K, T, D): queries and keys rotate alike
+        if self.qk_norm:  # each head's query and key scaled to unit RMS before rotation: bounded logits
+            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
         if self.use_rope:
             qk = apply_rope(qk, *rope)  # one rotation for both (half the small ops of a decode step)
         q, k = qk.split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
@@ -183,6 +189,41 @@ class MLP(nn.Module):
         return self.dropout(self.proj(h))
 
 
+class MoE(nn.Module):
+    """Sparse mixture of experts (Shazeer et al. 2017; Mixtral, Jiang et al. 2024): E SwiGLU MLPs, of which
+    each token runs through k. A linear router scores the experts; softmax (in float32) -> top k -> the k
+    probabilities renormalised to sum to 1 (`norm_topk_prob`) weight the chosen experts' outputs. Exactly
+    transformers' MixtralSparseMoeBlock, whose expert outputs are also weighted in float32 and cast back.
+
+    One pass per expert over the tokens routed to it (gather, compute, `index_add_` back), never a loop over
+    tokens: E small batched matmuls instead of B*T*k tiny ones. Each expert is an `MLP`, so quantized and
+    16-bit layers swap into experts as into any linear layer. The router logits of the last call are kept in
+    `router_logits` (B*T, E): the load-balancing loss of training reads them (`train.losses`).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C): routing is per token
+        self.router_logits = logits = self.router(x)  # (N, E)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k) each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)  # (n_e,): the tokens routed to expert e, and in which of k
+            y = expert(x[token]) * weights[token, slot, None]  # (n_e, C), float32
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(B, T, C)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2 onwards)."""
 
@@ -191,7 +232,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, layer)
         self.norm2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, causal, cache, slots):
@@ -243,7 +284,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p) if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")) else nn.init.zeros_(p)
-            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")) or re.search(r"experts\.\d+\.proj\.weight$", name):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -341,6 +382,11 @@ def projection_parts(cfg, module: str) -> list[tuple[str, int, int]]:
     if module == "mlp.proj":
         return [("down", 0, cfg.d_model)]
     raise ValueError(f"{module!r} is not one of our projections ({', '.join(PROJECTIONS)})")
+
+
+def router_logits(model: nn.Module) -> list[torch.Tensor]:
+    """Each mixture-of-experts layer's router logits (N, E) from the model's last call; [] for a dense model."""
+    return [m.router_logits for m in unwrap(model).modules() if isinstance(m, MoE) and m.router_logits is not None]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -249,7 +249,7 @@ def _llama_dict(**edits):
      "trust_remote_code"),
     ({"architectures": ["FalconForCausalLM"], "model_type": "falcon"},
      "'FalconForCausalLM' is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-     "GPT2LMHeadModel"),
+     "Qwen3ForCausalLM"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope scaling type 'yarn'"),
     ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling type 'dynamic'"),
     ({"rope_parameters": None, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "'longrope'"),

@@ -9,7 +9,7 @@ The package, one module per job, each importing only the ones before it:
     load.py     read_gguf / describe_gguf: a file into our config, state dict and tokenizer
     write.py    write_gguf: export
 
-Supported: architectures `llama` and `qwen2` (Mistral 7B GGUFs are `llama`); rope scaling "linear" (as
+Supported: architectures `llama`, `qwen2` and `qwen3` (Mistral 7B GGUFs are `llama`); rope scaling "linear" (as
 KV) and Llama-3 (as llama.cpp's `rope_freqs.weight` tensor: derived back to the four llama3 numbers and
 verified); tokenizers `gpt2` (byte-level BPE; pre-tokenizers llama-bpe/llama3, qwen2, gpt-2/default,
 smollm) and `llama` (SentencePiece BPE, rebuilt as a byte-fallback BPE like transformers does). An unknown

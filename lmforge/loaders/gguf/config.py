@@ -21,7 +21,11 @@ from lmforge.loaders.gguf.reader import GGUFTensorInfo, dequantize, gguf_package
 from lmforge.loaders.hf import hf_architecture, is_llama_shaped
 
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# The transformers class each architecture's configs must map to (a qwen3 file is Qwen3 by its name alone:
+# its per-head q/k norms are what `qk_norm` says, and the tensor check then demands them).
+_LLAMA_OR_QWEN2 = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+_HF_CLASSES = {"llama": _LLAMA_OR_QWEN2, "qwen2": _LLAMA_OR_QWEN2, "qwen3": ("Qwen3ForCausalLM",)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -49,6 +53,10 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
             raise UserError(f"{path}: metadata {p + key!r} must be positive, got {v}")
         return v
 
+    experts = meta(path, metadata, p + "expert_count", "int", 0)
+    if experts:  # Mixtral GGUFs are arch "llama" with stacked ffn_*_exps tensors, which we do not read yet
+        raise UserError(f"{path}: a mixture-of-experts GGUF ({experts} experts per layer) is not supported yet; "
+                        f"lmforge loads Mixtral from its Hugging Face directory")
     d_model, n_heads = num("embedding_length"), num("attention.head_count")
     n_layers, d_ff = num("block_count"), num("feed_forward_length")
     n_kv = num("attention.head_count_kv", n_heads)
@@ -70,19 +78,20 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
         norm="rmsnorm", norm_eps=meta(path, metadata, p + "attention.layer_norm_rms_epsilon", "float"),
         mlp="swiglu", positions="rope", rope_theta=meta(path, metadata, p + "rope.freq_base", "float", 10000.0),
         rope_scaling=_linear_rope_scaling(path, metadata, p), tie_embeddings="output.weight" not in tensors,
-        name=meta(path, metadata, "general.name", "str", arch), **_bias_flags(path, tensors, arch),
+        name=meta(path, metadata, "general.name", "str", arch), qk_norm=arch == "qwen3",
+        **_bias_flags(path, tensors, arch),
     )
     try:
         cfg = ModelConfig(**kwargs)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    if hf_architecture(cfg) not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
-        raise UserError(f"{path}: this combination of bias tensors matches no Llama or Qwen2 model")
+    if hf_architecture(cfg) not in _HF_CLASSES[arch]:
+        raise UserError(f"{path}: this combination of bias tensors matches no {arch} model")
     return cfg
 
 
 def _bias_flags(path: str, tensors: dict[str, GGUFTensorInfo], arch: str) -> dict[str, bool]:
-    """Biases are told by the tensors of block 0: q/k/v only (Qwen2), q/k/v/o (attention_bias), MLP."""
+    """Biases are told by the tensors of block 0: q/k/v only (Qwen2), q/k/v/o (attention_bias: Llama, Qwen3), MLP."""
     has = {k: f"blk.0.{k}.bias" in tensors for k in ("attn_q", "attn_output", "ffn_up")}
     if arch == "qwen2" and not has["attn_q"]:
         raise UserError(f"{path}: tensor 'blk.0.attn_q.bias' is missing (qwen2 has q/k/v biases)")
@@ -179,14 +188,19 @@ def with_llama3_rope(path: str, cfg: ModelConfig, arch: str, metadata: dict[str,
 # Config to metadata (export)
 # ---------------------------------------------------------------------------------------------------
 def export_arch(cfg: ModelConfig) -> str:
-    """'llama' or 'qwen2' for the configs llama.cpp runs as such; a UserError for the rest."""
+    """'llama', 'qwen2' or 'qwen3' for the configs llama.cpp runs as such; a UserError for the rest."""
+    if cfg.n_experts:
+        raise UserError(f"GGUF export of mixture-of-experts models ({cfg.n_experts} experts per layer) is not "
+                        "supported yet; export it with --format hf")
     if not is_llama_shaped(cfg):
         raise UserError("GGUF export supports Llama- and Qwen2-shaped models (rmsnorm, swiglu, rope); this model "
                         f"has norm={cfg.norm}, mlp={cfg.mlp}, positions={cfg.positions}")
-    arch = "qwen2" if hf_architecture(cfg) == "Qwen2ForCausalLM" else "llama"
+    arch = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}.get(hf_architecture(cfg), "llama")
     kind = (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type"))
-    if arch == "qwen2" and kind == "llama3":
-        raise UserError("GGUF export: llama.cpp's qwen2 architecture has no Llama-3 rope scaling")
+    if arch != "llama" and kind == "llama3":
+        raise UserError(f"GGUF export: llama.cpp's {arch} architecture has no Llama-3 rope scaling")
+    if arch == "qwen3" and cfg.attention_bias:  # llama.cpp's qwen3 loads q/k/v biases but no o_proj bias
+        raise UserError("GGUF export: llama.cpp's qwen3 architecture has no output-projection bias (attention_bias)")
     return arch
 
 
@@ -205,7 +219,7 @@ def add_hparams(w: Any, cfg: ModelConfig, name: str) -> None:
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim * cfg.n_heads != cfg.d_model:
+    if cfg.head_dim * cfg.n_heads != cfg.d_model or cfg.qk_norm:  # qwen3: always, as llama.cpp's converter
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     sc = cfg.rope_scaling or {}

@@ -207,7 +207,7 @@ def load_gguf_packed(path: str | os.PathLike, *, device: str | torch.device = "c
 
 
 def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> GGUFModel:
-    """Load a llama / qwen2 GGUF file: config, our state dict (float32 unless `dtype`), tokenizer.
+    """Load a llama / qwen2 / qwen3 GGUF file: config, our state dict (float32 unless `dtype`), tokenizer.
 
     Every structural problem, unsupported feature or inconsistency is a one-line `UserError` naming the
     file; nothing is allocated from a count the file has not been shown to back with bytes.

@@ -7,8 +7,8 @@ place that knows our own layout.
 
 The rotary trap: llama.cpp's `llama` architecture rotates interleaved pairs (2i, 2i+1) while our model and
 transformers rotate (i, i + D/2) ("rotate_half"). llama.cpp's converter therefore permutes the rows of
-q_proj and k_proj (and their biases) of every head; reading undoes it, writing redoes it. The `qwen2`
-architecture uses NEOX rope (rotate_half) in llama.cpp and is NOT permuted. The logits tests against
+q_proj and k_proj (and their biases) of every head; reading undoes it, writing redoes it. The `qwen2` and
+`qwen3` architectures use NEOX rope (rotate_half) in llama.cpp and are NOT permuted. The logits tests against
 transformers prove both.
 
 A module of its own because loading and writing must use the very same table and permutation (one is the
@@ -29,6 +29,8 @@ _BLOCK_TO_HF = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -79,6 +81,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
         if cfg.attention_bias:
             shapes[b + "attn_output.bias"] = (C,)
+        if cfg.qk_norm:
+            shapes.update({b + "attn_q_norm.weight": (D,), b + "attn_k_norm.weight": (D,)})
         if cfg.mlp_bias:
             shapes.update({b + "ffn_gate.bias": (F,), b + "ffn_up.bias": (F,), b + "ffn_down.bias": (C,)})
     return shapes

@@ -81,7 +81,7 @@ def _encode_tensor(arr: np.ndarray, qtype: str) -> np.ndarray:
 def write_gguf(path: str | os.PathLike, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer,
                *, qtype: str = "f16", name: str | None = None, eos_token_ids: list[int] | None = None,
                types: Mapping[str, str] | None = None, progress: bool = False) -> dict[str, str]:
-    """Write a llama.cpp-loadable GGUF (arch `llama`, or `qwen2` for q/k/v biases), atomically; returns
+    """Write a llama.cpp-loadable GGUF (arch `llama`, `qwen2` for q/k/v biases, `qwen3` for q/k norms), atomically; returns
     {tensor name: GGML type written}.
 
     `qtype` is the file type, one of GGUF_TYPES (f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k): it sets
