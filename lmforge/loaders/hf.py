@@ -459,7 +459,8 @@ class TensorNames:
     `body + top[...]`, `head`, or `body + layer.format(N) + block[<module>]`. A `block` entry that is a
     dict names each row slice of one of our fused projections (`lmforge.model.gpt.projection_parts`:
     q|k|v of attn.qkv, gate|up of a SwiGLU mlp.fc) as a module of its own, as Llama does; a string is one
-    module holding all the rows, as GPT-2's c_attn holds q|k|v.
+    module holding all the rows, as GPT-2's c_attn holds q|k|v. In a mixture of experts' entries, "{}" is
+    the expert's number (`mlp.experts.{}.fc`), whose parts are those of the dense mlp.fc.
     """
 
     family: str

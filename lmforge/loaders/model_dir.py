@@ -346,6 +346,8 @@ def check_weights(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], *, so
     expect("tok_emb.weight", (cfg.vocab_size, cfg.d_model), "the token embedding: vocab_size x hidden size")
     if not cfg.tie_embeddings:
         expect("lm_head.weight", (cfg.vocab_size, cfg.d_model), "the output head: vocab_size x hidden size")
+    if cfg.n_experts:  # a row of the router per expert: a config naming another count is refused here
+        expect("blocks.0.mlp.router.weight", (cfg.n_experts, cfg.d_model), "layer 0's router: experts x hidden size")
     if cfg.positions == "learned":
         expect("pos_emb.weight", (cfg.context_length, cfg.d_model), "the position table: context length x hidden size")
     prefix = "" if bare else re.escape(names.body)

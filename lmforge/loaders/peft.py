@@ -63,6 +63,7 @@ from lmforge.model.lora import (
     has_lora,
     install_lora,
     lora_modules,
+    refuse_experts,
     require_plain_linear,
 )
 
@@ -116,6 +117,7 @@ def adapter_base(directory: Path) -> str:
 # ---------------------------------------------------------------------------------------------------
 def _their_modules(cfg) -> dict[str, tuple[str, list[str]]]:
     """Their module name under a layer -> (our projection, its parts there), in table order."""
+    refuse_experts(cfg)
     return {theirs: (mine, parts) for mine in PROJECTIONS for theirs, parts in hf_modules(cfg, mine).items()}
 
 
@@ -392,6 +394,7 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = 
 
     m = unwrap(model)
     cfg = m.config
+    refuse_experts(cfg)
     directory = Path(directory)
     conf = read_adapter_config(directory)
     src = str(directory)

@@ -148,8 +148,17 @@ class LoRALinear(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Our projections and their parts
 # ---------------------------------------------------------------------------------------------------
+def refuse_experts(cfg) -> None:
+    """LoRA adapts the per-block projections of PROJECTIONS; a mixture of experts has a router and E experts
+    in place of mlp.fc / mlp.proj, which no adapter format here names yet: one clear line, not a KeyError."""
+    if getattr(cfg, "n_experts", 0):
+        raise UserError(f"LoRA is not supported yet for mixture-of-experts models (this one has {cfg.n_experts} "
+                        "experts per layer); fine-tune it without --lora")
+
+
 def _plan(cfg, targets: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
     """{our module: parts} checked against the model, parts in row order, modules in PROJECTIONS order."""
+    refuse_experts(cfg)
     if isinstance(targets, (str, bytes)) or not isinstance(targets, Mapping):
         raise TypeError("model.lora.apply_lora takes {projection: [parts]} (e.g. {'attn.qkv': ['q', 'v']}); "
                         "Hugging Face / PEFT names (q_proj, c_attn, all-linear) go through lmforge.loaders.peft.apply_lora")

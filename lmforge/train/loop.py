@@ -68,6 +68,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     group_by_length: bool = False  # fine-tuning: batches of similar lengths (lmforge.data.batching)
     compile: bool = False
+    # Mixture-of-experts models only: weights of the router's load-balancing and z losses (Mixtral's default)
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
 
     def resolved(self) -> "TrainConfig":
         d = asdict(self)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -120,3 +122,51 @@ def dpo_loss(
         "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
     }
     return losses.mean(), metrics
+
+
+def _layers(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """One layer's (N, E) router logits, or a sequence of them, as one (L*N, E) float32 tensor."""
+    if isinstance(router_logits, torch.Tensor):
+        return router_logits.float().reshape(-1, router_logits.shape[-1])
+    return torch.cat([r.float().reshape(-1, r.shape[-1]) for r in router_logits])
+
+
+def load_balancing_loss(router_logits: torch.Tensor | Sequence[torch.Tensor], n_experts: int, top_k: int, *,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The auxiliary loss that keeps a mixture of experts' routing balanced (Switch Transformer, Fedus et al.
+    2021, eqs. 4-6, with top-k routing as in Mixtral): E * sum_e f_e * P_e, over all layers' tokens, where
+
+      f_e = (tokens that chose expert e among their top k) / tokens   (no gradient: a count; sums to k)
+      P_e = mean router probability of expert e                      (the gradient flows through this)
+
+    Perfectly even routing gives f_e = k/E and P_e = 1/E, so the loss is k; routing every token to the
+    same experts, with all the probability on one of them, gives E. This is transformers'
+    `load_balancing_loss_func` (which Mixtral scales by `router_aux_loss_coef`), numerically.
+
+    router_logits: (N, E) of one layer or a sequence of them (GPT's `MoE.router_logits`); `mask` (N,) bool
+    leaves padding out (the same mask applies to every layer, as rows of one batch).
+
+    Worked example (E = 2, k = 1, one layer, three tokens): logits [[ln 3, 0], [0, ln 3], [ln 3, 0]] give
+    probabilities [[0.75, 0.25], [0.25, 0.75], [0.75, 0.25]]; top-1 picks experts 0, 1, 0, so f = [2/3, 1/3],
+    P = [7/12, 5/12], and loss = 2 * (2/3 * 7/12 + 1/3 * 5/12) = 19/18 = 1.055556 (balanced: 1).
+    """
+    logits = _layers(router_logits)  # (L*N, E)
+    probs = torch.softmax(logits, dim=-1)
+    chosen = probs.topk(top_k, dim=-1).indices  # (L*N, k)
+    counts = F.one_hot(chosen, n_experts).sum(1).float()  # (L*N, E): 1 where the token chose the expert
+    if mask is None:
+        f, p = counts.mean(0), probs.mean(0)
+    else:
+        w = mask.reshape(-1).float().repeat(logits.shape[0] // mask.numel())[:, None]  # (L*N, 1)
+        total = w.sum().clamp_min(1.0)
+        f, p = (counts * w).sum(0) / total, (probs * w).sum(0) / total
+    return n_experts * (f * p).sum()
+
+
+def router_z_loss(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): the mean over tokens of logsumexp(router logits)^2.
+
+    It keeps the router's logits small, where the softmax (and bf16) stay accurate; it does not change which
+    experts are chosen. Example: logits [[0, 0]] give (ln 2)^2 = 0.480453.
+    """
+    return torch.logsumexp(_layers(router_logits), dim=-1).pow(2).mean()

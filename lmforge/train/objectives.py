@@ -11,13 +11,51 @@ from typing import Any
 
 import torch
 
-from lmforge.train.losses import IGNORE_INDEX, cross_entropy, dpo_loss, sequence_logprobs
+from lmforge.model.gpt import router_logits, unwrap
+from lmforge.train.losses import (
+    IGNORE_INDEX,
+    cross_entropy,
+    dpo_loss,
+    load_balancing_loss,
+    router_z_loss,
+    sequence_logprobs,
+)
 
 
-def pretrain(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Next-token prediction on every position of a window: batch = (inputs, targets shifted by one)."""
-    x, y = batch
-    return cross_entropy(model(x), y), {}
+class Pretrain:
+    """Next-token prediction on every position of a window: batch = (inputs, targets shifted by one).
+
+    A mixture of experts also learns, while training, to spread its tokens over its experts:
+    loss = cross-entropy + aux_coef * load-balancing loss (+ z_coef * router z-loss), as Mixtral's
+    `router_aux_loss_coef` does (its default, 0.001, is TrainConfig's). The metrics then say what each term
+    was (lm_loss, aux_loss, z_loss). Validation scores the cross-entropy alone, so validation losses and
+    perplexities compare with those of dense models.
+    """
+
+    def __init__(self, aux_coef: float = 0.001, z_coef: float = 0.0) -> None:
+        self.aux_coef, self.z_coef = aux_coef, z_coef
+
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        x, y = batch
+        return with_router_losses(model, cross_entropy(model(x), y), self.aux_coef, self.z_coef)
+
+
+pretrain = Pretrain()
+
+
+def with_router_losses(model: torch.nn.Module, loss: torch.Tensor, aux_coef: float, z_coef: float) -> tuple[torch.Tensor, dict]:
+    """`loss` plus the router losses of the model's last forward pass, when it has experts and is training."""
+    logits = router_logits(model)
+    if not logits or not unwrap(model).training:
+        return loss, {}
+    cfg = unwrap(model).config
+    aux = load_balancing_loss(logits, cfg.n_experts, cfg.experts_per_token)
+    metrics = {"lm_loss": loss.detach(), "aux_loss": aux.detach()}
+    total = loss + aux_coef * aux
+    if z_coef:
+        z = router_z_loss(logits)
+        total, metrics["z_loss"] = total + z_coef * z, z.detach()
+    return total, metrics
 
 
 def sft(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:

@@ -176,7 +176,8 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
     if opts.resume:
         lineage = {**read_lmforge_meta(out).get("lineage", {}), "lmforge_version": __version__}
     checkpointer = Checkpointer(out, tokenizer=tokenizer, lineage=lineage)
-    result = fit(model, objectives.pretrain, batches, recipe, checkpointer, resume=opts.resume, device=device,
+    objective = objectives.Pretrain(recipe.router_aux_loss_coef, recipe.router_z_loss_coef)
+    result = fit(model, objective, batches, recipe, checkpointer, resume=opts.resume, device=device,
                  progress=opts.progress, description="pretrain", on_log=opts.on_log)
     if result.val_loss is not None:
         summary["val_nats_per_char"] = result.val_loss / batches.val_chars_per_token

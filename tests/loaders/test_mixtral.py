@@ -1,0 +1,245 @@
+"""Mixtral (a sparse mixture of SwiGLU experts), imported and exported, proved against `transformers` on tiny
+random models built from `MixtralConfig` (4 experts, top-2; no downloads, no sliding window within the test
+lengths).
+
+Each path gives transformers' logits (fp32, 1e-4), the same experts chosen for every token in every layer
+(read from transformers' own router by a hook), the same 16 greedy tokens through our `Engine`, and cached
+decoding equal to full recomputation: the directory as transformers saves it, and our export of it (which
+transformers loads back as `MixtralForCausalLM`, and we load back unchanged). Also: config.json both ways,
+16-bit files kept in their stored bytes, and the formats that do not carry experts yet refusing in one line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.engine.generate import Engine  # noqa: E402
+from lmforge.engine.sampling import SamplingParams  # noqa: E402
+from lmforge.errors import UserError  # noqa: E402
+from lmforge.loaders.auto import load  # noqa: E402
+from lmforge.loaders.hf import MIXTRAL, NATIVE, config_from_hf, config_to_hf, hf_architecture  # noqa: E402
+from lmforge.loaders.model_dir import load_model, write_model_files  # noqa: E402
+from lmforge.model.gpt import GPT, router_logits  # noqa: E402
+from lmforge.model.kv_cache import KVCache  # noqa: E402
+from lmforge.quant.linear import GGMLLinear  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+NEW_TOKENS = 16
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5)
+
+
+def hf_mixtral(vocab: int, **overrides) -> torch.nn.Module:
+    """A seeded MixtralForCausalLM with every parameter random (norm weights and the router too), wide enough
+    that greedy decoding does not settle on one token and tokens spread over the experts."""
+    torch.manual_seed(0)
+    conf = transformers.MixtralConfig(vocab_size=vocab, **{**BASE, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(conf)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.2)
+            elif "gate.weight" in name:
+                p.normal_(0.0, 0.5)  # a decisive router: top-2 choices far from ties
+            else:
+                p.normal_(0.0, 0.15)
+    return model.eval()
+
+
+def their_choices(ref: torch.nn.Module, idx: torch.Tensor) -> list[torch.Tensor]:
+    """transformers' chosen experts per layer, (B*T, k) sorted, read by a hook on each layer's router."""
+    chosen, hooks = [], []
+    for layer in ref.model.layers:
+        hooks.append(layer.mlp.gate.register_forward_hook(lambda m, i, out: chosen.append(out[2].sort(-1).values)))
+    try:
+        with torch.no_grad():
+            ref(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return chosen
+
+
+def our_choices(ours: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        ours(idx)
+    k = ours.config.experts_per_token
+    return [logits.float().softmax(-1).topk(k, dim=-1).indices.sort(-1).values for logits in router_logits(ours)]
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (19, 11)]
+
+
+def assert_matches(ref: torch.nn.Module, ours: GPT, tokenizer) -> None:
+    """Logits within 1e-4, the same experts per token, cached decoding == full recomputation, and 16 greedy
+    tokens identical to transformers' `generate` through our Engine (two prompts left-padded in one batch)."""
+    vocab = ours.config.vocab_size
+    idx = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = ours(idx)
+        torch.testing.assert_close(full, ref(idx).logits, atol=1e-4, rtol=1e-4)
+        mine, theirs = our_choices(ours, idx), their_choices(ref, idx)
+        assert len(mine) == len(theirs) == ours.config.n_layers
+        for a, b in zip(mine, theirs):
+            assert torch.equal(a, b)
+        assert len(torch.unique(mine[0])) == ours.config.n_experts  # every expert is used: the test can fail
+        cache = KVCache.for_model(ours.config, 2)
+        steps = [ours(idx[:, :7], cache=cache)] + [ours(idx[:, t:t + 1], cache=cache) for t in range(7, 24)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    ref.generation_config.eos_token_id = None
+    params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    batch = Engine(ours, tokenizer, fast=False).complete(prompts(vocab), params)
+    for prompt, got in zip(prompts(vocab), batch):
+        x = torch.tensor([prompt])
+        theirs = ref.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW_TOKENS,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        assert got.ids == theirs
+        assert len(set(theirs)) > 2  # not one token repeated: a comparison that can fail
+
+
+@pytest.fixture
+def mixtral_dir(tmp_path, tiny_tokenizer):
+    """(transformers model, its saved directory with our tokenizer beside it)."""
+    ref = hf_mixtral(tiny_tokenizer.vocab_size)
+    d = tmp_path / "mixtral-hf"
+    ref.save_pretrained(d)
+    tiny_tokenizer.save(d)
+    return ref, d
+
+
+# ---------------------------------------------------------------------------------------------------
+# config.json
+# ---------------------------------------------------------------------------------------------------
+def test_config_both_ways():
+    d = {**transformers.MixtralConfig(vocab_size=128, **BASE).to_dict(), "architectures": [MIXTRAL]}
+    cfg = config_from_hf(d)
+    assert (cfg.n_experts, cfg.experts_per_token, cfg.norm_topk_prob, cfg.d_ff) == (4, 2, True, 96)
+    assert (cfg.n_kv_heads, cfg.rope_theta, cfg.tie_embeddings, cfg.context_length) == (2, 1e6, False, 64)
+    assert hf_architecture(cfg) == MIXTRAL
+    written = config_to_hf(cfg)
+    assert written["architectures"] == [MIXTRAL] and written["model_type"] == "mixtral"
+    assert (written["num_local_experts"], written["num_experts_per_tok"]) == (4, 2)
+    assert config_from_hf(written) == cfg
+    # A sparse file means what it means to transformers: 8 experts, top-2, theta 1e6, kv heads = heads.
+    sparse = {k: d[k] for k in ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads")}
+    cfg = config_from_hf(sparse)
+    assert (cfg.n_experts, cfg.experts_per_token, cfg.rope_theta, cfg.n_kv_heads) == (8, 2, 1e6, 4)
+    # Mixtral-style sliding windows cap the context, as for Mistral (full attention within the window).
+    assert config_from_hf({**d, "sliding_window": 16}).context_length == 16
+
+
+@pytest.mark.parametrize("edits, message", [
+    ({"num_experts_per_tok": 5}, "experts_per_token must be between 1 and n_experts (4), got 5"),
+    ({"num_local_experts": 0}, "num_local_experts must be a positive integer, got 0"),
+    ({"num_experts_per_tok": "2"}, "num_experts_per_tok must be a positive integer, got '2'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+])
+def test_bad_configs_are_one_line(edits, message):
+    d = {**transformers.MixtralConfig(vocab_size=128, **BASE).to_dict(), "architectures": [MIXTRAL], **edits}
+    with pytest.raises(UserError) as e:
+        config_from_hf(d, source="cfg.json")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shapes_transformers_cannot_run_stay_ours():
+    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=1, n_heads=4, d_ff=96, n_experts=4, norm_topk_prob=False)
+    assert hf_architecture(cfg) == NATIVE  # Mixtral always renormalises over the chosen experts
+    assert hf_architecture(cfg.replace(norm_topk_prob=True, mlp_bias=True)) == NATIVE
+    assert hf_architecture(cfg.replace(norm_topk_prob=True)) == MIXTRAL
+
+
+# ---------------------------------------------------------------------------------------------------
+# Import, export, and back
+# ---------------------------------------------------------------------------------------------------
+def test_import_matches_transformers(mixtral_dir, tiny_tokenizer):
+    ref, d = mixtral_dir
+    ours = load_model(d)
+    assert (ours.config.n_experts, ours.config.experts_per_token, ours.config.name) == (4, 2, "mixtral")
+    assert_matches(ref, ours, tiny_tokenizer)
+
+
+def test_export_loads_in_transformers_and_back(mixtral_dir, tmp_path, tiny_tokenizer):
+    ref, d = mixtral_dir
+    ours = load(d).model
+    (tmp_path / "out").mkdir()
+    write_model_files(tmp_path / "out", ours, tokenizer=tiny_tokenizer)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == [MIXTRAL]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(theirs).__name__ == MIXTRAL
+    assert_matches(theirs, ours, tiny_tokenizer)
+    back = load_model(tmp_path / "out")
+    assert back.config == ours.config
+    for (n, p), (_, q) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_trained_here_exports_as_mixtral(tmp_path, tiny_tokenizer):
+    """A mixture of experts built here (not imported) exports as Mixtral, and transformers computes the same."""
+    cfg = ModelConfig(vocab_size=tiny_tokenizer.vocab_size, context_length=64, d_model=64, n_layers=2, n_heads=4,
+                      n_kv_heads=2, d_ff=96, n_experts=4, experts_per_token=2, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    write_model_files(tmp_path, model, tokenizer=tiny_tokenizer)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref(idx).logits, atol=1e-4, rtol=1e-4)
+    assert load_model(tmp_path).config == cfg
+
+
+def test_config_naming_another_expert_count_is_refused(mixtral_dir):
+    _, d = mixtral_dir
+    conf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**conf, "num_local_experts": 2}))  # the file holds 4
+    with pytest.raises(UserError, match=r"block_sparse_moe.gate.weight' \(layer 0's router: experts x hidden size\) "
+                                        r"has shape \(4, 64\), but config.json implies \(2, 64\)"):
+        load_model(d)
+
+
+def test_sixteen_bit_file_keeps_its_bytes(tmp_path, tiny_tokenizer):
+    """dtype="auto" (what the CLI and server load with) keeps a bf16 file's matrices packed, experts and the
+    router included, and computes what the same rounded weights compute in float32."""
+    ref = hf_mixtral(tiny_tokenizer.vocab_size).to(torch.bfloat16)
+    ref.save_pretrained(tmp_path)
+    packed = load_model(tmp_path, dtype="auto")
+    assert isinstance(packed.blocks[0].mlp.experts[3].fc, GGMLLinear)
+    assert isinstance(packed.blocks[1].mlp.router, GGMLLinear)
+    idx = torch.randint(0, tiny_tokenizer.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(idx), load_model(tmp_path)(idx), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What does not carry experts yet: one line each
+# ---------------------------------------------------------------------------------------------------
+def test_lora_and_gguf_refuse_experts_in_one_line(mixtral_dir, tmp_path):
+    from lmforge.loaders.gguf import write_gguf
+    from lmforge.loaders.gguf.config import base_config
+    from lmforge.loaders.peft import apply_lora, available_targets, load_adapter
+    from lmforge.model.lora import apply_lora as apply_ours
+
+    _, d = mixtral_dir
+    loaded = load(d)
+    model = loaded.model
+    for call in (lambda: apply_lora(model, targets="q_proj,v_proj"), lambda: available_targets(model),
+                 lambda: apply_ours(model, targets={"attn.qkv": ["q"]}), lambda: load_adapter(model, tmp_path)):
+        with pytest.raises(UserError, match="LoRA is not supported yet for mixture-of-experts models") as e:
+            call()
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="GGUF export of mixture-of-experts models .* --format hf"):
+        write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), loaded.tokenizer)
+    # a Mixtral GGUF (arch "llama" with llama.expert_count) is refused by its metadata, before any tensor
+    with pytest.raises(UserError, match="m.gguf: a mixture-of-experts GGUF .8 experts per layer. is not supported yet"):
+        base_config("m.gguf", {"llama.expert_count": 8}, {}, "llama")
