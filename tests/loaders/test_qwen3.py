@@ -5,8 +5,9 @@ and untied output heads, and attention biases.
 Each path a user takes gives transformers' logits (fp32, 1e-4), the same 16 greedy tokens through our
 `Engine`, and cached decoding equal to full recomputation: the Hugging Face directory as transformers
 saves it; our export of it (which transformers loads back as `Qwen3ForCausalLM`); our GGUF export of it
-(arch `qwen3`) read back; and a GGUF laid out independently with gguf-py's own `qwen3` tensor names, as
-llama.cpp's converter writes it. The CLI imports both and `show`/`list` name the family.
+(arch `qwen3`) read back, which llama.cpp itself also runs with transformers' logits; a GGUF laid out
+independently with gguf-py's own `qwen3` tensor names; and (where its source tree is here) one made by
+llama.cpp's own converter. The CLI imports both kinds and `show`/`list` name the family.
 """
 
 from __future__ import annotations
@@ -263,6 +264,24 @@ def test_llama_cpp_runs_our_qwen3_gguf(qwen3_dir, tiny_tokenizer, tmp_path):
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(np.asarray(llm.scores[:24]), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qwen3_dir", ["gqa-tied", "gqa-untied"], indirect=True)
+def test_gguf_made_by_llama_cpps_converter(qwen3_dir, tmp_path):
+    """llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-python sdist's tree; skipped without it) turns
+    the transformers directory into a qwen3 GGUF that imports with transformers' logits, packed or not."""
+    from tests.loaders.gguf.test_gguf_vs_llamacpp import convert, llama_cpp_src
+
+    if llama_cpp_src() is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set LMFORGE_LLAMA_CPP_SRC)")
+    ref, d = qwen3_dir
+    path = convert(d, tmp_path / "converted.gguf", pre="llama-bpe")  # our tokenizer's split regex is Llama 3's
+    metadata, _ = read_gguf_header(path)
+    assert metadata["general.architecture"] == "qwen3" and metadata["qwen3.attention.key_length"] == 24
+    x = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for model in (load(path).model, load(path, dtype="auto").model):
+            torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------
