@@ -33,6 +33,9 @@ _PRESETS: dict[str, dict] = {
                      d_ff=8192, rope_theta=500000.0,
                      rope_scaling={"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Qwen3-0.6B shape (head_dim 128 > d_model / n_heads, per-head q/k norms, tied embeddings): for planning.
+    "qwen3-0.6b": dict(vocab_size=151936, context_length=40960, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                       head_dim=128, d_ff=3072, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True),
 }
 
 

@@ -128,6 +128,21 @@ def test_shapes_without_a_transformers_class_stay_native():
         assert cfg.num_params() == GPT(cfg).num_params()
 
 
+def test_qwen3_0_6b_preset_is_the_published_shape():
+    """The planning preset, written as a config.json, is what transformers builds for Qwen3-0.6B: the same
+    parameter count (0.6B; 0.44B without the embedding, as its model card says)."""
+    from lmforge.loaders.hf import config_to_hf
+    from lmforge.presets import get_preset
+
+    cfg = get_preset("qwen3-0.6b")
+    d = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "lmforge")}
+    with torch.device("meta"):
+        theirs = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(**d))
+    assert type(theirs).__name__ == "Qwen3ForCausalLM"
+    assert cfg.num_params() == sum(p.numel() for p in theirs.parameters()) == 596_049_920
+    assert round(cfg.num_params(include_embeddings=False) / 1e9, 2) == 0.44
+
+
 # ---------------------------------------------------------------------------------------------------
 # Import, HF export, GGUF export: each against transformers
 # ---------------------------------------------------------------------------------------------------
