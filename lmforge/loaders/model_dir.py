@@ -29,15 +29,8 @@ from lmforge.config import ModelConfig, shown
 from lmforge.device import available_memory
 from lmforge.errors import UserError, one_line
 from lmforge.io import atomic_write_json, read_json
-from lmforge.loaders.hf import (
-    config_from_hf,
-    config_to_hf,
-    hf_tensor_names,
-    state_dict_from_hf,
-    state_dict_to_hf,
-    tensor_names,
-    without_body,
-)
+from lmforge.loaders.hf import config_from_hf, config_to_hf
+from lmforge.loaders.hf_tensors import hf_tensor_names, state_dict_from_hf, state_dict_to_hf, tensor_names, without_body
 from lmforge.loaders.packed import as_part, build_packed_model, check_position_tables, packable
 from lmforge.model.gpt import GPT, unwrap
 from lmforge.tokenizer import Tokenizer

@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_write, atomic_write_json, read_json_object
-from lmforge.loaders.hf import LLAMA_FAMILY, TENSOR_NAMES, hf_modules, tensor_names
+from lmforge.loaders.hf_tensors import LLAMA_FAMILY, TENSOR_NAMES, hf_modules, tensor_names
 from lmforge.model.gpt import PROJECTIONS, projection_parts, unwrap
 from lmforge.model.lora import (
     LoRAInfo,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.errors import UserError
-from lmforge.loaders.hf import state_dict_to_hf
+from lmforge.loaders.hf_tensors import state_dict_to_hf
 from lmforge.checkpoint import transaction
 from lmforge.loaders.model_dir import load_model, write_model_files
 from lmforge.model.gpt import GPT

@@ -15,7 +15,8 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.loaders.hf import config_to_hf, family, state_dict_to_hf
+from lmforge.loaders.hf import config_to_hf
+from lmforge.loaders.hf_tensors import family, state_dict_to_hf
 from lmforge.loaders.peft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

@@ -142,7 +142,8 @@ def test_invalid_configs_are_refused(bad):
 @pytest.mark.parametrize("variant", ["llama", "mqa-qkv-bias", "llama3-rope", "untied"])
 def test_logits_match_transformers(variant):
     transformers = pytest.importorskip("transformers")
-    from lmforge.loaders.hf import config_to_hf, state_dict_to_hf
+    from lmforge.loaders.hf import config_to_hf
+    from lmforge.loaders.hf_tensors import state_dict_to_hf
 
     kw = dict(VARIANTS.get(variant, {}))
     if variant == "untied":

@@ -35,7 +35,8 @@ from lmforge.loaders.gguf.reader import (
     public_metadata,
 )
 from lmforge.loaders.gguf.vocab import tokenizer_from_metadata
-from lmforge.loaders.hf import hf_architecture, hf_tensor_names, state_dict_from_hf
+from lmforge.loaders.hf import hf_architecture
+from lmforge.loaders.hf_tensors import hf_tensor_names, state_dict_from_hf
 from lmforge.loaders.model_dir import check_tokenizer as check_tokenizer_fits
 from lmforge.loaders.packed import build_packed_model
 from lmforge.model.gpt import GPT

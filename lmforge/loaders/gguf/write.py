@@ -22,7 +22,7 @@ from lmforge.loaders.gguf.config import add_hparams, export_arch, llama3_rope_fa
 from lmforge.loaders.gguf.names import ROPE_FREQS, expected_shapes, gguf_to_hf, hf_to_gguf, permute_heads, rope_permute
 from lmforge.loaders.gguf.reader import gguf_package, short
 from lmforge.loaders.gguf.vocab import add_tokenizer, export_vocab
-from lmforge.loaders.hf import state_dict_from_hf, state_dict_to_hf
+from lmforge.loaders.hf_tensors import state_dict_from_hf, state_dict_to_hf
 from lmforge.quant.ggml import block_sizes, qtype_name, quantize
 from lmforge.quant.mix import FTYPES, file_type_name, tensor_types
 from lmforge.tokenizer import Tokenizer
