@@ -3,6 +3,12 @@
 `tiny` exists for tests; `small` trains usefully on a 2-core laptop CPU in minutes; `base` is the size
 one GPU pretrains in hours. The `llama-*` and `gpt2` presets copy the shapes of well-known open models
 (for benchmarks and memory planning), and train here from scratch like any other preset.
+
+`moe-small` is `small` as a mixture of experts, and shows the trade: each of its 8 experts is half of
+`small`'s MLP, and each token runs through 2 of them, so a token costs what it costs in `small` (plus a
+router, 8 logits per layer) while the model holds 4 times the MLP weights (16.3M parameters, 6.5M active
+per token). More capacity for the same compute per token, paid for in memory. `mixtral-8x7b` is the
+published Mixtral shape, for planning (46.7B parameters, 12.9B active).
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ _PRESETS: dict[str, dict] = {
     # Qwen3-0.6B shape (head_dim 128 > d_model / n_heads, per-head q/k norms, tied embeddings): for planning.
     "qwen3-0.6b": dict(vocab_size=151936, context_length=40960, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8,
                        head_dim=128, d_ff=3072, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True),
+    # `small` with 8 half-width experts, 2 per token: small's FLOPs per token, 4x its MLP weights (see above).
+    "moe-small": dict(vocab_size=8192, context_length=256, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=352,
+                      n_experts=8, experts_per_token=2),
+    # Mixtral-8x7B shape (8 experts, top-2, untied output): for planning.
+    "mixtral-8x7b": dict(vocab_size=32000, context_length=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                         d_ff=14336, rope_theta=1000000.0, tie_embeddings=False, n_experts=8, experts_per_token=2),
 }
 
 

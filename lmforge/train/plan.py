@@ -5,6 +5,9 @@ The memory figure is an estimate for fp32 training with AdamW: 16 bytes per trai
 term follows Korthikanti et al. 2022 (per layer and token: 34*d + 5*heads*T values at 2 bytes in 16-bit
 training), doubled for fp32, plus the logits and their gradient (the largest single tensor for small
 models with big vocabularies).
+
+Of a mixture of experts the plan shows both counts: all the parameters (what memory holds) and the active
+ones, those a token runs through (what FLOPs per token are computed from).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def estimate(cfg: ModelConfig, *, batch_size: int, grad_accum: int, max_steps: i
     out = {
         "parameters": params,
         "non_embedding_parameters": cfg.num_params(include_embeddings=False),
+        "active_parameters": cfg.num_params(active=True),  # of a mixture of experts, those one token runs through
         "flops_per_token": flops_tok,
         "tokens_per_step": tokens_per_step,
         "total_tokens": tokens_per_step * max_steps,
@@ -53,11 +57,17 @@ def estimate(cfg: ModelConfig, *, batch_size: int, grad_accum: int, max_steps: i
 
 
 def format_plan(cfg: ModelConfig, plan: dict) -> str:
+    experts = f", {cfg.n_experts} experts ({cfg.experts_per_token} per token)" if cfg.n_experts else ""
     lines = [
         f"model          {cfg.name}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads "
         f"({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}, context {cfg.context_length}, vocab {cfg.vocab_size}, "
-        f"{cfg.positions}/{cfg.norm}/{cfg.mlp}",
+        f"{cfg.positions}/{cfg.norm}/{cfg.mlp}{experts}",
         f"parameters     {plan['parameters']:,} ({human(plan['parameters'])}; {plan['non_embedding_parameters']:,} non-embedding)",
+    ]
+    if cfg.n_experts:
+        lines.append(f"active/token   {plan['active_parameters']:,} ({human(plan['active_parameters'])}; "
+                     f"the {cfg.experts_per_token} of {cfg.n_experts} experts a token runs through)")
+    lines += [
         f"FLOPs/token    {human(plan['flops_per_token'])} (training, forward + backward)",
         f"tokens/step    {plan['tokens_per_step']:,}",
         f"run            {human(plan['total_tokens'])} tokens, {human(plan['total_flops'])}FLOPs",
