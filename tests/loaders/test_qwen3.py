@@ -21,21 +21,18 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import run_cli  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
-from lmforge.engine.generate import Engine  # noqa: E402
-from lmforge.engine.sampling import SamplingParams  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
 from lmforge.loaders.auto import load  # noqa: E402
 from lmforge.loaders.gguf import read_gguf, read_gguf_header, write_gguf  # noqa: E402
 from lmforge.loaders.hf import NATIVE, config_from_hf, hf_architecture  # noqa: E402
 from lmforge.loaders.model_dir import build_model, load_model, write_model_files  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
-from lmforge.model.kv_cache import KVCache  # noqa: E402
 from tests.loaders.gguf.helpers import tokenizer_kv, write_llamacpp_style  # noqa: E402
+from tests.loaders.parity import assert_matches_transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-NEW_TOKENS = 16
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=24, max_position_embeddings=64, rms_norm_eps=1e-6)
 # variant -> (Qwen3Config kwargs, what our ModelConfig must say)
@@ -61,33 +58,6 @@ def hf_qwen3(variant: str, vocab: int) -> torch.nn.Module:
             else:
                 p.normal_(0.0, 0.15)
     return model.eval()
-
-
-def prompts(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (19, 11)]
-
-
-def assert_matches(ref: torch.nn.Module, ours: torch.nn.Module, tokenizer) -> None:
-    """Logits within 1e-4, cached decoding == full recomputation, and 16 greedy tokens identical to
-    transformers' `generate`, through our Engine, for two prompts of different lengths in one batch."""
-    vocab = ours.config.vocab_size
-    idx = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = ours(idx)
-        torch.testing.assert_close(full, ref(idx).logits, atol=1e-4, rtol=1e-4)
-        cache = KVCache.for_model(ours.config, 2)
-        steps = [ours(idx[:, :7], cache=cache)] + [ours(idx[:, t:t + 1], cache=cache) for t in range(7, 24)]
-        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    ref.generation_config.eos_token_id = None
-    params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    batch = Engine(ours, tokenizer, fast=False).complete(prompts(vocab), params)  # left-padded together
-    for prompt, got in zip(prompts(vocab), batch):
-        x = torch.tensor([prompt])
-        theirs = ref.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW_TOKENS,
-                              pad_token_id=0)[0, len(prompt):].tolist()
-        assert got.ids == theirs
-        assert len(set(theirs)) > 2  # not one token repeated: a comparison that can fail
 
 
 @pytest.fixture
@@ -155,7 +125,7 @@ def test_import_matches_transformers(qwen3_dir, tiny_tokenizer, request):
         assert getattr(ours.config, key) == value, key
     assert ours.config.qk_norm and ours.config.head_dim * ours.config.n_heads != ours.config.d_model
     assert (ours.lm_head.weight is ours.tok_emb.weight) == ours.config.tie_embeddings
-    assert_matches(ref, ours, tiny_tokenizer)
+    assert_matches_transformers(ref, ours, tiny_tokenizer)
 
 
 @pytest.mark.parametrize("qwen3_dir", ["gqa-tied", "mha-attention-bias"], indirect=True)
@@ -175,7 +145,7 @@ def test_hf_export_loads_in_transformers_and_back(qwen3_dir, tiny_tokenizer, tmp
         torch.testing.assert_close(theirs(x).logits, ref(x).logits, atol=1e-5, rtol=1e-5)
     back = load_model(out)
     assert back.config.diff(ours.config) == []
-    assert_matches(ref, back, tiny_tokenizer)
+    assert_matches_transformers(ref, back, tiny_tokenizer)
 
 
 def test_our_own_qwen3_shaped_model_exports(tmp_path, tiny_tokenizer):
@@ -215,8 +185,8 @@ def test_gguf_export_import(qwen3_dir, tiny_tokenizer, tmp_path):
     # qwen3 uses NEOX (rotate_half) rope in llama.cpp: q/k rows are written as transformers has them
     torch.testing.assert_close(g.state_dict["blocks.0.attn.qkv.weight"], ours.state_dict()["blocks.0.attn.qkv.weight"],
                                atol=0, rtol=0)
-    assert_matches(ref, build_model(g.config, g.state_dict, source=str(path)), tiny_tokenizer)
-    assert_matches(ref, load(path, dtype="auto").model, tiny_tokenizer)  # matrices kept as GGML F32 blocks
+    assert_matches_transformers(ref, build_model(g.config, g.state_dict, source=str(path)), tiny_tokenizer)
+    assert_matches_transformers(ref, load(path, dtype="auto").model, tiny_tokenizer)  # matrices kept as GGML F32 blocks
 
 
 def test_gguf_laid_out_as_llama_cpp_does(tmp_path, tiny_tokenizer):
@@ -230,7 +200,7 @@ def test_gguf_laid_out_as_llama_cpp_does(tmp_path, tiny_tokenizer):
     write_llamacpp_style(path, "qwen3", hp, ref.state_dict(), tokenizer_kv(tiny_tokenizer))
     g = read_gguf(path)
     assert (g.config.qk_norm, g.config.head_dim, g.config.rope_theta) == (True, 24, 1e6)
-    assert_matches(ref, load(path).model, tiny_tokenizer)
+    assert_matches_transformers(ref, load(path).model, tiny_tokenizer)
 
 
 def test_gguf_refusals(tmp_path, tiny_tokenizer):
