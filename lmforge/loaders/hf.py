@@ -33,6 +33,7 @@ from lmforge.tokenizer import load_hf_tokenizer
 __all__ = [
     "GPT2",
     "MIXTRAL",
+    "QWEN3_MOE",
     "LLAMA_LIKE",
     "NATIVE",
     "SUPPORTED_ARCHITECTURES",
@@ -42,12 +43,14 @@ __all__ = [
     "is_gpt2_shaped",
     "is_llama_shaped",
     "is_mixtral_shaped",
+    "is_qwen3_moe_shaped",
     "load_hf_tokenizer",
 ]
 
 LLAMA_LIKE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-              "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral"}
+              "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
 MIXTRAL = "MixtralForCausalLM"  # Llama-like attention; a sparse mixture of SwiGLU experts in place of the MLP
+QWEN3_MOE = "Qwen3MoeForCausalLM"  # Qwen3's attention (q/k norms); Mixtral-like experts, renormalised or not
 GPT2 = "GPT2LMHeadModel"
 NATIVE = "LmforgeForCausalLM"
 SUPPORTED_ARCHITECTURES = [*LLAMA_LIKE, GPT2, NATIVE]
@@ -68,6 +71,9 @@ _LLAMA_LIKE_DEFAULTS: dict[str, dict[str, Any]] = {
                          "head_dim": 128},
     "MixtralForCausalLM": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": None, "rms_norm_eps": 1e-5,
                            "rope_theta": 1e6, "sliding_window": None, "num_local_experts": 8, "num_experts_per_tok": 2},
+    # Qwen3MoeConfig: head_dim derived from the shape (unlike dense Qwen3), no renormalisation unless asked.
+    QWEN3_MOE: {"max_position_embeddings": 32768, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
+                "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": False, "moe_intermediate_size": 768},
 }
 _SILU = ("silu", "swish")  # the same function under two names in transformers' ACT2FN
 # GPT-2's activation names that compute the tanh approximation of GELU, which is what our MLP applies
@@ -111,9 +117,16 @@ def is_mixtral_shaped(cfg: ModelConfig) -> bool:
             and cfg.norm_topk_prob and not (cfg.attention_bias or cfg.qkv_bias or cfg.mlp_bias or cfg.qk_norm))
 
 
+def is_qwen3_moe_shaped(cfg: ModelConfig) -> bool:
+    """True when `Qwen3MoeForCausalLM` computes exactly what our model does: Qwen3's attention (q/k norms, all
+    four attention biases or none), experts in every layer chosen softmax -> top k, renormalised or not."""
+    return (bool(cfg.n_experts) and cfg.qk_norm and (cfg.norm, cfg.mlp, cfg.positions) == ("rmsnorm", "swiglu", "rope")
+            and not (cfg.qkv_bias or cfg.mlp_bias))
+
+
 def hf_architecture(cfg: ModelConfig) -> str:
-    if cfg.n_experts:
-        return MIXTRAL if is_mixtral_shaped(cfg) else NATIVE
+    if cfg.n_experts:  # q/k norms tell Qwen3-MoE from Mixtral
+        return MIXTRAL if is_mixtral_shaped(cfg) else QWEN3_MOE if is_qwen3_moe_shaped(cfg) else NATIVE
     if is_gpt2_shaped(cfg):
         return GPT2
     if is_llama_shaped(cfg):
@@ -182,15 +195,19 @@ def config_to_hf(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token
         **common,
         **ours,
     }
-    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE):
         d["attention_bias"] = cfg.attention_bias
     if arch == "LlamaForCausalLM":
         d["mlp_bias"] = cfg.mlp_bias
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE):
         d["use_sliding_window"] = False
     if arch == MIXTRAL:  # (router_aux_loss_coef is MixtralConfig's default: our coefficient is the recipe's)
         d.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token, sliding_window=None,
                  output_router_logits=False, router_aux_loss_coef=0.001, router_jitter_noise=0.0)
+    if arch == QWEN3_MOE:  # every layer sparse; intermediate_size (of dense layers) is written alike, unused
+        d.update(num_experts=cfg.n_experts, num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+                 norm_topk_prob=cfg.norm_topk_prob, moe_intermediate_size=cfg.d_ff, decoder_sparse_step=1,
+                 mlp_only_layers=[], output_router_logits=False, router_aux_loss_coef=0.001)
     rope: dict[str, Any] = {"rope_type": "default"}
     if cfg.rope_scaling:
         sc = dict(cfg.rope_scaling)
@@ -334,6 +351,8 @@ def _sliding_window(arch: str, keys: _Keys) -> int | None:
             return window if "sliding_attention" in layer_types else None
         # Without layer_types, layers from max_window_layers on slide (Qwen2Config, Qwen3Config).
         return window if keys.size("num_hidden_layers", limit=MAX_LAYERS) > keys.size("max_window_layers", 28) else None
+    if arch == QWEN3_MOE:  # Qwen3MoeConfig: every layer slides when use_sliding_window is set
+        return keys.size("sliding_window", 4096) if keys.flag("use_sliding_window", False) else None
     return None
 
 
@@ -360,19 +379,21 @@ def _llama_like_config(arch: str, keys: _Keys, ours: dict[str, Any]) -> ModelCon
         n_heads=n_heads,
         n_kv_heads=keys.size("num_key_value_heads", defaults["num_key_value_heads"]) or n_heads,
         head_dim=keys.size("head_dim", defaults.get("head_dim")) or d_model // n_heads,
-        d_ff=keys.size("intermediate_size"),
+        # Qwen3-MoE's experts have their own width (intermediate_size is for dense layers, which we refuse)
+        d_ff=keys.size("moe_intermediate_size", defaults["moe_intermediate_size"]) if arch == QWEN3_MOE
+        else keys.size("intermediate_size"),
         norm="rmsnorm",
         norm_eps=keys.number("rms_norm_eps", defaults["rms_norm_eps"]),
         mlp="swiglu",
         positions="rope",
         rope_theta=theta,
         rope_scaling=scaling,
-        # Only Llama (and Qwen3, attention_bias) have these keys; Mistral has no biases and Qwen2 hard-codes
-        # q/k/v biases. Qwen3 always normalises each query and key head.
-        attention_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and keys.flag("attention_bias", False),
+        # Only Llama (and Qwen3 / Qwen3-MoE, attention_bias) have these keys; Mistral has no biases and Qwen2
+        # hard-codes q/k/v biases. Qwen3 and Qwen3-MoE always normalise each query and key head.
+        attention_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE) and keys.flag("attention_bias", False),
         qkv_bias=arch == "Qwen2ForCausalLM",
         mlp_bias=is_llama and keys.flag("mlp_bias", False),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=arch in ("Qwen3ForCausalLM", QWEN3_MOE),
         **_experts(arch, keys),
         tie_embeddings=keys.flag("tie_word_embeddings", False),
         **{"name": keys.name(LLAMA_LIKE[arch]), **ours},
@@ -380,12 +401,35 @@ def _llama_like_config(arch: str, keys: _Keys, ours: dict[str, Any]) -> ModelCon
 
 
 def _experts(arch: str, keys: _Keys) -> dict[str, Any]:
-    """Mixtral's mixture of experts (every layer sparse; routing weights always renormalised over the k)."""
+    """Mixtral's mixture of experts (every layer sparse; routing weights always renormalised over the k), or
+    Qwen3-MoE's (renormalised if norm_topk_prob; dense layers mixed in and shared experts refused)."""
+    if arch == QWEN3_MOE:
+        return _qwen3_moe_experts(keys)
     if arch != MIXTRAL:
         return {}
     defaults = _LLAMA_LIKE_DEFAULTS[arch]
     return {"n_experts": keys.size("num_local_experts", defaults["num_local_experts"]),
             "experts_per_token": keys.size("num_experts_per_tok", defaults["num_experts_per_tok"])}
+
+
+def _qwen3_moe_experts(keys: _Keys) -> dict[str, Any]:
+    d, source, defaults = keys.d, keys.source, _LLAMA_LIKE_DEFAULTS[QWEN3_MOE]
+    dense = d.get("mlp_only_layers")
+    if dense is not None and dense != []:
+        raise UserError(f"{source}: mlp_only_layers {shown(dense)} is not supported (dense layers mixed in with "
+                        "sparse ones; our mixture of experts is in every layer)")
+    step = keys.size("decoder_sparse_step", 1)
+    if step != 1:
+        raise UserError(f"{source}: decoder_sparse_step {step} is not supported (dense layers mixed in with sparse "
+                        "ones; our mixture of experts is in every layer)")
+    for key in ("shared_expert_intermediate_size", "num_shared_experts", "n_shared_experts"):
+        if d.get(key):
+            raise UserError(f"{source}: shared experts ({key} {shown(d[key])}) are not supported")
+    # num_experts in Qwen's files and transformers 4.x; transformers 5 writes it as num_local_experts
+    experts = keys.size("num_experts", None) or keys.size("num_local_experts", defaults["num_experts"])
+    return {"n_experts": experts,
+            "experts_per_token": keys.size("num_experts_per_tok", defaults["num_experts_per_tok"]),
+            "norm_topk_prob": keys.flag("norm_topk_prob", defaults["norm_topk_prob"])}
 
 
 def _gpt2_config(keys: _Keys, ours: dict[str, Any]) -> ModelConfig:

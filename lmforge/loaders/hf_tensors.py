@@ -2,10 +2,10 @@
 
 Why explicit tables (see `lmforge.loaders.hf` for config.json): an importer that guesses tensor names
 breaks silently - a transposed or unpermuted weight still loads, it just produces garbage. Each family is a
-table of names (`TENSOR_NAMES`: Llama-like, which covers Mistral, Qwen2 and Qwen3; Mixtral's mixture of
-experts; GPT-2; and our own), proved by a logits-parity test against `transformers`. `family(cfg)` is the
-one rule for which table applies, and everything that names a tensor asks it: import and export
-(`lmforge.loaders.model_dir`), GGUF (through these names), and LoRA targets and adapter files
+table of names (`TENSOR_NAMES`: Llama-like, which covers Mistral, Qwen2 and Qwen3; Mixtral's and
+Qwen3-MoE's mixtures of experts; GPT-2; and our own), proved by a logits-parity test against `transformers`.
+`family(cfg)` is the one rule for which table applies, and everything that names a tensor asks it: import and
+export (`lmforge.loaders.model_dir`), GGUF (through these names), and LoRA targets and adapter files
 (`lmforge.loaders.peft`).
 
 Our model fuses q/k/v into one projection (`attn.qkv`) and gate/up into one (`mlp.fc`) for speed; the maps
@@ -22,13 +22,15 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.loaders.hf import GPT2, MIXTRAL, NATIVE, hf_architecture
+from lmforge.loaders.hf import GPT2, MIXTRAL, NATIVE, QWEN3_MOE, hf_architecture
 from lmforge.model.gpt import GPT, PROJECTIONS, projection_parts
 
-__all__ = ["GPT2_FAMILY", "LLAMA_FAMILY", "MIXTRAL_FAMILY", "NATIVE_FAMILY", "TENSOR_NAMES", "TensorNames", "family",
-           "hf_modules", "hf_tensor_names", "state_dict_from_hf", "state_dict_to_hf", "tensor_names", "without_body"]
+__all__ = ["GPT2_FAMILY", "LLAMA_FAMILY", "MIXTRAL_FAMILY", "NATIVE_FAMILY", "QWEN3_MOE_FAMILY", "TENSOR_NAMES",
+           "TensorNames", "family", "hf_modules", "hf_tensor_names", "state_dict_from_hf", "state_dict_to_hf",
+           "tensor_names", "without_body"]
 
 LLAMA_FAMILY, GPT2_FAMILY, NATIVE_FAMILY, MIXTRAL_FAMILY = "llama", "gpt2", "lmforge", "mixtral"
+QWEN3_MOE_FAMILY = "qwen3_moe"
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,18 @@ TENSOR_NAMES: dict[str, TensorNames] = {
                "mlp.router": "block_sparse_moe.gate",
                "mlp.experts.{}.fc": {"gate": "block_sparse_moe.experts.{}.w1", "up": "block_sparse_moe.experts.{}.w3"},
                "mlp.experts.{}.proj": "block_sparse_moe.experts.{}.w2"}),
+    # Qwen3-MoE: Qwen3's attention (q/k norms); mlp.gate is the router, each expert named as Llama's MLP.
+    QWEN3_MOE_FAMILY: TensorNames(
+        QWEN3_MOE_FAMILY, "Qwen3-MoE-style", "model.", "layers.{}.",
+        top={"tok_emb": "embed_tokens", "norm": "norm"},
+        block={"norm1": "input_layernorm",
+               "attn.qkv": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+               "attn.proj": "self_attn.o_proj",
+               "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
+               "norm2": "post_attention_layernorm",
+               "mlp.router": "mlp.gate",
+               "mlp.experts.{}.fc": {"gate": "mlp.experts.{}.gate_proj", "up": "mlp.experts.{}.up_proj"},
+               "mlp.experts.{}.proj": "mlp.experts.{}.down_proj"}),
     # GPT-2's c_attn output columns are q | k | v, heads contiguous inside each: exactly the rows of our
     # fused attn.qkv. (attn.bias / attn.masked_bias in older files are causal-mask buffers, never read.)
     GPT2_FAMILY: TensorNames(
@@ -106,6 +120,8 @@ def family(cfg: ModelConfig) -> str:
     arch = hf_architecture(cfg)
     if arch == MIXTRAL:
         return MIXTRAL_FAMILY
+    if arch == QWEN3_MOE:
+        return QWEN3_MOE_FAMILY
     return GPT2_FAMILY if arch == GPT2 else NATIVE_FAMILY if arch == NATIVE else LLAMA_FAMILY
 
 
