@@ -8,6 +8,7 @@ import torch
 
 from lmforge.engine.generate import Engine
 from lmforge.engine.sampling import SamplingParams
+from lmforge.model.gpt import router_logits
 from lmforge.model.kv_cache import KVCache
 
 NEW_TOKENS = 16
@@ -43,3 +44,40 @@ def assert_matches_transformers(ref: torch.nn.Module, ours: torch.nn.Module, tok
                               pad_token_id=0)[0, len(prompt):].tolist()
         assert got.ids == theirs
         assert len(set(theirs)) > 2  # not one token repeated: a comparison that can fail
+
+
+def their_choices(ref: torch.nn.Module, idx: torch.Tensor) -> list[torch.Tensor]:
+    """transformers' chosen experts per layer, (B*T, k) sorted, read by a hook on each layer's router
+    (`mlp.gate`, in Mixtral and Qwen3-MoE alike)."""
+    chosen, hooks = [], []
+    for layer in ref.model.layers:
+        hooks.append(layer.mlp.gate.register_forward_hook(lambda m, i, out: chosen.append(out[2].sort(-1).values)))
+    try:
+        with torch.no_grad():
+            ref(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return chosen
+
+
+def our_choices(ours: torch.nn.Module, idx: torch.Tensor) -> list[torch.Tensor]:
+    """Our chosen experts per layer, (B*T, k) sorted, from the router logits the forward pass kept."""
+    with torch.no_grad():
+        ours(idx)
+    k = ours.config.experts_per_token
+    return [logits.float().softmax(-1).topk(k, dim=-1).indices.sort(-1).values for logits in router_logits(ours)]
+
+
+def assert_moe_matches_transformers(ref: torch.nn.Module, ours: torch.nn.Module, tokenizer) -> None:
+    """`assert_matches_transformers`, plus the same experts chosen per token in every layer as
+    transformers' router chose."""
+
+    def same_experts(idx: torch.Tensor) -> None:
+        mine, theirs = our_choices(ours, idx), their_choices(ref, idx)
+        assert len(mine) == len(theirs) == ours.config.n_layers
+        for a, b in zip(mine, theirs):
+            assert torch.equal(a, b)
+        assert len(torch.unique(mine[0])) == ours.config.n_experts  # every expert is used: the test can fail
+
+    assert_matches_transformers(ref, ours, tokenizer, also=same_experts)

@@ -23,9 +23,9 @@ from lmforge.errors import UserError  # noqa: E402
 from lmforge.loaders.auto import load  # noqa: E402
 from lmforge.loaders.hf import MIXTRAL, NATIVE, config_from_hf, config_to_hf, hf_architecture  # noqa: E402
 from lmforge.loaders.model_dir import load_model, write_model_files  # noqa: E402
-from lmforge.model.gpt import GPT, router_logits  # noqa: E402
+from lmforge.model.gpt import GPT  # noqa: E402
+from tests.loaders.parity import assert_moe_matches_transformers  # noqa: E402
 from lmforge.quant.linear import GGMLLinear  # noqa: E402
-from tests.loaders.parity import assert_matches_transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -49,41 +49,6 @@ def hf_mixtral(vocab: int, **overrides) -> torch.nn.Module:
             else:
                 p.normal_(0.0, 0.15)
     return model.eval()
-
-
-def their_choices(ref: torch.nn.Module, idx: torch.Tensor) -> list[torch.Tensor]:
-    """transformers' chosen experts per layer, (B*T, k) sorted, read by a hook on each layer's router."""
-    chosen, hooks = [], []
-    for layer in ref.model.layers:
-        hooks.append(layer.mlp.gate.register_forward_hook(lambda m, i, out: chosen.append(out[2].sort(-1).values)))
-    try:
-        with torch.no_grad():
-            ref(idx)
-    finally:
-        for h in hooks:
-            h.remove()
-    return chosen
-
-
-def our_choices(ours: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
-    with torch.no_grad():
-        ours(idx)
-    k = ours.config.experts_per_token
-    return [logits.float().softmax(-1).topk(k, dim=-1).indices.sort(-1).values for logits in router_logits(ours)]
-
-
-def assert_matches(ref: torch.nn.Module, ours: GPT, tokenizer) -> None:
-    """The shared parity check (tests/loaders/parity.py), plus the same experts chosen per token in every
-    layer as transformers' router chose."""
-
-    def same_experts(idx: torch.Tensor) -> None:
-        mine, theirs = our_choices(ours, idx), their_choices(ref, idx)
-        assert len(mine) == len(theirs) == ours.config.n_layers
-        for a, b in zip(mine, theirs):
-            assert torch.equal(a, b)
-        assert len(torch.unique(mine[0])) == ours.config.n_experts  # every expert is used: the test can fail
-
-    assert_matches_transformers(ref, ours, tokenizer, also=same_experts)
 
 
 @pytest.fixture
@@ -145,7 +110,7 @@ def test_import_matches_transformers(mixtral_dir, tiny_tokenizer):
     ref, d = mixtral_dir
     ours = load_model(d)
     assert (ours.config.n_experts, ours.config.experts_per_token, ours.config.name) == (4, 2, "mixtral")
-    assert_matches(ref, ours, tiny_tokenizer)
+    assert_moe_matches_transformers(ref, ours, tiny_tokenizer)
 
 
 def test_export_loads_in_transformers_and_back(mixtral_dir, tmp_path, tiny_tokenizer):
@@ -157,7 +122,7 @@ def test_export_loads_in_transformers_and_back(mixtral_dir, tmp_path, tiny_token
     assert written["architectures"] == [MIXTRAL]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert type(theirs).__name__ == MIXTRAL
-    assert_matches(theirs, ours, tiny_tokenizer)
+    assert_moe_matches_transformers(theirs, ours, tiny_tokenizer)
     back = load_model(tmp_path / "out")
     assert back.config == ours.config
     for (n, p), (_, q) in zip(ours.state_dict().items(), back.state_dict().items()):
