@@ -60,17 +60,22 @@ _OURS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc", "mlp.proj")
 # A mixture of experts' modules under blocks.N (`lmforge.model.gpt.MoE`); "{}" is the expert's number, and an
 # expert's fc / proj split into parts as the dense mlp.fc / mlp.proj do.
 _OURS_MOE = ("mlp.router", "mlp.experts.{}.fc", "mlp.experts.{}.proj")
+# Llama's attention block and norms, which Mixtral and Qwen3-MoE keep; Qwen3's per-head q/k norms (only
+# models with `qk_norm` have them).
+_LLAMA_ATTENTION: dict[str, str | dict[str, str]] = {
+    "norm1": "input_layernorm",
+    "attn.qkv": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+    "attn.proj": "self_attn.o_proj",
+    "norm2": "post_attention_layernorm",
+}
+_QK_NORMS = {"attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
 TENSOR_NAMES: dict[str, TensorNames] = {
     # Llama, Mistral, Qwen2 and Qwen3 name their tensors alike (Qwen2 adds q/k/v biases under the same modules;
     # Qwen3 its per-head q/k norms, which only models with `qk_norm` have).
     LLAMA_FAMILY: TensorNames(
         LLAMA_FAMILY, "Llama-style", "model.", "layers.{}.",
         top={"tok_emb": "embed_tokens", "norm": "norm"},
-        block={"norm1": "input_layernorm",
-               "attn.qkv": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
-               "attn.proj": "self_attn.o_proj",
-               "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
-               "norm2": "post_attention_layernorm",
+        block={**_LLAMA_ATTENTION, **_QK_NORMS,
                "mlp.fc": {"gate": "mlp.gate_proj", "up": "mlp.up_proj"},
                "mlp.proj": "mlp.down_proj"}),
     # Mixtral: Llama's attention; w1 = gate, w3 = up, w2 = down of each expert (in transformers 5 the
@@ -78,10 +83,7 @@ TENSOR_NAMES: dict[str, TensorNames] = {
     MIXTRAL_FAMILY: TensorNames(
         MIXTRAL_FAMILY, "Mixtral-style", "model.", "layers.{}.",
         top={"tok_emb": "embed_tokens", "norm": "norm"},
-        block={"norm1": "input_layernorm",
-               "attn.qkv": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
-               "attn.proj": "self_attn.o_proj",
-               "norm2": "post_attention_layernorm",
+        block={**_LLAMA_ATTENTION,
                "mlp.router": "block_sparse_moe.gate",
                "mlp.experts.{}.fc": {"gate": "block_sparse_moe.experts.{}.w1", "up": "block_sparse_moe.experts.{}.w3"},
                "mlp.experts.{}.proj": "block_sparse_moe.experts.{}.w2"}),
@@ -89,11 +91,7 @@ TENSOR_NAMES: dict[str, TensorNames] = {
     QWEN3_MOE_FAMILY: TensorNames(
         QWEN3_MOE_FAMILY, "Qwen3-MoE-style", "model.", "layers.{}.",
         top={"tok_emb": "embed_tokens", "norm": "norm"},
-        block={"norm1": "input_layernorm",
-               "attn.qkv": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
-               "attn.proj": "self_attn.o_proj",
-               "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
-               "norm2": "post_attention_layernorm",
+        block={**_LLAMA_ATTENTION, **_QK_NORMS,
                "mlp.router": "mlp.gate",
                "mlp.experts.{}.fc": {"gate": "mlp.experts.{}.gate_proj", "up": "mlp.experts.{}.up_proj"},
                "mlp.experts.{}.proj": "mlp.experts.{}.down_proj"}),
