@@ -49,11 +49,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from lmforge.engine.reasoning import ThinkSplitter, opens_thought, supports_thinking
 from lmforge.serve import tools as tl
 from lmforge.serve import translate as tr
 from lmforge.serve.models import Served
-from lmforge.serve.ollama_models import (MODEL_ROUTES, Clock, ThinkSplitter, on_cpu, registry_of, release,
-                                         served_name, supports_thinking, use_model, warning_headers)
+from lmforge.serve.ollama_models import (MODEL_ROUTES, Clock, on_cpu, registry_of, release, served_name, use_model,
+                                         warning_headers)
 from lmforge.serve.ollama_protocol import (ChatRequest, GenerateRequest, option_error, parse_keep_alive, rfc3339,
                                            sampling_fields, warnings)
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Message, invalid, parse
@@ -220,7 +221,7 @@ async def chat(request: Request):
         plan, turns = tl.tool_plan(req.tools, None, tok.chat_template, turns)
         ids = await on_cpu(request, _prompt_ids, tok, turns, mf.system, mf.messages, kwargs, plan.tools)
         params = await _with_format(request, _params(served, req, len(ids), chat=True), grammar, tok)
-        splitter = ThinkSplitter() if kwargs.get("enable_thinking") else None
+        splitter = ThinkSplitter(opens_thought(tok, ids)) if kwargs.get("enable_thinking") else None
 
         def piece(thinking: str, content: str, calls: list[dict] | None = None) -> dict:
             msg: dict[str, Any] = {"role": "assistant", "content": content}
@@ -280,7 +281,7 @@ async def generate(request: Request):
         if not ids:
             raise invalid("the prompt is empty", param="prompt")
         params = await _with_format(request, _params(served, req, len(ids), chat=False), grammar, tok)
-        splitter = ThinkSplitter() if kwargs.get("enable_thinking") else None
+        splitter = ThinkSplitter(opens_thought(tok, ids)) if kwargs.get("enable_thinking") else None
 
         def piece(thinking: str, content: str) -> dict:
             out = {"response": content}

@@ -1,7 +1,7 @@
 """Ollama's model routes (`/api/tags`, `/api/show`, `/api/ps`, `/api/version`, `/api/copy`, `/api/delete`) and
 embeddings (`/api/embed`, the legacy `/api/embeddings`), and the pieces every /api/* handler shares: the
-model lookup with Ollama's 404, the warning header, the statistics clock, thinking (the "thinking"
-capability and `ThinkSplitter`, in one place). `ollama.py` holds the generating routes (`/api/chat`,
+model lookup with Ollama's 404, the warning header, the statistics clock. (Thinking, the "thinking"
+capability included, lives in `engine/reasoning.py`, shared with the OpenAI routes.) `ollama.py` holds the generating routes (`/api/chat`,
 `/api/generate`) and the one `OLLAMA_ROUTES` table.
 
 Models are described from what `lmforge.store_info.show` reads (config.json or the GGUF header, the
@@ -34,6 +34,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from lmforge import __version__
+from lmforge.engine.reasoning import supports_thinking
 from lmforge.errors import UserError, one_line
 from lmforge.serve import tools as tl
 from lmforge.serve.models import ModelRegistry, Served
@@ -124,64 +125,6 @@ class Clock:
         return {"total_duration": max(1, now - self.start), "load_duration": max(1, self.loaded - self.start),
                 "prompt_eval_count": n_prompt, "prompt_eval_duration": max(1, first - (queued or self.loaded)),
                 "eval_count": n_out, "eval_duration": max(1, last - first)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Thinking: what a reasoning model writes before </think>, apart from its answer
-# ----------------------------------------------------------------------------------------------------
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def supports_thinking(template: str | None) -> bool:
-    """Whether a chat template knows about thinking (Qwen3's `enable_thinking`, DeepSeek-R1's `<think>`,
-    a `reasoning_content` field): Ollama's "thinking" capability."""
-    return bool(template) and any(k in template for k in ("enable_thinking", THINK_OPEN, "reasoning_content",
-                                                            "thinking"))
-
-
-class ThinkSplitter:
-    """Splits streamed text into (thinking, content): everything up to `</think>` (after an optional
-    leading `<think>`, which the template may already have written) is thinking. A tag cut across two
-    tokens is held back until it is whole."""
-
-    def __init__(self) -> None:
-        self.buf, self.thinking, self.opened, self.answered = "", True, False, False
-
-    def feed(self, text: str) -> tuple[str, str]:
-        self.buf += text
-        if not self.thinking:
-            return "", self._content(self._take())
-        if not self.opened:
-            s = self.buf.lstrip()
-            if s.startswith(THINK_OPEN):
-                self.buf, self.opened = s[len(THINK_OPEN):], True
-            elif THINK_OPEN.startswith(s):
-                return "", ""  # still possibly the opening tag
-            else:
-                self.opened = True
-        i = self.buf.find(THINK_CLOSE)
-        if i >= 0:
-            thought, rest = self.buf[:i], self.buf[i + len(THINK_CLOSE):]
-            self.buf, self.thinking = "", False
-            return thought, self._content(rest)
-        keep = next((k for k in range(min(len(THINK_CLOSE) - 1, len(self.buf)), 0, -1)
-                     if THINK_CLOSE.startswith(self.buf[-k:])), 0)
-        thought, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-        return thought, ""
-
-    def flush(self) -> tuple[str, str]:
-        rest = self._take()
-        return (rest, "") if self.thinking else ("", self._content(rest))
-
-    def _take(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-    def _content(self, text: str) -> str:
-        if not self.answered:
-            text = text.lstrip()
-            self.answered = bool(text)
-        return text
 
 
 # ----------------------------------------------------------------------------------------------------

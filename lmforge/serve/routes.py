@@ -24,6 +24,7 @@ from typing import AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from lmforge.engine.reasoning import ThinkSplitter, opens_thought, reason_first, split_reasoning, thinking_on
 from lmforge.engine.sampling import SamplingParams
 from lmforge.serve import grounded as gr
 from lmforge.serve import tools as tl
@@ -94,6 +95,9 @@ async def chat_completions(request: Request):
             ids, grounded = await _cpu(request, gr.grounded_ids, tok, turns, found, context=ctx, max_tokens=max_tokens,
                                        default_max_new=default_max, system=mf.system, examples=mf.messages)
             grounding = (gr.grounding_info(found, grounded), [s.to_dict() for s in grounded.sources])
+        # A thinking template's output is split into reasoning_content and content (engine/reasoning.py);
+        # `opened` is None when it is not split, else whether the prompt already opened the thought.
+        opened = opens_thought(tok, ids) if thinking_on(tok.chat_template, req.chat_template_kwargs) else None
         # on the worker pool: a response_format is compiled against the vocabulary (a second, the first time, for
         # a 150k-token one) and the result attached to the grammar, which the scheduler's rows only copy
         params = await _cpu(request, tr.sampling_params, req, mf.parameters, prompt_len=len(ids), context=ctx,
@@ -103,20 +107,23 @@ async def chat_completions(request: Request):
             raise invalid("beam search cannot be combined with tools", param="use_beam_search")
         if plan.constrained:
             params = await _cpu(request, _forced_call, req, plan, params, tok)
+        if opened is not None and params.grammar is not None and req.grammar is None:
+            # response_format, json_schema and forced calls hold for the answer, after the thought; llama.cpp's
+            # raw `grammar` is the whole output's, as written (it may spell out the thought itself)
+            params = await _cpu(request, _reason_first, params, opened, tok)
         if params.num_beams > 1:
-            return await _beam_chat(served, request, req, ids, params, grounding)
+            return await _beam_chat(served, request, req, ids, params, grounding, opened)
         gen = Generation(served, [ids] * req.n, [params] * req.n)
         rid, created = tr.new_id("chatcmpl"), int(time.time())
         if req.stream:
             streaming = True  # the stream releases the model when it ends
             cleanup = once(lambda: (gen.cancel(), _registry(request).release(served)))
             return SSEResponse(_chat_stream(served, request, gen, req, rid, created, len(ids), cleanup, grounding,
-                                            plan), cleanup)
+                                            plan, opened), cleanup)
         choices = await collect(gen, request, req.n)
         body = tr.chat_response(rid, req.model, [
-            _with_tool_calls(tr.chat_choice(i, c.text, c.finish_reason or "stop",
-                                            tr.chat_logprobs(tok, c.ids, c.logprobs, c.tops) if req.logprobs else None,
-                                            grounding[1] if grounding else None), plan, c.text)
+            _answer(i, c.text, c.finish_reason or "stop",
+                    tr.chat_logprobs(tok, c.ids, c.logprobs, c.tops) if req.logprobs else None, grounding, plan, opened)
             for i, c in enumerate(choices)], tr.usage(len(ids), sum(len(c.ids) for c in choices), gen.cached_tokens), created)
         return JSONResponse(_with_grounding(body, grounding))
     finally:
@@ -140,6 +147,25 @@ def _forced_call(req: ChatCompletionRequest, plan: tl.ToolPlan, params: Sampling
         raise invalid(f"invalid 'tools': a call to these functions cannot be constrained: {e}", param="tools") \
             from None
     return dataclasses.replace(params, grammar=grammar)
+
+
+def _reason_first(params: SamplingParams, opened: bool, tok) -> SamplingParams:
+    """`params` whose grammar (structured output, a forced tool call) waits for the end of the thought
+    (`reasoning.reason_first`), compiled against the model's vocabulary here, on the worker pool."""
+    grammar = reason_first(params.grammar, opened)
+    grammar.check(tok)
+    return dataclasses.replace(params, grammar=grammar)
+
+
+def _answer(i: int, text: str, reason: str, logprobs: dict | None, grounding: tuple[dict, list[dict]] | None,
+            plan: tl.ToolPlan | None, opened: bool | None) -> dict:
+    """One chat choice from a whole output: the thought as `message.reasoning_content` (when `opened` is
+    not None: the output is split), tool calls parsed out of the answer only."""
+    reasoning = None
+    if opened is not None:
+        reasoning, text = split_reasoning(text, opened)
+    choice = tr.chat_choice(i, text, reason, logprobs, grounding[1] if grounding else None, reasoning=reasoning)
+    return _with_tool_calls(choice, plan, text) if plan is not None else choice
 
 
 def _with_tool_calls(choice: dict, plan: tl.ToolPlan, text: str) -> dict:
@@ -166,16 +192,18 @@ def _with_grounding(body: dict, grounding: tuple[dict, list[dict]] | None) -> di
 def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCompletionRequest, rid: str,
                  created: int, n_prompt: int, cleanup: Callable[[], None],
                  grounding: tuple[dict, list[dict]] | None = None,
-                 plan: tl.ToolPlan | None = None) -> AsyncIterator[bytes]:
-    """The SSE chunks of a chat completion. With tools, each choice's text goes through a
-    `tools.ToolCallStream`: content deltas as usual (text that may begin a call is held back), then each
-    call, once complete, as one OpenAI tool-call delta (`index`, `id`, `type`, `function.name` and the whole
-    `function.arguments`), and finish reason "tool_calls"."""
+                 plan: tl.ToolPlan | None = None, opened: bool | None = None) -> AsyncIterator[bytes]:
+    """The SSE chunks of a chat completion. A thinking model's text (`opened` not None) goes through a
+    `reasoning.ThinkSplitter` first: `reasoning_content` deltas while it thinks, `content` after. With
+    tools, the answer then goes through a `tools.ToolCallStream`: content deltas as usual (text that may
+    begin a call is held back), then each call, once complete, as one OpenAI tool-call delta (`index`,
+    `id`, `type`, `function.name` and the whole `function.arguments`), and finish reason "tool_calls"."""
     tok = served.engine.tokenizer
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
     parsing = plan is not None and plan.parses
     streams = [tl.ToolCallStream(plan.fmt) for _ in range(req.n)] if parsing else []
     sent = [0] * req.n  # tool calls sent per choice
+    splitters = [ThinkSplitter(opened) for _ in range(req.n)] if opened is not None else []
 
     def chunk(choices: list[dict]) -> dict:
         return tr.chat_chunk(rid, req.model, created, choices, with_usage)
@@ -185,11 +213,20 @@ def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCom
         lp = None
         if req.logprobs and ev.token_id is not None:
             lp = tr.chat_logprobs(tok, [ev.token_id], [ev.logprob], [ev.top_logprobs or []])
-        text, calls = ev.text, []
+        thought, text, calls = "", ev.text, []
+        if splitters:
+            thought, text = splitters[i].feed(ev.text)
+            if ev.finish_reason:
+                rest = splitters[i].flush()
+                thought, text = thought + rest[0], text + rest[1]
         if parsing:
-            events = streams[i].push(ev.text) + (streams[i].finish() if ev.finish_reason else [])
+            events = streams[i].push(text) + (streams[i].finish() if ev.finish_reason else [])
             text = "".join(e for e in events if isinstance(e, str))
             calls = [e for e in events if isinstance(e, tl.ToolCall)]
+        if thought:
+            out.append(chunk([{"index": i, "delta": {"reasoning_content": thought}, "logprobs": lp,
+                               "finish_reason": None}]))
+            lp = None  # the token's logprobs ride on its first delta
         if text or lp is not None:
             out.append(chunk([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]))
         for call in calls:
@@ -213,11 +250,11 @@ def _chat_stream(served: Served, request: Request, gen: Generation, req: ChatCom
 
 
 async def _beam_chat(served: Served, request: Request, req: ChatCompletionRequest, ids: list[int],
-                     params: SamplingParams, grounding: tuple[dict, list[dict]] | None = None):
+                     params: SamplingParams, grounding: tuple[dict, list[dict]] | None = None,
+                     opened: bool | None = None):
     check_sequences(served, params.num_beams, "beams", param="best_of")
     beams = await _beam(served, request, ids, params, req.n)
-    choices = [tr.chat_choice(i, b.text, b.finish_reason, None, grounding[1] if grounding else None)
-               for i, b in enumerate(beams)]
+    choices = [_answer(i, b.text, b.finish_reason, None, grounding, None, opened) for i, b in enumerate(beams)]
     usage = tr.usage(len(ids), sum(b.n_tokens for b in beams))
     return JSONResponse(_with_grounding(tr.chat_response(tr.new_id("chatcmpl"), req.model, choices, usage), grounding))
 

@@ -339,10 +339,14 @@ def chat_response(rid: str, model: str, choices: list[dict], usage_: dict, creat
 
 
 def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None,
-                sources: list[dict] | None = None) -> dict:
+                sources: list[dict] | None = None, reasoning: str | None = None) -> dict:
     """One choice of a chat completion; `sources` (a grounded request's passages, `Source.to_dict()`) is
-    the lmforge extension field `message.sources`, present only on grounded requests."""
+    the lmforge extension field `message.sources`, present only on grounded requests. `reasoning` (a
+    thinking model's thought, "" when it wrote none) is `message.reasoning_content`, as vLLM and
+    DeepSeek's API name it, present only when the output was split (null for an empty thought)."""
     message = {"role": "assistant", "content": text, "refusal": None}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning or None
     if sources is not None:
         message["sources"] = sources
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}

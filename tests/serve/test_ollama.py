@@ -182,7 +182,7 @@ def test_think_sets_the_templates_enable_thinking(client):
 
 
 def test_think_splitter_separates_thinking_however_the_text_is_cut():
-    from lmforge.serve.ollama_models import ThinkSplitter
+    from lmforge.engine.reasoning import ThinkSplitter
 
     text = "<think>\nfirst, the cause</think>\n\nThe answer."
     for cut in range(1, len(text)):

@@ -223,13 +223,15 @@ FAMILIES = {
 }
 
 
-def family_tokenizer(base, family: str):
-    """The tiny test vocabulary `base` with `family`'s control tokens and template, as an lmforge Tokenizer."""
+def family_tokenizer(base, family: str, families: dict | None = None):
+    """The tiny test vocabulary `base` with `family`'s control tokens and template, as an lmforge Tokenizer;
+    `families` (default: the tool-calling ones here) is where `family` is looked up, in FAMILIES' shape
+    (tests/tokenizer/family_templates.py has the thinking, Gemma and Phi ones)."""
     import tokenizers
 
     from lmforge.tokenizer import Tokenizer
 
-    template, special, plain, bos, eos, eot = FAMILIES[family]
+    template, special, plain, bos, eos, eot = (families or FAMILIES)[family]
     backend = tokenizers.Tokenizer.from_str(base.backend.to_str())
     backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in special])
     if plain:
