@@ -298,7 +298,9 @@ def register(sub) -> list[argparse.ArgumentParser]:
     lg.add_argument("--lora-alpha", type=float_arg, default=32.0, help="scale alpha; updates are scaled by alpha/r (default: 32)")
     lg.add_argument("--lora-dropout", type=float_arg, default=0.05, help="dropout on the adapter input (default: 0.05)")
     lg.add_argument("--lora-targets", help="comma-separated projections, PEFT names (q_proj, ..., down_proj; c_attn, "
-                    "c_proj, c_fc for GPT-2 shapes) or all-linear (default: all attention and MLP projections)")
+                    "c_proj, c_fc for GPT-2 shapes; w1, w3, w2 for Mixtral; an expert's name adapts every expert, and "
+                    "gate the router, which is adapted only when named) or all-linear (default: all attention and MLP "
+                    "projections, every expert's)")
     ft.set_defaults(func=cmd_finetune)
 
     al = sub.add_parser("align", help="preference alignment (DPO, IPO) on chosen/rejected pairs", formatter_class=Formatter,

@@ -1,7 +1,7 @@
 """LoRA adapters in PEFT's format, and LoRA targets in PEFT's vocabulary.
 
 `lmforge.model.lora` is the module swap, in our own names (projections attn.qkv, attn.proj, mlp.fc, mlp.proj
-and their row slices q, k, v, o, gate, up, down). This module is everything Hugging Face / PEFT *names*:
+and their row slices q, k, v, o, gate, up, down; a mixture of experts' mlp.router and mlp.experts.{}.fc / .proj). This module is everything Hugging Face / PEFT *names*:
 target names as users and recipes say them (q_proj, c_attn, all-linear), `adapter_config.json` and
 `adapter_model.safetensors`. Every name comes from the one tensor-name table of the model's family in
 `lmforge.loaders.hf` (`tensor_names(cfg)`, decided by `family(cfg)`), so an adapter's tensors are always
@@ -13,15 +13,32 @@ Target names. A family's own module names work as PEFT matches them, as a suffix
 parts a model has (q_proj .. down_proj) work for every family, because that is what recipes say:
 
     Llama-like (LlamaForCausalLM, Qwen2, Mistral)   q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    Mixtral (MixtralForCausalLM)                     q_proj .. o_proj  w1 w3 w2 (every expert's gate, up, down;
+                                                     also as gate_proj up_proj down_proj)  gate (the router)
+    Qwen3-MoE (Qwen3MoeForCausalLM)                  q_proj .. o_proj  gate_proj up_proj down_proj (every
+                                                     expert's)  gate (the router: mlp.gate)
     GPT-2 (GPT2LMHeadModel)                          c_attn (= q, k, v)  c_proj  attn.c_proj  mlp.c_proj  c_fc
                                                      + q_proj .. o_proj, up_proj (= c_fc), down_proj (= mlp.c_proj)
     our own (LmforgeForCausalLM: sinusoidal, ...)    qkv  proj  attn.proj  mlp.proj  fc  + the Llama names
-    any                                              all-linear (every projection of every block, not lm_head)
+    any                                              all-linear (every projection of every block and every
+                                                     expert; not lm_head, and not a router, which PEFT's
+                                                     all-linear includes: a router is adapted only when named)
+    any, our module names                            attn.qkv attn.proj mlp.fc mlp.proj mlp.router
+                                                     mlp.experts.{}.fc mlp.experts.{}.proj, each alone or with
+                                                     a part (attn.qkv.q, mlp.experts.{}.fc.up); "{}" may be left out
+
+A target on an expert projection adapts it in every expert of every layer, each expert with its own A and B.
 
 Files. Names such as `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (Llama-like) or
 `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight` (GPT-2, where c_attn is one fused module in
 transformers too: parts left out are saved as zero rows of B), so `peft.PeftModel.from_pretrained` (and vLLM,
-llama.cpp's convert_lora_to_gguf, ...) accept them. A model no transformers class describes is saved under
+llama.cpp's convert_lora_to_gguf, ...) accept them. Experts are saved one module per expert, as their model
+files name them and as PEFT wrote them while transformers kept each expert an nn.Linear
+(`base_model.model.model.layers.0.block_sparse_moe.experts.3.w1.lora_A.weight`, Qwen3-MoE's
+`...mlp.experts.3.gate_proj...`): peft on transformers 5, whose experts are fused 3-D tensors, converts exactly
+these names on load (it needs both of gate and up targeted, which it fuses; it refuses one alone). The fused form
+peft writes on transformers 5 (`target_parameters`; `...mlp.experts[.base_layer].lora_A.weight`, experts
+stacked in A's rows and B's columns) is read too (`lmforge.loaders.peft_experts`), never written. A model no transformers class describes is saved under
 our own module names (`base_model.model.blocks.0.attn.qkv...`), which are its model directory's names. A
 shared-A adapter is saved as per-projection tensors with A repeated. Loading goes the other way and also
 accepts adapters made by peft, whose q, k and v have different A's: they are combined exactly by stacking the
@@ -52,9 +69,13 @@ import torch.nn as nn
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_write, atomic_write_json, read_json_object
-from lmforge.loaders.hf_tensors import LLAMA_FAMILY, TENSOR_NAMES, hf_modules, tensor_names
-from lmforge.model.gpt import PROJECTIONS, projection_parts, unwrap
+from lmforge.loaders.hf_tensors import LLAMA_FAMILY, TENSOR_NAMES, tensor_names
+from lmforge.loaders.peft_experts import fused_expert_adapters, is_fused_expert_key, transformers5_settings
+from lmforge.model.gpt import unwrap
 from lmforge.model.lora import (
+    EXPERT_FC,
+    EXPERT_PROJ,
+    ROUTER,
     LoRAInfo,
     LoRALinear,
     adapted_parts,
@@ -63,7 +84,9 @@ from lmforge.model.lora import (
     has_lora,
     install_lora,
     lora_modules,
-    refuse_experts,
+    lora_parts,
+    lora_projections,
+    module_template,
     require_plain_linear,
 )
 
@@ -116,13 +139,34 @@ def adapter_base(directory: Path) -> str:
 # Target names
 # ---------------------------------------------------------------------------------------------------
 def _their_modules(cfg) -> dict[str, tuple[str, list[str]]]:
-    """Their module name under a layer -> (our projection, its parts there), in table order."""
-    refuse_experts(cfg)
-    return {theirs: (mine, parts) for mine in PROJECTIONS for theirs, parts in hf_modules(cfg, mine).items()}
+    """Their module name under a layer ("{}" for an expert's number, as in the table) -> (our module in
+    `lora_projections` terms, its parts there), in table order. (`hf_tensors.hf_modules` answers this for the
+    dense projections only; an expert's parts and the router's are `lora_parts`'.)"""
+    block = tensor_names(cfg).block
+    out: dict[str, tuple[str, list[str]]] = {}
+    for mine in lora_projections(cfg):
+        theirs, parts = block[mine], [p for p, _, _ in lora_parts(cfg, mine)]
+        out.update({theirs[p]: (mine, [p]) for p in parts} if isinstance(theirs, dict) else {theirs: (mine, parts)})
+    return out
 
 
 def _last(name: str) -> str:
     return name.rsplit(".", 1)[-1]
+
+
+_EXPERT_NUMBER = re.compile(r"\.(\d+)\.")
+
+
+def _split_expert(theirs: str) -> tuple[str, int | None]:
+    """Their module under a layer -> (the table's name, "{}" for the expert's number; the number or None)."""
+    m = _EXPERT_NUMBER.search(theirs)
+    if not m:
+        return theirs, None
+    return theirs[:m.start()] + ".{}." + theirs[m.end():], int(m[1])
+
+
+# The Llama names of an expert's projections are those of the dense MLP's (gate_proj, up_proj, down_proj).
+_DENSE = {EXPERT_FC: "mlp.fc", EXPERT_PROJ: "mlp.proj"}
 
 
 def _vocabulary(cfg) -> dict[str, list[tuple[str, str]]]:
@@ -141,15 +185,32 @@ def _vocabulary(cfg) -> dict[str, list[tuple[str, str]]]:
         if len(group) > 1:  # the full names pick one of the modules a suffix shares
             vocab.update({t: [(modules[t][0], p) for p in modules[t][1]] for t in group})
     llama = TENSOR_NAMES[LLAMA_FAMILY].block
-    for mine in PROJECTIONS:  # Llama's names of the parts this model has
-        for part, _, _ in projection_parts(cfg, mine):
-            theirs = llama[mine][part] if isinstance(llama[mine], dict) else llama[mine]
+    for mine in lora_projections(cfg):  # Llama's names of the parts this model has (a router has none)
+        dense = _DENSE.get(mine, mine)
+        if dense not in llama:
+            continue
+        for part, _, _ in lora_parts(cfg, mine):
+            theirs = llama[dense][part] if isinstance(llama[dense], dict) else llama[dense]
             vocab.setdefault(_last(theirs), [(mine, part)])
     return vocab
 
 
+def _our_name(cfg, name: str) -> list[tuple[str, str]] | None:
+    """One of our module names, alone or with a part ("attn.qkv", "mlp.experts.{}.fc.up"; an expert's may leave
+    "{}" out: "mlp.experts.fc"), -> the (module, part) pairs it adapts; None if it is not one."""
+    name = re.sub(r"^mlp\.experts\.(?=(fc|proj)(\.|$))", "mlp.experts.{}.", name)
+    for mine in lora_projections(cfg):
+        parts = [p for p, _, _ in lora_parts(cfg, mine)]
+        if name == mine:
+            return [(mine, p) for p in parts]
+        if name.startswith(mine + ".") and name[len(mine) + 1:] in parts:
+            return [(mine, name[len(mine) + 1:])]
+    return None
+
+
 def available_targets(model_or_config) -> list[str]:
-    """The target names this model accepts (PEFT vocabulary of its family), `all-linear` last."""
+    """The target names this model accepts (PEFT vocabulary of its family), `all-linear` last. (Our own module
+    names, `lora_projections`, are accepted too, and named in the error for an unknown target.)"""
     cfg = getattr(unwrap(model_or_config), "config", model_or_config)
     return [*_vocabulary(cfg), ALL_LINEAR]
 
@@ -168,22 +229,26 @@ def resolve_targets(cfg, targets: str | Iterable[str]) -> dict[str, list[str]]:
     vocab = _vocabulary(cfg)
     chosen: set[tuple[str, str]] = set()
     for name in names:
-        if name == ALL_LINEAR:
-            chosen |= {(m, p) for m in PROJECTIONS for p, _, _ in projection_parts(cfg, m)}
+        if name == ALL_LINEAR:  # every projection and expert, never the router (PEFT's would include it)
+            chosen |= {(m, p) for m in lora_projections(cfg) if m != ROUTER for p, _, _ in lora_parts(cfg, m)}
         elif name in vocab:
             chosen |= set(vocab[name])
+        elif (ours := _our_name(cfg, name)) is not None:
+            chosen |= set(ours)
         else:
             raise UserError(f"LoRA target {name!r} matches no module of this {_family_title(cfg)} model; available: "
-                            f"{', '.join(available_targets(cfg))}")
-    plan = {m: [p for p, _, _ in projection_parts(cfg, m) if (m, p) in chosen] for m in PROJECTIONS}
+                            f"{', '.join(available_targets(cfg))} (or our names: {', '.join(lora_projections(cfg))})")
+    plan = {m: [p for p, _, _ in lora_parts(cfg, m) if (m, p) in chosen] for m in lora_projections(cfg)}
     return {m: parts for m, parts in plan.items() if parts}
 
 
 def target_names(model: nn.Module) -> list[str]:
     """target_modules for adapter_config.json: the modules (theirs) the adapters are saved under, each by its
-    last name component where that names no module left out (`c_proj` for both of GPT-2's), else in full."""
+    last name component where that names no module left out (`c_proj` for both of GPT-2's), else in full
+    (an expert's module once per expert: PEFT matches names, not patterns)."""
     m = unwrap(model)
-    adapted, modules = adapted_parts(m), _their_modules(m.config)
+    cfg = m.config
+    adapted, modules = adapted_parts(m), _their_modules(cfg)
     saved = [t for t, (mine, parts) in modules.items() if any((mine, p) in adapted for p in parts)]
     sharing: dict[str, list[str]] = {}
     for theirs in modules:
@@ -192,7 +257,8 @@ def target_names(model: nn.Module) -> list[str]:
     shared: list[str] = []
     for last, group in sharing.items():
         if len(group) > 1 and any(t in saved for t in group):
-            shared += [last] if all(t in saved for t in group) else [t for t in group if t in saved]
+            shared += [last] if all(t in saved for t in group) else [
+                t.format(e) for t in group if t in saved for e in (range(cfg.n_experts) if "{}" in t else [0])]
     return unique + shared
 
 
@@ -229,7 +295,10 @@ def _adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     for name, lora in lora_modules(model):
         _, layer, module = name.split(".", 2)
         prefix = names.body + names.layer.format(layer)
-        theirs = names.block[module]
+        theirs = names.block[module_template(name)]
+        if "{}" in module_template(name):  # an expert's module: its number in their name
+            expert = int(_EXPERT_NUMBER.search(module)[1])
+            theirs = {p: t.format(expert) for p, t in theirs.items()} if isinstance(theirs, dict) else theirs.format(expert)
         if isinstance(theirs, dict):  # one module per part there: each part's rows of B, its A
             for i, (part, _, n, offset) in enumerate(lora.part_rows()):
                 key = prefix + theirs[part]
@@ -269,10 +338,16 @@ def save_adapter(model: nn.Module, directory: str | Path, *, base_model_name_or_
         raise UserError(f"cannot write to {directory}: {e.strerror or e}") from None
     tensors, scalings = _adapter_tensors(m)
     first = mods[0][1]
-    r, alpha = first.rank, first.alpha
-    rank_pattern, alpha_pattern = {}, {}
-    for key, s in scalings.items():
-        r_key = tensors[f"{PEFT_PREFIX}{key}.lora_A.weight"].shape[0]
+    ranks = {key: (tensors[f"{PEFT_PREFIX}{key}.lora_A.weight"].shape[0], s) for key, s in scalings.items()}
+    pattern, theirs_to_ours = _key_pattern(cfg), _their_modules(cfg)
+    owners = {}  # key -> (layer, our module as lora_projections names it)
+    for key in ranks:
+        match = pattern.match(f"{key}.lora_A.weight")
+        owners[key] = (int(match[2]), theirs_to_ours[_split_expert(match[3])[0]][0])
+    # peft on transformers 5 fuses the experts' gate and up and then needs r and alpha to be theirs (see there)
+    r, alpha, rank_pattern, alpha_pattern = transformers5_settings(
+        cfg, {key: (*owners[key], *ranks[key]) for key in ranks}, first.rank, first.alpha)
+    for key, (r_key, s) in ranks.items():
         if r_key != r:
             rank_pattern[key] = r_key
         a_key = s * r_key
@@ -327,7 +402,7 @@ def _key_pattern(cfg) -> re.Pattern:
     names = tensor_names(cfg)
     body = f"(?:{re.escape(names.body)})?" if names.body_optional else re.escape(names.body)
     before, after = names.layer.split("{}")
-    modules = "|".join(re.escape(t) for t in sorted(_their_modules(cfg), key=len, reverse=True))
+    modules = "|".join(re.escape(t).replace(r"\{\}", r"\d+") for t in sorted(_their_modules(cfg), key=len, reverse=True))
     return re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?({body}{re.escape(before)}(\d+){re.escape(after)}({modules}))"
                       rf"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
@@ -394,7 +469,6 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = 
 
     m = unwrap(model)
     cfg = m.config
-    refuse_experts(cfg)
     directory = Path(directory)
     conf = read_adapter_config(directory)
     src = str(directory)
@@ -418,10 +492,21 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = 
     theirs_to_ours = _their_modules(cfg)
     r_default, alpha_default = conf.get("r", 8), conf.get("lora_alpha", 8)
     rslora = bool(conf.get("use_rslora"))
+
+    def rank_and_scaling(key: str) -> tuple[int, float]:
+        """The rank and update scale PEFT gives the module `key` (rank_pattern / alpha_pattern, rslora)."""
+        r = _pattern(conf.get("rank_pattern"), key, r_default)
+        alpha = _pattern(conf.get("alpha_pattern"), key, alpha_default)
+        return r, alpha / math.sqrt(r) if rslora else alpha / r
+
     found: dict[tuple[int, str], dict[str, Any]] = {}  # (layer, their module) -> {"key": ..., "A": ..., "B": ...}
+    fused: dict[str, torch.Tensor] = {}  # transformers 5's fused experts, as peft writes them there
     for key, t in tensors.items():
         match = pattern.match(key)
         if not match:
+            if is_fused_expert_key(cfg, key):
+                fused[key] = t
+                continue
             raise UserError(f"{wfile}: tensor {key!r} is not a LoRA weight of a {names.title} model's projections "
                             f"(this model accepts {', '.join(available_targets(cfg)[:-1])})")
         module_key, layer, theirs, ab = match.group(1), int(match.group(2)), match.group(3), match.group(4)
@@ -436,44 +521,53 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = 
             raise UserError(f"{wfile}: {entry['key']} has lora_{'A' if 'A' not in entry else 'B'} missing")
         A, B = entry["A"], entry["B"]
         key = names.body + entry["key"].removeprefix(names.body)  # as PEFT names it (GPT-2: with transformer.)
-        module, part_names = theirs_to_ours[theirs]
-        parts = [p for p in projection_parts(cfg, module) if p[0] in part_names]
+        template, expert = _split_expert(theirs)
+        module, part_names = theirs_to_ours[template]
+        if expert is not None and expert >= cfg.n_experts:
+            raise UserError(f"{wfile}: {key} is for expert {expert}, but this model has {cfg.n_experts} experts per layer")
+        parts = [p for p in lora_parts(cfg, module) if p[0] in part_names]
+        name = f"blocks.{layer}.{module.format(expert) if expert is not None else module}"
         rows = sum(stop - start for _, start, stop in parts)
-        in_features = m.get_submodule(f"blocks.{layer}.{module}").in_features
-        r = _pattern(conf.get("rank_pattern"), key, r_default)
-        alpha = _pattern(conf.get("alpha_pattern"), key, alpha_default)
+        in_features = m.get_submodule(name).in_features
+        r, scaling = rank_and_scaling(key)
         if A.dim() != 2 or B.dim() != 2 or A.shape != (r, in_features) or B.shape != (rows, r):
             raise UserError(f"{wfile}: {key} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; this model "
                             f"needs ({r}, {in_features}) and ({rows}, {r}) (r={r}): the adapter is for another model")
-        scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        per_module.setdefault(f"blocks.{layer}.{module}", []).append((parts, A.float(), B.float(), scaling))
+        per_module.setdefault(name, []).append((parts, A.float(), B.float(), scaling))
 
     drop = float(conf.get("lora_dropout", 0.0) if dropout is None else dropout)
     new = {}
-    for name, entries in per_module.items():
-        entries.sort(key=lambda e: e[0][0][1])  # by first row
+
+    def install(name: str, parts, A: torch.Tensor, B: torch.Tensor, scaling: float, blocks) -> None:
         base = require_plain_linear(m, name, "load the adapter")
-        parts = [p for e in entries for p in e[0]]
-        s0 = entries[0][3]
-        shared = all(torch.equal(e[1], entries[0][1]) and e[3] == s0 for e in entries)
-        if shared:  # one A (ours, saved per projection): B's rows side by side
-            A, B, blocks = entries[0][1], torch.cat([e[2] for e in entries]), None
-        else:  # separate A's (PEFT's q, k, v): A stacked, B block-diagonal, scales folded into B
-            A = torch.cat([e[1] for e in entries])
-            B = torch.block_diag(*[e[2] * (e[3] / s0) for e in entries])
-            blocks, lo = [], 0
-            for e in entries:
-                blocks += [(lo, lo + e[1].shape[0])] * len(e[0])
-                lo += e[1].shape[0]
-        lora = LoRALinear(base, rank=A.shape[0], alpha=s0 * A.shape[0], dropout=drop, parts=parts, scaling=s0)
+        lora = LoRALinear(base, rank=A.shape[0], alpha=scaling * A.shape[0], dropout=drop, parts=parts, scaling=scaling)
         lora.rank, lora.alpha = int(r_default), float(alpha_default)  # the adapter's nominal settings, saved back
         lora.rank_blocks = blocks
         with torch.no_grad():
             lora.lora_A.copy_(A)
             lora.lora_B.copy_(B)
         new[name] = lora
+
+    for name, entries in per_module.items():
+        entries.sort(key=lambda e: e[0][0][1])  # by first row
+        parts = [p for e in entries for p in e[0]]
+        s0 = entries[0][3]
+        shared = all(torch.equal(e[1], entries[0][1]) and e[3] == s0 for e in entries)
+        if shared:  # one A (ours, saved per projection): B's rows side by side
+            install(name, parts, entries[0][1], torch.cat([e[2] for e in entries]), s0, None)
+        else:  # separate A's (PEFT's q, k, v): A stacked, B block-diagonal, scales folded into B
+            blocks, lo = [], 0
+            for e in entries:
+                blocks += [(lo, lo + e[1].shape[0])] * len(e[0])
+                lo += e[1].shape[0]
+            install(name, parts, torch.cat([e[1] for e in entries]),
+                    torch.block_diag(*[e[2] * (e[3] / s0) for e in entries]), s0, blocks)
+    for name, (parts, A, B, scaling, blocks) in fused_expert_adapters(cfg, fused, rank_and_scaling, str(wfile)).items():
+        if name in new:
+            raise UserError(f"{wfile}: {name} has LoRA weights twice (per expert and fused)")
+        install(name, parts, A, B, scaling, blocks)
     if not new:
         raise UserError(f"{wfile}: no LoRA weights in the file")
-    info = install_lora(m, new)
+    info = install_lora(m, {name: new[name] for name, _ in m.named_modules() if name in new})
     info.targets = target_names(m)
     return info

@@ -8,9 +8,13 @@ B (r * (in + out) numbers per matrix instead of in * out). `apply_lora` swaps ch
 and restores plain `nn.Linear`s, so a merged model is an ordinary GPT that exports, quantizes and runs on
 the fast path like any other. `model/gpt.py` knows nothing of this file.
 
-Targets here are in OUR vocabulary: a per-block projection (`PROJECTIONS`: attn.qkv, attn.proj, mlp.fc,
-mlp.proj) and the named row slices of it to adapt (`projection_parts`: q, k, v of attn.qkv; gate, up of a
-SwiGLU mlp.fc; o; down), e.g. `apply_lora(model, targets={"attn.qkv": ["q", "v"]})`. What users and
+Targets here are in OUR vocabulary: a per-block projection (`lora_projections`: attn.qkv, attn.proj, mlp.fc,
+mlp.proj) and the named row slices of it to adapt (`lora_parts`: q, k, v of attn.qkv; gate, up of a SwiGLU
+mlp.fc; o; down), e.g. `apply_lora(model, targets={"attn.qkv": ["q", "v"]})`. A mixture of experts has no
+mlp.fc / mlp.proj: in their place are its router (`mlp.router`, one part "router") and its experts, named as
+in the tensor-name tables with "{}" for the expert's number (`mlp.experts.{}.fc`: gate, up; `mlp.experts.{}.proj`:
+down). A target on an expert projection adapts that projection of EVERY expert, each with its own A and B
+(as PEFT adapts each expert's w1 / w3 / w2); the router is adapted only when named. What users and
 recipes say (q_proj, c_attn, all-linear: Hugging Face / PEFT names, which depend on the architecture
 family) and PEFT's adapter files are `lmforge.loaders.peft`'s business: it resolves those names with the
 one tensor-name table in `lmforge.loaders.hf` and calls this module. The model layer never imports the
@@ -36,6 +40,7 @@ the FastLinear). Merge first for serving.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -49,8 +54,11 @@ from lmforge.errors import UserError
 from lmforge.model.gpt import PROJECTIONS, projection_parts, unwrap
 
 __all__ = [
+    "EXPERT_FC",
+    "EXPERT_PROJ",
     "LoRAInfo",
     "LoRALinear",
+    "ROUTER",
     "adapted_parts",
     "apply_lora",
     "base_fingerprint",
@@ -58,7 +66,10 @@ __all__ = [
     "install_lora",
     "lora_modules",
     "lora_parameters",
+    "lora_parts",
+    "lora_projections",
     "merge_lora",
+    "module_template",
 ]
 
 FINGERPRINT_VERSION = 1
@@ -148,17 +159,47 @@ class LoRALinear(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Our projections and their parts
 # ---------------------------------------------------------------------------------------------------
-def refuse_experts(cfg) -> None:
-    """LoRA adapts the per-block projections of PROJECTIONS; a mixture of experts has a router and E experts
-    in place of mlp.fc / mlp.proj, which no adapter format here names yet: one clear line, not a KeyError."""
-    if getattr(cfg, "n_experts", 0):
-        raise UserError(f"LoRA is not supported yet for mixture-of-experts models (this one has {cfg.n_experts} "
-                        "experts per layer); fine-tune it without --lora")
+# A mixture of experts' modules under blocks.N (`lmforge.model.gpt.MoE`), "{}" the expert's number: the
+# notation of the tensor-name tables (`lmforge.loaders.hf_tensors`), so that one name means one thing everywhere.
+ROUTER, EXPERT_FC, EXPERT_PROJ = "mlp.router", "mlp.experts.{}.fc", "mlp.experts.{}.proj"
+_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(fc|proj)")
+
+
+def lora_projections(cfg) -> tuple[str, ...]:
+    """The modules under blocks.N that LoRA adapts, in block order: PROJECTIONS for a dense model; attention's
+    two, the router and every expert's fc / proj for a mixture of experts (which has no mlp.fc / mlp.proj)."""
+    if cfg.n_experts:
+        return ("attn.qkv", "attn.proj", ROUTER, EXPERT_FC, EXPERT_PROJ)
+    return PROJECTIONS
+
+
+def lora_parts(cfg, module: str) -> list[tuple[str, int, int]]:
+    """The named row slices of one of `lora_projections(cfg)`, in row order: (part, start, stop). An expert's
+    fc / proj are shaped as the dense mlp.fc / mlp.proj; the router's rows (one per expert) are one part."""
+    if cfg.n_experts and module == ROUTER:
+        return [("router", 0, cfg.n_experts)]
+    if cfg.n_experts and module in (EXPERT_FC, EXPERT_PROJ):
+        return projection_parts(cfg, "mlp." + module.rpartition(".")[2])
+    return projection_parts(cfg, module)
+
+
+def module_template(name: str) -> str:
+    """A module's name under blocks.N with an expert's number written "{}": "blocks.3.mlp.experts.5.fc" ->
+    "mlp.experts.{}.fc" (what `lora_projections` lists); other names lose only the block prefix."""
+    under = name.split(".", 2)[2] if name.startswith("blocks.") else name
+    return _EXPERT.sub(r"mlp.experts.{}.\2", under)
+
+
+def _instances(cfg, module: str) -> list[str]:
+    """Every module of the model that `module` (a `lora_projections` name) stands for: one per block, and one
+    per expert of every block for an expert projection."""
+    experts = range(cfg.n_experts) if "{}" in module else [None]
+    return [f"blocks.{i}.{module.format(e) if e is not None else module}" for i in range(cfg.n_layers) for e in experts]
 
 
 def _plan(cfg, targets: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
-    """{our module: parts} checked against the model, parts in row order, modules in PROJECTIONS order."""
-    refuse_experts(cfg)
+    """{our module: parts} checked against the model, parts in row order, modules in `lora_projections` order."""
+    projections = lora_projections(cfg)
     if isinstance(targets, (str, bytes)) or not isinstance(targets, Mapping):
         raise TypeError("model.lora.apply_lora takes {projection: [parts]} (e.g. {'attn.qkv': ['q', 'v']}); "
                         "Hugging Face / PEFT names (q_proj, c_attn, all-linear) go through lmforge.loaders.peft.apply_lora")
@@ -166,14 +207,14 @@ def _plan(cfg, targets: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
         raise UserError("no LoRA targets given")
     plan = {}
     for module, wanted in targets.items():
-        if module not in PROJECTIONS:
-            raise UserError(f"{module!r} is not a projection of this model; LoRA adapts {', '.join(PROJECTIONS)}")
-        names = [p for p, _, _ in projection_parts(cfg, module)]
+        if module not in projections:
+            raise UserError(f"{module!r} is not a projection of this model; LoRA adapts {', '.join(projections)}")
+        names = [p for p, _, _ in lora_parts(cfg, module)]
         wanted = set(wanted)
         if not wanted or not wanted <= set(names):
             raise UserError(f"{module} has the parts {', '.join(names)}; asked for {sorted(wanted)}")
         plan[module] = [p for p in names if p in wanted]
-    return {m: plan[m] for m in PROJECTIONS if m in plan}
+    return {m: plan[m] for m in projections if m in plan}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,14 +261,15 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def adapted_parts(model: nn.Module) -> set[tuple[str, str]]:
-    """(our module without blocks.N., part) for every part adapted in at least one block."""
-    return {(name.split(".", 2)[2], p[0]) for name, m in lora_modules(model) for p in m.parts}
+    """(our module without blocks.N., an expert's number as "{}": `module_template`, part) for every part
+    adapted in at least one block (and expert)."""
+    return {(module_template(name), p[0]) for name, m in lora_modules(model) for p in m.parts}
 
 
 def _our_targets(model: nn.Module) -> list[str]:
     cfg = unwrap(model).config
     adapted = adapted_parts(model)
-    return [f"{m}.{p}" for m in PROJECTIONS for p, _, _ in projection_parts(cfg, m) if (m, p) in adapted]
+    return [f"{m}.{p}" for m in lora_projections(cfg) for p, _, _ in lora_parts(cfg, m) if (m, p) in adapted]
 
 
 def _info(model: nn.Module, targets: list[str]) -> LoRAInfo:
@@ -277,8 +319,9 @@ def apply_lora(model: nn.Module, *, targets: Mapping[str, Iterable[str]], rank: 
                dropout: float = 0.0) -> LoRAInfo:
     """Wrap the targeted projections of every block in `LoRALinear`s (in place) and freeze the base.
 
-    `targets`: our projections and the parts of each to adapt, {"attn.qkv": ["q", "v"], "mlp.proj": ["down"]}
-    (Hugging Face / PEFT names go through `lmforge.loaders.peft.apply_lora`). Every base parameter
+    `targets`: our projections and the parts of each to adapt, {"attn.qkv": ["q", "v"], "mlp.proj": ["down"]};
+    a mixture of experts' {"mlp.experts.{}.fc": ["gate", "up"]} adapts those rows of every expert, each expert
+    with adapters of its own (Hugging Face / PEFT names go through `lmforge.loaders.peft.apply_lora`). Every base parameter
     (embeddings and norms included) gets requires_grad False; only the adapters' A and B train.
     Returns what was adapted and the trainable / total parameter counts.
     """
@@ -290,12 +333,12 @@ def apply_lora(model: nn.Module, *, targets: Mapping[str, Iterable[str]], rank: 
         raise UserError(f"LoRA alpha must be positive, got {alpha}")
     plan = _plan(cfg, targets)
     new = {}
-    for i in range(cfg.n_layers):
-        for module, part_names in plan.items():
-            name = f"blocks.{i}.{module}"
+    for module, part_names in plan.items():
+        parts = [p for p in lora_parts(cfg, module) if p[0] in part_names]
+        for name in _instances(cfg, module):
             base = require_plain_linear(m, name, "apply it")
-            parts = [p for p in projection_parts(cfg, module) if p[0] in part_names]
             new[name] = LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, parts=parts)
+    new = {name: new[name] for name, _ in m.named_modules() if name in new}  # module order, as lora_modules lists
     return install_lora(m, new)
 
 
@@ -356,14 +399,16 @@ def _sample(t: torch.Tensor, n: int = _SAMPLE_SIZE) -> list[float]:
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What identifies the base model: its config (minus training-only settings) and evenly spaced samples
-    of a few weight matrices (the embedding, the first and the last block's projections).
+    of a few weight matrices (the embedding, the first and the last block's projections; the last block's first
+    expert in a mixture of experts, which has no mlp.proj).
 
     Samples rather than a hash of the bytes, so that the same weights loaded in bf16 or fp16 still match
     (compared with a relative tolerance); a different model differs in practically every sampled value.
     """
     m = unwrap(model)
     cfg = m.config
-    names = ["tok_emb", "blocks.0.attn.qkv", f"blocks.{cfg.n_layers - 1}.mlp.proj"]
+    last = f"blocks.{cfg.n_layers - 1}"
+    names = ["tok_emb", "blocks.0.attn.qkv", f"{last}.mlp.experts.0.proj" if cfg.n_experts else f"{last}.mlp.proj"]
     samples = {n: _sample(w) for n in names if (w := _base_weight(m, n)) is not None}
     conf = {k: v for k, v in cfg.to_dict().items() if k not in TRAINING_ONLY_FIELDS}
     return {"fingerprint_version": FINGERPRINT_VERSION, "base_config": conf, "weight_samples": samples}

@@ -168,20 +168,13 @@ def test_sixteen_bit_file_keeps_its_bytes(tmp_path, tiny_tokenizer):
 # ---------------------------------------------------------------------------------------------------
 # What does not carry experts yet: one line each
 # ---------------------------------------------------------------------------------------------------
-def test_lora_and_gguf_refuse_experts_in_one_line(mixtral_dir, tmp_path):
+def test_gguf_refuses_experts_in_one_line(mixtral_dir, tmp_path):  # (LoRA with experts: tests/loaders/test_peft_moe.py)
     from lmforge.loaders.gguf import write_gguf
     from lmforge.loaders.gguf.config import base_config
-    from lmforge.loaders.peft import apply_lora, available_targets, load_adapter
-    from lmforge.model.lora import apply_lora as apply_ours
 
     _, d = mixtral_dir
     loaded = load(d)
     model = loaded.model
-    for call in (lambda: apply_lora(model, targets="q_proj,v_proj"), lambda: available_targets(model),
-                 lambda: apply_ours(model, targets={"attn.qkv": ["q"]}), lambda: load_adapter(model, tmp_path)):
-        with pytest.raises(UserError, match="LoRA is not supported yet for mixture-of-experts models") as e:
-            call()
-        assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="GGUF export of mixture-of-experts models .* --format hf"):
         write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), loaded.tokenizer)
     # a Mixtral GGUF (arch "llama" with llama.expert_count) is refused by its metadata, before any tensor

@@ -28,6 +28,7 @@ from lmforge.loaders.peft import (
 )
 from lmforge.model.lora import has_lora, lora_modules, merge_lora
 from tests.model.test_lora import gpt2_cfg, ids, llama_cfg, model, randomize_lora
+from tests.model.test_lora_moe import moe_cfg
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -56,7 +57,8 @@ def test_unknown_target_lists_the_available_ones():
     with pytest.raises(UserError) as e:
         apply_lora(model(llama_cfg()), targets=["q_proj", "query"], rank=4, alpha=8)
     assert str(e.value) == ("LoRA target 'query' matches no module of this Llama-style (SwiGLU) model; available: "
-                            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, all-linear")
+                            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, all-linear "
+                            "(or our names: attn.qkv, attn.proj, mlp.fc, mlp.proj)")
     with pytest.raises(UserError, match="available: c_attn, c_proj"):
         apply_lora(model(gpt2_cfg()), targets="c_atn")
     m = model(llama_cfg())
@@ -244,6 +246,10 @@ FAMILY_CONFIGS = {
     "native-rope-gelu": (native_cfg(), "LmforgeForCausalLM"),
     "native-sinusoidal-swiglu": (llama_cfg(positions="sinusoidal"), "LmforgeForCausalLM"),
     "native-gelu-gqa": (gpt2_cfg(n_kv_heads=2), "LmforgeForCausalLM"),
+    # Mixtures of experts: every expert's projections, and the router (tests/loaders/test_peft_moe.py).
+    "mixtral": (moe_cfg(), "MixtralForCausalLM"),
+    "qwen3-moe": (moe_cfg(qk_norm=True), "Qwen3MoeForCausalLM"),
+    "native-moe": (moe_cfg(positions="sinusoidal"), "LmforgeForCausalLM"),
 }
 
 
