@@ -5,6 +5,11 @@ model's chat template so that they fit the context (dropping the oldest turns, n
 `repl()` is the terminal loop around it: streamed answers, `/set`, `/show`, `/clear`, `/bye`, multi-line
 input between triple quotes, and Ctrl-C to stop an answer without leaving the chat.
 
+Thinking models (a chat template that knows `<think>`, `engine/reasoning.py`): the thought is shown apart
+from the answer (dimmed on a terminal, between "Thinking..." and "...done thinking." elsewhere, as Ollama
+prints it) and never kept in the conversation; `/set think off` (`/set nothink`) and `/set think on` set the
+template's `enable_thinking`.
+
 Grounded chat (`lmforge run MODEL --docs INDEX`): with `Documents`, each turn retrieves the top-k passages
 for the user's message, and THE grounded-prompt builder (`retrieval.grounding.ground`) places them before
 the question and fits them in the context. The conversation keeps the plain user text: earlier turns are
@@ -15,12 +20,14 @@ never re-sent with their old passages, so [n] always means a passage of the late
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import IO, Callable
 
 from lmforge.engine.generate import Engine
 from lmforge.engine.prompt import chat_prompt_ids
+from lmforge.engine.reasoning import ThinkSplitter, opens_thought, supports_thinking, thinking_on
 from lmforge.engine.sampling import SamplingParams
 from lmforge.errors import UserError
 from lmforge.retrieval.grounding import Grounded, Source, cited, ground, sources_from_hits
@@ -38,6 +45,8 @@ HELP = """Commands:
   /set PARAM VALUE   change a sampling setting: temperature, top_k, top_p, min_p, repetition_penalty,
                      presence_penalty, frequency_penalty, repeat_last_n, seed, max_new_tokens
   /set system TEXT   change the system prompt (clears nothing else)
+  /set think on|off  a thinking model thinks before it answers (shown dimmed), or answers at once
+                     (/set nothink is /set think off)
   /show              current settings and model information
   /clear             forget the conversation (keeps the system prompt)
   /sources           the passages the last answer was given (with --docs)
@@ -49,13 +58,13 @@ Ctrl-C stops an answer and keeps you in the chat."""
 
 
 def grounded_prompt(tokenizer, turns: list[dict], sources: list[Source], *, context: int, reserve: int,
-                    system: str | None = None) -> tuple[list[int], Grounded]:
+                    system: str | None = None, template_kwargs: dict | None = None) -> tuple[list[int], Grounded]:
     """Token ids of `turns` grounded on `sources` (best first) and fitted in `context - reserve` tokens by
-    `ground`, with the `Grounded` result (the sources kept, what was dropped). `lmforge run --docs` and the
-    server's `documents` extension both build their prompts here. Raises ValueError (a `ChatPromptError`)
-    when the template refuses the conversation."""
+    `ground`, with the `Grounded` result (the sources kept, what was dropped); `template_kwargs` reach the
+    template (`enable_thinking`). `lmforge run --docs` and the server's `documents` extension both build
+    their prompts here. Raises ValueError (a `ChatPromptError`) when the template refuses the conversation."""
     grounded = ground(tokenizer, turns, sources, context=context, reserve=reserve, system=system)
-    return chat_prompt_ids(tokenizer, grounded.messages), grounded
+    return chat_prompt_ids(tokenizer, grounded.messages, template_kwargs=template_kwargs), grounded
 
 
 def answer_reserve(context: int, max_new_tokens: int) -> int:
@@ -100,6 +109,7 @@ class ChatSession:
     messages: list[dict] = field(default_factory=list)
     docs: Documents | None = None  # ground every turn on passages retrieved from this index
     grounded: Grounded | None = None  # the latest grounded turn: its sources are what [n] refers to
+    think: bool | None = None  # `enable_thinking` for a thinking template; None: the template's default
 
     @classmethod
     def from_loaded(cls, loaded, *, system: str | None = None, params: SamplingParams | None = None,
@@ -120,6 +130,8 @@ class ChatSession:
         if name == "system":
             self.system = value or None
             return "Set system prompt."
+        if name in ("think", "nothink"):
+            return self._set_think(name, value)
         if name not in SETTABLE:
             raise ValueError(f"unknown setting {name!r}; settable: system, {', '.join(sorted(SETTABLE))}")
         attr, kind = SETTABLE[name]
@@ -131,13 +143,39 @@ class ChatSession:
         self.params = candidate
         return f"Set parameter '{attr}' to '{parsed}'."
 
+    def _set_think(self, name: str, value: str) -> str:
+        """`/set think on|off` (bare `/set think` is on, `/set nothink` off): the template's `enable_thinking`,
+        only for a template that knows thinking."""
+        words = {"on": True, "true": True, "off": False, "false": False, "": True}
+        if name == "nothink" and value == "":
+            on = False
+        elif name == "think" and value.lower() in words:
+            on = words[value.lower()]
+        else:
+            raise ValueError(f"use /set think on, /set think off or /set nothink, not {f'{name} {value}'.strip()!r}")
+        if not supports_thinking(self.engine.tokenizer.chat_template):
+            raise ValueError("this model's chat template has no thinking to turn on or off")
+        self.think = on
+        return "Set 'think' mode: the model thinks before it answers." if on else \
+            "Set 'nothink' mode: the model answers without thinking."
+
+    def template_kwargs(self) -> dict | None:
+        """The template variables the session sets: `enable_thinking` once `/set think` has said."""
+        return {"enable_thinking": self.think} if self.think is not None else None
+
+    def thinking(self) -> str:
+        """What /show says about thinking."""
+        if not supports_thinking(self.engine.tokenizer.chat_template):
+            return "thinking: (this model does not think)"
+        return "thinking: " + {None: "the template's default", True: "on", False: "off"}[self.think]
+
     def show(self) -> str:
         cfg, p = self.engine.config, self.params
         lines = [f"model: {cfg.name}: {cfg.num_params():,} parameters, {cfg.n_layers} layers, d_model {cfg.d_model}, "
                  f"context {cfg.context_length} tokens, vocab {cfg.vocab_size}",
                  f"system: {self.system!r}" if self.system else "system: (none)",
                  f"documents: {self.docs.name} ({self.docs.k} passages a turn)" if self.docs else "documents: (none)",
-                 f"turns: {len(self.messages)} messages",
+                 f"turns: {len(self.messages)} messages", self.thinking(),
                  "parameters: " + ", ".join(f"{a}={getattr(p, a)}" for a in (
                      "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty", "repeat_last_n", "seed", "max_new_tokens"))]
@@ -153,7 +191,8 @@ class ChatSession:
         reserve = self.reserve()
         dropped = 0
         while True:
-            ids = chat_prompt_ids(self.engine.tokenizer, self.messages, system=self.system)
+            ids = chat_prompt_ids(self.engine.tokenizer, self.messages, system=self.system,
+                                  template_kwargs=self.template_kwargs())
             if len(ids) + reserve <= ctx or len(self.messages) <= 1:
                 break
             # drop the oldest exchange (user + assistant) so the conversation still alternates
@@ -164,10 +203,13 @@ class ChatSession:
             raise ValueError(f"the message is {len(ids)} tokens with the template; the context is {ctx} tokens")
         return ids, dropped
 
-    def reply(self, user: str, on_text: Callable[[str], None], on_notice: Callable[[str], None] | None = None) -> str:
+    def reply(self, user: str, on_text: Callable[[str], None], on_notice: Callable[[str], None] | None = None,
+              on_thought: Callable[[str], None] | None = None) -> str:
         """Add a user turn, stream the answer through `on_text`, record it, and return it. `on_notice` hears
-        about dropped turns before the answer starts. On KeyboardInterrupt the partial answer is kept in the
-        conversation and the interrupt re-raised."""
+        about dropped turns before the answer starts. A thinking model's thought streams through `on_thought`
+        (dropped without one) and is neither returned nor kept: only the answer joins the conversation, as
+        thinking templates drop earlier thoughts anyway. On KeyboardInterrupt the partial answer is kept in
+        the conversation and the interrupt re-raised."""
         self.messages.append({"role": "user", "content": user})
         try:
             if self.docs is None:
@@ -182,12 +224,25 @@ class ChatSession:
         for note in notices:
             if on_notice:
                 on_notice(note)
+        tok = self.engine.tokenizer
+        splitter = ThinkSplitter(opens_thought(tok, ids)) if thinking_on(tok.chat_template,
+                                                                         self.template_kwargs()) else None
         answer = ""
+
+        def show(thought: str, text: str) -> None:
+            nonlocal answer
+            if thought and on_thought is not None:
+                on_thought(thought)
+            if text:
+                answer += text
+                on_text(text)
+
         try:
             for ev in self.engine.generate([ids], self.params):
                 if ev.text:
-                    answer += ev.text
-                    on_text(ev.text)
+                    show(*(splitter.feed(ev.text) if splitter is not None else ("", ev.text)))
+            if splitter is not None:
+                show(*splitter.flush())
         finally:
             self.messages.append({"role": "assistant", "content": answer})
         return answer
@@ -199,7 +254,8 @@ class ChatSession:
         ctx = self.engine.config.context_length
         sources = self.docs.search(user)
         ids, grounded = grounded_prompt(self.engine.tokenizer, self.messages, sources, context=ctx,
-                                        reserve=self.reserve(), system=self.system)
+                                        reserve=self.reserve(), system=self.system,
+                                        template_kwargs=self.template_kwargs())
         if len(ids) >= ctx:
             raise ValueError(f"the message is {len(ids)} tokens with the template; the context is {ctx} tokens")
         if grounded.dropped_turns:
@@ -249,6 +305,39 @@ class ChatSession:
     def clear(self) -> None:
         self.messages.clear()
         self.grounded = None
+
+
+class ThoughtView:
+    """Writes a reply to `out` with its thought apart: dimmed (ANSI dim) on a terminal, unless NO_COLOR is
+    set; elsewhere between "Thinking..." and "...done thinking." lines, so a pipe reads plain text."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out, self.open, self.written = out, False, False
+        tty = bool(getattr(out, "isatty", lambda: False)())
+        self.dim = tty and not os.environ.get("NO_COLOR")
+
+    def thought(self, text: str) -> None:
+        if not self.written:  # the blank lines after <think> are not shown
+            text = text.lstrip("\n")
+            self.written = bool(text)
+        if text and not self.open:
+            self.open = True
+            self._write("\x1b[2m" if self.dim else "Thinking...\n")
+        self._write(text)
+
+    def text(self, text: str) -> None:
+        self.close()
+        self._write(text)
+
+    def close(self) -> None:
+        """End a thought that is still open (the answer starts, or the reply stopped)."""
+        if self.open:
+            self.open = False
+            self._write("\x1b[0m\n\n" if self.dim else "\n...done thinking.\n\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
 
 
 def _read_message(read_line: Callable[[str], str]) -> str:
@@ -307,11 +396,14 @@ def repl(session: ChatSession, *, out: IO[str] | None = None, read_line: Callabl
             else:
                 print(f"unknown command {name}; type /? for help", file=out)
             continue
+        view = ThoughtView(out)
         try:
-            answer = session.reply(text, lambda t: (out.write(t), out.flush()), lambda note: print(note, file=out))
+            answer = session.reply(text, view.text, lambda note: print(note, file=out), view.thought)
+            view.close()
             footer = session.sources_footer(answer)
             print("\n" + (f"\n{footer}\n" if footer else ""), file=out)
         except KeyboardInterrupt:
+            view.close()
             print("\n(stopped)\n", file=out)
         except ValueError as e:
             print(f"error: {e}", file=out)
@@ -322,7 +414,9 @@ def answer_once(session: ChatSession, text: str, out: IO[str] | None = None) -> 
     out = out or sys.stdout
     if not text.strip():
         raise ValueError("no input: pipe a message into `lmforge run`, or run it in a terminal")
-    answer = session.reply(text.strip(), lambda t: (out.write(t), out.flush()), lambda note: print(note, file=sys.stderr))
+    view = ThoughtView(out)
+    answer = session.reply(text.strip(), view.text, lambda note: print(note, file=sys.stderr), view.thought)
+    view.close()
     out.write("\n")
     footer = session.sources_footer(answer)
     if footer:

@@ -86,3 +86,83 @@ def test_run_through_a_pipe(model_dir):
     empty = subprocess.run([sys.executable, "-m", "lmforge", "run", str(model_dir)], input="", capture_output=True,
                            text=True, env=env, timeout=120)
     assert empty.returncode == 2 and "no input" in empty.stderr
+
+
+# -- thinking models: the thought apart (dimmed on a terminal), /set think ----------------------------------
+SAID = 'root ::= "<think>" "\\nadd two and two\\n" "</think>" "\\n\\nIt is four."'  # the model's whole output
+
+
+@pytest.fixture(scope="module")
+def thinking_dir(tmp_path_factory, tiny_tokenizer):
+    from tests.serve.tool_templates import family_tokenizer
+    from tests.tokenizer.family_templates import FAMILIES
+
+    return save_tiny_model(tmp_path_factory.mktemp("thinking"), family_tokenizer(tiny_tokenizer, "qwen3", FAMILIES),
+                           context_length=256)
+
+
+@pytest.fixture
+def thinker(thinking_dir):
+    """A session over a model with a Qwen3-style template, made to write a known thought and answer (a tiny
+    random model writes no tags of its own)."""
+    from lmforge.engine.constrain import Grammar
+
+    return ChatSession(load_engine(thinking_dir), params=SamplingParams(max_new_tokens=40, seed=0,
+                                                                        grammar=Grammar.gbnf(SAID)))
+
+
+class Terminal(__import__("io").StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_thought_is_shown_apart_and_only_the_answer_kept(thinker, monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    code, out = drive(thinker, ["What is 2 + 2?"])
+    assert code == 0 and "Thinking...\nadd two and two\n\n...done thinking.\n\nIt is four." in out
+    assert "\x1b[" not in out  # not a terminal: no escape codes
+    assert thinker.messages[-1] == {"role": "assistant", "content": "It is four."}
+
+
+@pytest.mark.parametrize("no_color", ["", "1"])
+def test_the_thought_is_dimmed_on_a_terminal_unless_no_color(thinker, monkeypatch, no_color):
+    from lmforge.chat import repl
+
+    monkeypatch.setenv("NO_COLOR", no_color) if no_color else monkeypatch.delenv("NO_COLOR", raising=False)
+    lines = iter(["What is 2 + 2?"])
+    out = Terminal()
+
+    def read_line(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    repl(thinker, out=out, read_line=read_line)
+    dimmed = "\x1b[2madd two and two\n\x1b[0m\n\nIt is four."
+    assert (dimmed in out.getvalue()) == (not no_color)
+    assert ("Thinking..." in out.getvalue()) == bool(no_color)
+
+
+def test_set_think_off_and_on(thinker):
+    tok = thinker.engine.tokenizer
+    thinker.messages = [{"role": "user", "content": "hi"}]
+    _, out = drive(thinker, ["/set think off", "/show"])
+    assert "Set 'nothink' mode" in out and "thinking: off" in out and thinker.think is False
+    ids, _ = thinker.prompt_ids()
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # the template's own way
+    answer = thinker.reply("What is 2 + 2?", lambda t: None)
+    assert answer.startswith("<think>")  # thinking off: nothing is taken for a thought
+    _, out = drive(thinker, ["/set think on", "/set nothink", "/set think maybe"])
+    assert "Set 'think' mode" in out and thinker.think is False and "use /set think on" in out
+    drive(thinker, ["/set think"])
+    assert thinker.think is True
+    ids, _ = thinker.prompt_ids()
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_set_think_on_a_model_that_does_not_think(session):
+    _, out = drive(session, ["/set think off", "/show", "/help"])
+    assert "error: this model's chat template has no thinking to turn on or off" in out
+    assert session.think is None and "thinking: (this model does not think)" in out
+    assert "/set think on|off" in out
