@@ -9,8 +9,8 @@ LoRA per parameter whose rank dimension holds every expert's rank:
     lora_A (E * r, in)   expert e's A = lora_A.reshape(E, r, in)[e]            (experts major)
     lora_B (out, r * E)  expert e's B = lora_B.reshape(out, r, E)[:, :, e]     (experts minor)
 
-and saves them as `...layers.N.mlp.experts.lora_A.weight`, the second parameter it wraps one level deeper
-(`...mlp.experts.base_layer.lora_A.weight`), the router as `...mlp.gate.lora_A.weight`. Which of the two expert
+and saves them as `...layers.N.mlp.experts.lora_A.weight` (where both are adapted, one of the two a level deeper:
+`...mlp.experts.base_layer.lora_A.weight`), the router as `...mlp.gate.lora_A.weight`. Which of the two expert
 parameters a pair is follows from its shapes alone (gate_up: in d_model, out 2 * d_ff; down: in d_ff, out
 d_model; both at once is impossible). peft's fused gate_up has rank 2r (`rank_pattern` `.*\\.gate_up_proj`):
 the gate's r rows of A, then the up's, which `rank_blocks` records so that a still block-diagonal B saves back

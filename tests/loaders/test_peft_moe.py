@@ -213,3 +213,32 @@ def test_peft_fused_adapter_loads_into_ours(cfg, target_modules, tmp_path):
     save_adapter(ours, tmp_path / "again")
     with torch.no_grad():
         torch.testing.assert_close(_peft_load(load_hf, tmp_path / "again")(idx).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_separate_gate_and_up_adapters_as_peft_on_transformers_4_wrote_them(tmp_path):
+    """peft on transformers 4 gave every expert's w1 and w3 their own A: we stack them (rank 2r, B block-diagonal),
+    compute what peft computes, and save the same tensors back."""
+    from safetensors.torch import load_file, save_file
+
+    ours, load_hf = _hf_pair(mixtral_cfg(), tmp_path)
+    made = moe_model()  # the same base weights as `ours`
+    apply_lora(made, targets="w1,w3,w2", rank=2, alpha=4)
+    randomize_lora(made)
+    save_adapter(made, tmp_path / "ours")
+    tensors = load_file(tmp_path / "ours" / ADAPTER_WEIGHTS)
+    g = torch.Generator().manual_seed(3)
+    for key in tensors:
+        if key.endswith("w3.lora_A.weight"):
+            tensors[key] = torch.randn(tensors[key].shape, generator=g) * 0.2
+    (tmp_path / "v4").mkdir()
+    save_file(tensors, tmp_path / "v4" / ADAPTER_WEIGHTS)
+    (tmp_path / "v4" / ADAPTER_CONFIG).write_text((tmp_path / "ours" / ADAPTER_CONFIG).read_text())
+
+    load_adapter(ours, tmp_path / "v4")
+    assert ours.blocks[0].mlp.experts[1].fc.lora_A.shape == (4, 32)  # w1's A over w3's
+    idx = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), _peft_load(load_hf, tmp_path / "v4")(idx).logits, atol=1e-4, rtol=1e-4)
+    save_adapter(ours, tmp_path / "again")
+    again = load_file(tmp_path / "again" / ADAPTER_WEIGHTS)
+    assert set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
