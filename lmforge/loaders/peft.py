@@ -1,12 +1,12 @@
 """LoRA adapters in PEFT's format, and LoRA targets in PEFT's vocabulary.
 
-`lmforge.model.lora` is the module swap, in our own names (projections attn.qkv, attn.proj, mlp.fc, mlp.proj
-and their row slices q, k, v, o, gate, up, down; a mixture of experts' mlp.router and mlp.experts.{}.fc / .proj). This module is everything Hugging Face / PEFT *names*:
-target names as users and recipes say them (q_proj, c_attn, all-linear), `adapter_config.json` and
-`adapter_model.safetensors`. Every name comes from the one tensor-name table of the model's family in
-`lmforge.loaders.hf` (`tensor_names(cfg)`, decided by `family(cfg)`), so an adapter's tensors are always
-modules of the model directory `state_dict_to_hf` writes for the same config. Kept out of the model layer,
-which never imports the loaders.
+`lmforge.model.lora` is the module swap, in our own names (projections attn.qkv, attn.proj, mlp.fc, mlp.proj and
+their row slices q, k, v, o, gate, up, down; a mixture of experts' mlp.router and mlp.experts.{}.fc /
+mlp.experts.{}.proj). This module is everything Hugging Face / PEFT *names*: target names as users and recipes say
+them (q_proj, c_attn, all-linear), `adapter_config.json` and `adapter_model.safetensors`. Every name comes from
+the one tensor-name table of the model's family in `lmforge.loaders.hf_tensors` (`tensor_names(cfg)`, decided by
+`family(cfg)`), so an adapter's tensors are always modules of the model directory `state_dict_to_hf` writes for
+the same config. Kept out of the model layer, which never imports the loaders.
 
 Target names. A family's own module names work as PEFT matches them, as a suffix of the module's name:
 `c_proj` means GPT-2's attn.c_proj and mlp.c_proj, `attn.c_proj` only the first. Llama's names of the
@@ -32,17 +32,17 @@ A target on an expert projection adapts it in every expert of every layer, each 
 Files. Names such as `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (Llama-like) or
 `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight` (GPT-2, where c_attn is one fused module in
 transformers too: parts left out are saved as zero rows of B), so `peft.PeftModel.from_pretrained` (and vLLM,
-llama.cpp's convert_lora_to_gguf, ...) accept them. Experts are saved one module per expert, as their model
-files name them and as PEFT wrote them while transformers kept each expert an nn.Linear
+llama.cpp's convert_lora_to_gguf, ...) accept them. Experts are saved one module per expert, as their model files
+name them and as PEFT wrote them while transformers kept each expert an nn.Linear
 (`base_model.model.model.layers.0.block_sparse_moe.experts.3.w1.lora_A.weight`, Qwen3-MoE's
 `...mlp.experts.3.gate_proj...`): peft on transformers 5, whose experts are fused 3-D tensors, converts exactly
 these names on load (it needs both of gate and up targeted, which it fuses; it refuses one alone). The fused form
-peft writes on transformers 5 (`target_parameters`; `...mlp.experts[.base_layer].lora_A.weight`, experts
-stacked in A's rows and B's columns) is read too (`lmforge.loaders.peft_experts`), never written. A model no transformers class describes is saved under
-our own module names (`base_model.model.blocks.0.attn.qkv...`), which are its model directory's names. A
-shared-A adapter is saved as per-projection tensors with A repeated. Loading goes the other way and also
-accepts adapters made by peft, whose q, k and v have different A's: they are combined exactly by stacking the
-A's and making B block-diagonal,
+peft writes on transformers 5 (`target_parameters`; `...mlp.experts[.base_layer].lora_A.weight`, experts stacked
+in A's rows and B's columns) is read too (`lmforge.loaders.peft_experts`), never written. A model no transformers
+class describes is saved under our own module names (`base_model.model.blocks.0.attn.qkv...`), which are its model
+directory's names. A shared-A adapter is saved as per-projection tensors with A repeated. Loading goes the other
+way and also accepts adapters made by peft, whose q, k and v have different A's: they are combined exactly by
+stacking the A's and making B block-diagonal,
 
     A = [A_q; A_k; A_v]  (r_q + r_k + r_v, in)     B = diag(B_q, B_k, B_v)  (rows_q + rows_k + rows_v, r_q + r_k + r_v)
 
@@ -298,7 +298,8 @@ def _adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
         theirs = names.block[module_template(name)]
         if "{}" in module_template(name):  # an expert's module: its number in their name
             expert = int(_EXPERT_NUMBER.search(module)[1])
-            theirs = {p: t.format(expert) for p, t in theirs.items()} if isinstance(theirs, dict) else theirs.format(expert)
+            theirs = ({p: t.format(expert) for p, t in theirs.items()} if isinstance(theirs, dict)
+                      else theirs.format(expert))
         if isinstance(theirs, dict):  # one module per part there: each part's rows of B, its A
             for i, (part, _, n, offset) in enumerate(lora.part_rows()):
                 key = prefix + theirs[part]
@@ -402,7 +403,9 @@ def _key_pattern(cfg) -> re.Pattern:
     names = tensor_names(cfg)
     body = f"(?:{re.escape(names.body)})?" if names.body_optional else re.escape(names.body)
     before, after = names.layer.split("{}")
-    modules = "|".join(re.escape(t).replace(r"\{\}", r"\d+") for t in sorted(_their_modules(cfg), key=len, reverse=True))
+    # an expert's module ("{}" in the table) with any expert's number
+    modules = "|".join(re.escape(t).replace(r"\{\}", r"\d+")
+                       for t in sorted(_their_modules(cfg), key=len, reverse=True))
     return re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?({body}{re.escape(before)}(\d+){re.escape(after)}({modules}))"
                       rf"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
@@ -524,7 +527,8 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: bool = 
         template, expert = _split_expert(theirs)
         module, part_names = theirs_to_ours[template]
         if expert is not None and expert >= cfg.n_experts:
-            raise UserError(f"{wfile}: {key} is for expert {expert}, but this model has {cfg.n_experts} experts per layer")
+            raise UserError(f"{wfile}: {key} is for expert {expert}, but this model has {cfg.n_experts} experts "
+                            "per layer")
         parts = [p for p in lora_parts(cfg, module) if p[0] in part_names]
         name = f"blocks.{layer}.{module.format(expert) if expert is not None else module}"
         rows = sum(stop - start for _, start, stop in parts)

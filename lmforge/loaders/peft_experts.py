@@ -76,7 +76,8 @@ def fused_expert_adapters(cfg, tensors: dict[str, torch.Tensor], rank_and_scalin
             raise UserError(f"{source}: {where} has lora_{'A' if 'A' not in pair else 'B'} missing")
         A, B = pair["A"], pair["B"]
         if A.dim() != 2 or B.dim() != 2:
-            raise UserError(f"{source}: {where} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}: not LoRA matrices")
+            raise UserError(f"{source}: {where} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}: "
+                            "not LoRA matrices")
         if module == "gate":  # the router: one plain LoRA of its E rows
             r, scaling = rank_and_scaling(f"model.layers.{layer}.mlp.gate.weight")
             if A.shape != (r, cfg.d_model) or B.shape != (E, r):

@@ -321,8 +321,9 @@ def apply_lora(model: nn.Module, *, targets: Mapping[str, Iterable[str]], rank: 
 
     `targets`: our projections and the parts of each to adapt, {"attn.qkv": ["q", "v"], "mlp.proj": ["down"]};
     a mixture of experts' {"mlp.experts.{}.fc": ["gate", "up"]} adapts those rows of every expert, each expert
-    with adapters of its own (Hugging Face / PEFT names go through `lmforge.loaders.peft.apply_lora`). Every base parameter
-    (embeddings and norms included) gets requires_grad False; only the adapters' A and B train.
+    with adapters of its own (Hugging Face / PEFT names go through `lmforge.loaders.peft.apply_lora`).
+    Every base parameter (embeddings and norms included) gets requires_grad False; only the adapters' A and B
+    train.
     Returns what was adapted and the trainable / total parameter counts.
     """
     m = unwrap(model)

@@ -16,7 +16,8 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.loaders.hf import MIXTRAL, QWEN3_MOE, hf_architecture
-from lmforge.loaders.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, available_targets, load_adapter, save_adapter
+from lmforge.loaders.peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, available_targets, load_adapter,
+                                  save_adapter)
 from lmforge.model.lora import has_lora, lora_modules, merge_lora
 from tests.model.test_lora import randomize_lora
 from tests.model.test_lora_moe import E, ids, moe_cfg, moe_model

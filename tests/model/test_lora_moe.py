@@ -65,8 +65,10 @@ def test_what_a_mixture_of_experts_adapts():
     cfg = moe_cfg()
     assert lora_projections(cfg) == ("attn.qkv", "attn.proj", "mlp.router", "mlp.experts.{}.fc", "mlp.experts.{}.proj")
     assert lora_parts(cfg, ROUTER) == [("router", 0, E)]
-    assert lora_parts(cfg, EXPERT_FC) == [("gate", 0, 48), ("up", 48, 96)] and lora_parts(cfg, EXPERT_PROJ) == [("down", 0, 32)]
-    assert module_template("blocks.1.mlp.experts.3.fc") == EXPERT_FC and module_template("blocks.0.attn.qkv") == "attn.qkv"
+    assert lora_parts(cfg, EXPERT_FC) == [("gate", 0, 48), ("up", 48, 96)]
+    assert lora_parts(cfg, EXPERT_PROJ) == [("down", 0, 32)]
+    assert module_template("blocks.1.mlp.experts.3.fc") == EXPERT_FC
+    assert module_template("blocks.0.attn.qkv") == "attn.qkv"
     with pytest.raises(UserError, match=r"'mlp.fc' is not a projection of this model; LoRA adapts attn.qkv, attn.proj, "
                                         r"mlp.router, mlp.experts.\{\}.fc, mlp.experts.\{\}.proj"):
         apply_lora(moe_model(), targets={"mlp.fc": ["gate"]})
@@ -135,7 +137,8 @@ def test_a_training_step_moves_only_the_adapters_and_lowers_the_loss():
     def loss() -> torch.Tensor:
         logits = m(x[:, :-1])
         ce = nn.functional.cross_entropy(logits.reshape(-1, V), x[:, 1:].reshape(-1))
-        return ce + 0.01 * load_balancing_loss(router_logits(m), cfg.n_experts, cfg.experts_per_token)  # what pretraining adds
+        # plus the load-balancing loss, as pretraining adds it
+        return ce + 0.01 * load_balancing_loss(router_logits(m), cfg.n_experts, cfg.experts_per_token)
 
     losses = []
     for _ in range(8):
