@@ -61,6 +61,9 @@ async function generate(conv) {
         msg.sources = choice.delta.sources; // a grounded answer: its passages come before any text
         renderAll(); // draws the sources panel (streaming updates redraw only the text)
       }
+      if (choice.delta && typeof choice.delta.reasoning_content === "string") {
+        msg.reasoning = (msg.reasoning || "") + choice.delta.reasoning_content; // drawn folded (render.js)
+      }
       if (choice.delta && typeof choice.delta.content === "string") msg.content += choice.delta.content;
       const lp = choice.logprobs && choice.logprobs.content;
       if (Array.isArray(lp)) msg.logprobs.push(...lp);

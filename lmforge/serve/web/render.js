@@ -11,7 +11,7 @@ import { $, button, h } from "./dom.js";
 import { feedbackButtons, feedbackFooter } from "./feedback.js";
 import { renderMarkdown } from "./markdown.js";
 import { linkCitations, sourcesPanel } from "./sources.js";
-import { currentConversation, drafts, editing, state, tokenViewOpen } from "./store.js";
+import { currentConversation, drafts, editing, state, thinkingOpen, tokenViewOpen } from "./store.js";
 import { hidePopover, hidePopoverWithin, tokenView } from "./tokens.js";
 
 const messageElements = new Map(); // message id -> its element, for cheap streaming updates
@@ -107,6 +107,7 @@ function renderAssistantMessage(conv, msg, index, el, bodyEl) {
   const streaming = state.busy && state.busy.msg === msg;
   el.classList.toggle("streaming", !!streaming);
   if (streaming) el.setAttribute("aria-busy", "true"); // assistive tech waits for the whole answer
+  renderThinking(msg, el, bodyEl);
   renderAssistantBody(msg, bodyEl);
   const panel = sourcesPanel(msg); // the passages a grounded answer was given (sources.js: inert text)
   if (panel) el.append(panel);
@@ -147,6 +148,28 @@ function metaLine(msg) {
   return parts.join(" · ");
 }
 
+/**
+ * A thinking model's thought (the API's `reasoning_content`), above the answer: a <details> "Thinking"
+ * block, folded unless the user opened it (kept open across re-renders, not stored), filled live while
+ * the model thinks. Plain text: a thought is shown as the model wrote it, never as markup.
+ */
+function renderThinking(msg, el, bodyEl) {
+  if (!msg.reasoning) return;
+  let fold = $(".thinking", el);
+  if (!fold) {
+    fold = h("details", { class: "thinking", "data-testid": "thinking", open: thinkingOpen.has(msg.id) },
+      h("summary", { "data-testid": "thinking-summary" }), h("div", { class: "thinking-text", "data-testid": "thinking-text" }));
+    fold.addEventListener("toggle", () => {
+      if (fold.open) thinkingOpen.add(msg.id);
+      else thinkingOpen.delete(msg.id);
+    });
+    el.insertBefore(fold, bodyEl);
+  }
+  const live = state.busy && state.busy.msg === msg && !msg.content;
+  $("summary", fold).textContent = live ? "Thinking…" : "Thinking";
+  $(".thinking-text", fold).textContent = msg.reasoning;
+}
+
 /** Body of an assistant message: markdown, or the token view when asked for. */
 function renderAssistantBody(msg, bodyEl) {
   hidePopoverWithin(bodyEl); // its token is about to be replaced
@@ -178,6 +201,7 @@ export function scheduleMessageUpdate(msg) {
     if (!el) return; // another conversation is on screen
     const box = $("#messages");
     const stick = nearBottom(box);
+    renderThinking(msg, el, $(".body", el));
     renderAssistantBody(msg, $(".body", el));
     const metaEl = $(".meta", el);
     if (metaEl) metaEl.textContent = metaLine(msg);

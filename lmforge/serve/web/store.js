@@ -16,6 +16,7 @@ export const newId = () =>
  * A conversation: { id, title, model, system, created, updated, messages: [Message] }
  * A message:      { id, role: "user"|"assistant", content,
  *                   // assistant only:
+ *                   reasoning: a thinking model's thought (`reasoning_content`; not sent back) | undefined,
  *                   model, system, logprobs: [{token, logprob, bytes, top_logprobs}] | null,
  *                   finish: "stop"|"length"|"stopped"|"error"|null, error, usage, elapsed,
  *                   feedback: {rating, better, status},
@@ -37,6 +38,7 @@ export const state = {
 
 // UI-only state, never persisted.
 export const tokenViewOpen = new Set(); // ids of assistant messages showing the token view
+export const thinkingOpen = new Set(); // ids of assistant messages whose "Thinking" fold is open
 export const editing = new Set(); // ids of user messages being edited
 export const betterOpen = new Set(); // ids of assistant messages with the "better answer" form open
 export const drafts = new Map(); // "edit:<id>" / "better:<id>" -> text typed so far (re-renders rebuild the DOM)
