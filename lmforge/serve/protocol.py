@@ -16,7 +16,9 @@ and text completions (see engine/constrain.py); an unsupported schema feature or
 
 Tool calling (serve/tools.py): `tools`, `tool_choice`, `parallel_tool_calls`, and in the history assistant
 messages with `tool_calls` and `role: tool` messages with `tool_call_id`; vLLM's `chat_template_kwargs`
-passes further variables to the model's chat template.
+passes further variables to the model's chat template (`enable_thinking: false` also stops a thinking
+model's answer being split into `reasoning_content`, engine/reasoning.py). A `reasoning_content` a client
+sends back on an assistant message is ignored like any unknown field: templates drop earlier thoughts.
 
 lmforge extensions, sent by the `openai` SDK through `extra_body`: `top_k`, `min_p`,
 `repetition_penalty` (alias `repeat_penalty`), `repeat_last_n`, `ignore_eos`, `stop_token_ids`, and beam
