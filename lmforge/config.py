@@ -15,9 +15,10 @@ from typing import Any
 from lmforge.errors import UserError
 
 NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "gelu")
+MLPS = ("swiglu", "geglu", "gelu")  # gated (SiLU: Llama; tanh-GELU: Gemma) or GPT-2's plain tanh-GELU
+GATED_MLPS = ("swiglu", "geglu")
 POSITIONS = ("rope", "learned", "sinusoidal")
-ROPE_SCALING_TYPES = ("linear", "llama3")
+ROPE_SCALING_TYPES = ("linear", "llama3")  # computed by lmforge.model.rope
 
 # Ceilings on what a config may ask for. They are far above any released model (Llama-4 Scout attends over
 # 10M tokens, the deepest LLMs have ~130 layers, vocabularies reach ~260k) and exist so that a damaged or
@@ -29,7 +30,7 @@ MAX_LAYERS = 1 << 12
 MAX_SIZE = 1 << 24  # vocabulary, widths, head counts
 _SIZE_LIMITS = {"vocab_size": MAX_SIZE, "context_length": MAX_CONTEXT, "d_model": MAX_SIZE, "n_layers": MAX_LAYERS,
                 "n_heads": MAX_SIZE, "n_kv_heads": MAX_SIZE, "head_dim": MAX_SIZE, "d_ff": MAX_SIZE}
-_FLAGS = ("attention_bias", "qkv_bias", "mlp_bias", "tie_embeddings", "qk_norm")
+_FLAGS = ("attention_bias", "qkv_bias", "mlp_bias", "tie_embeddings", "qk_norm", "norm_offset", "post_norms", "embed_scale")
 
 
 def shown(v: Any, limit: int = 60) -> str:
@@ -58,6 +59,26 @@ def finite_number(v: Any) -> bool:
         return False
 
 
+def rope_scaling_problem(sc: Any) -> str | None:
+    """What is wrong with a `rope_scaling` dict, in one line, or None when `lmforge.model.rope` can use it."""
+    if not isinstance(sc, dict):
+        return f"rope_scaling must be an object, got {shown(sc)}"
+    kind = sc.get("type", sc.get("rope_type"))
+    if kind not in ROPE_SCALING_TYPES:
+        return f"rope_scaling type must be one of {', '.join(ROPE_SCALING_TYPES)}, got {shown(kind)}"
+    if not (finite_number(sc.get("factor")) and sc["factor"] > 0):
+        return f"rope_scaling needs a positive factor, got {shown(sc.get('factor'))}"
+    if kind == "llama3":  # the defaults are lmforge.model.rope's
+        low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        orig = sc.get("original_max_position_embeddings", 8192)
+        for key, v in (("low_freq_factor", low), ("high_freq_factor", high), ("original_max_position_embeddings", orig)):
+            if not (finite_number(v) and v > 0):
+                return f"rope_scaling {key} must be a positive number, got {shown(v)}"
+        if high <= low:
+            return f"rope_scaling high_freq_factor ({high}) must be above low_freq_factor ({low})"
+    return None
+
+
 # Settings of a ModelConfig that change neither what a model computes at inference nor its weights' shapes
 # (Hugging Face configs have no keys for them; LoRA fingerprints of the base model leave them out).
 TRAINING_ONLY_FIELDS = ("dropout", "init_std", "name")
@@ -77,15 +98,30 @@ class ModelConfig:
     d_ff: int | None = None  # MLP hidden width; None = 4*d_model (gelu) or Llama's 8/3*d_model rounded (swiglu)
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
-    mlp: str = "swiglu"  # swiglu | gelu (tanh approximation, as GPT-2)
+    mlp: str = "swiglu"  # swiglu | geglu (Gemma) | gelu (tanh approximation, as GPT-2)
     positions: str = "rope"  # rope | learned | sinusoidal
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"type": "linear", "factor": f} or Llama-3's {"type": "llama3", ...}
+    rope_dim: int | None = None  # dims of each head that RoPE rotates (the first ones); None = head_dim (Phi-4: 3/4)
     attention_bias: bool = False  # biases on q, k, v and the output projection
     qkv_bias: bool = False  # biases on q, k, v only (Qwen2 style)
     mlp_bias: bool = False
     tie_embeddings: bool = True  # output projection shares the token embedding matrix
-    qk_norm: bool = False  # RMSNorm of each query and key head over head_dim, before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm of each query and key head over head_dim, before RoPE (Qwen3, Gemma 3)
+    # Gemma: RMSNorm weights stored as w and applied as (1 + w); a second norm on the attention's and the MLP's
+    # outputs before each residual add; token embeddings times sqrt(d_model); an attention scale of its own.
+    norm_offset: bool = False
+    post_norms: bool = False
+    embed_scale: bool = False
+    attn_scale: float | None = None  # scores = q.k * attn_scale; None = 1/sqrt(head_dim)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    # Sliding-window attention: a sliding layer's query sees itself and the sliding_window - 1 tokens before
+    # it (Mistral: every layer; Gemma 2: every other; Gemma 3: five in six). Sliding layers may have their
+    # own RoPE base, without the context-extension scaling of the global ones (Gemma 3).
+    sliding_window: int | None = None
+    sliding_layers: list[int] | None = None  # which layers slide; None = all of them
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers; None = as the global layers
     # Mixture of experts (Mixtral): n_experts SwiGLU MLPs of width d_ff per block in place of the one MLP,
     # each token routed to experts_per_token of them. 0 experts = the dense MLP.
     n_experts: int = 0
@@ -106,13 +142,15 @@ class ModelConfig:
         if self.head_dim is None:
             self.head_dim = self.d_model // self.n_heads if self.n_heads else 0
         if self.d_ff is None:
-            if self.mlp == "swiglu":
+            if self.mlp in GATED_MLPS:
                 # Llama: 2/3 of 4*d keeps the parameter count of a 4*d GELU MLP; round up to a multiple of 64.
                 self.d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
             else:
                 self.d_ff = 4 * self.d_model
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = dict(self.rope_scaling)
+        if isinstance(self.sliding_layers, (list, tuple)):
+            self.sliding_layers = list(self.sliding_layers)
         self.validate()
 
     def _check_size(self, k: str) -> None:
@@ -152,17 +190,26 @@ class ModelConfig:
         if self.positions == "sinusoidal":
             need(self.d_model % 2 == 0, f"sinusoidal positions need an even d_model, got {self.d_model}")
         if self.rope_scaling is not None:
-            sc = self.rope_scaling
-            need(isinstance(sc, dict), f"rope_scaling must be an object, got {shown(sc)}")
-            kind = sc.get("type", sc.get("rope_type"))
-            need(kind in ROPE_SCALING_TYPES, f"rope_scaling type must be one of {', '.join(ROPE_SCALING_TYPES)}, got {shown(kind)}")
-            need(finite_number(sc.get("factor")) and sc["factor"] > 0, f"rope_scaling needs a positive factor, got {shown(sc.get('factor'))}")
-            if kind == "llama3":  # the defaults are rope_frequencies'
-                low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
-                orig = sc.get("original_max_position_embeddings", 8192)
-                for key, v in (("low_freq_factor", low), ("high_freq_factor", high), ("original_max_position_embeddings", orig)):
-                    need(finite_number(v) and v > 0, f"rope_scaling {key} must be a positive number, got {shown(v)}")
-                need(high > low, f"rope_scaling high_freq_factor ({high}) must be above low_freq_factor ({low})")
+            problem = rope_scaling_problem(self.rope_scaling)
+            need(problem is None, str(problem))
+        if self.rope_dim is not None:
+            need(is_int(self.rope_dim) and 0 < self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0,
+                 f"rope_dim must be an even number of dims up to head_dim ({self.head_dim}), got {shown(self.rope_dim)}")
+        for k in ("attn_scale", "attn_softcap", "final_softcap", "rope_local_theta"):
+            v = getattr(self, k)
+            need(v is None or (finite_number(v) and v > 0), f"{k} must be a positive number or null, got {shown(v)}")
+        if self.sliding_window is not None:
+            need(is_int(self.sliding_window) and 0 < self.sliding_window <= MAX_CONTEXT,
+                 f"sliding_window must be a positive integer, got {shown(self.sliding_window)}")
+        if self.sliding_layers is not None:
+            need(self.sliding_window is not None, "sliding_layers without a sliding_window")
+            need(isinstance(self.sliding_layers, list) and all(is_int(i) and 0 <= i < self.n_layers for i in self.sliding_layers)
+                 and len(set(self.sliding_layers)) == len(self.sliding_layers),
+                 f"sliding_layers must list distinct layer indices below n_layers ({self.n_layers}), got {shown(self.sliding_layers)}")
+
+    def slides(self, layer: int) -> bool:
+        """True when `layer` attends through the sliding window."""
+        return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
 
     # ----------------------------------------------------------------------------------------------
     def num_params(self, *, include_embeddings: bool = True, active: bool = False) -> int:
@@ -182,13 +229,13 @@ class ModelConfig:
             attn += qkv_out
         if self.qk_norm:
             attn += 2 * hd  # one weight vector for all query heads, one for all key heads
-        if self.mlp == "swiglu":
+        if self.mlp in GATED_MLPS:
             mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
         else:
             mlp = 2 * d * f + (f + d if self.mlp_bias else 0)
         if self.n_experts:  # n_experts MLPs (or the k a token uses) and the router
             mlp = mlp * (self.experts_per_token if active else self.n_experts) + d * self.n_experts
-        n = self.n_layers * (attn + mlp + 2 * norm_p) + norm_p
+        n = self.n_layers * (attn + mlp + (4 if self.post_norms else 2) * norm_p) + norm_p
         if not self.tie_embeddings:
             n += self.vocab_size * d  # separate output projection
         if include_embeddings:

@@ -60,9 +60,10 @@ def tiny_tokenizer():
     return train_tokenizer([make_corpus()], 320, show_progress=False)
 
 
-def save_tiny_model(directory, tokenizer, *, context_length: int = 64, embedding_scale: float = 1.0):
+def save_tiny_model(directory, tokenizer, *, context_length: int = 64, embedding_scale: float = 1.0, **config):
     """Save a seeded random `tiny` model with `tokenizer` as a model directory; returns the directory.
-    `embedding_scale` > 1 sharpens the (tied) output distribution, so greedy text varies across prompts."""
+    `embedding_scale` > 1 sharpens the (tied) output distribution, so greedy text varies across prompts;
+    `config` overrides fields of the preset (a sliding window, say)."""
     import torch
 
     from lmforge.train.checkpointer import Checkpointer
@@ -70,7 +71,7 @@ def save_tiny_model(directory, tokenizer, *, context_length: int = 64, embedding
     from lmforge.presets import get_preset
 
     torch.manual_seed(0)
-    model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=context_length))
+    model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=context_length, **config))
     with torch.no_grad():
         model.tok_emb.weight.mul_(embedding_scale)
     Checkpointer(directory, tokenizer=tokenizer).save(model, None, [], {"step": 0})

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.config import ModelConfig
+from lmforge.config import GATED_MLPS, ModelConfig
 from lmforge.model.kv_cache import KVCache
+from lmforge.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -30,77 +31,40 @@ class RMSNorm(nn.Module):
 
     Computed in float32 and cast back before the weight multiply, exactly as Llama does, so that bf16
     activations don't lose the small variance terms and our logits match the reference implementation.
+    Gemma stores the weight as w and scales by (1 + w), multiplied in float32 before the cast (`offset`).
     """
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The identity: a weight of 1, stored as 0 when applied as (1 + w)."""
+        nn.init.zeros_(self.weight) if self.offset else nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(dim or cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+    return nn.LayerNorm(dim or cfg.d_model, eps=cfg.norm_eps)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Positions
+# Positions (the rotary ones in lmforge.model.rope)
 # ---------------------------------------------------------------------------------------------------
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/D) for i < D/2, with optional context-extension scaling.
-
-    - linear (Chen et al. 2023, "position interpolation"): every frequency divided by `factor`.
-    - llama3: high frequencies (short wavelengths) are kept, low ones divided by `factor`, and the band in
-      between interpolated smoothly, so that local word order is untouched while long-range positions
-      stretch to the longer context.
-    """
-    D = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
-    sc = cfg.rope_scaling
-    if sc:
-        kind = sc.get("type", sc.get("rope_type"))
-        factor = float(sc["factor"])
-        if kind == "linear":
-            inv_freq = inv_freq / factor
-        elif kind == "llama3":
-            low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
-            orig = float(sc.get("original_max_position_embeddings", 8192))
-            wavelen = 2 * math.pi / inv_freq
-            smooth = ((orig / wavelen) - low) / (high - low)
-            scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
-            between = (wavelen <= orig / low) & (wavelen >= orig / high)
-            scaled = torch.where(between, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
-            inv_freq = scaled
-    return inv_freq.float()
-
-
-def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (context_length, D), halves repeated to match `rotate_half`."""
-    t = torch.arange(cfg.context_length, dtype=torch.float32)
-    freqs = torch.outer(t, rope_frequencies(cfg))  # (T, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of each head by angle position * freq_i (Su et al. 2021, HF layout).
-
-    x: (B, H, T, D); cos/sin: (B or 1, 1, T, D). The dot product of a rotated query and key then depends
-    only on their distance, which is what lets attention generalise across positions.
-    """
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+    """The inverse frequencies of the global (non-sliding) layers, scaling included."""
+    return inverse_frequencies(cfg.rope_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.context_length)[0]
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
@@ -121,6 +85,7 @@ class Attention(nn.Module):
 
     q, k and v come from one fused projection (one matmul instead of three), and attention itself is
     `F.scaled_dot_product_attention`, which dispatches to flash / memory-efficient kernels where available.
+    A sliding layer differs only in the mask and the rotary tables it is given (`GPT.forward` makes both).
     """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -131,8 +96,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attention_bias)
         if cfg.qk_norm:  # Qwen3: one RMSNorm weight over D shared by all query heads, one by all key heads
-            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
         self.qk_norm = cfg.qk_norm
+        self.scale = cfg.attn_scale  # None: SDPA's 1/sqrt(D)
+        self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
         self.use_rope = cfg.positions == "rope"
 
@@ -157,33 +124,56 @@ class Attention(nn.Module):
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, slots)  # (B, K, S, D): everything cached so far
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=K != H,  # K/V heads are shared by H/K query heads each, without copying them
-        )  # (B, H, T, D)
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap is not None:
+            y = capped_attention(q, k, v, mask, self.scale, self.softcap, dropout)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                is_causal=causal and mask is None,
+                dropout_p=dropout,
+                scale=self.scale,
+                enable_gqa=K != H,  # K/V heads are shared by H/K query heads each, without copying them
+            )  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
+def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float | None, cap: float, dropout: float = 0.0) -> torch.Tensor:
+    """Attention with Gemma 2's soft cap on the scores: cap * tanh(scores / cap) bounds them smoothly to
+    (-cap, cap) before the softmax. SDPA has no such step, so this is attention written out; `mask` None
+    means causal (queries are the last T of the S keys)."""
+    H, K, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    if K != H:
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, H, T, S)
+    scores = cap * torch.tanh(scores / cap)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout)
+    return probs @ v
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward. SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)), with gate and up
-    fused into one matmul; or GPT-2's proj(gelu(fc(x)))."""
+    """Position-wise feed-forward. Gated (Shazeer 2020): down(act(gate(x)) * up(x)), with gate and up fused
+    into one matmul, act = SiLU (SwiGLU: Llama) or tanh-GELU (GeGLU: Gemma); or GPT-2's proj(gelu(fc(x)))."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.gated = cfg.mlp in GATED_MLPS
         self.swiglu = cfg.mlp == "swiglu"
-        width = 2 * cfg.d_ff if self.swiglu else cfg.d_ff
-        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias)  # swiglu: [gate; up]
+        width = 2 * cfg.d_ff if self.gated else cfg.d_ff
+        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias)  # gated: [gate; up]
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
-        if self.swiglu:
+        if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = (F.silu(gate) if self.swiglu else F.gelu(gate, approximate="tanh")) * up
         else:
             h = F.gelu(h, approximate="tanh")
         return self.dropout(self.proj(h))
@@ -225,19 +215,29 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2 onwards)."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2 onwards). Gemma 2/3 also
+    normalise each sublayer's output before adding it back (`post_norms`), which keeps the residual stream's
+    scale in check at their depth."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.slides = cfg.slides(layer)
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, layer)
         self.norm2 = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
+        if cfg.post_norms:
+            self.post_attn_norm, self.post_mlp_norm = make_norm(cfg), make_norm(cfg)
+        self.post_norms = cfg.post_norms
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, causal, cache, slots):
-        x = x + self.resid_dropout(self.attn(self.norm1(x), rope, mask, causal, cache, slots))
-        return x + self.mlp(self.norm2(x))
+        h = self.attn(self.norm1(x), rope, mask, causal, cache, slots)
+        if self.post_norms:
+            h = self.post_attn_norm(h)
+        x = x + self.resid_dropout(h)
+        h = self.mlp(self.norm2(x))
+        return x + (self.post_mlp_norm(h) if self.post_norms else h)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,11 +262,16 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def position_tables(self) -> dict[str, torch.Tensor]:
-        """The fixed position tables (float32), computed from the config."""
+        """The fixed position tables (float32), computed from the config: the rotary tables of the global
+        layers, and of the sliding ones where they have their own base (Gemma 3: 10k local, 1M global)."""
         cfg = self.config
         if cfg.positions == "rope":
-            cos, sin = rope_cache(cfg)
-            return {"rope_cos": cos, "rope_sin": sin}
+            dim = cfg.rope_dim or cfg.head_dim
+            cos, sin = rope_tables(dim, cfg.rope_theta, cfg.rope_scaling, cfg.context_length)
+            tables = {"rope_cos": cos, "rope_sin": sin}
+            if cfg.rope_local_theta is not None and cfg.sliding_window is not None:
+                tables["rope_local_cos"], tables["rope_local_sin"] = rope_tables(dim, cfg.rope_local_theta, None, cfg.context_length)
+            return tables
         if cfg.positions == "sinusoidal":
             return {"pos_table": sinusoidal_table(cfg.context_length, cfg.d_model)}
         return {}
@@ -281,9 +286,11 @@ class GPT(nn.Module):
         """GPT-2 initialisation: N(0, init_std) weights, zero biases, and the two projections that write
         into the residual stream scaled by 1/sqrt(2 * n_layers) so its variance doesn't grow with depth."""
         std = self.config.init_std
+        norms = {f"{n}.weight": m for n, m in self.named_modules() if isinstance(m, (RMSNorm, nn.LayerNorm))}
         for name, p in self.named_parameters():
             if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")) else nn.init.zeros_(p)
+                norms[name].reset_parameters() if isinstance(norms.get(name), RMSNorm) else \
+                    nn.init.ones_(p) if name in norms else nn.init.zeros_(p)
             elif name.endswith(("attn.proj.weight", "mlp.proj.weight")) or re.search(r"experts\.\d+\.proj\.weight$", name):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
             else:
@@ -340,31 +347,59 @@ class GPT(nn.Module):
         pos2d = positions if positions.dim() == 2 else positions[None, :]  # (B or 1, T)
 
         x = self.tok_emb(idx)  # (B, T, C)
+        if cfg.embed_scale:  # Gemma: embeddings times sqrt(C), rounded to their dtype as transformers does
+            x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype)
         if cfg.positions == "learned":
             x = x + self.pos_emb(pos2d)
         elif cfg.positions == "sinusoidal":
             x = x + self.pos_table[pos2d]
         x = self.drop(x)
 
-        rope = None
+        rope = local_rope = None
         if cfg.positions == "rope":
-            rope = (self.rope_cos[pos2d][:, None], self.rope_sin[pos2d][:, None])  # (B|1, 1, T, D)
+            rope = local_rope = (self.rope_cos[pos2d][:, None], self.rope_sin[pos2d][:, None])  # (B|1, 1, T, D)
+            if hasattr(self, "rope_local_cos"):
+                local_rope = (self.rope_local_cos[pos2d][:, None], self.rope_local_sin[pos2d][:, None])
+        # Sliding layers see only the last `sliding_window` keys: the same mask, narrowed. Distances are
+        # counted in slots, which within a row are distances in positions (padding only ever comes first).
+        local_mask, local_causal = mask, causal
+        n_keys = cache.length if cache is not None else T
+        if cfg.sliding_window is not None and n_keys > cfg.sliding_window:
+            q_slots = slots if slots is not None else torch.arange(T, device=idx.device)
+            local_mask, local_causal = window_mask(cfg.sliding_window, q_slots, n_keys, mask), False
 
         for block in self.blocks:
-            x = block(x, rope, mask, causal, cache, slots)
+            if block.slides:
+                x = block(x, local_rope, local_mask, local_causal, cache, slots)
+            else:
+                x = block(x, rope, mask, causal, cache, slots)
         if output_mask is not None:
             x = x[output_mask]  # (N, C)
         elif output_positions is not None:
             x = x[torch.arange(B, device=x.device), output_positions][:, None]
         elif last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if cfg.final_softcap is not None:  # Gemma 2: logits bounded smoothly to (-cap, cap)
+            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+        return logits
+
+
+def window_mask(window: int, q_slots: torch.Tensor, n_keys: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention mask (B|1, 1, T, S) of a sliding layer: a query at slot q sees keys at slots
+    q - window < k <= q (itself and the window - 1 before it), within what `mask` allows (None: causal).
+    `q_slots` are the queries' slots, (T,) shared by every row or (B, T) per row."""
+    keys = torch.arange(n_keys, device=q_slots.device)
+    q = q_slots[..., None]  # (T, 1) or (B, T, 1)
+    near = (keys > q - window) & (keys <= q)
+    near = near[None, None] if q_slots.dim() == 1 else near[:, None]
+    return near if mask is None else mask & near
 
 
 # ---------------------------------------------------------------------------------------------------
 # The fused projections, and the model under its wrappers
 # ---------------------------------------------------------------------------------------------------
-# Our per-block projections, by path under blocks.N. ("mlp.fc" is gate|up for SwiGLU, up for GELU.)
+# Our per-block projections, by path under blocks.N. ("mlp.fc" is gate|up for SwiGLU/GeGLU, up for GELU.)
 PROJECTIONS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
@@ -376,7 +411,7 @@ def projection_parts(cfg, module: str) -> list[tuple[str, int, int]]:
     if module == "attn.proj":
         return [("o", 0, cfg.d_model)]
     if module == "mlp.fc":
-        if cfg.mlp == "swiglu":
+        if cfg.mlp in GATED_MLPS:
             return [("gate", 0, cfg.d_ff), ("up", cfg.d_ff, 2 * cfg.d_ff)]
         return [("up", 0, cfg.d_ff)]
     if module == "mlp.proj":

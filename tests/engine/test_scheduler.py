@@ -415,3 +415,50 @@ def test_a_row_whose_state_cannot_be_made_fails_alone(engine1, monkeypatch, pref
         assert sched.busy == 0 and sched.filling is None
     finally:
         sched.stop()
+
+
+# --- sliding-window attention ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sliding(tmp_path_factory, tiny_tokenizer):
+    """The tiny model with layer 0 attending through a 6-token window on a RoPE base of its own (Gemma's
+    local/global layers): every long prompt below runs several windows past it."""
+    d = save_tiny_model(tmp_path_factory.mktemp("slide") / "m", tiny_tokenizer, context_length=64,
+                        sliding_window=6, sliding_layers=[0], rope_local_theta=100.0)
+    return load_engine(d)
+
+
+def test_sliding_window_rows_decode_like_full_recomputation():
+    """Per-row timelines in one cache, with a window shorter than every row: the logits of a full forward."""
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny", vocab_size=97, context_length=32, sliding_window=4, rope_local_theta=50.0)).eval()
+    seqs = [torch.randint(0, 97, (n,)) for n in (7, 12, 5)]
+    cache = KVCache.for_model(model.config, 3, 32)
+    with torch.no_grad():
+        for b, s in enumerate(seqs):
+            view = cache.rows(b + 1, b)
+            slots = torch.arange(len(s) - 1)
+            model(s[None, :-1], cache=view, slots=slots[None], mask=view.mask(slots[None]))
+        last = torch.stack([s[-1] for s in seqs])[:, None]
+        slots = torch.tensor([[len(s) - 1] for s in seqs])
+        view = cache.rows(3)
+        step = model(last, cache=view, slots=slots, mask=view.mask(slots))[:, -1]
+        for b, s in enumerate(seqs):
+            torch.testing.assert_close(step[b], model(s[None])[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_batch, prefix_cache", [(1, False), (4, False), (4, True)])
+def test_sliding_window_requests_answer_as_alone(sliding, max_batch, prefix_cache):
+    """Long prompts read in 8-token chunks beside short ones, decoded together, some repeated so that the
+    prompt cache hands rows over: each answer equals the request served alone (tokens and logprobs)."""
+    prompts = [LONG[0], PROMPTS[0], LONG[1], LONG[0], PROMPTS[1], LONG[2], LONG[1]]
+    sched = Scheduler(sliding, max_batch=max_batch, max_queue=32, prefill_chunk=8, prefix_cache=prefix_cache)
+    try:
+        col = Collector(len(prompts))
+        params = [SamplingParams(temperature=0, max_new_tokens=9, logprobs=1) for _ in prompts]
+        for i, p in enumerate(prompts):
+            sched.submit(Request(sliding.encode_prompt(p), params[i], col.emit_for(i)))
+        col.wait(len(prompts))
+        for i, p in enumerate(prompts):
+            assert_as_alone(sliding, col, i, p, params[i])
+    finally:
+        sched.stop()
