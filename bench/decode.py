@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.engine.generate import Engine  # noqa: E402
 from lmforge.engine.sampling import SamplingParams  # noqa: E402
-from lmforge.loaders.hf import config_from_hf  # noqa: E402
+from lmforge.loaders.hf_read import config_from_hf  # noqa: E402
 from lmforge.loaders.hf_tensors import state_dict_from_hf  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 

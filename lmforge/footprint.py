@@ -233,7 +233,7 @@ def model_config(path: str | os.PathLike) -> ModelConfig:
     if not (p / "config.json").is_file():
         raise UserError(f"{p}: not a model (no config.json, and not a .gguf file)")
     from lmforge.io import read_json
-    from lmforge.loaders.hf import config_from_hf
+    from lmforge.loaders.hf_read import config_from_hf
 
     return config_from_hf(read_json(p / "config.json"), source=str(p / "config.json"))
 

@@ -101,7 +101,7 @@ def _describe(entry: StoreEntry) -> None:
     Parses config.json itself (load_config() would run recover(), a write, from a mere listing), and checks
     it against the weights' header (`check_weights`: names and shapes, no tensor data), so a config that
     no longer matches its weights is listed as damaged rather than with a made-up parameter count."""
-    from lmforge.loaders.hf import config_from_hf
+    from lmforge.loaders.hf_read import config_from_hf
     from lmforge.loaders.model_dir import WEIGHTS, WEIGHTS_INDEX, WeightFiles, check_weights
 
     path = entry.path

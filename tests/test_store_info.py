@@ -61,7 +61,7 @@ def test_a_damaged_entry_is_listed_as_damaged_beside_the_others(tiny_dir, monkey
                                  RecursionError("maximum recursion depth exceeded"), TypeError("unhashable"),
                                  KeyError("x"), OSError(5, "Input/output error")])
 def test_any_exception_while_reading_an_entry_is_its_damaged_line(tiny_dir, monkeypatch, exc):
-    from lmforge.loaders import hf
+    from lmforge.loaders import hf_read as hf
 
     store.add("good", tiny_dir)
     store.add("bad", tiny_dir)

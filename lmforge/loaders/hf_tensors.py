@@ -22,15 +22,15 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.loaders.hf import GPT2, MIXTRAL, NATIVE, QWEN3_MOE, hf_architecture
+from lmforge.loaders.hf import GEMMA, GPT2, MIXTRAL, NATIVE, QWEN3_MOE, hf_architecture
 from lmforge.model.gpt import GPT, PROJECTIONS, projection_parts
 
-__all__ = ["GPT2_FAMILY", "LLAMA_FAMILY", "MIXTRAL_FAMILY", "NATIVE_FAMILY", "QWEN3_MOE_FAMILY", "TENSOR_NAMES",
+__all__ = ["GEMMA_FAMILY", "GPT2_FAMILY", "LLAMA_FAMILY", "MIXTRAL_FAMILY", "NATIVE_FAMILY", "QWEN3_MOE_FAMILY", "TENSOR_NAMES",
            "TensorNames", "family", "hf_modules", "hf_tensor_names", "state_dict_from_hf", "state_dict_to_hf",
-           "tensor_names", "without_body"]
+           "tensor_names", "text_model_name", "without_body"]
 
 LLAMA_FAMILY, GPT2_FAMILY, NATIVE_FAMILY, MIXTRAL_FAMILY = "llama", "gpt2", "lmforge", "mixtral"
-QWEN3_MOE_FAMILY = "qwen3_moe"
+QWEN3_MOE_FAMILY, GEMMA_FAMILY = "qwen3_moe", "gemma"
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class TensorNames:
     head: str = "lm_head"
 
 
-_OURS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc", "mlp.proj")
+_OURS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc", "mlp.proj", "attn.q_norm", "attn.k_norm",
+         "post_attn_norm", "post_mlp_norm")
 # A mixture of experts' modules under blocks.N (`lmforge.model.gpt.MoE`); "{}" is the expert's number, and an
 # expert's fc / proj split into parts as the dense mlp.fc / mlp.proj do.
 _OURS_MOE = ("mlp.router", "mlp.experts.{}.fc", "mlp.experts.{}.proj")
@@ -95,6 +96,18 @@ TENSOR_NAMES: dict[str, TensorNames] = {
                "mlp.router": "mlp.gate",
                "mlp.experts.{}.fc": {"gate": "mlp.experts.{}.gate_proj", "up": "mlp.experts.{}.up_proj"},
                "mlp.experts.{}.proj": "mlp.experts.{}.down_proj"}),
+    # Gemma 2/3: a norm before and after each sublayer. Beware the one name both families share for different
+    # things: Gemma's post_attention_layernorm is the norm of the attention's *output* (Llama's is the norm
+    # before the MLP, which Gemma calls pre_feedforward_layernorm). Gemma 3 adds q/k norms.
+    GEMMA_FAMILY: TensorNames(
+        GEMMA_FAMILY, "Gemma-style", "model.", "layers.{}.",
+        top={"tok_emb": "embed_tokens", "norm": "norm"},
+        block={**_LLAMA_ATTENTION, **_QK_NORMS,
+               "post_attn_norm": "post_attention_layernorm",
+               "norm2": "pre_feedforward_layernorm",
+               "post_mlp_norm": "post_feedforward_layernorm",
+               "mlp.fc": {"gate": "mlp.gate_proj", "up": "mlp.up_proj"},
+               "mlp.proj": "mlp.down_proj"}),
     # GPT-2's c_attn output columns are q | k | v, heads contiguous inside each: exactly the rows of our
     # fused attn.qkv. (attn.bias / attn.masked_bias in older files are causal-mask buffers, never read.)
     GPT2_FAMILY: TensorNames(
@@ -116,11 +129,31 @@ def family(cfg: ModelConfig) -> str:
     computes exactly what `cfg` does (`hf_architecture`), else our own. Exporting, importing, LoRA target
     names and adapter files all ask this, so they cannot disagree."""
     arch = hf_architecture(cfg)
+    if arch in GEMMA:
+        return GEMMA_FAMILY
     if arch == MIXTRAL:
         return MIXTRAL_FAMILY
     if arch == QWEN3_MOE:
         return QWEN3_MOE_FAMILY
     return GPT2_FAMILY if arch == GPT2 else NATIVE_FAMILY if arch == NATIVE else LLAMA_FAMILY
+
+
+# A multimodal checkpoint's language model, named as its text-only sibling would be: transformers 4.x saved
+# Gemma3ForConditionalGeneration as language_model.model.* / language_model.lm_head, 5.x as
+# model.language_model.* / lm_head. The vision tower and projector are not ours to load.
+_TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                        "language_model.lm_head.": "lm_head."}
+_OTHER_MODALITIES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def text_model_name(name: str) -> str | None:
+    """The name a text-only model gives checkpoint tensor `name`; None for another modality's tensor."""
+    if name.startswith(_OTHER_MODALITIES):
+        return None
+    for prefix, text in _TEXT_MODEL_PREFIXES.items():
+        if name.startswith(prefix):
+            return text + name[len(prefix):]
+    return name
 
 
 def tensor_names(cfg: ModelConfig) -> TensorNames:

@@ -29,8 +29,16 @@ from lmforge.config import ModelConfig, shown
 from lmforge.device import available_memory
 from lmforge.errors import UserError, one_line
 from lmforge.io import atomic_write_json, read_json
-from lmforge.loaders.hf import config_from_hf, config_to_hf
-from lmforge.loaders.hf_tensors import hf_tensor_names, state_dict_from_hf, state_dict_to_hf, tensor_names, without_body
+from lmforge.loaders.hf import config_to_hf
+from lmforge.loaders.hf_read import config_from_hf
+from lmforge.loaders.hf_tensors import (
+    hf_tensor_names,
+    state_dict_from_hf,
+    state_dict_to_hf,
+    tensor_names,
+    text_model_name,
+    without_body,
+)
 from lmforge.loaders.packed import as_part, build_packed_model, check_position_tables, packable
 from lmforge.model.gpt import GPT, unwrap
 from lmforge.tokenizer import Tokenizer
@@ -222,7 +230,8 @@ class WeightFiles(Mapping):
         from safetensors import safe_open
 
         self.directory, self.dtype = directory, dtype
-        self._where: dict[str, Any] = {}  # tensor name -> open safetensors handle, or the tensor (pickles)
+        self._stored: dict[str, Any] = {}  # name in the file -> (open safetensors handle or the tensor (pickles), file)
+        self._where: dict[str, Any] = {}  # our reading of the name -> (handle or tensor, file, name in the file)
         self._handles: list[Any] = []
         files = _safetensors_files(directory)
         if files is None:
@@ -238,9 +247,18 @@ class WeightFiles(Mapping):
                 raise UserError(f"{f}: not a readable safetensors file ({one_line(e)})") from None
             self._handles.append(handle)
             for n in names:
-                if n in self._where:
+                if n in self._stored:
                     raise UserError(f"{f}: tensor {n!r} also appears in another shard")
-                self._where[n] = (handle, f)
+                self._stored[n] = (handle, f)
+        self._keep_text_model()
+
+    def _keep_text_model(self) -> None:
+        """Name the tensors as a text-only model of the family would (a multimodal checkpoint's language
+        model: `text_model_name`), leaving out the vision tower and projector."""
+        for stored, (source, f) in self._stored.items():
+            name = text_model_name(stored)
+            if name is not None:
+                self._where[name] = (source, f, stored)
 
     def _load_pickles(self, allow_pickle: bool) -> None:
         d = self.directory
@@ -262,15 +280,16 @@ class WeightFiles(Mapping):
             if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
                 raise UserError(f"{f}: expected a dict of named tensors")
             for n, t in obj.items():
-                self._where[n] = (t, f)
+                self._stored[n] = (t, f)
+        self._keep_text_model()
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        source, f = self._where[name]
+        source, f, stored = self._where[name]
         if torch.is_tensor(source):
             t = source
         else:
             try:
-                t = source.get_tensor(name)
+                t = source.get_tensor(stored)
             except (SafetensorError, OSError, ValueError) as e:
                 raise UserError(f"{f}: tensor {name!r} is unreadable ({one_line(e)})") from None
         return t if self.dtype is None or not t.is_floating_point() else t.to(self.dtype)
@@ -279,13 +298,13 @@ class WeightFiles(Mapping):
         """The dtypes of the floating-point tensors as stored, from the file headers alone (nothing is read)."""
         names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
         out = set()
-        for name, (source, f) in self._where.items():
+        for name, (source, f, stored) in self._where.items():
             if torch.is_tensor(source):
                 if source.is_floating_point():
                     out.add(source.dtype)
                 continue
             try:
-                kind = source.get_slice(name).get_dtype()
+                kind = source.get_slice(stored).get_dtype()
             except (SafetensorError, OSError, ValueError) as e:
                 raise UserError(f"{f}: tensor {name!r} is unreadable ({one_line(e)})") from None
             if kind in names:
@@ -295,9 +314,9 @@ class WeightFiles(Mapping):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the file headers alone (nothing is read)."""
         out = {}
-        for name, (source, f) in self._where.items():
+        for name, (source, f, stored) in self._where.items():
             try:
-                out[name] = tuple(source.shape) if torch.is_tensor(source) else tuple(source.get_slice(name).get_shape())
+                out[name] = tuple(source.shape) if torch.is_tensor(source) else tuple(source.get_slice(stored).get_shape())
             except (SafetensorError, OSError, ValueError) as e:
                 raise UserError(f"{f}: tensor {name!r} is unreadable ({one_line(e)})") from None
         return out

@@ -129,7 +129,7 @@ def hf_pair(head_scale: float, eos_boost: float, eos: int):
     """A tiny random LlamaForCausalLM and our GPT with the same weights. Scaling the output head makes the
     distributions peaky (so beams diverge clearly) and boosting the EOS row makes beams finish early."""
     transformers = pytest.importorskip("transformers")
-    from lmforge.loaders.hf import config_from_hf
+    from lmforge.loaders.hf_read import config_from_hf
     from lmforge.loaders.hf_tensors import state_dict_from_hf
 
     transformers.logging.set_verbosity_error()

@@ -23,11 +23,13 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers  #
 
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
-from lmforge.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, load_hf_tokenizer  # noqa: E402
-from lmforge.loaders.model_dir import load_config, load_model  # noqa: E402
+from lmforge.loaders.hf import SUPPORTED_ARCHITECTURES, load_hf_tokenizer  # noqa: E402
+from lmforge.loaders.hf_read import config_from_hf  # noqa: E402
+from lmforge.loaders.model_dir import load_config, load_model, write_model_files  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 from lmforge.train.checkpointer import Checkpointer  # noqa: E402
+from tests.loaders.parity import assert_matches_transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -149,29 +151,44 @@ def test_sharded_checkpoint(tmp_path):
     assert_parity(ref, load_model(tmp_path), generate=False)
 
 
-def test_mistral_sliding_window_caps_the_context(tmp_path):
-    ref = hf_model("mistral", sliding_window=16)
+def test_mistral_sliding_window_is_real(tmp_path, tiny_tokenizer):
+    """Mistral attends through its window in every layer; prompts and generation three windows long match
+    transformers, and the whole context stays usable (no longer capped at the window)."""
+    ref = hf_model("mistral", sliding_window=8, vocab_size=tiny_tokenizer.vocab_size)
     ref.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
-    assert ours.config.context_length == 16
-    idx = ids(length=16)  # within the window sliding-window attention is full attention
-    with torch.no_grad():
-        torch.testing.assert_close(ours(idx), ref(idx).logits, atol=1e-4, rtol=1e-4)
+    assert (ours.config.context_length, ours.config.sliding_window, ours.config.sliding_layers) == (64, 8, None)
+    assert_matches_transformers(ref, ours, tiny_tokenizer)
     conf = transformers.MistralConfig(**{**LLAMA, "sliding_window": None}).to_dict()
-    assert config_from_hf({**conf, "architectures": ["MistralForCausalLM"]}).context_length == 64
+    assert config_from_hf({**conf, "architectures": ["MistralForCausalLM"]}).sliding_window is None
+    (tmp_path / "out").mkdir()
+    write_model_files(tmp_path / "out", ours, tokenizer=tiny_tokenizer)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "MistralForCausalLM"
+    assert_matches_transformers(theirs, ours, tiny_tokenizer)
 
 
-def test_qwen2_sliding_window_only_when_used():
-    def ctx(**kw):
+def test_qwen2_sliding_window_only_where_used(tmp_path, tiny_tokenizer):
+    def window(**kw):
         d = transformers.Qwen2Config(**{**LLAMA, **kw}).to_dict()
-        return config_from_hf({**d, "architectures": ["Qwen2ForCausalLM"]}).context_length
+        cfg = config_from_hf({**d, "architectures": ["Qwen2ForCausalLM"]})
+        return cfg.sliding_window, cfg.sliding_layers
 
-    assert ctx(sliding_window=16) == 64  # use_sliding_window is false
-    assert ctx(use_sliding_window=True, sliding_window=16, max_window_layers=1) == 16
-    assert ctx(use_sliding_window=True, sliding_window=16, max_window_layers=2) == 64  # no layer slides
+    assert window(sliding_window=16) == (None, None)  # use_sliding_window is false
+    assert window(use_sliding_window=True, sliding_window=16, max_window_layers=1) == (16, [1])
+    assert window(use_sliding_window=True, sliding_window=16, max_window_layers=2) == (None, None)  # no layer slides
     d = transformers.Qwen2Config(**LLAMA, use_sliding_window=True, sliding_window=16, max_window_layers=1).to_dict()
     d.pop("layer_types")  # older files: derived from max_window_layers
-    assert config_from_hf({**d, "architectures": ["Qwen2ForCausalLM"]}).context_length == 16
+    assert config_from_hf({**d, "architectures": ["Qwen2ForCausalLM"]}).sliding_layers == [1]
+    # one sliding layer of two, at a length past its window: transformers' logits, and back through export
+    ref = hf_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                   vocab_size=tiny_tokenizer.vocab_size, tie_word_embeddings=False)
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert_matches_transformers(ref, ours, tiny_tokenizer)
+    (tmp_path / "out").mkdir()
+    write_model_files(tmp_path / "out", ours, tokenizer=tiny_tokenizer)
+    assert load_model(tmp_path / "out").config == ours.config
 
 
 def test_gpt2_without_prefix_and_with_mask_buffers(tmp_path):

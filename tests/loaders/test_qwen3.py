@@ -24,7 +24,8 @@ from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
 from lmforge.loaders.auto import load  # noqa: E402
 from lmforge.loaders.gguf import read_gguf, read_gguf_header, write_gguf  # noqa: E402
-from lmforge.loaders.hf import NATIVE, config_from_hf, hf_architecture  # noqa: E402
+from lmforge.loaders.hf import NATIVE, hf_architecture  # noqa: E402
+from lmforge.loaders.hf_read import config_from_hf  # noqa: E402
 from lmforge.loaders.model_dir import build_model, load_model, write_model_files  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 from tests.loaders.gguf.helpers import tokenizer_kv, write_llamacpp_style  # noqa: E402
@@ -83,9 +84,10 @@ def test_config_from_transformers():
     assert config_from_hf(d).head_dim == 128 == transformers.Qwen3Config(**{k: v for k, v in d.items()}).head_dim
     d.pop("architectures")  # model_type alone names the family
     assert config_from_hf(d).qk_norm
-    # Sliding windows follow the same rules as Qwen2's (our attention has none: within it, it is full).
+    # Sliding windows follow the same rules as Qwen2's: here layer 1 of 2 slides, and the context stays whole.
     slide = transformers.Qwen3Config(**BASE, use_sliding_window=True, sliding_window=16, max_window_layers=1)
-    assert config_from_hf({**slide.to_dict(), "architectures": ["Qwen3ForCausalLM"]}).context_length == 16
+    cfg = config_from_hf({**slide.to_dict(), "architectures": ["Qwen3ForCausalLM"]})
+    assert (cfg.context_length, cfg.sliding_window, cfg.sliding_layers) == (64, 16, [1])
 
 
 def test_shapes_without_a_transformers_class_stay_native():

@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
 from lmforge.loaders.auto import load  # noqa: E402
-from lmforge.loaders.hf import MIXTRAL, NATIVE, QWEN3_MOE, config_from_hf, config_to_hf, hf_architecture  # noqa: E402
+from lmforge.loaders.hf import MIXTRAL, NATIVE, QWEN3_MOE, config_to_hf, hf_architecture  # noqa: E402
+from lmforge.loaders.hf_read import config_from_hf  # noqa: E402
 from lmforge.loaders.model_dir import load_model, write_model_files  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 from tests.loaders.parity import assert_moe_matches_transformers  # noqa: E402
@@ -94,9 +95,10 @@ def test_sparse_config_means_what_it_means_to_transformers():
     assert (cfg.n_experts, cfg.experts_per_token) == (ref.num_experts, ref.num_experts_per_tok)
     assert cfg.norm_topk_prob is ref.norm_topk_prob is False  # Qwen3MoeConfig's default (Qwen's files set true)
     assert (cfg.d_ff, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta) == (768, 4, 64 // 4, 10000.0)
-    # use_sliding_window makes every layer slide (Qwen3MoeConfig): the context is capped at the window
-    assert config_from_hf({**d, "use_sliding_window": True, "sliding_window": 16}).context_length == 16
-    assert config_from_hf({**d, "use_sliding_window": False, "sliding_window": 16}).context_length == 64
+    # use_sliding_window makes every layer slide (Qwen3MoeConfig); the context stays whole
+    slides = config_from_hf({**d, "use_sliding_window": True, "sliding_window": 16})
+    assert (slides.sliding_window, slides.sliding_layers, slides.context_length) == (16, None, 64)
+    assert config_from_hf({**d, "use_sliding_window": False, "sliding_window": 16}).sliding_window is None
 
 
 @pytest.mark.parametrize("edits, message", [
