@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -166,3 +167,29 @@ def test_set_think_on_a_model_that_does_not_think(session):
     assert "error: this model's chat template has no thinking to turn on or off" in out
     assert session.think is None and "thinking: (this model does not think)" in out
     assert "/set think on|off" in out
+
+
+def test_run_shows_the_thought_alike_in_process_and_through_a_server(tmp_path_factory, tiny_tokenizer, monkeypatch,
+                                                                       capsys):
+    """`lmforge run MODEL PROMPT` prints a thought the same way whether it loads the model or a running server
+    answers (asked with Ollama's `think`). The template opens the thought itself, so the whole output is
+    thought: what is checked is where it goes, not what it says (sampled, with a seed: greedily this tiny
+    random model repeats the newline after `<think>`, which is not shown)."""
+    from conftest import run_cli
+    from tests.serve.live import start_server
+    from tests.serve.tool_templates import family_tokenizer
+    from tests.tokenizer.family_templates import FAMILIES
+
+    path = save_tiny_model(tmp_path_factory.mktemp("opens") / "opens", family_tokenizer(tiny_tokenizer,
+                           "opens-thought", FAMILIES), context_length=128)
+    argv = ("What is 2 + 2?", "--temperature", "1", "--seed", "3", "--max-new-tokens", "6")
+    monkeypatch.setenv("LMFORGE_HOST", "http://127.0.0.1:9")  # nothing listens: in-process
+    code, local, _ = run_cli(capsys, "run", path, *argv)
+    assert code == 0 and re.fullmatch(r"Thinking\.\.\.\n\S.*\n\.\.\.done thinking\.\n\n\n", local, re.S), local
+    s = start_server({"opens": path})
+    try:
+        monkeypatch.setenv("LMFORGE_HOST", f"127.0.0.1:{s.server.port}")
+        code, served, _ = run_cli(capsys, "run", "opens", *argv)
+        assert code == 0 and served == local and "opens" in s.registry.loaded  # the server answered
+    finally:
+        s.stop()

@@ -192,6 +192,7 @@ def _loading_flags(args) -> list[str]:
 def _run_on_server(args) -> int | None:
     """Answer `args.prompt` through the server at LMFORGE_HOST (streamed); None when no server answers
     there or it does not serve the model, for the caller to load it in-process instead."""
+    from lmforge.chat import ThoughtView
     from lmforge.cli.client import Client, ServerError
     from lmforge.cli.common import SAMPLING_FLAGS
     from lmforge.modelfile import OLLAMA_NAME
@@ -205,16 +206,23 @@ def _run_on_server(args) -> int | None:
                if getattr(args, k, None) is not None}
     body = {"model": args.model, "messages": messages, "stream": True, **({"options": options} if options else {})}
     started = False
+    view = ThoughtView(sys.stdout)  # a thinking model's thought, apart from the answer, as in-process
     try:
+        if "thinking" in (client.post("/api/show", {"model": args.model}).get("capabilities") or []):
+            body["think"] = True  # the thought comes back as message.thinking, not as <think> text
         for obj in client.stream("/api/chat", body):
-            text = (obj.get("message") or {}).get("content") or ""
-            if text:
+            message = obj.get("message") or {}
+            if message.get("thinking"):
                 started = True
-                print(text, end="", flush=True)
+                view.thought(message["thinking"])
+            if message.get("content"):
+                started = True
+                view.text(message["content"])
     except ServerError as e:
         if e.status == 404 and not started:  # not one of the server's models: load it here
             return None
         raise
+    view.close()
     print()
     return 0
 
