@@ -148,3 +148,52 @@ def test_sliding_window_beyond_the_context_keeps_full_attention_everywhere(tmp_p
     idx = torch.randint(0, tiny_tokenizer.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), ref(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind, targets", [("gemma2", "all-linear"), ("gemma3", "q_proj,v_proj,gate_proj,down_proj")])
+def test_lora_adapter_loads_in_peft(kind, targets, tmp_path, tiny_tokenizer):
+    """LoRA on Gemma under PEFT's names: peft puts our adapter on transformers' Gemma and computes our logits,
+    adapted and merged."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from lmforge.loaders.peft import apply_lora, save_adapter
+    from lmforge.model.lora import merge_lora
+    from tests.model.test_lora import randomize_lora
+
+    hf_gemma(kind, tiny_tokenizer.vocab_size).save_pretrained(tmp_path / "base")
+    ours = load_model(tmp_path / "base")
+    apply_lora(ours, targets=targets, rank=4, alpha=8)
+    randomize_lora(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that it ignores our "lmforge" key
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    idx = torch.randint(0, tiny_tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ours(idx)
+        torch.testing.assert_close(theirs(idx).logits, want, atol=1e-4, rtol=1e-4)
+        merged = theirs.merge_and_unload()
+        merge_lora(ours)
+        torch.testing.assert_close(ours(idx), merged(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_import_show_list_generate(tmp_path, capsys, tiny_tokenizer):
+    """What a user does with a downloaded Gemma: import it (a multimodal checkpoint too), see its family,
+    run it."""
+    from conftest import run_cli
+
+    ref = hf_gemma("gemma3-multimodal", tiny_tokenizer.vocab_size)
+    ref.save_pretrained(tmp_path / "g3")
+    tiny_tokenizer.save(tmp_path / "g3")
+    code, out, err = run_cli(capsys, "import", tmp_path / "g3", "--name", "g3")
+    assert code == 0 and "g3:latest" in out, err
+    code, out, _ = run_cli(capsys, "show", "g3")
+    assert code == 0 and "Gemma3ForConditionalGeneration" in out  # what the files are (we run their text model)
+    code, out, _ = run_cli(capsys, "list")
+    name, family = out.splitlines()[1].split()[:2]
+    assert name == "g3:latest" and family.startswith("Gemma3")
+    code, out, err = run_cli(capsys, "generate", "g3", "--prompt", "the model", "--temperature", "0",
+                             "--max-new-tokens", "8", "--no-fast")
+    assert code == 0 and out.strip(), err
