@@ -22,10 +22,10 @@ Decisions where Ollama leaves room (each one line in the report, and in these do
   text only. A model without a chat template generates from the prompt text itself.
 - `think`: the chat template's `enable_thinking` is set from it; `think: true` on a model whose template
   never mentions thinking is a 400 (`"MODEL" does not support thinking`, as Ollama answers). With `think`,
-  what the model writes before `</think>` is returned as `thinking`, apart from `content`. `think` with
-  `format` is a 400: the grammar holds from the first token, so the model could never close its thinking
-  and the whole answer would come back as `thinking`.
-- What can be refused without the model (`format`, `think` with `format`, the shape of `tools`) is refused
+  what the model writes before `</think>` is returned as `thinking`, apart from `content`. With `think`, a
+  `format` holds for the answer after the thought (`engine.reasoning.reason_first`, as `response_format`
+  does on the OpenAI route): held from the first token, the model could never close its thinking.
+- What can be refused without the model (`format`, the shape of `tools`) is refused
   before it is loaded, as on the OpenAI routes: a bad request costs no load and evicts nothing.
 - `options` replace the Modelfile's parameters, `stop` included (Ollama's rule; on the OpenAI routes a
   request's `stop` adds to the Modelfile's). A value refused by the sampler names `options.<name>`.
@@ -49,7 +49,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from lmforge.engine.reasoning import ThinkSplitter, opens_thought, supports_thinking
+from lmforge.engine.reasoning import ThinkSplitter, opens_thought, reason_first, supports_thinking
 from lmforge.serve import tools as tl
 from lmforge.serve import translate as tr
 from lmforge.serve.models import Served
@@ -165,31 +165,30 @@ def _grammar(fmt: Any):
         raise invalid(f"invalid 'format': {e}", param="format") from None
 
 
-def _checked(grammar, tok: Any):
+def _checked(grammar, tok: Any, opened: bool | None):
+    """`grammar` compiled against the vocabulary; with thinking (`opened` not None: whether the prompt
+    opened the thought), made to hold after the thought."""
     from lmforge.engine.constrain import GrammarError
 
     try:
+        if opened is not None:
+            grammar = reason_first(grammar, opened)
         grammar.check(tok)
     except GrammarError as e:
         raise invalid(f"invalid 'format': {e}", param="format") from None
     return grammar
 
 
-async def _with_format(request: Request, params, grammar, tok: Any):
+async def _with_format(request: Request, params, grammar, tok: Any, splitter: ThinkSplitter | None):
     if grammar is None:
         return params
-    return dataclasses.replace(params, grammar=await on_cpu(request, _checked, grammar, tok))
+    opened = splitter.prompt_opened if splitter is not None else None
+    return dataclasses.replace(params, grammar=await on_cpu(request, _checked, grammar, tok, opened))
 
 
-async def _checked_request(request: Request, req: ChatRequest | GenerateRequest, thinking: bool):
+async def _checked_request(request: Request, req: ChatRequest | GenerateRequest):
     """What can be refused before the model is loaded (a load can evict other models): `format` (built and
-    validated on the worker pool), `format` with `think` (the grammar would hold from the first token, so
-    the model could never write its `</think>` and the whole answer would come back as thinking), and the
-    shape of `tools`. Returns the grammar."""
-    if thinking and req.think and req.format not in (None, ""):
-        raise invalid("format and think cannot be used together: the format holds from the first token, so the "
-                      "model could not think first; send think: false (or leave it out) with a format",
-                      param="format")
+    validated on the worker pool) and the shape of `tools`. Returns the grammar."""
     if isinstance(req, ChatRequest) and req.tools is not None:
         try:
             tl.parse_tools(req.tools)
@@ -211,7 +210,7 @@ async def chat(request: Request):
         return await _load_or_unload(request, req.model, keep, num_ctx, empty, notes)
     clock = Clock()
     turns = _turns(req)
-    grammar = await _checked_request(request, req, True)
+    grammar = await _checked_request(request, req)
     served = await use_model(request, req.model, num_ctx=num_ctx, keep_alive=keep)
     clock.loaded = time.monotonic_ns()
     handed = False
@@ -220,8 +219,8 @@ async def chat(request: Request):
         kwargs = _template_kwargs(served, req.model, req.think)
         plan, turns = tl.tool_plan(req.tools, None, tok.chat_template, turns)
         ids = await on_cpu(request, _prompt_ids, tok, turns, mf.system, mf.messages, kwargs, plan.tools)
-        params = await _with_format(request, _params(served, req, len(ids), chat=True), grammar, tok)
         splitter = ThinkSplitter(opens_thought(tok, ids)) if kwargs.get("enable_thinking") else None
+        params = await _with_format(request, _params(served, req, len(ids), chat=True), grammar, tok, splitter)
 
         def piece(thinking: str, content: str, calls: list[dict] | None = None) -> dict:
             msg: dict[str, Any] = {"role": "assistant", "content": content}
@@ -261,7 +260,7 @@ async def generate(request: Request):
     if not req.prompt and not req.context:
         return await _load_or_unload(request, req.model, keep, num_ctx, {"response": ""}, notes)
     clock = Clock()
-    grammar = await _checked_request(request, req, not req.raw)
+    grammar = await _checked_request(request, req)
     served = await use_model(request, req.model, num_ctx=num_ctx, keep_alive=keep)
     clock.loaded = time.monotonic_ns()
     handed = False
@@ -280,8 +279,8 @@ async def generate(request: Request):
         ids = [*(req.context or []), *ids]
         if not ids:
             raise invalid("the prompt is empty", param="prompt")
-        params = await _with_format(request, _params(served, req, len(ids), chat=False), grammar, tok)
         splitter = ThinkSplitter(opens_thought(tok, ids)) if kwargs.get("enable_thinking") else None
+        params = await _with_format(request, _params(served, req, len(ids), chat=False), grammar, tok, splitter)
 
         def piece(thinking: str, content: str) -> dict:
             out = {"response": content}
