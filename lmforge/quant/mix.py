@@ -6,14 +6,16 @@ quality than the few tensors that are most sensitive are worth in bytes. These a
 restated for the tensors our models have, so that a file we write has the types llama.cpp's own
 `llama-quantize` would give it and sizes and quality compare like for like:
 
-* Only matrices whose name ends in "weight" are quantized; vectors (norms, biases, rope_freqs) stay F32.
+* Only matrices whose name ends in "weight" are quantized; vectors (norms, biases, rope_freqs) stay F32, and
+  so does a mixture of experts' router (ffn_gate_inp.weight), which llama-quantize never quantizes.
 * `f32` / `f16`: every matrix F32 / F16.
 * Base types: q8_0 -> Q8_0, q4_0 -> Q4_0, q4_k_m -> Q4_K, q5_k_m -> Q5_K, q6_k -> Q6_K.
 * output.weight -- and token_embd.weight when the embeddings are tied (no output.weight), since it is
   then also the output projection -- gets Q6_K, except that it stays Q8_0 for q8_0, and becomes Q8_0
   when its rows are not a whole number of the base type's blocks. (So a q4_0 file has a Q6_K output.)
 * token_embd.weight of an untied model: the base type.
-* q4_k_m and q5_k_m ("_M": medium): attn_v.weight and ffn_down.weight of layer i among n get Q6_K when
+* q4_k_m and q5_k_m ("_M": medium): attn_v.weight and ffn_down.weight (ffn_down_exps.weight, all of a
+  layer's experts stacked, alike) of layer i among n get Q6_K when
   "use_more_bits(i, n)": i < n/8, or i >= 7n/8, or (i - n/8) % 3 == 2 (integer division) -- the first
   and last eighth of the layers and every third layer in between. The other tensors keep the base type.
 * Fallback for row lengths the chosen type cannot split into blocks (K-quants need 256-value rows):
@@ -104,7 +106,7 @@ def tensor_types(shapes: Mapping[str, Sequence[int]], ftype: str) -> dict[str, s
     out: dict[str, str] = {}
     for name, shape in shapes.items():
         shape = tuple(int(s) for s in shape)
-        if len(shape) < 2 or not name.endswith("weight") or name.endswith("_norm.weight"):
+        if len(shape) < 2 or not name.endswith("weight") or name.endswith(("_norm.weight", "ffn_gate_inp.weight")):
             out[name] = "F32"
             continue
         if base in ("F32", "F16"):
@@ -122,7 +124,7 @@ def tensor_types(shapes: Mapping[str, Sequence[int]], ftype: str) -> dict[str, s
         elif ftype in ("q4_k_m", "q5_k_m"):
             if name.endswith("attn_v.weight") and use_more_bits(layer, n_attn_v):
                 t = "Q6_K"
-            elif name.endswith("ffn_down.weight") and use_more_bits(layer, n_layers):
+            elif name.endswith(("ffn_down.weight", "ffn_down_exps.weight")) and use_more_bits(layer, n_layers):
                 t = "Q6_K"
         out[name] = _fallback(t, row)
     return out

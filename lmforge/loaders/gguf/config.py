@@ -1,6 +1,16 @@
 """GGUF metadata <-> `ModelConfig`: the architecture check, the `{arch}.*` hyperparameters, biases and tied
-output told by which tensors exist, rope scaling (linear as KV; Llama-3 derived back from, and written as,
-`rope_freqs.weight`), and the same hyperparameters written back for export.
+output told by which tensors exist, a mixture of experts (`expert_count`, `expert_used_count`, ...), rope
+scaling (linear as KV; Llama-3 derived back from, and written as, `rope_freqs.weight`), and the same
+hyperparameters written back for export.
+
+Mixtures of experts as llama.cpp runs them: Mixtral is arch `llama` with `llama.expert_count` > 0, its experts
+as wide as `feed_forward_length`; Qwen3-MoE is arch `qwen3moe`, its experts `expert_feed_forward_length` wide
+(llama.cpp falls back to feed_forward_length / expert_used_count without it, and so do we). Both route
+softmax -> top k -> renormalised over the k: llama.cpp's `llama` and `qwen3moe` graphs hard-code the
+renormalisation and never read `{arch}.expert_weights_norm` (its converter never writes it for them). So a
+`qwen3moe` file without the key renormalises (Qwen3-MoE's norm_topk_prob true, as the released models set
+it); we honour the key when a file has it, write it, and refuse to export norm_topk_prob false, which
+llama.cpp would silently run renormalised.
 
 A module of its own because deciding what model a file describes is separate from reading its weights:
 `describe_gguf` (`lmforge list/show`) needs only this and the header, never the tensor data (bar the tiny
@@ -18,14 +28,16 @@ import numpy as np
 from lmforge.config import MAX_CONTEXT, ModelConfig
 from lmforge.errors import UserError
 from lmforge.loaders.gguf.reader import GGUFTensorInfo, dequantize, gguf_package, meta, short
-from lmforge.loaders.hf import hf_architecture, is_llama_shaped
+from lmforge.loaders.hf import MIXTRAL, QWEN3_MOE, hf_architecture, is_llama_shaped
 
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")
 # The transformers class each architecture's configs must map to (a qwen3 file is Qwen3 by its name alone:
-# its per-head q/k norms are what `qk_norm` says, and the tensor check then demands them).
+# its per-head q/k norms are what `qk_norm` says, and the tensor check then demands them; `llama` with experts
+# is Mixtral).
 _LLAMA_OR_QWEN2 = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-_HF_CLASSES = {"llama": _LLAMA_OR_QWEN2, "qwen2": _LLAMA_OR_QWEN2, "qwen3": ("Qwen3ForCausalLM",)}
+_HF_CLASSES = {"llama": (*_LLAMA_OR_QWEN2, MIXTRAL), "qwen2": _LLAMA_OR_QWEN2, "qwen3": ("Qwen3ForCausalLM",),
+               "qwen3moe": (QWEN3_MOE,)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,12 +65,9 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
             raise UserError(f"{path}: metadata {p + key!r} must be positive, got {v}")
         return v
 
-    experts = meta(path, metadata, p + "expert_count", "int", 0)
-    if experts:  # Mixtral GGUFs are arch "llama" with stacked ffn_*_exps tensors, which we do not read yet
-        raise UserError(f"{path}: a mixture-of-experts GGUF ({experts} experts per layer) is not supported yet; "
-                        f"lmforge loads Mixtral from its Hugging Face directory")
+    experts = _experts(path, metadata, arch)
     d_model, n_heads = num("embedding_length"), num("attention.head_count")
-    n_layers, d_ff = num("block_count"), num("feed_forward_length")
+    n_layers, d_ff = num("block_count"), _expert_width(path, metadata, arch, experts) or num("feed_forward_length")
     n_kv = num("attention.head_count_kv", n_heads)
     context = num("context_length")
     if context > MAX_CONTEXT:  # the tables RoPE computes from it are bounded by memory when the model is built
@@ -72,14 +81,20 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
         raise UserError(f"{path}: block_count {n_layers} but only {len(tensors)} tensors (truncated or corrupted GGUF?)")
     if "token_embd.weight" not in tensors:
         raise UserError(f"{path}: tensor 'token_embd.weight' is missing")
+    router = tensors.get("blk.0.ffn_gate_inp.weight")
+    if experts and (router is None or router.shape != (experts["n_experts"], d_model)):
+        # the expert count is backed by the router's bytes before any loop over experts runs
+        raise UserError(f"{path}: {p}expert_count is {experts['n_experts']} but tensor 'blk.0.ffn_gate_inp.weight' "
+                        f"(the router) has shape {list(router.shape) if router is not None else 'none'}, expected "
+                        f"[{experts['n_experts']}, {d_model}]")
     kwargs = dict(
         vocab_size=tensors["token_embd.weight"].shape[0], context_length=context, d_model=d_model,
         n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, d_ff=d_ff,
         norm="rmsnorm", norm_eps=meta(path, metadata, p + "attention.layer_norm_rms_epsilon", "float"),
         mlp="swiglu", positions="rope", rope_theta=meta(path, metadata, p + "rope.freq_base", "float", 10000.0),
         rope_scaling=_linear_rope_scaling(path, metadata, p), tie_embeddings="output.weight" not in tensors,
-        name=meta(path, metadata, "general.name", "str", arch), qk_norm=arch == "qwen3",
-        **_bias_flags(path, tensors, arch),
+        name=meta(path, metadata, "general.name", "str", arch), qk_norm=arch in ("qwen3", "qwen3moe"),
+        **_bias_flags(path, tensors, arch), **experts,
     )
     try:
         cfg = ModelConfig(**kwargs)
@@ -88,6 +103,47 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
     if hf_architecture(cfg) not in _HF_CLASSES[arch]:
         raise UserError(f"{path}: this combination of bias tensors matches no {arch} model")
     return cfg
+
+
+def _experts(path: str, metadata: dict[str, Any], arch: str) -> dict[str, Any]:
+    """n_experts, experts_per_token and norm_topk_prob of a mixture of experts (nothing for a dense model),
+    each count checked against the other before anything is built from them."""
+    p = f"{arch}."
+    count = meta(path, metadata, p + "expert_count", "int", 0)
+    used = meta(path, metadata, p + "expert_used_count", "int", 0)
+    if count < 0 or used < 0:
+        raise UserError(f"{path}: {p}expert_count ({count}) and {p}expert_used_count ({used}) must not be negative")
+    if not count:
+        if arch == "qwen3moe":
+            raise UserError(f"{path}: metadata {p + 'expert_count'!r} is missing or 0; a qwen3moe model has experts")
+        if used:
+            raise UserError(f"{path}: {p}expert_used_count is {used} but the model has no experts (expert_count 0)")
+        return {}
+    if arch not in ("llama", "qwen3moe"):
+        raise UserError(f"{path}: experts in a {arch} model are not supported (Mixtral is llama, Qwen3-MoE qwen3moe)")
+    if not 1 <= used <= count:
+        raise UserError(f"{path}: {p}expert_used_count is {used}; it must be between 1 and expert_count ({count})")
+    renorm = meta(path, metadata, p + "expert_weights_norm", "bool", True)
+    if arch == "llama" and not renorm:  # transformers' Mixtral renormalises too: no class computes it
+        raise UserError(f"{path}: {p}expert_weights_norm is false; llama.cpp's llama architecture always "
+                        f"renormalises the chosen experts' weights, and lmforge runs Mixtral as it does")
+    return {"n_experts": count, "experts_per_token": used, "norm_topk_prob": renorm}
+
+
+def _expert_width(path: str, metadata: dict[str, Any], arch: str, experts: dict[str, Any]) -> int | None:
+    """qwen3moe's expert width: expert_feed_forward_length, else feed_forward_length / expert_used_count as
+    llama.cpp computes it (feed_forward_length is the width of dense layers there). None elsewhere: a
+    `llama` file's experts are feed_forward_length wide."""
+    if arch != "qwen3moe":
+        return None
+    key = "qwen3moe.expert_feed_forward_length"
+    width = meta(path, metadata, key, "int", None)
+    if width is None:
+        width = meta(path, metadata, "qwen3moe.feed_forward_length", "int") // experts["experts_per_token"]
+    if width <= 0:
+        raise UserError(f"{path}: the experts' width ({key}, else feed_forward_length / expert_used_count) must "
+                        f"be positive, got {width}")
+    return width
 
 
 def _bias_flags(path: str, tensors: dict[str, GGUFTensorInfo], arch: str) -> dict[str, bool]:
@@ -188,19 +244,24 @@ def with_llama3_rope(path: str, cfg: ModelConfig, arch: str, metadata: dict[str,
 # Config to metadata (export)
 # ---------------------------------------------------------------------------------------------------
 def export_arch(cfg: ModelConfig) -> str:
-    """'llama', 'qwen2' or 'qwen3' for the configs llama.cpp runs as such; a UserError for the rest."""
-    if cfg.n_experts:
-        raise UserError(f"GGUF export of mixture-of-experts models ({cfg.n_experts} experts per layer) is not "
-                        "supported yet; export it with --format hf")
-    if not is_llama_shaped(cfg):
+    """'llama', 'qwen2', 'qwen3' or 'qwen3moe' for the configs llama.cpp runs as such (Mixtral is 'llama' with
+    experts); a UserError for the rest."""
+    hf = hf_architecture(cfg)
+    if cfg.n_experts and hf not in (MIXTRAL, QWEN3_MOE):
+        raise UserError("GGUF export of a mixture of experts needs Mixtral's or Qwen3-MoE's shape (rmsnorm, "
+                        "swiglu, rope; no biases but Qwen3-MoE's attention ones); export this one with --format hf")
+    if not cfg.n_experts and not is_llama_shaped(cfg):
         raise UserError("GGUF export supports Llama- and Qwen2-shaped models (rmsnorm, swiglu, rope); this model "
                         f"has norm={cfg.norm}, mlp={cfg.mlp}, positions={cfg.positions}")
-    arch = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}.get(hf_architecture(cfg), "llama")
+    arch = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", QWEN3_MOE: "qwen3moe"}.get(hf, "llama")
     kind = (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type"))
     if arch != "llama" and kind == "llama3":
         raise UserError(f"GGUF export: llama.cpp's {arch} architecture has no Llama-3 rope scaling")
-    if arch == "qwen3" and cfg.attention_bias:  # llama.cpp's qwen3 loads q/k/v biases but no o_proj bias
-        raise UserError("GGUF export: llama.cpp's qwen3 architecture has no output-projection bias (attention_bias)")
+    if arch in ("qwen3", "qwen3moe") and cfg.attention_bias:  # llama.cpp loads q/k/v biases but no o_proj bias
+        raise UserError(f"GGUF export: llama.cpp's {arch} architecture has no output-projection bias (attention_bias)")
+    if arch == "qwen3moe" and not cfg.norm_topk_prob:
+        raise UserError("GGUF export: llama.cpp's qwen3moe architecture always renormalises the chosen experts' "
+                        "weights; this model has norm_topk_prob false (export it with --format hf)")
     return arch
 
 
@@ -222,6 +283,12 @@ def add_hparams(w: Any, cfg: ModelConfig, name: str) -> None:
     if cfg.head_dim * cfg.n_heads != cfg.d_model or cfg.qk_norm:  # qwen3: always, as llama.cpp's converter
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
+    if cfg.n_experts:
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.experts_per_token)
+        if cfg.qk_norm:  # qwen3moe: the experts' width has a key of its own (feed_forward_length is dense layers')
+            w.add_expert_feed_forward_length(cfg.d_ff)
+            w.add_expert_weights_norm(cfg.norm_topk_prob)
     sc = cfg.rope_scaling or {}
     kind = sc.get("type", sc.get("rope_type"))
     if kind == "linear":

@@ -4,7 +4,9 @@ same checks from the header alone, for `lmforge list/show/import`).
 Tensors are checked against the config before any data is read. Then, by default, the matrices stay in
 their GGML type: `packed_tensors` hands each one over as a view of the memory-mapped file (the q and k rows
 of a `llama` file, whose rows must be un-permuted, are read into a packed copy of their own), so a 4 GB
-Q4_K_M file takes about 4 GB of memory, not the ~28 GB of its fp32 form. With an explicit `dtype` every
+Q4_K_M file takes about 4 GB of memory, not the ~28 GB of its fp32 form. A mixture of experts' stacked 3-D
+tensors are no exception: each expert's matrix is a contiguous slice of its tensor's bytes
+(`GGUFTensorInfo.slice`), so every expert stays packed in the file's type as a view of its own. With an explicit `dtype` every
 tensor is dequantized to float instead, one at a time as `state_dict_from_hf` asks for them, un-permuted for
 `llama` and renamed GGUF -> HF -> ours. A module of its own because it is where the reader, names, config
 and vocab modules meet.
@@ -24,7 +26,14 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.loaders.gguf.config import base_config, check_architecture, with_llama3_rope
-from lmforge.loaders.gguf.names import ROPE_FREQS, expected_shapes, gguf_to_hf, permute_heads, rope_unpermute
+from lmforge.loaders.gguf.names import (
+    ROPE_FREQS,
+    expected_shapes,
+    hf_sources,
+    per_expert_layout,
+    permute_heads,
+    rope_unpermute,
+)
 from lmforge.loaders.gguf.reader import (
     GGUFHeader,
     GGUFTensorInfo,
@@ -58,7 +67,10 @@ class GGUFModel:
 
 def _check_tensor_set(path: str, cfg: ModelConfig, tensors: dict[str, GGUFTensorInfo]) -> None:
     """Refuse a missing, unexpected or wrongly shaped tensor before any data is read."""
-    want = expected_shapes(cfg)
+    per_expert = per_expert_layout(tensors)
+    if per_expert and cfg.n_layers * cfg.n_experts * 3 > len(tensors):  # before looping over the experts
+        raise UserError(f"{path}: {cfg.n_layers} layers of {cfg.n_experts} experts but only {len(tensors)} tensors")
+    want = expected_shapes(cfg, per_expert=per_expert)
     for name, shape in want.items():
         if name not in tensors:
             raise UserError(f"{path}: tensor {name!r} is missing")
@@ -68,6 +80,14 @@ def _check_tensor_set(path: str, cfg: ModelConfig, tensors: dict[str, GGUFTensor
     if extra:
         raise UserError(f"{path}: tensor {extra[0]!r} is not part of a {hf_architecture(cfg)}-shaped model "
                         f"({len(extra)} unexpected tensors)")
+
+
+def _source_infos(cfg: ModelConfig, header: GGUFHeader) -> dict[str, GGUFTensorInfo]:
+    """Hugging Face name -> the GGUF tensor holding it: the file's own tensor, or one expert's slice of a
+    stacked one (a checked tensor set is assumed)."""
+    tensors = {t.name: t for t in header.tensors}
+    sources = hf_sources(cfg, per_expert=per_expert_layout(tensors))
+    return {hf: tensors[name] if expert is None else tensors[name].slice(expert) for hf, (name, expert) in sources.items()}
 
 
 class _LazyTensors(Mapping):
@@ -80,7 +100,7 @@ class _LazyTensors(Mapping):
     def __init__(self, path: str, cfg: ModelConfig, arch: str, header: GGUFHeader, data: np.ndarray,
                  dtype: torch.dtype) -> None:
         self.path, self.cfg, self.arch, self.data, self.dtype = path, cfg, arch, data, dtype
-        self.infos = {gguf_to_hf(t.name): t for t in header.tensors if t.name != ROPE_FREQS}
+        self.infos = _source_infos(cfg, header)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.infos[name]
@@ -131,8 +151,8 @@ def packed_tensors(path: str, cfg: ModelConfig, arch: str, header: GGUFHeader,
     each in its own type), float32 tensors for the rest (norms, biases). For `build_packed_model`."""
     with torch.device("meta"):
         names = list(GPT(cfg).state_dict())
-    infos = {gguf_to_hf(t.name): t for t in header.tensors if t.name != ROPE_FREQS}
     lazy = _LazyTensors(path, cfg, arch, header, data, torch.float32)
+    infos = lazy.infos
     out: dict[str, torch.Tensor | list[Part]] = {}
     for ours in names:
         if ours == "lm_head.weight" and cfg.tie_embeddings:
@@ -208,7 +228,7 @@ def load_gguf_packed(path: str | os.PathLike, *, device: str | torch.device = "c
 
 
 def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> GGUFModel:
-    """Load a llama / qwen2 / qwen3 GGUF file: config, our state dict (float32 unless `dtype`), tokenizer.
+    """Load a llama (Mixtral too) / qwen2 / qwen3 / qwen3moe GGUF file: config, our state dict (float32 unless `dtype`), tokenizer.
 
     Every structural problem, unsupported feature or inconsistency is a one-line `UserError` naming the
     file; nothing is allocated from a count the file has not been shown to back with bytes.

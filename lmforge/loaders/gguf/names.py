@@ -1,9 +1,17 @@
-"""Tensor names and layouts, GGUF <-> Hugging Face: the name table, the tensor set a config implies, and the
-`llama` rope permutation of q/k rows.
+"""Tensor names and layouts, GGUF <-> Hugging Face: the name table, the tensor set a config implies, the
+stacked expert tensors of a mixture of experts, and the `llama` rope permutation of q/k rows.
 
 Tensor names go GGUF <-> Hugging Face <-> ours: a small explicit table here maps llama.cpp's names to
-transformers' Llama/Qwen2 names, and `loaders/hf.py` does the rest (fused q/k/v, gate/up), so there is one
-place that knows our own layout.
+transformers' Llama/Qwen2 names, and `loaders/hf_tensors.py` does the rest (fused q/k/v, gate/up), so there
+is one place that knows our own layout.
+
+Mixtures of experts (`llama` with `expert_count` = Mixtral, `qwen3moe`): llama.cpp keeps the router as
+`blk.N.ffn_gate_inp.weight` (experts x hidden) and stacks each expert matrix of a layer into one 3-D tensor,
+`blk.N.ffn_{gate,up,down}_exps.weight`, numpy shape (experts, rows, cols): expert e's matrix is slice e,
+contiguous in the file. Which Hugging Face tensor each slice is depends on the family (Mixtral's
+`block_sparse_moe.experts.E.w1`, Qwen3-MoE's `mlp.experts.E.gate_proj`), so `moe_sources` asks
+`hf_tensor_names` rather than keeping a second table. Files written before llama.cpp stacked experts hold
+one 2-D tensor per expert, `blk.N.ffn_gate.E.weight`: read too, never written.
 
 The rotary trap: llama.cpp's `llama` architecture rotates interleaved pairs (2i, 2i+1) while our model and
 transformers rotate (i, i + D/2) ("rotate_half"). llama.cpp's converter therefore permutes the rows of
@@ -12,14 +20,17 @@ q_proj and k_proj (and their biases) of every head; reading undoes it, writing r
 transformers prove both.
 
 A module of its own because loading and writing must use the very same table and permutation (one is the
-inverse of the other); it reads no file and depends on nothing but `ModelConfig`.
+inverse of the other); it reads no file and depends on nothing but `ModelConfig` and the Hugging Face tables.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
 from lmforge.config import ModelConfig
+from lmforge.loaders.hf_tensors import hf_tensor_names
 
 
 _GLOBAL_TO_HF = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -62,10 +73,17 @@ def hf_to_gguf(name: str) -> str:
     return f"blk.{layer}.{_HF_TO_BLOCK[rest]}.{kind}"
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def per_expert_layout(names: Collection[str]) -> bool:
+    """True for a file that holds one tensor per expert (`blk.N.ffn_down.E.weight`, before llama.cpp stacked
+    them) rather than the stacked `blk.N.ffn_down_exps.weight`."""
+    return "blk.0.ffn_down_exps.weight" not in names and "blk.0.ffn_down.0.weight" in names
+
+
+def expected_shapes(cfg: ModelConfig, *, per_expert: bool = False) -> dict[str, tuple[int, ...]]:
     """Every GGUF tensor a model of `cfg` has, with its numpy shape; the source of truth for both the
-    reader's checks (missing / unexpected / wrong shape) and the writer's."""
-    C, V, F, D = cfg.d_model, cfg.vocab_size, cfg.d_ff, cfg.head_dim
+    reader's checks (missing / unexpected / wrong shape) and the writer's. `per_expert`: the old layout of
+    a mixture of experts, one tensor per expert instead of the stacked ones."""
+    C, V, F, D, E = cfg.d_model, cfg.vocab_size, cfg.d_ff, cfg.head_dim, cfg.n_experts
     q, kv = cfg.n_heads * D, cfg.n_kv_heads * D
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (V, C), "output_norm.weight": (C,)}
     if not cfg.tie_embeddings:
@@ -75,17 +93,50 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.n_layers):
         b = f"blk.{i}."
         shapes.update({b + "attn_norm.weight": (C,), b + "ffn_norm.weight": (C,), b + "attn_q.weight": (q, C),
-                       b + "attn_k.weight": (kv, C), b + "attn_v.weight": (kv, C), b + "attn_output.weight": (C, q),
-                       b + "ffn_gate.weight": (F, C), b + "ffn_up.weight": (F, C), b + "ffn_down.weight": (C, F)})
+                       b + "attn_k.weight": (kv, C), b + "attn_v.weight": (kv, C), b + "attn_output.weight": (C, q)})
+        if E and per_expert:
+            shapes[b + "ffn_gate_inp.weight"] = (E, C)
+            for e in range(E):
+                shapes.update({f"{b}ffn_gate.{e}.weight": (F, C), f"{b}ffn_up.{e}.weight": (F, C),
+                               f"{b}ffn_down.{e}.weight": (C, F)})
+        elif E:
+            shapes.update({b + "ffn_gate_inp.weight": (E, C), b + "ffn_gate_exps.weight": (E, F, C),
+                           b + "ffn_up_exps.weight": (E, F, C), b + "ffn_down_exps.weight": (E, C, F)})
+        else:
+            shapes.update({b + "ffn_gate.weight": (F, C), b + "ffn_up.weight": (F, C), b + "ffn_down.weight": (C, F)})
         if cfg.qkv_bias or cfg.attention_bias:
             shapes.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
         if cfg.attention_bias:
             shapes[b + "attn_output.bias"] = (C,)
         if cfg.qk_norm:
             shapes.update({b + "attn_q_norm.weight": (D,), b + "attn_k_norm.weight": (D,)})
-        if cfg.mlp_bias:
+        if cfg.mlp_bias and not E:
             shapes.update({b + "ffn_gate.bias": (F,), b + "ffn_up.bias": (F,), b + "ffn_down.bias": (C,)})
     return shapes
+
+
+def moe_sources(cfg: ModelConfig, *, per_expert: bool = False) -> dict[str, tuple[str, int | None]]:
+    """Hugging Face name -> (GGUF tensor, expert slice) for the router and every expert matrix: the slice
+    is the expert's index into a stacked tensor, None for a tensor that is the whole matrix (the router,
+    and each expert's own tensor in the per-expert layout). Empty for a dense model."""
+    out: dict[str, tuple[str, int | None]] = {}
+    for i in range(cfg.n_layers if cfg.n_experts else 0):
+        (router,) = hf_tensor_names(cfg, f"blocks.{i}.mlp.router.weight")
+        out[router] = (f"blk.{i}.ffn_gate_inp.weight", None)
+        for e in range(cfg.n_experts):
+            gate, up = hf_tensor_names(cfg, f"blocks.{i}.mlp.experts.{e}.fc.weight")  # fc's rows: gate | up
+            (down,) = hf_tensor_names(cfg, f"blocks.{i}.mlp.experts.{e}.proj.weight")
+            for theirs, kind in ((gate, "ffn_gate"), (up, "ffn_up"), (down, "ffn_down")):
+                out[theirs] = (f"blk.{i}.{kind}.{e}.weight", None) if per_expert else (f"blk.{i}.{kind}_exps.weight", e)
+    return out
+
+
+def hf_sources(cfg: ModelConfig, *, per_expert: bool = False) -> dict[str, tuple[str, int | None]]:
+    """Hugging Face name -> (GGUF tensor, expert slice or None) for every tensor of a model of `cfg` (the
+    dense ones by the table above, the experts by `moe_sources`); rope_freqs, which has no HF name, left out."""
+    out = {gguf_to_hf(n): (n, None) for n in expected_shapes(cfg, per_expert=per_expert) if gguf_to_hf(n)}
+    out.update(moe_sources(cfg, per_expert=per_expert))
+    return out
 
 
 def rope_permute(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -75,6 +75,15 @@ class GGUFTensorInfo:
     def n_elements(self) -> int:
         return math.prod(self.shape)
 
+    def slice(self, i: int) -> GGUFTensorInfo:
+        """Matrix `i` of a 3-D tensor (one expert of llama.cpp's stacked `ffn_*_exps`) as a 2-D tensor of its
+        own: the outermost dimension varies slowest in the file, so its bytes are one contiguous run, and
+        rows are whole blocks, so every slice starts on a block."""
+        if len(self.shape) != 3 or not 0 <= i < self.shape[0]:
+            raise ValueError(f"no slice {i} of tensor {self.name!r} with shape {list(self.shape)}")
+        size = self.n_bytes // self.shape[0]
+        return GGUFTensorInfo(self.name, self.shape[1:], self.ggml_type, self.offset + i * size, size)
+
 
 # ---------------------------------------------------------------------------------------------------
 # The bounds-checked parser

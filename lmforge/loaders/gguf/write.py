@@ -2,7 +2,9 @@
 state dict and tokenizer, atomically, after checking everything.
 
 A module of its own because export runs the other way from loading (ours -> HF -> GGUF names, q/k rows
-permuted, tensors quantized by `lmforge.quant`, types chosen by `lmforge.quant.mix`) and only `lmforge export` needs it.
+permuted, a mixture of experts' matrices stacked per layer as llama.cpp's `ffn_*_exps`, tensors quantized by
+`lmforge.quant` -- a stacked tensor row by row, as a 2-D one --, types chosen by `lmforge.quant.mix`) and
+only `lmforge export` needs it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.io import atomic_write
 from lmforge.loaders.gguf.config import add_hparams, export_arch, llama3_rope_factors
-from lmforge.loaders.gguf.names import ROPE_FREQS, expected_shapes, gguf_to_hf, hf_to_gguf, permute_heads, rope_permute
+from lmforge.loaders.gguf.names import (
+    ROPE_FREQS,
+    expected_shapes,
+    hf_sources,
+    hf_to_gguf,
+    moe_sources,
+    permute_heads,
+    rope_permute,
+)
 from lmforge.loaders.gguf.reader import gguf_package, short
 from lmforge.loaders.gguf.vocab import add_tokenizer, export_vocab
 from lmforge.loaders.hf_tensors import state_dict_from_hf, state_dict_to_hf
@@ -32,20 +42,28 @@ GGUF_TYPES = FTYPES  # what write_gguf accepts: f32, f16, q8_0, q4_0, q4_k_m, q5
 
 
 def _export_tensors(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, np.ndarray]:
-    """GGUF name -> float32 array, q/k permuted for `llama`, rope_freqs added for Llama-3 scaling."""
+    """GGUF name -> float32 array, q/k permuted for `llama`, experts stacked, rope_freqs added for Llama-3 scaling."""
     want = expected_shapes(cfg)
     _check_our_keys(cfg, want, state_dict)
     hf = state_dict_to_hf(cfg, state_dict)
+    moe = moe_sources(cfg)
     out: dict[str, np.ndarray] = {}
+    stacks: dict[str, list[np.ndarray | None]] = {}
     if ROPE_FREQS in want:
         out[ROPE_FREQS] = llama3_rope_factors(cfg)
     for hf_name, t in hf.items():
-        name = hf_to_gguf(hf_name)
+        name, expert = moe[hf_name] if hf_name in moe else (hf_to_gguf(hf_name), None)
         arr = t.detach().to("cpu", torch.float32).numpy()
-        if tuple(arr.shape) != want.get(name):
-            raise UserError(f"GGUF export: {hf_name} has shape {list(arr.shape)}, expected {list(want.get(name, ()))}")
+        shape = want.get(name, (None,))[1:] if expert is not None else want.get(name)
+        if tuple(arr.shape) != shape:
+            raise UserError(f"GGUF export: {hf_name} has shape {list(arr.shape)}, expected {list(shape or ())}")
+        if expert is not None:  # one expert's matrix: slice `expert` of the layer's stacked tensor
+            stacks.setdefault(name, [None] * cfg.n_experts)[expert] = arr
+            continue
         heads = permute_heads(cfg, name) if arch == "llama" else None
         out[name] = rope_permute(arr, heads) if heads is not None else arr
+    for name, parts in stacks.items():
+        out[name] = np.stack(parts)  # every slice is there: state_dict_to_hf names each expert of each layer
     missing = sorted(set(want) - set(out))
     if missing:
         raise UserError(f"GGUF export: the state dict has no tensor for {missing[0]}")
@@ -56,7 +74,8 @@ def _check_our_keys(cfg: ModelConfig, want: dict[str, tuple[int, ...]], state_di
     """Refuse a state dict with missing or extra parameters (extra ones, e.g. unmerged LoRA or quantized
     weights, would otherwise be silently dropped). The expected names come from mapping the expected GGUF
     tensors back through `state_dict_from_hf` on the meta device: nothing is allocated."""
-    hf = {gguf_to_hf(n): torch.empty(shape, device="meta") for n, shape in want.items() if n != ROPE_FREQS}
+    hf = {theirs: torch.empty(want[name][1:] if expert is not None else want[name], device="meta")
+          for theirs, (name, expert) in hf_sources(cfg).items()}
     expected = set(state_dict_from_hf(cfg, hf))
     missing = sorted(expected - set(state_dict))
     if missing:
@@ -81,8 +100,8 @@ def _encode_tensor(arr: np.ndarray, qtype: str) -> np.ndarray:
 def write_gguf(path: str | os.PathLike, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer,
                *, qtype: str = "f16", name: str | None = None, eos_token_ids: list[int] | None = None,
                types: Mapping[str, str] | None = None, progress: bool = False) -> dict[str, str]:
-    """Write a llama.cpp-loadable GGUF (arch `llama`, `qwen2` for q/k/v biases, `qwen3` for q/k norms), atomically; returns
-    {tensor name: GGML type written}.
+    """Write a llama.cpp-loadable GGUF (arch `llama`, `qwen2` for q/k/v biases, `qwen3` for q/k norms; a mixture of
+    experts as `llama` (Mixtral) or `qwen3moe`), atomically; returns {tensor name: GGML type written}.
 
     `qtype` is the file type, one of GGUF_TYPES (f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k): it sets
     general.file_type and, unless `types` gives every tensor's GGML type explicitly, the per-tensor
