@@ -6,7 +6,7 @@ Each path gives transformers' logits (fp32, 1e-4), the same experts chosen for e
 (read from transformers' own router by a hook), the same 16 greedy tokens through our `Engine`, and cached
 decoding equal to full recomputation: the directory as transformers saves it, and our export of it (which
 transformers loads back as `MixtralForCausalLM`, and we load back unchanged). Also: config.json both ways,
-16-bit files kept in their stored bytes, and the formats that do not carry experts yet refusing in one line.
+16-bit files kept in their stored bytes. (GGUF both ways: tests/loaders/gguf/test_gguf_moe.py.)
 """
 
 from __future__ import annotations
@@ -167,20 +167,3 @@ def test_sixteen_bit_file_keeps_its_bytes(tmp_path, tiny_tokenizer):
     idx = torch.randint(0, tiny_tokenizer.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(packed(idx), load_model(tmp_path)(idx), atol=1e-4, rtol=1e-4)
-
-
-# ---------------------------------------------------------------------------------------------------
-# What does not carry experts yet: one line each
-# ---------------------------------------------------------------------------------------------------
-def test_gguf_refuses_experts_in_one_line(mixtral_dir, tmp_path):  # (LoRA with experts: tests/loaders/test_peft_moe.py)
-    from lmforge.loaders.gguf import write_gguf
-    from lmforge.loaders.gguf.config import base_config
-
-    _, d = mixtral_dir
-    loaded = load(d)
-    model = loaded.model
-    with pytest.raises(UserError, match="GGUF export of mixture-of-experts models .* --format hf"):
-        write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), loaded.tokenizer)
-    # a Mixtral GGUF (arch "llama" with llama.expert_count) is refused by its metadata, before any tensor
-    with pytest.raises(UserError, match="m.gguf: a mixture-of-experts GGUF .8 experts per layer. is not supported yet"):
-        base_config("m.gguf", {"llama.expert_count": 8}, {}, "llama")

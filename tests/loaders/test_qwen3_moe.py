@@ -7,7 +7,8 @@ Each path gives transformers' logits (fp32, 1e-4), the same experts chosen for e
 (read from transformers' own router by a hook), the same 16 greedy tokens through our `Engine`, and cached
 decoding equal to full recomputation: the directory as transformers saves it, and our export of it (which
 transformers loads back as `Qwen3MoeForCausalLM`, and we load back unchanged). Also: config.json both ways,
-what we do not compute (dense layers mixed in, shared experts) and GGUF both ways refused in one line.
+what we do not compute (dense layers mixed in, shared experts) refused in one line. (GGUF both ways:
+tests/loaders/gguf/test_gguf_moe.py.)
 """
 
 from __future__ import annotations
@@ -167,19 +168,3 @@ def test_trained_here_exports_as_qwen3_moe(tmp_path, tiny_tokenizer):
     with torch.no_grad():
         torch.testing.assert_close(model(idx), ref(idx).logits, atol=1e-4, rtol=1e-4)
     assert load_model(tmp_path).config == cfg
-
-
-def test_gguf_export_is_refused_in_one_line(tmp_path, tiny_tokenizer):
-    from lmforge.loaders.gguf import write_gguf
-    from lmforge.loaders.gguf.config import check_architecture
-
-    cfg = config_from_hf(hf_dict(vocab_size=tiny_tokenizer.vocab_size))
-    with torch.device("meta"):
-        model = GPT(cfg)
-    with pytest.raises(UserError, match="GGUF export of mixture-of-experts models .* --format hf") as e:
-        write_gguf(tmp_path / "m.gguf", cfg, model.state_dict(), tiny_tokenizer)
-    assert "\n" not in str(e.value)
-    # a Qwen3-MoE GGUF (llama.cpp's arch "qwen3moe") is refused by its metadata, before any tensor
-    with pytest.raises(UserError, match="m.gguf: GGUF architecture 'qwen3moe' is not supported") as e:
-        check_architecture("m.gguf", {"general.architecture": "qwen3moe"})
-    assert "\n" not in str(e.value)
