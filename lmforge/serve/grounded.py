@@ -99,16 +99,17 @@ def _not_found(name: str) -> APIError:
 
 
 def grounded_ids(tokenizer, turns: list[dict], retrieved: Retrieved, *, context: int, max_tokens: int | None,
-                 default_max_new: int, system: str | None = None, examples: list[dict] | tuple = ()
-                 ) -> tuple[list[int], Grounded]:
+                 default_max_new: int, system: str | None = None, examples: list[dict] | tuple = (),
+                 template_kwargs: dict | None = None) -> tuple[list[int], Grounded]:
     """Token ids of the request's conversation grounded on `retrieved`, fitted in `context` minus the
     answer's budget: `max_tokens` when the request gives one, else `answer_reserve` of the model's default.
     The Modelfile's `system` and `examples` are kept as `chat_prompt_ids` keeps them (not when the request
-    brings its own system message)."""
+    brings its own system message); `template_kwargs` (the request's `chat_template_kwargs`) reach the template."""
     reserve = max_tokens if max_tokens is not None else answer_reserve(context, default_max_new)
     conv = list(turns) if any(m.get("role") == "system" for m in turns) else [*map(dict, examples), *turns]
     try:
-        return grounded_prompt(tokenizer, conv, retrieved.sources, context=context, reserve=reserve, system=system)
+        return grounded_prompt(tokenizer, conv, retrieved.sources, context=context, reserve=reserve, system=system,
+                               template_kwargs=template_kwargs)
     except ChatPromptError as e:
         raise invalid(str(e), param=e.param, **({"code": e.code} if e.code else {})) from None
 

@@ -93,7 +93,8 @@ async def chat_completions(request: Request):
         if found is not None:
             default_max = mf.parameters.get("max_new_tokens", SamplingParams.max_new_tokens)
             ids, grounded = await _cpu(request, gr.grounded_ids, tok, turns, found, context=ctx, max_tokens=max_tokens,
-                                       default_max_new=default_max, system=mf.system, examples=mf.messages)
+                                       default_max_new=default_max, system=mf.system, examples=mf.messages,
+                                       template_kwargs=req.chat_template_kwargs)
             grounding = (gr.grounding_info(found, grounded), [s.to_dict() for s in grounded.sources])
         # A thinking template's output is split into reasoning_content and content (engine/reasoning.py);
         # `opened` is None when it is not split, else whether the prompt already opened the thought.

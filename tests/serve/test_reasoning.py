@@ -125,3 +125,17 @@ def test_raise_exception_in_a_template_is_a_400(server):
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "messages"
     assert "Conversation roles must alternate" in err["message"] and "\n" not in err["message"]
+
+
+def test_a_grounded_request_passes_enable_thinking_to_the_template_too(client):
+    from lmforge.retrieval.index import Index, index_path
+
+    with Index(index_path("notes")) as index:
+        index.update([("notes/sum.md", "# Sums\n\nTwo and two make four.\n")])
+
+    def prompt_tokens(**kwargs):
+        return client.chat.completions.create(model="qwen3", messages=ASK, max_tokens=1, temperature=0,
+                                              extra_body={"documents": "notes", **kwargs}).usage.prompt_tokens
+
+    # thinking off: the template writes its empty thought into the prompt, grounded or not
+    assert prompt_tokens(chat_template_kwargs={"enable_thinking": False}) > prompt_tokens()
