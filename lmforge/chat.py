@@ -133,7 +133,7 @@ class ChatSession:
         if name in ("think", "nothink"):
             return self._set_think(name, value)
         if name not in SETTABLE:
-            raise ValueError(f"unknown setting {name!r}; settable: system, {', '.join(sorted(SETTABLE))}")
+            raise ValueError(f"unknown setting {name!r}; settable: system, think, {', '.join(sorted(SETTABLE))}")
         attr, kind = SETTABLE[name]
         try:
             parsed = kind(value)
