@@ -326,6 +326,20 @@ def test_lmforge_run_chats_with_a_moe_gguf(moe, tiny_tokenizer, tmp_path, capsys
     assert code == 0 and "qwen3moe" in out, err
 
 
+@pytest.mark.parametrize("moe", ["mixtral"], indirect=True)
+def test_cli_exports_and_imports_a_moe_gguf(moe, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "import", tmp_path / "hf", "--name", "mx")
+    assert code == 0, err
+    path = tmp_path / "mx.gguf"
+    code, _, err = run_cli(capsys, "export", "mx", "--format", "gguf", "--type", "f32", "--out", path)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "import", path, "--name", "mxg")
+    assert code == 0, err
+    argv = ["--prompt", "the model", "--temperature", "0", "--max-new-tokens", "8", "--no-fast"]
+    first = run_cli(capsys, "generate", "mx", *argv)
+    assert first[0] == 0 and first[1] == run_cli(capsys, "generate", "mxg", *argv)[1]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Refusals: one line each, naming the file
 # ---------------------------------------------------------------------------------------------------
