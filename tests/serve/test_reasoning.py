@@ -94,14 +94,28 @@ def test_an_answer_without_a_thought(client):
     assert msg.content == "Four." and msg.reasoning_content is None
 
 
+CALLS = ('"<think>" "I will add" "</think>" "\\n\\n<tool_call>\\n" '
+         '"{\\"name\\": \\"add\\", \\"arguments\\": {\\"a\\": 2}}" "\\n</tool_call>"')
+
+
 def test_tool_calls_are_parsed_from_the_answer_only(client):
-    out = _said(client, "qwen3", grammar='"<think>" "I will add" "</think>" "\\n\\n<tool_call>\\n" '
-                                          '"{\\"name\\": \\"add\\", \\"arguments\\": {\\"a\\": 2}}" "\\n</tool_call>"',
-                tools=[ADD])
-    choice = out.choices[0]
+    choice = _said(client, "qwen3", grammar=CALLS, tools=[ADD]).choices[0]
     assert choice.message.reasoning_content == "I will add"
     assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [("add", {"a": 2})]
     assert choice.finish_reason == "tool_calls" and not choice.message.content
+
+
+def test_streamed_tool_calls_follow_the_streamed_thought(client):
+    stream = client.chat.completions.create(model="qwen3", messages=ASK, max_tokens=60, temperature=0, stream=True,
+                                            tools=[ADD], extra_body={"grammar": f"root ::= {CALLS}"})
+    thought, content, calls, finish = "", "", [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            thought += getattr(c.delta, "reasoning_content", None) or ""
+            content += c.delta.content or ""
+            calls += [(t.function.name, json.loads(t.function.arguments)) for t in c.delta.tool_calls or []]
+            finish = c.finish_reason or finish
+    assert (thought, content, calls, finish) == ("I will add", "", [("add", {"a": 2})], "tool_calls")
 
 
 @pytest.mark.parametrize("model", ["qwen3", "opens-thought"])
