@@ -119,7 +119,9 @@ def reason_first(grammar: Any, opened: bool) -> Any:
     """`grammar` (an `engine.constrain.Grammar`) applied to the answer only: before it, a free thought
     closed by `</think>` (opened by `<think>`, unless the prompt already opened it; a model that skips
     thinking goes straight to the answer). Built as one llguidance grammar that names the original as a
-    sub-grammar, so every kind (JSON schema, Lark, GBNF) is wrapped alike."""
+    sub-grammar, so every kind (JSON schema, Lark, GBNF) is wrapped alike. The original was validated when
+    it was built and the wrapping is fixed text, so the result is checked where every grammar is compiled:
+    `Grammar.check` against the model's vocabulary (a GrammarError there, as for any grammar)."""
     from lmforge.engine.constrain import Grammar
 
     spec = grammar.spec
@@ -131,4 +133,4 @@ def reason_first(grammar: Any, opened: bool) -> Any:
     # not opened: the model may skip thinking, or open it itself
     thought = _THOUGHT_LARK.replace("{thought}", "THOUGHT" if opened else '("<think>" THOUGHT)?')
     spec = json.dumps({"grammars": [{"lark_grammar": thought}, inner]})
-    return Grammar._validated(grammar.kind, spec)
+    return Grammar(grammar.kind, spec)
