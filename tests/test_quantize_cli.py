@@ -170,11 +170,11 @@ def test_mistakes_are_one_line_and_leave_nothing(tmp_path, capsys, kmodel, monke
 
 
 def test_llama_cpp_loads_and_runs_our_q4_k_m(tmp_path, capsys, kmodel):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    from tests.loaders.gguf.helpers import open_llama_cpp
     out = tmp_path / "m.gguf"
     code, _, err = run(capsys, "quantize", kmodel, "--type", "q4_k_m", "--out", out, "--no-report", "--no-progress")
     assert code == 0, err
-    llm = llama_cpp.Llama(model_path=str(out), vocab_only=False, n_ctx=64, n_threads=1, verbose=False)
+    llm = open_llama_cpp(out, vocab_only=False, n_ctx=64, n_threads=1)
     prompt = llm.tokenize(b"the model", add_bos=False)
     tokens = []
     for tok in llm.generate(prompt, temp=0.0, top_k=1):

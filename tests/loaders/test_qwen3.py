@@ -28,7 +28,7 @@ from lmforge.loaders.hf import NATIVE, hf_architecture  # noqa: E402
 from lmforge.loaders.hf_read import config_from_hf  # noqa: E402
 from lmforge.loaders.model_dir import build_model, load_model, write_model_files  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
-from tests.loaders.gguf.helpers import tokenizer_kv, write_llamacpp_style  # noqa: E402
+from tests.loaders.gguf.helpers import open_llama_cpp, tokenizer_kv, write_llamacpp_style  # noqa: E402
 from tests.loaders.parity import assert_matches_transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -237,15 +237,14 @@ def test_gguf_refusals(tmp_path, tiny_tokenizer):
 def test_llama_cpp_runs_our_qwen3_gguf(qwen3_dir, tiny_tokenizer, tmp_path):
     """llama.cpp itself loads the exported file as qwen3 and computes transformers' logits (with an fp32 KV
     cache; its default fp16 one rounds to ~1e-2)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     import numpy as np
 
     ref, d = qwen3_dir
     ours = load_model(d)
     path = tmp_path / "q3.gguf"
     write_gguf(path, ours.config, ours.state_dict(), tiny_tokenizer, qtype="f32")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, type_k=0, type_v=0,
-                          flash_attn=False, verbose=False)
+    llm = open_llama_cpp(path, n_ctx=64, n_threads=1, logits_all=True, type_k=0, type_v=0, flash_attn=False)
     ids = torch.randint(0, ours.config.vocab_size, (24,), generator=torch.Generator().manual_seed(2)).tolist()
     llm.eval(ids)
     with torch.no_grad():

@@ -157,3 +157,22 @@ def transformers_model(arch: str, vocab: int, tied: bool):
             if p.dim() == 1:
                 p.normal_(0.5 if name.endswith("weight") else 0.0, 0.2)
     return model
+
+
+def open_llama_cpp(path, **kwargs):
+    """`llama_cpp.Llama` on `path` (skips without llama-cpp-python), with weight repacking into llama.cpp's
+    "extra buffer types" turned off: on a CPU with AMX its AMX buffer takes Q8_0/Q4 matrices, and evaluating
+    matrices this tiny then crashes the whole process (seen with llama-cpp-python 0.3.36 on a Xeon with AMX);
+    the plain CPU path computes the same thing on every machine."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from unittest import mock
+
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with mock.patch.object(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_repacking):
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)

@@ -33,7 +33,7 @@ from lmforge.loaders.model_dir import build_model, load_model  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 from lmforge.quant.linear import GGMLLinear  # noqa: E402
 from lmforge.quant.mix import tensor_types  # noqa: E402
-from tests.loaders.gguf.helpers import assert_user_error  # noqa: E402
+from tests.loaders.gguf.helpers import assert_user_error, open_llama_cpp  # noqa: E402
 from tests.loaders.parity import NEW_TOKENS, assert_moe_matches_transformers, our_choices, their_choices  # noqa: E402
 from tests.loaders.test_mixtral import hf_mixtral  # noqa: E402
 from tests.loaders.test_qwen3_moe import hf_qwen3_moe  # noqa: E402
@@ -124,24 +124,8 @@ def test_export_import_matches_transformers(moe, tiny_tokenizer, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 def llama_cpp_run(path, prompt: list[int], new_tokens: int = NEW_TOKENS):
     """(logits of the prompt, greedy continuation) from llama.cpp itself (fp32 KV cache: its default fp16
-    one rounds to ~1e-2).
-
-    Weight repacking into llama.cpp's "extra buffer types" is turned off: on a CPU with AMX its AMX buffer
-    takes the Q8_0 matrices, and evaluating matrices this tiny then crashes the process (dense Q8_0 files
-    alike, so not a matter of experts); the plain CPU path computes the same thing."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from unittest import mock
-
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_repacking():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    with mock.patch.object(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_repacking):
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, type_k=0, type_v=0,
-                              flash_attn=False, verbose=False)
+    one rounds to ~1e-2)."""
+    llm = open_llama_cpp(path, n_ctx=64, n_threads=1, logits_all=True, type_k=0, type_v=0, flash_attn=False)
     llm.eval(prompt)
     logits = np.array(llm.scores[:len(prompt)])
     out = []
