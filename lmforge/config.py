@@ -18,7 +18,7 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "gelu")  # gated (SiLU: Llama; tanh-GELU: Gemma) or GPT-2's plain tanh-GELU
 GATED_MLPS = ("swiglu", "geglu")
 POSITIONS = ("rope", "learned", "sinusoidal")
-ROPE_SCALING_TYPES = ("linear", "llama3")  # computed by lmforge.model.rope
+ROPE_SCALING_TYPES = ("linear", "llama3", "yarn", "longrope", "su")  # computed by lmforge.model.rope; su = longrope
 
 # Ceilings on what a config may ask for. They are far above any released model (Llama-4 Scout attends over
 # 10M tokens, the deepest LLMs have ~130 layers, vocabularies reach ~260k) and exist so that a damaged or
@@ -59,23 +59,53 @@ def finite_number(v: Any) -> bool:
         return False
 
 
-def rope_scaling_problem(sc: Any) -> str | None:
-    """What is wrong with a `rope_scaling` dict, in one line, or None when `lmforge.model.rope` can use it."""
+def rope_scaling_problem(sc: Any, rotary_dim: int | None = None) -> str | None:
+    """What is wrong with a `rope_scaling` dict, in one line, or None when `lmforge.model.rope` can use it.
+    `rotary_dim` (the dims RoPE turns) is the length LongRoPE's per-frequency lists must have, times 2."""
     if not isinstance(sc, dict):
         return f"rope_scaling must be an object, got {shown(sc)}"
     kind = sc.get("type", sc.get("rope_type"))
     if kind not in ROPE_SCALING_TYPES:
         return f"rope_scaling type must be one of {', '.join(ROPE_SCALING_TYPES)}, got {shown(kind)}"
-    if not (finite_number(sc.get("factor")) and sc["factor"] > 0):
-        return f"rope_scaling needs a positive factor, got {shown(sc.get('factor'))}"
+
+    def positive(key: str, default: Any = None, required: bool = False) -> str | None:
+        v = sc.get(key, default)
+        if (v is not None or required) and not (finite_number(v) and v > 0):
+            return f"rope_scaling {key} must be a positive number, got {shown(v)}"
+        return None
+
+    factor = sc.get("factor")  # LongRoPE's may be left out: the stretch from its original context to the model's
+    if (factor is not None or kind not in ("longrope", "su")) and not (finite_number(factor) and factor > 0):
+        return f"rope_scaling needs a positive factor, got {shown(factor)}"
     if kind == "llama3":  # the defaults are lmforge.model.rope's
+        for key, default in (("low_freq_factor", 1.0), ("high_freq_factor", 4.0), ("original_max_position_embeddings", 8192)):
+            if problem := positive(key, default, required=True):
+                return problem
         low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
-        orig = sc.get("original_max_position_embeddings", 8192)
-        for key, v in (("low_freq_factor", low), ("high_freq_factor", high), ("original_max_position_embeddings", orig)):
-            if not (finite_number(v) and v > 0):
-                return f"rope_scaling {key} must be a positive number, got {shown(v)}"
         if high <= low:
             return f"rope_scaling high_freq_factor ({high}) must be above low_freq_factor ({low})"
+    orig = sc.get("original_max_position_embeddings")
+    if kind in ("yarn", "longrope", "su") and not (is_int(orig) and orig > 0) and (orig is not None or kind != "yarn"):
+        return f"rope_scaling {kind} needs original_max_position_embeddings, a positive integer, got {shown(orig)}"
+    if kind == "yarn":  # (None means the default, as in transformers)
+        for key in ("beta_fast", "beta_slow", "attention_factor"):
+            if problem := positive(key):
+                return problem
+        for key in ("mscale", "mscale_all_dim"):
+            v = sc.get(key)
+            if v is not None and not (finite_number(v) and v >= 0):
+                return f"rope_scaling {key} must be a number >= 0, got {shown(v)}"
+        if sc.get("truncate") not in (None, True, False):
+            return f"rope_scaling truncate must be true or false, got {shown(sc.get('truncate'))}"
+    if kind in ("longrope", "su"):
+        if problem := positive("attention_factor"):
+            return problem
+        for key in ("short_factor", "long_factor"):
+            v = sc.get(key)
+            if not (isinstance(v, list) and all(finite_number(x) and x > 0 for x in v)):
+                return f"rope_scaling {key} must be a list of positive numbers, got {shown(v)}"
+            if is_int(rotary_dim) and len(v) != rotary_dim // 2:
+                return f"rope_scaling {key} must have one number per rotated frequency ({rotary_dim // 2}), got {len(v)}"
     return None
 
 
@@ -190,7 +220,7 @@ class ModelConfig:
         if self.positions == "sinusoidal":
             need(self.d_model % 2 == 0, f"sinusoidal positions need an even d_model, got {self.d_model}")
         if self.rope_scaling is not None:
-            problem = rope_scaling_problem(self.rope_scaling)
+            problem = rope_scaling_problem(self.rope_scaling, self.rope_dim or self.head_dim)
             need(problem is None, str(problem))
         if self.rope_dim is not None:
             need(is_int(self.rope_dim) and 0 < self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0,

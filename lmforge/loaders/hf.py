@@ -21,6 +21,7 @@ from lmforge.config import (
     TRAINING_ONLY_FIELDS,
     ModelConfig,
 )
+from lmforge.model.rope import LONGROPE, scaling_type
 from lmforge.tokenizer import load_hf_tokenizer
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "QWEN3_MOE",
     "LLAMA_LIKE",
     "NATIVE",
+    "PHI3",
     "SUPPORTED_ARCHITECTURES",
     "config_to_hf",
     "hf_architecture",
@@ -39,6 +41,7 @@ __all__ = [
     "is_gpt2_shaped",
     "is_llama_shaped",
     "is_mixtral_shaped",
+    "is_phi3_shaped",
     "is_qwen3_moe_shaped",
     "load_hf_tokenizer",
 ]
@@ -53,14 +56,19 @@ GPT2 = "GPT2LMHeadModel"
 # multimodal Gemma 3 checkpoints hold the same text model (vision tower and projector ignored).
 GEMMA2, GEMMA3, GEMMA3_MM = "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"
 GEMMA = {GEMMA2: "gemma2", GEMMA3: "gemma3_text", GEMMA3_MM: "gemma3"}
+# Phi-3/3.5/4-mini: Llama's computation with q|k|v and gate|up stored fused, LongRoPE, and (Phi-4-mini) a
+# rotation of only the first part of each head.
+PHI3 = "Phi3ForCausalLM"
 NATIVE = "LmforgeForCausalLM"
-SUPPORTED_ARCHITECTURES = [*LLAMA_LIKE, *GEMMA, GPT2, NATIVE]
+SUPPORTED_ARCHITECTURES = [*LLAMA_LIKE, *GEMMA, PHI3, GPT2, NATIVE]
 # ---------------------------------------------------------------------------------------------------
 # Which transformers class describes a ModelConfig
 # ---------------------------------------------------------------------------------------------------
-def _gemma_only(cfg: ModelConfig) -> bool:
-    """Any of the features only the Gemma classes have (or Phi's partial rotation, which none of these has)."""
-    return (cfg.norm_offset or cfg.post_norms or cfg.embed_scale or cfg.attn_scale is not None or cfg.rope_dim is not None
+def _gemma_only(cfg: ModelConfig, *, partial_rotation: bool = False) -> bool:
+    """Any of the features only the Gemma classes have (or Phi's partial rotation, which only Phi-3 has:
+    `partial_rotation=True` leaves it out)."""
+    return (cfg.norm_offset or cfg.post_norms or cfg.embed_scale or cfg.attn_scale is not None
+            or (cfg.rope_dim is not None and not partial_rotation)
             or cfg.attn_softcap is not None or cfg.final_softcap is not None or cfg.rope_local_theta is not None)
 
 
@@ -111,6 +119,19 @@ def is_qwen3_moe_shaped(cfg: ModelConfig) -> bool:
             and not (cfg.qkv_bias or cfg.mlp_bias) and not _gemma_only(cfg) and _every_layer_slides(cfg))
 
 
+def is_phi3_shaped(cfg: ModelConfig) -> bool:
+    """True when `Phi3ForCausalLM` computes exactly what our model does: Llama's blocks without biases or q/k
+    norms, heads that tile d_model, plain RoPE or LongRoPE (its only scaling) over the first rope_dim dims of
+    each head (a rope_dim that partial_rotary_factor = rope_dim / head_dim gives back), a window in every
+    layer or none."""
+    rotated = cfg.rope_dim or cfg.head_dim
+    return ((cfg.norm, cfg.mlp, cfg.positions) == ("rmsnorm", "swiglu", "rope") and not cfg.n_experts
+            and not (cfg.attention_bias or cfg.qkv_bias or cfg.mlp_bias or cfg.qk_norm)
+            and not _gemma_only(cfg, partial_rotation=True) and _every_layer_slides(cfg)
+            and cfg.head_dim * cfg.n_heads == cfg.d_model and int(cfg.head_dim * (rotated / cfg.head_dim)) == rotated
+            and (cfg.rope_scaling is None or scaling_type(cfg.rope_scaling) in LONGROPE))
+
+
 def is_gemma_shaped(cfg: ModelConfig) -> bool:
     """True when `Gemma2ForCausalLM` or `Gemma3ForCausalLM` computes exactly what our model does: (1 + w)
     RMSNorms before and after each sublayer, embeddings scaled by sqrt(d_model), GeGLU, no MLP biases,
@@ -129,6 +150,10 @@ def hf_architecture(cfg: ModelConfig) -> str:
         return MIXTRAL if is_mixtral_shaped(cfg) else QWEN3_MOE if is_qwen3_moe_shaped(cfg) else NATIVE
     if is_gpt2_shaped(cfg):
         return GPT2
+    # Phi-3 for what only it computes (a partial rotation) and for LongRoPE, whose home it is (a Phi-3 with
+    # neither is exactly Llama / Mistral, and is written as such)
+    if is_phi3_shaped(cfg) and (cfg.rope_dim is not None or scaling_type(cfg.rope_scaling) in LONGROPE):
+        return PHI3
     if is_llama_shaped(cfg):
         if cfg.qk_norm or cfg.qkv_bias:
             return "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM"
@@ -154,6 +179,8 @@ def config_to_hf(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token
         return {"architectures": [NATIVE], "model_type": "lmforge", "lmforge": cfg.to_dict(), **common}
     if arch in GEMMA:
         return _gemma_config_to_hf(cfg, arch, {**common, **ours})
+    if arch == PHI3:
+        return _phi3_config_to_hf(cfg, {**common, **ours})
     if arch == GPT2:
         return {
             "architectures": [GPT2],
@@ -228,6 +255,7 @@ def _rope_keys(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.rope_scaling:
         sc = dict(cfg.rope_scaling)
         kind = sc.pop("type", None) or sc.pop("rope_type")
+        kind = "longrope" if kind == "su" else kind  # transformers knows LongRoPE by its new name only
         sc.pop("rope_type", None)
         rope = {"rope_type": kind, **sc}
         out["rope_scaling"] = dict(rope)
@@ -277,3 +305,42 @@ def _gemma_config_to_hf(cfg: ModelConfig, arch: str, extra: dict[str, Any]) -> d
     d["rope_parameters"] = {"full_attention": global_rope["rope_parameters"],
                             "sliding_attention": {"rope_type": "default", "rope_theta": local}}
     return d
+
+
+def _phi3_config_to_hf(cfg: ModelConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """Phi3Config's keys: the original (pretraining) context at the top level, where Phi-3 keeps it and
+    transformers reads it first; the rotated fraction as partial_rotary_factor (top level for 4.x, in
+    rope_parameters for 5.x)."""
+    rotated = cfg.rope_dim or cfg.head_dim
+    fraction = 1.0 if rotated == cfg.head_dim else rotated / cfg.head_dim
+    original = (cfg.rope_scaling or {}).get("original_max_position_embeddings", cfg.context_length)
+    d: dict[str, Any] = {
+        "architectures": [PHI3],
+        "model_type": "phi3",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.context_length,
+        "original_max_position_embeddings": original,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "partial_rotary_factor": fraction,
+        "sliding_window": cfg.sliding_window,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "attention_dropout": 0.0,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "use_cache": True,
+        **extra,
+    }
+    # Phi3Config's default pad id (32000) is an embedding row of Phi-3-mini's vocabulary only (transformers
+    # refuses it as padding_idx beyond a smaller one); Phi's releases pad with their end-of-text token.
+    d["pad_token_id"] = d["eos_token_id"] if isinstance(d["eos_token_id"], int) else None
+    rope = _rope_keys(cfg)
+    rope["rope_parameters"]["partial_rotary_factor"] = fraction
+    return {**d, **rope}

@@ -13,13 +13,14 @@ from typing import Any
 
 from lmforge.config import MAX_CONTEXT, MAX_LAYERS, MAX_SIZE, ROPE_SCALING_TYPES, TRAINING_ONLY_FIELDS, ModelConfig, finite_number, is_int, shown
 from lmforge.errors import UserError, one_line
-from lmforge.loaders.hf import GEMMA, GEMMA2, GEMMA3, GEMMA3_MM, GPT2, LLAMA_LIKE, MIXTRAL, NATIVE, QWEN3_MOE, SUPPORTED_ARCHITECTURES
+from lmforge.loaders.hf import GEMMA, GEMMA2, GEMMA3, GEMMA3_MM, GPT2, LLAMA_LIKE, MIXTRAL, NATIVE, PHI3, QWEN3_MOE, SUPPORTED_ARCHITECTURES
 
 __all__ = ["ConfigKeys", "config_from_hf"]
 
 # A config.json without "architectures" still names its family in model_type (transformers' Auto classes
 # dispatch on it too); this is read from the file, never guessed from a path.
-MODEL_TYPES = {**{v: k for k, v in LLAMA_LIKE.items()}, **{v: k for k, v in GEMMA.items()}, "gpt2": GPT2, "lmforge": NATIVE}
+MODEL_TYPES = {**{v: k for k, v in LLAMA_LIKE.items()}, **{v: k for k, v in GEMMA.items()}, "phi3": PHI3, "gpt2": GPT2,
+               "lmforge": NATIVE}
 
 # transformers' defaults for keys a config.json may leave out (the values its config classes use, so a
 # sparse file means what it means there). Mistral and Qwen2 do NOT default num_key_value_heads to the head
@@ -127,6 +128,8 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
             return _gpt2_config(keys, ours)
         if arch in GEMMA:
             return _gemma_config(arch, keys, ours)
+        if arch == PHI3:
+            return _phi3_config(keys, ours)
         return _llama_like_config(arch, keys, ours)
     except UserError:
         raise
@@ -141,10 +144,16 @@ def _model_config(source: str, fields: dict[str, Any]) -> ModelConfig:
         raise UserError(f"{source}: {e}") from None
 
 
-def _rope(keys: ConfigKeys, default_theta: float = 10000.0) -> tuple[float, dict[str, Any] | None]:
+def _rope(keys: ConfigKeys, default_theta: float = 10000.0, *, context: int | None = None,
+          phi3_original: int | None = None) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, our rope_scaling or None) from either spelling.
 
-    transformers 5 renamed rope_scaling -> rope_parameters and may keep rope_theta only inside it.
+    transformers 5 renamed rope_scaling -> rope_parameters and may keep rope_theta only inside it. With the
+    model's `context` (max_position_embeddings), what transformers derives from it is written into the dict:
+    YaRN's and LongRoPE's original context when the dict has none, and LongRoPE's factor (context / original),
+    so that the attention factor it sets does not change if the context is later shortened. Phi-3 keeps its
+    original context at the top level, which transformers prefers to the dict's (`phi3_original`), and knows
+    LongRoPE by its two old names too (su, yarn).
     """
     d, source = keys.d, keys.source
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -154,11 +163,25 @@ def _rope(keys: ConfigKeys, default_theta: float = 10000.0) -> tuple[float, dict
     kind = params.get("rope_type", params.get("type")) or "default"
     if kind == "default":
         return theta, None
+    if phi3_original is not None:
+        if kind not in ("longrope", "su", "yarn"):
+            raise UserError(f"{source}: rope scaling type {shown(kind)} is not supported for Phi-3 (transformers' Phi3 "
+                            "has only longrope)")
+        kind = "longrope"
     if kind not in ROPE_SCALING_TYPES:
         raise UserError(f"{source}: rope scaling type {shown(kind)} is not supported (supported: {', '.join(ROPE_SCALING_TYPES)}); "
                         "loading it anyway would change every position's rotation")
-    scaling = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta")}
+    kind = "longrope" if kind == "su" else kind
+    # (partial_rotary_factor is a property of the attention, read by the family that has it)
+    scaling = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor")}
     scaling["type"] = kind
+    if phi3_original is not None:
+        scaling["original_max_position_embeddings"] = phi3_original
+    if kind in ("yarn", "longrope") and context is not None:
+        scaling.setdefault("original_max_position_embeddings", context)
+        orig = scaling["original_max_position_embeddings"]
+        if kind == "longrope" and scaling.get("factor") is None and is_int(orig) and orig > 0:
+            scaling["factor"] = context / orig
     return theta, scaling  # its values are checked by ModelConfig
 
 
@@ -199,9 +222,9 @@ def _llama_like_config(arch: str, keys: ConfigKeys, ours: dict[str, Any]) -> Mod
     act = keys.d.get("hidden_act", "silu")
     if act not in _SILU:
         raise UserError(f"{source}: hidden_act {shown(act)} is not supported for {arch} (our SwiGLU MLP uses silu)")
-    theta, scaling = _rope(keys, defaults.get("rope_theta", 10000.0))
-    d_model, n_heads = keys.size("hidden_size"), keys.size("num_attention_heads")
     context = keys.size("max_position_embeddings", defaults["max_position_embeddings"], limit=MAX_CONTEXT)
+    theta, scaling = _rope(keys, defaults.get("rope_theta", 10000.0), context=context)
+    d_model, n_heads = keys.size("hidden_size"), keys.size("num_attention_heads")
     is_llama = arch == "LlamaForCausalLM"
     return _model_config(source, dict(
         vocab_size=keys.size("vocab_size"),
@@ -263,6 +286,50 @@ def _qwen3_moe_experts(keys: ConfigKeys) -> dict[str, Any]:
     return {"n_experts": experts,
             "experts_per_token": keys.size("num_experts_per_tok", defaults["num_experts_per_tok"]),
             "norm_topk_prob": keys.flag("norm_topk_prob", defaults["norm_topk_prob"])}
+
+
+def _phi3_config(keys: ConfigKeys, ours: dict[str, Any]) -> ModelConfig:
+    """Phi-3, Phi-3.5 and Phi-4-mini (transformers' Phi3Config defaults for keys left out): Llama's computation
+    without biases, with a rotation of the first partial_rotary_factor of each head (Phi-4-mini: 0.75),
+    LongRoPE, and a window in every layer when sliding_window is set (Phi-3-mini-4k: 2047)."""
+    source, d = keys.source, keys.d
+    act = d.get("hidden_act", "silu")
+    if act not in _SILU:
+        raise UserError(f"{source}: hidden_act {shown(act)} is not supported for {PHI3} (our SwiGLU MLP uses silu)")
+    d_model, n_heads = keys.size("hidden_size", 3072), keys.size("num_attention_heads", 32)
+    head_dim = d_model // n_heads
+    if keys.size("head_dim", head_dim) != head_dim:  # Phi3Config sizes the rotation from hidden / heads
+        raise UserError(f"{source}: head_dim {d['head_dim']} other than hidden_size / num_attention_heads ({head_dim}) "
+                        f"is not supported for {PHI3}")
+    context = keys.size("max_position_embeddings", 4096, limit=MAX_CONTEXT)
+    original = keys.size("original_max_position_embeddings", 4096, limit=MAX_CONTEXT)
+    theta, scaling = _rope(keys, 10000.0, context=context, phi3_original=original)
+    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    fraction = next((v for v in (d.get("partial_rotary_factor"), params.get("partial_rotary_factor")) if v is not None), 1.0)
+    rotated = int(head_dim * fraction) if finite_number(fraction) and 0 < fraction <= 1 else 0
+    if rotated <= 0 or rotated % 2:
+        raise UserError(f"{source}: partial_rotary_factor must be in (0, 1] and turn an even number of the {head_dim} "
+                        f"dims of a head, got {shown(fraction)}")
+    return _model_config(source, dict(
+        vocab_size=keys.size("vocab_size", 32064),
+        context_length=context,
+        d_model=d_model,
+        n_layers=keys.size("num_hidden_layers", 32, limit=MAX_LAYERS),
+        n_heads=n_heads,
+        n_kv_heads=keys.size("num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        d_ff=keys.size("intermediate_size", 8192),
+        norm="rmsnorm",
+        norm_eps=keys.number("rms_norm_eps", 1e-5),
+        mlp="swiglu",
+        positions="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_dim=None if rotated == head_dim else rotated,
+        sliding_window=keys.size("sliding_window", None, limit=MAX_CONTEXT),  # every layer (Mistral's mask)
+        tie_embeddings=keys.flag("tie_word_embeddings", False),
+        **{"name": keys.name("phi3"), **ours},
+    ))
 
 
 # transformers' Gemma2Config / Gemma3TextConfig defaults for keys a config.json may leave out.

@@ -3,7 +3,8 @@
 Why explicit tables (see `lmforge.loaders.hf` for config.json): an importer that guesses tensor names
 breaks silently - a transposed or unpermuted weight still loads, it just produces garbage. Each family is a
 table of names (`TENSOR_NAMES`: Llama-like, which covers Mistral, Qwen2 and Qwen3; Mixtral's and
-Qwen3-MoE's mixtures of experts; GPT-2; and our own), proved by a logits-parity test against `transformers`.
+Qwen3-MoE's mixtures of experts; Gemma; Phi-3's fused projections; GPT-2; and our own), proved by a
+logits-parity test against `transformers`.
 `family(cfg)` is the one rule for which table applies, and everything that names a tensor asks it: import and
 export (`lmforge.loaders.model_dir`), GGUF (through these names), and LoRA targets and adapter files
 (`lmforge.loaders.peft`).
@@ -22,15 +23,15 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.loaders.hf import GEMMA, GPT2, MIXTRAL, NATIVE, QWEN3_MOE, hf_architecture
+from lmforge.loaders.hf import GEMMA, GPT2, MIXTRAL, NATIVE, PHI3, QWEN3_MOE, hf_architecture
 from lmforge.model.gpt import GPT, PROJECTIONS, projection_parts
 
-__all__ = ["GEMMA_FAMILY", "GPT2_FAMILY", "LLAMA_FAMILY", "MIXTRAL_FAMILY", "NATIVE_FAMILY", "QWEN3_MOE_FAMILY", "TENSOR_NAMES",
-           "TensorNames", "family", "hf_modules", "hf_tensor_names", "state_dict_from_hf", "state_dict_to_hf",
-           "tensor_names", "text_model_name", "without_body"]
+__all__ = ["GEMMA_FAMILY", "GPT2_FAMILY", "LLAMA_FAMILY", "MIXTRAL_FAMILY", "NATIVE_FAMILY", "PHI3_FAMILY", "QWEN3_MOE_FAMILY",
+           "TENSOR_NAMES", "TensorNames", "family", "hf_modules", "hf_tensor_names", "state_dict_from_hf",
+           "state_dict_to_hf", "stored_names", "tensor_names", "text_model_name", "without_body"]
 
 LLAMA_FAMILY, GPT2_FAMILY, NATIVE_FAMILY, MIXTRAL_FAMILY = "llama", "gpt2", "lmforge", "mixtral"
-QWEN3_MOE_FAMILY, GEMMA_FAMILY = "qwen3_moe", "gemma"
+QWEN3_MOE_FAMILY, GEMMA_FAMILY, PHI3_FAMILY = "qwen3_moe", "gemma", "phi3"
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,13 @@ TENSOR_NAMES: dict[str, TensorNames] = {
                "post_mlp_norm": "post_feedforward_layernorm",
                "mlp.fc": {"gate": "mlp.gate_proj", "up": "mlp.up_proj"},
                "mlp.proj": "mlp.down_proj"}),
+    # Phi-3: Llama's names for the norms and the output projections, but q|k|v in one module (rows q, k, v,
+    # heads contiguous in each: exactly our attn.qkv) and gate|up in another (rows gate then up: our mlp.fc).
+    PHI3_FAMILY: TensorNames(
+        PHI3_FAMILY, "Phi-3-style", "model.", "layers.{}.",
+        top={"tok_emb": "embed_tokens", "norm": "norm"},
+        block={"norm1": "input_layernorm", "attn.qkv": "self_attn.qkv_proj", "attn.proj": "self_attn.o_proj",
+               "norm2": "post_attention_layernorm", "mlp.fc": "mlp.gate_up_proj", "mlp.proj": "mlp.down_proj"}),
     # GPT-2's c_attn output columns are q | k | v, heads contiguous inside each: exactly the rows of our
     # fused attn.qkv. (attn.bias / attn.masked_bias in older files are causal-mask buffers, never read.)
     GPT2_FAMILY: TensorNames(
@@ -135,6 +143,8 @@ def family(cfg: ModelConfig) -> str:
         return MIXTRAL_FAMILY
     if arch == QWEN3_MOE:
         return QWEN3_MOE_FAMILY
+    if arch == PHI3:
+        return PHI3_FAMILY
     return GPT2_FAMILY if arch == GPT2 else NATIVE_FAMILY if arch == NATIVE else LLAMA_FAMILY
 
 
@@ -160,19 +170,20 @@ def tensor_names(cfg: ModelConfig) -> TensorNames:
     return TENSOR_NAMES[family(cfg)]
 
 
-def hf_modules(cfg: ModelConfig, module: str) -> dict[str, list[str]]:
+def hf_modules(cfg: ModelConfig, module: str, names: TensorNames | None = None) -> dict[str, list[str]]:
     """Their module name (under the layer prefix) -> the parts of our per-block `module` it holds, in row
     order: {"self_attn.q_proj": ["q"], ...} where a family splits it, {"attn.c_attn": ["q", "k", "v"]} where not."""
-    theirs = tensor_names(cfg).block[module]
+    theirs = (names or tensor_names(cfg)).block[module]
     parts = [p for p, _, _ in projection_parts(cfg, module)]
     if isinstance(theirs, dict):
         return {theirs[p]: [p] for p in parts}
     return {theirs: parts}
 
 
-def hf_tensor_names(cfg: ModelConfig, ours: str) -> list[str]:
-    """Our tensor name -> the checkpoint's (several, in row order, for a fused projection a family splits)."""
-    names = tensor_names(cfg)
+def hf_tensor_names(cfg: ModelConfig, ours: str, names: TensorNames | None = None) -> list[str]:
+    """Our tensor name -> the checkpoint's (several, in row order, for a fused projection a family splits),
+    in the family's table or in `names`."""
+    names = names or tensor_names(cfg)
     module, _, kind = ours.rpartition(".")
     if module == "lm_head":
         return [f"{names.head}.{kind}"]
@@ -186,7 +197,7 @@ def hf_tensor_names(cfg: ModelConfig, ours: str) -> list[str]:
             theirs = [entry[p] for p in parts] if isinstance(entry, dict) else [entry]
             theirs = [t.format(expert[1]) for t in theirs]
         else:
-            theirs = list(hf_modules(cfg, mine)) if mine in PROJECTIONS else [names.block[mine]]
+            theirs = list(hf_modules(cfg, mine, names)) if mine in PROJECTIONS else [names.block[mine]]
         return [f"{prefix}{t}.{kind}" for t in theirs]
     return [f"{names.body}{names.top[module]}.{kind}"]
 
@@ -232,6 +243,18 @@ def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def stored_names(cfg: ModelConfig, tensors: Collection[str]) -> TensorNames:
+    """The table a checkpoint's tensors follow: the family's, except that a model Llama (or Mistral) computes
+    exactly may be stored as Phi-3 stores it, q|k|v and gate|up fused - Phi-4 (14B) and Phi-3-mini-4k are
+    Phi3ForCausalLM files with neither a partial rotation nor LongRoPE. They are read as they are stored
+    and written back as Llama / Mistral."""
+    names = tensor_names(cfg)
+    phi3 = TENSOR_NAMES[PHI3_FAMILY]
+    if names.family == LLAMA_FAMILY and f"{phi3.body}{phi3.layer.format(0)}{phi3.block['attn.qkv']}.weight" in tensors:
+        return phi3
+    return names
+
+
 def without_body(cfg: ModelConfig, tensors: Collection[str]) -> bool:
     """True when a checkpoint leaves out its family's optional `body` prefix: GPT2LMHeadModel saves under
     "transformer.", but files saved from the bare GPT2Model (the original openai-community/gpt2 upload
@@ -254,13 +277,13 @@ def state_dict_from_hf(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], *,
         if cfg.tie_embeddings:
             out["lm_head.weight"] = take("tok_emb.weight")
         return out
-    names = tensor_names(cfg)
+    names = stored_names(cfg, tensors)
     bare = without_body(cfg, tensors)
     out = {}
     for ours in _our_names(cfg):
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue  # tied checkpoints sometimes still ship lm_head; the embedding is the one we keep
-        theirs = [t.removeprefix(names.body) if bare else t for t in hf_tensor_names(cfg, ours)]
+        theirs = [t.removeprefix(names.body) if bare else t for t in hf_tensor_names(cfg, ours, names)]
         if len(theirs) > 1:
             out[ours] = torch.cat([take(t) for t in theirs], dim=0)
         else:

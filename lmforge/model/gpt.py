@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lmforge.config import GATED_MLPS, ModelConfig
 from lmforge.model.kv_cache import KVCache
-from lmforge.model.rope import apply_rope, inverse_frequencies, rope_tables
+from lmforge.model.rope import apply_rope, inverse_frequencies, longrope_short_length, rope_tables
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,12 +263,18 @@ class GPT(nn.Module):
 
     def position_tables(self) -> dict[str, torch.Tensor]:
         """The fixed position tables (float32), computed from the config: the rotary tables of the global
-        layers, and of the sliding ones where they have their own base (Gemma 3: 10k local, 1M global)."""
+        layers, and of the sliding ones where they have their own base (Gemma 3: 10k local, 1M global).
+        LongRoPE past its original context (Phi-3.5/4) has a second, short table over that original context:
+        its short divisors, used while a call's positions all fit in it (`forward`)."""
         cfg = self.config
         if cfg.positions == "rope":
             dim = cfg.rope_dim or cfg.head_dim
             cos, sin = rope_tables(dim, cfg.rope_theta, cfg.rope_scaling, cfg.context_length)
             tables = {"rope_cos": cos, "rope_sin": sin}
+            short = longrope_short_length(cfg.rope_scaling, cfg.context_length)
+            if short is not None:
+                tables["rope_short_cos"], tables["rope_short_sin"] = rope_tables(
+                    dim, cfg.rope_theta, cfg.rope_scaling, cfg.context_length, rows=short)
             if cfg.rope_local_theta is not None and cfg.sliding_window is not None:
                 tables["rope_local_cos"], tables["rope_local_sin"] = rope_tables(dim, cfg.rope_local_theta, None, cfg.context_length)
             return tables
@@ -342,8 +348,9 @@ class GPT(nn.Module):
             causal = mask is None and T > 1
         if positions is None:
             positions = slots if slots is not None else torch.arange(T, device=idx.device)
-        if int(positions.max()) >= cfg.context_length:
-            raise ValueError(f"position {int(positions.max())} is beyond the context length {cfg.context_length}")
+        last = int(positions.max())
+        if last >= cfg.context_length:
+            raise ValueError(f"position {last} is beyond the context length {cfg.context_length}")
         pos2d = positions if positions.dim() == 2 else positions[None, :]  # (B or 1, T)
 
         x = self.tok_emb(idx)  # (B, T, C)
@@ -357,7 +364,14 @@ class GPT(nn.Module):
 
         rope = local_rope = None
         if cfg.positions == "rope":
-            rope = local_rope = (self.rope_cos[pos2d][:, None], self.rope_sin[pos2d][:, None])  # (B|1, 1, T, D)
+            cos, sin = self.rope_cos, self.rope_sin
+            # LongRoPE: the short divisors while this call's positions fit the original context, the long ones
+            # once any goes past it - per call, as transformers does. Keys cached by earlier calls keep the
+            # rotation they were written with, so a cached decode that crosses the boundary differs from a full
+            # recomputation from there on (transformers' generate recomputes everything at that step).
+            if hasattr(self, "rope_short_cos") and last < self.rope_short_cos.shape[0]:
+                cos, sin = self.rope_short_cos, self.rope_short_sin
+            rope = local_rope = (cos[pos2d][:, None], sin[pos2d][:, None])  # (B|1, 1, T, D)
             if hasattr(self, "rope_local_cos"):
                 local_rope = (self.rope_local_cos[pos2d][:, None], self.rope_local_sin[pos2d][:, None])
         # Sliding layers see only the last `sliding_window` keys: the same mask, narrowed. Distances are

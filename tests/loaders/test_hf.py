@@ -267,9 +267,9 @@ def _llama_dict(**edits):
     ({"architectures": ["FalconForCausalLM"], "model_type": "falcon"},
      "'FalconForCausalLM' is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
      "Qwen3ForCausalLM"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope scaling type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "proportional", "factor": 4.0, "rope_theta": 10000.0}}, "rope scaling type 'proportional'"),
     ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling type 'dynamic'"),
-    ({"rope_parameters": None, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "'longrope'"),
+    ({"rope_parameters": None, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling short_factor must be a list"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
 ])
 def test_refused_configs(edits, match):

@@ -133,7 +133,7 @@ def test_position_beyond_context_is_refused():
 
 
 @pytest.mark.parametrize("bad", [dict(n_heads=3, n_kv_heads=2), dict(norm="batchnorm"), dict(positions="alibi"),
-                                 dict(d_model=0), dict(head_dim=7), dict(rope_scaling={"type": "yarn", "factor": 2})])
+                                 dict(d_model=0), dict(head_dim=7), dict(rope_scaling={"type": "dynamic", "factor": 2})])
 def test_invalid_configs_are_refused(bad):
     with pytest.raises(UserError):
         tiny(**bad)
