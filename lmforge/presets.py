@@ -8,7 +8,8 @@ one GPU pretrains in hours. The `llama-*` and `gpt2` presets copy the shapes of 
 `small`'s MLP, and each token runs through 2 of them, so a token costs what it costs in `small` (plus a
 router, 8 logits per layer) while the model holds 4 times the MLP weights (16.3M parameters, 6.5M active
 per token). More capacity for the same compute per token, paid for in memory. `mixtral-8x7b` is the
-published Mixtral shape, for planning (46.7B parameters, 12.9B active).
+published Mixtral shape, for planning (46.7B parameters, 12.9B active); `phi4-mini` (3,836,021,760 parameters)
+and `gemma3-1b` (999,885,952) are those of Phi-4-mini and Gemma-3-1B, counted as transformers builds them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ _PRESETS: dict[str, dict] = {
     # Qwen3-0.6B shape (head_dim 128 > d_model / n_heads, per-head q/k norms, tied embeddings): for planning.
     "qwen3-0.6b": dict(vocab_size=151936, context_length=40960, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8,
                        head_dim=128, d_ff=3072, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True),
+    # Phi-4-mini-instruct shape (3.8B; 3/4 of each head rotated, tied, LongRoPE from 4k to 128k): for planning.
+    # The short divisors are its 1.0s; the long ones are a stand-in ramp to 32 (the published list is learned,
+    # and an import reads it from config.json), so the shape and cost are right, not the long-context rotation.
+    "phi4-mini": dict(vocab_size=200064, context_length=131072, d_model=3072, n_layers=32, n_heads=24, n_kv_heads=8,
+                      d_ff=8192, rope_theta=10000.0, rope_dim=96, tie_embeddings=True,
+                      rope_scaling={"type": "longrope", "original_max_position_embeddings": 4096,
+                                    "short_factor": [1.0] * 48, "long_factor": [min(32.0, 1.1183 ** i) for i in range(48)]}),
+    # Gemma-3-1B shape (1.0B; five sliding layers of 512 to each global one, local RoPE 10k / global 1M, one
+    # key/value head of 256 dims, GeGLU, (1 + w) norms around both sublayers, scaled embeddings): for planning.
+    "gemma3-1b": dict(vocab_size=262144, context_length=32768, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1,
+                      head_dim=256, d_ff=6912, norm_eps=1e-6, mlp="geglu", rope_theta=1e6, rope_local_theta=1e4,
+                      attn_scale=256 ** -0.5, sliding_window=512, sliding_layers=[i for i in range(26) if (i + 1) % 6],
+                      norm_offset=True, post_norms=True, embed_scale=True, qk_norm=True, tie_embeddings=True),
     # `small` with 8 half-width experts, 2 per token: small's FLOPs per token, 4x its MLP weights (see above).
     "moe-small": dict(vocab_size=8192, context_length=256, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=352,
                       n_experts=8, experts_per_token=2),
