@@ -182,6 +182,37 @@ def test_matches_transformers(scale, boost, eos, num_beams, length_penalty, earl
         assert h.finish_reason == ("stop" if h.ids[-1] in eos else "length")
 
 
+def test_matches_transformers_through_sliding_windows():
+    """Beams of a Gemma 2 (alternating 4-token windows, soft caps, (1 + w) norms) reorder their cache rows
+    every step: the hypotheses and scores are transformers'."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.loaders.hf_read import config_from_hf
+    from lmforge.loaders.hf_tensors import state_dict_from_hf
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    conf = transformers.Gemma2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64,
+                                     sliding_window=4, query_pre_attn_scalar=8, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2, tie_word_embeddings=False)
+    ref = transformers.Gemma2ForCausalLM(conf).eval()
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(30.0)
+    cfg = config_from_hf(conf.to_dict() | {"architectures": ["Gemma2ForCausalLM"]})
+    assert cfg.sliding_window == 4 and cfg.sliding_layers == [0]
+    ours = GPT(cfg).eval()
+    ours.load_state_dict(state_dict_from_hf(cfg, ref.state_dict()))
+    out = ref.generate(torch.tensor([PROMPT]), num_beams=3, do_sample=False, max_new_tokens=12, num_return_sequences=3,
+                       output_scores=True, return_dict_in_generate=True, eos_token_id=[2], pad_token_id=0)
+    hyps = beam_search(ours, PROMPT, num_beams=3, max_new_tokens=12, eos_ids=(2,), n_best=3)
+    expected = []
+    for row in out.sequences[:, len(PROMPT):].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t == 2), len(row))
+        expected.append(row[:end])
+    assert [h.ids for h in hyps] == expected
+    torch.testing.assert_close(torch.tensor([h.score for h in hyps]), out.sequences_scores, atol=1e-4, rtol=1e-4)
+
+
 class _Letters:
     """A tokenizer stand-in: id i is the letter chr(97 + i)."""
 
