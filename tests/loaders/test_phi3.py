@@ -2,12 +2,12 @@
 models built from `Phi3Config` (no downloads).
 
 What each variant exercises: q|k|v and gate|up stored fused (`self_attn.qkv_proj`, `mlp.gate_up_proj`);
-Phi-3-mini's window in every layer, at a length past it; Phi-4-mini's rotation of 3/4 of each head, tied
-embeddings and LongRoPE at lengths past its original context (the long divisors); Phi-3.5's LongRoPE within
-it (the short divisors). Each gives transformers' logits (fp32, 1e-4), cached decoding equal to full
-recomputation, and the same 16 greedy tokens through our Engine (`tests.loaders.parity`), on import and after
-our export, which transformers loads back. A direct check switches between the two LongRoPE tables by
-length as transformers does, call by call.
+Phi-3-mini's window in every layer, at a length past it; Phi-4 (14B), which is Llama in Phi-3's layout;
+Phi-4-mini's rotation of 3/4 of each head, tied embeddings and LongRoPE at lengths past its original context
+(the long divisors); Phi-3.5's LongRoPE within it (the short divisors), with a window. Each gives
+transformers' logits (fp32, 1e-4), cached decoding equal to full recomputation, and the same 16 greedy tokens
+through our Engine (`tests.loaders.parity`), on import and after our export, which transformers loads back.
+A direct check switches between the two LongRoPE tables by length as transformers does, call by call.
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ VARIANTS = {
     # Phi-4-mini: 3/4 of each head rotated, tied, LongRoPE; every position here is past the original 4
     "phi4-mini": dict(partial_rotary_factor=0.75, tie_word_embeddings=True, original_max_position_embeddings=4,
                       rope_scaling=longrope(12)),
-    # Phi-3.5-mini: LongRoPE; every position here within the original 48 (the short divisors)
-    "phi3.5-mini": dict(tie_word_embeddings=False, original_max_position_embeddings=48, rope_scaling=longrope(16)),
+    # Phi-3.5-mini: LongRoPE; every position here within the original 48 (the short divisors); its window
+    # (262144 there) here 8, so that Phi3's own class slides too
+    "phi3.5-mini": dict(tie_word_embeddings=False, original_max_position_embeddings=48, rope_scaling=longrope(16),
+                        sliding_window=8),
 }
 
 
@@ -84,7 +86,7 @@ def test_import_and_export_match_transformers(variant, tmp_path, tiny_tokenizer)
     else:
         assert cfg.rope_scaling["type"] == "longrope" and cfg.rope_scaling["factor"] == 64 / cfg.rope_scaling[
             "original_max_position_embeddings"]
-        assert cfg.sliding_window is None
+        assert cfg.sliding_window == (8 if variant == "phi3.5-mini" else None) and cfg.sliding_layers is None
     if variant == "phi4-mini":
         assert (cfg.rope_dim, cfg.tie_embeddings, cfg.rope_scaling["original_max_position_embeddings"]) == (12, True, 4)
         assert hasattr(ours, "rope_short_cos")  # both tables: positions 0..3 use the short divisors
