@@ -12,6 +12,13 @@ renormalisation and never read `{arch}.expert_weights_norm` (its converter never
 it); we honour the key when a file has it, write it, and refuse to export norm_topk_prob false, which
 llama.cpp would silently run renormalised.
 
+Gemma 2 / 3 as llama.cpp runs them (`gemma2`, `gemma3`): GGUF carries the window and which layers slide
+(`attention.sliding_window_pattern`; without it llama.cpp makes every 2nd / 6th layer global), gemma3's local
+RoPE base (`rope.freq_base_swa`, 10000 without it; only its global layers are rope-scaled), gemma2's soft caps
+(50 / 30 without them; it always caps and always ties the output to token_embd), but no
+query_pre_attn_scalar: llama.cpp derives the attention scale from the shape (`gemma_attn_scale`). Import
+sets it the same way; export refuses a model with another scale, which llama.cpp would run differently.
+
 A module of its own because deciding what model a file describes is separate from reading its weights:
 `describe_gguf` (`lmforge list/show`) needs only this and the header, never the tensor data (bar the tiny
 `rope_freqs.weight`).
@@ -25,19 +32,20 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.config import MAX_CONTEXT, ModelConfig
+from lmforge.config import MAX_CONTEXT, ModelConfig, is_int
 from lmforge.errors import UserError
 from lmforge.loaders.gguf.reader import GGUFTensorInfo, dequantize, gguf_package, meta, short
-from lmforge.loaders.hf import MIXTRAL, QWEN3_MOE, hf_architecture, is_llama_shaped
+from lmforge.loaders.hf import GEMMA2, GEMMA3, MIXTRAL, QWEN3_MOE, hf_architecture, is_llama_shaped
 
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3")
+GEMMA_ARCHS = ("gemma2", "gemma3")
 # The transformers class each architecture's configs must map to (a qwen3 file is Qwen3 by its name alone:
 # its per-head q/k norms are what `qk_norm` says, and the tensor check then demands them; `llama` with experts
 # is Mixtral).
 _LLAMA_OR_QWEN2 = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 _HF_CLASSES = {"llama": (*_LLAMA_OR_QWEN2, MIXTRAL), "qwen2": _LLAMA_OR_QWEN2, "qwen3": ("Qwen3ForCausalLM",),
-               "qwen3moe": (QWEN3_MOE,)}
+               "qwen3moe": (QWEN3_MOE,), "gemma2": (GEMMA2,), "gemma3": (GEMMA3,)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,9 +101,11 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
         norm="rmsnorm", norm_eps=meta(path, metadata, p + "attention.layer_norm_rms_epsilon", "float"),
         mlp="swiglu", positions="rope", rope_theta=meta(path, metadata, p + "rope.freq_base", "float", 10000.0),
         rope_scaling=_linear_rope_scaling(path, metadata, p), tie_embeddings="output.weight" not in tensors,
-        name=meta(path, metadata, "general.name", "str", arch), qk_norm=arch in ("qwen3", "qwen3moe"),
+        name=meta(path, metadata, "general.name", "str", arch), qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
         **_bias_flags(path, tensors, arch), **experts,
     )
+    if arch in GEMMA_ARCHS:
+        kwargs.update(_gemma_hparams(path, metadata, arch, kwargs))
     try:
         cfg = ModelConfig(**kwargs)
     except UserError as e:
@@ -147,12 +157,97 @@ def _expert_width(path: str, metadata: dict[str, Any], arch: str, experts: dict[
 
 
 def _bias_flags(path: str, tensors: dict[str, GGUFTensorInfo], arch: str) -> dict[str, bool]:
-    """Biases are told by the tensors of block 0: q/k/v only (Qwen2), q/k/v/o (attention_bias: Llama, Qwen3), MLP."""
+    """Biases are told by the tensors of block 0: q/k/v only (Qwen2), q/k/v/o (attention_bias: Llama, Qwen3), MLP.
+    Gemma has none (llama.cpp's gemma graphs add none; a bias tensor is then an unexpected one)."""
+    if arch in GEMMA_ARCHS:
+        return {"qkv_bias": False, "attention_bias": False, "mlp_bias": False}
     has = {k: f"blk.0.{k}.bias" in tensors for k in ("attn_q", "attn_output", "ffn_up")}
     if arch == "qwen2" and not has["attn_q"]:
         raise UserError(f"{path}: tensor 'blk.0.attn_q.bias' is missing (qwen2 has q/k/v biases)")
     return {"qkv_bias": has["attn_q"] and not has["attn_output"], "attention_bias": has["attn_output"],
             "mlp_bias": has["ffn_up"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gemma 2 / Gemma 3: what llama.cpp reads (src/models/gemma2.cpp, gemma3.cpp) and assumes without a key
+# ---------------------------------------------------------------------------------------------------
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}  # without attention.sliding_window_pattern: every 2nd / 6th layer global
+_GEMMA2_WINDOW, _GEMMA2_ATTN_CAP, _GEMMA2_FINAL_CAP = 4096, 50.0, 30.0  # gemma2 without the keys
+_GEMMA3_LOCAL_THETA = 10000.0  # gemma3's sliding layers without rope.freq_base_swa (llama-hparams.h)
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def gemma_attn_scale(arch: str, n_layers: int, d_model: int, n_heads: int, head_dim: int) -> float:
+    """The query scale llama.cpp uses: GGUF has no query_pre_attn_scalar, so llama.cpp derives it from the
+    model's size, as gemma_pytorch does: 1/sqrt(d_model / n_heads) (integer division) for the 27B models,
+    which it tells by their layer count (46 for gemma2, 62 for gemma3), 1/sqrt(head_dim) for every other."""
+    return (d_model // n_heads if n_layers == _GEMMA_27B_LAYERS[arch] else head_dim) ** -0.5
+
+
+def swa_pattern_layers(n: int, n_layers: int) -> list[bool]:
+    """llama.cpp's integer sliding_window_pattern n: layer i slides unless it is the last of each group of n
+    (n = 0: every layer slides; n = 1: none)."""
+    return [n == 0 or i % n < n - 1 for i in range(n_layers)]
+
+
+def _gemma_sliding(path: str, metadata: dict[str, Any], arch: str, n_layers: int) -> dict[str, Any]:
+    """sliding_window and sliding_layers as llama.cpp runs them: gemma2 always has a window (4096 without
+    the key), gemma3 one only where attention.sliding_window is above 0; the layers from
+    attention.sliding_window_pattern (one bool per layer, or llama.cpp's integer pattern), else the arch's default."""
+    p = f"{arch}.attention."
+    window = meta(path, metadata, p + "sliding_window", "int", _GEMMA2_WINDOW if arch == "gemma2" else 0)
+    if window <= 0:
+        if arch == "gemma2":  # llama.cpp would then mask every key of the sliding layers
+            raise UserError(f"{path}: {p}sliding_window must be positive, got {window}")
+        return {"sliding_window": None, "sliding_layers": None}
+    pattern = metadata.get(p + "sliding_window_pattern", _SWA_PATTERN[arch])
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers or not all(isinstance(b, bool) for b in pattern):
+            raise UserError(f"{path}: {p}sliding_window_pattern must hold one true/false per layer ({n_layers}), "
+                            f"got {len(pattern)} values")
+        slides = pattern
+    elif is_int(pattern) and pattern >= 0:
+        slides = swa_pattern_layers(pattern, n_layers)
+    else:
+        raise UserError(f"{path}: {p}sliding_window_pattern must be an integer >= 0 or a list of booleans, "
+                        f"got {short(pattern)}")
+    layers = [i for i, s in enumerate(slides) if s]
+    if not layers:
+        return {"sliding_window": None, "sliding_layers": None}
+    return {"sliding_window": window, "sliding_layers": None if len(layers) == n_layers else layers}
+
+
+def _gemma_hparams(path: str, metadata: dict[str, Any], arch: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields that make a Gemma: (1 + w) norms, post-norms, scaled embeddings, GeGLU, the
+    attention scale llama.cpp derives, soft caps, sliding layers and their RoPE base."""
+    p = f"{arch}."
+
+    def cap(key: str, default: float | None) -> float | None:
+        v = meta(path, metadata, p + key, "float", default)
+        if v is not None and v < 0:
+            raise UserError(f"{path}: metadata {p + key!r} must not be negative, got {v}")
+        return v or None  # llama.cpp's gemma3 skips a cap of 0
+
+    swa_theta = meta(path, metadata, p + "rope.freq_base_swa", "float", None)
+    if swa_theta is not None and not swa_theta > 0:
+        raise UserError(f"{path}: metadata {p + 'rope.freq_base_swa'!r} must be positive, got {swa_theta}")
+    if arch == "gemma2":
+        if swa_theta is not None and swa_theta != base["rope_theta"]:
+            raise UserError(f"{path}: gemma2 with rope.freq_base_swa ({swa_theta}) unlike rope.freq_base "
+                            f"({base['rope_theta']}) is not supported (no Gemma 2 has a local RoPE base of its own)")
+        local_theta, caps = None, (cap("attn_logit_softcapping", _GEMMA2_ATTN_CAP),
+                                   cap("final_logit_softcapping", _GEMMA2_FINAL_CAP))
+        if None in caps:
+            raise UserError(f"{path}: gemma2 logit soft-capping of 0 is not supported (llama.cpp divides by it)")
+    else:
+        local_theta, caps = swa_theta or _GEMMA3_LOCAL_THETA, (None, cap("final_logit_softcapping", None))
+    return dict(
+        norm_offset=True, post_norms=True, embed_scale=True, mlp="geglu", attn_softcap=caps[0], final_softcap=caps[1],
+        attn_scale=gemma_attn_scale(arch, base["n_layers"], base["d_model"], base["n_heads"], base["head_dim"]),
+        rope_local_theta=local_theta, **_gemma_sliding(path, metadata, arch, base["n_layers"]),
+        # llama.cpp's gemma2 always computes the output from token_embd (an output.weight is then unexpected)
+        tie_embeddings=True if arch == "gemma2" else base["tie_embeddings"],
+    )
 
 
 def _linear_rope_scaling(path: str, metadata: dict[str, Any], p: str) -> dict[str, Any] | None:
@@ -244,17 +339,23 @@ def with_llama3_rope(path: str, cfg: ModelConfig, arch: str, metadata: dict[str,
 # Config to metadata (export)
 # ---------------------------------------------------------------------------------------------------
 def export_arch(cfg: ModelConfig) -> str:
-    """'llama', 'qwen2', 'qwen3' or 'qwen3moe' for the configs llama.cpp runs as such (Mixtral is 'llama' with
-    experts); a UserError for the rest."""
+    """'llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2' or 'gemma3' for the configs llama.cpp runs as such
+    (Mixtral is 'llama' with experts); a UserError for the rest."""
     hf = hf_architecture(cfg)
+    kind = (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type"))
+    if kind not in (None, "linear", "llama3"):
+        raise UserError(f"GGUF export: rope scaling {short(kind)} is not supported (linear and Llama-3 are); "
+                        f"export this model with --format hf")
+    if hf in (GEMMA2, GEMMA3):
+        return _gemma_export_arch(cfg, "gemma2" if hf == GEMMA2 else "gemma3", kind)
     if cfg.n_experts and hf not in (MIXTRAL, QWEN3_MOE):
         raise UserError("GGUF export of a mixture of experts needs Mixtral's or Qwen3-MoE's shape (rmsnorm, "
                         "swiglu, rope; no biases but Qwen3-MoE's attention ones); export this one with --format hf")
     if not cfg.n_experts and not is_llama_shaped(cfg):
-        raise UserError("GGUF export supports Llama- and Qwen2-shaped models (rmsnorm, swiglu, rope); this model "
-                        f"has norm={cfg.norm}, mlp={cfg.mlp}, positions={cfg.positions}")
+        raise UserError("GGUF export supports Llama- and Qwen2-shaped models (rmsnorm, swiglu, rope), Mixtral, "
+                        f"Qwen3-MoE, Gemma 2 and Gemma 3; this model has norm={cfg.norm}, mlp={cfg.mlp}, "
+                        f"positions={cfg.positions}")
     arch = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", QWEN3_MOE: "qwen3moe"}.get(hf, "llama")
-    kind = (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type"))
     if arch != "llama" and kind == "llama3":
         raise UserError(f"GGUF export: llama.cpp's {arch} architecture has no Llama-3 rope scaling")
     if arch in ("qwen3", "qwen3moe") and cfg.attention_bias:  # llama.cpp loads q/k/v biases but no o_proj bias
@@ -265,13 +366,67 @@ def export_arch(cfg: ModelConfig) -> str:
     return arch
 
 
+def _gemma_export_arch(cfg: ModelConfig, arch: str, rope_kind: str | None) -> str:
+    """Refuse the Gemmas llama.cpp would run differently: it derives the attention scale (`gemma_attn_scale`),
+    has no attention biases, and gemma2 always soft-caps, always ties the output to token_embd and rotates
+    every layer alike."""
+    ours = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+    theirs = gemma_attn_scale(arch, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim)
+    if not math.isclose(ours, theirs, rel_tol=1e-6):
+        raise UserError(f"GGUF export: llama.cpp's {arch} scales queries by {theirs:.6g} for this shape (GGUF has no "
+                        f"query_pre_attn_scalar), this model by {ours:.6g}; export it with --format hf")
+    if cfg.attention_bias:
+        raise UserError(f"GGUF export: llama.cpp's {arch} architecture has no attention biases")
+    if rope_kind not in (None, "linear"):
+        raise UserError(f"GGUF export: llama.cpp's {arch} architecture has no {rope_kind} rope scaling")
+    if arch == "gemma2":
+        if cfg.attn_softcap is None or cfg.final_softcap is None:
+            raise UserError("GGUF export: llama.cpp's gemma2 always soft-caps attention scores and logits; this model "
+                            "leaves one uncapped (export it with --format hf)")
+        if not cfg.tie_embeddings:
+            raise UserError("GGUF export: llama.cpp's gemma2 computes the output from the token embeddings; this "
+                            "model has an output projection of its own (export it with --format hf)")
+    elif cfg.attn_softcap is not None:
+        raise UserError("GGUF export: llama.cpp's gemma3 has no attention soft-capping (attn_softcap)")
+    return arch
+
+
+def _add_gemma_hparams(w: Any, cfg: ModelConfig, arch: str) -> None:
+    """Window, layer pattern (llama.cpp's integer form where one gives the same layers, else one bool per
+    layer), local RoPE base and soft caps, every one written even where llama.cpp's default would do."""
+    slides = [cfg.slides(i) for i in range(cfg.n_layers)]
+    if not any(slides):  # gemma2 always has sliding layers in llama.cpp: none slide, and the window is moot
+        if arch == "gemma2":
+            w.add_sliding_window(cfg.context_length)
+            w.add_sliding_window_pattern(1)
+    else:
+        w.add_sliding_window(cfg.sliding_window)
+        n = next((n for n in (_SWA_PATTERN[arch], 0, *range(1, cfg.n_layers + 1))
+                  if swa_pattern_layers(n, cfg.n_layers) == slides), None)
+        w.add_sliding_window_pattern(n if n is not None else slides)
+    if arch == "gemma3":
+        w.add_rope_freq_base_swa(cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta)
+    if cfg.attn_softcap is not None:
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.final_softcap is not None:
+        w.add_final_logit_softcapping(cfg.final_softcap)
+
+
 def add_hparams(w: Any, cfg: ModelConfig, name: str) -> None:
-    """{arch}.* hyperparameters under the keys llama.cpp reads."""
+    """{arch}.* hyperparameters under the keys llama.cpp reads.
+
+    A sliding window in llama / qwen2 / qwen3 / qwen3moe: llama.cpp's graphs for these archs read no window
+    key and attend over the whole context. Within the window, sliding-window attention IS full attention, so
+    such a model (Mistral's 4096, a Qwen2 with use_sliding_window) is written with context_length = its
+    window (when that is shorter): exact up to that length, where llama.cpp stops (or warns, if asked for a
+    longer context); read back, it is a model without a window whose context is the window."""
     gguf = gguf_package()
+    arch = w.arch
     w.add_type("model")
     w.add_name(name)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_context_length(cfg.context_length)
+    window = cfg.sliding_window if arch not in GEMMA_ARCHS and any(map(cfg.slides, range(cfg.n_layers))) else None
+    w.add_context_length(min(cfg.context_length, window or cfg.context_length))
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
     w.add_feed_forward_length(cfg.d_ff)
@@ -280,7 +435,9 @@ def add_hparams(w: Any, cfg: ModelConfig, name: str) -> None:
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim * cfg.n_heads != cfg.d_model or cfg.qk_norm:  # qwen3: always, as llama.cpp's converter
+    if arch in GEMMA_ARCHS:
+        _add_gemma_hparams(w, cfg, arch)
+    if cfg.head_dim * cfg.n_heads != cfg.d_model or cfg.qk_norm or arch in GEMMA_ARCHS:  # as llama.cpp's converter
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     if cfg.n_experts:

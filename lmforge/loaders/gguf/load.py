@@ -30,6 +30,7 @@ from lmforge.loaders.gguf.names import (
     ROPE_FREQS,
     expected_shapes,
     hf_sources,
+    is_offset_norm,
     per_expert_layout,
     permute_heads,
     rope_unpermute,
@@ -108,6 +109,8 @@ class _LazyTensors(Mapping):
         heads = permute_heads(self.cfg, info.name) if self.arch == "llama" else None
         if heads is not None:
             arr = rope_unpermute(arr, heads)
+        elif is_offset_norm(self.cfg, info.name):  # Gemma's norms are stored as 1 + w
+            arr = arr - 1
         return torch.from_numpy(np.ascontiguousarray(arr)).to(self.dtype)
 
     def __iter__(self):
@@ -228,7 +231,8 @@ def load_gguf_packed(path: str | os.PathLike, *, device: str | torch.device = "c
 
 
 def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> GGUFModel:
-    """Load a llama (Mixtral too) / qwen2 / qwen3 / qwen3moe GGUF file: config, our state dict (float32 unless `dtype`), tokenizer.
+    """Load a llama (Mixtral too) / qwen2 / qwen3 / qwen3moe / gemma2 / gemma3 GGUF file: config, our state dict
+    (float32 unless `dtype`), tokenizer.
 
     Every structural problem, unsupported feature or inconsistency is a one-line `UserError` naming the
     file; nothing is allocated from a count the file has not been shown to back with bytes.

@@ -2,8 +2,10 @@
 stacked expert tensors of a mixture of experts, and the `llama` rope permutation of q/k rows.
 
 Tensor names go GGUF <-> Hugging Face <-> ours: a small explicit table here maps llama.cpp's names to
-transformers' Llama/Qwen2 names, and `loaders/hf_tensors.py` does the rest (fused q/k/v, gate/up), so there
-is one place that knows our own layout.
+transformers' Llama/Qwen2 names (and a second one to Gemma's, where one HF name means another norm), and
+`loaders/hf_tensors.py` does the rest (fused q/k/v, gate/up), so there is one place that knows our own layout.
+Gemma's norm weights are w in transformers and 1 + w in GGUF (`is_offset_norm`): the writer adds 1, the
+reader takes it off.
 
 Mixtures of experts (`llama` with `expert_count` = Mixtral, `qwen3moe`): llama.cpp keeps the router as
 `blk.N.ffn_gate_inp.weight` (experts x hidden) and stacks each expert matrix of a layer into one 3-D tensor,
@@ -47,30 +49,53 @@ _BLOCK_TO_HF = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_HF_TO_BLOCK = {v: k for k, v in _BLOCK_TO_HF.items()}
+# Gemma 2/3 (`gemma2`, `gemma3`): a norm before and after each sublayer. One HF name means different things in
+# the two families: Gemma's post_attention_layernorm is the norm of the attention's output (llama.cpp's
+# post_attention_norm), while Llama's is the norm before the MLP (ffn_norm), which Gemma calls
+# pre_feedforward_layernorm.
+_GEMMA_BLOCK_TO_HF = {
+    **_BLOCK_TO_HF,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# (GGUF kind -> HF module, HF module -> GGUF kind), by whether the family has Gemma's post-norms
+_TABLES = {gemma: (t, {v: k for k, v in t.items()}) for gemma, t in ((False, _BLOCK_TO_HF), (True, _GEMMA_BLOCK_TO_HF))}
 _HF_TO_GLOBAL = {v: k for k, v in _GLOBAL_TO_HF.items()}
 ROPE_FREQS = "rope_freqs.weight"
 
 
-def gguf_to_hf(name: str) -> str | None:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for names not in the table."""
+def _block_tables(cfg: ModelConfig | None) -> tuple[dict[str, str], dict[str, str]]:
+    """llama.cpp's block tensor kind <-> the HF module under model.layers.N, for the family of `cfg`."""
+    return _TABLES[cfg is not None and cfg.post_norms]
+
+
+def gguf_to_hf(name: str, cfg: ModelConfig | None = None) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (Gemma's names for a `cfg` with
+    post-norms); None for names not in the table."""
     base, _, kind = name.rpartition(".")
     if kind not in ("weight", "bias"):
         return None
     if base in _GLOBAL_TO_HF:
         return f"{_GLOBAL_TO_HF[base]}.{kind}"
-    parts = base.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_TO_HF:
-        return f"model.layers.{int(parts[1])}.{_BLOCK_TO_HF[parts[2]]}.{kind}"
+    parts, table = base.split("."), _block_tables(cfg)[0]
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in table:
+        return f"model.layers.{int(parts[1])}.{table[parts[2]]}.{kind}"
     return None
 
 
-def hf_to_gguf(name: str) -> str:
+def hf_to_gguf(name: str, cfg: ModelConfig | None = None) -> str:
     base, _, kind = name.rpartition(".")
     if base in _HF_TO_GLOBAL:
         return f"{_HF_TO_GLOBAL[base]}.{kind}"
     _, _, layer, rest = base.split(".", 3)  # model.layers.N.<rest>
-    return f"blk.{layer}.{_HF_TO_BLOCK[rest]}.{kind}"
+    return f"blk.{layer}.{_block_tables(cfg)[1][rest]}.{kind}"
+
+
+def is_offset_norm(cfg: ModelConfig, name: str) -> bool:
+    """True for a GGUF norm weight stored as 1 + w: llama.cpp's converter adds 1 to every Gemma norm (the
+    q/k norms of Gemma 3 too), whose RMSNorm transformers and we compute as (1 + w)."""
+    return cfg.norm_offset and name.endswith("norm.weight")
 
 
 def per_expert_layout(names: Collection[str]) -> bool:
@@ -94,6 +119,8 @@ def expected_shapes(cfg: ModelConfig, *, per_expert: bool = False) -> dict[str, 
         b = f"blk.{i}."
         shapes.update({b + "attn_norm.weight": (C,), b + "ffn_norm.weight": (C,), b + "attn_q.weight": (q, C),
                        b + "attn_k.weight": (kv, C), b + "attn_v.weight": (kv, C), b + "attn_output.weight": (C, q)})
+        if cfg.post_norms:  # Gemma: the attention's and the MLP's outputs normed before each residual add
+            shapes.update({b + "post_attention_norm.weight": (C,), b + "post_ffw_norm.weight": (C,)})
         if E and per_expert:
             shapes[b + "ffn_gate_inp.weight"] = (E, C)
             for e in range(E):
@@ -134,7 +161,7 @@ def moe_sources(cfg: ModelConfig, *, per_expert: bool = False) -> dict[str, tupl
 def hf_sources(cfg: ModelConfig, *, per_expert: bool = False) -> dict[str, tuple[str, int | None]]:
     """Hugging Face name -> (GGUF tensor, expert slice or None) for every tensor of a model of `cfg` (the
     dense ones by the table above, the experts by `moe_sources`); rope_freqs, which has no HF name, left out."""
-    out = {gguf_to_hf(n): (n, None) for n in expected_shapes(cfg, per_expert=per_expert) if gguf_to_hf(n)}
+    out = {gguf_to_hf(n, cfg): (n, None) for n in expected_shapes(cfg, per_expert=per_expert) if gguf_to_hf(n, cfg)}
     out.update(moe_sources(cfg, per_expert=per_expert))
     return out
 

@@ -26,6 +26,7 @@ from lmforge.loaders.gguf.names import (
     expected_shapes,
     hf_sources,
     hf_to_gguf,
+    is_offset_norm,
     moe_sources,
     permute_heads,
     rope_permute,
@@ -42,7 +43,8 @@ GGUF_TYPES = FTYPES  # what write_gguf accepts: f32, f16, q8_0, q4_0, q4_k_m, q5
 
 
 def _export_tensors(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, np.ndarray]:
-    """GGUF name -> float32 array, q/k permuted for `llama`, experts stacked, rope_freqs added for Llama-3 scaling."""
+    """GGUF name -> float32 array, q/k permuted for `llama`, experts stacked, rope_freqs added for Llama-3 scaling,
+    Gemma's norms stored as 1 + w (as llama.cpp's converter stores them)."""
     want = expected_shapes(cfg)
     _check_our_keys(cfg, want, state_dict)
     hf = state_dict_to_hf(cfg, state_dict)
@@ -52,7 +54,7 @@ def _export_tensors(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], arch:
     if ROPE_FREQS in want:
         out[ROPE_FREQS] = llama3_rope_factors(cfg)
     for hf_name, t in hf.items():
-        name, expert = moe[hf_name] if hf_name in moe else (hf_to_gguf(hf_name), None)
+        name, expert = moe[hf_name] if hf_name in moe else (hf_to_gguf(hf_name, cfg), None)
         arr = t.detach().to("cpu", torch.float32).numpy()
         shape = want.get(name, (None,))[1:] if expert is not None else want.get(name)
         if tuple(arr.shape) != shape:
@@ -61,7 +63,7 @@ def _export_tensors(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], arch:
             stacks.setdefault(name, [None] * cfg.n_experts)[expert] = arr
             continue
         heads = permute_heads(cfg, name) if arch == "llama" else None
-        out[name] = rope_permute(arr, heads) if heads is not None else arr
+        out[name] = rope_permute(arr, heads) if heads is not None else arr + 1 if is_offset_norm(cfg, name) else arr
     for name, parts in stacks.items():
         out[name] = np.stack(parts)  # every slice is there: state_dict_to_hf names each expert of each layer
     missing = sorted(set(want) - set(out))
