@@ -238,11 +238,18 @@ def model_config(path: str | os.PathLike) -> ModelConfig:
     return config_from_hf(read_json(p / "config.json"), source=str(p / "config.json"))
 
 
-def kv_cache_bytes(cfg: ModelConfig, batch: int, tokens: int, dtype: torch.dtype = torch.float32) -> int:
+def kv_cache_bytes(cfg: ModelConfig, batch: int, tokens: int, dtype: torch.dtype = torch.float32,
+                   max_write: int | None = None) -> int:
     """Bytes of the KV cache the engine preallocates for `batch` sequences of `tokens` positions: a key and
-    a value buffer of (n_layers, batch, n_kv_heads, tokens, head_dim) each (see `model.kv_cache.KVCache`;
-    the whole buffer is allocated up front, whatever the requests use)."""
-    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * tokens * cfg.head_dim * dtype.itemsize
+    a value buffer of (layers, batch, n_kv_heads, tokens, head_dim) each (see `model.kv_cache.KVCache`;
+    the whole buffer is allocated up front, whatever the requests use). With `max_write` (the most slots a
+    forward call writes per row), sliding-window layers hold a ring of window + max_write - 1 slots when
+    that is fewer."""
+    slots = cfg.n_layers * tokens
+    if max_write and cfg.sliding_window is not None and cfg.sliding_window + max_write - 1 < tokens:
+        sliding = sum(cfg.slides(i) for i in range(cfg.n_layers))
+        slots -= sliding * (tokens - (cfg.sliding_window + max_write - 1))
+    return 2 * batch * cfg.n_kv_heads * slots * cfg.head_dim * dtype.itemsize
 
 
 def activation_bytes(cfg: ModelConfig, chunk: int, rows: int = 1) -> int:
@@ -311,14 +318,14 @@ def compute_dtype(path: str | os.PathLike, dtype: Dtype, device: str | torch.dev
 
 
 def estimate(path: str | os.PathLike, *, dtype: Dtype = None, device: str | torch.device = "cpu",
-             batch: int = 1, tokens: int | None = None, chunk: int = 512) -> Footprint:
+             batch: int = 1, tokens: int | None = None, chunk: int = 512, max_write: int | None = None) -> Footprint:
     """The `Footprint` of loading the model at `path` at `dtype` on `device` and serving `batch` sequences of
     up to `tokens` positions each (None: the model's context; more is capped at it), prefilled `chunk`
-    tokens at a time."""
+    tokens at a time, writing at most `max_write` slots per row in one pass (sliding-window rings)."""
     cfg = model_config(path)
     tokens = min(cfg.context_length, tokens or cfg.context_length)
     kv_dtype = compute_dtype(path, dtype, device)
-    return Footprint(weights_bytes(path, dtype, device=device), kv_cache_bytes(cfg, batch, tokens, kv_dtype),
+    return Footprint(weights_bytes(path, dtype, device=device), kv_cache_bytes(cfg, batch, tokens, kv_dtype, max_write),
                      runtime_bytes(cfg, batch=batch, chunk=chunk), batch, tokens)
 
 

@@ -112,6 +112,19 @@ def test_kv_cache_bytes_are_what_the_cache_allocates(model):
         assert fp.kv_cache_bytes(cfg, batch, tokens, dtype) == real
 
 
+def test_kv_cache_bytes_count_sliding_window_rings():
+    """Sliding layers that keep a ring (window + max_write - 1 slots) count as what KVCache allocates."""
+    from lmforge.presets import get_preset
+
+    cfg = get_preset("tiny", vocab_size=97, context_length=64, sliding_window=8, sliding_layers=[0])
+    for max_write in (None, 4, 100):
+        cache = KVCache.for_model(cfg, 3, 64, max_write=max_write)
+        real = sum(t.numel() * t.element_size() for t in (cache.k, cache.v, cache.k_ring, cache.v_ring))
+        assert fp.kv_cache_bytes(cfg, 3, 64, torch.float32, max_write) == real
+    gemma = get_preset("gemma3-1b")  # 22 of 26 layers in rings of 512 + 4096 - 1 at a 32k context: a fifth
+    assert fp.kv_cache_bytes(gemma, 1, 32768, torch.bfloat16, 4096) / fp.kv_cache_bytes(gemma, 1, 32768, torch.bfloat16) < 0.28
+
+
 def test_estimate_adds_weights_cache_and_runtime(tmp_path, model, tiny_tokenizer):
     d = model_dir(tmp_path, model, tiny_tokenizer, torch.bfloat16)
     cfg = model.config

@@ -250,7 +250,7 @@ class Engine:
             key_mask[b, P - n:P] = True
         padded = any(len(ids) != P for ids in encoded)
         idx, positions, key_mask = idx.to(dev), positions.to(dev), key_mask.to(dev)
-        cache = KVCache.for_model(cfg, B, S, dtype=self.dtype, device=dev)
+        cache = KVCache.for_model(cfg, B, S, max_write=P, dtype=self.dtype, device=dev)  # (rings: window + P - 1)
 
         eos = self.eos_ids(params)
         seqs = [SequenceState(self.tokenizer, ids, params, budgets[b], b, eos, dev) for b, ids in enumerate(encoded)]

@@ -145,18 +145,20 @@ class PromptCache:
                     prefer: int | None = None) -> tuple[int | None, int]:
         """The row holding the longest prefix of `prompt` and that length, at most len(prompt) - 1 (the
         last prompt token is always read, for the logits of the first answer token); on a tie `prefer` (the
-        row the request lands in: no copy), then a free row. (None, 0) when no row shares a token."""
+        row the request lands in: no copy), then a free row. (None, 0) when no row shares a token. A row
+        whose sliding-window rings went too far past the shared prefix to still hold its last window is
+        passed over (`KVCache.reusable`)."""
         limit = len(prompt) - 1
         best, best_len = None, 0
         for j in ([prefer] if prefer in free else []) + free:
             tokens = self.parked.tokens[j]
             if tokens:
                 n = common_prefix(prompt, tokens, limit)
-                if n > best_len:
+                if n > best_len and self.cache.reusable(len(tokens), n):
                     best, best_len = j, n
         for i, (tokens, written) in enumerate(busy):
             n = common_prefix(prompt, tokens, min(limit, written))
-            if n > best_len:
+            if n > best_len and self.cache.reusable(written, n):
                 best, best_len = i, n
         return best, best_len
 

@@ -97,6 +97,15 @@ class _Row:
         self.req, self.state, self.pos, self.next_token = req, state, pos, next_token
 
 
+MAX_PREFILL_TOKENS = 4096  # prompt tokens one turn reads while nothing decodes (the default)
+
+
+def max_write(prefill_chunk: int, max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> int:
+    """The most slots a scheduler with these settings writes into one row in one pass: a short prompt at
+    once, or a long prompt's chunk of a turn's budget (which sizes the sliding-window rings)."""
+    return max(prefill_chunk, max_prefill_tokens)
+
+
 class Scheduler:
     """Serve `engine` to many concurrent requests with continuous batching.
 
@@ -109,7 +118,7 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 max_prefill_tokens: int = 4096, prefill_chunk: int = 512, prefix_cache: bool = True) -> None:
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, prefill_chunk: int = 512, prefix_cache: bool = True) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
@@ -118,7 +127,9 @@ class Scheduler:
         # Every row can hold a whole context; `max_context` caps that for long-context models, whose full
         # context times max_batch would not fit in memory.
         self.context_length = min(cfg.context_length, max_context or cfg.context_length)
-        self.cache = KVCache.for_model(cfg, max_batch, self.context_length, dtype=engine.dtype, device=engine.device)
+        # Sliding-window layers keep rings sized for the widest pass a turn writes (KVCache's docstring).
+        self.cache = KVCache.for_model(cfg, max_batch, self.context_length, max_write=max_write(prefill_chunk, max_prefill_tokens),
+                                       dtype=engine.dtype, device=engine.device)
         self.rows: list[_Row] = []  # busy rows; row i lives in cache row i
         self.filling: FillingGroup | None = None  # long prompts being prefilled into the top cache rows
         self.waiting: collections.deque[Request] = collections.deque()

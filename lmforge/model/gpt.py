@@ -376,9 +376,12 @@ class GPT(nn.Module):
                 local_rope = (self.rope_local_cos[pos2d][:, None], self.rope_local_sin[pos2d][:, None])
         # Sliding layers see only the last `sliding_window` keys: the same mask, narrowed. Distances are
         # counted in slots, which within a row are distances in positions (padding only ever comes first).
+        # A cache that keeps sliding layers in rings hands them their ring: the mask is then over ring indices.
         local_mask, local_causal = mask, causal
         n_keys = cache.length if cache is not None else T
-        if cfg.sliding_window is not None and n_keys > cfg.sliding_window:
+        if cache is not None and cache.ring is not None:
+            local_mask, local_causal = ring_mask(cfg.sliding_window, slots, cache.ring_slots(slots), mask), False
+        elif cfg.sliding_window is not None and n_keys > cfg.sliding_window:
             q_slots = slots if slots is not None else torch.arange(T, device=idx.device)
             local_mask, local_causal = window_mask(cfg.sliding_window, q_slots, n_keys, mask), False
 
@@ -408,6 +411,20 @@ def window_mask(window: int, q_slots: torch.Tensor, n_keys: int, mask: torch.Ten
     near = (keys > q - window) & (keys <= q)
     near = near[None, None] if q_slots.dim() == 1 else near[:, None]
     return near if mask is None else mask & near
+
+
+def ring_mask(window: int, q_slots: torch.Tensor, held: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`window_mask` over the indices of a sliding layer's ring (`KVCache.ring_slots`: `held` (B|1, R) is the
+    slot each index holds, -1 for none): (B|1, 1, T, R). `mask` (B|1, 1, T, S), over slots, is read at the
+    slot each index holds."""
+    q = q_slots[..., None]  # (T, 1) or (B, T, 1)
+    k = held[:, None, :]  # (B|1, 1, R)
+    near = ((k > q - window) & (k <= q) & (k >= 0))[:, None]  # (B|1, 1, T, R)
+    if mask is None:
+        return near
+    B = max(mask.shape[0], near.shape[0])
+    index = held.clamp(min=0)[:, None, None, :].expand(B, 1, mask.shape[2], held.shape[-1])
+    return near & torch.gather(mask.expand(B, -1, -1, -1), 3, index)
 
 
 # ---------------------------------------------------------------------------------------------------

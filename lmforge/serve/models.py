@@ -261,14 +261,14 @@ class ModelRegistry:
         """Load `name` with the context `context_for` gives for a request's `num_ctx` (bounded by the model's
         own context)."""
         from lmforge.engine.generate import Engine
-        from lmforge.engine.scheduler import Scheduler
+        from lmforge.engine.scheduler import Scheduler, max_write
         from lmforge.loaders.auto import load, read_modelfile
 
         try:
             context = self.context_for(num_ctx, getattr(read_modelfile(path), "num_ctx", None)
                                        if path.is_dir() else None)
             need = estimate(path, dtype=self.dtype, device=self.device, batch=self.max_batch,
-                            tokens=context, chunk=self.prefill_chunk)
+                            tokens=context, chunk=self.prefill_chunk, max_write=max_write(self.prefill_chunk))
         except UserError as e:
             raise self._load_failed(name, e) from None
         self._make_room(name, need)

@@ -427,17 +427,34 @@ def sliding(tmp_path_factory, tiny_tokenizer):
     return load_engine(d)
 
 
-def test_sliding_window_rows_decode_like_full_recomputation():
-    """Per-row timelines in one cache, with a window shorter than every row: the logits of a full forward."""
+def test_ring_slots_and_reuse():
+    """Which slot each ring index holds (per row and shared), and when a row's rings still hold a prefix."""
+    cfg = get_preset("tiny", vocab_size=97, context_length=32, sliding_window=4, sliding_layers=[1])
+    cache = KVCache.for_model(cfg, 2, 32, max_write=3)  # ring 4 + 3 - 1 = 6, layer 1 only
+    assert (cache.ring, cache.rings(0), cache.rings(1), tuple(cache.k_ring.shape)) == (6, False, True, (1, 2, 2, 6, 16))
+    slots = torch.tensor([[7], [2]])
+    cache.advance(slots)
+    assert cache.ring_slots(slots).tolist() == [[6, 7, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]]
+    assert cache.ring_slots(torch.tensor([9, 10])).tolist() == [[6, 7, 8, 9, 10, 5]]
+    assert cache.reusable(held=12, n=10) and not cache.reusable(held=13, n=10)  # ring - window = 2
+    assert KVCache.for_model(cfg, 2, 32, max_write=40).ring is None  # no smaller than keeping every slot
+    assert KVCache.for_model(cfg, 2, 32).ring is None  # callers that do not say how much they write
+
+
+@pytest.mark.parametrize("max_write", [None, 3])
+def test_sliding_window_rows_decode_like_full_recomputation(max_write):
+    """Per-row timelines in one cache, with a window shorter than every row, the sliding layers keeping every
+    slot or a ring of 6 written 3 slots at a time: the logits of a full forward."""
     torch.manual_seed(0)
     model = GPT(get_preset("tiny", vocab_size=97, context_length=32, sliding_window=4, rope_local_theta=50.0)).eval()
     seqs = [torch.randint(0, 97, (n,)) for n in (7, 12, 5)]
-    cache = KVCache.for_model(model.config, 3, 32)
+    cache = KVCache.for_model(model.config, 3, 32, max_write=max_write)
     with torch.no_grad():
         for b, s in enumerate(seqs):
             view = cache.rows(b + 1, b)
-            slots = torch.arange(len(s) - 1)
-            model(s[None, :-1], cache=view, slots=slots[None], mask=view.mask(slots[None]))
+            for a in range(0, len(s) - 1, 3):
+                slots = torch.arange(a, min(a + 3, len(s) - 1))
+                model(s[None, slots], cache=view, slots=slots[None], mask=view.mask(slots[None]))
         last = torch.stack([s[-1] for s in seqs])[:, None]
         slots = torch.tensor([[len(s) - 1] for s in seqs])
         view = cache.rows(3)
@@ -446,15 +463,22 @@ def test_sliding_window_rows_decode_like_full_recomputation():
             torch.testing.assert_close(step[b], model(s[None])[0, -1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("max_batch, prefix_cache", [(1, False), (4, False), (4, True)])
-def test_sliding_window_requests_answer_as_alone(sliding, max_batch, prefix_cache):
+@pytest.mark.parametrize("max_batch, prefix_cache, budget, new_tokens", [
+    (1, False, 4096, 9), (4, False, 4096, 9), (4, True, 4096, 9),  # every layer keeps every slot
+    (1, False, 8, 9), (4, False, 8, 9), (4, True, 8, 9), (4, True, 8, 24), (2, True, 8, 3),  # rings of 6 + 8 - 1
+])
+def test_sliding_window_requests_answer_as_alone(sliding, max_batch, prefix_cache, budget, new_tokens):
     """Long prompts read in 8-token chunks beside short ones, decoded together, some repeated so that the
-    prompt cache hands rows over: each answer equals the request served alone (tokens and logprobs)."""
+    prompt cache hands rows over: each answer equals the request served alone (tokens and logprobs). With
+    at most 8 tokens written per pass, the sliding layer keeps a ring of 13 slots, which the long prompts and
+    answers wrap many times; a row whose ring has gone more than 7 slots past a shared prefix is not reused."""
     prompts = [LONG[0], PROMPTS[0], LONG[1], LONG[0], PROMPTS[1], LONG[2], LONG[1]]
-    sched = Scheduler(sliding, max_batch=max_batch, max_queue=32, prefill_chunk=8, prefix_cache=prefix_cache)
+    sched = Scheduler(sliding, max_batch=max_batch, max_queue=32, prefill_chunk=8, max_prefill_tokens=budget,
+                      prefix_cache=prefix_cache)
+    assert sched.cache.ring == (13 if budget == 8 else None)
     try:
         col = Collector(len(prompts))
-        params = [SamplingParams(temperature=0, max_new_tokens=9, logprobs=1) for _ in prompts]
+        params = [SamplingParams(temperature=0, max_new_tokens=new_tokens, logprobs=1) for _ in prompts]
         for i, p in enumerate(prompts):
             sched.submit(Request(sliding.encode_prompt(p), params[i], col.emit_for(i)))
         col.wait(len(prompts))
