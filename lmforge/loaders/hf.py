@@ -101,6 +101,8 @@ def is_gpt2_shaped(cfg: ModelConfig) -> bool:
         and cfg.attention_bias and cfg.mlp_bias  # qkv_bias is implied by attention_bias in our model
         and cfg.n_kv_heads == cfg.n_heads
         and cfg.head_dim * cfg.n_heads == cfg.d_model
+        # none of what GPT-2 does not compute: q/k norms, windows, and Gemma's extras
+        and not (cfg.qk_norm or cfg.sliding_window is not None or _gemma_only(cfg))
     )
 
 

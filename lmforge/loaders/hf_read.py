@@ -90,6 +90,13 @@ class ConfigKeys:
             raise UserError(f"{self.source}: {key} is {v}, beyond what lmforge supports ({limit})")
         return v
 
+    def count(self, key: str, default: Any = ..., *, limit: int = MAX_SIZE) -> int:
+        """An integer from 0 up to `limit` (a key left out or null gives `default`)."""
+        v = self._get(key, default)
+        if not is_int(v) or not 0 <= v <= limit:
+            raise UserError(f"{self.source}: {key} must be an integer from 0 to {limit}, got {shown(v)}")
+        return v
+
     def number(self, key: str, default: Any = ...) -> float:
         """A positive finite number (an epsilon, a rope base)."""
         v = self._get(key, default)
@@ -195,9 +202,12 @@ def _sliding_window(arch: str, keys: ConfigKeys) -> dict[str, Any]:
         # absent: the class's default; null: no window
         window = keys.size("sliding_window", None) if "sliding_window" in keys.d else _LLAMA_LIKE_DEFAULTS[arch]["sliding_window"]
     elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE):
-        window = keys.size("sliding_window", 4096) if keys.flag("use_sliding_window", False) else None
+        # (absent: the config class's 4096; null: no window, whatever use_sliding_window says)
+        window = ((keys.size("sliding_window", None) if "sliding_window" in keys.d else 4096)
+                  if keys.flag("use_sliding_window", False) else None)
         if window is not None and arch != QWEN3_MOE:
-            layers = _sliding_layers(keys, n_layers, lambda i: i >= keys.size("max_window_layers", 28, limit=MAX_LAYERS))
+            first = keys.count("max_window_layers", 28, limit=MAX_LAYERS)  # 0: every layer slides
+            layers = _sliding_layers(keys, n_layers, lambda i: i >= first)
     else:
         return {}
     if window is None or layers == []:

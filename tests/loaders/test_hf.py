@@ -568,3 +568,34 @@ def test_lmforge_model_directory_tokenizer(tmp_path, tiny_tokenizer):
     tok = load_hf_tokenizer(tmp_path)
     assert tok.eos_ids == tiny_tokenizer.eos_ids and tok.extra_eos_tokens == []
     assert tok.fingerprint() == tiny_tokenizer.fingerprint() and not tok.add_bos
+
+
+def test_qwen2_window_spellings_transformers_accepts():
+    """`sliding_window: null` means no window even with use_sliding_window; max_window_layers 0 makes every
+    layer slide (files without layer_types)."""
+    d = transformers.Qwen2Config(**LLAMA, use_sliding_window=True, sliding_window=None).to_dict()
+    assert config_from_hf({**d, "architectures": ["Qwen2ForCausalLM"]}).sliding_window is None
+    d = transformers.Qwen2Config(**LLAMA, use_sliding_window=True, sliding_window=16, max_window_layers=0).to_dict()
+    d.pop("layer_types")
+    cfg = config_from_hf({**d, "architectures": ["Qwen2ForCausalLM"]})
+    assert (cfg.sliding_window, cfg.sliding_layers) == (16, None)
+
+
+@pytest.mark.parametrize("extra", [dict(sliding_window=4), dict(embed_scale=True), dict(attn_scale=0.05),
+                                   dict(attn_softcap=5.0), dict(post_norms=True), dict(qk_norm=True)])
+def test_gpt2_shapes_with_features_gpt2_lacks_are_saved_as_ours(extra, tmp_path):
+    """A GPT-2-shaped model with a window, q/k norms or a Gemma extra is not GPT2LMHeadModel: saved under our
+    own architecture, it reloads computing the same."""
+    from lmforge.loaders.hf import NATIVE, hf_architecture
+
+    cfg = ModelConfig(vocab_size=V, context_length=32, d_model=32, n_layers=2, n_heads=4, norm="layernorm", mlp="gelu",
+                      positions="learned", attention_bias=True, mlp_bias=True, **extra)
+    assert hf_architecture(cfg) == NATIVE
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    write_model_files(tmp_path, model)
+    again = load_model(tmp_path)
+    assert again.config == cfg
+    idx = ids(length=12)
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx), model(idx))
