@@ -48,6 +48,7 @@ function renderSidebar() {
 function renderMessages() {
   const box = $("#messages");
   const conv = currentConversation();
+  rememberFolds();
   messageElements.clear();
   if (!conv || !conv.messages.length) {
     box.replaceChildren(h("div", { class: "empty", "data-testid": "empty" },
@@ -61,6 +62,21 @@ function renderMessages() {
 }
 
 const nearBottom = (el) => el.scrollHeight - el.scrollTop - el.clientHeight < 80;
+
+/**
+ * Note which "Thinking" folds the user has open, from the folds themselves, just before a full re-render
+ * throws them away. Not from <details>' "toggle" event: that is dispatched in a task of its own after the
+ * click, and a re-render in between (the stream ending in the same task, say) would redraw a fold the user
+ * had just opened as closed. An element's `open` is right the moment the click is handled.
+ */
+function rememberFolds() {
+  for (const [id, el] of messageElements) {
+    const fold = $(".thinking", el);
+    if (!fold) continue;
+    if (fold.open) thinkingOpen.add(id);
+    else thinkingOpen.delete(id);
+  }
+}
 
 function renderMessage(conv, msg, index) {
   const el = h("article", {
@@ -150,8 +166,8 @@ function metaLine(msg) {
 
 /**
  * A thinking model's thought (the API's `reasoning_content`), above the answer: a <details> "Thinking"
- * block, folded unless the user opened it (kept open across re-renders, not stored), filled live while
- * the model thinks. Plain text: a thought is shown as the model wrote it, never as markup.
+ * block, folded unless the user opened it (kept open across re-renders by rememberFolds, not stored), filled
+ * live while the model thinks. Plain text: a thought is shown as the model wrote it, never as markup.
  */
 function renderThinking(msg, el, bodyEl) {
   if (!msg.reasoning) return;
@@ -159,11 +175,7 @@ function renderThinking(msg, el, bodyEl) {
   if (!fold) {
     fold = h("details", { class: "thinking", "data-testid": "thinking", open: thinkingOpen.has(msg.id) },
       h("summary", { "data-testid": "thinking-summary" }), h("div", { class: "thinking-text", "data-testid": "thinking-text" }));
-    fold.addEventListener("toggle", () => {
-      if (fold.open) thinkingOpen.add(msg.id);
-      else thinkingOpen.delete(msg.id);
-    });
-    el.insertBefore(fold, bodyEl);
+    el.insertBefore(fold, bodyEl); // its open state is read back before the next full re-render (rememberFolds)
   }
   const live = state.busy && state.busy.msg === msg && !msg.content;
   $("summary", fold).textContent = live ? "Thinking…" : "Thinking";
