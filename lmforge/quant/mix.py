@@ -18,6 +18,8 @@ restated for the tensors our models have, so that a file we write has the types 
   layer's experts stacked, alike) of layer i among n get Q6_K when
   "use_more_bits(i, n)": i < n/8, or i >= 7n/8, or (i - n/8) % 3 == 2 (integer division) -- the first
   and last eighth of the layers and every third layer in between. The other tensors keep the base type.
+* q4_k_m and q5_k_m: a fused attn_qkv.weight (`phi3`) gets Q5_K / Q6_K in every layer, as llama-quantize's
+  ATTENTION_QKV rule gives it.
 * Fallback for row lengths the chosen type cannot split into blocks (K-quants need 256-value rows):
   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (32-value blocks, about the same bits per value); a row that
   still does not split (not a multiple of 32) is written F16. A 32-value type that does not fit goes
@@ -126,6 +128,8 @@ def tensor_types(shapes: Mapping[str, Sequence[int]], ftype: str) -> dict[str, s
                 t = "Q6_K"
             elif name.endswith(("ffn_down.weight", "ffn_down_exps.weight")) and use_more_bits(layer, n_layers):
                 t = "Q6_K"
+            elif name.endswith("attn_qkv.weight"):  # a fused q|k|v (phi3): one step up, in every layer
+                t = "Q5_K" if ftype == "q4_k_m" else "Q6_K"
         out[name] = _fallback(t, row)
     return out
 

@@ -19,6 +19,12 @@ RoPE base (`rope.freq_base_swa`, 10000 without it; only its global layers are ro
 query_pre_attn_scalar: llama.cpp derives the attention scale from the shape (`gemma_attn_scale`). Import
 sets it the same way; export refuses a model with another scale, which llama.cpp would run differently.
 
+Phi-3 (`phi3`): a partial rotation is rope.dimension_count below the head size; LongRoPE's divisors are the
+tensors rope_factors_long / rope_factors_short (`with_longrope`, like Llama-3's rope_freqs read once the
+config is built) with rope.scaling.original_context_length and attn_factor. A phi3 file with neither is the
+Llama (or Mistral) that Phi-4 and Phi-3-mini-4k are, read from the fused layout. Its window key is honoured
+on import, as transformers computes the model, though llama.cpp's phi3 graph ignores it.
+
 A module of its own because deciding what model a file describes is separate from reading its weights:
 `describe_gguf` (`lmforge list/show`) needs only this and the header, never the tensor data (bar the tiny
 `rope_freqs.weight`).
@@ -35,17 +41,22 @@ import numpy as np
 from lmforge.config import MAX_CONTEXT, ModelConfig, is_int
 from lmforge.errors import UserError
 from lmforge.loaders.gguf.reader import GGUFTensorInfo, dequantize, gguf_package, meta, short
-from lmforge.loaders.hf import GEMMA2, GEMMA3, MIXTRAL, QWEN3_MOE, hf_architecture, is_llama_shaped
+from lmforge.loaders.gguf.names import ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, ROPE_FREQS
+from lmforge.loaders.hf import GEMMA2, GEMMA3, MIXTRAL, PHI3, QWEN3_MOE, hf_architecture, is_llama_shaped
+from lmforge.model.rope import LONGROPE, inverse_frequencies
 
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
 GEMMA_ARCHS = ("gemma2", "gemma3")
+FUSED_ARCHS = ("phi3",)  # q|k|v in one attn_qkv, gate|up in one ffn_up
 # The transformers class each architecture's configs must map to (a qwen3 file is Qwen3 by its name alone:
 # its per-head q/k norms are what `qk_norm` says, and the tensor check then demands them; `llama` with experts
 # is Mixtral).
 _LLAMA_OR_QWEN2 = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 _HF_CLASSES = {"llama": (*_LLAMA_OR_QWEN2, MIXTRAL), "qwen2": _LLAMA_OR_QWEN2, "qwen3": ("Qwen3ForCausalLM",),
-               "qwen3moe": (QWEN3_MOE,), "gemma2": (GEMMA2,), "gemma3": (GEMMA3,)}
+               "qwen3moe": (QWEN3_MOE,), "gemma2": (GEMMA2,), "gemma3": (GEMMA3,),
+               # Phi-3 with a partial rotation or LongRoPE; without either it is Llama (or Mistral) in Phi-3's layout
+               "phi3": (PHI3, "LlamaForCausalLM", "MistralForCausalLM")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,9 +94,11 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
     head_dim = num("attention.key_length", d_model // n_heads or None)
     for key, want in (("attention.value_length", head_dim), ("rope.dimension_count", head_dim)):
         got = num(key, want)
-        if got != want:
+        if got != want and not (arch == "phi3" and key == "rope.dimension_count" and got < want):
             raise UserError(f"{path}: {p + key} = {got} differs from the head size {want}; lmforge needs them equal")
-    if n_layers * 9 > len(tensors):  # each layer has at least 9 tensors: refuse before looping over layers
+    rotated = num("rope.dimension_count", head_dim)
+    # each layer has at least 9 tensors (6 fused): refuse before looping over layers
+    if n_layers * (6 if arch in FUSED_ARCHS else 9) > len(tensors):
         raise UserError(f"{path}: block_count {n_layers} but only {len(tensors)} tensors (truncated or corrupted GGUF?)")
     if "token_embd.weight" not in tensors:
         raise UserError(f"{path}: tensor 'token_embd.weight' is missing")
@@ -106,6 +119,9 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
     )
     if arch in GEMMA_ARCHS:
         kwargs.update(_gemma_hparams(path, metadata, arch, kwargs))
+    if arch == "phi3":  # a partial rotation; a window in every layer (honoured, though llama.cpp ignores it)
+        window = meta(path, metadata, p + "attention.sliding_window", "int", 0)
+        kwargs.update(rope_dim=rotated if rotated != head_dim else None, sliding_window=window or None)
     try:
         cfg = ModelConfig(**kwargs)
     except UserError as e:
@@ -159,7 +175,7 @@ def _expert_width(path: str, metadata: dict[str, Any], arch: str, experts: dict[
 def _bias_flags(path: str, tensors: dict[str, GGUFTensorInfo], arch: str) -> dict[str, bool]:
     """Biases are told by the tensors of block 0: q/k/v only (Qwen2), q/k/v/o (attention_bias: Llama, Qwen3), MLP.
     Gemma has none (llama.cpp's gemma graphs add none; a bias tensor is then an unexpected one)."""
-    if arch in GEMMA_ARCHS:
+    if arch in (*GEMMA_ARCHS, *FUSED_ARCHS):
         return {"qkv_bias": False, "attention_bias": False, "mlp_bias": False}
     has = {k: f"blk.0.{k}.bias" in tensors for k in ("attn_q", "attn_output", "ffn_up")}
     if arch == "qwen2" and not has["attn_q"]:
@@ -335,6 +351,54 @@ def with_llama3_rope(path: str, cfg: ModelConfig, arch: str, metadata: dict[str,
     return cfg.replace(rope_scaling=scaling)
 
 
+def with_longrope(path: str, cfg: ModelConfig, arch: str, metadata: dict[str, Any], data: np.ndarray,
+                  tensors: dict[str, GGUFTensorInfo]) -> ModelConfig:
+    """Phi-3's LongRoPE from `rope_factors_long` / `rope_factors_short` (one divisor per rotated frequency),
+    rope.scaling.original_context_length and rope.scaling.attn_factor (which multiplies cos and sin, as
+    transformers' attention_factor does). The factor is the stretch from the original context to the file's,
+    as transformers derives it; an attention factor other than the one that factor implies is kept explicitly."""
+    if arch != "phi3":
+        raise UserError(f"{path}: LongRoPE factors (rope_factors_long/short) in a {arch} model are not supported")
+    if cfg.rope_scaling is not None:
+        raise UserError(f"{path}: both rope.scaling.type and LongRoPE factors are set; lmforge cannot combine them")
+    half = (cfg.rope_dim or cfg.head_dim) // 2
+    lists = {}
+    for key, name in (("long_factor", ROPE_FACTORS_LONG), ("short_factor", ROPE_FACTORS_SHORT)):
+        info = tensors.get(name)
+        if info is None or info.shape != (half,):
+            raise UserError(f"{path}: tensor {name!r} has shape {list(info.shape) if info else 'none'}, expected [{half}]")
+        values = dequantize(path, data, info).astype(np.float64)
+        if not (np.all(np.isfinite(values)) and np.all(values > 0)):
+            raise UserError(f"{path}: {name} holds factors that are not positive finite numbers")
+        lists[key] = [float(v) for v in values]
+    p = f"{arch}.rope.scaling."
+    orig = meta(path, metadata, p + "original_context_length", "int", cfg.context_length)
+    attention = meta(path, metadata, p + "attn_factor", "float", 1.0)
+    if orig <= 0 or not attention > 0:
+        raise UserError(f"{path}: {p}original_context_length ({orig}) and attn_factor ({attention}) must be positive")
+    scaling = {"type": "longrope", **lists, "original_max_position_embeddings": orig, "factor": cfg.context_length / orig}
+    implied = inverse_frequencies(2 * half, cfg.rope_theta, scaling, cfg.context_length)[1]
+    if not math.isclose(attention, implied, rel_tol=1e-6):
+        scaling["attention_factor"] = attention
+    try:
+        return cfg.replace(rope_scaling=scaling)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+ROPE_TENSORS = (ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT)
+
+
+def with_rope_tensors(path: str, cfg: ModelConfig, arch: str, metadata: dict[str, Any], data: np.ndarray,
+                      tensors: dict[str, GGUFTensorInfo]) -> ModelConfig:
+    """Rope scaling that a file keeps in tensors: Llama-3's rope_freqs, Phi-3's LongRoPE factors."""
+    if ROPE_FREQS in tensors:
+        cfg = with_llama3_rope(path, cfg, arch, metadata, data, tensors[ROPE_FREQS])
+    if ROPE_FACTORS_LONG in tensors or ROPE_FACTORS_SHORT in tensors:
+        cfg = with_longrope(path, cfg, arch, metadata, data, tensors)
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------------
 # Config to metadata (export)
 # ---------------------------------------------------------------------------------------------------
@@ -343,6 +407,8 @@ def export_arch(cfg: ModelConfig) -> str:
     (Mixtral is 'llama' with experts); a UserError for the rest."""
     hf = hf_architecture(cfg)
     kind = (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type"))
+    if hf == PHI3:  # a partial rotation or LongRoPE (is_phi3_shaped admits no other scaling)
+        return "phi3"
     if kind not in (None, "linear", "llama3"):
         raise UserError(f"GGUF export: rope scaling {short(kind)} is not supported (linear and Llama-3 are); "
                         f"export this model with --format hf")
@@ -412,6 +478,25 @@ def _add_gemma_hparams(w: Any, cfg: ModelConfig, arch: str) -> None:
         w.add_final_logit_softcapping(cfg.final_softcap)
 
 
+def _add_phi3_hparams(w: Any, cfg: ModelConfig) -> None:
+    """`phi3`'s window key (0 for none, as llama.cpp's converter writes it; llama.cpp's phi3 graph ignores it,
+    hence the context made the window, see `add_hparams`) and LongRoPE's numbers: the original context, past
+    which llama.cpp's context picks the long factors, and the attention factor computed from the model's own
+    (unshortened) context. No rope.scaling.type, as the converter: the factors are tensors
+    (`write.py`)."""
+    w.add_sliding_window(cfg.sliding_window or 0)
+    if scaling_kind(cfg) in LONGROPE:
+        sc = cfg.rope_scaling
+        w.add_rope_scaling_orig_ctx_len(int(sc["original_max_position_embeddings"]))
+        w.add_rope_scaling_attn_factors(inverse_frequencies(cfg.rope_dim or cfg.head_dim, cfg.rope_theta, sc,
+                                                            cfg.context_length)[1])
+
+
+def scaling_kind(cfg: ModelConfig) -> str | None:
+    sc = cfg.rope_scaling or {}
+    return sc.get("type", sc.get("rope_type"))
+
+
 def add_hparams(w: Any, cfg: ModelConfig, name: str) -> None:
     """{arch}.* hyperparameters under the keys llama.cpp reads.
 
@@ -427,6 +512,8 @@ def add_hparams(w: Any, cfg: ModelConfig, name: str) -> None:
     w.add_vocab_size(cfg.vocab_size)
     window = cfg.sliding_window if arch not in GEMMA_ARCHS and any(map(cfg.slides, range(cfg.n_layers))) else None
     w.add_context_length(min(cfg.context_length, window or cfg.context_length))
+    if arch == "phi3":
+        _add_phi3_hparams(w, cfg)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
     w.add_feed_forward_length(cfg.d_ff)
@@ -434,7 +521,7 @@ def add_hparams(w: Any, cfg: ModelConfig, name: str) -> None:
     w.add_head_count_kv(cfg.n_kv_heads)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.rope_dim or cfg.head_dim)
     if arch in GEMMA_ARCHS:
         _add_gemma_hparams(w, cfg, arch)
     if cfg.head_dim * cfg.n_heads != cfg.d_model or cfg.qk_norm or arch in GEMMA_ARCHS:  # as llama.cpp's converter

@@ -25,9 +25,8 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.loaders.gguf.config import base_config, check_architecture, with_llama3_rope
+from lmforge.loaders.gguf.config import FUSED_ARCHS, ROPE_TENSORS, base_config, check_architecture, with_rope_tensors
 from lmforge.loaders.gguf.names import (
-    ROPE_FREQS,
     expected_shapes,
     hf_sources,
     is_offset_norm,
@@ -66,12 +65,12 @@ class GGUFModel:
     file_type: str  # "F32", "F16", "Q8_0", "Q4_K_M", "mixed (Q4_K, Q6_K)", ...
 
 
-def _check_tensor_set(path: str, cfg: ModelConfig, tensors: dict[str, GGUFTensorInfo]) -> None:
+def _check_tensor_set(path: str, cfg: ModelConfig, tensors: dict[str, GGUFTensorInfo], arch: str) -> None:
     """Refuse a missing, unexpected or wrongly shaped tensor before any data is read."""
     per_expert = per_expert_layout(tensors)
     if per_expert and cfg.n_layers * cfg.n_experts * 3 > len(tensors):  # before looping over the experts
         raise UserError(f"{path}: {cfg.n_layers} layers of {cfg.n_experts} experts but only {len(tensors)} tensors")
-    want = expected_shapes(cfg, per_expert=per_expert)
+    want = expected_shapes(cfg, per_expert=per_expert, fused=arch in FUSED_ARCHS)
     for name, shape in want.items():
         if name not in tensors:
             raise UserError(f"{path}: tensor {name!r} is missing")
@@ -83,12 +82,17 @@ def _check_tensor_set(path: str, cfg: ModelConfig, tensors: dict[str, GGUFTensor
                         f"({len(extra)} unexpected tensors)")
 
 
-def _source_infos(cfg: ModelConfig, header: GGUFHeader) -> dict[str, GGUFTensorInfo]:
-    """Hugging Face name -> the GGUF tensor holding it: the file's own tensor, or one expert's slice of a
-    stacked one (a checked tensor set is assumed)."""
+def _source_infos(cfg: ModelConfig, header: GGUFHeader, arch: str) -> dict[str, GGUFTensorInfo]:
+    """Hugging Face name -> the GGUF tensor holding it: the file's own tensor, one expert's slice of a
+    stacked one, or a row range of a fused one (a checked tensor set is assumed)."""
     tensors = {t.name: t for t in header.tensors}
-    sources = hf_sources(cfg, per_expert=per_expert_layout(tensors))
-    return {hf: tensors[name] if expert is None else tensors[name].slice(expert) for hf, (name, expert) in sources.items()}
+    sources = hf_sources(cfg, per_expert=per_expert_layout(tensors), fused=arch in FUSED_ARCHS)
+
+    def info(name: str, part: Any) -> GGUFTensorInfo:
+        t = tensors[name]
+        return t if part is None else t.slice(part) if isinstance(part, int) else t.rows(*part)
+
+    return {hf: info(name, part) for hf, (name, part) in sources.items()}
 
 
 class _LazyTensors(Mapping):
@@ -101,7 +105,7 @@ class _LazyTensors(Mapping):
     def __init__(self, path: str, cfg: ModelConfig, arch: str, header: GGUFHeader, data: np.ndarray,
                  dtype: torch.dtype) -> None:
         self.path, self.cfg, self.arch, self.data, self.dtype = path, cfg, arch, data, dtype
-        self.infos = _source_infos(cfg, header)
+        self.infos = _source_infos(cfg, header, arch)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.infos[name]
@@ -197,20 +201,20 @@ def describe_gguf(path: str | os.PathLike, *, check_tokenizer: bool = True) -> d
     architecture, parameter count, file type and chat template. Validates the header, the tensor table
     against the config and (unless `check_tokenizer=False`) the tokenizer metadata."""
     path_str, header, tensors, arch, cfg = _header_and_config(path)
-    if ROPE_FREQS in tensors:
+    if any(name in tensors for name in ROPE_TENSORS):
         data = open_data(path_str, header.size)
         try:
-            cfg = with_llama3_rope(path_str, cfg, arch, header.metadata, data, tensors[ROPE_FREQS])
+            cfg = with_rope_tensors(path_str, cfg, arch, header.metadata, data, tensors)
         finally:
             del data
-    _check_tensor_set(path_str, cfg, tensors)
+    _check_tensor_set(path_str, cfg, tensors, arch)
     if check_tokenizer:
         tokenizer = tokenizer_from_metadata(path_str, header.metadata)
         check_tokenizer_fits(cfg, tokenizer, source=path_str)
         tokenizer.check_chat_template()
     template = header.metadata.get("tokenizer.chat_template")
     return {"architecture": arch, "config": cfg, "file_type": describe_file_type(header.metadata, header.tensors),
-            "parameters": sum(t.n_elements for t in header.tensors if t.name != ROPE_FREQS),
+            "parameters": sum(t.n_elements for t in header.tensors if t.name not in ROPE_TENSORS),
             "chat_template": template if isinstance(template, str) else None}
 
 
@@ -219,9 +223,8 @@ def load_gguf_packed(path: str | os.PathLike, *, device: str | torch.device = "c
     plus what `read_gguf` describes (its `state_dict` left empty: the model holds the weights)."""
     path_str, header, tensors, arch, cfg = _header_and_config(path)
     data = open_data(path_str, header.size)  # the views keep the map alive for as long as the model lives
-    if ROPE_FREQS in tensors:
-        cfg = with_llama3_rope(path_str, cfg, arch, header.metadata, data, tensors[ROPE_FREQS])
-    _check_tensor_set(path_str, cfg, tensors)
+    cfg = with_rope_tensors(path_str, cfg, arch, header.metadata, data, tensors)
+    _check_tensor_set(path_str, cfg, tensors, arch)
     tokenizer = tokenizer_from_metadata(path_str, header.metadata)
     check_tokenizer_fits(cfg, tokenizer, source=path_str)
     model = build_packed_model(cfg, packed_tensors(path_str, cfg, arch, header, data), source=path_str,
@@ -231,8 +234,8 @@ def load_gguf_packed(path: str | os.PathLike, *, device: str | torch.device = "c
 
 
 def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> GGUFModel:
-    """Load a llama (Mixtral too) / qwen2 / qwen3 / qwen3moe / gemma2 / gemma3 GGUF file: config, our state dict
-    (float32 unless `dtype`), tokenizer.
+    """Load a llama (Mixtral too) / qwen2 / qwen3 / qwen3moe / gemma2 / gemma3 / phi3 GGUF file: config, our
+    state dict (float32 unless `dtype`), tokenizer.
 
     Every structural problem, unsupported feature or inconsistency is a one-line `UserError` naming the
     file; nothing is allocated from a count the file has not been shown to back with bytes.
@@ -240,9 +243,8 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> G
     path_str, header, tensors, arch, cfg = _header_and_config(path)
     data = open_data(path_str, header.size)
     try:
-        if ROPE_FREQS in tensors:
-            cfg = with_llama3_rope(path_str, cfg, arch, header.metadata, data, tensors[ROPE_FREQS])
-        _check_tensor_set(path_str, cfg, tensors)
+        cfg = with_rope_tensors(path_str, cfg, arch, header.metadata, data, tensors)
+        _check_tensor_set(path_str, cfg, tensors, arch)
         tokenizer = tokenizer_from_metadata(path_str, header.metadata)
         check_tokenizer_fits(cfg, tokenizer, source=path_str)
         state_dict = _read_tensors(path_str, cfg, arch, header, data, dtype or torch.float32)

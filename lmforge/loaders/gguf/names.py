@@ -63,6 +63,12 @@ _GEMMA_BLOCK_TO_HF = {
 _TABLES = {gemma: (t, {v: k for k, v in t.items()}) for gemma, t in ((False, _BLOCK_TO_HF), (True, _GEMMA_BLOCK_TO_HF))}
 _HF_TO_GLOBAL = {v: k for k, v in _GLOBAL_TO_HF.items()}
 ROPE_FREQS = "rope_freqs.weight"
+# Phi-3's LongRoPE divisors (one per rotated frequency): llama.cpp's `phi3` picks the long ones when its
+# context is longer than rope.scaling.original_context_length
+ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT = "rope_factors_long.weight", "rope_factors_short.weight"
+# Where a Hugging Face tensor lives in a GGUF one: the whole tensor (None), expert e of a stacked 3-D tensor
+# (an int), or rows [start, stop) of a fused 2-D one (q, k or v of `phi3`'s attn_qkv, gate or up of its ffn_up)
+Part = int | tuple[int, int] | None
 
 
 def _block_tables(cfg: ModelConfig | None) -> tuple[dict[str, str], dict[str, str]]:
@@ -104,21 +110,29 @@ def per_expert_layout(names: Collection[str]) -> bool:
     return "blk.0.ffn_down_exps.weight" not in names and "blk.0.ffn_down.0.weight" in names
 
 
-def expected_shapes(cfg: ModelConfig, *, per_expert: bool = False) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: ModelConfig, *, per_expert: bool = False, fused: bool = False) -> dict[str, tuple[int, ...]]:
     """Every GGUF tensor a model of `cfg` has, with its numpy shape; the source of truth for both the
     reader's checks (missing / unexpected / wrong shape) and the writer's. `per_expert`: the old layout of
-    a mixture of experts, one tensor per expert instead of the stacked ones."""
+    a mixture of experts, one tensor per expert instead of the stacked ones. `fused`: `phi3`'s layout, q|k|v
+    in one attn_qkv and gate|up in one ffn_up (2 x feed_forward_length rows), LongRoPE's divisors as tensors."""
     C, V, F, D, E = cfg.d_model, cfg.vocab_size, cfg.d_ff, cfg.head_dim, cfg.n_experts
     q, kv = cfg.n_heads * D, cfg.n_kv_heads * D
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (V, C), "output_norm.weight": (C,)}
     if not cfg.tie_embeddings:
         shapes["output.weight"] = (V, C)
-    if cfg.rope_scaling and cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) == "llama3":
+    kind = cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) if cfg.rope_scaling else None
+    if kind == "llama3":
         shapes[ROPE_FREQS] = (D // 2,)
+    if fused and kind in ("longrope", "su"):
+        shapes.update({ROPE_FACTORS_LONG: ((cfg.rope_dim or D) // 2,), ROPE_FACTORS_SHORT: ((cfg.rope_dim or D) // 2,)})
     for i in range(cfg.n_layers):
         b = f"blk.{i}."
-        shapes.update({b + "attn_norm.weight": (C,), b + "ffn_norm.weight": (C,), b + "attn_q.weight": (q, C),
-                       b + "attn_k.weight": (kv, C), b + "attn_v.weight": (kv, C), b + "attn_output.weight": (C, q)})
+        shapes.update({b + "attn_norm.weight": (C,), b + "ffn_norm.weight": (C,), b + "attn_output.weight": (C, q)})
+        if fused:
+            shapes.update({b + "attn_qkv.weight": (q + 2 * kv, C), b + "ffn_up.weight": (2 * F, C),
+                           b + "ffn_down.weight": (C, F)})
+            continue
+        shapes.update({b + "attn_q.weight": (q, C), b + "attn_k.weight": (kv, C), b + "attn_v.weight": (kv, C)})
         if cfg.post_norms:  # Gemma: the attention's and the MLP's outputs normed before each residual add
             shapes.update({b + "post_attention_norm.weight": (C,), b + "post_ffw_norm.weight": (C,)})
         if E and per_expert:
@@ -158,11 +172,36 @@ def moe_sources(cfg: ModelConfig, *, per_expert: bool = False) -> dict[str, tupl
     return out
 
 
-def hf_sources(cfg: ModelConfig, *, per_expert: bool = False) -> dict[str, tuple[str, int | None]]:
-    """Hugging Face name -> (GGUF tensor, expert slice or None) for every tensor of a model of `cfg` (the
-    dense ones by the table above, the experts by `moe_sources`); rope_freqs, which has no HF name, left out."""
-    out = {gguf_to_hf(n, cfg): (n, None) for n in expected_shapes(cfg, per_expert=per_expert) if gguf_to_hf(n, cfg)}
+def fused_sources(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, int] | None]]:
+    """`phi3`'s layout: Hugging Face name -> (attn_qkv or ffn_up, rows or None). attn_qkv's rows are q | k | v
+    and ffn_up's gate | up (llama.cpp's SwiGLU activates the first half), exactly the rows of our fused
+    attn.qkv and mlp.fc, so a family that keeps them fused (Phi-3) maps to the whole tensor and one that
+    splits them (a Phi-3 that Llama computes) to row ranges of it."""
+    from lmforge.model.gpt import projection_parts
+
+    out: dict[str, tuple[str, tuple[int, int] | None]] = {}
+    for i in range(cfg.n_layers):
+        for module, kind in (("attn.qkv", "attn_qkv"), ("mlp.fc", "ffn_up")):
+            theirs = hf_tensor_names(cfg, f"blocks.{i}.{module}.weight")
+            name = f"blk.{i}.{kind}.weight"
+            if len(theirs) == 1:
+                out[theirs[0]] = (name, None)
+            else:
+                out.update({t: (name, (start, stop)) for t, (_, start, stop) in zip(theirs, projection_parts(cfg, module))})
+    return out
+
+
+def hf_sources(cfg: ModelConfig, *, per_expert: bool = False, fused: bool = False) -> dict[str, tuple[str, Part]]:
+    """Hugging Face name -> (GGUF tensor, part of it: see `Part`) for every tensor of a model of `cfg` (the
+    dense ones by the table above, the experts by `moe_sources`, `phi3`'s fused ones by `fused_sources`);
+    rope_freqs and LongRoPE's factors, which have no HF name, left out."""
+    shapes = expected_shapes(cfg, per_expert=per_expert, fused=fused)
+    fused_names = {f"blk.{i}.{k}.weight" for i in range(cfg.n_layers) for k in ("attn_qkv", "ffn_up")} if fused else set()
+    out: dict[str, tuple[str, Part]] = {gguf_to_hf(n, cfg): (n, None) for n in shapes
+                                        if gguf_to_hf(n, cfg) and n not in fused_names}
     out.update(moe_sources(cfg, per_expert=per_expert))
+    if fused:
+        out.update(fused_sources(cfg))
     return out
 
 

@@ -84,6 +84,15 @@ class GGUFTensorInfo:
         size = self.n_bytes // self.shape[0]
         return GGUFTensorInfo(self.name, self.shape[1:], self.ggml_type, self.offset + i * size, size)
 
+    def rows(self, start: int, stop: int) -> GGUFTensorInfo:
+        """Rows [start, stop) of a 2-D tensor (q, k or v of `phi3`'s fused attn_qkv) as a tensor of their own:
+        each row is a whole number of blocks, so a run of rows is a contiguous run of bytes."""
+        if len(self.shape) != 2 or not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"no rows {start}:{stop} of tensor {self.name!r} with shape {list(self.shape)}")
+        size = self.n_bytes // self.shape[0]
+        return GGUFTensorInfo(self.name, (stop - start, self.shape[1]), self.ggml_type, self.offset + start * size,
+                              (stop - start) * size)
+
 
 # ---------------------------------------------------------------------------------------------------
 # The bounds-checked parser

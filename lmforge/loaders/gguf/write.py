@@ -10,6 +10,7 @@ only `lmforge export` needs it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,14 +21,15 @@ from tqdm.auto import tqdm
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.io import atomic_write
-from lmforge.loaders.gguf.config import add_hparams, export_arch, llama3_rope_factors
+from lmforge.loaders.gguf.config import FUSED_ARCHS, add_hparams, export_arch, llama3_rope_factors
 from lmforge.loaders.gguf.names import (
+    ROPE_FACTORS_LONG,
+    ROPE_FACTORS_SHORT,
     ROPE_FREQS,
+    Part,
     expected_shapes,
     hf_sources,
-    hf_to_gguf,
     is_offset_norm,
-    moe_sources,
     permute_heads,
     rope_permute,
 )
@@ -42,42 +44,58 @@ from lmforge.tokenizer import Tokenizer
 GGUF_TYPES = FTYPES  # what write_gguf accepts: f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k
 
 
+def _part_shape(want: dict[str, tuple[int, ...]], name: str, part: Part) -> tuple[int, ...] | None:
+    """The shape of one HF tensor's part of GGUF tensor `name` (see `names.Part`)."""
+    if name not in want:
+        return None
+    if part is None:
+        return want[name]
+    return want[name][1:] if isinstance(part, int) else (part[1] - part[0], *want[name][1:])
+
+
 def _export_tensors(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, np.ndarray]:
-    """GGUF name -> float32 array, q/k permuted for `llama`, experts stacked, rope_freqs added for Llama-3 scaling,
-    Gemma's norms stored as 1 + w (as llama.cpp's converter stores them)."""
-    want = expected_shapes(cfg)
-    _check_our_keys(cfg, want, state_dict)
+    """GGUF name -> float32 array, q/k permuted for `llama`, experts stacked, `phi3`'s projections fused,
+    rope_freqs added for Llama-3 scaling and LongRoPE's factors for Phi-3's, Gemma's norms stored as 1 + w (as
+    llama.cpp's converter stores them)."""
+    fused = arch in FUSED_ARCHS
+    want = expected_shapes(cfg, fused=fused)
+    _check_our_keys(cfg, want, state_dict, fused)
     hf = state_dict_to_hf(cfg, state_dict)
-    moe = moe_sources(cfg)
+    sources = hf_sources(cfg, fused=fused)
     out: dict[str, np.ndarray] = {}
-    stacks: dict[str, list[np.ndarray | None]] = {}
+    pieces: dict[str, dict[Any, np.ndarray]] = {}
     if ROPE_FREQS in want:
         out[ROPE_FREQS] = llama3_rope_factors(cfg)
+    if ROPE_FACTORS_LONG in want:
+        out[ROPE_FACTORS_LONG] = np.asarray(cfg.rope_scaling["long_factor"], dtype=np.float32)
+        out[ROPE_FACTORS_SHORT] = np.asarray(cfg.rope_scaling["short_factor"], dtype=np.float32)
     for hf_name, t in hf.items():
-        name, expert = moe[hf_name] if hf_name in moe else (hf_to_gguf(hf_name, cfg), None)
+        name, part = sources[hf_name]
         arr = t.detach().to("cpu", torch.float32).numpy()
-        shape = want.get(name, (None,))[1:] if expert is not None else want.get(name)
+        shape = _part_shape(want, name, part)
         if tuple(arr.shape) != shape:
             raise UserError(f"GGUF export: {hf_name} has shape {list(arr.shape)}, expected {list(shape or ())}")
-        if expert is not None:  # one expert's matrix: slice `expert` of the layer's stacked tensor
-            stacks.setdefault(name, [None] * cfg.n_experts)[expert] = arr
+        if part is not None:  # one expert's matrix of a stacked tensor, or rows of a fused one
+            pieces.setdefault(name, {})[part] = arr
             continue
         heads = permute_heads(cfg, name) if arch == "llama" else None
         out[name] = rope_permute(arr, heads) if heads is not None else arr + 1 if is_offset_norm(cfg, name) else arr
-    for name, parts in stacks.items():
-        out[name] = np.stack(parts)  # every slice is there: state_dict_to_hf names each expert of each layer
+    for name, parts in pieces.items():  # every part is there: state_dict_to_hf names each of them
+        ordered = [parts[k] for k in sorted(parts, key=lambda k: k if isinstance(k, int) else k[0])]
+        out[name] = np.stack(ordered) if isinstance(next(iter(parts)), int) else np.concatenate(ordered)
     missing = sorted(set(want) - set(out))
     if missing:
         raise UserError(f"GGUF export: the state dict has no tensor for {missing[0]}")
     return out
 
 
-def _check_our_keys(cfg: ModelConfig, want: dict[str, tuple[int, ...]], state_dict: dict[str, torch.Tensor]) -> None:
+def _check_our_keys(cfg: ModelConfig, want: dict[str, tuple[int, ...]], state_dict: dict[str, torch.Tensor],
+                    fused: bool) -> None:
     """Refuse a state dict with missing or extra parameters (extra ones, e.g. unmerged LoRA or quantized
     weights, would otherwise be silently dropped). The expected names come from mapping the expected GGUF
     tensors back through `state_dict_from_hf` on the meta device: nothing is allocated."""
-    hf = {theirs: torch.empty(want[name][1:] if expert is not None else want[name], device="meta")
-          for theirs, (name, expert) in hf_sources(cfg).items()}
+    hf = {theirs: torch.empty(_part_shape(want, name, part), device="meta")
+          for theirs, (name, part) in hf_sources(cfg, fused=fused).items()}
     expected = set(state_dict_from_hf(cfg, hf))
     missing = sorted(expected - set(state_dict))
     if missing:
@@ -103,7 +121,8 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, state_dict: dict[str, 
                *, qtype: str = "f16", name: str | None = None, eos_token_ids: list[int] | None = None,
                types: Mapping[str, str] | None = None, progress: bool = False) -> dict[str, str]:
     """Write a llama.cpp-loadable GGUF (arch `llama`, `qwen2` for q/k/v biases, `qwen3` for q/k norms; a mixture of
-    experts as `llama` (Mixtral) or `qwen3moe`), atomically; returns {tensor name: GGML type written}.
+    experts as `llama` (Mixtral) or `qwen3moe`; `gemma2` / `gemma3`; `phi3` for a partial rotation or LongRoPE),
+    atomically; returns {tensor name: GGML type written}.
 
     `qtype` is the file type, one of GGUF_TYPES (f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k): it sets
     general.file_type and, unless `types` gives every tensor's GGML type explicitly, the per-tensor
@@ -138,7 +157,7 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, state_dict: dict[str, 
 
     def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch)
-        add_hparams(w, cfg, name or cfg.name)
+        add_hparams(w, cfg, _loadable_name(name or cfg.name, vocab))
         w.add_file_type(gguf.LlamaFileType[file_type_name(ftype)])
         if quantized:
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -154,6 +173,19 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, state_dict: dict[str, 
 
     atomic_write(path, write)
     return chosen
+
+
+# llama.cpp (llama-vocab.cpp) sets token attributes for a model whose general.name contains "phi-3" or "phi3"
+# by looking these tokens up, and fails to load the file when one is missing (as in Phi-4-mini's vocabulary)
+_PHI3_NAMED_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _loadable_name(name: str, vocab: dict[str, Any]) -> str:
+    """`name`, unless llama.cpp would then refuse the file (see _PHI3_NAMED_TOKENS): then with "phi3" / "phi-3"
+    spelled "phi 3", which names the same model and which llama.cpp leaves alone."""
+    if not any(t in name.lower() for t in ("phi3", "phi-3")) or set(_PHI3_NAMED_TOKENS) <= set(vocab["tokens"]):
+        return name
+    return re.sub("phi-?3", "phi 3", name, flags=re.IGNORECASE)
 
 
 def _checked_types(types: Mapping[str, str], tensors: dict[str, np.ndarray]) -> dict[str, str]:
@@ -172,10 +204,11 @@ def _checked_types(types: Mapping[str, str], tensors: dict[str, np.ndarray]) -> 
 
 
 def _write_order(encoded: dict[str, Any]) -> list[str]:
-    """token_embd, rope_freqs, blocks in order, output_norm, output: the order llama.cpp's converter uses."""
+    """token_embd, rope_freqs (or LongRoPE's factors), blocks in order, output_norm, output: the order
+    llama.cpp's converter uses."""
     def key(n: str) -> tuple[int, int, str]:
         if n.startswith("blk."):
             return (1, int(n.split(".")[1]), n)
-        return ({"token_embd.weight": 0, ROPE_FREQS: 0}.get(n, 2), 0, n)
+        return ({"token_embd.weight": 0, ROPE_FREQS: 0, ROPE_FACTORS_LONG: 0, ROPE_FACTORS_SHORT: 0}.get(n, 2), 0, n)
 
     return sorted(encoded, key=key)

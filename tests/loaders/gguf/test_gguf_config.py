@@ -39,13 +39,13 @@ def test_llama3_rope_freqs_are_the_converters(tmp_path, tiny_tokenizer):
 
 def test_unsupported_architecture_lists_the_supported(tmp_path, tiny_tokenizer):
     path = tmp_path / "phi.gguf"
-    w = gguf.GGUFWriter(str(path), "phi3")
+    w = gguf.GGUFWriter(str(path), "phi2")
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UserError, match="'phi3' is not supported; supported: llama, qwen2") as exc:
+    with pytest.raises(UserError, match="'phi2' is not supported; supported: llama, qwen2") as exc:
         read_gguf(path)
     assert_user_error(exc, path)
-    assert read_gguf_header(path)[0]["general.architecture"] == "phi3"
+    assert read_gguf_header(path)[0]["general.architecture"] == "phi2"

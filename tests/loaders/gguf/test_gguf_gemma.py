@@ -296,12 +296,11 @@ def test_the_27b_scale_is_derived_as_llama_cpp_does(tiny_tokenizer):
     assert export_arch(deep.replace(attn_scale=24 ** -0.5)) == "gemma2"
 
 
+@pytest.mark.parametrize("gemma", ["gemma3-p3"], indirect=True)
 def test_pattern_and_defaults_as_llama_cpp_reads_them(gemma, tiny_tokenizer, tmp_path):
     """Without attention.sliding_window_pattern llama.cpp assumes its arch's; an explicit one-bool-per-layer
-    pattern is read too; gemma3 without a window has none; gemma2 without its keys gets llama.cpp's defaults."""
-    kind, _, ours = gemma
-    if kind != "gemma3-p3":
-        pytest.skip("one family is enough")
+    pattern is read too; gemma3 without a window has none, and its local RoPE base defaults to 10000."""
+    _, _, ours = gemma
     src = export(ours, tiny_tokenizer, tmp_path / "m.gguf")
     key = "gemma3.attention.sliding_window_pattern"
     cases = [({key: None}, [0, 1, 2, 3]), ({key: [True, False, False, True]}, [0, 3]),
