@@ -185,9 +185,11 @@ def register(sub) -> list[argparse.ArgumentParser]:
                         formatter_class=Formatter,
                         description=para("Validate a model (config, tokenizer, weight names and shapes, or the GGUF "
                                           "header) and copy it into the store under $LMFORGE_HOME/models, so that "
-                                          "every command can use it by name. Supported: Llama 2/3.x, Mistral, Qwen2, "
-                                          "Qwen3, GPT-2 and lmforge's own models; GGUF files of the llama, qwen2 "
-                                          "and qwen3 architectures (kept quantized as they are)."),
+                                          "every command can use it by name. Supported: Llama 2/3.x, Mistral, Mixtral, "
+                                          "Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text, and the language model of "
+                                          "the multimodal one), Phi-3/3.5/4, GPT-2 and lmforge's own models; GGUF files "
+                                          "of the llama (Mixtral's experts too), qwen2, qwen3, qwen3moe, gemma2, gemma3 "
+                                          "and phi3 architectures (kept quantized as they are)."),
                         epilog="examples:\n  lmforge import ~/Downloads/SmolLM2-135M-Instruct --name smol\n"
                                "  lmforge import ~/models/qwen2.5-0.5b-instruct-q8_0.gguf --name qwen\n"
                                "  lmforge import runs/small --name small")
@@ -251,9 +253,10 @@ def register(sub) -> list[argparse.ArgumentParser]:
 
     ex = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file", formatter_class=Formatter,
                         description=para("Export any model lmforge can load to the tools people already use: --format "
-                                          "hf for transformers and vLLM (Llama, Qwen2, Qwen3 or GPT-2 architecture), --format "
-                                          "gguf for llama.cpp, Ollama and LM Studio (llama, qwen2 or qwen3 "
-                                          "architecture)."),
+                                          "hf for transformers and vLLM (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, "
+                                          "Gemma 2, Gemma 3, Phi-3 or GPT-2 architecture), --format gguf for llama.cpp, "
+                                          "Ollama and LM Studio (llama, llama with experts, qwen2, qwen3, qwen3moe, "
+                                          "gemma2, gemma3 or phi3 architecture)."),
                         epilog="examples:\n  lmforge export runs/small --format gguf --type q8_0 --out small.gguf\n"
                                "  lmforge export runs/small --format hf --out small-hf")
     add_model_flags(ex)
