@@ -111,7 +111,7 @@ def rope_scaling_problem(sc: Any, rotary_dim: int | None = None) -> str | None:
 
 # Settings of a ModelConfig that change neither what a model computes at inference nor its weights' shapes
 # (Hugging Face configs have no keys for them; LoRA fingerprints of the base model leave them out).
-TRAINING_ONLY_FIELDS = ("dropout", "init_std", "name")
+TRAINING_ONLY_FIELDS = ("dropout", "init_std", "name", "hf_class")
 
 
 @dataclass
@@ -160,6 +160,9 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     name: str = field(default="custom", compare=False)
+    # The transformers class the weights came from, where several compute the same (a Phi-3-mini is exactly a
+    # Mistral): export and LoRA adapter names then keep the layout the user's other tools expect of it.
+    hf_class: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # The sizes the defaults below are computed from are checked first, so that a string or a bool

@@ -152,9 +152,11 @@ def hf_architecture(cfg: ModelConfig) -> str:
         return MIXTRAL if is_mixtral_shaped(cfg) else QWEN3_MOE if is_qwen3_moe_shaped(cfg) else NATIVE
     if is_gpt2_shaped(cfg):
         return GPT2
-    # Phi-3 for what only it computes (a partial rotation) and for LongRoPE, whose home it is (a Phi-3 with
-    # neither is exactly Llama / Mistral, and is written as such)
-    if is_phi3_shaped(cfg) and (cfg.rope_dim is not None or scaling_type(cfg.rope_scaling) in LONGROPE):
+    # Phi-3 for what only it computes (a partial rotation), for LongRoPE, whose home it is, and for what came
+    # from a Phi-3 file (a Phi-3 with neither is exactly Llama / Mistral, and a model trained here is written
+    # as those)
+    if is_phi3_shaped(cfg) and (cfg.rope_dim is not None or scaling_type(cfg.rope_scaling) in LONGROPE
+                                or cfg.hf_class == PHI3):
         return PHI3
     if is_llama_shaped(cfg):
         if cfg.qk_norm or cfg.qkv_bias:

@@ -129,7 +129,8 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
                 raise UserError(f"{source}: an lmforge config without its 'lmforge' section")
             return _model_config(source, d["lmforge"])
         section = d.get("lmforge") if isinstance(d.get("lmforge"), dict) else {}
-        ours = {k: v for k, v in section.items() if k in TRAINING_ONLY_FIELDS}
+        # (hf_class is the architecture read here, never what a file's lmforge section claims)
+        ours = {k: v for k, v in section.items() if k in TRAINING_ONLY_FIELDS and k != "hf_class"}
         keys = ConfigKeys(d, source)
         if arch == GPT2:
             return _gpt2_config(keys, ours)
@@ -338,6 +339,7 @@ def _phi3_config(keys: ConfigKeys, ours: dict[str, Any]) -> ModelConfig:
         rope_dim=None if rotated == head_dim else rotated,
         sliding_window=keys.size("sliding_window", None, limit=MAX_CONTEXT),  # every layer (Mistral's mask)
         tie_embeddings=keys.flag("tie_word_embeddings", False),
+        hf_class=PHI3,  # kept: Phi-3-mini-4k and Phi-4 compute exactly what Mistral / Llama do
         **{"name": keys.name("phi3"), **ours},
     ))
 

@@ -92,12 +92,13 @@ def test_import_and_export_match_transformers(variant, tmp_path, tiny_tokenizer)
         assert hasattr(ours, "rope_short_cos")  # both tables: positions 0..3 use the short divisors
     assert_matches_transformers(ref, ours, tiny_tokenizer)
 
-    # Exported, loaded by transformers and by us. A Phi-3 with neither a partial rotation nor LongRoPE computes
-    # exactly what Mistral (a window in every layer) or Llama does, and is written as such.
+    # Exported, loaded by transformers and by us: as Phi-3 again, even where a Phi-3 (neither a partial rotation
+    # nor LongRoPE) computes exactly what Mistral (a window in every layer) or Llama does - the config remembers
+    # the class, so that tools and LoRA adapters find the fused layout they expect of a Phi-3.
     (tmp_path / "ours").mkdir()
     write_model_files(tmp_path / "ours", ours, tokenizer=tiny_tokenizer)
     written = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert written["architectures"] == [{"phi3-mini": "MistralForCausalLM", "phi4": "LlamaForCausalLM"}.get(variant, PHI3)]
+    assert written["architectures"] == [PHI3] and cfg.hf_class == PHI3
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
     again = load_model(tmp_path / "ours")
     assert again.config == cfg
@@ -139,6 +140,17 @@ def test_longrope_switches_tables_by_length_as_transformers_does(tiny_tokenizer)
         # past it, the full recomputation turns every key with the long ones, the cache kept the short ones
         torch.testing.assert_close(mine[:, :16], ours(idx[:, :16]), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(mine[:, 16:], ours(idx[:, :20])[:, 16:], atol=1e-3)
+
+
+def test_a_model_trained_here_in_phi3s_shape_is_written_as_llama_or_mistral():
+    """Without a Phi-3 file behind it, a config Llama computes exactly is Llama's (Mistral's with a window)."""
+    from lmforge.loaders.hf import hf_architecture
+
+    cfg = config_from_hf({**transformers.Phi3Config(vocab_size=64, **BASE, sliding_window=8).to_dict(),
+                          "architectures": [PHI3]})
+    assert hf_architecture(cfg) == PHI3
+    assert hf_architecture(cfg.replace(hf_class=None)) == "MistralForCausalLM"
+    assert hf_architecture(cfg.replace(hf_class=None, sliding_window=None)) == "LlamaForCausalLM"
 
 
 def test_config_both_ways(tiny_tokenizer):
@@ -185,3 +197,33 @@ def test_bad_configs_are_one_line(edits, message):
     with pytest.raises(UserError, match=message) as e:
         config_from_hf(d, source="cfg.json")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("variant, targets", [("phi4-mini", "qkv_proj,gate_up_proj"), ("phi3-mini", "q_proj,v_proj,down_proj"),
+                                              ("phi3.5-mini", "all-linear")])
+def test_lora_adapter_loads_in_peft(variant, targets, tmp_path, tiny_tokenizer):
+    """LoRA on Phi-3 under PEFT's names, its fused modules (qkv_proj, gate_up_proj) or their parts: peft puts
+    our adapter on transformers' Phi-3 and computes our logits, adapted and merged."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from lmforge.loaders.peft import apply_lora, save_adapter
+    from lmforge.model.lora import merge_lora
+    from tests.model.test_lora import randomize_lora
+
+    hf_phi3(tiny_tokenizer.vocab_size, **VARIANTS[variant]).save_pretrained(tmp_path / "base")
+    ours = load_model(tmp_path / "base")
+    apply_lora(ours, targets=targets, rank=4, alpha=8)
+    randomize_lora(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that it ignores our "lmforge" key
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    idx = torch.randint(0, tiny_tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ours(idx)
+        torch.testing.assert_close(theirs(idx).logits, want, atol=1e-4, rtol=1e-4)
+        merged = theirs.merge_and_unload()
+        merge_lora(ours)
+        torch.testing.assert_close(ours(idx), merged(idx).logits, atol=1e-4, rtol=1e-4)
