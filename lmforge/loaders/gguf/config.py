@@ -127,7 +127,10 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     if hf_architecture(cfg) not in _HF_CLASSES[arch]:
-        raise UserError(f"{path}: this combination of bias tensors matches no {arch} model")
+        if arch in ("llama", "qwen2", "qwen3", "qwen3moe"):
+            raise UserError(f"{path}: this combination of bias tensors matches no {arch} model")
+        raise UserError(f"{path}: these {arch} hyperparameters (rotation, window, soft caps) match no {arch} model "
+                        f"transformers computes")
     return cfg
 
 
@@ -389,13 +392,17 @@ def with_longrope(path: str, cfg: ModelConfig, arch: str, metadata: dict[str, An
 ROPE_TENSORS = (ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT)
 
 
-def with_rope_tensors(path: str, cfg: ModelConfig, arch: str, metadata: dict[str, Any], data: np.ndarray,
+def with_rope_tensors(path: str, cfg: ModelConfig, arch: str, metadata: dict[str, Any], data: np.ndarray | None,
                       tensors: dict[str, GGUFTensorInfo]) -> ModelConfig:
-    """Rope scaling that a file keeps in tensors: Llama-3's rope_freqs, Phi-3's LongRoPE factors."""
+    """Rope scaling that a file keeps in tensors: Llama-3's rope_freqs, Phi-3's LongRoPE factors (`data`, the
+    mapped file, is needed only when it has some of ROPE_TENSORS)."""
     if ROPE_FREQS in tensors:
         cfg = with_llama3_rope(path, cfg, arch, metadata, data, tensors[ROPE_FREQS])
     if ROPE_FACTORS_LONG in tensors or ROPE_FACTORS_SHORT in tensors:
         cfg = with_longrope(path, cfg, arch, metadata, data, tensors)
+    elif meta(path, metadata, f"{arch}.rope.scaling.attn_factor", "float", 1.0) != 1.0:
+        # llama.cpp multiplies every rotation by it, in any arch; lmforge only as LongRoPE's attention factor
+        raise UserError(f"{path}: {arch}.rope.scaling.attn_factor without LongRoPE factors is not supported")
     return cfg
 
 

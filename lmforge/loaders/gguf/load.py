@@ -201,12 +201,12 @@ def describe_gguf(path: str | os.PathLike, *, check_tokenizer: bool = True) -> d
     architecture, parameter count, file type and chat template. Validates the header, the tensor table
     against the config and (unless `check_tokenizer=False`) the tokenizer metadata."""
     path_str, header, tensors, arch, cfg = _header_and_config(path)
-    if any(name in tensors for name in ROPE_TENSORS):
-        data = open_data(path_str, header.size)
-        try:
-            cfg = with_rope_tensors(path_str, cfg, arch, header.metadata, data, tensors)
-        finally:
-            del data
+    # the file's data is mapped only for the (tiny) rope tensors, when there are some
+    data = open_data(path_str, header.size) if any(name in tensors for name in ROPE_TENSORS) else None
+    try:
+        cfg = with_rope_tensors(path_str, cfg, arch, header.metadata, data, tensors)
+    finally:
+        del data
     _check_tensor_set(path_str, cfg, tensors, arch)
     if check_tokenizer:
         tokenizer = tokenizer_from_metadata(path_str, header.metadata)

@@ -261,3 +261,35 @@ def test_cli_imports_runs_and_shows_a_phi3_gguf(phi, tiny_tokenizer, tmp_path, c
     argv = ["--prompt", "the model", "--temperature", "0", "--max-new-tokens", "8", "--no-fast"]
     code, out, err = run_cli(capsys, "generate", "pg", *argv)
     assert code == 0 and out.strip(), err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refusals: one line each, naming the file
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("phi", ["phi4-mini"], indirect=True)
+def test_bad_phi3_files_are_one_line(phi, tiny_tokenizer, tmp_path):
+    from lmforge.errors import UserError
+    from tests.loaders.gguf.helpers import assert_user_error
+    from tests.loaders.gguf.test_gguf_moe import rewrite
+
+    _, _, ours = phi
+    src = export(ours, tiny_tokenizer, tmp_path / "m.gguf")
+    cases = [
+        (dict(edit_kv={"phi3.rope.dimension_count": 20}), "phi3.rope.dimension_count = 20 differs from the head size 16"),
+        (dict(tensors=lambda a: {k: v for k, v in a.items() if k != "rope_factors_short.weight"}),
+         "tensor 'rope_factors_short.weight' has shape none, expected [6]"),
+        (dict(tensors=lambda a: {**a, "rope_factors_long.weight": -a["rope_factors_long.weight"]}),
+         "rope_factors_long.weight holds factors that are not positive finite numbers"),
+        (dict(tensors=lambda a: {k: v for k, v in a.items() if not k.startswith("rope_factors")}),
+         "phi3.rope.scaling.attn_factor without LongRoPE factors is not supported"),
+        (dict(tensors=lambda a: {k: v[:100] if k == "blk.1.attn_qkv.weight" else v for k, v in a.items()}),
+         "tensor 'blk.1.attn_qkv.weight' has shape [100, 64], expected [128, 64]"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}.gguf"
+        rewrite(src, path, **edit)
+        for read in (read_gguf, load):
+            with pytest.raises(UserError) as e:
+                read(path)
+            assert message in str(e.value)
+            assert_user_error(e, path)
