@@ -20,6 +20,9 @@ restated for the tensors our models have, so that a file we write has the types 
   and last eighth of the layers and every third layer in between. The other tensors keep the base type.
 * q4_k_m and q5_k_m: a fused attn_qkv.weight (`phi3`) gets Q5_K / Q6_K in every layer, as llama-quantize's
   ATTENTION_QKV rule gives it.
+* A mixture of exactly 8 experts (Mixtral-8x7B: the expert count read from ffn_gate_exps' first dimension):
+  attn_k.weight and attn_v.weight get Q8_0 in every quantized mix ("trades just ~128MB", says llama.cpp),
+  and attn_output.weight Q5_K in q4_k_m.
 * Fallback for row lengths the chosen type cannot split into blocks (K-quants need 256-value rows):
   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (32-value blocks, about the same bits per value); a row that
   still does not split (not a multiple of 32) is written F16. A 32-value type that does not fit goes
@@ -105,6 +108,7 @@ def tensor_types(shapes: Mapping[str, Sequence[int]], ftype: str) -> dict[str, s
     layers = {int(m.group(1)) for n in shapes if (m := _LAYER.match(n))}
     n_layers = max(layers) + 1 if layers else 0
     n_attn_v = sum(1 for n in shapes if n.endswith("attn_v.weight"))
+    n_expert = next((int(shape[0]) for n, shape in shapes.items() if n.endswith("ffn_gate_exps.weight")), 0)
     out: dict[str, str] = {}
     for name, shape in shapes.items():
         shape = tuple(int(s) for s in shape)
@@ -130,6 +134,11 @@ def tensor_types(shapes: Mapping[str, Sequence[int]], ftype: str) -> dict[str, s
                 t = "Q6_K"
             elif name.endswith("attn_qkv.weight"):  # a fused q|k|v (phi3): one step up, in every layer
                 t = "Q5_K" if ftype == "q4_k_m" else "Q6_K"
+        if n_expert == 8:  # llama.cpp's rules for 8-expert models (Mixtral-8x7B)
+            if name.endswith(("attn_k.weight", "attn_v.weight")):
+                t = "Q8_0"
+            elif name.endswith("attn_output.weight") and ftype == "q4_k_m":
+                t = "Q5_K"
         out[name] = _fallback(t, row)
     return out
 

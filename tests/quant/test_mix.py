@@ -110,3 +110,42 @@ def test_same_types_as_llama_cpp_quantize(tmp_path, tiny_tokenizer, ftype):
     theirs = {t.name: T(t.ggml_type).name for t in read_gguf_header(dst)[1]}
     assert theirs == tensor_types({t.name: t.shape for t in read_gguf_header(src)[1]}, ftype)
     assert set(theirs) == set(written)
+
+
+def test_eight_experts_get_llama_cpps_attention_bumps():
+    s = shapes(n_layers=4)
+    for i in range(4):
+        s[f"blk.{i}.ffn_gate_exps.weight"] = (8, 512, 256)
+    for ftype, out in (("q4_k_m", "Q5_K"), ("q4_0", "Q4_0"), ("q6_k", "Q6_K")):
+        t = tensor_types(s, ftype)
+        assert {t[f"blk.{i}.attn_{w}.weight"] for i in range(4) for w in "kv"} == {"Q8_0"}
+        assert {t[f"blk.{i}.attn_output.weight"] for i in range(4)} == {out}
+    s4 = {n: ((4, *v[1:]) if n.endswith("exps.weight") else v) for n, v in s.items()}  # 4 experts: no bump
+    assert tensor_types(s4, "q4_k_m")["blk.1.attn_k.weight"] == "Q4_K"
+
+
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q4_0"])
+def test_same_types_as_llama_cpp_quantize_for_eight_experts(tmp_path, tiny_tokenizer, ftype):
+    """llama.cpp's quantizer on an 8-expert (Mixtral-shaped) F32 GGUF we wrote picks `tensor_types`' types."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    import torch
+    from gguf import GGMLQuantizationType as T
+
+    from lmforge.loaders.gguf import read_gguf_header, write_gguf
+    from lmforge.model.gpt import GPT
+    from lmforge.presets import get_preset
+
+    cfg = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size, context_length=64).replace(
+        d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256, tie_embeddings=False, n_experts=8,
+        experts_per_token=2)
+    torch.manual_seed(0)
+    src, dst = tmp_path / "f32.gguf", tmp_path / f"{ftype}.gguf"
+    write_gguf(src, cfg, GPT(cfg).state_dict(), tiny_tokenizer, qtype="f32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    theirs = {t.name: T(t.ggml_type).name for t in read_gguf_header(dst)[1]}
+    assert theirs == tensor_types({t.name: t.shape for t in read_gguf_header(src)[1]}, ftype)
