@@ -242,6 +242,8 @@ FAMILY_CONFIGS = {
     "llama": (llama_cfg(), "LlamaForCausalLM"),
     "llama-biases": (llama_cfg(attention_bias=True, mlp_bias=True), "LlamaForCausalLM"),
     "qwen2": (llama_cfg(qkv_bias=True), "Qwen2ForCausalLM"),
+    "qwen3": (llama_cfg(qk_norm=True), "Qwen3ForCausalLM"),
+    "mistral": (llama_cfg(sliding_window=8), "MistralForCausalLM"),
     "gpt2": (gpt2_cfg(), "GPT2LMHeadModel"),
     "native-rope-gelu": (native_cfg(), "LmforgeForCausalLM"),
     "native-sinusoidal-swiglu": (llama_cfg(positions="sinusoidal"), "LmforgeForCausalLM"),
@@ -312,7 +314,7 @@ def test_native_models_name_targets_and_tensors_as_their_model_directory(tmp_pat
         load_adapter(model(llama_cfg()), llama_named, check_base=False)
 
 
-@pytest.mark.parametrize("name", ["llama-biases", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", ["llama-biases", "qwen2", "qwen3", "mistral", "gpt2"])
 def test_our_adapter_loads_in_peft_for_every_family(name, tmp_path):
     cfg, arch = FAMILY_CONFIGS[name]
     test_our_adapter_loads_in_peft(cfg, "all-linear", arch, tmp_path)
