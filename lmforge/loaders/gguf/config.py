@@ -121,7 +121,8 @@ def base_config(path: str, metadata: dict[str, Any], tensors: dict[str, GGUFTens
         kwargs.update(_gemma_hparams(path, metadata, arch, kwargs))
     if arch == "phi3":  # a partial rotation; a window in every layer (honoured, though llama.cpp ignores it)
         window = meta(path, metadata, p + "attention.sliding_window", "int", 0)
-        kwargs.update(rope_dim=rotated if rotated != head_dim else None, sliding_window=window or None)
+        # hf_class: a Phi-3 stays one on export to Hugging Face and in LoRA names, even where Llama computes it
+        kwargs.update(rope_dim=rotated if rotated != head_dim else None, sliding_window=window or None, hf_class=PHI3)
     try:
         cfg = ModelConfig(**kwargs)
     except UserError as e:

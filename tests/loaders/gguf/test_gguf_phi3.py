@@ -29,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import run_cli  # noqa: E402
 from lmforge.loaders.auto import load  # noqa: E402
+from lmforge.loaders.hf import PHI3  # noqa: E402
 from lmforge.loaders.gguf import read_gguf, read_gguf_header, write_gguf  # noqa: E402
 from lmforge.loaders.gguf.reader import dequantize, open_data, parse_file  # noqa: E402
 from lmforge.loaders.model_dir import build_model, load_model  # noqa: E402
@@ -237,7 +238,7 @@ def test_gguf_made_by_llama_cpps_converter(variant, tmp_path, tiny_tokenizer):
     metadata, _ = read_gguf_header(path)
     assert metadata["general.architecture"] == "phi3"
     g = read_gguf(path)
-    assert g.config.sliding_window == (8 if variant == "phi3-mini" else None)
+    assert g.config.sliding_window == (8 if variant == "phi3-mini" else None) and g.config.hf_class == PHI3
     x = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         for model in (load(path).model, load(path, dtype="auto").model):
@@ -293,3 +294,25 @@ def test_bad_phi3_files_are_one_line(phi, tiny_tokenizer, tmp_path):
                 read(path)
             assert message in str(e.value)
             assert_user_error(e, path)
+
+
+@pytest.mark.parametrize("phi", ["phi3.5-mini"], indirect=True)
+def test_a_family_that_splits_the_projections_reads_row_ranges(phi, tiny_tokenizer, tmp_path):
+    """A phi3 file read for a config whose family names q, k, v and gate, up apart (a Phi-3 that only Llama
+    describes, e.g. one with a scaling Phi-3 has not): each is a row range of the fused tensor, read as floats
+    and kept packed, and together they are the same weights."""
+    from lmforge.loaders.gguf.load import packed_tensors, _read_tensors
+
+    _, _, ours = phi
+    path = export(ours, tiny_tokenizer, tmp_path / "m.gguf", qtype="q8_0")
+    cfg = read_gguf(path).config
+    llama = cfg.replace(rope_scaling=None, hf_class=None)  # Llama's names: q_proj, k_proj, ..., gate_proj, up_proj
+    header = parse_file(path)
+    data = open_data(str(path), header.size)
+    floats = _read_tensors(str(path), llama, "phi3", header, data, torch.float32)
+    packed = packed_tensors(str(path), llama, "phi3", header, data)
+    assert [(p.qtype, p.rows, p.packed.shape[0]) for p in packed["blocks.1.attn.qkv.weight"]] == [
+        ("Q8_0", 64, 64), ("Q8_0", 32, 32), ("Q8_0", 32, 32)]
+    fused = read_gguf(path).state_dict
+    for name in ("blocks.1.attn.qkv.weight", "blocks.1.mlp.fc.weight"):
+        torch.testing.assert_close(floats[name], fused[name], atol=0, rtol=0)
