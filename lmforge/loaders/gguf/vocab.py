@@ -1,7 +1,9 @@
 """Tokenizer <-> `tokenizer.*` metadata: rebuilds an lmforge `Tokenizer` from a GGUF vocabulary (`gpt2`:
 byte-level BPE with a named pre-tokenizer; `llama`: SentencePiece BPE rebuilt as a byte-fallback BPE, as
 transformers does) with its special-token roles, BOS policy and chat template; and, for export, turns a
-byte-level BPE tokenizer back into llama.cpp's tokens / token types / merges.
+byte-level BPE tokenizer back into llama.cpp's tokens / token types / merges, and a SentencePiece-style one
+(that rebuilt BPE, or transformers' legacy Llama / Gemma tokenizer.json) into a `llama` vocabulary whose
+scores follow its merge order.
 
 The rebuilt tokenizers aim at llama.cpp's ids and text, not only transformers': tests/loaders/gguf/
 test_gguf_vs_llamacpp.py (and bench/tokenizer_vs_llamacpp.py) compare both kinds with llama.cpp's own
@@ -263,7 +265,8 @@ def _export_pre_name(tok: Tokenizer) -> tuple[str, dict[str, Any]]:
     model, dec = j.get("model") or {}, j.get("decoder") or {}
     if model.get("type") != "BPE" or dec.get("type") != "ByteLevel" or model.get("byte_fallback") \
             or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise UserError("GGUF export supports byte-level BPE tokenizers (like lmforge's own); this one is "
+        raise UserError("GGUF export supports byte-level BPE tokenizers (like lmforge's own) and SentencePiece-"
+                        "style byte-fallback ones (Llama 2, Gemma); this one is "
                         f"{model.get('type')} with a {dec.get('type')} decoder")
     ours = (_plain(j.get("normalizer")), _plain(j.get("pre_tokenizer")))
     for kind, name in _PRE_EXPORT_NAME.items():
@@ -274,9 +277,56 @@ def _export_pre_name(tok: Tokenizer) -> tuple[str, dict[str, Any]]:
                     f"({', '.join(_PRE_EXPORT_NAME.values())})")
 
 
+def _spm_components(add_space_prefix: bool) -> tuple[Any, Any]:
+    """(normalizer, decoder) JSON of the byte-fallback BPE `_spm_backend` builds from a `llama` vocabulary."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers
+
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.normalizer = normalizers.Sequence([*([normalizers.Prepend("▁")] if add_space_prefix else []),
+                                          normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    *([decoders.Strip(" ", 1, 0)] if add_space_prefix else [])])
+    j = json.loads(tk.to_str())
+    return _plain(j["normalizer"]), _plain(j["decoder"])
+
+
+def _spm_prefix(j: dict[str, Any]) -> bool | None:
+    """For a SentencePiece-style tokenizer (byte-fallback BPE over "▁"-joined text, as `_spm_backend` builds
+    from a `llama` GGUF vocabulary and transformers' legacy Llama / Gemma tokenizers are): whether it puts a
+    "▁" in front (llama.cpp's add_space_prefix). None for any other tokenizer."""
+    model, pre, norm = j.get("model") or {}, j.get("pre_tokenizer"), _plain(j.get("normalizer"))
+    # Gemma's files split on " " after a normalizer that left no space: a split that never splits
+    no_op = pre is None or (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "})
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or not no_op:
+        return None
+    if isinstance(norm, dict) and norm.get("type") != "Sequence":  # one step, not in a Sequence (Gemma)
+        norm = {"type": "Sequence", "normalizers": [norm]}
+    for prefix in (True, False):
+        if (norm, _plain(j.get("decoder"))) == _spm_components(prefix):
+            return prefix
+    return None
+
+
+def _spm_scores(tokens: list[str], types: list[int], merges: list[str]) -> list[float]:
+    """Scores for a `llama` vocabulary that make llama.cpp (and `_spm_merges` on reading it back) join pieces
+    in the BPE's merge order: SentencePiece joins the pair whose joined piece scores highest, so each normal
+    piece scores minus the rank of the first merge that makes it. Pieces no merge makes (single characters,
+    which are never joined into, and bytes) score below every merge."""
+    first: dict[str, int] = {}
+    for rank, m in enumerate(merges):
+        left, _, right = m.partition(" ")
+        first.setdefault(left + right, rank)
+    floor = -float(len(merges) + 1)
+    return [-float(first[t]) if k == _NORMAL and t in first else floor for t, k in zip(tokens, types)]
+
+
 def export_vocab(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
-    """tokens / token types / merges in llama.cpp's form, padded to the model's vocab_size."""
-    pre, j = _export_pre_name(tok)
+    """tokens / token types / merges (or, for a SentencePiece-style tokenizer, scores) in llama.cpp's form,
+    padded to the model's vocab_size."""
+    j = json.loads(tok.backend.to_str())
+    prefix = _spm_prefix(j)
+    pre, j = ("default", j) if prefix is not None else _export_pre_name(tok)
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"GGUF export: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
     added = tok.backend.get_added_tokens_decoder()
@@ -290,7 +340,16 @@ def export_vocab(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
             tokens.append(t)
             types.append((_CONTROL if added[i].special else _USER_DEFINED) if i in added else _NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in j["model"].get("merges", [])]
-    return {"pre": pre, "tokens": tokens, "types": types, "merges": merges}
+    if prefix is None:
+        return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges}
+    unk = j["model"].get("unk_token")
+    # bytes, the unknown piece, and the converter's "[PADn]" fillers read back from a GGUF (UNUSED again)
+    types = [_BYTE if k == _NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+             else _UNUSED if k == _NORMAL and t == f"[PAD{i}]"
+             else _UNKNOWN if t == unk and k != _UNUSED else k for i, (t, k) in enumerate(zip(tokens, types))]
+    return {"model": "llama", "pre": pre, "tokens": tokens, "types": types, "merges": [],
+            "scores": _spm_scores(tokens, types, merges), "add_space_prefix": prefix,
+            "unk": tokens.index(unk) if unk in tokens else None}
 
 
 def add_tokenizer(w: Any, tok: Tokenizer, vocab: dict[str, Any], eos_token_ids: list[int] | None) -> None:
@@ -299,12 +358,17 @@ def add_tokenizer(w: Any, tok: Tokenizer, vocab: dict[str, Any], eos_token_ids: 
     eos_ids = list(eos_token_ids or [])
     eos = eos_ids[0] if eos_ids else tok.eos_id
     eot = tok.eot_id if tok.eot_id is not None else next((i for i in eos_ids[1:] if i != eos), None)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(vocab["model"])
     w.add_tokenizer_pre(vocab["pre"])
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["types"])
     if vocab["merges"]:
         w.add_token_merges(vocab["merges"])
+    if vocab["model"] == "llama":
+        w.add_token_scores(vocab["scores"])
+        w.add_add_space_prefix(vocab["add_space_prefix"])
+        if vocab["unk"] is not None:
+            w.add_unk_token_id(vocab["unk"])
     for add, i in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, eos), (w.add_eot_token_id, eot),
                    (w.add_pad_token_id, tok.pad_id)):
         if i is not None:

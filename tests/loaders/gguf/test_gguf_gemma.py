@@ -232,9 +232,13 @@ def test_gguf_made_by_llama_cpps_converter(kind, tmp_path, tiny_tokenizer):
     g = read_gguf(path)
     assert g.config.sliding_window == 8 and g.config.sliding_layers == ([0, 2] if kind == "gemma2" else [0, 1, 2, 3, 4])
     assert g.config.attn_scale == pytest.approx(16 ** -0.5)
+    # and back to GGUF with its own vocabulary (gemma2's a SentencePiece one, written as llama.cpp's `llama`)
+    again = tmp_path / "again.gguf"
+    write_gguf(again, g.config, g.state_dict, g.tokenizer, qtype="f32")
+    assert parse_file(again).metadata["tokenizer.ggml.model"] == ("llama" if kind == "gemma2" else "gpt2")
     x = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        for model in (load(path).model, load(path, dtype="auto").model):
+        for model in (load(path).model, load(path, dtype="auto").model, load(again).model):
             torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=1e-4)
 
 
