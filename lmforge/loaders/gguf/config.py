@@ -411,10 +411,10 @@ def with_rope_tensors(path: str, cfg: ModelConfig, arch: str, metadata: dict[str
 # Config to metadata (export)
 # ---------------------------------------------------------------------------------------------------
 def export_arch(cfg: ModelConfig) -> str:
-    """'llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2' or 'gemma3' for the configs llama.cpp runs as such
-    (Mixtral is 'llama' with experts); a UserError for the rest."""
-    hf = hf_architecture(cfg)
-    kind = (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type"))
+    """'llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2', 'gemma3' or 'phi3' for the configs llama.cpp runs as such
+    (Mixtral is 'llama' with experts; a Phi-3 that Llama computes and that came from no Phi-3 file, 'llama');
+    a UserError for the rest."""
+    hf, kind = hf_architecture(cfg), scaling_kind(cfg)
     if hf == PHI3:  # a partial rotation or LongRoPE (is_phi3_shaped admits no other scaling)
         return "phi3"
     if kind not in (None, "linear", "llama3"):
@@ -508,8 +508,8 @@ def scaling_kind(cfg: ModelConfig) -> str | None:
 def add_hparams(w: Any, cfg: ModelConfig, name: str) -> None:
     """{arch}.* hyperparameters under the keys llama.cpp reads.
 
-    A sliding window in llama / qwen2 / qwen3 / qwen3moe: llama.cpp's graphs for these archs read no window
-    key and attend over the whole context. Within the window, sliding-window attention IS full attention, so
+    A sliding window in llama / qwen2 / qwen3 / qwen3moe / phi3: llama.cpp's graphs for these archs read no
+    window key (phi3's reads one and ignores it) and attend over the whole context. Within the window, sliding-window attention IS full attention, so
     such a model (Mistral's 4096, a Qwen2 with use_sliding_window) is written with context_length = its
     window (when that is shorter): exact up to that length, where llama.cpp stops (or warns, if asked for a
     longer context); read back, it is a model without a window whose context is the window."""

@@ -85,7 +85,7 @@ def ids(vocab: int, n: int = 24) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 def test_export_is_laid_out_as_llama_cpp_reads_it(gemma, tiny_tokenizer, tmp_path):
     kind, _, ours = gemma
-    cfg, arch, sliding = ours.config, KINDS[kind][1], KINDS[kind][2]
+    arch = KINDS[kind][1]
     path = export(ours, tiny_tokenizer, tmp_path / "m.gguf")
     metadata, infos = read_gguf_header(path)
     assert metadata["general.architecture"] == arch
