@@ -157,6 +157,9 @@ class ModelConfig:
     n_experts: int = 0
     experts_per_token: int = 2
     norm_topk_prob: bool = True  # renormalise the chosen experts' router probabilities to sum to 1 (Mixtral)
+    # A shared expert (Qwen2-MoE): one more SwiGLU MLP of this width that every token runs through, its output
+    # scaled per token by a sigmoid gate and added to the routed experts'. 0 = none.
+    shared_expert_d_ff: int = 0
     dropout: float = 0.0
     init_std: float = 0.02
     name: str = field(default="custom", compare=False)
@@ -218,6 +221,9 @@ class ModelConfig:
                  f"experts_per_token must be between 1 and n_experts ({self.n_experts}), got {shown(self.experts_per_token)}")
             need(isinstance(self.norm_topk_prob, bool), f"norm_topk_prob must be true or false, got {shown(self.norm_topk_prob)}")
             need(self.mlp == "swiglu", f"experts are SwiGLU MLPs; mlp={self.mlp} with n_experts is not supported")
+        need(is_int(self.shared_expert_d_ff) and 0 <= self.shared_expert_d_ff <= MAX_SIZE,
+             f"shared_expert_d_ff must be an integer >= 0, got {shown(self.shared_expert_d_ff)}")
+        need(not self.shared_expert_d_ff or self.n_experts, "a shared expert needs routed experts (n_experts > 0)")
         if self.positions == "rope":
             need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.positions == "sinusoidal":
@@ -268,6 +274,8 @@ class ModelConfig:
             mlp = 2 * d * f + (f + d if self.mlp_bias else 0)
         if self.n_experts:  # n_experts MLPs (or the k a token uses) and the router
             mlp = mlp * (self.experts_per_token if active else self.n_experts) + d * self.n_experts
+            if self.shared_expert_d_ff:  # every token's: its SwiGLU and its gate
+                mlp += 3 * d * self.shared_expert_d_ff + d
         n = self.n_layers * (attn + mlp + (4 if self.post_norms else 2) * norm_p) + norm_p
         if not self.tie_embeddings:
             n += self.vocab_size * d  # separate output projection

@@ -30,6 +30,7 @@ __all__ = [
     "GEMMA3_MM",
     "GPT2",
     "MIXTRAL",
+    "QWEN2_MOE",
     "QWEN3_MOE",
     "LLAMA_LIKE",
     "NATIVE",
@@ -42,14 +43,17 @@ __all__ = [
     "is_llama_shaped",
     "is_mixtral_shaped",
     "is_phi3_shaped",
+    "is_qwen2_moe_shaped",
     "is_qwen3_moe_shaped",
     "load_hf_tokenizer",
 ]
 
 LLAMA_LIKE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-              "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
+              "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe",
+              "Qwen2MoeForCausalLM": "qwen2_moe"}
 MIXTRAL = "MixtralForCausalLM"  # Llama-like attention; a sparse mixture of SwiGLU experts in place of the MLP
 QWEN3_MOE = "Qwen3MoeForCausalLM"  # Qwen3's attention (q/k norms); Mixtral-like experts, renormalised or not
+QWEN2_MOE = "Qwen2MoeForCausalLM"  # Qwen2's attention (q/k/v biases); Qwen3-MoE's experts plus a gated shared one
 GPT2 = "GPT2LMHeadModel"
 # Gemma 2 and 3: (1 + w) norms around each sublayer, scaled embeddings, GeGLU, local/global layers; Gemma 3
 # adds q/k norms and a RoPE base of their own for the local layers, Gemma 2 soft-caps scores and logits. The
@@ -111,14 +115,23 @@ def is_mixtral_shaped(cfg: ModelConfig) -> bool:
     experts chosen softmax -> top k -> renormalised."""
     return (bool(cfg.n_experts) and (cfg.norm, cfg.mlp, cfg.positions) == ("rmsnorm", "swiglu", "rope")
             and cfg.norm_topk_prob and not (cfg.attention_bias or cfg.qkv_bias or cfg.mlp_bias or cfg.qk_norm)
-            and not _gemma_only(cfg) and _every_layer_slides(cfg))
+            and not cfg.shared_expert_d_ff and not _gemma_only(cfg) and _every_layer_slides(cfg))
 
 
 def is_qwen3_moe_shaped(cfg: ModelConfig) -> bool:
     """True when `Qwen3MoeForCausalLM` computes exactly what our model does: Qwen3's attention (q/k norms, all
     four attention biases or none), experts in every layer chosen softmax -> top k, renormalised or not."""
     return (bool(cfg.n_experts) and cfg.qk_norm and (cfg.norm, cfg.mlp, cfg.positions) == ("rmsnorm", "swiglu", "rope")
-            and not (cfg.qkv_bias or cfg.mlp_bias) and not _gemma_only(cfg) and _every_layer_slides(cfg))
+            and not (cfg.qkv_bias or cfg.mlp_bias or cfg.shared_expert_d_ff) and not _gemma_only(cfg)
+            and _every_layer_slides(cfg))
+
+
+def is_qwen2_moe_shaped(cfg: ModelConfig) -> bool:
+    """True when `Qwen2MoeForCausalLM` computes exactly what our model does: Qwen2's attention (q/k/v biases or
+    none), experts in every layer chosen softmax -> top k (renormalised or not) and a shared expert with its
+    sigmoid gate."""
+    return (bool(cfg.n_experts and cfg.shared_expert_d_ff) and (cfg.norm, cfg.mlp, cfg.positions) == ("rmsnorm", "swiglu", "rope")
+            and not (cfg.attention_bias or cfg.mlp_bias or cfg.qk_norm) and not _gemma_only(cfg))
 
 
 def is_phi3_shaped(cfg: ModelConfig) -> bool:
@@ -148,8 +161,11 @@ def is_gemma_shaped(cfg: ModelConfig) -> bool:
 def hf_architecture(cfg: ModelConfig) -> str:
     if is_gemma_shaped(cfg):  # q/k norms (and a local RoPE base) tell Gemma 3 from Gemma 2
         return GEMMA3 if cfg.qk_norm else GEMMA2
-    if cfg.n_experts:  # q/k norms tell Qwen3-MoE from Mixtral
-        return MIXTRAL if is_mixtral_shaped(cfg) else QWEN3_MOE if is_qwen3_moe_shaped(cfg) else NATIVE
+    if cfg.n_experts:  # q/k norms tell Qwen3-MoE from Mixtral, a shared expert Qwen2-MoE
+        for arch, shaped in ((MIXTRAL, is_mixtral_shaped), (QWEN3_MOE, is_qwen3_moe_shaped), (QWEN2_MOE, is_qwen2_moe_shaped)):
+            if shaped(cfg):
+                return arch
+        return NATIVE
     if is_gpt2_shaped(cfg):
         return GPT2
     # Phi-3 for what only it computes (a partial rotation), for LongRoPE, whose home it is, and for what came
@@ -234,12 +250,12 @@ def config_to_hf(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token
         d["attention_bias"] = cfg.attention_bias
     if arch == "LlamaForCausalLM":
         d["mlp_bias"] = cfg.mlp_bias
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE, QWEN2_MOE):
         d["use_sliding_window"] = cfg.sliding_window is not None
         d["max_window_layers"] = 0  # which layers slide is said by layer_types
-    if arch in ("MistralForCausalLM", MIXTRAL, "Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE):
+    if arch in ("MistralForCausalLM", MIXTRAL, "Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE, QWEN2_MOE):
         d["sliding_window"] = cfg.sliding_window
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN2_MOE):
         d["layer_types"] = _layer_types(cfg)
     if arch == MIXTRAL:  # (router_aux_loss_coef is MixtralConfig's default: our coefficient is the recipe's)
         d.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
@@ -248,6 +264,11 @@ def config_to_hf(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token
         d.update(num_experts=cfg.n_experts, num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
                  norm_topk_prob=cfg.norm_topk_prob, moe_intermediate_size=cfg.d_ff, decoder_sparse_step=1,
                  mlp_only_layers=[], output_router_logits=False, router_aux_loss_coef=0.001)
+    if arch == QWEN2_MOE:  # every layer sparse, with the shared expert; intermediate_size is for dense layers
+        d.update(num_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token, norm_topk_prob=cfg.norm_topk_prob,
+                 moe_intermediate_size=cfg.d_ff, shared_expert_intermediate_size=cfg.shared_expert_d_ff,
+                 decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=cfg.qkv_bias, output_router_logits=False,
+                 router_aux_loss_coef=0.001)
     d.update(_rope_keys(cfg))
     return d
 

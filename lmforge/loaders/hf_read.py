@@ -13,7 +13,20 @@ from typing import Any
 
 from lmforge.config import MAX_CONTEXT, MAX_LAYERS, MAX_SIZE, ROPE_SCALING_TYPES, TRAINING_ONLY_FIELDS, ModelConfig, finite_number, is_int, shown
 from lmforge.errors import UserError, one_line
-from lmforge.loaders.hf import GEMMA, GEMMA2, GEMMA3, GEMMA3_MM, GPT2, LLAMA_LIKE, MIXTRAL, NATIVE, PHI3, QWEN3_MOE, SUPPORTED_ARCHITECTURES
+from lmforge.loaders.hf import (
+    GEMMA,
+    GEMMA2,
+    GEMMA3,
+    GEMMA3_MM,
+    GPT2,
+    LLAMA_LIKE,
+    MIXTRAL,
+    NATIVE,
+    PHI3,
+    QWEN2_MOE,
+    QWEN3_MOE,
+    SUPPORTED_ARCHITECTURES,
+)
 
 __all__ = ["ConfigKeys", "config_from_hf"]
 
@@ -38,6 +51,10 @@ _LLAMA_LIKE_DEFAULTS: dict[str, dict[str, Any]] = {
     # Qwen3MoeConfig: head_dim derived from the shape (unlike dense Qwen3), no renormalisation unless asked.
     QWEN3_MOE: {"max_position_embeddings": 32768, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
                 "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": False, "moe_intermediate_size": 768},
+    # Qwen2MoeConfig (Qwen1.5-MoE-A2.7B's shape)
+    QWEN2_MOE: {"max_position_embeddings": 32768, "num_key_value_heads": 16, "rms_norm_eps": 1e-6, "num_experts": 60,
+                "num_experts_per_tok": 4, "norm_topk_prob": False, "moe_intermediate_size": 1408,
+                "shared_expert_intermediate_size": 5632},
 }
 _SILU = ("silu", "swish")  # the same function under two names in transformers' ACT2FN
 # GPT-2's activation names that compute the tanh approximation of GELU, which is what our MLP applies
@@ -59,7 +76,9 @@ def _architecture(d: dict[str, Any], source: str) -> str:
         arch = d.get("model_type")
         arch = MODEL_TYPES.get(arch, arch) if isinstance(arch, str) else arch
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"{source}: architecture {shown(arch)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        causal = "/".join(a.removesuffix("ForCausalLM") for a in SUPPORTED_ARCHITECTURES if a.endswith("ForCausalLM"))
+        others = ", ".join(a for a in SUPPORTED_ARCHITECTURES if not a.endswith("ForCausalLM"))
+        raise UserError(f"{source}: architecture {shown(arch)} is not supported; supported: {causal}ForCausalLM, {others}")
     return arch
 
 
@@ -202,7 +221,7 @@ def _sliding_window(arch: str, keys: ConfigKeys) -> dict[str, Any]:
     if arch in ("MistralForCausalLM", MIXTRAL):
         # absent: the class's default; null: no window
         window = keys.size("sliding_window", None) if "sliding_window" in keys.d else _LLAMA_LIKE_DEFAULTS[arch]["sliding_window"]
-    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE):
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE, QWEN2_MOE):
         # (absent: the config class's 4096; null: no window, whatever use_sliding_window says)
         window = ((keys.size("sliding_window", None) if "sliding_window" in keys.d else 4096)
                   if keys.flag("use_sliding_window", False) else None)
@@ -246,7 +265,7 @@ def _llama_like_config(arch: str, keys: ConfigKeys, ours: dict[str, Any]) -> Mod
         n_kv_heads=keys.size("num_key_value_heads", defaults["num_key_value_heads"]) or n_heads,
         head_dim=keys.size("head_dim", defaults.get("head_dim")) or d_model // n_heads,
         # Qwen3-MoE's experts have their own width (intermediate_size is for dense layers, which we refuse)
-        d_ff=keys.size("moe_intermediate_size", defaults["moe_intermediate_size"]) if arch == QWEN3_MOE
+        d_ff=keys.size("moe_intermediate_size", defaults["moe_intermediate_size"]) if arch in (QWEN3_MOE, QWEN2_MOE)
         else keys.size("intermediate_size"),
         norm="rmsnorm",
         norm_eps=keys.number("rms_norm_eps", defaults["rms_norm_eps"]),
@@ -257,7 +276,7 @@ def _llama_like_config(arch: str, keys: ConfigKeys, ours: dict[str, Any]) -> Mod
         # Only Llama (and Qwen3 / Qwen3-MoE, attention_bias) have these keys; Mistral has no biases and Qwen2
         # hard-codes q/k/v biases. Qwen3 and Qwen3-MoE always normalise each query and key head.
         attention_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE) and keys.flag("attention_bias", False),
-        qkv_bias=arch == "Qwen2ForCausalLM",
+        qkv_bias=arch == "Qwen2ForCausalLM" or (arch == QWEN2_MOE and keys.flag("qkv_bias", True)),
         mlp_bias=is_llama and keys.flag("mlp_bias", False),
         qk_norm=arch in ("Qwen3ForCausalLM", QWEN3_MOE),
         **_experts(arch, keys),
@@ -269,9 +288,10 @@ def _llama_like_config(arch: str, keys: ConfigKeys, ours: dict[str, Any]) -> Mod
 
 def _experts(arch: str, keys: ConfigKeys) -> dict[str, Any]:
     """Mixtral's mixture of experts (every layer sparse; routing weights always renormalised over the k), or
-    Qwen3-MoE's (renormalised if norm_topk_prob; dense layers mixed in and shared experts refused)."""
-    if arch == QWEN3_MOE:
-        return _qwen3_moe_experts(keys)
+    Qwen3-MoE's / Qwen2-MoE's (renormalised if norm_topk_prob; dense layers mixed in refused; Qwen2-MoE's
+    gated shared expert)."""
+    if arch in (QWEN3_MOE, QWEN2_MOE):
+        return _qwen_moe_experts(arch, keys)
     if arch != MIXTRAL:
         return {}
     defaults = _LLAMA_LIKE_DEFAULTS[arch]
@@ -279,8 +299,8 @@ def _experts(arch: str, keys: ConfigKeys) -> dict[str, Any]:
             "experts_per_token": keys.size("num_experts_per_tok", defaults["num_experts_per_tok"])}
 
 
-def _qwen3_moe_experts(keys: ConfigKeys) -> dict[str, Any]:
-    d, source, defaults = keys.d, keys.source, _LLAMA_LIKE_DEFAULTS[QWEN3_MOE]
+def _qwen_moe_experts(arch: str, keys: ConfigKeys) -> dict[str, Any]:
+    d, source, defaults = keys.d, keys.source, _LLAMA_LIKE_DEFAULTS[arch]
     dense = d.get("mlp_only_layers")
     if dense is not None and dense != []:
         raise UserError(f"{source}: mlp_only_layers {shown(dense)} is not supported (dense layers mixed in with "
@@ -289,12 +309,17 @@ def _qwen3_moe_experts(keys: ConfigKeys) -> dict[str, Any]:
     if step != 1:
         raise UserError(f"{source}: decoder_sparse_step {step} is not supported (dense layers mixed in with sparse "
                         "ones; our mixture of experts is in every layer)")
-    for key in ("shared_expert_intermediate_size", "num_shared_experts", "n_shared_experts"):
-        if d.get(key):
-            raise UserError(f"{source}: shared experts ({key} {shown(d[key])}) are not supported")
+    shared = {}
+    if arch == QWEN2_MOE:  # one gated shared expert (a width of 0 would be an empty MLP: none)
+        shared = {"shared_expert_d_ff": keys.size("shared_expert_intermediate_size",
+                                                  defaults["shared_expert_intermediate_size"])}
+    else:
+        for key in ("shared_expert_intermediate_size", "num_shared_experts", "n_shared_experts"):
+            if d.get(key):
+                raise UserError(f"{source}: shared experts ({key} {shown(d[key])}) are not supported for {arch}")
     # num_experts in Qwen's files and transformers 4.x; transformers 5 writes it as num_local_experts
     experts = keys.size("num_experts", None) or keys.size("num_local_experts", defaults["num_experts"])
-    return {"n_experts": experts,
+    return {"n_experts": experts, **shared,
             "experts_per_token": keys.size("num_experts_per_tok", defaults["num_experts_per_tok"]),
             "norm_topk_prob": keys.flag("norm_topk_prob", defaults["norm_topk_prob"])}
 

@@ -23,15 +23,15 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.loaders.hf import GEMMA, GPT2, MIXTRAL, NATIVE, PHI3, QWEN3_MOE, hf_architecture
+from lmforge.loaders.hf import GEMMA, GPT2, MIXTRAL, NATIVE, PHI3, QWEN2_MOE, QWEN3_MOE, hf_architecture
 from lmforge.model.gpt import GPT, PROJECTIONS, projection_parts
 
-__all__ = ["GEMMA_FAMILY", "GPT2_FAMILY", "LLAMA_FAMILY", "MIXTRAL_FAMILY", "NATIVE_FAMILY", "PHI3_FAMILY", "QWEN3_MOE_FAMILY",
+__all__ = ["GEMMA_FAMILY", "GPT2_FAMILY", "LLAMA_FAMILY", "MIXTRAL_FAMILY", "NATIVE_FAMILY", "PHI3_FAMILY", "QWEN2_MOE_FAMILY", "QWEN3_MOE_FAMILY",
            "TENSOR_NAMES", "TensorNames", "family", "hf_modules", "hf_tensor_names", "state_dict_from_hf",
            "state_dict_to_hf", "stored_names", "tensor_names", "text_model_name", "without_body"]
 
 LLAMA_FAMILY, GPT2_FAMILY, NATIVE_FAMILY, MIXTRAL_FAMILY = "llama", "gpt2", "lmforge", "mixtral"
-QWEN3_MOE_FAMILY, GEMMA_FAMILY, PHI3_FAMILY = "qwen3_moe", "gemma", "phi3"
+QWEN3_MOE_FAMILY, GEMMA_FAMILY, PHI3_FAMILY, QWEN2_MOE_FAMILY = "qwen3_moe", "gemma", "phi3", "qwen2_moe"
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ _OURS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc", "mlp.proj", "attn.
          "post_attn_norm", "post_mlp_norm")
 # A mixture of experts' modules under blocks.N (`lmforge.model.gpt.MoE`); "{}" is the expert's number, and an
 # expert's fc / proj split into parts as the dense mlp.fc / mlp.proj do.
-_OURS_MOE = ("mlp.router", "mlp.experts.{}.fc", "mlp.experts.{}.proj")
+_OURS_MOE = ("mlp.router", "mlp.experts.{}.fc", "mlp.experts.{}.proj", "mlp.shared.fc", "mlp.shared.proj", "mlp.shared_gate")
 # Llama's attention block and norms, which Mixtral and Qwen3-MoE keep; Qwen3's per-head q/k norms (only
 # models with `qk_norm` have them).
 _LLAMA_ATTENTION: dict[str, str | dict[str, str]] = {
@@ -97,6 +97,17 @@ TENSOR_NAMES: dict[str, TensorNames] = {
                "mlp.router": "mlp.gate",
                "mlp.experts.{}.fc": {"gate": "mlp.experts.{}.gate_proj", "up": "mlp.experts.{}.up_proj"},
                "mlp.experts.{}.proj": "mlp.experts.{}.down_proj"}),
+    # Qwen2-MoE: Qwen2's attention (q/k/v biases), Qwen3-MoE's experts, and the shared expert with its gate.
+    QWEN2_MOE_FAMILY: TensorNames(
+        QWEN2_MOE_FAMILY, "Qwen2-MoE-style", "model.", "layers.{}.",
+        top={"tok_emb": "embed_tokens", "norm": "norm"},
+        block={**_LLAMA_ATTENTION,
+               "mlp.router": "mlp.gate",
+               "mlp.experts.{}.fc": {"gate": "mlp.experts.{}.gate_proj", "up": "mlp.experts.{}.up_proj"},
+               "mlp.experts.{}.proj": "mlp.experts.{}.down_proj",
+               "mlp.shared.fc": {"gate": "mlp.shared_expert.gate_proj", "up": "mlp.shared_expert.up_proj"},
+               "mlp.shared.proj": "mlp.shared_expert.down_proj",
+               "mlp.shared_gate": "mlp.shared_expert_gate"}),
     # Gemma 2/3: a norm before and after each sublayer. Beware the one name both families share for different
     # things: Gemma's post_attention_layernorm is the norm of the attention's *output* (Llama's is the norm
     # before the MLP, which Gemma calls pre_feedforward_layernorm). Gemma 3 adds q/k norms.
@@ -143,6 +154,8 @@ def family(cfg: ModelConfig) -> str:
         return MIXTRAL_FAMILY
     if arch == QWEN3_MOE:
         return QWEN3_MOE_FAMILY
+    if arch == QWEN2_MOE:
+        return QWEN2_MOE_FAMILY
     if arch == PHI3:
         return PHI3_FAMILY
     return GPT2_FAMILY if arch == GPT2 else NATIVE_FAMILY if arch == NATIVE else LLAMA_FAMILY
@@ -197,7 +210,8 @@ def hf_tensor_names(cfg: ModelConfig, ours: str, names: TensorNames | None = Non
             theirs = [entry[p] for p in parts] if isinstance(entry, dict) else [entry]
             theirs = [t.format(expert[1]) for t in theirs]
         else:
-            theirs = list(hf_modules(cfg, mine, names)) if mine in PROJECTIONS else [names.block[mine]]
+            split = mine in PROJECTIONS or isinstance(names.block[mine], dict)  # (the shared expert's fc too)
+            theirs = list(hf_modules(cfg, mine, names)) if split else [names.block[mine]]
         return [f"{prefix}{t}.{kind}" for t in theirs]
     return [f"{names.body}{names.top[module]}.{kind}"]
 

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from lmforge.errors import UserError
-from lmforge.loaders.hf_tensors import MIXTRAL_FAMILY, QWEN3_MOE_FAMILY, family
+from lmforge.loaders.hf_tensors import MIXTRAL_FAMILY, QWEN2_MOE_FAMILY, QWEN3_MOE_FAMILY, family
 from lmforge.model.lora import EXPERT_FC, EXPERT_PROJ, ROUTER, lora_parts
 
 __all__ = ["fused_expert_adapters", "is_fused_expert_key"]
@@ -43,7 +43,7 @@ Adapter = tuple[list[tuple[str, int, int]], torch.Tensor, torch.Tensor, float, l
 
 def is_fused_expert_key(cfg, key: str) -> bool:
     """A tensor name of the fused layout, for a model of a family that transformers 5 fuses."""
-    return family(cfg) in (MIXTRAL_FAMILY, QWEN3_MOE_FAMILY) and _FUSED.match(key) is not None
+    return family(cfg) in (MIXTRAL_FAMILY, QWEN3_MOE_FAMILY, QWEN2_MOE_FAMILY) and _FUSED.match(key) is not None
 
 
 def _expert_module(cfg, A: torch.Tensor, B: torch.Tensor) -> str | None:
@@ -124,7 +124,7 @@ def transformers5_settings(cfg, modules: dict[str, tuple[int, str, int, float]],
     get entries under the names transformers 5 gives them (`model.layers.N.mlp.experts.down_proj`,
     `model.layers.N.mlp.gate.weight`), which the per-expert names (and we) never match.
     """
-    if family(cfg) not in (MIXTRAL_FAMILY, QWEN3_MOE_FAMILY):
+    if family(cfg) not in (MIXTRAL_FAMILY, QWEN3_MOE_FAMILY, QWEN2_MOE_FAMILY):
         return r, alpha, {}, {}
     fused = {(rank, scaling) for _, module, rank, scaling in modules.values() if module == EXPERT_FC}
     if len(fused) == 1:

@@ -160,13 +160,13 @@ class MLP(nn.Module):
     """Position-wise feed-forward. Gated (Shazeer 2020): down(act(gate(x)) * up(x)), with gate and up fused
     into one matmul, act = SiLU (SwiGLU: Llama) or tanh-GELU (GeGLU: Gemma); or GPT-2's proj(gelu(fc(x)))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, d_ff: int | None = None) -> None:
         super().__init__()
         self.gated = cfg.mlp in GATED_MLPS
         self.swiglu = cfg.mlp == "swiglu"
-        width = 2 * cfg.d_ff if self.gated else cfg.d_ff
-        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias)  # gated: [gate; up]
-        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        d_ff = d_ff or cfg.d_ff
+        self.fc = nn.Linear(cfg.d_model, 2 * d_ff if self.gated else d_ff, bias=cfg.mlp_bias)  # gated: [gate; up]
+        self.proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,6 +196,8 @@ class MoE(nn.Module):
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+        if cfg.shared_expert_d_ff:  # Qwen2-MoE: an expert every token uses, weighted by a sigmoid gate of its own
+            self.shared, self.shared_gate = MLP(cfg, cfg.shared_expert_d_ff), nn.Linear(cfg.d_model, 1, bias=False)
         self.router_logits: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,6 +213,8 @@ class MoE(nn.Module):
             token, slot = torch.where(chosen == e)  # (n_e,): the tokens routed to expert e, and in which of k
             y = expert(x[token]) * weights[token, slot, None]  # (n_e, C), float32
             out.index_add_(0, token, y.to(out.dtype))
+        if hasattr(self, "shared"):
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return out.view(B, T, C)
 
 
@@ -297,7 +301,8 @@ class GPT(nn.Module):
             if p.dim() == 1:
                 norms[name].reset_parameters() if isinstance(norms.get(name), RMSNorm) else \
                     nn.init.ones_(p) if name in norms else nn.init.zeros_(p)
-            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")) or re.search(r"experts\.\d+\.proj\.weight$", name):
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight", "mlp.shared.proj.weight")) or \
+                    re.search(r"experts\.\d+\.proj\.weight$", name):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -446,6 +451,11 @@ def projection_parts(cfg, module: str) -> list[tuple[str, int, int]]:
             return [("gate", 0, cfg.d_ff), ("up", cfg.d_ff, 2 * cfg.d_ff)]
         return [("up", 0, cfg.d_ff)]
     if module == "mlp.proj":
+        return [("down", 0, cfg.d_model)]
+    if module == "mlp.shared.fc":  # the shared expert (MoE.shared): SwiGLU of its own width
+        w = cfg.shared_expert_d_ff
+        return [("gate", 0, w), ("up", w, 2 * w)]
+    if module == "mlp.shared.proj":
         return [("down", 0, cfg.d_model)]
     raise ValueError(f"{module!r} is not one of our projections ({', '.join(PROJECTIONS)})")
 

@@ -162,14 +162,17 @@ class LoRALinear(nn.Module):
 # A mixture of experts' modules under blocks.N (`lmforge.model.gpt.MoE`), "{}" the expert's number: the
 # notation of the tensor-name tables (`lmforge.loaders.hf_tensors`), so that one name means one thing everywhere.
 ROUTER, EXPERT_FC, EXPERT_PROJ = "mlp.router", "mlp.experts.{}.fc", "mlp.experts.{}.proj"
+SHARED_FC, SHARED_PROJ = "mlp.shared.fc", "mlp.shared.proj"  # a shared expert (Qwen2-MoE): one per block
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(fc|proj)")
 
 
 def lora_projections(cfg) -> tuple[str, ...]:
     """The modules under blocks.N that LoRA adapts, in block order: PROJECTIONS for a dense model; attention's
-    two, the router and every expert's fc / proj for a mixture of experts (which has no mlp.fc / mlp.proj)."""
+    two, the router, every expert's fc / proj and the shared expert's for a mixture of experts (which has no
+    mlp.fc / mlp.proj)."""
     if cfg.n_experts:
-        return ("attn.qkv", "attn.proj", ROUTER, EXPERT_FC, EXPERT_PROJ)
+        shared = (SHARED_FC, SHARED_PROJ) if cfg.shared_expert_d_ff else ()
+        return ("attn.qkv", "attn.proj", ROUTER, EXPERT_FC, EXPERT_PROJ, *shared)
     return PROJECTIONS
 
 

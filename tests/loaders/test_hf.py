@@ -265,8 +265,8 @@ def _llama_dict(**edits):
     ({"auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}},
      "trust_remote_code"),
     ({"architectures": ["FalconForCausalLM"], "model_type": "falcon"},
-     "'FalconForCausalLM' is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-     "Qwen3ForCausalLM"),
+     "'FalconForCausalLM' is not supported; supported: Llama/Mistral/Qwen2/Qwen3/.*Gemma2/Gemma3/Phi3/.*ForCausalLM, "
+     "Gemma3ForConditionalGeneration, GPT2LMHeadModel"),
     ({"rope_parameters": {"rope_type": "proportional", "factor": 4.0, "rope_theta": 10000.0}}, "rope scaling type 'proportional'"),
     ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling type 'dynamic'"),
     ({"rope_parameters": None, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling short_factor must be a list"),
