@@ -223,18 +223,25 @@ def _first_text(path: Path, names: tuple[str, ...]) -> str | None:
 
 def _shape(cfg: ModelConfig | None) -> dict[str, int | None]:
     """The sizes `lmforge show` prints, None where the config could not be read."""
+    window = experts = None
+    if cfg and cfg.sliding_window is not None:
+        sliding = sum(cfg.slides(i) for i in range(cfg.n_layers))
+        window = f"{cfg.sliding_window}" + ("" if sliding == cfg.n_layers else f" ({sliding} of {cfg.n_layers} layers)")
+    if cfg and cfg.n_experts:
+        experts = f"{cfg.n_experts}, {cfg.experts_per_token} per token" + (" + 1 shared" if cfg.shared_expert_d_ff else "")
     return {"context_length": cfg.context_length if cfg else None,
             "embedding_length": cfg.d_model if cfg else None,
-            "layers": cfg.n_layers if cfg else None}
+            "layers": cfg.n_layers if cfg else None,
+            "sliding_window": window, "experts": experts}
 
 
 def show(ref: str) -> dict[str, Any]:
     """Everything known about a model (a store name, a model directory or a .gguf file); works on a
     damaged store entry (see the "error" key).
 
-    "context_length", "embedding_length" and "layers" come from the `ModelConfig` the loaders read (so a
-    sliding-window model shows the context lmforge attends over); "config" is the file's own config.json
-    (or, for GGUF, the `ModelConfig` as a dict)."""
+    "context_length", "embedding_length", "layers", "sliding_window" (and which layers slide) and "experts"
+    come from the `ModelConfig` the loaders read; "config" is the file's own config.json (or, for GGUF, the
+    `ModelConfig` as a dict)."""
     path = resolve(ref)
     root = models_root().resolve()
     real = path.resolve()

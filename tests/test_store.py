@@ -128,7 +128,8 @@ def test_show_gives_the_shape_the_loaders_read(tiny_model_dir, tmp_path):
     info = store.show("tiny")
     assert (info["context_length"], info["embedding_length"], info["layers"]) == (cfg.context_length, cfg.d_model,
                                                                                    cfg.n_layers)
-    # Whatever the file calls them: a sliding-window Mistral attends over its window, which is what we show.
+    # Whatever the file calls them: a sliding-window Mistral keeps its whole context, each layer attending
+    # over its window, which show says too.
     mistral = tmp_path / "mistral"
     mistral.mkdir()
     (mistral / "config.json").write_text(json.dumps({
@@ -136,7 +137,8 @@ def test_show_gives_the_shape_the_loaders_read(tiny_model_dir, tmp_path):
         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 4096, "sliding_window": 512}))
     info = store.show(str(mistral))
-    assert (info["context_length"], info["embedding_length"], info["layers"]) == (512, 64, 3)
+    assert (info["context_length"], info["embedding_length"], info["layers"]) == (4096, 64, 3)
+    assert info["sliding_window"] == "512" and info["experts"] is None
     (mistral / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "hidden_size": 64}))
     info = store.show(str(mistral))
     assert info["error"] and (info["context_length"], info["embedding_length"], info["layers"]) == (None, None, None)
@@ -327,7 +329,7 @@ def test_import_validates_before_copying(tiny_model_dir, tmp_path):
         store.import_model(bad, "bad")
     cfg["architectures"] = ["FalconForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="not supported.*LlamaForCausalLM"):
+    with pytest.raises(UserError, match="not supported.*Llama/Mistral"):
         store.import_model(bad, "bad")
     assert store.list_models() == []
     assert not any(p.name.startswith(".import") for p in store.models_root().iterdir())

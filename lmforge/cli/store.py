@@ -103,6 +103,8 @@ def cmd_show(args) -> int:
             ("parameters", human_count(info.get("parameters"))),
             ("context length", known("context_length")), ("embedding length", known("embedding_length")),
             ("layers", known("layers")),
+            *[(label, info[key]) for key, label in (("sliding_window", "sliding window"), ("experts", "experts"))
+              if info.get(key)],
             ("dtype/quantization", info.get("dtype") or "?"), ("size on disk", human_size(info.get("size_bytes") or 0)),
             ("path", info.get("path"))]
     if info.get("quantization"):
