@@ -61,7 +61,8 @@ def export_hf(loaded: Loaded, out: Path, *, dtype: torch.dtype = torch.float32) 
 
 
 def export_gguf(loaded: Loaded, out: Path, *, qtype: str = "f16") -> None:
-    """Write `loaded` as one GGUF file (the llama.cpp architecture its family maps to: llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3) with its tokenizer and chat template."""
+    """Write `loaded` as one GGUF file (the llama.cpp architecture its family maps to: llama, qwen2, qwen3,
+    qwen3moe, gemma2, gemma3, phi3) with its tokenizer and chat template."""
     from lmforge.loaders.gguf import write_gguf
 
     if out.is_dir():
