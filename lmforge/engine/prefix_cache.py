@@ -154,11 +154,11 @@ class PromptCache:
             tokens = self.parked.tokens[j]
             if tokens:
                 n = common_prefix(prompt, tokens, limit)
-                if n > best_len and self.cache.reusable(len(tokens), n):
+                if n > best_len and self.cache.reusable(j, n):
                     best, best_len = j, n
-        for i, (tokens, written) in enumerate(busy):
+        for i, (tokens, written) in enumerate(busy):  # busy row i is cache row i
             n = common_prefix(prompt, tokens, min(limit, written))
-            if n > best_len and self.cache.reusable(written, n):
+            if n > best_len and self.cache.reusable(i, n):
                 best, best_len = i, n
         return best, best_len
 

@@ -227,7 +227,9 @@ def _sliding_window(arch: str, keys: ConfigKeys) -> dict[str, Any]:
                   if keys.flag("use_sliding_window", False) else None)
         if window is not None and arch != QWEN3_MOE:
             first = keys.count("max_window_layers", 28, limit=MAX_LAYERS)  # 0: every layer slides
-            layers = _sliding_layers(keys, n_layers, lambda i: i >= first)
+            # (Qwen2MoeConfig's own rule differs: every other layer, below max_window_layers)
+            rule = (lambda i: (i + 1) % 2 == 1 and i < first) if arch == QWEN2_MOE else (lambda i: i >= first)
+            layers = _sliding_layers(keys, n_layers, rule)
     else:
         return {}
     if window is None or layers == []:

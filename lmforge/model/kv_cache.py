@@ -55,6 +55,9 @@ class KVCache:
         ringed = (len(ring_layers), batch_size, n_kv_heads, self.ring or 0, head_dim)
         self.k_ring = torch.zeros(ringed, dtype=dtype, device=device)
         self.v_ring = torch.zeros(ringed, dtype=dtype, device=device)
+        # Per row, one past the furthest slot its rings were ever written at (padding and copied rows included):
+        # what a ring may hold beyond the tokens a row is known by (`reusable`).
+        self.reach = torch.zeros(batch_size, dtype=torch.long)
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_len: int | None = None, *, max_write: int | None = None,
@@ -77,6 +80,7 @@ class KVCache:
         view = KVCache.__new__(KVCache)
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
         view.k_ring, view.v_ring = self.k_ring[:, start:stop], self.v_ring[:, start:stop]
+        view.reach = self.reach[start:stop]  # a view: the rows' reach is recorded here
         view.max_len, view.length, view.ring, view.window, view._where = self.max_len, 0, self.ring, self.window, self._where
         return view
 
@@ -87,6 +91,7 @@ class KVCache:
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
         self.k_ring[:, dst] = self.k_ring[:, src]
         self.v_ring[:, dst] = self.v_ring[:, src]
+        self.reach[dst] = self.reach[src]
 
     def swap_rows(self, a: int, b: int, len_a: int, len_b: int) -> None:
         """Exchange the first `len_a` slots of row `a` with the first `len_b` slots of row `b` (the
@@ -101,12 +106,13 @@ class KVCache:
         self.v[:, b, :, :len_a] = v
         for buf in (self.k_ring, self.v_ring):
             buf[:, [a, b]] = buf[:, [b, a]]
+        self.reach[[a, b]] = self.reach[[b, a]]
 
-    def reusable(self, held: int, n: int) -> bool:
-        """Can a row that holds `held` slots serve a new sequence that shares its first `n`? Always, unless
-        its rings have since overwritten part of the last `window` slots of those n (the ones the new
-        sequence's first sliding-window query reads): slot s shares its index with s + ring."""
-        return self.ring is None or held - n <= self.ring - self.window
+    def reusable(self, row: int, n: int) -> bool:
+        """Can `row` serve a new sequence that shares its first `n` slots? Always, unless its rings have since
+        been written so far past n (its own later tokens, padding, or a longer row's rings copied in) that part
+        of the last `window` slots of those n is overwritten: slot s shares its index with s + ring."""
+        return self.ring is None or int(self.reach[row]) - n <= self.ring - self.window
 
     @property
     def batch_size(self) -> int:
@@ -144,6 +150,9 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache is full: slot {end - 1} >= capacity {self.max_len}")
         self.length = max(self.length, end)
+        if self.ring is not None:
+            ends = slots.amax(-1).cpu() + 1 if slots.dim() == 2 else torch.full_like(self.reach, end)
+            torch.maximum(self.reach, ends, out=self.reach)
         return self.length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,7 +108,7 @@ def test_estimating_changes_nothing_and_shares_needs_min_shared():
 
     from lmforge.engine.prefix_cache import MIN_SHARED, PromptCache
 
-    pc = PromptCache(SimpleNamespace(batch_size=3, reusable=lambda held, n: True))
+    pc = PromptCache(SimpleNamespace(batch_size=3, reusable=lambda row, n: True))
     prompt = list(range(40))
     pc.parked.park(1, prompt[:30])
     pc.parked.park(2, [7] * 10)

@@ -436,7 +436,10 @@ def test_ring_slots_and_reuse():
     cache.advance(slots)
     assert cache.ring_slots(slots).tolist() == [[6, 7, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]]
     assert cache.ring_slots(torch.tensor([9, 10])).tolist() == [[6, 7, 8, 9, 10, 5]]
-    assert cache.reusable(held=12, n=10) and not cache.reusable(held=13, n=10)  # ring - window = 2
+    assert cache.reach.tolist() == [8, 3]  # one past the furthest slot each row's rings were written at
+    assert cache.reusable(0, 6) and not cache.reusable(0, 5)  # ring - window = 2 slots of slack
+    cache.copy_row(0, 1, 8)  # rings are copied whole, and how far they reach with them
+    assert cache.reach.tolist() == [8, 8] and not cache.reusable(1, 3)
     assert KVCache.for_model(cfg, 2, 32, max_write=40).ring is None  # no smaller than keeping every slot
     assert KVCache.for_model(cfg, 2, 32).ring is None  # callers that do not say how much they write
 
@@ -486,3 +489,28 @@ def test_sliding_window_requests_answer_as_alone(sliding, max_batch, prefix_cach
             assert_as_alone(sliding, col, i, p, params[i])
     finally:
         sched.stop()
+
+
+def test_a_row_whose_rings_reach_past_a_prefix_is_not_reused(sliding):
+    """C takes a 28-token prefix of a 40-token row S (S's rings copied whole, reaching slot 39); D shares 18
+    tokens with both. With rings of 6 + 16 - 1 = 21 slots, slot 18 - 6 .. 17 may be overwritten by slots up to
+    39, so neither row serves D, which reads its prompt and answers as alone; without rings, D reuses 18."""
+    g = torch.Generator().manual_seed(2)
+    S = torch.randint(5, 300, (40,), generator=g).tolist()
+    C = S[:28] + torch.randint(5, 300, (2,), generator=g).tolist()
+    D = S[:18] + torch.randint(5, 300, (2,), generator=g).tolist()
+    alone = sliding.complete([D], SamplingParams(temperature=0, max_new_tokens=4, logprobs=1))[0]
+    for budget, d_cached in ((16, 0), (4096, 18)):
+        sched = Scheduler(sliding, max_batch=4, prefill_chunk=budget, max_prefill_tokens=budget)
+        try:
+            cached, got = {}, None
+            for name, ids in (("S", S), ("C", C), ("D", D)):
+                col = Collector(1)
+                req = sched.submit(Request(ids, SamplingParams(temperature=0, max_new_tokens=4 if name == "D" else 1,
+                                                               logprobs=1), col.emit_for(0)))
+                col.wait(1)
+                cached[name], got = req.cached_tokens, col
+        finally:
+            sched.stop()
+        assert (cached["C"], cached["D"]) == (28, d_cached)
+        assert [e.logprob for e in got.events[0]] == pytest.approx(alone.logprobs, abs=1e-5)

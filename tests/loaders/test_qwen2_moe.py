@@ -135,3 +135,12 @@ def test_all_linear_adapts_every_expert_and_the_shared_one(tmp_path, tiny_tokeni
         want = ours(idx)
         torch.testing.assert_close(again(idx), want)
         torch.testing.assert_close(merge_lora(again)(idx), want, atol=1e-5, rtol=1e-5)
+
+
+def test_windows_without_layer_types_follow_qwen2_moes_own_rule():
+    """Qwen2MoeConfig slides every other layer below max_window_layers (dense Qwen2: the layers from it on)."""
+    d = transformers.Qwen2MoeConfig(vocab_size=128, **{**BASE, "num_hidden_layers": 6}, use_sliding_window=True,
+                                    sliding_window=8, max_window_layers=4).to_dict()
+    want = [i for i, t in enumerate(d.pop("layer_types")) if t == "sliding_attention"]
+    assert want == [0, 2]
+    assert config_from_hf({**d, "architectures": [QWEN2_MOE]}).sliding_layers == want
