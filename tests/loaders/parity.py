@@ -81,3 +81,36 @@ def assert_moe_matches_transformers(ref: torch.nn.Module, ours: torch.nn.Module,
         assert len(torch.unique(mine[0])) == ours.config.n_experts  # every expert is used: the test can fail
 
     assert_matches_transformers(ref, ours, tokenizer, also=same_experts)
+
+
+def assert_adapter_matches_peft(base_dir, targets: str, tmp_path) -> dict:
+    """LoRA under PEFT's names on the model directory `base_dir` (as transformers saved it): ours with random
+    adapters on `targets`, saved; peft puts the adapter on transformers' model and computes our logits, adapted
+    and merged. Returns what `apply_lora` adapted (`LoRAInfo.modules`)."""
+    import warnings
+
+    import pytest
+
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from lmforge.loaders.model_dir import load_model
+    from lmforge.loaders.peft import apply_lora, save_adapter
+    from lmforge.model.lora import merge_lora
+    from tests.model.test_lora import randomize_lora
+
+    ours = load_model(base_dir)
+    info = apply_lora(ours, targets=targets, rank=4, alpha=8)
+    randomize_lora(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that it ignores our "lmforge" key
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    idx = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx), atol=1e-4, rtol=1e-4)
+        merged = theirs.merge_and_unload()
+        merge_lora(ours)
+        torch.testing.assert_close(ours(idx), merged(idx).logits, atol=1e-4, rtol=1e-4)
+    return info.modules

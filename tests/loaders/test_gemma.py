@@ -22,7 +22,7 @@ from lmforge.errors import UserError  # noqa: E402
 from lmforge.loaders.hf import GEMMA2, GEMMA3, hf_architecture  # noqa: E402
 from lmforge.loaders.hf_read import config_from_hf  # noqa: E402
 from lmforge.loaders.model_dir import load_model, write_model_files  # noqa: E402
-from tests.loaders.parity import assert_matches_transformers  # noqa: E402
+from tests.loaders.parity import assert_adapter_matches_peft, assert_matches_transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -154,29 +154,8 @@ def test_sliding_window_beyond_the_context_keeps_full_attention_everywhere(tmp_p
 def test_lora_adapter_loads_in_peft(kind, targets, tmp_path, tiny_tokenizer):
     """LoRA on Gemma under PEFT's names: peft puts our adapter on transformers' Gemma and computes our logits,
     adapted and merged."""
-    import warnings
-
-    peft = pytest.importorskip("peft")
-    from lmforge.loaders.peft import apply_lora, save_adapter
-    from lmforge.model.lora import merge_lora
-    from tests.model.test_lora import randomize_lora
-
     hf_gemma(kind, tiny_tokenizer.vocab_size).save_pretrained(tmp_path / "base")
-    ours = load_model(tmp_path / "base")
-    apply_lora(ours, targets=targets, rank=4, alpha=8)
-    randomize_lora(ours)
-    save_adapter(ours, tmp_path / "adapter")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft warns that it ignores our "lmforge" key
-        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
-        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    idx = torch.randint(0, tiny_tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = ours(idx)
-        torch.testing.assert_close(theirs(idx).logits, want, atol=1e-4, rtol=1e-4)
-        merged = theirs.merge_and_unload()
-        merge_lora(ours)
-        torch.testing.assert_close(ours(idx), merged(idx).logits, atol=1e-4, rtol=1e-4)
+    assert_adapter_matches_peft(tmp_path / "base", targets, tmp_path)
 
 
 def test_cli_import_show_list_generate(tmp_path, capsys, tiny_tokenizer):

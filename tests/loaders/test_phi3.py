@@ -26,7 +26,7 @@ from lmforge.loaders.hf_tensors import PHI3_FAMILY, family, state_dict_from_hf, 
 from lmforge.loaders.model_dir import build_model, load_model, write_model_files  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 from lmforge.model.kv_cache import KVCache  # noqa: E402
-from tests.loaders.parity import assert_matches_transformers  # noqa: E402
+from tests.loaders.parity import assert_adapter_matches_peft, assert_matches_transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -204,26 +204,5 @@ def test_bad_configs_are_one_line(edits, message):
 def test_lora_adapter_loads_in_peft(variant, targets, tmp_path, tiny_tokenizer):
     """LoRA on Phi-3 under PEFT's names, its fused modules (qkv_proj, gate_up_proj) or their parts: peft puts
     our adapter on transformers' Phi-3 and computes our logits, adapted and merged."""
-    import warnings
-
-    peft = pytest.importorskip("peft")
-    from lmforge.loaders.peft import apply_lora, save_adapter
-    from lmforge.model.lora import merge_lora
-    from tests.model.test_lora import randomize_lora
-
     hf_phi3(tiny_tokenizer.vocab_size, **VARIANTS[variant]).save_pretrained(tmp_path / "base")
-    ours = load_model(tmp_path / "base")
-    apply_lora(ours, targets=targets, rank=4, alpha=8)
-    randomize_lora(ours)
-    save_adapter(ours, tmp_path / "adapter")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft warns that it ignores our "lmforge" key
-        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
-        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    idx = torch.randint(0, tiny_tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = ours(idx)
-        torch.testing.assert_close(theirs(idx).logits, want, atol=1e-4, rtol=1e-4)
-        merged = theirs.merge_and_unload()
-        merge_lora(ours)
-        torch.testing.assert_close(ours(idx), merged(idx).logits, atol=1e-4, rtol=1e-4)
+    assert_adapter_matches_peft(tmp_path / "base", targets, tmp_path)

@@ -20,7 +20,7 @@ from lmforge.loaders.hf import QWEN2_MOE, config_to_hf, hf_architecture  # noqa:
 from lmforge.loaders.hf_read import config_from_hf  # noqa: E402
 from lmforge.loaders.model_dir import load_model, write_model_files  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
-from tests.loaders.parity import assert_moe_matches_transformers  # noqa: E402
+from tests.loaders.parity import assert_adapter_matches_peft, assert_moe_matches_transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -95,25 +95,10 @@ def test_lora_adapter_loads_in_peft(tmp_path, tiny_tokenizer):
     5, peft converts them to its fused expert parameters only for model types transformers' conversion table
     maps, which lists qwen3_moe -> qwen2_moe but not qwen2_moe itself, so it loads none for Qwen2-MoE; our own
     save and load of them is checked below.)"""
-    import warnings
-
-    peft = pytest.importorskip("peft")
-    from lmforge.loaders.peft import apply_lora, save_adapter
-    from tests.model.test_lora import randomize_lora
-
     hf_qwen2_moe(tiny_tokenizer.vocab_size).save_pretrained(tmp_path / "base")
-    ours = load_model(tmp_path / "base")
-    info = apply_lora(ours, targets="q_proj,mlp.shared_expert.gate_proj,mlp.shared_expert.down_proj", rank=4, alpha=8)
-    assert "blocks.0.mlp.shared.fc" in info.modules
-    randomize_lora(ours)
-    save_adapter(ours, tmp_path / "adapter")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft warns that it ignores our "lmforge" key
-        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
-        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    idx = torch.randint(0, tiny_tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(idx).logits, ours(idx), atol=1e-4, rtol=1e-4)
+    modules = assert_adapter_matches_peft(tmp_path / "base", "q_proj,mlp.shared_expert.gate_proj,mlp.shared_expert.down_proj",
+                                          tmp_path)
+    assert "blocks.0.mlp.shared.fc" in modules
 
 
 def test_all_linear_adapts_every_expert_and_the_shared_one(tmp_path, tiny_tokenizer):

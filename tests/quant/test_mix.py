@@ -84,10 +84,9 @@ def test_names_and_errors():
     assert "q3_k_s" in str(e.value) and all(f in str(e.value) for f in FTYPES) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("ftype", ["q4_k_m", "q5_k_m", "q6_k", "q4_0"])
-def test_same_types_as_llama_cpp_quantize(tmp_path, tiny_tokenizer, ftype):
-    """llama.cpp's own quantizer, on an F32 GGUF we wrote, picks the types `tensor_types` predicts (8
-    layers, K-quant-sized rows in attention, 704-value ffn_down rows that need the fallback)."""
+def llama_cpp_types(tmp_path, tokenizer, ftype: str, **shape) -> tuple[dict[str, str], dict[str, str], dict]:
+    """(the types llama.cpp's own quantizer gives each tensor of an F32 GGUF we wrote of a random `tiny` model
+    reshaped by `shape`, the types `tensor_types` predicts, the tensors we wrote); skips without llama-cpp-python."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import ctypes
 
@@ -98,18 +97,25 @@ def test_same_types_as_llama_cpp_quantize(tmp_path, tiny_tokenizer, ftype):
     from lmforge.model.gpt import GPT
     from lmforge.presets import get_preset
 
-    cfg = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size, context_length=64).replace(
-        d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=704, tie_embeddings=False)
+    cfg = get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=64).replace(**shape)
     torch.manual_seed(0)
     src, dst = tmp_path / "f32.gguf", tmp_path / f"{ftype}.gguf"
-    written = write_gguf(src, cfg, GPT(cfg).state_dict(), tiny_tokenizer, qtype="f32")
+    written = write_gguf(src, cfg, GPT(cfg).state_dict(), tokenizer, qtype="f32")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
     params.nthread = 1
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
     theirs = {t.name: T(t.ggml_type).name for t in read_gguf_header(dst)[1]}
-    assert theirs == tensor_types({t.name: t.shape for t in read_gguf_header(src)[1]}, ftype)
-    assert set(theirs) == set(written)
+    return theirs, tensor_types({t.name: t.shape for t in read_gguf_header(src)[1]}, ftype), written
+
+
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q5_k_m", "q6_k", "q4_0"])
+def test_same_types_as_llama_cpp_quantize(tmp_path, tiny_tokenizer, ftype):
+    """llama.cpp's own quantizer, on an F32 GGUF we wrote, picks the types `tensor_types` predicts (8
+    layers, K-quant-sized rows in attention, 704-value ffn_down rows that need the fallback)."""
+    theirs, ours, written = llama_cpp_types(tmp_path, tiny_tokenizer, ftype, d_model=256, n_layers=8, n_heads=4,
+                                            n_kv_heads=2, d_ff=704, tie_embeddings=False)
+    assert theirs == ours and set(theirs) == set(written)
 
 
 def test_eight_experts_get_llama_cpps_attention_bumps():
@@ -127,25 +133,6 @@ def test_eight_experts_get_llama_cpps_attention_bumps():
 @pytest.mark.parametrize("ftype", ["q4_k_m", "q4_0"])
 def test_same_types_as_llama_cpp_quantize_for_eight_experts(tmp_path, tiny_tokenizer, ftype):
     """llama.cpp's quantizer on an 8-expert (Mixtral-shaped) F32 GGUF we wrote picks `tensor_types`' types."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    import ctypes
-
-    import torch
-    from gguf import GGMLQuantizationType as T
-
-    from lmforge.loaders.gguf import read_gguf_header, write_gguf
-    from lmforge.model.gpt import GPT
-    from lmforge.presets import get_preset
-
-    cfg = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size, context_length=64).replace(
-        d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256, tie_embeddings=False, n_experts=8,
-        experts_per_token=2)
-    torch.manual_seed(0)
-    src, dst = tmp_path / "f32.gguf", tmp_path / f"{ftype}.gguf"
-    write_gguf(src, cfg, GPT(cfg).state_dict(), tiny_tokenizer, qtype="f32")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
-    params.nthread = 1
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
-    theirs = {t.name: T(t.ggml_type).name for t in read_gguf_header(dst)[1]}
-    assert theirs == tensor_types({t.name: t.shape for t in read_gguf_header(src)[1]}, ftype)
+    theirs, ours, _ = llama_cpp_types(tmp_path, tiny_tokenizer, ftype, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                                      d_ff=256, tie_embeddings=False, n_experts=8, experts_per_token=2)
+    assert theirs == ours

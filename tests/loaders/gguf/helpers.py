@@ -176,3 +176,55 @@ def open_llama_cpp(path, **kwargs):
 
     with mock.patch.object(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_repacking):
         return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the family GGUF tests (MoE, Gemma, Phi-3) share
+# ---------------------------------------------------------------------------------------------------
+FAMILY_NEW_TOKENS = 16
+
+
+def imported(ref, tmp_path, tokenizer) -> GPT:
+    """A transformers model saved as transformers saves it (with `tokenizer` beside it), imported by us."""
+    from lmforge.loaders.model_dir import load_model
+
+    d = tmp_path / "hf"
+    ref.save_pretrained(d)
+    tokenizer.save(d)
+    return load_model(d)
+
+
+def export_gguf(ours, tokenizer, path, qtype: str = "f32", *, name: str = "m"):
+    """Our GGUF export of `ours` at `path` (returned)."""
+    from lmforge.loaders.gguf import write_gguf
+
+    write_gguf(path, ours.config, ours.state_dict(), tokenizer, qtype=qtype, name=name)
+    return path
+
+
+def prompt_ids(vocab: int, n: int = 24) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(2)).tolist()
+
+
+def llama_cpp_run(path, prompt: list[int], n_ctx: int = 64, new_tokens: int = FAMILY_NEW_TOKENS):
+    """(logits of the prompt, greedy continuation) from llama.cpp itself, context `n_ctx`, fp32 KV cache (its
+    default fp16 one rounds to ~1e-2)."""
+    import numpy as np
+
+    llm = open_llama_cpp(path, n_ctx=n_ctx, n_threads=1, logits_all=True, type_k=0, type_v=0, flash_attn=False)
+    llm.eval(prompt)
+    logits = np.array(llm.scores[:len(prompt)])
+    out = []
+    for _ in range(new_tokens):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return logits, out
+
+
+def greedy(model, prompt: list[int], new_tokens: int = FAMILY_NEW_TOKENS) -> list[int]:
+    """Greedy continuation by full recomputation (no cache, no Engine): the plainest reference."""
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            x = torch.cat([x, model(x)[:, -1:].argmax(-1)], 1)
+    return x[0, len(prompt):].tolist()

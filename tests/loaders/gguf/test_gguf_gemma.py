@@ -36,8 +36,8 @@ from lmforge.loaders.gguf.reader import dequantize, open_data, parse_file  # noq
 from lmforge.loaders.model_dir import build_model, load_model  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 from lmforge.quant.linear import GGMLLinear  # noqa: E402
-from tests.loaders.gguf.helpers import assert_user_error  # noqa: E402
-from tests.loaders.gguf.test_gguf_moe import greedy, llama_cpp_run, rewrite  # noqa: E402
+from tests.loaders.gguf.helpers import assert_user_error, export_gguf, greedy, imported, llama_cpp_run, prompt_ids  # noqa: E402
+from tests.loaders.gguf.test_gguf_moe import rewrite  # noqa: E402
 from tests.loaders.parity import NEW_TOKENS, assert_matches_transformers  # noqa: E402
 from tests.loaders.test_gemma import BASE, GEMMA2_KW, GEMMA3_KW, randomize  # noqa: E402
 
@@ -65,19 +65,14 @@ def reference(kind: str, vocab: int) -> torch.nn.Module:
 def gemma(request, tmp_path, tiny_tokenizer):
     """(kind, transformers model, our import of its saved directory)."""
     ref = reference(request.param, tiny_tokenizer.vocab_size)
-    d = tmp_path / "hf"
-    ref.save_pretrained(d)
-    tiny_tokenizer.save(d)
-    return request.param, ref, load_model(d)
+    return request.param, ref, imported(ref, tmp_path, tiny_tokenizer)
 
 
 def export(ours: torch.nn.Module, tokenizer, path, qtype: str = "f32"):
-    write_gguf(path, ours.config, ours.state_dict(), tokenizer, qtype=qtype, name="gemma")
-    return path
+    return export_gguf(ours, tokenizer, path, qtype, name="gemma")
 
 
-def ids(vocab: int, n: int = 24) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(2)).tolist()
+ids = prompt_ids
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from lmforge.loaders.model_dir import build_model, load_model  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 from lmforge.quant.linear import GGMLLinear  # noqa: E402
 from lmforge.quant.mix import tensor_types  # noqa: E402
-from tests.loaders.gguf.helpers import assert_user_error, open_llama_cpp  # noqa: E402
+from tests.loaders.gguf.helpers import assert_user_error, export_gguf, greedy, imported, llama_cpp_run, prompt_ids  # noqa: E402
 from tests.loaders.parity import NEW_TOKENS, assert_moe_matches_transformers, our_choices, their_choices  # noqa: E402
 from tests.loaders.test_mixtral import hf_mixtral  # noqa: E402
 from tests.loaders.test_qwen3_moe import hf_qwen3_moe  # noqa: E402
@@ -55,19 +55,14 @@ def reference(family: str, vocab: int) -> torch.nn.Module:
 def moe(request, tmp_path, tiny_tokenizer):
     """(family, transformers model, our import of its saved directory)."""
     ref = reference(request.param, tiny_tokenizer.vocab_size)
-    d = tmp_path / "hf"
-    ref.save_pretrained(d)
-    tiny_tokenizer.save(d)
-    return request.param, ref, load_model(d)
+    return request.param, ref, imported(ref, tmp_path, tiny_tokenizer)
 
 
 def export(ours: torch.nn.Module, tokenizer, path, qtype: str = "f32"):
-    write_gguf(path, ours.config, ours.state_dict(), tokenizer, qtype=qtype, name="moe")
-    return path
+    return export_gguf(ours, tokenizer, path, qtype, name="moe")
 
 
-def ids(vocab: int, n: int = 24) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(2)).tolist()
+ids = prompt_ids
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,27 +117,6 @@ def test_export_import_matches_transformers(moe, tiny_tokenizer, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # llama.cpp runs our files
 # ---------------------------------------------------------------------------------------------------
-def llama_cpp_run(path, prompt: list[int], new_tokens: int = NEW_TOKENS):
-    """(logits of the prompt, greedy continuation) from llama.cpp itself (fp32 KV cache: its default fp16
-    one rounds to ~1e-2)."""
-    llm = open_llama_cpp(path, n_ctx=64, n_threads=1, logits_all=True, type_k=0, type_v=0, flash_attn=False)
-    llm.eval(prompt)
-    logits = np.array(llm.scores[:len(prompt)])
-    out = []
-    for _ in range(new_tokens):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([out[-1]])
-    return logits, out
-
-
-def greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
-    x = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            x = torch.cat([x, model(x)[:, -1:].argmax(-1)], 1)
-    return x[0, len(prompt):].tolist()
-
-
 def test_llama_cpp_runs_our_moe_gguf(moe, tiny_tokenizer, tmp_path):
     _, ref, ours = moe
     path = export(ours, tiny_tokenizer, tmp_path / "m.gguf")

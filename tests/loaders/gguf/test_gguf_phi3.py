@@ -35,8 +35,7 @@ from lmforge.loaders.gguf.reader import dequantize, open_data, parse_file  # noq
 from lmforge.loaders.model_dir import build_model, load_model  # noqa: E402
 from lmforge.quant.linear import GGMLLinear  # noqa: E402
 from lmforge.quant.mix import tensor_types  # noqa: E402
-from tests.loaders.gguf.helpers import open_llama_cpp  # noqa: E402
-from tests.loaders.gguf.test_gguf_moe import greedy  # noqa: E402
+from tests.loaders.gguf.helpers import export_gguf, greedy, imported, llama_cpp_run, prompt_ids  # noqa: E402
 from tests.loaders.parity import NEW_TOKENS, assert_matches_transformers  # noqa: E402
 from tests.loaders.test_phi3 import VARIANTS, hf_phi3, longrope  # noqa: E402
 
@@ -60,19 +59,14 @@ CONTEXT = {"phi4-mini": 64, "phi3.5-mini": 512}
 def phi(request, tmp_path, tiny_tokenizer):
     """(kind, transformers model, our import of its saved directory)."""
     ref = hf_phi3(tiny_tokenizer.vocab_size, **KINDS[request.param])
-    d = tmp_path / "hf"
-    ref.save_pretrained(d)
-    tiny_tokenizer.save(d)
-    return request.param, ref, load_model(d)
+    return request.param, ref, imported(ref, tmp_path, tiny_tokenizer)
 
 
 def export(ours: torch.nn.Module, tokenizer, path, qtype: str = "f32"):
-    write_gguf(path, ours.config, ours.state_dict(), tokenizer, qtype=qtype, name="phi")
-    return path
+    return export_gguf(ours, tokenizer, path, qtype, name="phi")
 
 
-def ids(vocab: int, n: int = 24) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(2)).tolist()
+ids = prompt_ids
 
 
 def same_config(a, b) -> None:
@@ -81,18 +75,6 @@ def same_config(a, b) -> None:
     for key in ("short_factor", "long_factor"):
         np.testing.assert_allclose(sa.pop(key, []), sb.pop(key, []), rtol=1e-7)
     assert sa == sb and a.replace(rope_scaling=None).diff(b.replace(rope_scaling=None)) == []
-
-
-def llama_cpp_run(path, prompt: list[int], n_ctx: int, new_tokens: int = NEW_TOKENS):
-    """(logits of the prompt, greedy continuation) from llama.cpp, fp32 KV cache, context `n_ctx`."""
-    llm = open_llama_cpp(path, n_ctx=n_ctx, n_threads=1, logits_all=True, type_k=0, type_v=0, flash_attn=False)
-    llm.eval(prompt)
-    logits = np.array(llm.scores[:len(prompt)])
-    out = []
-    for _ in range(new_tokens):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([out[-1]])
-    return logits, out
 
 
 # ---------------------------------------------------------------------------------------------------
