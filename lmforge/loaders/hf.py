@@ -226,23 +226,9 @@ def config_to_hf(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token
             **ours,
         }
     d: dict[str, Any] = {
-        "architectures": [arch],
-        "model_type": LLAMA_LIKE[arch],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
+        **_decoder_keys(cfg, arch, LLAMA_LIKE[arch]),
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.context_length,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "attention_dropout": 0.0,
-        "use_cache": True,
         **common,
         **ours,
     }
@@ -273,6 +259,27 @@ def config_to_hf(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token
     return d
 
 
+def _decoder_keys(cfg: ModelConfig, arch: str, model_type: str) -> dict[str, Any]:
+    """The keys every Llama-descended config class (Llama, Mistral, Qwen, Phi-3, Gemma) spells alike."""
+    return {
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "max_position_embeddings": cfg.context_length,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+    }
+
+
 def _rope_keys(cfg: ModelConfig) -> dict[str, Any]:
     """rope_scaling (transformers 4.x) and rope_parameters (5.x) of the global layers."""
     out: dict[str, Any] = {}
@@ -295,29 +302,15 @@ def _layer_types(cfg: ModelConfig) -> list[str]:
 def _gemma_config_to_hf(cfg: ModelConfig, arch: str, extra: dict[str, Any]) -> dict[str, Any]:
     scalar = cfg.head_dim if cfg.attn_scale is None else cfg.attn_scale ** -2  # scale = query_pre_attn_scalar^-1/2
     d: dict[str, Any] = {
-        "architectures": [arch],
-        "model_type": GEMMA[arch],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
+        **_decoder_keys(cfg, arch, GEMMA[arch]),
         "head_dim": cfg.head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": cfg.context_length,
-        "rms_norm_eps": cfg.norm_eps,
         "attention_bias": cfg.attention_bias,
-        "attention_dropout": 0.0,
         "query_pre_attn_scalar": round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
         "sliding_window": cfg.sliding_window,
         "layer_types": _layer_types(cfg),
         "final_logit_softcapping": cfg.final_softcap,
         "attn_logit_softcapping": cfg.attn_softcap,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "use_cache": True,
-        "rope_theta": cfg.rope_theta,
         **extra,
     }
     global_rope = _rope_keys(cfg)
@@ -340,24 +333,11 @@ def _phi3_config_to_hf(cfg: ModelConfig, extra: dict[str, Any]) -> dict[str, Any
     fraction = 1.0 if rotated == cfg.head_dim else rotated / cfg.head_dim
     original = (cfg.rope_scaling or {}).get("original_max_position_embeddings", cfg.context_length)
     d: dict[str, Any] = {
-        "architectures": [PHI3],
-        "model_type": "phi3",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
+        **_decoder_keys(cfg, PHI3, "phi3"),
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.context_length,
         "original_max_position_embeddings": original,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
         "partial_rotary_factor": fraction,
         "sliding_window": cfg.sliding_window,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "attention_dropout": 0.0,
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "use_cache": True,
