@@ -167,3 +167,18 @@ def test_sixteen_bit_file_keeps_its_bytes(tmp_path, tiny_tokenizer):
     idx = torch.randint(0, tiny_tokenizer.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(packed(idx), load_model(tmp_path)(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_a_sliding_window_matches_transformers_on_import_and_export(tmp_path, tiny_tokenizer):
+    """Mixtral with an 8-token window in every layer (MixtralConfig.sliding_window), at 24 tokens and 16 more
+    generated: transformers' logits, experts and greedy tokens, on import and after export."""
+    ref = hf_mixtral(tiny_tokenizer.vocab_size, sliding_window=8)
+    ref.save_pretrained(tmp_path / "theirs")
+    ours = load_model(tmp_path / "theirs")
+    assert (ours.config.sliding_window, ours.config.sliding_layers) == (8, None)
+    assert_moe_matches_transformers(ref, ours, tiny_tokenizer)
+    (tmp_path / "ours").mkdir()
+    write_model_files(tmp_path / "ours", ours, tokenizer=tiny_tokenizer)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert theirs.config.sliding_window == 8
+    assert_moe_matches_transformers(theirs, load_model(tmp_path / "ours"), tiny_tokenizer)
