@@ -29,7 +29,6 @@ from lmforge.loaders.model_dir import load_config, load_model, write_model_files
 from lmforge.model.gpt import GPT  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 from lmforge.train.checkpointer import Checkpointer  # noqa: E402
-from tests.loaders.parity import assert_matches_transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -149,46 +148,6 @@ def test_sharded_checkpoint(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     assert_parity(ref, load_model(tmp_path), generate=False)
-
-
-def test_mistral_sliding_window_is_real(tmp_path, tiny_tokenizer):
-    """Mistral attends through its window in every layer; prompts and generation three windows long match
-    transformers, and the whole context stays usable (no longer capped at the window)."""
-    ref = hf_model("mistral", sliding_window=8, vocab_size=tiny_tokenizer.vocab_size)
-    ref.save_pretrained(tmp_path)
-    ours = load_model(tmp_path)
-    assert (ours.config.context_length, ours.config.sliding_window, ours.config.sliding_layers) == (64, 8, None)
-    assert_matches_transformers(ref, ours, tiny_tokenizer)
-    conf = transformers.MistralConfig(**{**LLAMA, "sliding_window": None}).to_dict()
-    assert config_from_hf({**conf, "architectures": ["MistralForCausalLM"]}).sliding_window is None
-    (tmp_path / "out").mkdir()
-    write_model_files(tmp_path / "out", ours, tokenizer=tiny_tokenizer)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-    assert type(theirs).__name__ == "MistralForCausalLM"
-    assert_matches_transformers(theirs, ours, tiny_tokenizer)
-
-
-def test_qwen2_sliding_window_only_where_used(tmp_path, tiny_tokenizer):
-    def window(**kw):
-        d = transformers.Qwen2Config(**{**LLAMA, **kw}).to_dict()
-        cfg = config_from_hf({**d, "architectures": ["Qwen2ForCausalLM"]})
-        return cfg.sliding_window, cfg.sliding_layers
-
-    assert window(sliding_window=16) == (None, None)  # use_sliding_window is false
-    assert window(use_sliding_window=True, sliding_window=16, max_window_layers=1) == (16, [1])
-    assert window(use_sliding_window=True, sliding_window=16, max_window_layers=2) == (None, None)  # no layer slides
-    d = transformers.Qwen2Config(**LLAMA, use_sliding_window=True, sliding_window=16, max_window_layers=1).to_dict()
-    d.pop("layer_types")  # older files: derived from max_window_layers
-    assert config_from_hf({**d, "architectures": ["Qwen2ForCausalLM"]}).sliding_layers == [1]
-    # one sliding layer of two, at a length past its window: transformers' logits, and back through export
-    ref = hf_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1,
-                   vocab_size=tiny_tokenizer.vocab_size, tie_word_embeddings=False)
-    ref.save_pretrained(tmp_path)
-    ours = load_model(tmp_path)
-    assert_matches_transformers(ref, ours, tiny_tokenizer)
-    (tmp_path / "out").mkdir()
-    write_model_files(tmp_path / "out", ours, tokenizer=tiny_tokenizer)
-    assert load_model(tmp_path / "out").config == ours.config
 
 
 def test_gpt2_without_prefix_and_with_mask_buffers(tmp_path):
@@ -568,17 +527,6 @@ def test_lmforge_model_directory_tokenizer(tmp_path, tiny_tokenizer):
     tok = load_hf_tokenizer(tmp_path)
     assert tok.eos_ids == tiny_tokenizer.eos_ids and tok.extra_eos_tokens == []
     assert tok.fingerprint() == tiny_tokenizer.fingerprint() and not tok.add_bos
-
-
-def test_qwen2_window_spellings_transformers_accepts():
-    """`sliding_window: null` means no window even with use_sliding_window; max_window_layers 0 makes every
-    layer slide (files without layer_types)."""
-    d = transformers.Qwen2Config(**LLAMA, use_sliding_window=True, sliding_window=None).to_dict()
-    assert config_from_hf({**d, "architectures": ["Qwen2ForCausalLM"]}).sliding_window is None
-    d = transformers.Qwen2Config(**LLAMA, use_sliding_window=True, sliding_window=16, max_window_layers=0).to_dict()
-    d.pop("layer_types")
-    cfg = config_from_hf({**d, "architectures": ["Qwen2ForCausalLM"]})
-    assert (cfg.sliding_window, cfg.sliding_layers) == (16, None)
 
 
 @pytest.mark.parametrize("extra", [dict(sliding_window=4), dict(embed_scale=True), dict(attn_scale=0.05),
