@@ -90,7 +90,7 @@ def test_absurd_context_and_layers_are_refused_from_the_header(tmp_path, tiny_to
 def test_rope_tables_that_would_not_fit_are_refused_before_they_are_computed(tmp_path, tiny_tokenizer, monkeypatch):
     """A context within the ceiling (2**22) whose RoPE tables (512 MiB for head_dim 16) exceed the memory
     available: before, they were computed whatever the memory; now the load stops first."""
-    from lmforge.loaders import model_dir, packed
+    from lmforge.loaders import packed
     from lmforge.loaders.auto import load as load_any
     from tests.loaders.test_model_dir import tables_computed
 
