@@ -17,11 +17,11 @@ import sys
 from typing import Callable
 
 from lmforge import __version__
-from lmforge.cli import bench, quantize, retrieval, serve, store, train, use
+from lmforge.cli import bench, plan, quantize, retrieval, serve, store, sweep, train, use
 from lmforge.cli.common import PROG, Formatter, Parser, fail, float_arg, nonneg_int, para, positive_int
 from lmforge.errors import UserError
 
-GROUPS = (train, use, store, quantize, retrieval, serve, bench)
+GROUPS = (train, plan, sweep, use, store, quantize, retrieval, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
