@@ -380,7 +380,7 @@ class GPT(nn.Module):
             if hasattr(self, "rope_local_cos"):
                 local_rope = (self.rope_local_cos[pos2d][:, None], self.rope_local_sin[pos2d][:, None])
         # Sliding layers see only the last `sliding_window` keys: the same mask, narrowed. Distances are
-        # counted in slots, which within a row are distances in positions (padding only ever comes first).
+        # counted in slots, which within a row are distances in positions (padding never sits between real tokens).
         # A cache that keeps sliding layers in rings hands them their ring: the mask is then over ring indices.
         local_mask, local_causal = mask, causal
         n_keys = cache.length if cache is not None else T
