@@ -1,10 +1,11 @@
 """Plan a run before paying for it: parameters, FLOPs per token, memory, and how much data a run sees.
 
-The memory figure is an estimate for fp32 training with AdamW: 16 bytes per trainable parameter
-(weights 4 + gradients 4 + two Adam moments 8) plus activations kept for the backward pass. The activation
-term follows Korthikanti et al. 2022 (per layer and token: 34*d + 5*heads*T values at 2 bytes in 16-bit
-training), doubled for fp32, plus the logits and their gradient (the largest single tensor for small
-models with big vocabularies).
+What `lmforge pretrain --dry-run` prints. The formulas live in `lmforge.plan` (one home, shared with
+`lmforge plan`): the memory figure is `plan.training_memory` for one process - weights, gradients and
+two AdamW moments in fp32 (16 bytes a parameter) plus the activations kept for the backward pass, counted
+tensor by tensor after Korthikanti et al. 2022 (at 4 bytes a value for fp32 training, 2 under bf16
+autocast), plus the logits and their gradient (the largest single tensor for small models with big
+vocabularies). `lmforge plan` adds parallelism, checkpointing, inference, time, cost and CO2.
 
 Of a mixture of experts the plan shows both counts: all the parameters (what memory holds) and the active
 ones, those a token runs through (what FLOPs per token are computed from).
@@ -13,20 +14,9 @@ ones, those a token runs through (what FLOPs per token are computed from).
 from __future__ import annotations
 
 from lmforge.config import ModelConfig
+from lmforge.plan import human, human_bytes, training_memory
 
-
-def human(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
-
-
-def human_bytes(n: float) -> str:
-    for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
-            return f"{n / scale:.2f} {suffix}"
-    return f"{n:.0f} B"
+__all__ = ["estimate", "format_plan", "human", "human_bytes"]
 
 
 def estimate(cfg: ModelConfig, *, batch_size: int, grad_accum: int, max_steps: int, train_tokens: int | None = None,
@@ -35,9 +25,10 @@ def estimate(cfg: ModelConfig, *, batch_size: int, grad_accum: int, max_steps: i
     params = cfg.num_params()
     tokens_per_step = batch_size * grad_accum * T
     flops_tok = cfg.flops_per_token(T)
-    act_per_layer_token = (34 * cfg.d_model + 5 * cfg.n_heads * T) * bytes_per_act / 2
-    activations = batch_size * T * (cfg.n_layers * act_per_layer_token + 2 * cfg.vocab_size * 4)
-    state = 16 * params
+    memory = training_memory(cfg, batch=batch_size, seq=T, precision="bf16" if bytes_per_act == 2 else "fp32",
+                             micro_batches=grad_accum)
+    state = int(sum(memory[k].value for k in ("weights", "gradients", "optimizer")))
+    activations = memory["activations"].value
     out = {
         "parameters": params,
         "non_embedding_parameters": cfg.num_params(include_embeddings=False),
