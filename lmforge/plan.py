@@ -470,4 +470,4 @@ def this_machine(precision: str) -> Hardware:
 def named_hardware(name: str, precision: str) -> Hardware:
     a = accelerator(name)
     peak = a.bf16 if precision == "bf16" else a.fp32
-    return Hardware(a.label, peak, f"{a.label} {precision} datasheet peak", a.watts, a.memory)
+    return Hardware(a.label, peak, f"{a.name} {precision} datasheet", a.watts, a.memory)

@@ -75,6 +75,8 @@ def cmd_plan(args) -> int:
     infer_flags = args.model is not None or args.quant is not None or args.dtype is not None or args.kv_dtype is not None
     do_train = n_params is not None and (args.tokens is not None or not infer_flags)
     do_infer = n_params is not None and (infer_flags or args.tokens is None)
+    if args.gpu is not None:
+        args.gpu = args.gpu.strip().lower()
     named = args.gpu is not None and args.gpu != "this"
     par = P.parse_parallel(args.parallel, args.gpus, cfg)
     hw = None
@@ -119,12 +121,12 @@ def cmd_plan(args) -> int:
         title = (f"training memory per device ({par.describe()}, {args.precision}, {args.optimizer}"
                  f"{', checkpointing' if args.checkpointing else ''}"
                  f"{f', micro-batch {args.batch} x {seq} tokens' if seq else ''})")
+        _fits(mem, hw)
         add(title, mem)
         if hw is not None:
             add(f"training run on {args.gpus} x {hw.label}",
                 P.run_figures(data_figs["flops"].value, hw, gpus=args.gpus, mfu=args.mfu, price=args.price,
                               power=args.power, pue=args.pue, grid_co2=args.grid_co2))
-            _fits(out, hw, mem)
     if do_infer:
         context = args.context or (cfg.context_length if cfg is not None else 0)
         if args.quant is not None:
@@ -143,9 +145,8 @@ def cmd_plan(args) -> int:
         kv = args.kv_dtype or ("bf16" if named or args.gpu == "this" and _cuda() else "fp32")
         title = f"inference memory ({args.batch} x {context} tokens)" if cfg is not None else "inference memory"
         mem = P.inference_memory(cfg, batch=args.batch, context=context, weights=weights, kv_dtype=kv)
+        _fits(mem, hw)
         add(title, mem)
-        if hw is not None:
-            _fits(out, hw, mem)
     if args.flops_budget is not None:
         n, d = P.compute_optimal(args.flops_budget)
         f = P.Figure
@@ -174,15 +175,17 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _fits(out: list[str], hw, mem: dict) -> None:
-    """A line saying whether the per-device total fits the device's memory."""
-    from lmforge.plan import human_bytes
+def _fits(mem: dict, hw) -> None:
+    """Add to `mem` a figure saying whether its per-device total fits the device's memory."""
+    from lmforge.plan import Figure, human_bytes
 
-    if hw.memory is None:
+    if hw is None or hw.memory is None:
         return
     total = mem.get("total", next(iter(mem.values()))).value
-    verdict = "fits" if total <= hw.memory else f"does NOT fit ({total / hw.memory:.1f}x)"
-    out.append(f"  {'':<26} {verdict} in {human_bytes(hw.memory)} per device")
+    ratio = total / hw.memory
+    verdict = f"yes ({ratio:.0%} of {human_bytes(hw.memory)})" if ratio <= 1 else f"NO ({ratio:.1f}x its {human_bytes(hw.memory)})"
+    mem["fits"] = Figure("fits one device", ratio, verdict,
+                         f"{human_bytes(total)} per device / {human_bytes(hw.memory)} [{hw.source}]")
 
 
 def register(sub) -> list[argparse.ArgumentParser]:
