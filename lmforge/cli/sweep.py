@@ -70,7 +70,7 @@ def register(sub) -> list[argparse.ArgumentParser]:
     p.add_argument("--levels", type=positive_int, default=4, help="token counts (x2 apart) when sized from --budget (default: 4)")
     p.add_argument("--predict-flops", type=float_arg, metavar="FLOPS",
                    help="the compute budget to predict the optimal size for (default: 100x the largest run)")
-    p.add_argument("--bootstrap", type=nonneg_int, default=200, help="resamples for the prediction's interval (default: 200)")
+    p.add_argument("--bootstrap", type=nonneg_int, default=100, help="resamples for the prediction's interval (default: 100)")
     p.add_argument("--vocab-size", type=positive_int, default=2048, help="BPE tokenizer size (default: 2048)")
     p.add_argument("--context-length", type=positive_int, default=128, help="tokens a window (default: 128)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="windows a step (default: 16)")

@@ -49,7 +49,7 @@ DEFAULT_SIZES = ((48, 2), (96, 3), (160, 4), (256, 4))
 CALIBRATION_STEPS = 5  # timed steps per size when sizing the grid (the first is not counted: warm-up)
 RUNG = 2.0  # ratio between neighbouring token counts
 MIN_STEPS = 10  # the smallest run worth fitting: below this warm-up and noise are the whole run
-FIT_RESERVE_S = 30.0  # kept from the budget for the fit, the bootstrap and the plot
+FIT_RESERVE_S = 45.0  # kept from the budget for the fit, the bootstrap and the plot
 
 
 @dataclass
@@ -69,7 +69,7 @@ class SweepOptions:
     val_fraction: float = 0.05
     max_epochs: float = 4.0  # the largest run sees the training tokens at most this many times
     predict_flops: float | None = None  # None: 100 x the largest run's compute
-    bootstrap: int = 200
+    bootstrap: int = 100
     device: str = "auto"
     errors: str = "strict"
     progress: bool = True
