@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import GATED_MLPS, ModelConfig
 from lmforge.errors import UserError
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -257,7 +257,7 @@ def activation_values(cfg: ModelConfig, seq: int, *, tp: int = 1, flash: bool = 
     """(values kept per token in one block for the backward pass, its formula); see the module docstring."""
     d, hd = cfg.d_model, cfg.head_dim
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    gated = cfg.mlp in ("swiglu", "geglu")
+    gated = cfg.mlp in GATED_MLPS
     mlp = (4 if gated else 2) * cfg.d_ff * (cfg.experts_per_token if cfg.n_experts else 1)
     if cfg.n_experts and cfg.shared_expert_d_ff:
         mlp += 4 * cfg.shared_expert_d_ff
@@ -304,22 +304,26 @@ def training_memory(cfg: ModelConfig, *, batch: int, seq: int, precision: str = 
                                  f"(largest unit: a block, the embeddings or the head)")
     per_tok, per_tok_f = activation_values(cfg, seq, tp=par.tp, flash=flash)
     tokens = batch * seq
+    # Values per token of one micro-batch kept until its backward pass, and those alive only while one
+    # checkpointed block is recomputed (one micro-batch at a time).
     if checkpointing:
-        layer_vals, layer_f = per_stage * cfg.d_model + per_tok, f"{per_stage} x {cfg.d_model} + {per_tok:,.0f}"
+        kept, kept_f = per_stage * cfg.d_model, f"{per_stage} blocks x {cfg.d_model} (their inputs)"
+        transient, why = per_tok, f" + {per_tok:,.0f} (one block recomputed)"
     else:
-        layer_vals, layer_f = per_stage * per_tok, f"{per_stage} x {per_tok:,.0f}"
-    in_flight = min(par.pp, micro_batches) if par.pp > 1 else 1
-    first = in_flight * tokens * layer_vals * act_b
+        kept, kept_f = per_stage * per_tok, f"{per_stage} blocks x {per_tok:,.0f}"
+        transient, why = 0.0, ""
     logits = tokens * 2 * cfg.vocab_size * 4 / par.tp
-    last = tokens * layer_vals * act_b + logits
-    acts = max(first, last) if par.pp > 1 else tokens * layer_vals * act_b + logits
-    why = "checkpointed: each block's input + one block recomputed" if checkpointing else "all blocks"
-    flight = f"{in_flight} micro-batches in flight (1F1B) x " if in_flight > 1 else ""
-    out["activations"] = Figure(
-        "activations", acts, mem(acts),
-        f"{flight}{batch} x {seq} tokens x ({layer_f}) values x {act_b} B [{why}; per block and token "
-        f"{per_tok_f}] + logits and their gradient {batch} x {seq} x 2 x {cfg.vocab_size}"
-        f"{f'/{par.tp}' if par.tp > 1 else ''} x 4 B" + ("; worst of the first and last stage" if par.pp > 1 else ""))
+    logits_f = f"logits and their gradient {batch} x {seq} x 2 x {cfg.vocab_size}{f'/{par.tp}' if par.tp > 1 else ''} x 4 B"
+    last = (kept + transient) * tokens * act_b + logits
+    formula = f"{batch} x {seq} tokens x ({kept_f}{why}) values x {act_b} B + {logits_f}"
+    acts = last
+    if par.pp > 1:  # 1F1B: the first stage holds the most micro-batches, the last holds the logits
+        in_flight = min(par.pp, micro_batches)
+        first = (in_flight * kept + transient) * tokens * act_b
+        acts = max(first, last)
+        formula = (f"the larger of the first stage, {batch} x {seq} tokens x ({in_flight} micro-batches in flight x "
+                   f"{kept_f}{why}) values x {act_b} B, and the last, {formula}")
+    out["activations"] = Figure("activations", acts, mem(acts), f"{formula} [per block and token {per_tok_f}]")
     total = sum(f.value for f in out.values())
     out["total"] = Figure("total per device", total, mem(total), " + ".join(f.label for f in out.values()))
     return out

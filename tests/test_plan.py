@@ -83,6 +83,20 @@ def test_activations_are_korthikantis_count_without_dropout():
     assert values - flash == a * s  # flash attention keeps no score matrix
 
 
+def test_activations_by_hand_for_tiny():
+    """tiny: d 64, 4 heads and 2 kv heads of 16, SwiGLU d_ff 192, vocab 512, 2 layers."""
+    cfg = get_preset("tiny")
+    per_token = 4 * 64 + 2 * 64 + 2 * 32 + 4 * 192
+    assert P.activation_values(cfg, 64)[0] == per_token == 1216
+    logits = 2 * 64 * 2 * 512 * 4
+    got = P.training_memory(cfg, batch=2, seq=64)["activations"].value
+    assert got == 2 * 64 * 2 * per_token * 4 + logits
+    ckpt = P.training_memory(cfg, batch=2, seq=64, checkpointing=True)["activations"].value
+    assert ckpt == 2 * 64 * (2 * 64 + per_token) * 4 + logits
+    pp = P.training_memory(cfg, batch=2, seq=64, parallel=P.Parallel(pp=2), micro_batches=8)["activations"].value
+    assert pp == max(2 * 2 * 64 * per_token * 4, 2 * 64 * per_token * 4 + logits)  # 2 in flight on stage 1
+
+
 def mem(cfg, **kw):
     return {k: f.value for k, f in P.training_memory(cfg, batch=2, seq=512, **kw).items()}
 
@@ -180,3 +194,20 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, says):
     code, out, err = run_cli(capsys, "plan", *argv)
     assert code == 2 and out == ""
     assert says in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_quantized_mix_from_the_config_is_what_the_gguf_writer_writes(capsys, tmp_path, tiny_tokenizer):
+    """The weights `--quant q4_k_m` plans from a config alone are the bytes of the file lmforge writes."""
+    import torch
+
+    from lmforge.footprint import weights_bytes
+    from lmforge.loaders.gguf.write import write_gguf
+    from lmforge.model.gpt import GPT
+
+    cfg = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size, d_model=256, d_ff=512)
+    torch.manual_seed(0)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, cfg, GPT(cfg).state_dict(), tiny_tokenizer, qtype="q4_k_m")
+    assert P.quantized_weights(cfg, "q4_k_m").value == weights_bytes(path)
+    code, out, _ = run_cli(capsys, "plan", "--model", path, "--json")
+    assert code == 0 and json.loads(out)["inference memory (1 x 64 tokens)"]["weights"] == weights_bytes(path)
