@@ -66,7 +66,7 @@ def register(sub) -> list[argparse.ArgumentParser]:
     p.add_argument("--sizes", metavar="WxD,...", help="model sizes as WIDTHxDEPTH (d_model x layers) "
                    "(default: 48x2,96x3,160x4,256x4: about 56k to 2.9M non-embedding parameters)")
     p.add_argument("--tokens", type=_token_counts, metavar="T,...",
-                   help="train every size on these token counts instead of sizing them from --budget (1e5,2e5)")
+                   help="train every size on these token counts, e.g. 1e5,2e5 (default: sized from --budget)")
     p.add_argument("--levels", type=positive_int, default=4, help="token counts (x2 apart) when sized from --budget (default: 4)")
     p.add_argument("--predict-flops", type=float_arg, metavar="FLOPS",
                    help="the compute budget to predict the optimal size for (default: 100x the largest run)")

@@ -227,17 +227,18 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     lineage = {"objective": "pretrain", "data": opts.data, "data_fingerprint": spec["data"], "parent": None,
                "tokenizer": f"BPE trained on {opts.data}", "sweep": key}
     runs, reused, interrupted = [], 0, False
-    total = sum(estimate_s(c, s) for c, s in grid)
+    run_dirs = {(cfg.name, s): out / "runs" / f"{cfg.name.removeprefix('sweep-')}-{s}steps-{key}" for cfg, s in grid}
+    # The bar counts estimated seconds of the runs still to train (reused ones would make its rate, so its ETA, wrong)
+    total = sum(estimate_s(c, s) for c, s in grid if not (run_dirs[c.name, s] / "result.json").is_file())
     bar = tqdm(total=round(total, 1), desc="sweep", unit="s", disable=not opts.progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} est. s [{elapsed}<{remaining}]{postfix}")
     for cfg, s in grid:
-        run_dir = out / "runs" / f"{cfg.name.removeprefix('sweep-')}-{s}steps-{key}"
+        run_dir = run_dirs[cfg.name, s]
         result_path = run_dir / "result.json"
         est = estimate_s(cfg, s)
         if result_path.is_file():
             runs.append({**json.loads(result_path.read_text()), "reused": True})
             reused += 1
-            bar.update(est)
             continue
         bar.set_postfix_str(f"{cfg.name.removeprefix('sweep-')}, {s * tokens_per_step:,} tokens")
         done = [0.0]
