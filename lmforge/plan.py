@@ -193,9 +193,10 @@ class Parallel:
 
 def parse_parallel(spec: str | None, gpus: int, cfg: ModelConfig | None = None) -> Parallel:
     """'ddp' | 'fsdp' | 'tp=2,dp=4' | 'pp=2' | 'tp=2,pp=2,fsdp=2' for `gpus` devices. None or a bare
-    'ddp' or 'fsdp' spans them all (None: DDP, the plain data parallelism); in a list, a missing data-parallel degree fills the devices left (as DDP, or
-    FSDP when 'fsdp' is named without a number). One-line UserErrors for specs that do not divide the
-    devices or, given `cfg`, the model (heads by tp, layers by pp)."""
+    'ddp' or 'fsdp' spans them all (None: DDP, the plain data parallelism); in a list, a missing
+    data-parallel degree fills the devices left (as DDP, or FSDP when 'fsdp' is named without a number).
+    One-line UserErrors for specs that do not divide the devices or, given `cfg`, the model (heads by
+    tp, layers by pp)."""
     if not spec or spec.strip() in ("ddp", "dp"):
         return _checked(Parallel(dp=gpus), gpus, cfg, spec or "ddp")
     degrees: dict[str, int] = {}
@@ -440,7 +441,7 @@ def run_figures(flops: float, hw: Hardware, *, gpus: int, mfu: float, price: flo
                          f"{sci(flops)} FLOPs / ({gpus} x {sci(hw.peak)} FLOP/s peak [{hw.source}] x MFU {mfu:g})")
     dev_h = gpus * seconds / 3600
     out["device_hours"] = Figure("device-hours", dev_h, f"{dev_h:,.0f}" if dev_h >= 10 else f"{dev_h:.2f}",
-                                 f"{gpus} devices x {seconds / 3600:,.4g} h")
+                                 f"{gpus} device{'s' if gpus > 1 else ''} x {seconds / 3600:,.4g} h")
     if price is not None:
         out["cost"] = Figure("cost", dev_h * price, f"${dev_h * price:,.0f}" if dev_h * price >= 10 else f"${dev_h * price:.2f}",
                              f"{dev_h:,.4g} device-hours x ${price:g}/device-hour")

@@ -183,7 +183,8 @@ def _fits(mem: dict, hw) -> None:
         return
     total = mem.get("total", next(iter(mem.values()))).value
     ratio = total / hw.memory
-    verdict = f"yes ({ratio:.0%} of {human_bytes(hw.memory)})" if ratio <= 1 else f"NO ({ratio:.1f}x its {human_bytes(hw.memory)})"
+    size = human_bytes(hw.memory)
+    verdict = f"yes ({ratio:.0%} of {size})" if ratio <= 1 else f"NO ({ratio:.1f}x its {size})"
     mem["fits"] = Figure("fits one device", ratio, verdict,
                          f"{human_bytes(total)} per device / {human_bytes(hw.memory)} [{hw.source}]")
 
