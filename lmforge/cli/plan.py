@@ -121,7 +121,8 @@ def cmd_plan(args) -> int:
         title = (f"training memory per device ({par.describe()}, {args.precision}, {args.optimizer}"
                  f"{', checkpointing' if args.checkpointing else ''}"
                  f"{f', micro-batch {args.batch} x {seq} tokens' if seq else ''})")
-        _fits(mem, hw)
+        if cfg is not None:  # without a shape there are no activations: a fit would mislead
+            _fits(mem, hw)
         add(title, mem)
         if hw is not None:
             add(f"training run on {args.gpus} x {hw.label}",
