@@ -4,6 +4,8 @@ models. Each handler turns flags into the options of a library function and prin
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -44,7 +46,47 @@ RECIPE_FLAGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup
                 "compile")
 
 
+def _forwarded_argv(parser: argparse.ArgumentParser, args) -> list[str]:
+    """The `lmforge pretrain` flags the user gave (everything that differs from the defaults), less --nproc:
+    what each torchrun worker is started with."""
+    argv = ["pretrain"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "nproc"):
+            continue
+        value = getattr(args, action.dest, None)
+        if action.nargs == 0:  # store_true / store_false: the flag whose constant the value is
+            if value is not None and value == action.const and value != action.default:
+                argv.append(action.option_strings[0])
+        elif value is not None and value != action.default:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
+def _launch_torchrun(args, opts) -> int:
+    """`--nproc N`: prepare the tokenizer and token shards once here (a dry run, which also reports the
+    user's mistakes in one line before anything starts), then run N workers under torchrun on this machine."""
+    import subprocess
+
+    from lmforge.train.distributed import parse_parallel, torchrun_command
+    from lmforge.train.pretrain import pretrain
+
+    if parse_parallel(args.parallel) == "none":
+        return fail(f"--nproc {args.nproc} starts {args.nproc} processes; say how they share the work with "
+                    f"--parallel ddp or --parallel fsdp")
+    _, summary = pretrain(dataclasses.replace(opts, dry_run=True))
+    batch = summary["recipe"].batch_size
+    if batch % args.nproc:
+        return fail(f"--batch-size {batch} is the global micro-batch and must divide evenly among {args.nproc} processes")
+    cmd = torchrun_command(args.nproc, _forwarded_argv(args.pretrain_parser, args))
+    code = subprocess.call(cmd)
+    if code:  # torchrun's report above says which rank failed first, and how
+        return fail(f"the {args.nproc}-process training job failed (torchrun exit {code}); see \"Root Cause\" "
+                    f"above for the rank that failed first", code=code)
+    return code
+
+
 def cmd_pretrain(args) -> int:
+    from lmforge.train.distributed import launched_by_torchrun, lost_peer
     from lmforge.train.loop import TrainingDiverged, print_evaluations
     from lmforge.train.pretrain import PretrainOptions, pretrain
 
@@ -59,13 +101,26 @@ def cmd_pretrain(args) -> int:
         context_length=args.context_length, dropout=args.dropout, val_fraction=args.val_fraction, errors=args.errors,
         eval_tokens=args.eval_tokens, resume=bool(args.resume), dry_run=args.dry_run, overwrite=args.overwrite, device=args.device,
         progress=progress, recipe={k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None},
+        parallel=args.parallel, backend=args.backend,
     )
+    if args.nproc is not None:
+        if launched_by_torchrun():
+            return fail("--nproc starts torchrun itself; under torchrun, leave it out")
+        if args.nproc > 1 and not args.dry_run:
+            return _launch_torchrun(args, opts)
     if not progress:  # no terminal: a line per evaluation instead of a progress bar
         opts.on_log = print_evaluations
     try:
         result, summary = pretrain(opts)
     except TrainingDiverged as e:
         return fail(str(e), code=1)
+    except RuntimeError as e:
+        if launched_by_torchrun() and lost_peer(e):  # another rank died or hung: say so instead of a C++ trace
+            return fail(f"rank {os.environ.get('RANK', '?')}: lost contact with the other processes, so this one "
+                        f"stops too ({str(e).splitlines()[0][:200]})", code=1)
+        raise
+    if summary["rank"] != 0:  # torchrun's other workers: rank 0 reports
+        return 0
     if result is None:
         print(summary["plan_text"])
         meta = summary["data_meta"]
@@ -209,7 +264,9 @@ def register(sub) -> list[argparse.ArgumentParser]:
                     "stops; --resume continues exactly where a run stopped."),
         epilog="examples:\n  lmforge pretrain --preset small --data builtin:pydocs --out runs/small --max-steps 3000\n"
                "  lmforge pretrain --resume runs/small --max-steps 6000\n"
-               "  lmforge pretrain --preset small --data shakespeare.txt --out runs/shakes --dry-run")
+               "  lmforge pretrain --preset small --data shakespeare.txt --out runs/shakes --dry-run\n"
+               "  lmforge pretrain --nproc 2 --parallel ddp --preset small --out runs/ddp\n"
+               "  torchrun --nproc-per-node 8 -m lmforge pretrain --parallel fsdp --preset base --out runs/base")
     pt.add_argument("--preset", metavar="NAME", help=f"model shape, one of: {', '.join(preset_names())} "
                     f"(default: small; on --resume, the checkpoint's shape)")
     add_data_flags(pt, "builtin:pydocs; on --resume, the run's data")
@@ -228,7 +285,8 @@ def register(sub) -> list[argparse.ArgumentParser]:
     pt.add_argument("--dropout", type=float_arg, help="dropout probability (default: the preset's, 0)")
     g = pt.add_argument_group("training recipe (on --resume, defaults come from the checkpoint)")
     g.add_argument("--max-steps", type=positive_int, help=f"optimizer steps to train to (default: {train_default('max_steps')})")
-    g.add_argument("--batch-size", type=positive_int, help=f"sequences per micro-batch (default: {train_default('batch_size')})")
+    g.add_argument("--batch-size", type=positive_int, help=f"sequences per micro-batch, all processes together "
+                   f"(default: {train_default('batch_size')})")
     g.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step (default: 1)")
     g.add_argument("--lr", type=float_arg, help=f"peak learning rate (default: {train_default('lr')})")
     g.add_argument("--min-lr", type=float_arg, help="learning rate at the end of the cosine decay (default: lr/10)")
@@ -246,11 +304,20 @@ def register(sub) -> list[argparse.ArgumentParser]:
     pt.add_argument("--val-fraction", type=float_arg, default=0.05, help="share of the data held out for validation (default: 0.05)")
     pt.add_argument("--eval-tokens", type=positive_int, default=131072, help="validation tokens scored per evaluation (default: 131072)")
     add_device_flag(pt)
+    d = pt.add_argument_group("several processes (torchrun)", "--batch-size is the global micro-batch, divided evenly "
+                              "among the processes, so the loss curve does not depend on how many there are")
+    d.add_argument("--parallel", metavar="HOW", help="how the processes share the work: none (one process), ddp "
+                   "(each holds the whole model, gradients averaged) or fsdp (weights, gradients and optimizer state "
+                   "sharded per block, FSDP2) (default: none)")
+    d.add_argument("--nproc", type=positive_int, help="start this many processes on this machine through torchrun "
+                   "(python -m torch.distributed.run --standalone); under torchrun itself, leave it out")
+    d.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto", help="how the processes talk: "
+                   "gloo on CPUs, NCCL on CUDA GPUs (default: auto)")
     pt.add_argument("--samples", type=nonneg_int, default=2, help="text samples to print when training ends (default: 2)")
     pt.add_argument("--sample-tokens", type=positive_int, default=80, help="tokens per printed sample (default: 80)")
     pt.add_argument("--seed-sample", type=int, default=0, help="seed of the printed samples (default: 0)")
     add_progress_flag(pt)
-    pt.set_defaults(func=cmd_pretrain)
+    pt.set_defaults(func=cmd_pretrain, pretrain_parser=pt)
 
     # finetune / align / merge
     def add_ft_flags(p, what: str, data_help: str):

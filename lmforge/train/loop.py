@@ -5,6 +5,12 @@ autocast, gradient clipping, a finiteness guard, the optimizer update. Around it
 JSONL metrics, a loss-curve PNG, checkpoints (model + trainer state, one atomic transaction each), and a
 SIGINT/SIGTERM handler that saves at the next step boundary.
 
+Several processes (torchrun, `lmforge.train.distributed`): the caller wraps the model (DDP or FSDP2) and
+passes its `Dist`; each rank's `data` yields its own slice of every global micro-batch. Here that changes
+four things only: micro-steps before the last skip the gradient all-reduce, the reported loss (and the stop
+flag, so every rank stops at the same step) is summed over ranks, the checkpoint gathers FSDP2's shards, and
+only rank 0 logs, plots and writes.
+
 Exact resume rests on three facts: batches are a pure function of (seed, step), the schedule is a pure
 function of the step, and the checkpoint carries optimizer moments and RNG states. So a resumed run
 computes bit-for-bit what the uninterrupted run would have (on CPU).
@@ -27,8 +33,9 @@ from tqdm.auto import tqdm
 
 from lmforge.checkpoint import read_trainer_state, restore_optimizer, restore_rng
 from lmforge.io import atomic_write, atomic_write_text
-from lmforge.model.gpt import unwrap
+from lmforge.model.gpt import GPT, unwrap
 from lmforge.train.checkpointer import Checkpointer
+from lmforge.train.distributed import Dist
 from lmforge.train.optim import lr_at, make_optimizer
 
 Objective = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict]]
@@ -190,6 +197,25 @@ def plot_losses(history: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
+    """Clip the gradients to `clip` (0: no clipping) and return their global norm. Under FSDP2 the gradients
+    are shards (DTensors) and so is the norm: `full_tensor()` makes it the whole model's, the same on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+class _FrozenOptimizer:
+    """An optimizer's gathered state dict posing as the optimizer, for the trainer-state writer."""
+
+    def __init__(self, state: dict) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
 def _read_history(path: Path, upto_step: int) -> list[dict]:
     if not path.is_file():
         return []
@@ -216,13 +242,17 @@ def fit(
     progress: bool = True,
     description: str = "train",
     on_log: Callable[[dict], None] | None = None,
+    dist: Dist | None = None,
 ) -> FitResult:
     """Train `model` on `objective` until `cfg.max_steps`, checkpointing into `checkpointer.directory`.
 
     With `resume=True` the optimizer moments, RNG state, step and metric history are restored from the
     checkpoint directory first; the model weights must already have been loaded from it by the caller.
+    With `dist` (several processes) `model` is already wrapped by `lmforge.train.distributed.wrap`.
     """
     cfg = cfg.resolved()
+    dist = dist or Dist()
+    main = dist.is_main
     device = torch.device(device)
     out = Path(checkpointer.directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +278,8 @@ def fit(
     else:
         torch.manual_seed(cfg.seed)
     history = _read_history(metrics_path, step)
-    atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+    if main:
+        atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
 
     last_saved = step if resume else None
     result = FitResult(step=step, tokens_seen=tokens_seen, history=history)
@@ -257,11 +288,21 @@ def fit(
         nonlocal last_saved
         state = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": None if math.isinf(best_val) else best_val,
                  "train_config": asdict(cfg), "precision": precision, "objective": description}
-        checkpointer.save(bare, optimizer, param_names, state)
+        if dist.strategy == "fsdp":  # every rank gathers; rank 0 writes a plain copy of the whole model
+            full, optim = dist.full_state_dict(bare), dist.full_optimizer_state(bare, optimizer)
+            if main:
+                whole = GPT(bare.config)
+                whole.load_state_dict(full)
+                checkpointer.save(whole, _FrozenOptimizer(optim), param_names, state)
+        elif main:
+            checkpointer.save(bare, optimizer, param_names, state)
+        dist.barrier()  # no rank runs ahead of (or exits before) a checkpoint being written
         last_saved = step
 
     def log(rec: dict) -> None:
         history.append(rec)
+        if not main:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if on_log:
@@ -274,11 +315,12 @@ def fit(
         log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
              **{f"val_{_metric_key(k)}": round(v, 6) for k, v in metrics.items()}})
         result.val_metrics = metrics
-        plot_losses(history, plot_path, title=f"{description} · {out.name}")
+        if main:
+            plot_losses(history, plot_path, title=f"{description} · {out.name}")
         result.val_loss = val
         return val
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=description, unit="step", disable=not progress,
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=description, unit="step", disable=not (progress and main),
                dynamic_ncols=True, leave=True)
     t_start = t_log = time.perf_counter()
     tokens_at_log, tokens_at_start = tokens_seen, tokens_seen
@@ -290,12 +332,14 @@ def fit(
             loss_sum, metrics = 0.0, {}
             for micro in range(cfg.grad_accum):
                 batch = data.train_batch(step, micro)
-                with autocast:
-                    loss, metrics = objective(fwd, batch)
-                (loss / cfg.grad_accum).backward()
+                with dist.grad_sync(fwd, micro == cfg.grad_accum - 1):
+                    with autocast:
+                        loss, metrics = objective(fwd, batch)
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach())
-            loss_val = loss_sum / cfg.grad_accum
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+            loss_sum, stops = dist.sum([loss_sum, float(stop.signum is not None)])
+            loss_val = loss_sum / cfg.grad_accum / dist.world_size
+            gnorm = _grad_norm(params, cfg.grad_clip)
             if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
                 what = f"loss {loss_val}" if not math.isfinite(loss_val) else f"gradient norm {gnorm}"
                 kept = f"the last good checkpoint (step {last_saved}) is kept in {out}" if last_saved is not None \
@@ -320,8 +364,10 @@ def fit(
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 run_eval()
-            if stop.signum is not None:
-                bar.write(f"{signal.Signals(stop.signum).name} received: saving step {step} to {out} and stopping")
+            if stops:
+                if main:
+                    bar.write(f"{signal.Signals(stop.signum or signal.SIGTERM).name} received: saving step {step} "
+                              f"to {out} and stopping")
                 save()
                 result.interrupted = True
                 break
@@ -333,6 +379,6 @@ def fit(
     elapsed = time.perf_counter() - t_start
     result.step, result.tokens_seen, result.elapsed_s = step, tokens_seen, elapsed
     result.tokens_per_s = (tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
-    if history and plot_path.parent.exists() and not plot_path.exists():
+    if main and history and plot_path.parent.exists() and not plot_path.exists():
         plot_losses(history, plot_path, title=f"{description} · {out.name}")
     return result

@@ -23,13 +23,14 @@ from lmforge.device import resolve_device
 from lmforge.errors import UserError
 from lmforge.io import check_writable
 from lmforge.loaders.model_dir import is_model_dir, load_config, load_model, read_lmforge_meta
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, unwrap
 from lmforge.paths import cache_dir
 from lmforge.presets import get_preset
 from lmforge.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 from lmforge.train import objectives
 from lmforge.train.checkpointer import Checkpointer
-from lmforge.train.loop import FitResult, TrainConfig, fit
+from lmforge.train.distributed import check_backend, parse_parallel, setup, wrap
+from lmforge.train.loop import FitResult, TrainConfig, autocast_context, fit
 from lmforge.train.plan import estimate, format_plan
 
 DEFAULT_PRESET = "small"
@@ -43,11 +44,20 @@ class WindowBatches:
     uses consecutive non-overlapping windows from the start of the held-out tokens (up to `eval_tokens`),
     built once, so every evaluation scores the same tokens and `val_chars_per_token` converts the loss
     to nats per character exactly.
+
+    With several processes (`rank` of `world_size`), `batch_size` is the global micro-batch: every rank draws
+    the same windows and keeps its own contiguous rows, so the ranks' slices are disjoint, cover the batch,
+    and depend on (seed, step) alone. `tokens_per_batch` stays the global count.
     """
 
     def __init__(self, data: TokenData, *, batch_size: int, block_size: int, grad_accum: int, seed: int,
-                 eval_tokens: int, device: torch.device) -> None:
+                 eval_tokens: int, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise UserError(f"--batch-size {batch_size} is the global micro-batch and must divide evenly among "
+                            f"{world_size} processes")
         self.data, self.B, self.T, self.accum, self.seed, self.device = data, batch_size, block_size, grad_accum, seed, device
+        per = batch_size // world_size
+        self.rows = slice(rank * per, (rank + 1) * per)
         self.tokens_per_batch = batch_size * block_size
         val = np.asarray(data.val)
         n_windows = max(1, min((len(val) - 1) // block_size, max(1, eval_tokens // block_size)))
@@ -59,7 +69,7 @@ class WindowBatches:
 
     def train_batch(self, step: int, micro: int):
         x, y = get_batch(self.data.train, self.B, self.T, seed=self.seed, step=step * self.accum + micro)
-        return x.to(self.device), y.to(self.device)
+        return x[self.rows].to(self.device), y[self.rows].to(self.device)
 
     def val_batches(self):
         return self._val
@@ -82,6 +92,8 @@ class PretrainOptions:
     overwrite: bool = False  # replace a model already in `out` instead of refusing
     device: str = "auto"
     progress: bool = True
+    parallel: str = "none"  # none | ddp | fsdp (lmforge.train.distributed)
+    backend: str = "auto"  # process-group backend: auto (gloo on CPU, NCCL on CUDA), gloo or nccl
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields the user set explicitly
     on_log: Callable[[dict], None] | None = None  # called with every metrics record
 
@@ -118,7 +130,11 @@ def _recipe(opts: PretrainOptions, saved: dict[str, Any] | None) -> TrainConfig:
 def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
     """Run (or plan, with `dry_run`) a pretraining job. Returns the fit result and a summary dict."""
     out = Path(opts.out)
+    strategy = parse_parallel(opts.parallel)
     device = resolve_device(opts.device)
+    if strategy == "none" and opts.backend != "auto":
+        raise UserError("--backend chooses how processes talk; it needs --parallel ddp or fsdp")
+    check_backend(opts.backend, device)
     saved_state = None
     if opts.resume:
         if not is_model_dir(out):
@@ -155,9 +171,23 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
     plan = estimate(cfg, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum, max_steps=recipe.max_steps,
                     train_tokens=token_data.meta["train_tokens"])
     summary: dict[str, Any] = {"plan": plan, "plan_text": format_plan(cfg, plan), "config": cfg, "data": data,
-                               "data_meta": token_data.meta, "recipe": recipe, "device": str(device)}
+                               "data_meta": token_data.meta, "recipe": recipe, "device": str(device), "rank": 0}
     if opts.dry_run:
         return None, summary
+    if strategy == "fsdp" and opts.resume:
+        raise UserError("resuming with --parallel fsdp is not available yet; resume the run with --parallel ddp "
+                        "or on one process (its checkpoint holds the whole model and optimizer state)")
+    dist, device = setup(strategy, device, opts.backend)
+    try:
+        return _train(opts, out, cfg, tokenizer, token_data, recipe, data, summary, dist, device)
+    finally:
+        dist.close()
+
+
+def _train(opts: PretrainOptions, out: Path, cfg, tokenizer: Tokenizer, token_data: TokenData, recipe: TrainConfig,
+           data: str, summary: dict[str, Any], dist, device: torch.device) -> tuple[FitResult, dict[str, Any]]:
+    """The training part of `pretrain`, inside the process group (when there is one)."""
+    summary.update(rank=dist.rank, world_size=dist.world_size, device=str(device))
 
     if not opts.resume and is_model_dir(out) and not opts.overwrite:
         raise UserError(f"{out} already holds a model; continue it with --resume {out}, "
@@ -169,7 +199,9 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
         torch.manual_seed(recipe.seed)
         model = GPT(cfg).to(device)
     batches = WindowBatches(token_data, batch_size=recipe.batch_size, block_size=cfg.context_length,
-                            grad_accum=recipe.grad_accum, seed=recipe.seed, eval_tokens=opts.eval_tokens, device=device)
+                            grad_accum=recipe.grad_accum, seed=recipe.seed, eval_tokens=opts.eval_tokens, device=device,
+                            rank=dist.rank, world_size=dist.world_size)
+    model = wrap(model, dist, autocast_context(device, recipe.precision)[1])
     lineage = {"objective": "pretrain", "data": data, "data_fingerprint": token_data.meta.get("corpus_fingerprint"),
                "preset": cfg.name, "parent": None, "tokenizer": str(opts.tokenizer) if opts.tokenizer else f"BPE trained on {data}",
                "lmforge_version": __version__}
@@ -178,8 +210,10 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
     checkpointer = Checkpointer(out, tokenizer=tokenizer, lineage=lineage)
     objective = objectives.Pretrain(recipe.router_aux_loss_coef, recipe.router_z_loss_coef)
     result = fit(model, objective, batches, recipe, checkpointer, resume=opts.resume, device=device,
-                 progress=opts.progress, description="pretrain", on_log=opts.on_log)
+                 progress=opts.progress, description="pretrain", on_log=opts.on_log, dist=dist)
     if result.val_loss is not None:
         summary["val_nats_per_char"] = result.val_loss / batches.val_chars_per_token
-    summary.update(model=model, tokenizer=tokenizer, plot=out / "loss.png")
+    # FSDP2 leaves each rank a shard; rank 0 reads the whole model back from what it saved
+    bare = load_model(out, device=device) if dist.strategy == "fsdp" and dist.is_main else unwrap(model)
+    summary.update(model=bare, tokenizer=tokenizer, plot=out / "loss.png")
     return result, summary

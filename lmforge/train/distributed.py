@@ -1,0 +1,228 @@
+"""Training on several processes (torchrun): the process group, and the model wrapped from outside.
+
+`model/gpt.py` knows nothing of this: a `GPT` is wrapped here, after it is built, in DDP (each rank holds
+the whole model, gradients are averaged) or FSDP2 (`fully_shard` on every block, then on the root: each
+rank holds a slice of every weight, gathered for the forward and backward of its block). The one `fit()`
+drives every case through a `Dist`, the process's place in the job: a single process is `Dist()` (rank 0
+of 1), which makes every collective a no-op, so the single-process run is the N=1 case of the same code.
+
+How the batch is divided (one rule for every process count): `--batch-size` is the GLOBAL micro-batch, in
+sequences summed over all processes; each of N ranks computes rows [r*B/N, (r+1)*B/N) of every micro-batch
+that one process would draw (`WindowBatches`), so B must be divisible by N. A step is `grad_accum`
+micro-batches, so the global batch is batch_size x grad_accum sequences of context_length tokens whatever N
+is, and the loss curve and the weights are those of one process (up to float summation order). Averaging
+the ranks' mean losses equals the mean over the global batch because every rank has as many rows and
+every row as many scored tokens (pretraining windows).
+
+A rank that dies: torchrun sees its child exit, stops the other workers and exits non-zero naming the
+failed rank; a rank blocked in a collective with a dead peer fails in gloo/NCCL at once, and a hung (alive)
+peer is bounded by the process group's timeout (`LMFORGE_DIST_TIMEOUT` seconds, default 300).
+
+Not here yet (issue 18): tensor and pipeline parallelism, sharded (DCP) trainer checkpoints and resuming
+with a different process count.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from lmforge.errors import UserError
+
+__all__ = ["Dist", "check_backend", "launched_by_torchrun", "lost_peer", "parse_parallel", "setup", "torchrun_command", "wrap"]
+
+STRATEGIES = ("none", "ddp", "fsdp")
+LATER = {"tp": "tensor", "pp": "pipeline", "dp": "data (combined with tp/pp)"}
+DEFAULT_TIMEOUT_S = 300
+
+
+def parse_parallel(spec: str | None) -> str:
+    """`none` | `ddp` | `fsdp` from the --parallel text; anything else is one line naming what works."""
+    s = (spec or "none").strip().lower()
+    if s in STRATEGIES:
+        return s
+    head = s.split("=")[0].split(",")[0]
+    if head in LATER:
+        raise UserError(f"--parallel {spec}: {LATER[head]} parallelism is not available yet; use ddp or fsdp")
+    raise UserError(f"--parallel must be none, ddp or fsdp, got {spec!r}")
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another rank went away (closed connection, timeout) rather than
+    from a bug here: gloo and NCCL raise plain RuntimeErrors (or DistErrors) that say so in their text."""
+    if isinstance(error, getattr(tdist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return any(m in text for m in ("connection closed", "connection reset", "timed out", "timeout", "broken pipe",
+                                   "nccl", "gloo"))
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"the launcher set {name}={raw!r}, which is not a whole number") from None
+
+
+@dataclass
+class Dist:
+    """This process's place in the job and the few collectives `fit()` needs (no-ops for one process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    strategy: str = "none"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.strategy != "none" and tdist.is_available() and tdist.is_initialized()
+
+    def grad_sync(self, model: torch.nn.Module, sync: bool):
+        """A context for one micro-step's backward: gradients are reduced across ranks only when `sync`
+        (the last micro-step of an accumulation); the others accumulate locally (DDP's no_sync, FSDP2's
+        set_requires_gradient_sync), which saves grad_accum - 1 all-reduces a step."""
+        if self.strategy == "ddp" and not sync:
+            return model.no_sync()
+        if self.strategy == "fsdp":
+            model.set_requires_gradient_sync(sync)
+        return nullcontext()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks, one all-reduce (the loss, a stop flag)."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.active:
+            tdist.barrier()
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (CPU), None on the others. FSDP2 gathers its shards (a
+        collective every rank must enter); otherwise rank 0 already holds them."""
+        if self.strategy != "fsdp":
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if self.is_main else None
+
+    def full_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+        """FSDP2: the optimizer's whole state on rank 0, in `optimizer.state_dict()`'s own layout (parameters
+        numbered in group order), so the trainer state written from it resumes on one process or DDP."""
+        if self.strategy != "fsdp":
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        index: dict[str, int] = {}
+        groups = []
+        for g in full["param_groups"]:
+            ids = []
+            for name in g["params"]:
+                index[name] = len(index)
+                ids.append(index[name])
+            groups.append({**g, "params": ids})
+        return {"state": {index[k]: v for k, v in full["state"].items()}, "param_groups": groups}
+
+    def close(self) -> None:
+        if self.active:
+            tdist.destroy_process_group()
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """The --backend asked for exists and fits the device (checked before any slow work)."""
+    if backend not in ("auto", "gloo", "nccl"):
+        raise UserError(f"--backend must be auto, gloo or nccl, got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise UserError("--backend nccl needs CUDA GPUs and this machine has none; use gloo (or leave it auto)")
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError(f"--backend nccl runs on CUDA GPUs, but the device is {device}; use --device cuda or gloo")
+
+
+def setup(strategy: str, device: torch.device, backend: str = "auto") -> tuple[Dist, torch.device]:
+    """Read the torchrun environment and join the process group. Returns the Dist and this rank's device
+    (cuda:LOCAL_RANK when training on GPUs). One process without torchrun and `none` joins nothing."""
+    rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"the launcher set RANK={rank} and WORLD_SIZE={world}; RANK must be in [0, WORLD_SIZE)")
+    check_backend(backend, device)
+    if strategy == "none":
+        if world > 1:
+            raise UserError(f"this is one of {world} processes started by torchrun; choose how they share the work "
+                            f"with --parallel ddp or --parallel fsdp")
+        return Dist(device=device), device
+    if not tdist.is_available():
+        raise UserError("this PyTorch build has no torch.distributed")
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"--parallel {strategy} runs on CPUs (gloo) or CUDA GPUs (NCCL), not on {device}")
+    name = ("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend
+    timeout = timedelta(seconds=_env_int("LMFORGE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if not tdist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            tdist.init_process_group(name, rank=rank, world_size=world, timeout=timeout)
+        elif world == 1:  # --parallel without torchrun: a group of one, the N=1 case
+            tdist.init_process_group(name, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            raise UserError("WORLD_SIZE > 1 but no MASTER_ADDR: start the job with torchrun (or lmforge pretrain --nproc N)")
+    return Dist(rank=rank, world_size=world, local_rank=local, strategy=strategy, device=device), device
+
+
+def wrap(model: torch.nn.Module, dist: Dist, precision: str = "fp32") -> torch.nn.Module:
+    """The model as the strategy trains it. DDP returns a wrapper (`unwrap` finds the model); FSDP2 changes
+    the model in place (its parameters become sharded DTensors), so the optimizer must be built after."""
+    if dist.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if dist.strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        kw: dict[str, Any] = {"mesh": mesh}
+        if precision in ("bf16", "fp16"):  # compute in low precision, reduce gradients in fp32
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise UserError("--parallel fsdp shards a model by its transformer blocks, and this model has none")
+        for block in blocks:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        return model
+    return model
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """The torchrun line `lmforge pretrain --nproc N ...` runs for the user: one node, a free port."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "lmforge", *argv]

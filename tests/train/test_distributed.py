@@ -1,0 +1,159 @@
+"""Data-parallel (DDP) and sharded (FSDP2) training on 2 CPU processes with gloo: the same losses and
+weights as one process on the same global batch; the CLI's --nproc; bad --parallel specs; a killed rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, wait_until
+from lmforge.data.shards import prepare_data
+from lmforge.loaders.model_dir import load_model
+from lmforge.model.gpt import GPT
+from lmforge.presets import get_preset
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import objectives
+from lmforge.train.checkpointer import Checkpointer
+from lmforge.train.distributed import Dist, setup, wrap
+from lmforge.train.loop import TrainConfig, fit
+from lmforge.train.pretrain import WindowBatches
+
+RECIPE = dict(max_steps=20, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2, eval_interval=20, log_interval=1,
+              save_interval=0, seed=7)
+
+
+def _fit(out: Path, tokenizer, data_args, dist: Dist) -> list[float]:
+    """20 steps of the tiny model; returns the per-step losses (every rank computes the same ones)."""
+    token_data = prepare_data(*data_args, show_progress=False)
+    tc = TrainConfig(**RECIPE)
+    torch.manual_seed(tc.seed)
+    model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=32, dropout=0.0))
+    batches = WindowBatches(token_data, batch_size=tc.batch_size, block_size=32, grad_accum=tc.grad_accum, seed=tc.seed,
+                            eval_tokens=256, device=torch.device("cpu"), rank=dist.rank, world_size=dist.world_size)
+    result = fit(wrap(model, dist), objectives.pretrain, batches, tc, Checkpointer(out, tokenizer=tokenizer),
+                 progress=False, dist=dist)
+    return [h["loss"] for h in result.history if "loss" in h]
+
+
+def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two processes on a small machine: no oversubscription
+    tokenizer = Tokenizer.load(Path(root) / "tok")
+    dist, _ = setup("ddp", torch.device("cpu"))
+    try:
+        for strategy in ("ddp", "fsdp"):  # one process group, two runs: spawning costs more than training
+            losses = _fit(Path(root) / strategy, tokenizer, data_args, dataclasses.replace(dist, strategy=strategy))
+            (Path(root) / f"{strategy}.{rank}.json").write_text(json.dumps(losses))
+    finally:
+        dist.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_tokenizer, corpus_file):
+    import torch.multiprocessing as mp
+
+    tiny_tokenizer.save(tmp_path / "tok")
+    data_args = (str(corpus_file), tiny_tokenizer, tmp_path / "cache")
+    single = _fit(tmp_path / "single", tiny_tokenizer, data_args, Dist())
+    assert len(single) == 20
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), data_args), nprocs=2, join=True)
+    reference = load_model(tmp_path / "single").state_dict()
+    for strategy in ("ddp", "fsdp"):
+        for rank in (0, 1):  # the reported loss is the global mean, the same on every rank
+            losses = json.loads((tmp_path / f"{strategy}.{rank}.json").read_text())
+            assert len(losses) == 20
+            worst = max(abs(a - b) for a, b in zip(single, losses))
+            assert worst <= 1e-5, (strategy, rank, worst)
+        weights = load_model(tmp_path / strategy).state_dict()  # the consolidated HF directory rank 0 wrote
+        for name, w in reference.items():
+            torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=1e-4, msg=f"{strategy}: {name}")
+
+
+def _cli_env(tmp_path) -> dict[str, str]:
+    return {**os.environ, "LMFORGE_HOME": os.environ["LMFORGE_HOME"], "TQDM_DISABLE": "1", "LMFORGE_TEST_RUN": str(tmp_path)}
+
+
+def _pretrain_argv(corpus_file, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "lmforge", "pretrain", "--nproc", "2", "--parallel", "ddp", "--preset", "tiny",
+            "--data", str(corpus_file), "--vocab-size", "320", "--context-length", "32", "--batch-size", "2",
+            "--eval-tokens", "256", "--samples", "0", "--out", str(out), *extra]
+
+
+def test_cli_nproc_ddp_end_to_end(tmp_path, corpus_file):
+    out = tmp_path / "run"
+    proc = subprocess.run(_pretrain_argv(corpus_file, out, "--max-steps", "3", "--eval-interval", "3", "--log-interval", "1"),
+                          env=_cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: step 3") == 1  # rank 0 reports, once
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # one writer
+    assert [r for r in records if "loss" in r][-1]["tokens"] == 3 * 2 * 32  # the global batch, whatever the process count
+    assert load_model(out).config.n_layers == get_preset("tiny").n_layers
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--parallel", "tp=2"], "tensor parallelism is not available yet"),
+    (["--parallel", "pp=2", "--nproc", "2"], "pipeline parallelism is not available yet"),
+    (["--parallel", "zero3"], "--parallel must be none, ddp or fsdp"),
+    (["--nproc", "2"], "--parallel ddp or --parallel fsdp"),
+    (["--parallel", "ddp", "--backend", "nccl", "--device", "cpu"], "nccl"),
+    (["--parallel", "ddp", "--nproc", "2", "--batch-size", "3"], "must divide evenly among 2 processes"),
+])
+def test_bad_parallel_flags_are_one_line(capsys, tmp_path, corpus_file, argv, says):
+    code, _, err = run_cli(capsys, "pretrain", "--preset", "tiny", "--data", corpus_file, "--vocab-size", "320",
+                           "--context-length", "32", "--out", tmp_path / "x", *argv)
+    assert code == 2
+    assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def _pid_of_rank(marker: str, rank: int) -> int | None:
+    """The pid of the torchrun worker of `rank` in the job started with LMFORGE_TEST_RUN=marker."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if env.get("LMFORGE_TEST_RUN") == marker and env.get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_a_killed_rank_ends_the_job_with_a_message(tmp_path, corpus_file):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_pretrain_argv(corpus_file, out, "--max-steps", "100000", "--eval-interval", "100000",
+                                           "--log-interval", "1"),
+                            env={**_cli_env(tmp_path), "LMFORGE_DIST_TIMEOUT": "60"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0
+                          or proc.poll() is not None, timeout=120), "training never started"
+        pid = _pid_of_rank(str(tmp_path), 1)
+        assert pid is not None, "no rank 1 worker found"
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)  # ends: no hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode not in (0, None)
+    assert "lmforge: error: the 2-process training job failed" in err, err[-3000:]
+    root_cause = err[err.index("Root Cause"):]
+    assert re.search(r"rank\s*:\s*1 ", root_cause) and "SIGKILL" in root_cause, err[-3000:]
