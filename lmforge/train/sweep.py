@@ -206,12 +206,12 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         tps, overhead = _calibrate(cfgs, opts, tokenizer, token_data, device, out / "calibration")
         left = opts.budget_minutes * 60 - (time.perf_counter() - t0) - FIT_RESERVE_S
         max_tokens = int(opts.max_epochs * token_data.meta["train_tokens"])
-        steps = plan_token_counts(left, tps, overhead, levels=opts.levels, tokens_per_step=tokens_per_step,
-                                  max_tokens=max_tokens)
         measured = [{"size": c.name, "tokens_per_s": round(t, 1), "overhead_s": round(o, 2)}
                     for c, t, o in zip(cfgs, tps, overhead)]
         for m in measured:
             opts.on_info(f"  {m['size']:>14}: {m['tokens_per_s']:,.0f} tokens/s, {m['overhead_s']:.1f}s a run besides")
+        steps = plan_token_counts(left, tps, overhead, levels=opts.levels, tokens_per_step=tokens_per_step,
+                                  max_tokens=max_tokens)
         if steps[-1] * tokens_per_step >= max_tokens - tokens_per_step:
             opts.on_info(f"the largest runs are capped at {opts.max_epochs:g} epochs of the {token_data.meta['train_tokens']:,} "
                          f"training tokens; more data would let the budget buy longer runs")
