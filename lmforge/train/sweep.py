@@ -46,7 +46,7 @@ from lmforge.train.pretrain import WindowBatches, get_tokenizer
 
 # (d_model, n_layers): about 56k, 330k, 1.2M and 2.9M non-embedding parameters
 DEFAULT_SIZES = ((48, 2), (96, 3), (160, 4), (256, 4))
-CALIBRATION_STEPS = 5  # timed steps per size when sizing the grid (the first is not counted: warm-up)
+CALIBRATION_STEPS = 8  # timed steps per size when sizing the grid (the first is not counted: warm-up)
 RUNG = 2.0  # ratio between neighbouring token counts
 MIN_STEPS = 10  # the smallest run worth fitting: below this warm-up and noise are the whole run
 FIT_RESERVE_S = 45.0  # kept from the budget for the fit, the bootstrap and the plot
@@ -151,7 +151,8 @@ def _calibrate(cfgs, opts, tokenizer, token_data, device, where: Path) -> tuple[
         result = _train(cfg, CALIBRATION_STEPS, run_dir, opts, tokenizer, token_data, device, log_interval=1,
                         lineage={"objective": "pretrain", "data": opts.data, "sweep": "calibration"})
         times = [h["elapsed_s"] for h in result.history if "elapsed_s" in h]
-        per_step = (times[-1] - times[0]) / max(1, len(times) - 1)
+        # the median step after the first: one step slowed by another process on a shared machine moves it little
+        per_step = float(np.median(np.diff(times))) if len(times) > 1 else times[-1]
         tps.append(opts.batch_size * cfg.context_length / max(per_step, 1e-6))
         overhead.append(max(0.0, result.elapsed_s - times[-1]))
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -356,7 +357,7 @@ def format_summary(summary: dict) -> str:
                 band = (f" ({p['level']:.0%} bootstrap interval {p['n_lo']:.3g} - {p['n_hi']:.3g}, "
                         f"{p['bootstrap_usable']} resamples)")
             lines.append(f"at {p['flops']:.3g} FLOPs the fit's compute-optimal model has N = {p['n_opt']:.3g} non-embedding "
-                         f"parameters{band}, trained on D = {p['d_opt']:.3g} tokens ({p['d_opt'] / p['n_opt']:.1f} tokens "
+                         f"parameters{band}, trained on D = {p['d_opt']:.3g} tokens ({p['d_opt'] / p['n_opt']:.3g} tokens "
                          f"a parameter); predicted loss {p['loss']:.3f}")
         else:
             lines.append("the fit has a flat direction (an exponent of 0): no compute-optimal size to predict")
