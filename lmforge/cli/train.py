@@ -65,8 +65,10 @@ def _forwarded_argv(parser: argparse.ArgumentParser, args) -> list[str]:
 def _launch_torchrun(args, opts) -> int:
     """`--nproc N`: prepare the tokenizer and token shards once here (a dry run, which also reports the
     user's mistakes in one line before anything starts), then run N workers under torchrun on this machine."""
+    import signal
     import subprocess
 
+    from lmforge.checkpoint import TRAINER_STATE
     from lmforge.train.distributed import parse_parallel, torchrun_command
     from lmforge.train.pretrain import pretrain
 
@@ -78,7 +80,26 @@ def _launch_torchrun(args, opts) -> int:
     if batch % args.nproc:
         return fail(f"--batch-size {batch} is the global micro-batch and must divide evenly among {args.nproc} processes")
     cmd = torchrun_command(args.nproc, _forwarded_argv(args.pretrain_parser, args))
-    code = subprocess.call(cmd)
+    child = subprocess.Popen(cmd)
+    # Ctrl-C or SIGTERM to this launcher goes on to torchrun, which hands it to every worker: they save at the
+    # next step boundary and stop together, as one process does. Without this torchrun would be orphaned.
+    signalled: list[float] = []
+
+    def forward(signum, frame) -> None:
+        signalled.append(time.time())
+        child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    saved = Path(opts.out) / TRAINER_STATE / "state.json"
+    if code and signalled and saved.is_file() and saved.stat().st_mtime >= signalled[0]:
+        # torchrun exits 1 whenever it is signalled; the workers saved together after the signal: a clean stop
+        print(f"stopped by a signal; the workers saved the run in {opts.out} (continue it with --resume)")
+        return 0
     if code:  # torchrun's report above says which rank failed first, and how
         return fail(f"the {args.nproc}-process training job failed (torchrun exit {code}); see \"Root Cause\" "
                     f"above for the rank that failed first", code=code)

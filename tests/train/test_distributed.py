@@ -136,16 +136,38 @@ def _pid_of_rank(marker: str, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
-def test_a_killed_rank_ends_the_job_with_a_message(tmp_path, corpus_file):
+def _start_long_run(tmp_path, corpus_file, **env) -> tuple[subprocess.Popen, Path]:
+    """A 2-process run far longer than the test, returned once it has logged its first step."""
     out = tmp_path / "run"
     proc = subprocess.Popen(_pretrain_argv(corpus_file, out, "--max-steps", "100000", "--eval-interval", "100000",
                                            "--log-interval", "1"),
-                            env={**_cli_env(tmp_path), "LMFORGE_DIST_TIMEOUT": "60"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            env={**_cli_env(tmp_path), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    if not wait_until(lambda: metrics.is_file() and metrics.stat().st_size > 0 or proc.poll() is not None, timeout=120):
+        proc.kill()
+        raise AssertionError("training never started")
+    return proc, out
+
+
+def test_sigterm_to_the_launcher_saves_and_exits_0(tmp_path, corpus_file):
+    proc, out = _start_long_run(tmp_path, corpus_file)
     try:
-        assert wait_until(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0
-                          or proc.poll() is not None, timeout=120), "training never started"
+        proc.send_signal(signal.SIGTERM)
+        stdout, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert stdout.count("stopped early (signal)") == 1 and "--resume" in stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((out / "trainer_state" / "state.json").read_text())["step"] == steps[-1]  # all stopped there
+    assert load_model(out) is not None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_a_killed_rank_ends_the_job_with_a_message(tmp_path, corpus_file):
+    proc, _ = _start_long_run(tmp_path, corpus_file, LMFORGE_DIST_TIMEOUT="60")
+    try:
         pid = _pid_of_rank(str(tmp_path), 1)
         assert pid is not None, "no rank 1 worker found"
         os.kill(pid, signal.SIGKILL)
