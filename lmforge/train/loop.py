@@ -364,7 +364,7 @@ def fit(
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 run_eval()
-            if stops:
+            if stops or (stop.signum is not None and not dist.active):  # one process: the flag as it is now
                 if main:
                     bar.write(f"{signal.Signals(stop.signum or signal.SIGTERM).name} received: saving step {step} "
                               f"to {out} and stopping")
