@@ -28,20 +28,24 @@ from lmforge.train.distributed import Dist, setup, wrap
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.pretrain import WindowBatches
 
-RECIPE = dict(max_steps=20, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2, eval_interval=20, log_interval=1,
-              save_interval=0, seed=7)
+RECIPE = dict(max_steps=20, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2, lr_decay_steps=24, eval_interval=20,
+              log_interval=1, save_interval=0, seed=7)
 
 
-def _fit(out: Path, tokenizer, data_args, dist: Dist) -> list[float]:
-    """20 steps of the tiny model; returns the per-step losses (every rank computes the same ones)."""
+def _fit(out: Path, tokenizer, data_args, dist: Dist, *, resume_to: int | None = None) -> list[float]:
+    """20 steps of the tiny model (or, with `resume_to`, the run in `out` continued to that step); returns
+    the per-step losses (every rank computes the same ones)."""
     token_data = prepare_data(*data_args, show_progress=False)
-    tc = TrainConfig(**RECIPE)
+    tc = TrainConfig(**{**RECIPE, "max_steps": resume_to or RECIPE["max_steps"]})
     torch.manual_seed(tc.seed)
-    model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=32, dropout=0.0))
+    if resume_to:
+        model = load_model(out).train()
+    else:
+        model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=32, dropout=0.0))
     batches = WindowBatches(token_data, batch_size=tc.batch_size, block_size=32, grad_accum=tc.grad_accum, seed=tc.seed,
                             eval_tokens=256, device=torch.device("cpu"), rank=dist.rank, world_size=dist.world_size)
     result = fit(wrap(model, dist), objectives.pretrain, batches, tc, Checkpointer(out, tokenizer=tokenizer),
-                 progress=False, dist=dist)
+                 progress=False, dist=dist, resume=bool(resume_to))
     return [h["loss"] for h in result.history if "loss" in h]
 
 
@@ -83,6 +87,12 @@ def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_tokenizer, corpus_file):
         weights = load_model(tmp_path / strategy).state_dict()  # the consolidated HF directory rank 0 wrote
         for name, w in reference.items():
             torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=1e-4, msg=f"{strategy}: {name}")
+    # The FSDP2 run's checkpoint (shards and optimizer state gathered on save) resumes on ONE process and
+    # continues the single-process loss curve: a different process count, the same run.
+    after_single = _fit(tmp_path / "single", tiny_tokenizer, data_args, Dist(), resume_to=24)[20:]
+    after_fsdp = _fit(tmp_path / "fsdp", tiny_tokenizer, data_args, Dist(), resume_to=24)[20:]
+    assert len(after_fsdp) == 4
+    assert max(abs(a - b) for a, b in zip(after_single, after_fsdp)) <= 1e-5
 
 
 def _cli_env(tmp_path) -> dict[str, str]:
