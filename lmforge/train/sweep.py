@@ -151,8 +151,10 @@ def _calibrate(cfgs, opts, tokenizer, token_data, device, where: Path) -> tuple[
         result = _train(cfg, CALIBRATION_STEPS, run_dir, opts, tokenizer, token_data, device, log_interval=1,
                         lineage={"objective": "pretrain", "data": opts.data, "sweep": "calibration"})
         times = [h["elapsed_s"] for h in result.history if "elapsed_s" in h]
-        # the median step after the first: one step slowed by another process on a shared machine moves it little
-        per_step = float(np.median(np.diff(times))) if len(times) > 1 else times[-1]
+        # the steps after the first, less the slowest (one step slowed by another process on a shared machine);
+        # a sum over several, as the log keeps times to 10 ms and a tiny model's step takes about that long
+        steps = np.diff(times)
+        per_step = float((steps.sum() - steps.max()) / (len(steps) - 1)) if len(steps) > 1 else times[-1]
         tps.append(opts.batch_size * cfg.context_length / max(per_step, 1e-6))
         overhead.append(max(0.0, result.elapsed_s - times[-1]))
         shutil.rmtree(run_dir, ignore_errors=True)
