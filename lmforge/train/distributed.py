@@ -18,8 +18,12 @@ A rank that dies: torchrun sees its child exit, stops the other workers and exit
 failed rank; a rank blocked in a collective with a dead peer fails in gloo/NCCL at once, and a hung (alive)
 peer is bounded by the process group's timeout (`LMFORGE_DIST_TIMEOUT` seconds, default 300).
 
-Not here yet (issue 18): tensor and pipeline parallelism, sharded (DCP) trainer checkpoints and resuming
-with a different process count.
+Checkpoints stay whole: rank 0 writes the usual Hugging Face directory and the whole optimizer state
+(FSDP2 gathers both on save, and on resume each rank keeps its shard of what it reads), so a run resumes on
+any number of processes, with any strategy. That costs rank 0 the whole model's memory at each save.
+
+Not here yet (issue 18): tensor and pipeline parallelism, and sharded (DCP) checkpoints, which big models
+will need because of that cost.
 """
 
 from __future__ import annotations
@@ -146,6 +150,21 @@ class Dist:
                 ids.append(index[name])
             groups.append({**g, "params": ids})
         return {"state": {index[k]: v for k, v in full["state"].items()}, "param_groups": groups}
+
+    def load_full_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, whole: dict) -> None:
+        """FSDP2: load a whole optimizer state (as `full_optimizer_state` wrote it, or one process saved it),
+        every rank keeping its own shard: what lets an FSDP2 run resume with any number of processes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]  # the saved numbering
+        groups, i = [], 0
+        for g in whole["param_groups"]:
+            groups.append({**g, "params": names[i:i + len(g["params"])]})
+            i += len(g["params"])
+        state = {names[idx]: v for idx, v in whole["state"].items()}
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
 
     def close(self) -> None:
         if self.active:

@@ -206,14 +206,18 @@ def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
     return float(norm)
 
 
-class _FrozenOptimizer:
-    """An optimizer's gathered state dict posing as the optimizer, for the trainer-state writer."""
+class _WholeOptimizerState:
+    """A whole optimizer state dict posing as the optimizer, for FSDP2: the trainer-state writer reads the
+    gathered state from it, and the reader leaves the state it read in it (to be sharded by `Dist`)."""
 
-    def __init__(self, state: dict) -> None:
-        self._state = state
+    def __init__(self, state: dict | None = None) -> None:
+        self.state = state
 
     def state_dict(self) -> dict:
-        return self._state
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
 
 
 def _read_history(path: Path, upto_step: int) -> list[dict]:
@@ -271,7 +275,12 @@ def fit(
         state, tensors = read_trainer_state(out)
         if state["param_names"] != param_names:
             raise ValueError("the checkpoint's optimizer state belongs to different parameters")
-        restore_optimizer(optimizer, state, tensors)
+        if dist.strategy == "fsdp":  # the saved state is whole: each rank keeps its shard of it
+            whole = _WholeOptimizerState()
+            restore_optimizer(whole, state, tensors)
+            dist.load_full_optimizer_state(bare, optimizer, whole.state)
+        else:
+            restore_optimizer(optimizer, state, tensors)
         restore_rng(tensors)
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val = state.get("best_val_loss") or math.inf
@@ -293,7 +302,7 @@ def fit(
             if main:
                 whole = GPT(bare.config)
                 whole.load_state_dict(full)
-                checkpointer.save(whole, _FrozenOptimizer(optim), param_names, state)
+                checkpointer.save(whole, _WholeOptimizerState(optim), param_names, state)
         elif main:
             checkpointer.save(bare, optimizer, param_names, state)
         dist.barrier()  # no rank runs ahead of (or exits before) a checkpoint being written

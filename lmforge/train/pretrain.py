@@ -174,9 +174,6 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
                                "data_meta": token_data.meta, "recipe": recipe, "device": str(device), "rank": 0}
     if opts.dry_run:
         return None, summary
-    if strategy == "fsdp" and opts.resume:
-        raise UserError("resuming with --parallel fsdp is not available yet; resume the run with --parallel ddp "
-                        "or on one process (its checkpoint holds the whole model and optimizer state)")
     dist, device = setup(strategy, device, opts.backend)
     try:
         return _train(opts, out, cfg, tokenizer, token_data, recipe, data, summary, dist, device)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,6 +60,9 @@ def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:
         for strategy in ("ddp", "fsdp"):  # one process group, two runs: spawning costs more than training
             losses = _fit(Path(root) / strategy, tokenizer, data_args, dataclasses.replace(dist, strategy=strategy))
             (Path(root) / f"{strategy}.{rank}.json").write_text(json.dumps(losses))
+        # and the single-process run's checkpoint continued by FSDP2 on two processes
+        losses = _fit(Path(root) / "resumed", tokenizer, data_args, dataclasses.replace(dist, strategy="fsdp"), resume_to=24)
+        (Path(root) / f"resumed.{rank}.json").write_text(json.dumps(losses))
     finally:
         dist.close()
 
@@ -76,6 +80,7 @@ def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_tokenizer, corpus_file):
     data_args = (str(corpus_file), tiny_tokenizer, tmp_path / "cache")
     single = _fit(tmp_path / "single", tiny_tokenizer, data_args, Dist())
     assert len(single) == 20
+    shutil.copytree(tmp_path / "single", tmp_path / "resumed")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), data_args), nprocs=2, join=True)
     reference = load_model(tmp_path / "single").state_dict()
     for strategy in ("ddp", "fsdp"):
@@ -87,12 +92,14 @@ def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_tokenizer, corpus_file):
         weights = load_model(tmp_path / strategy).state_dict()  # the consolidated HF directory rank 0 wrote
         for name, w in reference.items():
             torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=1e-4, msg=f"{strategy}: {name}")
-    # The FSDP2 run's checkpoint (shards and optimizer state gathered on save) resumes on ONE process and
-    # continues the single-process loss curve: a different process count, the same run.
+    # Checkpoints hold the whole model and optimizer state, so a run resumes with another process count and
+    # continues the single-process loss curve: FSDP2 on 2 -> one process, and one process -> FSDP2 on 2.
     after_single = _fit(tmp_path / "single", tiny_tokenizer, data_args, Dist(), resume_to=24)[20:]
     after_fsdp = _fit(tmp_path / "fsdp", tiny_tokenizer, data_args, Dist(), resume_to=24)[20:]
-    assert len(after_fsdp) == 4
+    on_two = json.loads((tmp_path / "resumed.0.json").read_text())[20:]
+    assert len(after_fsdp) == len(on_two) == 4
     assert max(abs(a - b) for a, b in zip(after_single, after_fsdp)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(after_single, on_two)) <= 1e-5
 
 
 def _cli_env(tmp_path) -> dict[str, str]:
