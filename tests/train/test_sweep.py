@@ -142,3 +142,39 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, corpus_file, flags, frag
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lmforge: error: ") and fragment in lines[0], err
+
+
+def test_an_interrupted_sweep_continues_its_cut_run_exactly(capsys, tmp_path, corpus_file, monkeypatch):
+    """SIGINT mid-run saves that run and stops (exit 0); the same command then resumes it from its checkpoint
+    and ends at the validation loss an uninterrupted sweep reaches (resume is exact on CPU)."""
+    import os
+    import signal
+
+    import lmforge.train.sweep as sweep_mod
+
+    flags = ["--data", corpus_file, *TINY_SWEEP]
+    flags[flags.index("16x1,32x1")] = "16x1"
+    code, _, err = run_cli(capsys, "sweep", "--out", tmp_path / "whole", *flags)
+    assert code == 0, err
+    whole = json.loads((tmp_path / "whole" / "sweep.json").read_text())
+
+    real_fit = sweep_mod.fit
+
+    def fit_cut_at_step_5(*args, on_log=None, **kwargs):
+        def log(rec):
+            if rec.get("step") == 5 and "loss" in rec:
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would: fit saves after this step and stops
+            if on_log:
+                on_log(rec)
+        return real_fit(*args, on_log=log, **kwargs)
+    monkeypatch.setattr(sweep_mod, "fit", fit_cut_at_step_5)
+    code, out, err = run_cli(capsys, "sweep", "--out", tmp_path / "cut", *flags)
+    assert code == 0 and "stopped early" in out, err
+    cut = json.loads((tmp_path / "cut" / "sweep.json").read_text())
+    assert cut["interrupted"] and len(cut["runs"]) == 1  # the 4-step run finished; the 8-step one was cut at 5
+    monkeypatch.setattr(sweep_mod, "fit", real_fit)
+    code, out, err = run_cli(capsys, "sweep", "--out", tmp_path / "cut", *flags)
+    assert code == 0, err
+    resumed = json.loads((tmp_path / "cut" / "sweep.json").read_text())
+    assert resumed["reused"] == 1 and not resumed["interrupted"]
+    assert [r["val_loss"] for r in resumed["runs"]] == [r["val_loss"] for r in whole["runs"]]
