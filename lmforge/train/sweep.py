@@ -229,7 +229,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         return s * tokens_per_step * cfg.flops_per_token(cfg.context_length) / 1e9
     lineage = {"objective": "pretrain", "data": opts.data, "data_fingerprint": spec["data"], "parent": None,
                "tokenizer": f"BPE trained on {opts.data}", "sweep": key}
-    runs, reused, interrupted = [], 0, False
+    runs, reused, interrupted, warned = [], 0, False, opts.tokens is not None  # explicit --tokens: no budget to keep
     run_dirs = {(cfg.name, s): out / "runs" / f"{cfg.name.removeprefix('sweep-')}-{s}steps-{key}" for cfg, s in grid}
     # The bar counts estimated seconds of the runs still to train (reused ones would make its rate, so its ETA, wrong)
     total = sum(estimate_s(c, s) for c, s in grid if not (run_dirs[c.name, s] / "result.json").is_file())
@@ -243,6 +243,10 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
             runs.append({**json.loads(result_path.read_text()), "reused": True})
             reused += 1
             continue
+        if not warned and time.perf_counter() - t0 > opts.budget_minutes * 60:
+            warned = True  # the grid is kept whole (a law needs all of it); say why it runs late
+            bar.write(f"past the {opts.budget_minutes:g}-minute budget: training runs slower than it was timed "
+                      f"(another process on this machine?); the remaining runs continue, or stop and rerun to resume")
         bar.set_postfix_str(f"{cfg.name.removeprefix('sweep-')}, {s * tokens_per_step:,} tokens")
         done = [0.0]
 
