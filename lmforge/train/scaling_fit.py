@@ -124,7 +124,7 @@ def predict_with_uncertainty(best: LossFit, fits: list[LossFit], flops: float, *
            "level": level, "bootstrap_samples": len(fits)}
     ns = np.array([f.compute_optimal(flops)[0] for f in fits])
     ns = ns[np.isfinite(ns) & (ns > 0)]
-    out["bootstrap_usable"] = int(len(ns))
+    out["bootstrap_usable"] = len(ns)
     if len(ns):
         lo, hi = np.quantile(ns, [(1 - level) / 2, (1 + level) / 2])
         out.update(n_lo=float(lo), n_hi=float(hi), d_lo=flops / 6.0 / float(hi), d_hi=flops / 6.0 / float(lo))

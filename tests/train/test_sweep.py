@@ -37,7 +37,7 @@ def test_fit_with_noise_and_its_bootstrap_interval_cover_the_truth():
     assert fit.alpha == pytest.approx(0.34, abs=0.03) and fit.beta == pytest.approx(0.28, abs=0.03)
     assert fit.E == pytest.approx(1.69, abs=0.15)
     pred = predict_with_uncertainty(fit, bootstrap_fits(N, D, L, fit, samples=10), 1e18)
-    true_n, true_d = CHINCHILLA.compute_optimal(1e18)
+    true_n, _ = CHINCHILLA.compute_optimal(1e18)
     assert pred["n_opt"] == pytest.approx(true_n, rel=0.2)
     assert pred["n_lo"] <= pred["n_opt"] <= pred["n_hi"] and pred["bootstrap_usable"] == 10
     assert pred["n_opt"] * pred["d_opt"] == pytest.approx(1e18 / 6)
