@@ -331,7 +331,8 @@ def register(sub) -> list[argparse.ArgumentParser]:
                    "(each holds the whole model, gradients averaged) or fsdp (weights, gradients and optimizer state "
                    "sharded per block, FSDP2) (default: none)")
     d.add_argument("--nproc", type=positive_int, help="start this many processes on this machine through torchrun "
-                   "(python -m torch.distributed.run --standalone); under torchrun itself, leave it out")
+                   "(python -m torch.distributed.run --standalone); under torchrun itself, leave it out (default: one "
+                   "process, or what torchrun started)")
     d.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto", help="how the processes talk: "
                    "gloo on CPUs, NCCL on CUDA GPUs (default: auto)")
     pt.add_argument("--samples", type=nonneg_int, default=2, help="text samples to print when training ends (default: 2)")
