@@ -22,8 +22,13 @@ Checkpoints stay whole: rank 0 writes the usual Hugging Face directory and the w
 (FSDP2 gathers both on save, and on resume each rank keeps its shard of what it reads), so a run resumes on
 any number of processes, with any strategy. That costs rank 0 the whole model's memory at each save.
 
-Not here yet (issue 18): tensor and pipeline parallelism, and sharded (DCP) checkpoints, which big models
-will need because of that cost.
+Tensor parallelism (`--parallel tp=N`, N = the number of processes; `lmforge.train.tensor_parallel`): the
+blocks' projections are split over the ranks, every rank sees the whole batch (the data is divided among
+the `data_world` = world_size / tp data-parallel groups, which is one here), and checkpoints are written
+whole, in one process's layout, like FSDP2's.
+
+Not here yet (issue 18): tensor parallelism combined with data parallelism (`tp=2,dp=N`), pipeline
+parallelism, and sharded (DCP) checkpoints, which big models will need because of the cost above.
 """
 
 from __future__ import annotations
@@ -39,22 +44,37 @@ import torch.distributed as tdist
 
 from lmforge.errors import UserError
 
-__all__ = ["Dist", "check_backend", "launched_by_torchrun", "lost_peer", "parse_parallel", "setup", "torchrun_command", "wrap"]
+__all__ = ["Dist", "check_backend", "check_fits", "launched_by_torchrun", "lost_peer", "parse_parallel", "setup", "torchrun_command", "wrap"]
 
 STRATEGIES = ("none", "ddp", "fsdp")
-LATER = {"tp": "tensor", "pp": "pipeline", "dp": "data (combined with tp/pp)"}
+LATER = {"pp": "pipeline", "dp": "data (combined with tp/pp)"}
 DEFAULT_TIMEOUT_S = 300
 
 
 def parse_parallel(spec: str | None) -> str:
-    """`none` | `ddp` | `fsdp` from the --parallel text; anything else is one line naming what works."""
-    s = (spec or "none").strip().lower()
+    """`none` | `ddp` | `fsdp` | `tp=N` from the --parallel text; anything else is one line naming what works."""
+    s = (spec or "none").strip().lower().replace(" ", "")
     if s in STRATEGIES:
         return s
+    if s.startswith("tp=") and "," in s:
+        raise UserError(f"--parallel {spec}: tensor parallelism combined with data or pipeline parallelism is "
+                        f"not available yet; use tp=N alone (N = the number of processes)")
+    if s.startswith("tp="):
+        if not s[3:].isdigit() or int(s[3:]) < 1:
+            raise UserError(f"--parallel {spec}: tp= takes a whole number of processes, such as tp=2")
+        return f"tp={int(s[3:])}"
     head = s.split("=")[0].split(",")[0]
     if head in LATER:
         raise UserError(f"--parallel {spec}: {LATER[head]} parallelism is not available yet; use ddp or fsdp")
-    raise UserError(f"--parallel must be none, ddp or fsdp, got {spec!r}")
+    raise UserError(f"--parallel must be none, ddp, fsdp or tp=N, got {spec!r}")
+
+
+def check_fits(strategy: str, cfg) -> None:
+    """The model can be split as `strategy` asks (checked where the config is known, before data or workers)."""
+    if strategy.startswith("tp="):
+        from lmforge.train.tensor_parallel import check_divisible
+
+        check_divisible(cfg, int(strategy[3:]))
 
 
 def launched_by_torchrun() -> bool:
@@ -90,6 +110,23 @@ class Dist:
     local_rank: int = 0
     strategy: str = "none"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tp: int = 1  # tensor-parallel ranks that share one copy of the batch (strategy "tp")
+
+    @property
+    def data_rank(self) -> int:
+        """Which slice of every global micro-batch this rank computes: tensor-parallel ranks share one."""
+        return self.rank // self.tp
+
+    @property
+    def data_world(self) -> int:
+        """Into how many slices every global micro-batch is divided."""
+        return self.world_size // self.tp
+
+    @property
+    def gathers(self) -> bool:
+        """Whether the weights and optimizer state are split across ranks, so saving gathers them (a
+        collective) and resuming splits a whole state again."""
+        return self.strategy in ("fsdp", "tp")
 
     @property
     def is_main(self) -> bool:
@@ -124,6 +161,10 @@ class Dist:
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (CPU), None on the others. FSDP2 gathers its shards (a
         collective every rank must enter); otherwise rank 0 already holds them."""
+        if self.strategy == "tp":
+            from lmforge.train import tensor_parallel
+
+            return tensor_parallel.full_state_dict(model, self.is_main)
         if self.strategy != "fsdp":
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -134,6 +175,10 @@ class Dist:
     def full_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
         """FSDP2: the optimizer's whole state on rank 0, in `optimizer.state_dict()`'s own layout (parameters
         numbered in group order), so the trainer state written from it resumes on one process or DDP."""
+        if self.strategy == "tp":
+            from lmforge.train import tensor_parallel
+
+            return tensor_parallel.full_optimizer_state(model, optimizer, self.is_main)
         if self.strategy != "fsdp":
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -154,6 +199,10 @@ class Dist:
     def load_full_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, whole: dict) -> None:
         """FSDP2: load a whole optimizer state (as `full_optimizer_state` wrote it, or one process saved it),
         every rank keeping its own shard: what lets an FSDP2 run resume with any number of processes."""
+        if self.strategy == "tp":
+            from lmforge.train import tensor_parallel
+
+            return tensor_parallel.load_full_optimizer_state(model, optimizer, whole)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         name_of = {id(p): n for n, p in model.named_parameters()}
@@ -188,6 +237,12 @@ def setup(strategy: str, device: torch.device, backend: str = "auto") -> tuple[D
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"the launcher set RANK={rank} and WORLD_SIZE={world}; RANK must be in [0, WORLD_SIZE)")
     check_backend(backend, device)
+    tp = 1
+    if strategy.startswith("tp="):
+        strategy, tp = "tp", int(strategy[3:])
+        if tp != world:
+            raise UserError(f"--parallel tp={tp} splits the model over {tp} processes, but this job has {world}; "
+                            f"start it with --nproc {tp} (or torchrun --nproc-per-node {tp})")
     if strategy == "none":
         if world > 1:
             raise UserError(f"this is one of {world} processes started by torchrun; choose how they share the work "
@@ -209,7 +264,7 @@ def setup(strategy: str, device: torch.device, backend: str = "auto") -> tuple[D
             tdist.init_process_group(name, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             raise UserError("WORLD_SIZE > 1 but no MASTER_ADDR: start the job with torchrun (or lmforge pretrain --nproc N)")
-    return Dist(rank=rank, world_size=world, local_rank=local, strategy=strategy, device=device), device
+    return Dist(rank=rank, world_size=world, local_rank=local, strategy=strategy, device=device, tp=tp), device
 
 
 def wrap(model: torch.nn.Module, dist: Dist, precision: str = "fp32") -> torch.nn.Module:
@@ -220,6 +275,13 @@ def wrap(model: torch.nn.Module, dist: Dist, precision: str = "fp32") -> torch.n
 
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
+    if dist.strategy == "tp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from lmforge.train import tensor_parallel
+
+        tensor_parallel.check_divisible(model.config, dist.tp)  # before any collective: one line, every rank
+        return tensor_parallel.parallelize(model, init_device_mesh(dist.device.type, (dist.tp,)), dist.tp)
     if dist.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

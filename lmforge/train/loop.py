@@ -199,8 +199,13 @@ def plot_losses(history: list[dict], path: Path, title: str = "") -> None:
 
 def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
     """Clip the gradients to `clip` (0: no clipping) and return their global norm. Under FSDP2 the gradients
-    are shards (DTensors) and so is the norm: `full_tensor()` makes it the whole model's, the same on every rank."""
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    are shards (DTensors) and so is the norm: `full_tensor()` makes it the whole model's, the same on every rank.
+    Under tensor parallelism only the split projections are DTensors; `implicit_replication` counts the
+    others (identical on every rank) once."""
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    with implicit_replication():
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
@@ -275,7 +280,7 @@ def fit(
         state, tensors = read_trainer_state(out)
         if state["param_names"] != param_names:
             raise ValueError("the checkpoint's optimizer state belongs to different parameters")
-        if dist.strategy == "fsdp":  # the saved state is whole: each rank keeps its shard of it
+        if dist.gathers:  # the saved state is whole: each rank keeps its shard of it
             whole = _WholeOptimizerState()
             restore_optimizer(whole, state, tensors)
             dist.load_full_optimizer_state(bare, optimizer, whole.state)
@@ -297,7 +302,7 @@ def fit(
         nonlocal last_saved
         state = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": None if math.isinf(best_val) else best_val,
                  "train_config": asdict(cfg), "precision": precision, "objective": description}
-        if dist.strategy == "fsdp":  # every rank gathers; rank 0 writes a plain copy of the whole model
+        if dist.gathers:  # every rank gathers; rank 0 writes a plain copy of the whole model
             full, optim = dist.full_state_dict(bare), dist.full_optimizer_state(bare, optimizer)
             if main:
                 whole = GPT(bare.config)

@@ -29,7 +29,7 @@ from lmforge.presets import get_preset
 from lmforge.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 from lmforge.train import objectives
 from lmforge.train.checkpointer import Checkpointer
-from lmforge.train.distributed import check_backend, parse_parallel, setup, wrap
+from lmforge.train.distributed import check_backend, check_fits, parse_parallel, setup, wrap
 from lmforge.train.loop import FitResult, TrainConfig, autocast_context, fit
 from lmforge.train.plan import estimate, format_plan
 
@@ -165,6 +165,7 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
             overrides["dropout"] = opts.dropout
         cfg = get_preset(preset, **overrides)
 
+    check_fits(strategy, cfg)
     recipe = _recipe(opts, saved_state["train_config"] if saved_state else None)
     token_data = prepare_data(data, tokenizer, cache_dir("data"), val_fraction=opts.val_fraction, seed=0,
                               errors=opts.errors, block_size=cfg.context_length, show_progress=opts.progress)
@@ -197,7 +198,7 @@ def _train(opts: PretrainOptions, out: Path, cfg, tokenizer: Tokenizer, token_da
         model = GPT(cfg).to(device)
     batches = WindowBatches(token_data, batch_size=recipe.batch_size, block_size=cfg.context_length,
                             grad_accum=recipe.grad_accum, seed=recipe.seed, eval_tokens=opts.eval_tokens, device=device,
-                            rank=dist.rank, world_size=dist.world_size)
+                            rank=dist.data_rank, world_size=dist.data_world)
     model = wrap(model, dist, autocast_context(device, recipe.precision)[1])
     lineage = {"objective": "pretrain", "data": data, "data_fingerprint": token_data.meta.get("corpus_fingerprint"),
                "preset": cfg.name, "parent": None, "tokenizer": str(opts.tokenizer) if opts.tokenizer else f"BPE trained on {data}",
@@ -210,7 +211,7 @@ def _train(opts: PretrainOptions, out: Path, cfg, tokenizer: Tokenizer, token_da
                  progress=opts.progress, description="pretrain", on_log=opts.on_log, dist=dist)
     if result.val_loss is not None:
         summary["val_nats_per_char"] = result.val_loss / batches.val_chars_per_token
-    # FSDP2 leaves each rank a shard; rank 0 reads the whole model back from what it saved
-    bare = load_model(out, device=device) if dist.strategy == "fsdp" and dist.is_main else unwrap(model)
+    # FSDP2 and TP leave each rank a shard; rank 0 reads the whole model back from what it saved
+    bare = load_model(out, device=device) if dist.gathers and dist.is_main else unwrap(model)
     summary.update(model=bare, tokenizer=tokenizer, plot=out / "loss.png")
     return result, summary

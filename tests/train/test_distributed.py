@@ -1,5 +1,5 @@
-"""Data-parallel (DDP) and sharded (FSDP2) training on 2 CPU processes with gloo: the same losses and
-weights as one process on the same global batch; the CLI's --nproc; bad --parallel specs; a killed rank."""
+"""Data-parallel (DDP), sharded (FSDP2) and tensor-parallel (TP=2) training on 2 CPU processes with gloo:
+the same losses and weights as one process on the same global batch; the CLI's --nproc; bad --parallel specs; a killed rank."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _fit(out: Path, tokenizer, data_args, dist: Dist, *, resume_to: int | None =
     else:
         model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=32, dropout=0.0))
     batches = WindowBatches(token_data, batch_size=tc.batch_size, block_size=32, grad_accum=tc.grad_accum, seed=tc.seed,
-                            eval_tokens=256, device=torch.device("cpu"), rank=dist.rank, world_size=dist.world_size)
+                            eval_tokens=256, device=torch.device("cpu"), rank=dist.data_rank, world_size=dist.data_world)
     result = fit(wrap(model, dist), objectives.pretrain, batches, tc, Checkpointer(out, tokenizer=tokenizer),
                  progress=False, dist=dist, resume=bool(resume_to))
     return [h["loss"] for h in result.history if "loss" in h]
@@ -57,8 +57,9 @@ def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:
     tokenizer = Tokenizer.load(Path(root) / "tok")
     dist, _ = setup("ddp", torch.device("cpu"))
     try:
-        for strategy in ("ddp", "fsdp"):  # one process group, two runs: spawning costs more than training
-            losses = _fit(Path(root) / strategy, tokenizer, data_args, dataclasses.replace(dist, strategy=strategy))
+        for strategy in STRATEGIES:  # one process group, three runs: spawning costs more than training
+            losses = _fit(Path(root) / strategy, tokenizer, data_args,
+                          dataclasses.replace(dist, strategy=strategy, tp=world if strategy == "tp" else 1))
             (Path(root) / f"{strategy}.{rank}.json").write_text(json.dumps(losses))
         # and the single-process run's checkpoint continued by FSDP2 on two processes
         losses = _fit(Path(root) / "resumed", tokenizer, data_args, dataclasses.replace(dist, strategy="fsdp"), resume_to=24)
@@ -67,13 +68,16 @@ def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:
         dist.close()
 
 
+STRATEGIES = ("ddp", "fsdp", "tp")  # tiny's 4 heads and 2 key/value heads split in two for tp
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_tokenizer, corpus_file):
+def test_ddp_fsdp_and_tp_match_one_process(tmp_path, tiny_tokenizer, corpus_file):
     import torch.multiprocessing as mp
 
     tiny_tokenizer.save(tmp_path / "tok")
@@ -83,7 +87,7 @@ def test_ddp_and_fsdp_match_one_process(tmp_path, tiny_tokenizer, corpus_file):
     shutil.copytree(tmp_path / "single", tmp_path / "resumed")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), data_args), nprocs=2, join=True)
     reference = load_model(tmp_path / "single").state_dict()
-    for strategy in ("ddp", "fsdp"):
+    for strategy in STRATEGIES:
         for rank in (0, 1):  # the reported loss is the global mean, the same on every rank
             losses = json.loads((tmp_path / f"{strategy}.{rank}.json").read_text())
             assert len(losses) == 20
@@ -125,9 +129,11 @@ def test_cli_nproc_ddp_end_to_end(tmp_path, corpus_file):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--parallel", "tp=2"], "tensor parallelism is not available yet"),
+    (["--parallel", "tp=2"], "--parallel tp=2 splits the model over 2 processes, but this job has 1"),
+    (["--parallel", "tp=4", "--nproc", "4"], "the model's 2 key/value heads do not divide evenly among 4 ranks"),
+    (["--parallel", "tp=2,dp=2", "--nproc", "4"], "tensor parallelism combined with data or pipeline parallelism"),
     (["--parallel", "pp=2", "--nproc", "2"], "pipeline parallelism is not available yet"),
-    (["--parallel", "zero3"], "--parallel must be none, ddp or fsdp"),
+    (["--parallel", "zero3"], "--parallel must be none, ddp, fsdp or tp=N"),
     (["--nproc", "2"], "--parallel ddp or --parallel fsdp"),
     (["--parallel", "ddp", "--backend", "nccl", "--device", "cpu"], "nccl"),
     (["--parallel", "ddp", "--nproc", "2", "--batch-size", "3"], "must divide evenly among 2 processes"),
