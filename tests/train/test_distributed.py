@@ -61,9 +61,11 @@ def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:
             losses = _fit(Path(root) / strategy, tokenizer, data_args,
                           dataclasses.replace(dist, strategy=strategy, tp=world if strategy == "tp" else 1))
             (Path(root) / f"{strategy}.{rank}.json").write_text(json.dumps(losses))
-        # and the single-process run's checkpoint continued by FSDP2 on two processes
-        losses = _fit(Path(root) / "resumed", tokenizer, data_args, dataclasses.replace(dist, strategy="fsdp"), resume_to=24)
-        (Path(root) / f"resumed.{rank}.json").write_text(json.dumps(losses))
+        # and the single-process run's checkpoint continued by FSDP2, and by TP, on two processes
+        for strategy, tp in (("fsdp", 1), ("tp", world)):
+            losses = _fit(Path(root) / f"resumed-{strategy}", tokenizer, data_args,
+                          dataclasses.replace(dist, strategy=strategy, tp=tp), resume_to=24)
+            (Path(root) / f"resumed-{strategy}.{rank}.json").write_text(json.dumps(losses))
     finally:
         dist.close()
 
@@ -84,7 +86,8 @@ def test_ddp_fsdp_and_tp_match_one_process(tmp_path, tiny_tokenizer, corpus_file
     data_args = (str(corpus_file), tiny_tokenizer, tmp_path / "cache")
     single = _fit(tmp_path / "single", tiny_tokenizer, data_args, Dist())
     assert len(single) == 20
-    shutil.copytree(tmp_path / "single", tmp_path / "resumed")
+    for strategy in ("fsdp", "tp"):
+        shutil.copytree(tmp_path / "single", tmp_path / f"resumed-{strategy}")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), data_args), nprocs=2, join=True)
     reference = load_model(tmp_path / "single").state_dict()
     for strategy in STRATEGIES:
@@ -97,13 +100,14 @@ def test_ddp_fsdp_and_tp_match_one_process(tmp_path, tiny_tokenizer, corpus_file
         for name, w in reference.items():
             torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=1e-4, msg=f"{strategy}: {name}")
     # Checkpoints hold the whole model and optimizer state, so a run resumes with another process count and
-    # continues the single-process loss curve: FSDP2 on 2 -> one process, and one process -> FSDP2 on 2.
+    # continues the single-process loss curve: FSDP2 and TP on 2 -> one process, one process -> FSDP2 and TP on 2.
     after_single = _fit(tmp_path / "single", tiny_tokenizer, data_args, Dist(), resume_to=24)[20:]
-    after_fsdp = _fit(tmp_path / "fsdp", tiny_tokenizer, data_args, Dist(), resume_to=24)[20:]
-    on_two = json.loads((tmp_path / "resumed.0.json").read_text())[20:]
-    assert len(after_fsdp) == len(on_two) == 4
-    assert max(abs(a - b) for a, b in zip(after_single, after_fsdp)) <= 1e-5
-    assert max(abs(a - b) for a, b in zip(after_single, on_two)) <= 1e-5
+    for strategy in ("fsdp", "tp"):
+        after_two = _fit(tmp_path / strategy, tiny_tokenizer, data_args, Dist(), resume_to=24)[20:]
+        on_two = json.loads((tmp_path / f"resumed-{strategy}.0.json").read_text())[20:]
+        assert len(after_two) == len(on_two) == 4
+        assert max(abs(a - b) for a, b in zip(after_single, after_two)) <= 1e-5, strategy
+        assert max(abs(a - b) for a, b in zip(after_single, on_two)) <= 1e-5, strategy
 
 
 def _cli_env(tmp_path) -> dict[str, str]:
