@@ -216,7 +216,14 @@ class Dist:
                                  options=StateDictOptions(full_state_dict=True))
 
     def close(self) -> None:
+        """Leave the group together: a barrier first (one rank tearing gloo down while another still reads from
+        it can abort a process at exit: "terminate called without an active exception"), then destroy. A peer
+        already gone makes the barrier fail at once; there is nothing left to wait for then."""
         if self.active:
+            try:
+                tdist.barrier()
+            except Exception:  # noqa: BLE001 - whatever the backend raises for a lost peer
+                pass
             tdist.destroy_process_group()
 
 
