@@ -72,12 +72,13 @@ def _launch_torchrun(args, opts) -> int:
     from lmforge.train.distributed import parse_parallel, torchrun_command
     from lmforge.train.pretrain import pretrain
 
-    if parse_parallel(args.parallel) == "none":
+    strategy = parse_parallel(args.parallel)
+    if strategy == "none":
         return fail(f"--nproc {args.nproc} starts {args.nproc} processes; say how they share the work with "
-                    f"--parallel ddp or --parallel fsdp")
+                    f"--parallel ddp, fsdp or tp={args.nproc}")
     _, summary = pretrain(dataclasses.replace(opts, dry_run=True))
     batch = summary["recipe"].batch_size
-    if batch % args.nproc:
+    if batch % args.nproc and not strategy.startswith("tp="):  # (tensor-parallel ranks all read the whole batch)
         return fail(f"--batch-size {batch} is the global micro-batch and must divide evenly among {args.nproc} processes")
     cmd = torchrun_command(args.nproc, _forwarded_argv(args.pretrain_parser, args))
     child = subprocess.Popen(cmd)

@@ -133,7 +133,7 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
     strategy = parse_parallel(opts.parallel)
     device = resolve_device(opts.device)
     if strategy == "none" and opts.backend != "auto":
-        raise UserError("--backend chooses how processes talk; it needs --parallel ddp or fsdp")
+        raise UserError("--backend chooses how processes talk; it needs --parallel ddp, fsdp or tp=N")
     check_backend(opts.backend, device)
     saved_state = None
     if opts.resume:
