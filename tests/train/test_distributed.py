@@ -138,7 +138,7 @@ def test_cli_nproc_ddp_end_to_end(tmp_path, corpus_file):
     (["--parallel", "tp=2,dp=2", "--nproc", "4"], "tensor parallelism combined with data or pipeline parallelism"),
     (["--parallel", "pp=2", "--nproc", "2"], "pipeline parallelism is not available yet"),
     (["--parallel", "zero3"], "--parallel must be none, ddp, fsdp or tp=N"),
-    (["--nproc", "2"], "--parallel ddp or --parallel fsdp"),
+    (["--nproc", "2"], "--parallel ddp, fsdp or tp=2"),
     (["--parallel", "ddp", "--backend", "nccl", "--device", "cpu"], "nccl"),
     (["--parallel", "ddp", "--nproc", "2", "--batch-size", "3"], "must divide evenly among 2 processes"),
 ])
