@@ -228,3 +228,32 @@ def greedy(model, prompt: list[int], new_tokens: int = FAMILY_NEW_TOKENS) -> lis
         for _ in range(new_tokens):
             x = torch.cat([x, model(x)[:, -1:].argmax(-1)], 1)
     return x[0, len(prompt):].tolist()
+
+
+def assert_quantized_file_runs(path, ref, vocab: int, n_ctx: int = 64):
+    """A quantized GGUF at `path`, loaded keeping its blocks: every packed matrix holds exactly the weights the
+    float read gives; our logits pick transformers' (`ref`) top token at >= 75% of places; and llama.cpp's logits
+    on the file are those weights' (within 10% of their range, >= 75% same top token: it rounds activations to
+    8 bits too). Returns the packed model."""
+    import numpy as np
+
+    from lmforge.loaders.auto import load
+    from lmforge.loaders.gguf import read_gguf
+    from lmforge.loaders.model_dir import build_model
+    from lmforge.quant.linear import GGMLLinear
+
+    model, floats = load(path, dtype="auto").model, read_gguf(path).state_dict
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, GGMLLinear)}
+    assert layers
+    for name, m in layers.items():
+        assert torch.equal(m.dequantized(), floats[f"{name}.weight"]), name
+    prompt = prompt_ids(vocab)
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        mine, expected = model(x)[0], ref(x).logits[0]
+        exact = build_model(read_gguf(path).config, floats, source=str(path))(x)[0].numpy()
+    assert (mine.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+    logits, _ = llama_cpp_run(path, prompt, n_ctx, new_tokens=0)
+    assert np.abs(logits - exact).max() < 0.1 * np.abs(exact).max()
+    assert (logits.argmax(-1) == exact.argmax(-1)).mean() >= 0.75
+    return model

@@ -36,7 +36,15 @@ from lmforge.loaders.gguf.reader import dequantize, open_data, parse_file  # noq
 from lmforge.loaders.model_dir import build_model, load_model  # noqa: E402
 from lmforge.model.gpt import GPT  # noqa: E402
 from lmforge.quant.linear import GGMLLinear  # noqa: E402
-from tests.loaders.gguf.helpers import assert_user_error, export_gguf, greedy, imported, llama_cpp_run, prompt_ids  # noqa: E402
+from tests.loaders.gguf.helpers import (  # noqa: E402
+    assert_quantized_file_runs,
+    assert_user_error,
+    export_gguf,
+    greedy,
+    imported,
+    llama_cpp_run,
+    prompt_ids,
+)
 from tests.loaders.gguf.test_gguf_moe import rewrite  # noqa: E402
 from tests.loaders.parity import NEW_TOKENS, assert_matches_transformers  # noqa: E402
 from tests.loaders.test_gemma import BASE, GEMMA2_KW, GEMMA3_KW, randomize  # noqa: E402
@@ -172,22 +180,10 @@ def test_quantized_gemma_gguf_runs_in_ours_and_llama_cpp(gemma, tiny_tokenizer, 
     path = tmp_path / "m-q8_0.gguf"
     types = write_gguf(path, ours.config, ours.state_dict(), tiny_tokenizer, qtype="q8_0")
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.post_ffw_norm.weight"] == "F32"
-    loaded = load(path, dtype="auto")
-    assert loaded.format == "gguf:Q8_0"
-    model, floats = loaded.model, read_gguf(path).state_dict
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, GGMLLinear)}
-    assert layers and all(p.qtype == "Q8_0" for m in layers.values() for p in m.parts if m is not model.lm_head)
-    for name, m in layers.items():
-        assert torch.equal(m.dequantized(), floats[f"{name}.weight"]), name
-    prompt = ids(ours.config.vocab_size)
-    x = torch.tensor([prompt])
-    with torch.no_grad():
-        mine, expected = model(x)[0], ref(x).logits[0]
-        exact = build_model(read_gguf(path).config, floats, source=str(path))(x)[0].numpy()
-    assert (mine.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
-    logits, _ = llama_cpp_run(path, prompt, new_tokens=0)
-    assert np.abs(logits - exact).max() < 0.1 * np.abs(exact).max()
-    assert (logits.argmax(-1) == exact.argmax(-1)).mean() >= 0.75
+    assert load(path, dtype="auto").format == "gguf:Q8_0"
+    model = assert_quantized_file_runs(path, ref, ours.config.vocab_size)
+    assert all(p.qtype == "Q8_0" for m in model.modules() if isinstance(m, GGMLLinear) and m is not model.lm_head
+               for p in m.parts)
 
 
 # ---------------------------------------------------------------------------------------------------

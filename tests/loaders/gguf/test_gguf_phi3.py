@@ -35,7 +35,14 @@ from lmforge.loaders.gguf.reader import dequantize, open_data, parse_file  # noq
 from lmforge.loaders.model_dir import build_model, load_model  # noqa: E402
 from lmforge.quant.linear import GGMLLinear  # noqa: E402
 from lmforge.quant.mix import tensor_types  # noqa: E402
-from tests.loaders.gguf.helpers import export_gguf, greedy, imported, llama_cpp_run, prompt_ids  # noqa: E402
+from tests.loaders.gguf.helpers import (  # noqa: E402
+    assert_quantized_file_runs,
+    export_gguf,
+    greedy,
+    imported,
+    llama_cpp_run,
+    prompt_ids,
+)
 from tests.loaders.parity import NEW_TOKENS, assert_matches_transformers  # noqa: E402
 from tests.loaders.test_phi3 import VARIANTS, hf_phi3, longrope  # noqa: E402
 
@@ -153,20 +160,8 @@ def test_quantized_phi3_gguf_runs_in_ours_and_llama_cpp(phi, tiny_tokenizer, tmp
     assert read_gguf_header(path)[0]["general.name"] == "phi 3"  # llama.cpp would want </s> etc. of a "phi3"
     assert types["blk.0.attn_qkv.weight"] == types["blk.0.ffn_up.weight"] == "Q8_0"
     assert types["rope_factors_long.weight"] == "F32"
-    model, floats = load(path, dtype="auto").model, read_gguf(path).state_dict
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, GGMLLinear)}
+    model = assert_quantized_file_runs(path, ref, ours.config.vocab_size, N_CTX[kind])
     assert model.blocks[0].mlp.fc.parts[0].qtype == "Q8_0"
-    for name, m in layers.items():
-        assert torch.equal(m.dequantized(), floats[f"{name}.weight"]), name
-    prompt = ids(ours.config.vocab_size)
-    x = torch.tensor([prompt])
-    with torch.no_grad():
-        mine, expected = model(x)[0], ref(x).logits[0]
-        exact = build_model(read_gguf(path).config, floats, source=str(path))(x)[0].numpy()
-    assert (mine.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
-    logits, _ = llama_cpp_run(path, prompt, N_CTX[kind], new_tokens=0)
-    assert np.abs(logits - exact).max() < 0.1 * np.abs(exact).max()
-    assert (logits.argmax(-1) == exact.argmax(-1)).mean() >= 0.75
 
 
 def test_mixes_give_a_fused_qkv_more_bits_as_llama_quantize_does():
