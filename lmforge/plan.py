@@ -47,6 +47,7 @@ import torch
 
 from lmforge.config import GATED_MLPS, ModelConfig
 from lmforge.errors import UserError
+from lmforge.parallel import Parallel, parse_parallel  # noqa: F401 - re-exported for plan users
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 DEFAULT_MFU = 0.4  # what well-tuned large runs reach on A100/H100s (Llama 2's 70B: ~0.43, see tests)
@@ -172,68 +173,7 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, *, device: str | No
 # ---------------------------------------------------------------------------------------------------
 # Parallelism
 # ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Parallel:
-    """How `gpus` devices are used: dp replicas (DDP), fsdp shards (FSDP/ZeRO-3: also data-parallel), tp
-    tensor-parallel ranks, pp pipeline stages; dp * fsdp * tp * pp = devices."""
-
-    dp: int = 1
-    fsdp: int = 1
-    tp: int = 1
-    pp: int = 1
-
-    @property
-    def world(self) -> int:
-        return self.dp * self.fsdp * self.tp * self.pp
-
-    def describe(self) -> str:
-        parts = [f"{k}={v}" for k, v in (("dp", self.dp), ("fsdp", self.fsdp), ("tp", self.tp), ("pp", self.pp)) if v > 1]
-        return ",".join(parts) or "single device"
-
-
-def parse_parallel(spec: str | None, gpus: int, cfg: ModelConfig | None = None) -> Parallel:
-    """'ddp' | 'fsdp' | 'tp=2,dp=4' | 'pp=2' | 'tp=2,pp=2,fsdp=2' for `gpus` devices. None or a bare
-    'ddp' or 'fsdp' spans them all (None: DDP, the plain data parallelism); in a list, a missing
-    data-parallel degree fills the devices left (as DDP, or FSDP when 'fsdp' is named without a number).
-    One-line UserErrors for specs that do not divide the devices or, given `cfg`, the model (heads by
-    tp, layers by pp)."""
-    if not spec or spec.strip() in ("ddp", "dp"):
-        return _checked(Parallel(dp=gpus), gpus, cfg, spec or "ddp")
-    degrees: dict[str, int] = {}
-    fill = "dp"
-    for item in spec.replace(" ", "").lower().split(","):
-        key, eq, val = item.partition("=")
-        key = {"ddp": "dp"}.get(key, key)
-        if key not in ("dp", "fsdp", "tp", "pp") or (eq and not val.isdigit()) or key in degrees:
-            raise UserError(f"--parallel {spec!r}: expected ddp, fsdp, or a list of dp=N, fsdp=N, tp=N, pp=N")
-        if not eq:
-            if key not in ("dp", "fsdp"):
-                raise UserError(f"--parallel {spec!r}: {key} needs a degree ({key}=N)")
-            fill = key
-            continue
-        if int(val) < 1:
-            raise UserError(f"--parallel {spec!r}: degrees must be >= 1")
-        degrees[key] = int(val)
-    given = math.prod(degrees.values())
-    if gpus % given:
-        raise UserError(f"--parallel {spec!r} needs a multiple of {given} devices, not --gpus {gpus}")
-    if gpus // given > 1:
-        if fill in degrees:
-            raise UserError(f"--parallel {spec!r} uses {given} devices, but --gpus is {gpus}")
-        degrees[fill] = gpus // given
-    return _checked(Parallel(**degrees), gpus, cfg, spec)
-
-
-def _checked(par: Parallel, gpus: int, cfg: ModelConfig | None, spec: str) -> Parallel:
-    if par.world != gpus:
-        raise UserError(f"--parallel {spec!r} uses {par.world} devices, but --gpus is {gpus}")
-    if cfg is not None:
-        if cfg.n_heads % par.tp or cfg.n_kv_heads % par.tp:
-            raise UserError(f"--parallel {spec!r}: tp={par.tp} does not divide the model's {cfg.n_heads} heads "
-                            f"({cfg.n_kv_heads} key/value heads)")
-        if par.pp > cfg.n_layers:
-            raise UserError(f"--parallel {spec!r}: pp={par.pp} stages for a model of {cfg.n_layers} layers")
-    return par
+# Parallel and parse_parallel live in lmforge.parallel (one parser for plan and training).
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -72,14 +72,15 @@ def _launch_torchrun(args, opts) -> int:
     from lmforge.train.distributed import parse_parallel, torchrun_command
     from lmforge.train.pretrain import pretrain
 
-    strategy = parse_parallel(args.parallel)
-    if strategy == "none":
+    par = parse_parallel(args.parallel, args.nproc)
+    if par is None:
         return fail(f"--nproc {args.nproc} starts {args.nproc} processes; say how they share the work with "
                     f"--parallel ddp, fsdp or tp={args.nproc}")
-    _, summary = pretrain(dataclasses.replace(opts, dry_run=True))
+    _, summary = pretrain(dataclasses.replace(opts, dry_run=True, world=args.nproc))
     batch = summary["recipe"].batch_size
-    if batch % args.nproc and not strategy.startswith("tp="):  # (tensor-parallel ranks all read the whole batch)
-        return fail(f"--batch-size {batch} is the global micro-batch and must divide evenly among {args.nproc} processes")
+    if batch % par.data_parallel:  # (tensor-parallel ranks and pipeline stages share their slice)
+        return fail(f"--batch-size {batch} is the global micro-batch and must divide evenly among "
+                    f"{par.data_parallel} data-parallel processes")
     cmd = torchrun_command(args.nproc, _forwarded_argv(args.pretrain_parser, args))
     child = subprocess.Popen(cmd)
     # Ctrl-C or SIGTERM to this launcher goes on to torchrun, which hands it to every worker: they save at the
@@ -329,8 +330,9 @@ def register(sub) -> list[argparse.ArgumentParser]:
     d = pt.add_argument_group("several processes (torchrun)", "--batch-size is the global micro-batch, divided evenly "
                               "among the processes, so the loss curve does not depend on how many there are")
     d.add_argument("--parallel", metavar="HOW", help="how the processes share the work: none (one process), ddp "
-                   "(each holds the whole model, gradients averaged) or fsdp (weights, gradients and optimizer state "
-                   "sharded per block, FSDP2) (default: none)")
+                   "(each holds the whole model, gradients averaged), fsdp (weights, gradients and optimizer state "
+                   "sharded per block, FSDP2) or tp=N (each block's projections split over N processes); the same "
+                   "spec `lmforge plan` reads (default: none)")
     d.add_argument("--nproc", type=positive_int, help="start this many processes on this machine through torchrun "
                    "(python -m torch.distributed.run --standalone); under torchrun itself, leave it out (default: one "
                    "process, or what torchrun started)")

@@ -43,38 +43,52 @@ import torch
 import torch.distributed as tdist
 
 from lmforge.errors import UserError
+from lmforge.parallel import Parallel, check_model
+from lmforge.parallel import parse_parallel as parse_spec
 
-__all__ = ["Dist", "check_backend", "check_fits", "launched_by_torchrun", "lost_peer", "parse_parallel", "setup", "torchrun_command", "wrap"]
+__all__ = ["Dist", "check_backend", "check_fits", "launched_by_torchrun", "lost_peer", "parse_parallel", "setup", "strategy_of", "torchrun_command", "wrap"]
 
-STRATEGIES = ("none", "ddp", "fsdp")
-LATER = {"pp": "pipeline", "dp": "data (combined with tp/pp)"}
 DEFAULT_TIMEOUT_S = 300
+SPEC_UNIT = dict(unit="processes", count_flag="--nproc (torchrun's world size)")
 
 
-def parse_parallel(spec: str | None) -> str:
-    """`none` | `ddp` | `fsdp` | `tp=N` from the --parallel text; anything else is one line naming what works."""
-    s = (spec or "none").strip().lower().replace(" ", "")
-    if s in STRATEGIES:
-        return s
-    if s.startswith("tp=") and "," in s:
+def parse_parallel(spec: str | None, world: int | None = None) -> Parallel | None:
+    """The --parallel text for a job of `world` processes (None: the torchrun environment's WORLD_SIZE, 1
+    without torchrun) through the one parser `lmforge plan` uses too; None for `none` (one process, no group).
+    Mistakes, and splits this training loop cannot run yet, are one line."""
+    if (spec or "none").strip().lower() == "none":
+        return None
+    world = _env_int("WORLD_SIZE", 1) if world is None else world
+    par = parse_spec(spec, world, **SPEC_UNIT)
+    strategy_of(par, spec)  # what is not built yet is refused here, before any slow work
+    return par
+
+
+def strategy_of(par: Parallel | None, spec: str = "") -> str:
+    """The training strategy for a parsed spec: none | ddp | fsdp | tp | pp."""
+    if par is None:
+        return "none"
+    if par.pp > 1 and par.pp != par.world:
+        raise UserError(f"--parallel {spec}: pipeline parallelism combined with data or tensor parallelism is not "
+                        f"available yet; use pp=N alone (N = the number of processes)")
+    if par.pp > 1:
+        raise UserError(f"--parallel {spec}: pipeline parallelism is not available yet; use ddp, fsdp or tp=N")
+    if par.tp > 1 and par.tp != par.world:
         raise UserError(f"--parallel {spec}: tensor parallelism combined with data or pipeline parallelism is "
                         f"not available yet; use tp=N alone (N = the number of processes)")
-    if s.startswith("tp="):
-        if not s[3:].isdigit() or int(s[3:]) < 1:
-            raise UserError(f"--parallel {spec}: tp= takes a whole number of processes, such as tp=2")
-        return f"tp={int(s[3:])}"
-    head = s.split("=")[0].split(",")[0]
-    if head in LATER:
-        raise UserError(f"--parallel {spec}: {LATER[head]} parallelism is not available yet; use ddp or fsdp")
-    raise UserError(f"--parallel must be none, ddp, fsdp or tp=N, got {spec!r}")
+    if par.tp > 1:
+        return "tp"
+    return "fsdp" if par.sharded else "ddp"
 
 
-def check_fits(strategy: str, cfg) -> None:
-    """The model can be split as `strategy` asks (checked where the config is known, before data or workers)."""
-    if strategy.startswith("tp="):
-        from lmforge.train.tensor_parallel import check_divisible
-
-        check_divisible(cfg, int(strategy[3:]))
+def check_fits(par: Parallel | None, cfg, spec: str = "") -> None:
+    """The model can be split as `par` asks (checked where the config is known, before data or workers)."""
+    if par is None:
+        return
+    check_model(par, par.world, cfg, spec, **SPEC_UNIT)
+    if par.tp > 1 and cfg.n_experts:
+        raise UserError(f"--parallel {spec}: mixture-of-experts models are not split by tensor parallelism yet; "
+                        f"use ddp or fsdp")
 
 
 def launched_by_torchrun() -> bool:
@@ -237,23 +251,22 @@ def check_backend(backend: str, device: torch.device) -> None:
         raise UserError(f"--backend nccl runs on CUDA GPUs, but the device is {device}; use --device cuda or gloo")
 
 
-def setup(strategy: str, device: torch.device, backend: str = "auto") -> tuple[Dist, torch.device]:
+def setup(parallel: Parallel | str | None, device: torch.device, backend: str = "auto") -> tuple[Dist, torch.device]:
     """Read the torchrun environment and join the process group. Returns the Dist and this rank's device
-    (cuda:LOCAL_RANK when training on GPUs). One process without torchrun and `none` joins nothing."""
+    (cuda:LOCAL_RANK when training on GPUs). One process without torchrun and `none` joins nothing.
+    `parallel` is what `parse_parallel` returned, or the --parallel text itself."""
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"the launcher set RANK={rank} and WORLD_SIZE={world}; RANK must be in [0, WORLD_SIZE)")
     check_backend(backend, device)
-    tp = 1
-    if strategy.startswith("tp="):
-        strategy, tp = "tp", int(strategy[3:])
-        if tp != world:
-            raise UserError(f"--parallel tp={tp} splits the model over {tp} processes, but this job has {world}; "
-                            f"start it with --nproc {tp} (or torchrun --nproc-per-node {tp})")
+    par = parse_parallel(parallel, world) if isinstance(parallel, str) or parallel is None else parallel
+    if par is not None:
+        check_model(par, world, None, par.describe(), **SPEC_UNIT)
+    strategy = strategy_of(par)
     if strategy == "none":
         if world > 1:
             raise UserError(f"this is one of {world} processes started by torchrun; choose how they share the work "
-                            f"with --parallel ddp or --parallel fsdp")
+                            f"with --parallel ddp, fsdp or tp={world}")
         return Dist(device=device), device
     if not tdist.is_available():
         raise UserError("this PyTorch build has no torch.distributed")
@@ -271,7 +284,7 @@ def setup(strategy: str, device: torch.device, backend: str = "auto") -> tuple[D
             tdist.init_process_group(name, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             raise UserError("WORLD_SIZE > 1 but no MASTER_ADDR: start the job with torchrun (or lmforge pretrain --nproc N)")
-    return Dist(rank=rank, world_size=world, local_rank=local, strategy=strategy, device=device, tp=tp), device
+    return Dist(rank=rank, world_size=world, local_rank=local, strategy=strategy, device=device, tp=par.tp), device
 
 
 def wrap(model: torch.nn.Module, dist: Dist, precision: str = "fp32") -> torch.nn.Module:
@@ -287,7 +300,7 @@ def wrap(model: torch.nn.Module, dist: Dist, precision: str = "fp32") -> torch.n
 
         from lmforge.train import tensor_parallel
 
-        tensor_parallel.check_divisible(model.config, dist.tp)  # before any collective: one line, every rank
+        check_fits(Parallel(tp=dist.tp), model.config, f"tp={dist.tp}")  # before any collective: one line, every rank
         return tensor_parallel.parallelize(model, init_device_mesh(dist.device.type, (dist.tp,)), dist.tp)
     if dist.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh

@@ -92,7 +92,8 @@ class PretrainOptions:
     overwrite: bool = False  # replace a model already in `out` instead of refusing
     device: str = "auto"
     progress: bool = True
-    parallel: str = "none"  # none | ddp | fsdp (lmforge.train.distributed)
+    parallel: str = "none"  # none, or a --parallel spec (lmforge.parallel): ddp, fsdp, tp=N
+    world: int | None = None  # processes the job will have (None: as torchrun set WORLD_SIZE; 1 without it)
     backend: str = "auto"  # process-group backend: auto (gloo on CPU, NCCL on CUDA), gloo or nccl
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields the user set explicitly
     on_log: Callable[[dict], None] | None = None  # called with every metrics record
@@ -130,9 +131,9 @@ def _recipe(opts: PretrainOptions, saved: dict[str, Any] | None) -> TrainConfig:
 def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
     """Run (or plan, with `dry_run`) a pretraining job. Returns the fit result and a summary dict."""
     out = Path(opts.out)
-    strategy = parse_parallel(opts.parallel)
+    par = parse_parallel(opts.parallel, opts.world)
     device = resolve_device(opts.device)
-    if strategy == "none" and opts.backend != "auto":
+    if par is None and opts.backend != "auto":
         raise UserError("--backend chooses how processes talk; it needs --parallel ddp, fsdp or tp=N")
     check_backend(opts.backend, device)
     saved_state = None
@@ -165,7 +166,7 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
             overrides["dropout"] = opts.dropout
         cfg = get_preset(preset, **overrides)
 
-    check_fits(strategy, cfg)
+    check_fits(par, cfg, opts.parallel)
     recipe = _recipe(opts, saved_state["train_config"] if saved_state else None)
     token_data = prepare_data(data, tokenizer, cache_dir("data"), val_fraction=opts.val_fraction, seed=0,
                               errors=opts.errors, block_size=cfg.context_length, show_progress=opts.progress)
@@ -175,7 +176,7 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
                                "data_meta": token_data.meta, "recipe": recipe, "device": str(device), "rank": 0}
     if opts.dry_run:
         return None, summary
-    dist, device = setup(strategy, device, opts.backend)
+    dist, device = setup(par, device, opts.backend)
     try:
         return _train(opts, out, cfg, tokenizer, token_data, recipe, data, summary, dist, device)
     finally:

@@ -24,21 +24,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.errors import UserError
 from lmforge.model.gpt import MLP, projection_parts
 
-__all__ = ["check_divisible", "full_optimizer_state", "full_state_dict", "load_full_optimizer_state", "parallelize"]
+__all__ = ["full_optimizer_state", "full_state_dict", "load_full_optimizer_state", "parallelize"]
 
 _COLUMN = ("attn.qkv", "mlp.fc")  # their rows are permuted to rank order before sharding
-
-
-def check_divisible(cfg, tp: int) -> None:
-    """Every rank gets whole heads (and, with GQA, whole key/value heads) and an equal share of the MLP."""
-    for what, n in (("attention heads", cfg.n_heads), ("key/value heads", cfg.n_kv_heads), ("MLP width (d_ff)", cfg.d_ff)):
-        if n % tp:
-            raise UserError(f"--parallel tp={tp}: the model's {n} {what} do not divide evenly among {tp} ranks")
-    if cfg.n_experts:
-        raise UserError(f"--parallel tp={tp}: mixture-of-experts models are not split by tensor parallelism yet; use ddp or fsdp")
 
 
 def row_order(cfg, module: str, tp: int) -> torch.Tensor:
@@ -70,7 +60,6 @@ def parallelize(model: nn.Module, mesh, tp: int) -> nn.Module:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     cfg = model.config
-    check_divisible(cfg, tp)
     orders = _orders(model, tp)
     with torch.no_grad():
         for name, p in model.named_parameters():
