@@ -37,6 +37,29 @@ def wait_until(condition, timeout: float = 5.0, poll: float = 0.01) -> bool:
     return bool(condition())
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a process group's rendezvous on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_of_rank(marker: str, rank: int) -> int | None:
+    """The pid of the torchrun worker of `rank` in the job whose environment has LMFORGE_TEST_RUN=marker."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if env.get("LMFORGE_TEST_RUN") == marker and env.get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env:
+            return int(entry.name)
+    return None
+
+
 def make_corpus(n_lines: int = 3000, seed: int = 0) -> str:
     """Repetitive but structured English-like text: learnable in a few dozen steps by a tiny model."""
     rng = random.Random(seed)

@@ -279,7 +279,13 @@ def setup(parallel: Parallel | str | None, device: torch.device, backend: str = 
     timeout = timedelta(seconds=_env_int("LMFORGE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     if not tdist.is_initialized():
         if "MASTER_ADDR" in os.environ:
-            tdist.init_process_group(name, rank=rank, world_size=world, timeout=timeout)
+            # The rendezvous store outlives a torchrun restart (--max-restarts), and gloo finds its peers' addresses
+            # in it under the same keys every attempt: restarted workers could read the dead ones' and fail with
+            # "Connection refused" (seen here about half the time). A prefix per attempt keeps attempts apart.
+            store, _, _ = next(tdist.rendezvous("env://", rank, world, timeout=timeout))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            tdist.init_process_group(name, store=tdist.PrefixStore(f"lmforge/attempt-{attempt}", store), rank=rank,
+                                     world_size=world, timeout=timeout)
         elif world == 1:  # --parallel without torchrun: a group of one, the N=1 case
             tdist.init_process_group(name, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:

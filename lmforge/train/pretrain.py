@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field, fields
+import os
+import sys
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from lmforge import __version__
-from lmforge.checkpoint import read_trainer_state
+from lmforge.checkpoint import TRAINER_STATE, read_trainer_state
 from lmforge.data.corpus import corpus_fingerprint, load_documents
 from lmforge.data.shards import TokenData, get_batch, prepare_data
 from lmforge.device import resolve_device
@@ -29,7 +31,7 @@ from lmforge.presets import get_preset
 from lmforge.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 from lmforge.train import objectives
 from lmforge.train.checkpointer import Checkpointer
-from lmforge.train.distributed import check_backend, check_fits, parse_parallel, setup, wrap
+from lmforge.train.distributed import check_backend, check_fits, launched_by_torchrun, parse_parallel, setup, wrap
 from lmforge.train.loop import FitResult, TrainConfig, autocast_context, fit
 from lmforge.train.plan import estimate, format_plan
 
@@ -128,9 +130,33 @@ def _recipe(opts: PretrainOptions, saved: dict[str, Any] | None) -> TrainConfig:
     return cfg
 
 
+def _torchrun_run_id() -> str | None:
+    """The id torchrun gives a job, the same for every worker and kept across its restarts (--max-restarts)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
+
+
+def restarted_from(out: Path) -> int | None:
+    """The step to continue from when torchrun restarted this job's workers (`--max-restarts`) after a failure
+    and this same job (the same run id) had saved a checkpoint in `out`; None otherwise. The restarted workers
+    run the same command line, which has no --resume: without this they would refuse the directory their own
+    first attempt wrote. The run id keeps a restart from continuing some other run's checkpoint."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) < 1 or not is_model_dir(out):
+        return None
+    if not (out / TRAINER_STATE / "state.json").is_file():
+        return None
+    if read_lmforge_meta(out).get("lineage", {}).get("torchrun_run_id") != _torchrun_run_id():
+        return None
+    return read_trainer_state(out)[0]["step"]
+
+
 def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
     """Run (or plan, with `dry_run`) a pretraining job. Returns the fit result and a summary dict."""
     out = Path(opts.out)
+    if not opts.resume and not opts.dry_run and (step := restarted_from(out)) is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"torchrun restarted the workers (restart {os.environ['TORCHELASTIC_RESTART_COUNT']}): continuing "
+                  f"{out} from its checkpoint at step {step}", file=sys.stderr, flush=True)
+        opts = replace(opts, resume=True, preset=None, tokenizer=None, vocab_size=None)
     par = parse_parallel(opts.parallel, opts.world)
     device = resolve_device(opts.device)
     if par is None and opts.backend != "auto":
@@ -206,6 +232,8 @@ def _train(opts: PretrainOptions, out: Path, cfg, tokenizer: Tokenizer, token_da
                "lmforge_version": __version__}
     if opts.resume:
         lineage = {**read_lmforge_meta(out).get("lineage", {}), "lmforge_version": __version__}
+    if _torchrun_run_id():
+        lineage["torchrun_run_id"] = _torchrun_run_id()  # lets a torchrun restart find its own checkpoint
     checkpointer = Checkpointer(out, tokenizer=tokenizer, lineage=lineage)
     objective = objectives.Pretrain(recipe.router_aux_loss_coef, recipe.router_z_loss_coef)
     result = fit(model, objective, batches, recipe, checkpointer, resume=opts.resume, device=device,

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, wait_until
+from conftest import free_port, pid_of_rank, run_cli, wait_until
 from lmforge.data.shards import prepare_data
 from lmforge.loaders.model_dir import load_model
 from lmforge.model.gpt import GPT
@@ -73,12 +72,6 @@ def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:
 STRATEGIES = ("ddp", "fsdp", "tp")  # tiny's 4 heads and 2 key/value heads split in two for tp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_fsdp_and_tp_match_one_process(tmp_path, tiny_tokenizer, corpus_file):
     import torch.multiprocessing as mp
 
@@ -88,7 +81,7 @@ def test_ddp_fsdp_and_tp_match_one_process(tmp_path, tiny_tokenizer, corpus_file
     assert len(single) == 20
     for strategy in ("fsdp", "tp"):
         shutil.copytree(tmp_path / "single", tmp_path / f"resumed-{strategy}")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), data_args), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), data_args), nprocs=2, join=True)
     reference = load_model(tmp_path / "single").state_dict()
     for strategy in STRATEGIES:
         for rank in (0, 1):  # the reported loss is the global mean, the same on every rank
@@ -149,20 +142,6 @@ def test_bad_parallel_flags_are_one_line(capsys, tmp_path, corpus_file, argv, sa
     assert says in err and len(err.strip().splitlines()) == 1, err
 
 
-def _pid_of_rank(marker: str, rank: int) -> int | None:
-    """The pid of the torchrun worker of `rank` in the job started with LMFORGE_TEST_RUN=marker."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
-        except OSError:
-            continue
-        if env.get("LMFORGE_TEST_RUN") == marker and env.get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env:
-            return int(entry.name)
-    return None
-
-
 def _start_long_run(tmp_path, corpus_file, **env) -> tuple[subprocess.Popen, Path]:
     """A 2-process run far longer than the test, returned once it has logged its first step."""
     out = tmp_path / "run"
@@ -195,7 +174,7 @@ def test_sigterm_to_the_launcher_saves_and_exits_0(tmp_path, corpus_file):
 def test_a_killed_rank_ends_the_job_with_a_message(tmp_path, corpus_file):
     proc, _ = _start_long_run(tmp_path, corpus_file, LMFORGE_DIST_TIMEOUT="60")
     try:
-        pid = _pid_of_rank(str(tmp_path), 1)
+        pid = pid_of_rank(str(tmp_path), 1)
         assert pid is not None, "no rank 1 worker found"
         os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=120)  # ends: no hang
