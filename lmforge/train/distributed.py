@@ -22,13 +22,15 @@ Checkpoints stay whole: rank 0 writes the usual Hugging Face directory and the w
 (FSDP2 gathers both on save, and on resume each rank keeps its shard of what it reads), so a run resumes on
 any number of processes, with any strategy. That costs rank 0 the whole model's memory at each save.
 
-Tensor parallelism (`--parallel tp=N`, N = the number of processes; `lmforge.train.tensor_parallel`): the
-blocks' projections are split over the ranks, every rank sees the whole batch (the data is divided among
-the `data_world` = world_size / tp data-parallel groups, which is one here), and checkpoints are written
-whole, in one process's layout, like FSDP2's.
+Tensor parallelism (`--parallel tp=N`; `lmforge.train.tensor_parallel`): the blocks' projections are split
+over N consecutive ranks, which all see the same slice of the batch: the data is divided among the
+`data_world` = world_size / tp data-parallel groups. With data parallelism too (`tp=2,dp=4`: replicas,
+strategy "tp"; `tp=2,fsdp`: FSDP2 shards, strategy "tp+fsdp") the processes form a 2-D (dp, tp) device mesh
+(`lmforge.train.mesh`); `tp=N` alone is its dp=1 case. Checkpoints are written whole, in one process's
+layout, like FSDP2's.
 
-Not here yet (issue 18): tensor parallelism combined with data parallelism (`tp=2,dp=N`), pipeline
-parallelism, and sharded (DCP) checkpoints, which big models will need because of the cost above.
+Not here yet (issue 18): pipeline parallelism, and sharded (DCP) checkpoints, which big models will need
+because of the cost above.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def parse_parallel(spec: str | None, world: int | None = None) -> Parallel | Non
 
 
 def strategy_of(par: Parallel | None, spec: str = "") -> str:
-    """The training strategy for a parsed spec: none | ddp | fsdp | tp | pp."""
+    """The training strategy for a parsed spec: none | ddp | fsdp | tp (alone, or with dp replicas) | tp+fsdp."""
     if par is None:
         return "none"
     if par.pp > 1 and par.pp != par.world:
@@ -73,11 +75,8 @@ def strategy_of(par: Parallel | None, spec: str = "") -> str:
                         f"available yet; use pp=N alone (N = the number of processes)")
     if par.pp > 1:
         raise UserError(f"--parallel {spec}: pipeline parallelism is not available yet; use ddp, fsdp or tp=N")
-    if par.tp > 1 and par.tp != par.world:
-        raise UserError(f"--parallel {spec}: tensor parallelism combined with data or pipeline parallelism is "
-                        f"not available yet; use tp=N alone (N = the number of processes)")
-    if par.tp > 1:
-        return "tp"
+    if par.tp > 1:  # alone, or on a 2-D mesh with dp replicas ("tp") or FSDP2 shards ("tp+fsdp"): lmforge.train.mesh
+        return "tp+fsdp" if par.sharded else "tp"
     return "fsdp" if par.sharded else "ddp"
 
 
@@ -124,7 +123,7 @@ class Dist:
     local_rank: int = 0
     strategy: str = "none"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    tp: int = 1  # tensor-parallel ranks that share one copy of the batch (strategy "tp")
+    tp: int = 1  # tensor-parallel ranks that share one copy of the batch (strategies "tp" and "tp+fsdp")
 
     @property
     def data_rank(self) -> int:
@@ -140,7 +139,7 @@ class Dist:
     def gathers(self) -> bool:
         """Whether the weights and optimizer state are split across ranks, so saving gathers them (a
         collective) and resuming splits a whole state again."""
-        return self.strategy in ("fsdp", "tp")
+        return self.strategy in ("fsdp", "tp", "tp+fsdp")
 
     @property
     def is_main(self) -> bool:
@@ -153,11 +152,16 @@ class Dist:
     def grad_sync(self, model: torch.nn.Module, sync: bool):
         """A context for one micro-step's backward: gradients are reduced across ranks only when `sync`
         (the last micro-step of an accumulation); the others accumulate locally (DDP's no_sync, FSDP2's
-        set_requires_gradient_sync), which saves grad_accum - 1 all-reduces a step."""
+        set_requires_gradient_sync, and for replicas of a tensor-parallel model no explicit all-reduce:
+        `lmforge.train.mesh.replica_sync`), which saves grad_accum - 1 all-reduces a step."""
         if self.strategy == "ddp" and not sync:
             return model.no_sync()
-        if self.strategy == "fsdp":
+        if self.strategy in ("fsdp", "tp+fsdp"):
             model.set_requires_gradient_sync(sync)
+        if self.strategy == "tp" and self.data_world > 1:  # replicas of a tensor-parallel model
+            from lmforge.train import mesh
+
+            return mesh.replica_sync(model, sync)
         return nullcontext()
 
     def sum(self, values: list[float]) -> list[float]:
@@ -175,7 +179,7 @@ class Dist:
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (CPU), None on the others. FSDP2 gathers its shards (a
         collective every rank must enter); otherwise rank 0 already holds them."""
-        if self.strategy == "tp":
+        if self.strategy in ("tp", "tp+fsdp"):  # full_tensor() gathers over both mesh dimensions
             from lmforge.train import tensor_parallel
 
             return tensor_parallel.full_state_dict(model, self.is_main)
@@ -189,7 +193,7 @@ class Dist:
     def full_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
         """FSDP2: the optimizer's whole state on rank 0, in `optimizer.state_dict()`'s own layout (parameters
         numbered in group order), so the trainer state written from it resumes on one process or DDP."""
-        if self.strategy == "tp":
+        if self.strategy in ("tp", "tp+fsdp"):  # full_tensor() gathers over both mesh dimensions
             from lmforge.train import tensor_parallel
 
             return tensor_parallel.full_optimizer_state(model, optimizer, self.is_main)
@@ -213,7 +217,7 @@ class Dist:
     def load_full_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, whole: dict) -> None:
         """FSDP2: load a whole optimizer state (as `full_optimizer_state` wrote it, or one process saved it),
         every rank keeping its own shard: what lets an FSDP2 run resume with any number of processes."""
-        if self.strategy == "tp":
+        if self.strategy in ("tp", "tp+fsdp"):  # each rank keeps its shard on both mesh dimensions
             from lmforge.train import tensor_parallel
 
             return tensor_parallel.load_full_optimizer_state(model, optimizer, whole)
@@ -301,13 +305,12 @@ def wrap(model: torch.nn.Module, dist: Dist, precision: str = "fp32") -> torch.n
 
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    if dist.strategy == "tp":
-        from torch.distributed.device_mesh import init_device_mesh
+    if dist.strategy in ("tp", "tp+fsdp"):
+        from lmforge.train import mesh
 
-        from lmforge.train import tensor_parallel
-
-        check_fits(Parallel(tp=dist.tp), model.config, f"tp={dist.tp}")  # before any collective: one line, every rank
-        return tensor_parallel.parallelize(model, init_device_mesh(dist.device.type, (dist.tp,)), dist.tp)
+        par = Parallel(**{"fsdp" if dist.strategy == "tp+fsdp" else "dp": dist.data_world}, tp=dist.tp)
+        check_fits(par, model.config, par.describe())  # before any collective: one line, every rank
+        return mesh.parallelize(model, dist, precision)
     if dist.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -201,8 +201,14 @@ def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
     """Clip the gradients to `clip` (0: no clipping) and return their global norm. Under FSDP2 the gradients
     are shards (DTensors) and so is the norm: `full_tensor()` makes it the whole model's, the same on every rank.
     Under tensor parallelism only the split projections are DTensors; `implicit_replication` counts the
-    others (identical on every rank) once."""
+    others (identical on every rank) once. With FSDP2 on top (a 2-D mesh) the gradients span two meshes,
+    whose norms `lmforge.train.mesh` adds."""
     from torch.distributed.tensor.experimental import implicit_replication
+
+    from lmforge.train import mesh
+
+    if mesh.several_meshes(params):
+        return mesh.clip_grad_norm(params, clip)
 
     with implicit_replication():
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)

@@ -1,6 +1,7 @@
 """Tensor parallelism (Megatron-style) applied to a `GPT` from outside, with DTensor's `parallelize_module`.
 
-Each block's attention and MLP are split across the `tp` ranks of a 1-D device mesh: the input projections
+Each block's attention and MLP are split across the `tp` ranks of a 1-D device mesh (the "tp" dimension of
+the 2-D mesh `lmforge.train.mesh` builds, where data parallelism runs across these groups): the input projections
 (`attn.qkv`, `mlp.fc`) are column-parallel (each rank computes some of the output features from the whole
 input), the output projections (`attn.proj`, `mlp.proj`) row-parallel (each rank multiplies its features by
 its slice of the weight's columns, and one all-reduce sums the partial outputs). So a block costs two
@@ -17,6 +18,9 @@ and knows nothing of this); checkpoints are written in the original row order (`
 What stays replicated in this first version: embeddings, norms and `lm_head` (every rank holds and
 computes them whole; their gradients agree across ranks because DTensor all-reduces the gradient flowing
 back into each column-parallel input). Mixture-of-experts blocks are not split.
+
+The checkpoint functions below gather any DTensor whole, over every mesh dimension, so they also serve the
+2-D mesh, where FSDP2 shards these weights (and their optimizer moments) over dp as well.
 """
 
 from __future__ import annotations
@@ -76,8 +80,14 @@ def parallelize(model: nn.Module, mesh, tp: int) -> nn.Module:
 
 
 def _whole(name: str, t, orders: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A parameter (or its optimizer moment) whole and in the original row order: a collective for DTensors."""
+    """A parameter (or its optimizer moment) whole and in the original row order: a collective for DTensors.
+    On a 2-D mesh (with FSDP2 over dp) the outer dimensions are gathered first, one at a time: `full_tensor()`
+    alone would gather tp before dp, in two all-gathers that DTensor warns about on every rank."""
     if hasattr(t, "full_tensor"):
+        from torch.distributed.tensor import Replicate
+
+        for i in range(t.device_mesh.ndim - 1):
+            t = t.redistribute(placements=[Replicate()] * (i + 1) + list(t.placements[i + 1:]))
         t = t.full_tensor()
     t = t.detach().cpu()
     if name in orders and t.dim() > 0:
