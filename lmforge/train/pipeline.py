@@ -54,7 +54,7 @@ from lmforge.errors import UserError
 from lmforge.model.gpt import GPT, window_mask
 from lmforge.train.losses import cross_entropy
 
-__all__ = ["PipelinedGPT", "StageModule", "full_optimizer_state", "full_state_dict", "load_full_optimizer_state",
+__all__ = ["PipelinedGPT", "StageModule", "check_config", "full_optimizer_state", "full_state_dict", "load_full_optimizer_state",
            "parallelize", "stage_blocks"]
 
 
