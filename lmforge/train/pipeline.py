@@ -308,7 +308,10 @@ def full_state_dict(model: GPT, main: bool) -> dict[str, torch.Tensor] | None:
         return None
     whole: dict[str, torch.Tensor] = {}
     for part in parts:
-        whole.update(part)
+        for name, t in part.items():  # a tied matrix comes from both ends: its copies must not have drifted
+            if name in whole and not torch.equal(whole[name], t):
+                raise RuntimeError(f"pipeline checkpoint: the stages hold different copies of {name}")
+            whole[name] = t
     missing = [k for k in model.state_dict() if k not in whole]
     if missing:
         raise RuntimeError(f"pipeline checkpoint: no stage holds {missing[:3]}")
