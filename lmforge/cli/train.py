@@ -331,9 +331,9 @@ def register(sub) -> list[argparse.ArgumentParser]:
                               "among the processes, so the loss curve does not depend on how many there are")
     d.add_argument("--parallel", metavar="HOW", help="how the processes share the work: none (one process), ddp "
                    "(each holds the whole model, gradients averaged), fsdp (weights, gradients and optimizer state "
-                   "sharded per block, FSDP2) or tp=N (each block's projections split over N processes), alone or on "
-                   "a 2-D mesh with either of the others (tp=2,dp=2; tp=2,fsdp); the same spec `lmforge plan` reads "
-                   "(default: none)")
+                   "sharded per block, FSDP2), tp=N (each block's projections split over N processes, alone or on a "
+                   "2-D mesh with dp or fsdp: tp=2,dp=2; tp=2,fsdp) or pp=N (the blocks cut into N pipeline stages, "
+                   "one a process); the same spec `lmforge plan` reads (default: none)")
     d.add_argument("--nproc", type=positive_int, help="start this many processes on this machine through torchrun "
                    "(python -m torch.distributed.run --standalone); under torchrun itself, leave it out (default: one "
                    "process, or what torchrun started)")

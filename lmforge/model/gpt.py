@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -247,6 +248,17 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------
+class AttentionInputs(NamedTuple):
+    """Rotary tables (cos, sin) and masks for global layers, then for sliding-window layers."""
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    mask: torch.Tensor | None
+    causal: bool
+    local_rope: tuple[torch.Tensor, torch.Tensor] | None
+    local_mask: torch.Tensor | None
+    local_causal: bool
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -358,6 +370,23 @@ class GPT(nn.Module):
             raise ValueError(f"position {last} is beyond the context length {cfg.context_length}")
         pos2d = positions if positions.dim() == 2 else positions[None, :]  # (B or 1, T)
 
+        x = self.embed(idx, pos2d)
+        ctx = self.attention_inputs(pos2d, last, mask, causal, cache, slots, T)
+        for block in self.blocks:
+            x = self.run_block(block, x, ctx, cache, slots)
+        if output_mask is not None:
+            x = x[output_mask]  # (N, C)
+        elif output_positions is not None:
+            x = x[torch.arange(B, device=x.device), output_positions][:, None]
+        elif last_only:
+            x = x[:, -1:]
+        return self.head(x)
+
+    # The pieces of `forward`, in order: a pipeline stage (lmforge.train.pipeline) runs some of them on its
+    # share of the blocks, so each exists once.
+    def embed(self, idx: torch.Tensor, pos2d: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) at positions `pos2d` (B|1, T) -> the residual stream (B, T, C)."""
+        cfg = self.config
         x = self.tok_emb(idx)  # (B, T, C)
         if cfg.embed_scale:  # Gemma: embeddings times sqrt(C), rounded to their dtype as transformers does
             x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype)
@@ -365,8 +394,13 @@ class GPT(nn.Module):
             x = x + self.pos_emb(pos2d)
         elif cfg.positions == "sinusoidal":
             x = x + self.pos_table[pos2d]
-        x = self.drop(x)
+        return self.drop(x)
 
+    def attention_inputs(self, pos2d: torch.Tensor, last: int, mask: torch.Tensor | None, causal: bool, cache: KVCache | None,
+                         slots: torch.Tensor | None, T: int) -> AttentionInputs:
+        """What every block's attention needs besides the residual stream: the rotary tables at these
+        positions (the furthest `last`) and the mask, for global layers and for sliding-window layers."""
+        cfg = self.config
         rope = local_rope = None
         if cfg.positions == "rope":
             cos, sin = self.rope_cos, self.rope_sin
@@ -387,20 +421,21 @@ class GPT(nn.Module):
         if cache is not None and cache.ring is not None:
             local_mask, local_causal = ring_mask(cfg.sliding_window, slots, cache.ring_slots(slots), mask), False
         elif cfg.sliding_window is not None and n_keys > cfg.sliding_window:
-            q_slots = slots if slots is not None else torch.arange(T, device=idx.device)
+            q_slots = slots if slots is not None else torch.arange(T, device=pos2d.device)
             local_mask, local_causal = window_mask(cfg.sliding_window, q_slots, n_keys, mask), False
+        return AttentionInputs(rope, mask, causal, local_rope, local_mask, local_causal)
 
-        for block in self.blocks:
-            if block.slides:
-                x = block(x, local_rope, local_mask, local_causal, cache, slots)
-            else:
-                x = block(x, rope, mask, causal, cache, slots)
-        if output_mask is not None:
-            x = x[output_mask]  # (N, C)
-        elif output_positions is not None:
-            x = x[torch.arange(B, device=x.device), output_positions][:, None]
-        elif last_only:
-            x = x[:, -1:]
+    @staticmethod
+    def run_block(block: nn.Module, x: torch.Tensor, ctx: AttentionInputs, cache: KVCache | None = None,
+                  slots: torch.Tensor | None = None) -> torch.Tensor:
+        """One block on the residual stream, with the global or the sliding-window attention inputs."""
+        if block.slides:
+            return block(x, ctx.local_rope, ctx.local_mask, ctx.local_causal, cache, slots)
+        return block(x, ctx.rope, ctx.mask, ctx.causal, cache, slots)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream -> logits: final norm, output head, and Gemma 2's soft cap."""
+        cfg = self.config
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if cfg.final_softcap is not None:  # Gemma 2: logits bounded smoothly to (-cap, cap)
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)

@@ -29,7 +29,13 @@ strategy "tp"; `tp=2,fsdp`: FSDP2 shards, strategy "tp+fsdp") the processes form
 (`lmforge.train.mesh`); `tp=N` alone is its dp=1 case. Checkpoints are written whole, in one process's
 layout, like FSDP2's.
 
-Not here yet (issue 18): pipeline parallelism, and sharded (DCP) checkpoints, which big models will need
+Pipeline parallelism (`--parallel pp=N`, N = the number of processes; `lmforge.train.pipeline`): the
+blocks are cut into N stages, one a rank, run by a 1F1B (or GPipe) schedule whose micro-batches are one
+step's `grad_accum` micro-batches; every rank reads the whole batch (stage 0 its tokens, the last stage
+its targets), and checkpoints are written whole, as FSDP2's and TP's are.
+
+Not here yet (issue 18): pipeline parallelism combined with data or tensor parallelism (`pp=2,dp=N`),
+pipeline stages for mixture-of-experts models, and sharded (DCP) checkpoints, which big models will need
 because of the cost above.
 """
 
@@ -74,7 +80,7 @@ def strategy_of(par: Parallel | None, spec: str = "") -> str:
         raise UserError(f"--parallel {spec}: pipeline parallelism combined with data or tensor parallelism is not "
                         f"available yet; use pp=N alone (N = the number of processes)")
     if par.pp > 1:
-        raise UserError(f"--parallel {spec}: pipeline parallelism is not available yet; use ddp, fsdp or tp=N")
+        return "pp"
     if par.tp > 1:  # alone, or on a 2-D mesh with dp replicas ("tp") or FSDP2 shards ("tp+fsdp"): lmforge.train.mesh
         return "tp+fsdp" if par.sharded else "tp"
     return "fsdp" if par.sharded else "ddp"
@@ -88,6 +94,10 @@ def check_fits(par: Parallel | None, cfg, spec: str = "") -> None:
     if par.tp > 1 and cfg.n_experts:
         raise UserError(f"--parallel {spec}: mixture-of-experts models are not split by tensor parallelism yet; "
                         f"use ddp or fsdp")
+    if par.pp > 1:
+        from lmforge.train.pipeline import check_config
+
+        check_config(cfg, spec)
 
 
 def launched_by_torchrun() -> bool:
@@ -124,22 +134,24 @@ class Dist:
     strategy: str = "none"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp: int = 1  # tensor-parallel ranks that share one copy of the batch (strategies "tp" and "tp+fsdp")
+    pp: int = 1  # pipeline stages, which share one copy of the batch too (strategy "pp")
 
     @property
     def data_rank(self) -> int:
-        """Which slice of every global micro-batch this rank computes: tensor-parallel ranks share one."""
-        return self.rank // self.tp
+        """Which slice of every global micro-batch this rank computes: tensor-parallel ranks and pipeline
+        stages share one."""
+        return self.rank // (self.tp * self.pp)
 
     @property
     def data_world(self) -> int:
         """Into how many slices every global micro-batch is divided."""
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def gathers(self) -> bool:
         """Whether the weights and optimizer state are split across ranks, so saving gathers them (a
         collective) and resuming splits a whole state again."""
-        return self.strategy in ("fsdp", "tp", "tp+fsdp")
+        return self.strategy in ("fsdp", "tp", "tp+fsdp", "pp")
 
     @property
     def is_main(self) -> bool:
@@ -183,6 +195,10 @@ class Dist:
             from lmforge.train import tensor_parallel
 
             return tensor_parallel.full_state_dict(model, self.is_main)
+        if self.strategy == "pp":
+            from lmforge.train import pipeline
+
+            return pipeline.full_state_dict(model, self.is_main)
         if self.strategy != "fsdp":
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -197,6 +213,10 @@ class Dist:
             from lmforge.train import tensor_parallel
 
             return tensor_parallel.full_optimizer_state(model, optimizer, self.is_main)
+        if self.strategy == "pp":
+            from lmforge.train import pipeline
+
+            return pipeline.full_optimizer_state(model, optimizer, self.is_main)
         if self.strategy != "fsdp":
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -221,6 +241,10 @@ class Dist:
             from lmforge.train import tensor_parallel
 
             return tensor_parallel.load_full_optimizer_state(model, optimizer, whole)
+        if self.strategy == "pp":
+            from lmforge.train import pipeline
+
+            return pipeline.load_full_optimizer_state(model, optimizer, whole)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         name_of = {id(p): n for n, p in model.named_parameters()}
@@ -270,7 +294,7 @@ def setup(parallel: Parallel | str | None, device: torch.device, backend: str = 
     if strategy == "none":
         if world > 1:
             raise UserError(f"this is one of {world} processes started by torchrun; choose how they share the work "
-                            f"with --parallel ddp, fsdp or tp={world}")
+                            f"with --parallel ddp, fsdp, tp={world} or pp={world}")
         return Dist(device=device), device
     if not tdist.is_available():
         raise UserError("this PyTorch build has no torch.distributed")
@@ -294,7 +318,8 @@ def setup(parallel: Parallel | str | None, device: torch.device, backend: str = 
             tdist.init_process_group(name, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             raise UserError("WORLD_SIZE > 1 but no MASTER_ADDR: start the job with torchrun (or lmforge pretrain --nproc N)")
-    return Dist(rank=rank, world_size=world, local_rank=local, strategy=strategy, device=device, tp=par.tp), device
+    return Dist(rank=rank, world_size=world, local_rank=local, strategy=strategy, device=device, tp=par.tp,
+                pp=par.pp), device
 
 
 def wrap(model: torch.nn.Module, dist: Dist, precision: str = "fp32") -> torch.nn.Module:
@@ -311,6 +336,11 @@ def wrap(model: torch.nn.Module, dist: Dist, precision: str = "fp32") -> torch.n
         par = Parallel(**{"fsdp" if dist.strategy == "tp+fsdp" else "dp": dist.data_world}, tp=dist.tp)
         check_fits(par, model.config, par.describe())  # before any collective: one line, every rank
         return mesh.parallelize(model, dist, precision)
+    if dist.strategy == "pp":
+        from lmforge.train import pipeline
+
+        check_fits(Parallel(pp=dist.pp), model.config, f"pp={dist.pp}")  # before any collective: one line, every rank
+        return pipeline.parallelize(model, dist.rank, dist.pp, dist.device)
     if dist.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -9,7 +9,8 @@ Several processes (torchrun, `lmforge.train.distributed`): the caller wraps the 
 passes its `Dist`; each rank's `data` yields its own slice of every global micro-batch. Here that changes
 four things only: micro-steps before the last skip the gradient all-reduce, the reported loss (and the stop
 flag, so every rank stops at the same step) is summed over ranks, the checkpoint gathers FSDP2's shards, and
-only rank 0 logs, plots and writes.
+only rank 0 logs, plots and writes. A pipelined model (`--parallel pp=N`, `lmforge.train.pipeline`) runs a
+step's micro-batches, the gradient norm and the validation loss itself, through its schedule and stages.
 
 Exact resume rests on three facts: batches are a pure function of (seed, step), the schedule is a pure
 function of the step, and the checkpoint carries optimizer moments and RNG states. So a resumed run
@@ -280,6 +281,7 @@ def fit(
     optimizer = make_optimizer(bare, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     params = [p for p in bare.parameters() if p.requires_grad]
     fwd = torch.compile(model) if cfg.compile else model
+    pipe = model if getattr(model, "is_pipeline", False) else None  # --parallel pp=N: its schedule runs the step
 
     step, tokens_seen, best_val = 0, 0, math.inf
     if resume:
@@ -330,7 +332,10 @@ def fit(
 
     def run_eval() -> float:
         nonlocal best_val
-        val, metrics = evaluate(fwd, objective, data.val_batches(), autocast)
+        if pipe is not None:
+            val, metrics = pipe.evaluate(objective, data.val_batches(), autocast)
+        else:
+            val, metrics = evaluate(fwd, objective, data.val_batches(), autocast)
         best_val = min(best_val, val)
         log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
              **{f"val_{_metric_key(k)}": round(v, 6) for k, v in metrics.items()}})
@@ -350,7 +355,10 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, metrics = 0.0, {}
-            for micro in range(cfg.grad_accum):
+            if pipe is not None:  # the same micro-batches through the stages; every rank gets the same loss sum
+                micros = [data.train_batch(step, m) for m in range(cfg.grad_accum)]
+                loss_sum, metrics = pipe.train_step(objective, micros, autocast)
+            for micro in range(0 if pipe is not None else cfg.grad_accum):
                 batch = data.train_batch(step, micro)
                 with dist.grad_sync(fwd, micro == cfg.grad_accum - 1):
                     with autocast:
@@ -359,7 +367,7 @@ def fit(
                 loss_sum += float(loss.detach())
             loss_sum, stops = dist.sum([loss_sum, float(stop.signum is not None)])
             loss_val = loss_sum / cfg.grad_accum / dist.world_size
-            gnorm = _grad_norm(params, cfg.grad_clip)
+            gnorm = pipe.clip_grad_norm(cfg.grad_clip) if pipe is not None else _grad_norm(params, cfg.grad_clip)
             if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
                 what = f"loss {loss_val}" if not math.isfinite(loss_val) else f"gradient norm {gnorm}"
                 kept = f"the last good checkpoint (step {last_saved}) is kept in {out}" if last_saved is not None \

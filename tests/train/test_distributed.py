@@ -131,7 +131,7 @@ def test_cli_nproc_ddp_end_to_end(tmp_path, corpus_file):
     (["--parallel", "tp=2,dp=2", "--nproc", "2"], "--parallel 'tp=2,dp=2' uses 4 processes, but --nproc (torchrun's world size) is 2"),
     (["--parallel", "tp=4,fsdp", "--nproc", "8"], "the model's 2 key/value heads do not divide evenly among tp=4 ranks"),
     (["--parallel", "tp=2,dp=2", "--nproc", "4", "--batch-size", "3"], "must divide evenly among 2 data-parallel processes"),
-    (["--parallel", "pp=2", "--nproc", "2"], "pipeline parallelism is not available yet"),
+    (["--parallel", "pp=2,dp=2", "--nproc", "4"], "pipeline parallelism combined with data or tensor parallelism"),
     (["--parallel", "zero3"], "expected ddp, fsdp, or a list of dp=N, fsdp=N, tp=N, pp=N"),
     (["--nproc", "2"], "--parallel ddp, fsdp or tp=2"),
     (["--parallel", "ddp", "--backend", "nccl", "--device", "cpu"], "nccl"),
