@@ -18,9 +18,10 @@ A rank that dies: torchrun sees its child exit, stops the other workers and exit
 failed rank; a rank blocked in a collective with a dead peer fails in gloo/NCCL at once, and a hung (alive)
 peer is bounded by the process group's timeout (`LMFORGE_DIST_TIMEOUT` seconds, default 300).
 
-Checkpoints stay whole: rank 0 writes the usual Hugging Face directory and the whole optimizer state
-(FSDP2 gathers both on save, and on resume each rank keeps its shard of what it reads), so a run resumes on
-any number of processes, with any strategy. That costs rank 0 the whole model's memory at each save.
+Checkpoints: rank 0 writes the usual Hugging Face directory (the weights gathered). Under FSDP2 every rank
+writes its own slices of the optimizer state (`lmforge.train.sharded_state`, DCP as safetensors), so no
+rank holds the whole state; DDP and TP write it whole from rank 0. Either layout resumes on any number of
+processes, with any strategy: each rank reads what it holds.
 
 Tensor parallelism (`--parallel tp=N`, N = the number of processes; `lmforge.train.tensor_parallel`): the
 blocks' projections are split over the ranks, every rank sees the whole batch (the data is divided among
@@ -28,7 +29,7 @@ the `data_world` = world_size / tp data-parallel groups, which is one here), and
 whole, in one process's layout, like FSDP2's.
 
 Not here yet (issue 18): tensor parallelism combined with data parallelism (`tp=2,dp=N`), pipeline
-parallelism, and sharded (DCP) checkpoints, which big models will need because of the cost above.
+parallelism, and sharded optimizer state for TP (its rows are permuted per rank, so it is gathered).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ SIGINT/SIGTERM handler that saves at the next step boundary.
 Several processes (torchrun, `lmforge.train.distributed`): the caller wraps the model (DDP or FSDP2) and
 passes its `Dist`; each rank's `data` yields its own slice of every global micro-batch. Here that changes
 four things only: micro-steps before the last skip the gradient all-reduce, the reported loss (and the stop
-flag, so every rank stops at the same step) is summed over ranks, the checkpoint gathers FSDP2's shards, and
-only rank 0 logs, plots and writes.
+flag, so every rank stops at the same step) is summed over ranks, the checkpoint gathers the weights (FSDP2's
+ranks write their own optimizer slices: `lmforge.train.sharded_state`), and only rank 0 logs and plots.
 
 Exact resume rests on three facts: batches are a pure function of (seed, step), the schedule is a pure
 function of the step, and the checkpoint carries optimizer moments and RNG states. So a resumed run

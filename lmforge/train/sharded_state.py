@@ -7,18 +7,18 @@ writes only what it holds; the weights are still gathered on rank 0 and written 
 Hugging Face directory (config.json + model.safetensors), which everything else reads.
 
 No pickles. DCP's default `FileSystemWriter` pickles its `.metadata` file and `torch.save`s every tensor.
-`torch.distributed.checkpoint.HuggingFaceStorageWriter(save_distributed=True)` (torch 2.13,
-`hf_storage.py`) instead writes one safetensors file per rank, `shard-0000<r+1>-model-00001-of-00001.safetensors`,
-each tensor slice under its full name, with its global offsets in the safetensors header
-(`__metadata__["DCP_SHARDING_INFO"]`, JSON), and with `save_distributed` and no consolidation its `finish()`
-writes no metadata file at all. `HuggingFaceStorageReader` rebuilds DCP's metadata from those headers alone
-(each file's tensors, shapes and offsets become the chunks of one global tensor), so a load into tensors of
-any sharding (DTensors of another world size, or plain whole tensors on one process) reads exactly the
-overlapping pieces. A safetensors file without the sharding header is read as whole tensors at offset 0, so
-the same reader also reads the whole layout one process writes (`trainer_state/optimizer.safetensors`).
-Two things would bring a pickle back, and neither is passed here: non-tensor values (DCP `torch.save`s them
-into BYTE_IO items, which the HF writer would also splice into the safetensors stream) and the default
-writer. Every entry is a tensor; `step` is one (as `lmforge.checkpoint.write_trainer_state` stores it too).
+`torch.distributed.checkpoint.HuggingFaceStorageWriter(save_distributed=True)` (torch 2.13, `hf_storage.py`)
+instead writes safetensors files named by rank, `shard-<rank+1>-model-<i>-of-<n>.safetensors` (n files per
+rank, see `_files_of`), each tensor slice under its full name, with its global offsets in the safetensors
+header (`__metadata__["DCP_SHARDING_INFO"]`, JSON), and with `save_distributed` and no consolidation its
+`finish()` writes no metadata file at all. `HuggingFaceStorageReader` rebuilds DCP's metadata from those
+headers alone (each file's tensors, shapes and offsets become the chunks of one global tensor), so a load into
+tensors of any sharding (DTensors of another world size, or plain whole tensors on one process) reads exactly
+the overlapping pieces. A safetensors file without the sharding header is read as whole tensors at offset 0,
+so the same reader also reads the whole layout one process writes (`trainer_state/optimizer.safetensors`). Two
+things would bring a pickle back, and neither is passed here: non-tensor values (DCP `torch.save`s them into
+BYTE_IO items, which the HF writer would also splice into the safetensors stream) and the default writer.
+Every entry is a tensor; `step` is one (as `lmforge.checkpoint.write_trainer_state` stores it too).
 
 Names: one for every layout. The moment `key` of the parameter numbered `idx` in `optimizer.state_dict()`'s
 order (parameter groups in order, which every strategy shares because the optimizer is always built on the
@@ -26,8 +26,15 @@ bare model) is `optim.<idx>.<key>`, exactly as the whole layout names it. So the
 are two storages of the same tensors, and the reader does not care which it has.
 
 Layout of a sharded save (inside the checkpoint's `trainer_state/`): `state.json` (step, tokens, recipe,
-param names and groups, and `"optimizer_shards": "optimizer"`, `"tensors_file": "rng.safetensors"`),
-`rng.safetensors` (rank 0's RNG states, as in the whole layout), `optimizer/shard-*.safetensors`.
+param names and groups, and `"optimizer_shards": "optimizer"`, `"tensors_file": "rng.safetensors"`,
+`"optimizer_tensors"`: each tensor's name and whole shape, so a lost shard file is an error on resume, not a
+silently zero slice), `rng.safetensors` (rank 0's RNG states, as in the whole layout), and
+`optimizer/shard-*.safetensors`. Each save replaces `trainer_state/` whole (`transaction(replace=...)`), so
+the shards of an earlier save with more processes never stay beside the new ones.
+
+Memory (measured: preset `base`, 48.5M parameters, FSDP2 on 2 gloo processes, `/proc` peak RSS): a save
+raises rank 0's peak by about the gathered weights, 1.16 GB in all against 1.57 GB when rank 0 gathered and
+wrote the whole optimizer state; rank 1's peak does not move; the save took 2.8 s instead of 4.3 s.
 
 Atomic. Rank 0 holds the checkpoint's `transaction`; after it has opened the staging directory every rank
 writes its shard into that same directory (one machine, or a shared file system), DCP's closing collective
@@ -44,7 +51,6 @@ keeps the whole layout (gathered on rank 0). Every strategy resumes from either 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -58,7 +64,7 @@ from lmforge.model.gpt import GPT
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.distributed import Dist
 
-__all__ = ["SHARDS_DIR", "RNG_FILE", "is_sharded", "restore_optimizer_state", "save_sharded", "writes_sharded"]
+__all__ = ["RNG_FILE", "SHARDS_DIR", "is_sharded", "restore_optimizer_state", "save_sharded", "writes_sharded"]
 
 SHARDS_DIR = "optimizer"  # trainer_state/optimizer/: one safetensors file per rank
 RNG_FILE = "rng.safetensors"
@@ -117,12 +123,32 @@ def _dcp(call, what: str):
         raise kind(f"cannot {what} ({detail})") from e
 
 
+def _files_of(tensors: dict[str, torch.Tensor], n_files: int) -> dict[str, int]:
+    """Tensor name -> file number (1..n) for each rank's part, balanced by the tensors' whole sizes, which
+    every rank knows alike (the writer takes rank 0's table for all). Why several files per rank: DCP's
+    safetensors writer builds each file in memory before writing it (and may copy a slice first), so one
+    file per rank would cost a rank up to twice its whole share at once; n files cost about 2/n of it."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].numel() * tensors[k].element_size(), k))
+    n = max(1, min(n_files, len(order)))
+    load, out = [0] * n, {}
+    for name in order:
+        i = min(range(n), key=load.__getitem__)
+        out[name] = i + 1
+        load[i] += tensors[name].numel() * tensors[name].element_size()
+    return out
+
+
+FILES_PER_RANK = 8
+
+
 def write_shards(directory: Path, optimizer: torch.optim.Optimizer, dist: Dist) -> None:
     """Every rank: write this rank's optimizer slices into `directory` (a collective)."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
 
-    writer = HuggingFaceStorageWriter(str(directory), save_distributed=True)
-    _dcp(lambda: save(_optimizer_tensors(optimizer), storage_writer=writer, no_dist=not dist.active),
+    tensors = _optimizer_tensors(optimizer)
+    writer = HuggingFaceStorageWriter(str(directory), save_distributed=True,
+                                      fqn_to_index_mapping=_files_of(tensors, FILES_PER_RANK))
+    _dcp(lambda: save(tensors, storage_writer=writer, no_dist=not dist.active),
          f"write the sharded optimizer state in {directory.parent.parent.parent}")
 
 
@@ -146,10 +172,13 @@ def save_sharded(checkpointer: Checkpointer, model: torch.nn.Module, optimizer: 
         write_shards(d / SHARDS_DIR, optimizer, dist)  # returns once every rank's write has returned
         save_tensors(d / RNG_FILE, rng_state_tensors())
         atomic_write_json(d / "state.json", {**state, "param_names": param_names, "param_groups": groups,
-                                             "optimizer_shards": SHARDS_DIR, "tensors_file": RNG_FILE})
+                                             "optimizer_shards": SHARDS_DIR, "tensors_file": RNG_FILE,
+                                             "optimizer_tensors": {k: list(v.shape) for k, v in
+                                                                   sorted(_optimizer_tensors(optimizer).items())}})
 
-    whole = GPT(model.config)
-    whole.load_state_dict(full)
+    with torch.device("meta"):  # no second copy of the weights: the module takes the gathered tensors as they are
+        whole = GPT(model.config)
+    whole.load_state_dict(full, assign=True)
     del full
     try:
         checkpointer.save(whole, None, param_names, state, trainer_state=write_state)
@@ -159,14 +188,25 @@ def save_sharded(checkpointer: Checkpointer, model: torch.nn.Module, optimizer: 
         raise
 
 
-def _read_tensors(directory: Path, params: list[torch.Tensor], as_shards: bool, what: str) -> dict[str, torch.Tensor]:
+def _read_tensors(directory: Path, params: list[torch.Tensor], as_shards: bool, what: str,
+                  expected: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Read every `optim.*` tensor stored in `directory` (shards, or one whole file): into DTensors shaped
-    like their parameters when `as_shards` (each rank reads its own slice), into whole tensors otherwise."""
+    like their parameters when `as_shards` (each rank reads its own slice), into whole tensors otherwise.
+    `expected`: name -> whole shape, as the save wrote them (state.json), so a lost file is an error, not a
+    silent gap (the reader would take the slices it finds for the whole tensor)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load
     from torch.distributed.tensor import DTensor
 
+    if expected == {}:  # saved before the first step: no moments yet (and so no files)
+        return {}
     reader = HuggingFaceStorageReader(str(directory))
-    meta = reader.read_metadata().state_dict_metadata
+    try:
+        meta = reader.read_metadata().state_dict_metadata
+    except (OSError, ValueError, RuntimeError) as e:  # an unreadable or torn file (safetensors says which)
+        raise UserError(f"{what}: cannot read {directory}: {e}") from None
+    missing = sorted(set(expected or ()) - set(meta))
+    if missing:
+        raise UserError(f"{what} is incomplete: {missing[0]} (and {len(missing) - 1} more) missing from {directory}")
     targets: dict[str, torch.Tensor] = {}
     for name, md in meta.items():
         if not name.startswith("optim."):
@@ -174,9 +214,11 @@ def _read_tensors(directory: Path, params: list[torch.Tensor], as_shards: bool, 
         idx = int(name.split(".")[1])
         if idx >= len(params):
             raise UserError(f"{what}: {name} belongs to a parameter this model does not have")
-        stored = sum(math.prod(c.sizes) for c in md.chunks)
-        if stored != math.prod(md.size):  # a shard file missing (chunks never overlap: each rank wrote its own)
-            raise UserError(f"{what}: {name} is incomplete ({stored} of {math.prod(md.size)} values stored)")
+        size = list(expected[name]) if expected else list(md.size)
+        stored = sum(math.prod(c.sizes) for c in md.chunks)  # chunks never overlap: each rank wrote its own
+        if list(md.size) != size or stored != math.prod(size):
+            raise UserError(f"{what} is incomplete: {stored} of the {math.prod(size)} values of {name} are in "
+                            f"{directory}")
         p = params[idx]
         dtype = md.properties.dtype
         if as_shards and isinstance(p, DTensor) and tuple(md.size) == tuple(p.shape):
@@ -197,13 +239,13 @@ def restore_optimizer_state(run_dir: str | Path, model: torch.nn.Module, optimiz
     d = Path(run_dir) / TRAINER_STATE
     source = d / state["optimizer_shards"] if is_sharded(state) else d
     what = f"the trainer state in {Path(run_dir)}"
+    expected = state.get("optimizer_tensors")
     if dist.strategy == "fsdp":
-        params = _ordered_params(optimizer)
-        read = _read_tensors(source, params, dist.active, what)
+        read = _read_tensors(source, _ordered_params(optimizer), dist.active, what, expected)
         restore_optimizer(optimizer, state, read)
         return
     if is_sharded(state):
-        tensors = _read_tensors(source, _ordered_params(optimizer), False, what)
+        tensors = _read_tensors(source, _ordered_params(optimizer), False, what, expected)
     if dist.gathers:  # tensor parallelism: each rank keeps the slice of the whole state its weights have
         whole = _Collect()
         restore_optimizer(whole, state, tensors)
@@ -216,7 +258,8 @@ class _Collect:
     """Stands in for the optimizer to take the whole state dict `restore_optimizer` assembles, for a strategy
     that splits it itself."""
 
-    state: dict = {}
+    def __init__(self) -> None:
+        self.state: dict = {}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state

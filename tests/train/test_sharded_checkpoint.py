@@ -14,10 +14,12 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
 import torch
 
 from lmforge.checkpoint import read_trainer_state
 from lmforge.data.shards import prepare_data
+from lmforge.errors import UserError
 from lmforge.loaders.model_dir import load_model
 from lmforge.model.gpt import GPT
 from lmforge.presets import get_preset
@@ -45,8 +47,9 @@ def _fit(out: Path, tokenizer, data_args, dist: Dist, *, max_steps: int, save_in
         model = load_model(out).train()
     else:
         model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=32, dropout=0.0))
-    batches = WindowBatches(token_data, batch_size=tc.batch_size, block_size=32, grad_accum=tc.grad_accum, seed=tc.seed,
-                            eval_tokens=256, device=torch.device("cpu"), rank=dist.data_rank, world_size=dist.data_world)
+    batches = WindowBatches(token_data, batch_size=tc.batch_size, block_size=32, grad_accum=tc.grad_accum,
+                            seed=tc.seed, eval_tokens=256, device=torch.device("cpu"), rank=dist.data_rank,
+                            world_size=dist.data_world)
     losses = [] if losses is None else losses
     fit(wrap(model, dist), objectives.pretrain, batches, tc, Checkpointer(out, tokenizer=tokenizer), progress=False,
         dist=dist, resume=resume, on_log=lambda rec: losses.append(rec["loss"]) if "loss" in rec else None)
@@ -104,8 +107,8 @@ def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:
 
     # 2. the step-10 checkpoint continued on 2 processes: FSDP2 (writing shards again), and tensor parallelism
     report["resumed"] = _fit(root_p / "fsdp", tokenizer, data_args, dist, max_steps=20, resume=True)
-    report["resumed_tp"] = _fit(root_p / "on-tp", tokenizer, data_args, dataclasses.replace(dist, strategy="tp", tp=world),
-                                max_steps=20, resume=True)
+    tp = dataclasses.replace(dist, strategy="tp", tp=world)
+    report["resumed_tp"] = _fit(root_p / "on-tp", tokenizer, data_args, tp, max_steps=20, resume=True)
     (root_p / f"report.{rank}.json").write_text(json.dumps(report))
 
     # 3. rank 1 dies in the middle of a save: rank 0's collective fails, the previous checkpoint stays.
@@ -192,12 +195,16 @@ def test_sharded_checkpoint_resumes_on_any_process_count(tmp_path, tiny_tokenize
     assert not (tmp_path / "on-one" / ".staging").exists()
     _assert_no_pickle(tmp_path / "on-one")
     shards = sorted((tmp_path / "on-one" / "trainer_state" / "optimizer").iterdir())
-    assert [p.name for p in shards] == ["shard-00001-model-00001-of-00001.safetensors",
-                                        "shard-00002-model-00001-of-00001.safetensors"]
-    # every first moment is split by rows between the two files (no rank wrote a whole one), and the pieces
-    # with their offsets (in the safetensors header, JSON) make up the parameters' shapes
-    headers = [_header(p) for p in shards]
-    offsets = [json.loads(h["__metadata__"]["DCP_SHARDING_INFO"]) for h in headers]
+    by_rank = [[p for p in shards if p.name.startswith(f"shard-0000{r + 1}-model-")] for r in (0, 1)]
+    assert by_rank[0] and by_rank[1] and len(by_rank[0]) + len(by_rank[1]) == len(shards), shards
+    # every first moment is split by rows between the two ranks' files (no rank wrote a whole one), and the
+    # pieces with their offsets (in the safetensors headers, JSON) make up the parameters' shapes
+    headers, offsets = [{}, {}], [{}, {}]
+    for r in (0, 1):
+        for p in by_rank[r]:
+            h = _header(p)
+            offsets[r].update(json.loads(h.pop("__metadata__")["DCP_SHARDING_INFO"]))
+            headers[r].update(h)
     whole_shapes = []
     for key in sorted(k for k in headers[0] if k.endswith(".exp_avg")):
         rows = [h[key]["shape"][0] for h in headers]
@@ -209,11 +216,13 @@ def test_sharded_checkpoint_resumes_on_any_process_count(tmp_path, tiny_tokenize
     # resumed on 2 processes (FSDP2, and tensor parallelism) and on 1: the single-process curve goes on
     assert _close(single[10:], reports[0]["resumed"]) <= 1e-5
     assert _close(single[10:], reports[0]["resumed_tp"]) <= 1e-5
-    assert _close(single[10:], _fit(tmp_path / "on-one", tiny_tokenizer, data_args, Dist(), max_steps=20, resume=True)) <= 1e-5
+    on_one = _fit(tmp_path / "on-one", tiny_tokenizer, data_args, Dist(), max_steps=20, resume=True)
+    assert _close(single[10:], on_one) <= 1e-5
     _assert_no_pickle(tmp_path / "fsdp")  # written again, sharded, at step 20 by the resumed FSDP2 run
     assert read_trainer_state(tmp_path / "fsdp")[0]["step"] == 20
     # a save in the other layout leaves nothing of the previous one beside it
-    assert _files(tmp_path / "fsdp" / "trainer_state") == ["optimizer/" + p.name for p in shards] + ["rng.safetensors", "state.json"]
+    resaved = sorted(["optimizer/" + p.name for p in shards] + ["rng.safetensors", "state.json"])
+    assert _files(tmp_path / "fsdp" / "trainer_state") == resaved
     for whole in ("on-one", "on-tp"):
         assert _files(tmp_path / whole / "trainer_state") == ["optimizer.safetensors", "state.json"], whole
 
@@ -222,3 +231,8 @@ def test_sharded_checkpoint_resumes_on_any_process_count(tmp_path, tiny_tokenize
     assert (tmp_path / "killed.0.txt").read_text() != "saved"
     assert not (tmp_path / "killed" / ".staging").exists()
     assert _digest(tmp_path / "killed") == _digest(tmp_path / "step-10")
+
+    # a shard file lost after the fact (a copy made without it): one clear line, not moments silently zero
+    next((tmp_path / "step-10" / "trainer_state" / "optimizer").glob("shard-00002-*")).unlink()
+    with pytest.raises(UserError, match="incomplete"):
+        _fit(tmp_path / "step-10", tiny_tokenizer, data_args, Dist(), max_steps=20, resume=True)
