@@ -60,6 +60,7 @@ __all__ = [
     "recover",
     "restore_optimizer",
     "restore_rng",
+    "rng_state_tensors",
     "save_tensors",
     "transaction",
     "write_trainer_state",
@@ -152,13 +153,24 @@ class FileLock:
 # ---------------------------------------------------------------------------------------------------
 def _apply_commit(directory: Path) -> None:
     staging = directory / STAGING
-    files = json.loads((directory / MARKER).read_text())["files"]
+    marker = json.loads((directory / MARKER).read_text())
+    files = marker["files"]
     for rel in files:
         src, dst = staging / rel, directory / rel
         if src.exists():  # absent: moved before an earlier crash
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
             fsync_dir(dst.parent)
+    kept = set(files)
+    for sub in marker.get("replace", []):  # what the previous save left there and this one did not write
+        if not (directory / sub).is_dir():
+            continue
+        for old in sorted((directory / sub).rglob("*"), reverse=True):  # files before their directories
+            rel = str(old.relative_to(directory))
+            if old.is_file() and rel not in kept:
+                old.unlink()
+            elif old.is_dir() and not any(old.iterdir()):
+                old.rmdir()
     (directory / MARKER).unlink()
     fsync_dir(directory)
     shutil.rmtree(staging, ignore_errors=True)
@@ -225,8 +237,13 @@ def locked(directory: str | os.PathLike) -> Iterator[None]:
 
 
 @contextmanager
-def transaction(directory: str | os.PathLike) -> Iterator[Path]:
+def transaction(directory: str | os.PathLike, *, replace: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a staging directory; on a clean exit its files replace their namesakes in `directory`.
+
+    `replace` names subdirectories that each save writes as a whole (`trainer_state`): on commit, files
+    there that this save did not write are removed too, so no file of an older layout (another process
+    count's optimizer shards, say) stays beside the new one for a reader to mix in. The removal is part of
+    the commit, so an interrupted one is finished by `recover()` like the renames.
 
     The directory's lock is held throughout, so readers leave the staging directory alone, and another
     writer of the same directory waits until this one has committed or given up.
@@ -252,7 +269,7 @@ def transaction(directory: str | os.PathLike) -> Iterator[Path]:
         for rel in files:  # files written by libraries may not be synced yet
             with open(staging / rel, "rb") as f:
                 os.fsync(f.fileno())
-        atomic_write_json(directory / MARKER, {"files": files, "time": time.time()})
+        atomic_write_json(directory / MARKER, {"files": files, "replace": list(replace), "time": time.time()})
         _apply_commit(directory)
     finally:
         lock.release()
@@ -272,10 +289,7 @@ def write_trainer_state(directory: Path, optimizer: torch.optim.Optimizer, param
     d = directory / TRAINER_STATE
     d.mkdir(parents=True, exist_ok=True)
     osd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+    tensors = rng_state_tensors()
     for idx, st in osd["state"].items():
         for key, val in st.items():
             tensors[f"optim.{idx}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
@@ -283,11 +297,25 @@ def write_trainer_state(directory: Path, optimizer: torch.optim.Optimizer, param
     atomic_write_json(d / "state.json", {**state, "param_names": param_names, "param_groups": osd["param_groups"]})
 
 
+def rng_state_tensors() -> dict[str, torch.Tensor]:
+    """This process's RNG states, as `restore_rng` reads them."""
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors
+
+
 def read_trainer_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """state.json and the tensors file beside it: `optimizer.safetensors` (moments and RNG) in the whole
+    layout, or the file state.json names (`tensors_file`: the RNG states) when ranks wrote the moments as
+    shards (`lmforge.train.sharded_state` reads those)."""
     d = Path(directory) / TRAINER_STATE
-    if not (d / "state.json").is_file() or not (d / "optimizer.safetensors").is_file():
+    state = json.loads((d / "state.json").read_text()) if (d / "state.json").is_file() else None
+    tensors_file = d / (state or {}).get("tensors_file", "optimizer.safetensors")
+    if state is None or not tensors_file.is_file():
         raise UserError(f"{directory} has no trainer state to resume from (no {TRAINER_STATE}/state.json)")
-    return json.loads((d / "state.json").read_text()), load_file(d / "optimizer.safetensors")
+    return state, load_file(tensors_file)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -18,9 +18,10 @@ A rank that dies: torchrun sees its child exit, stops the other workers and exit
 failed rank; a rank blocked in a collective with a dead peer fails in gloo/NCCL at once, and a hung (alive)
 peer is bounded by the process group's timeout (`LMFORGE_DIST_TIMEOUT` seconds, default 300).
 
-Checkpoints stay whole: rank 0 writes the usual Hugging Face directory and the whole optimizer state
-(FSDP2 gathers both on save, and on resume each rank keeps its shard of what it reads), so a run resumes on
-any number of processes, with any strategy. That costs rank 0 the whole model's memory at each save.
+Checkpoints: rank 0 writes the usual Hugging Face directory (the weights gathered). Under FSDP2 every rank
+writes its own slices of the optimizer state (`lmforge.train.sharded_state`, DCP as safetensors), so no
+rank holds the whole state; DDP and TP write it whole from rank 0. Either layout resumes on any number of
+processes, with any strategy: each rank reads what it holds.
 
 Tensor parallelism (`--parallel tp=N`; `lmforge.train.tensor_parallel`): the blocks' projections are split
 over N consecutive ranks, which all see the same slice of the batch: the data is divided among the
@@ -32,11 +33,11 @@ layout, like FSDP2's.
 Pipeline parallelism (`--parallel pp=N`, N = the number of processes; `lmforge.train.pipeline`): the
 blocks are cut into N stages, one a rank, run by a 1F1B (or GPipe) schedule whose micro-batches are one
 step's `grad_accum` micro-batches; every rank reads the whole batch (stage 0 its tokens, the last stage
-its targets), and checkpoints are written whole, as FSDP2's and TP's are.
+its targets), and checkpoints are written whole, as TP's are.
 
 Not here yet (issue 18): pipeline parallelism combined with data or tensor parallelism (`pp=2,dp=N`),
-pipeline stages for mixture-of-experts models, and sharded (DCP) checkpoints, which big models will need
-because of the cost above.
+pipeline stages for mixture-of-experts models, and sharded optimizer state for TP and PP (TP's rows are
+permuted per rank, so its state is gathered).
 """
 
 from __future__ import annotations

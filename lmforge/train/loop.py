@@ -8,9 +8,10 @@ SIGINT/SIGTERM handler that saves at the next step boundary.
 Several processes (torchrun, `lmforge.train.distributed`): the caller wraps the model (DDP or FSDP2) and
 passes its `Dist`; each rank's `data` yields its own slice of every global micro-batch. Here that changes
 four things only: micro-steps before the last skip the gradient all-reduce, the reported loss (and the stop
-flag, so every rank stops at the same step) is summed over ranks, the checkpoint gathers FSDP2's shards, and
-only rank 0 logs, plots and writes. A pipelined model (`--parallel pp=N`, `lmforge.train.pipeline`) runs a
-step's micro-batches, the gradient norm and the validation loss itself, through its schedule and stages.
+flag, so every rank stops at the same step) is summed over ranks, the checkpoint gathers the weights (FSDP2's
+ranks write their own optimizer slices: `lmforge.train.sharded_state`), and only rank 0 logs, plots and
+writes. A pipelined model (`--parallel pp=N`, `lmforge.train.pipeline`) runs a step's micro-batches, the
+gradient norm and the validation loss itself, through its schedule and stages.
 
 Exact resume rests on three facts: batches are a pure function of (seed, step), the schedule is a pure
 function of the step, and the checkpoint carries optimizer moments and RNG states. So a resumed run
@@ -32,9 +33,10 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from lmforge.checkpoint import read_trainer_state, restore_optimizer, restore_rng
+from lmforge.checkpoint import read_trainer_state, restore_rng
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.gpt import GPT, unwrap
+from lmforge.train import sharded_state
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.distributed import Dist
 from lmforge.train.optim import lr_at, make_optimizer
@@ -288,12 +290,8 @@ def fit(
         state, tensors = read_trainer_state(out)
         if state["param_names"] != param_names:
             raise ValueError("the checkpoint's optimizer state belongs to different parameters")
-        if dist.gathers:  # the saved state is whole: each rank keeps its shard of it
-            whole = _WholeOptimizerState()
-            restore_optimizer(whole, state, tensors)
-            dist.load_full_optimizer_state(bare, optimizer, whole.state)
-        else:
-            restore_optimizer(optimizer, state, tensors)
+        # whole or sharded, written by any number of processes: each rank keeps what it holds of it
+        sharded_state.restore_optimizer_state(out, bare, optimizer, state, tensors, dist)
         restore_rng(tensors)
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val = state.get("best_val_loss") or math.inf
@@ -310,7 +308,9 @@ def fit(
         nonlocal last_saved
         state = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": None if math.isinf(best_val) else best_val,
                  "train_config": asdict(cfg), "precision": precision, "objective": description}
-        if dist.gathers:  # every rank gathers; rank 0 writes a plain copy of the whole model
+        if sharded_state.writes_sharded(dist):  # FSDP2: rank 0 writes the model, every rank its optimizer slices
+            sharded_state.save_sharded(checkpointer, bare, optimizer, param_names, state, dist)
+        elif dist.gathers:  # every rank gathers; rank 0 writes a plain copy of the whole model
             full, optim = dist.full_state_dict(bare), dist.full_optimizer_state(bare, optimizer)
             if main:
                 whole = GPT(bare.config)
