@@ -11,18 +11,24 @@ at the start of a run, said to the user, and recorded with the run.
     compute and only pays when memory is what limits the batch or context).
 
 The compile rule (`compile_pays`, a pure function): compile when the time it saves, run_s * (1 - 1/speedup),
-is at least `COMPILE_MARGIN` times what it costs, compile_s. With the speed-up measured here this is
-"compile when the run, uncompiled, is at least ~10x the compile time":
+is at least `COMPILE_MARGIN` times what it costs, compile_s. With the speed-ups measured here that reads
+"compile when the run, uncompiled, is at least 7x the compile time in fp32, 22x under bf16 autocast"
+(margin x speedup / (speedup - 1); for `small`, compile ~48 s: from ~6 minutes of fp32 training, ~18 of bf16):
   - run_s: the remaining optimizer steps x micro-batches per step x seconds per forward+backward of one
     micro-batch at the run's shape and precision (the precision measurement's figure, or one timed step);
-  - speedup: `CPU_COMPILE_SPEEDUP` on a CPU (measured with bench/train_throughput.py, below);
-  - compile_s: `estimate_compile_s`, seconds of a cold compile, which grows with the model's depth (dynamo
-    unrolls the loop over the blocks): `COMPILE_S_BASE + COMPILE_S_PER_LAYER * n_layers` (measured, below).
+  - speedup: `CPU_COMPILE_SPEEDUP[precision]`;
+  - compile_s: `estimate_compile_s`, seconds of a cold compile: `COMPILE_S_BASE + COMPILE_S_PER_LAYER *
+    n_layers` (dynamo unrolls the loop over the blocks, but inductor's kernels for identical blocks are
+    shared, so depth adds little).
 A run too short to pay even on the slowest plausible CPU (`SLOWEST_CPU_FLOPS`) is settled without timing
 anything, so tiny test runs resolve to off at once.
 
-Measured on this project's machine (Intel Xeon with AMX and AVX-512-BF16, 2 threads, torch 2.13, a SHARED
-and busy machine, so the figures are rough): see the constants' comments.
+Measured on this project's machine (Intel Xeon with AMX and AVX-512-BF16, 2 threads, torch 2.13) while it
+was SHARED and busy (load average 7-10 on 2 cores), so the figures are rough: a training step of `small`
+(batch 8 x 256, fused AdamW) took 2.60 CPU-seconds eager and 1.78 compiled in fp32 (1.46x), 2.42 and 2.16
+under bf16 autocast (1.12x); CPU-seconds (process time), because wall time on a busy machine measures the
+neighbours. The first compiled step took 53-69 s of wall time (cold inductor cache) against 3-4 s for a
+steady one; `tiny`'s (2 blocks) took as long, so the cost is mostly fixed.
 """
 
 from __future__ import annotations
@@ -43,11 +49,13 @@ __all__ = ["COMPILE_MARGIN", "CPU_COMPILE_SPEEDUP", "RunHardware", "compile_mode
 #: Compile must save at least this many times its own cost: the estimates are rough, and a compile that
 #: only breaks even is not worth the wait before the first step.
 COMPILE_MARGIN = 2.0
-#: torch.compile speed-up of a training step on a CPU (tokens/s compiled / eager, `small`, batch 8 x 256).
-CPU_COMPILE_SPEEDUP = 1.25
-#: A cold compile (empty inductor cache) of forward + backward, seconds: a fixed part and a part per block.
-COMPILE_S_BASE = 20.0
-COMPILE_S_PER_LAYER = 5.0
+#: torch.compile speed-up of a training step on a CPU, by precision (measured, `small`: 1.46x and 1.12x;
+#: a little under, since a busy machine flatters neither). fp16 autocast is not a CPU precision: never.
+CPU_COMPILE_SPEEDUP = {"fp32": 1.4, "bf16": 1.1}
+#: A cold compile (empty inductor cache) of forward + backward, seconds: a fixed part and a part per block
+#: (measured 53-69 s for `small` on the busy machine; a quiet one takes about half).
+COMPILE_S_BASE = 30.0
+COMPILE_S_PER_LAYER = 3.0
 #: No CPU trains slower than this (FLOP/s of training, plus a fixed cost per micro-batch for the Python,
 #: dispatch and optimizer): the cheap upper bound on a run's length that settles "too short to pay" untimed.
 SLOWEST_CPU_FLOPS = 1e9
@@ -80,14 +88,15 @@ def estimate_compile_s(n_layers: int) -> float:
 
 def compile_pays(run_s: float, compile_s: float, speedup: float, margin: float = COMPILE_MARGIN) -> bool:
     """Whether compiling saves at least `margin` times its cost over a run of `run_s` seconds (uncompiled).
-    Example: speedup 1.25 saves a fifth of the run; with compile_s 50 and margin 2 it pays from run_s 500."""
+    Example: speedup 1.25 saves a fifth of the run; with compile_s 50 and margin 2 it pays from run_s 500.
+    Whatever its speed-up, a run faster than its compile (`run_s < margin * compile_s`) never pays."""
     if speedup <= 1.0:
         return False
     return run_s * (1.0 - 1.0 / speedup) >= margin * compile_s
 
 
-def decide_compile(mode: str, device: torch.device, *, config, steps: int, micro_batches: int, tokens_per_micro: int,
-                   step_s: Callable[[], float | None]) -> tuple[bool, str]:
+def decide_compile(mode: str, device: torch.device, *, config, precision: str, steps: int, micro_batches: int,
+                   tokens_per_micro: int, step_s: Callable[[], float | None]) -> tuple[bool, str]:
     """(compile?, the reason, one line). `steps` is the optimizer steps this process will still take,
     `micro_batches` per step, `tokens_per_micro` tokens of one process's micro-batch; `step_s()` gives the
     seconds of one forward+backward of that micro-batch (it may time one), called only when needed."""
@@ -99,18 +108,19 @@ def decide_compile(mode: str, device: torch.device, *, config, steps: int, micro
     if device.type != "cpu":
         return False, f"compile off: auto on {device.type}"
     compile_s = estimate_compile_s(config.n_layers)
+    speedup = CPU_COMPILE_SPEEDUP.get(precision, 1.0)
     micro = max(0, steps) * micro_batches
     slowest = micro * (tokens_per_micro * config.flops_per_token() / SLOWEST_CPU_FLOPS + SLOWEST_MICRO_S)
-    if not compile_pays(slowest, compile_s, CPU_COMPILE_SPEEDUP):  # too short even on the slowest CPU
+    if not compile_pays(slowest, compile_s, speedup):  # too short even on the slowest CPU
         return False, (f"compile off: {steps} steps are too short to repay a CPU compile (~{compile_s:.0f} s for "
                        f"{config.n_layers} layers)")
     per = step_s()
     if per is None:
         return False, "compile off: the step time could not be measured"
     run_s = micro * per
-    on = compile_pays(run_s, compile_s, CPU_COMPILE_SPEEDUP)
+    on = compile_pays(run_s, compile_s, speedup)
     return on, (f"compile {'on' if on else 'off'}: the run is ~{run_s:.0f} s uncompiled ({micro} x {per * 1e3:.0f} ms), "
-                f"compile ~{compile_s:.0f} s, speed-up ~{CPU_COMPILE_SPEEDUP}x: "
+                f"compile ~{compile_s:.0f} s, {precision} speed-up ~{speedup}x: "
                 f"{'pays' if on else 'does not pay'} (rule: saves >= {COMPILE_MARGIN:g}x its cost)")
 
 
@@ -174,7 +184,8 @@ def resolve_run(recipe, config, device: torch.device, *, dist=None, resume_dir=N
 
     compiled, why = False, ""
     if main:
-        compiled, why = decide_compile(mode, device, config=config, steps=recipe.max_steps - steps_done,
+        compiled, why = decide_compile(mode, device, config=config, precision=choice.precision,
+                                       steps=recipe.max_steps - steps_done,
                                        micro_batches=recipe.grad_accum, tokens_per_micro=per_rank * config.context_length,
                                        step_s=measured_step)
     if dist is not None and dist.active:  # rank 0's decisions, for every rank
