@@ -29,9 +29,10 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 def use_fused(params: list[torch.Tensor]) -> bool:
     """Fused AdamW (one kernel for every parameter's update) wherever torch has it: CUDA and, since torch
     2.4, CPUs. Measured with bench/optimizer_step.py on the `small` preset's 6.5M parameters (Intel Xeon with
-    AMX, 2 threads, torch 2.13, a shared busy machine): plain for-loop 620 ms/step, foreach 63 ms (9.8x),
-    fused 18 ms (34.6x plain, 3.5x foreach). Torch's own default on a CPU is the plain loop (foreach is for
-    CUDA only), so leaving it to torch costs a CPU run most of a second per step for this small model.
+    AMX, 2 threads, torch 2.13, a shared machine under a load of 6-10 on its 2 cores, so the figures swing):
+    two runs gave plain for-loop 620 / 467 ms a step, foreach 63 / 676 ms, fused 18 / 82 ms: fused was the
+    fastest both times, 35x / 5.7x the plain loop. Torch's own default on a CPU is that plain loop (its
+    foreach default is for CUDA only), so leaving it to torch costs a CPU run hundreds of ms a step here.
     The update is the same AdamW, not bit-identical to the loop's (it rounds in another order); a run and
     its resume both use it, so resume stays exact."""
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
