@@ -3,15 +3,17 @@
     python bench/train_throughput.py                 # small and base: fp32 / bf16 / auto x compile off / on, + 2-process DDP
     python bench/train_throughput.py --presets small --steps 20 --batch-size 8 --compile off --ddp 0
     python bench/train_throughput.py --presets tiny --steps 4           # a smoke test of every path (seconds, not figures)
+    python bench/train_throughput.py --presets small --precisions fp32 --compile off --ddp 0 --activation-checkpointing
 
 For each preset, precision and torch.compile setting it runs `lmforge.train.loop.fit` (AdamW, clipping, the
 same code as `lmforge pretrain`) on random tokens, in one process, and takes the median tokens/s over the
 steps after warm-up (the first two steps, which include compilation, and the last, which includes the
 final evaluation and save, are left out). Precisions:
   - fp32; bf16 (autocast, weights and optimizer in fp32, as `--precision bf16` trains);
-  - auto: what `lmforge.train.precision` chooses for this model and batch on this CPU (it times a forward and
-    backward in each and keeps bf16 only when it is clearly faster; its figures are printed), or on a CUDA
-    device what `fit`'s "auto" uses (bf16 where the GPU has it). The row names the precision it ran in.
+  - auto: what `lmforge pretrain --precision auto` trains in (`lmforge.train.precision.resolve_auto`): on a
+    CPU it times a forward and backward in each and keeps bf16 only when it is clearly faster (cached per
+    machine, shape and batch; its figures are printed), on a CUDA device bf16 where the GPU has it. The row
+    names the precision it ran in.
 MFU is reported two ways, each against the measured matmul peak OF THE PRECISION THE ROW RAN IN (an fp32
 and a bf16 square matmul, `lmforge.plan.measure_matmul_flops`, best of several runs):
   - 6 * params * tokens/s / peak, the issue's definition (params include the embedding table), and
@@ -23,6 +25,8 @@ and the row reports the speed-up tokens/s(N processes) / tokens/s(1 process, fp3
 scaling efficiency, that speed-up / N. torchrun gives each worker one thread (OMP_NUM_THREADS=1) unless
 the environment sets it; the single-process rows use torch's default thread count. On a machine with fewer
 free cores than processes, expect a poor figure: it is reported, not judged.
+With `--activation-checkpointing` every single-process row recomputes each block in the backward
+(`lmforge.train.memory`): expect roughly a third less speed for much less activation memory.
 Speed is reported, never asserted: compare runs on the same machine.
 """
 
@@ -46,8 +50,8 @@ from lmforge.presets import get_preset
 from lmforge.train import objectives
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.distributed import Dist, setup, wrap
-from lmforge.train.loop import TrainConfig, autocast_context, fit
-from lmforge.train.precision import measure_for_config
+from lmforge.train.loop import TrainConfig, fit
+from lmforge.train.precision import resolve_auto
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -73,7 +77,7 @@ class RandomTokens:
 
 
 def run_fit(preset: str, *, steps: int, batch_size: int, block: int | None, precision: str, compile: bool,
-            device: torch.device, dist: Dist | None = None) -> float | None:
+            device: torch.device, dist: Dist | None = None, activation_checkpointing: bool = False) -> float | None:
     """Median tokens/s of `fit` after warm-up (steps 3 .. steps-1; with fewer than 4 steps, every step).
     None on the ranks other than 0, which do not log."""
     cfg = get_preset(preset, **({"context_length": block} if block else {}))
@@ -86,7 +90,8 @@ def run_fit(preset: str, *, steps: int, batch_size: int, block: int | None, prec
     with tempfile.TemporaryDirectory() as tmp:
         fit(model, objectives.pretrain, RandomTokens(cfg.vocab_size, batch_size, cfg.context_length, device, rank, world),
             TrainConfig(max_steps=steps, batch_size=batch_size, warmup_steps=1, log_interval=1, eval_interval=10**9,
-                        save_interval=0, precision=precision, compile=compile),
+                        save_interval=0, precision=precision, compile=compile,
+                        activation_checkpointing=activation_checkpointing),
             Checkpointer(tmp), progress=False, device=device, dist=dist,
             on_log=lambda r: rates.append((r["step"], r["tokens_per_s"])) if "tokens_per_s" in r else None)
     steady = [t for s, t in rates if 2 < s < steps] or [t for _, t in rates]
@@ -95,12 +100,9 @@ def run_fit(preset: str, *, steps: int, batch_size: int, block: int | None, prec
 
 def auto_precision(preset: str, *, batch_size: int, block: int | None, device: torch.device) -> tuple[str, str]:
     """(precision, why) that "auto" means here: the CPU's measured choice, or fit's choice on a GPU."""
-    if device.type == "cpu":
-        cfg = get_preset(preset, **({"context_length": block} if block else {}))
-        choice = measure_for_config(cfg, batch_size)
-        return choice.precision, choice.describe()
-    _, precision = autocast_context(device, "auto")
-    return precision, f"precision {precision}: fit's auto on {device.type}"
+    cfg = get_preset(preset, **({"context_length": block} if block else {}))
+    choice = resolve_auto(cfg, batch_size, device)  # what `lmforge pretrain --precision auto` trains in
+    return choice.precision, choice.describe()
 
 
 def run_ddp(nproc: int, args, preset: str) -> float:
@@ -142,6 +144,8 @@ def main() -> None:
     ap.add_argument("--ddp", type=int, default=2, metavar="N",
                     help="also run fp32 without compile on N processes through torchrun; 0 = no (default: 2)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute each block in the backward in the single-process rows (default: off)")
     ap.add_argument("--ddp-worker", metavar="REPORT", help=argparse.SUPPRESS)  # internal: one torchrun worker
     args = ap.parse_args()
     if args.ddp_worker:
@@ -172,10 +176,12 @@ def main() -> None:
                 print(f"{preset} auto -> {why}", flush=True)
             for comp in args.compile:
                 tps = run_fit(preset, steps=args.steps, batch_size=args.batch_size, block=args.block or None,
-                              precision=used, compile=comp == "on", device=device)
+                              precision=used, compile=comp == "on", device=device,
+                              activation_checkpointing=args.activation_checkpointing)
                 if used == "fp32" and comp == "off" and base_tps is None:
                     base_tps = tps
                 label = f"auto ({used})" if prec == "auto" else prec
+                label += " +AC" if args.activation_checkpointing else ""
                 rows.append((preset, cfg, label, comp, "1", tps, peaks.get(used), ""))
                 print(f"  {preset} {label} compile {comp}: {tps:,.0f} tokens/s", flush=True)
         if args.ddp:

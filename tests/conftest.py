@@ -20,12 +20,14 @@ def _kernel_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch, _kernel_cache):
     """Caches and the model store of a test never touch the user's ~/.lmforge (the compiled kernels, which
-    no test changes, are shared by the session)."""
+    no test changes, are shared by the session); `--precision auto` is pinned to fp32."""
     home = tmp_path_factory.mktemp("lmforge_home")
     (home / "cache").mkdir()
     (home / "cache" / "kernels").symlink_to(_kernel_cache, target_is_directory=True)
     monkeypatch.setenv("LMFORGE_HOME", str(home))
     monkeypatch.setenv("TQDM_DISABLE", "1")
+    # `--precision auto` on a CPU measures fp32 against bf16; no test may depend on what a timing picks
+    monkeypatch.setenv("LMFORGE_PRECISION_AUTO", "fp32")
 
 
 def wait_until(condition, timeout: float = 5.0, poll: float = 0.01) -> bool:

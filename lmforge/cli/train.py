@@ -43,7 +43,7 @@ def cmd_tokenizer_train(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 RECIPE_FLAGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "lr_decay_steps",
                 "weight_decay", "grad_clip", "eval_interval", "save_interval", "log_interval", "seed", "precision",
-                "compile")
+                "compile", "activation_checkpointing")
 
 
 def _forwarded_argv(parser: argparse.ArgumentParser, args) -> list[str]:
@@ -124,7 +124,7 @@ def cmd_pretrain(args) -> int:
         context_length=args.context_length, dropout=args.dropout, val_fraction=args.val_fraction, errors=args.errors,
         eval_tokens=args.eval_tokens, resume=bool(args.resume), dry_run=args.dry_run, overwrite=args.overwrite, device=args.device,
         progress=progress, recipe={k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None},
-        parallel=args.parallel, backend=args.backend,
+        parallel=args.parallel, backend=args.backend, on_info=lambda line: print(line, flush=True),
     )
     if args.nproc is not None:
         if launched_by_torchrun():
@@ -321,9 +321,18 @@ def register(sub) -> list[argparse.ArgumentParser]:
     g.add_argument("--save-interval", type=nonneg_int, help=f"steps between checkpoints; 0 = only at the end (default: {train_default('save_interval')})")
     g.add_argument("--log-interval", type=positive_int, help=f"steps between metrics lines (default: {train_default('log_interval')})")
     g.add_argument("--seed", type=int, help=f"seed for initialisation, data order and dropout (default: {train_default('seed')})")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="autocast precision; auto = bf16 on "
-                   "GPUs that support it, fp32 on CPU (default: auto)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (default: off)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="autocast precision. auto: bf16 on "
+                   "GPUs that support it; on a CPU, bf16 only where a quick measurement at the start of the run shows "
+                   "it clearly faster than fp32 (AMX or AVX-512-BF16 CPUs), cached per machine, model shape and batch, "
+                   "and logged; LMFORGE_PRECISION_AUTO=fp32|bf16 pins it without measuring. The resolved precision is "
+                   "recorded, so --resume keeps it (default: auto)")
+    g.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], metavar="auto|on|off",
+                   help="torch.compile the model; --compile alone = on. auto: on for CUDA GPUs; on a CPU only when the "
+                   "run is long enough to repay the compile (tens of seconds), from the measured step time; the "
+                   "decision is logged (default: auto)")
+    g.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute each "
+                   "transformer block's activations in the backward instead of keeping them: much less activation "
+                   "memory (longer contexts, bigger batches) for about a third more compute (default: off)")
     pt.add_argument("--val-fraction", type=float_arg, default=0.05, help="share of the data held out for validation (default: 0.05)")
     pt.add_argument("--eval-tokens", type=positive_int, default=131072, help="validation tokens scored per evaluation (default: 131072)")
     add_device_flag(pt)

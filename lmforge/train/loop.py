@@ -39,6 +39,8 @@ from lmforge.model.gpt import GPT, unwrap
 from lmforge.train import sharded_state
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.distributed import Dist
+from lmforge.train.hardware import compile_in_fit
+from lmforge.train.memory import apply_activation_checkpointing
 from lmforge.train.optim import lr_at, make_optimizer
 
 Objective = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict]]
@@ -75,9 +77,10 @@ class TrainConfig:
     save_interval: int = 500  # 0: save only at the end (and on interrupt)
     log_interval: int = 10
     seed: int = 1337
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (pretraining records the resolved one: lmforge.train.hardware)
     group_by_length: bool = False  # fine-tuning: batches of similar lengths (lmforge.data.batching)
-    compile: bool = False
+    compile: str | bool = "auto"  # auto | on | off (True/False from older checkpoints): lmforge.train.hardware
+    activation_checkpointing: bool = False  # recompute each block in the backward (lmforge.train.memory)
     # Mixture-of-experts models only: weights of the router's load-balancing and z losses (Mixtral's default)
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0
@@ -103,8 +106,9 @@ class FitResult:
 
 
 def autocast_context(device: torch.device, precision: str):
-    """Mixed precision where it helps: bf16 on GPUs that have it; fp32 on CPUs (most CPUs have no fast
-    bf16 matmul, and on this project's 2-core AVX2 machine bf16 matmuls are an order of magnitude slower)."""
+    """Mixed precision where it helps. An "auto" that reaches here unresolved (fine-tuning; pretraining
+    resolves it by measuring, `lmforge.train.hardware`) is bf16 on GPUs that have it and fp32 on CPUs, where
+    bf16 is only faster on some (AMX, AVX-512-BF16) and several times slower on AVX2-only ones."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp32":
@@ -282,7 +286,9 @@ def fit(
     param_names = [n for n, p in bare.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(bare, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     params = [p for p in bare.parameters() if p.requires_grad]
-    fwd = torch.compile(model) if cfg.compile else model
+    if cfg.activation_checkpointing:  # (pretraining applied it already, before wrapping: idempotent)
+        apply_activation_checkpointing(bare)
+    fwd = torch.compile(model) if compile_in_fit(cfg.compile, device) else model
     pipe = model if getattr(model, "is_pipeline", False) else None  # --parallel pp=N: its schedule runs the step
 
     step, tokens_seen, best_val = 0, 0, math.inf

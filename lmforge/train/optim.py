@@ -22,10 +22,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+#: Floating dtypes and devices torch's fused AdamW kernel takes.
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def use_fused(params: list[torch.Tensor]) -> bool:
+    """Fused AdamW (one kernel for every parameter's update) wherever torch has it: CUDA and, since torch
+    2.4, CPUs. Measured with bench/optimizer_step.py on the `small` preset's 6.5M parameters (Intel Xeon with
+    AMX, 2 threads, torch 2.13, a shared machine under a load of 6-10 on its 2 cores, so the figures swing):
+    two runs gave plain for-loop 620 / 467 ms a step, foreach 63 / 676 ms, fused 18 / 82 ms: fused was the
+    fastest both times, 35x / 5.7x the plain loop. Torch's own default on a CPU is that plain loop (its
+    foreach default is for CUDA only), so leaving it to torch costs a CPU run hundreds of ms a step here.
+    The update is the same AdamW, not bit-identical to the loop's (it rounds in another order); a run and
+    its resume both use it, so resume stays exact."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return bool(params) and all(p.device.type in devices and p.dtype in _FUSED_DTYPES for p in params)
+
+
 def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                    eps: float = 1e-8) -> torch.optim.AdamW:
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
+    groups = param_groups(model, weight_decay)
+    fused = use_fused([p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:

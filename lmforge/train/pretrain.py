@@ -32,7 +32,9 @@ from lmforge.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 from lmforge.train import objectives
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.distributed import check_backend, check_fits, launched_by_torchrun, parse_parallel, setup, wrap
-from lmforge.train.loop import FitResult, TrainConfig, autocast_context, fit
+from lmforge.train.hardware import resolve_run
+from lmforge.train.loop import FitResult, TrainConfig, fit
+from lmforge.train.memory import apply_activation_checkpointing
 from lmforge.train.plan import estimate, format_plan
 
 DEFAULT_PRESET = "small"
@@ -99,6 +101,7 @@ class PretrainOptions:
     backend: str = "auto"  # process-group backend: auto (gloo on CPU, NCCL on CUDA), gloo or nccl
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields the user set explicitly
     on_log: Callable[[dict], None] | None = None  # called with every metrics record
+    on_info: Callable[[str], None] | None = None  # gets the run's hardware decisions (precision, compile) before training
 
 
 def get_tokenizer(data: str, vocab_size: int, *, errors: str, progress: bool) -> Tokenizer:
@@ -226,7 +229,11 @@ def _train(opts: PretrainOptions, out: Path, cfg, tokenizer: Tokenizer, token_da
     batches = WindowBatches(token_data, batch_size=recipe.batch_size, block_size=cfg.context_length,
                             grad_accum=recipe.grad_accum, seed=recipe.seed, eval_tokens=opts.eval_tokens, device=device,
                             rank=dist.data_rank, world_size=dist.data_world)
-    model = wrap(model, dist, autocast_context(device, recipe.precision)[1])
+    # precision and compile resolved (measured where "auto" asks for it), said, and recorded with the run
+    recipe, hw = resolve_run(recipe, cfg, device, dist=dist, resume_dir=out if opts.resume else None, on_info=opts.on_info)
+    if recipe.activation_checkpointing:
+        apply_activation_checkpointing(model)  # before wrapping, as DDP, FSDP2 and TP expect
+    model = wrap(model, dist, recipe.precision)
     lineage = {"objective": "pretrain", "data": data, "data_fingerprint": token_data.meta.get("corpus_fingerprint"),
                "preset": cfg.name, "parent": None, "tokenizer": str(opts.tokenizer) if opts.tokenizer else f"BPE trained on {data}",
                "lmforge_version": __version__}
@@ -234,6 +241,8 @@ def _train(opts: PretrainOptions, out: Path, cfg, tokenizer: Tokenizer, token_da
         lineage = {**read_lmforge_meta(out).get("lineage", {}), "lmforge_version": __version__}
     if _torchrun_run_id():
         lineage["torchrun_run_id"] = _torchrun_run_id()  # lets a torchrun restart find its own checkpoint
+    lineage["hardware"] = hw.record()
+    summary.update(recipe=recipe, hardware=hw.record())
     checkpointer = Checkpointer(out, tokenizer=tokenizer, lineage=lineage)
     objective = objectives.Pretrain(recipe.router_aux_loss_coef, recipe.router_z_loss_coef)
     result = fit(model, objective, batches, recipe, checkpointer, resume=opts.resume, device=device,

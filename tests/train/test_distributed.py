@@ -26,15 +26,17 @@ from lmforge.train import objectives
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.distributed import Dist, setup, wrap
 from lmforge.train.loop import TrainConfig, fit
+from lmforge.train.memory import apply_activation_checkpointing
 from lmforge.train.pretrain import WindowBatches
 
 RECIPE = dict(max_steps=20, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2, lr_decay_steps=24, eval_interval=20,
               log_interval=1, save_interval=0, seed=7)
 
 
-def _fit(out: Path, tokenizer, data_args, dist: Dist, *, resume_to: int | None = None) -> list[float]:
+def _fit(out: Path, tokenizer, data_args, dist: Dist, *, resume_to: int | None = None, recompute: bool = False) -> list[float]:
     """20 steps of the tiny model (or, with `resume_to`, the run in `out` continued to that step); returns
-    the per-step losses (every rank computes the same ones)."""
+    the per-step losses (every rank computes the same ones). `recompute`: with activation checkpointing,
+    applied before wrapping as `lmforge pretrain` does (the same losses: it only recomputes)."""
     token_data = prepare_data(*data_args, show_progress=False)
     tc = TrainConfig(**{**RECIPE, "max_steps": resume_to or RECIPE["max_steps"]})
     torch.manual_seed(tc.seed)
@@ -44,6 +46,8 @@ def _fit(out: Path, tokenizer, data_args, dist: Dist, *, resume_to: int | None =
         model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=32, dropout=0.0))
     batches = WindowBatches(token_data, batch_size=tc.batch_size, block_size=32, grad_accum=tc.grad_accum, seed=tc.seed,
                             eval_tokens=256, device=torch.device("cpu"), rank=dist.data_rank, world_size=dist.data_world)
+    if recompute:
+        apply_activation_checkpointing(model)
     result = fit(wrap(model, dist), objectives.pretrain, batches, tc, Checkpointer(out, tokenizer=tokenizer),
                  progress=False, dist=dist, resume=bool(resume_to))
     return [h["loss"] for h in result.history if "loss" in h]
@@ -58,7 +62,8 @@ def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:
     try:
         for strategy in STRATEGIES:  # one process group, three runs: spawning costs more than training
             losses = _fit(Path(root) / strategy, tokenizer, data_args,
-                          dataclasses.replace(dist, strategy=strategy, tp=world if strategy == "tp" else 1))
+                          dataclasses.replace(dist, strategy=strategy, tp=world if strategy == "tp" else 1),
+                          recompute=strategy != "ddp")  # FSDP2 and TP also with activation checkpointing
             (Path(root) / f"{strategy}.{rank}.json").write_text(json.dumps(losses))
         # and the single-process run's checkpoint continued by FSDP2, and by TP, on two processes
         for strategy, tp in (("fsdp", 1), ("tp", world)):
