@@ -342,7 +342,8 @@ def register(sub) -> list[argparse.ArgumentParser]:
                    "(each holds the whole model, gradients averaged), fsdp (weights, gradients and optimizer state "
                    "sharded per block, FSDP2), tp=N (each block's projections split over N processes, alone or on a "
                    "2-D mesh with dp or fsdp: tp=2,dp=2; tp=2,fsdp) or pp=N (the blocks cut into N pipeline stages, "
-                   "one a process); the same spec `lmforge plan` reads (default: none)")
+                   "one a process, alone or with dp or fsdp: pp=2,dp=2; pp=2,fsdp); the same spec `lmforge plan` "
+                   "reads (default: none)")
     d.add_argument("--nproc", type=positive_int, help="start this many processes on this machine through torchrun "
                    "(python -m torch.distributed.run --standalone); under torchrun itself, leave it out (default: one "
                    "process, or what torchrun started)")

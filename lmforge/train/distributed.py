@@ -30,14 +30,17 @@ strategy "tp"; `tp=2,fsdp`: FSDP2 shards, strategy "tp+fsdp") the processes form
 (`lmforge.train.mesh`); `tp=N` alone is its dp=1 case. Checkpoints are written whole, in one process's
 layout, like FSDP2's.
 
-Pipeline parallelism (`--parallel pp=N`, N = the number of processes; `lmforge.train.pipeline`): the
-blocks are cut into N stages, one a rank, run by a 1F1B (or GPipe) schedule whose micro-batches are one
-step's `grad_accum` micro-batches; every rank reads the whole batch (stage 0 its tokens, the last stage
-its targets), and checkpoints are written whole, as TP's are.
+Pipeline parallelism (`--parallel pp=N`; `lmforge.train.pipeline`): the blocks are cut into N stages, one
+a rank, run by a 1F1B (or GPipe) schedule whose micro-batches are one step's `grad_accum` micro-batches;
+the stages of one pipeline read the same slice of the batch (stage 0 its tokens, the last stage its
+targets). With data parallelism too (`pp=2,dp=2`: replicas of the pipeline, strategy "pp"; `pp=2,fsdp`:
+FSDP2 over dp on every stage, strategy "pp+fsdp") the processes form a 2-D (dp, pp) mesh whose pipelines
+are consecutive ranks, so the data is divided among `data_world` = world_size / pp pipelines; `pp=N`
+alone is its dp=1 case. Checkpoints are written whole, as TP's are.
 
-Not here yet (issue 18): pipeline parallelism combined with data or tensor parallelism (`pp=2,dp=N`),
-pipeline stages for mixture-of-experts models, and sharded optimizer state for TP and PP (TP's rows are
-permuted per rank, so its state is gathered).
+Not here yet (issue 18): pipeline parallelism combined with tensor parallelism (`pp=2,tp=2`), pipeline
+stages for mixture-of-experts models, and sharded optimizer state for TP and PP (TP's rows are permuted
+per rank, so its state is gathered whole on rank 0).
 """
 
 from __future__ import annotations
@@ -74,14 +77,15 @@ def parse_parallel(spec: str | None, world: int | None = None) -> Parallel | Non
 
 
 def strategy_of(par: Parallel | None, spec: str = "") -> str:
-    """The training strategy for a parsed spec: none | ddp | fsdp | tp (alone, or with dp replicas) | tp+fsdp."""
+    """The training strategy for a parsed spec: none | ddp | fsdp | tp (alone, or with dp replicas) | tp+fsdp |
+    pp (alone, or with dp replicas) | pp+fsdp."""
     if par is None:
         return "none"
-    if par.pp > 1 and par.pp != par.world:
-        raise UserError(f"--parallel {spec}: pipeline parallelism combined with data or tensor parallelism is not "
-                        f"available yet; use pp=N alone (N = the number of processes)")
-    if par.pp > 1:
-        return "pp"
+    if par.pp > 1 and par.tp > 1:
+        raise UserError(f"--parallel {spec or par.describe()}: pipeline parallelism combined with tensor parallelism "
+                        f"is not available yet; use pp=N with dp or fsdp, or tp=N with dp or fsdp")
+    if par.pp > 1:  # alone, or on a 2-D mesh with dp replicas ("pp") or FSDP2 shards ("pp+fsdp"): lmforge.train.pipeline
+        return "pp+fsdp" if par.sharded else "pp"
     if par.tp > 1:  # alone, or on a 2-D mesh with dp replicas ("tp") or FSDP2 shards ("tp+fsdp"): lmforge.train.mesh
         return "tp+fsdp" if par.sharded else "tp"
     return "fsdp" if par.sharded else "ddp"
@@ -135,7 +139,7 @@ class Dist:
     strategy: str = "none"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp: int = 1  # tensor-parallel ranks that share one copy of the batch (strategies "tp" and "tp+fsdp")
-    pp: int = 1  # pipeline stages, which share one copy of the batch too (strategy "pp")
+    pp: int = 1  # pipeline stages, which share one copy of the batch too (strategies "pp" and "pp+fsdp")
 
     @property
     def data_rank(self) -> int:
@@ -152,7 +156,7 @@ class Dist:
     def gathers(self) -> bool:
         """Whether the weights and optimizer state are split across ranks, so saving gathers them (a
         collective) and resuming splits a whole state again."""
-        return self.strategy in ("fsdp", "tp", "tp+fsdp", "pp")
+        return self.strategy in ("fsdp", "tp", "tp+fsdp", "pp", "pp+fsdp")
 
     @property
     def is_main(self) -> bool:
@@ -196,10 +200,10 @@ class Dist:
             from lmforge.train import tensor_parallel
 
             return tensor_parallel.full_state_dict(model, self.is_main)
-        if self.strategy == "pp":
+        if self.strategy in ("pp", "pp+fsdp"):
             from lmforge.train import pipeline
 
-            return pipeline.full_state_dict(model, self.is_main)
+            return pipeline.full_state_dict(model, self.is_main, first_replica=self.data_rank == 0)
         if self.strategy != "fsdp":
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -208,55 +212,31 @@ class Dist:
         return sd if self.is_main else None
 
     def full_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-        """FSDP2: the optimizer's whole state on rank 0, in `optimizer.state_dict()`'s own layout (parameters
+        """TP and PP: the optimizer's whole state on rank 0, in `optimizer.state_dict()`'s own layout (parameters
         numbered in group order), so the trainer state written from it resumes on one process or DDP."""
         if self.strategy in ("tp", "tp+fsdp"):  # full_tensor() gathers over both mesh dimensions
             from lmforge.train import tensor_parallel
 
             return tensor_parallel.full_optimizer_state(model, optimizer, self.is_main)
-        if self.strategy == "pp":
+        if self.strategy in ("pp", "pp+fsdp"):
             from lmforge.train import pipeline
 
-            return pipeline.full_optimizer_state(model, optimizer, self.is_main)
-        if self.strategy != "fsdp":
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.is_main:
-            return None
-        index: dict[str, int] = {}
-        groups = []
-        for g in full["param_groups"]:
-            ids = []
-            for name in g["params"]:
-                index[name] = len(index)
-                ids.append(index[name])
-            groups.append({**g, "params": ids})
-        return {"state": {index[k]: v for k, v in full["state"].items()}, "param_groups": groups}
+            return pipeline.full_optimizer_state(model, optimizer, self.is_main,
+                                                  first_replica=self.data_rank == 0)
+        return None  # DDP: rank 0 holds it; FSDP2 writes its own slices (lmforge.train.sharded_state)
 
     def load_full_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, whole: dict) -> None:
-        """FSDP2: load a whole optimizer state (as `full_optimizer_state` wrote it, or one process saved it),
-        every rank keeping its own shard: what lets an FSDP2 run resume with any number of processes."""
+        """TP and PP: load a whole optimizer state (as `full_optimizer_state` wrote it, or one process saved it),
+        every rank keeping its own shard: what lets a run resume with any number of processes."""
         if self.strategy in ("tp", "tp+fsdp"):  # each rank keeps its shard on both mesh dimensions
             from lmforge.train import tensor_parallel
 
             return tensor_parallel.load_full_optimizer_state(model, optimizer, whole)
-        if self.strategy == "pp":
+        if self.strategy in ("pp", "pp+fsdp"):
             from lmforge.train import pipeline
 
             return pipeline.load_full_optimizer_state(model, optimizer, whole)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]  # the saved numbering
-        groups, i = [], 0
-        for g in whole["param_groups"]:
-            groups.append({**g, "params": names[i:i + len(g["params"])]})
-            i += len(g["params"])
-        state = {names[idx]: v for idx, v in whole["state"].items()}
-        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
-                                 options=StateDictOptions(full_state_dict=True))
+        raise ValueError(f"strategy {self.strategy!r} reads its optimizer state itself (lmforge.train.sharded_state)")
 
     def close(self) -> None:
         """Leave the group together: a barrier first (one rank tearing gloo down while another still reads from
@@ -337,11 +317,12 @@ def wrap(model: torch.nn.Module, dist: Dist, precision: str = "fp32") -> torch.n
         par = Parallel(**{"fsdp" if dist.strategy == "tp+fsdp" else "dp": dist.data_world}, tp=dist.tp)
         check_fits(par, model.config, par.describe())  # before any collective: one line, every rank
         return mesh.parallelize(model, dist, precision)
-    if dist.strategy == "pp":
+    if dist.strategy in ("pp", "pp+fsdp"):
         from lmforge.train import pipeline
 
-        check_fits(Parallel(pp=dist.pp), model.config, f"pp={dist.pp}")  # before any collective: one line, every rank
-        return pipeline.parallelize(model, dist.rank, dist.pp, dist.device)
+        par = Parallel(**{"fsdp" if dist.strategy == "pp+fsdp" else "dp": dist.data_world}, pp=dist.pp)
+        check_fits(par, model.config, par.describe())  # before any collective: one line, every rank
+        return pipeline.parallelize(model, dist)
     if dist.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

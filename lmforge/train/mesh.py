@@ -86,11 +86,13 @@ def replica_sync(model: nn.Module, sync: bool):
 
 
 @torch.no_grad()
-def average_gradients(model: nn.Module) -> None:
-    """Average every gradient over the model's mesh["dp"] (a no-op without replicas): each rank's local
-    part (its tp shard, for a DTensor), flattened into buckets of `BUCKET_BYTES` per dtype, one all-reduce
-    each. Every rank walks the parameters in the same order, so the buckets line up."""
-    dp_mesh = getattr(model, "_dp_mesh", None)
+def average_gradients(model: nn.Module, dp_mesh=None) -> None:
+    """Average every gradient over `dp_mesh` (default: the model's mesh["dp"] set by `parallelize`; a no-op
+    without replicas): each rank's local part (its tp shard, for a DTensor), flattened into buckets of
+    `BUCKET_BYTES` per dtype, one all-reduce each. Every rank walks the parameters in the same order, so the
+    buckets line up. Replicas of a pipeline stage (`lmforge.train.pipeline`, `pp=2,dp=2`) pass the stage and
+    their mesh["dp"]: the same averaging, one path for both 2-D meshes."""
+    dp_mesh = dp_mesh if dp_mesh is not None else getattr(model, "_dp_mesh", None)
     if dp_mesh is None:
         return
     group, n = dp_mesh.get_group(), dp_mesh.size()

@@ -35,10 +35,35 @@ all of them (GPipe runs every forward before any backward). With fewer micro-bat
 (a larger --grad-accum for the same global batch) shrink the bubble, the (N-1)/(M+N-1) of the time each
 stage waits.
 
+Data parallelism across pipelines (`pp=P,dp=D`, `pp=P,fsdp`). The P*D processes form a (dp, pp) device
+mesh, rank = d * P + s: the P stages of pipeline d are consecutive ranks (on GPUs, one node, where the
+point-to-point traffic between stages stays), and `Dist.data_rank` (rank // P) is d, the slice of every
+micro-batch that pipeline reads. Each pipeline is the pipeline above on its rows; stage s of every pipeline
+holds the same blocks, and the D copies of a stage are one data-parallel group (a column, mesh["dp"]):
+
+- `pp=P,dp=D` (strategy "pp"): replicas. After the step's backward (the tied matrix's two parts summed
+  within the pipeline), each stage's gradients are averaged over mesh["dp"] by the same bucketed
+  all-reduce tensor-parallel replicas use (`lmforge.train.mesh.average_gradients`), once a step: the
+  schedule runs every micro-batch's backward before it, so grad_accum - 1 syncs are skipped by
+  construction. Replicas stay equal as they do under DDP (same start, same averaged gradients).
+- `pp=P,fsdp` (strategy "pp+fsdp"), as torchtitan does: FSDP2 `fully_shard` over mesh["dp"] on each of the
+  stage's blocks and then on the stage. The schedule knows FSDP2 (`PipelineStage.backward_maybe_with_nosync`
+  turns its gradient sync off for every backward, and the last one reduce-scatters once); the tied
+  matrix's two parts are summed shard by shard (both ends shard it alike over dp). No mixed-precision
+  policy: the residual stream crosses stages in the parameters' dtype, as under `pp=N`, and autocast
+  still runs the matmuls in bf16 on GPUs.
+
+The reported loss is each pipeline's mean (broadcast from its last stage) averaged over the D pipelines
+by `fit` (every slice has as many rows), the global mean one process reports. The gradient norm sums
+every stage's squares once: over one pipeline for replicas (their copies are equal), over every rank
+under FSDP2 (each holds a distinct shard). Validation runs on every pipeline (each holds every
+validation batch, as under DDP). Checkpoints gather the first pipeline's stages (FSDP2 shards made whole
+within each stage's column first), so a pp=2,dp=2 checkpoint is one process's, and the other way round.
+
 What is refused (one line, before any work): mixture-of-experts models, whose router load-balancing loss
 is computed from every layer's router logits at the end of the forward, which a stage cannot see; pp
-combined with data or tensor parallelism; objectives other than pretraining (only `pretrain` runs
-several processes).
+combined with tensor parallelism; objectives other than pretraining (only `pretrain` runs several
+processes).
 """
 
 from __future__ import annotations
@@ -116,8 +141,9 @@ def _release_other_stages(model: GPT, keep: StageModule) -> None:
 
 
 class PipelinedGPT(nn.Module):
-    """What `fit()` trains under `--parallel pp=N`: this rank's stage, and the three things the loop asks
-    of a pipeline instead of running the model itself (`train_step`, `clip_grad_norm`, `evaluate`).
+    """What `fit()` trains under `--parallel pp=N` (alone, or on a (dp, pp) mesh): this rank's stage, and the
+    three things the loop asks of a pipeline instead of running the model itself (`train_step`,
+    `clip_grad_norm`, `evaluate`).
 
     `module` is the whole GPT (its other stages' parameters on the meta device), kept as a plain attribute
     rather than a submodule so `.to()` and `.train()` reach only this rank's real parameters, while
@@ -125,19 +151,31 @@ class PipelinedGPT(nn.Module):
 
     is_pipeline = True  # fit() asks this instead of importing this module
 
-    def __init__(self, model: GPT, stage: int, stages: int, device: torch.device, tied_group) -> None:
+    def __init__(self, model: GPT, stage: int, stages: int, device: torch.device, group, tied_group, dp_mesh=None,
+                 sharded: bool = False) -> None:
         super().__init__()
         self.stage_module = StageModule(model, stage, stages)
         object.__setattr__(self, "module", model)  # not registered: see the class docstring
         self.stage, self.stages, self.device = stage, stages, torch.device(device)
         self.first, self.last = stage == 0, stage == stages - 1
         object.__setattr__(self, "model", model)  # its methods run the pieces; not registered (its parameters are)
-        self.tied_group = tied_group  # ranks {0, N-1}, when the embeddings are tied
-        ends = self.first or self.last  # a middle stage holds no copy of a tied matrix
-        self.tied = model.lm_head.weight if model.config.tie_embeddings and ends else None
+        self.group = group  # this pipeline's stages (mesh["pp"]): the schedule's sends, the loss broadcast
+        self.tied_group = tied_group  # this pipeline's first and last stage, when the embeddings are tied
+        self.dp_mesh = dp_mesh  # this stage's copies in the other pipelines (mesh["dp"]); None with one pipeline
+        self.sharded = sharded  # FSDP2 over dp_mesh ("pp+fsdp") rather than replicas
         self.hidden_dtype = model.tok_emb.weight.dtype
         self._schedules: dict[tuple, Any] = {}
         self._ce: list[torch.Tensor] = []  # the last stage's unscaled micro-batch losses of the current step
+
+    @property
+    def tied(self) -> nn.Parameter | None:
+        """This stage's copy of a tied matrix (None on a middle stage, or untied): looked up when needed,
+        since FSDP2 replaces the parameter object when it shards it."""
+        if not self.module.config.tie_embeddings:
+            return None
+        if self.first:
+            return self.stage_module.tok_emb.weight
+        return self.stage_module.lm_head.weight if self.last else None
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a pipelined model runs through its schedule (train_step / evaluate), not as one module")
@@ -155,7 +193,7 @@ class PipelinedGPT(nn.Module):
             outputs = torch.empty(rows, T, cfg.vocab_size, dtype=self.hidden_dtype, device="meta",
                                   requires_grad=True) if self.last else hidden
             stage = PipelineStage(self.stage_module, self.stage, self.stages, self.device, input_args=inputs,
-                                  output_args=outputs)
+                                  output_args=outputs, group=self.group)
 
             def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                 ce = cross_entropy(logits, targets)
@@ -183,34 +221,46 @@ class PipelinedGPT(nn.Module):
             else:
                 schedule.step()
         self._sum_tied_grads()
+        if self.dp_mesh is not None and not self.sharded:  # replicas: this stage's gradients averaged over dp
+            from lmforge.train import mesh
+
+            mesh.average_gradients(self.stage_module, self.dp_mesh)
         total = torch.tensor([sum(float(ce) for ce in self._ce) if self.last else 0.0], dtype=torch.float64,
                              device=self.device)
-        tdist.broadcast(total, src=self.stages - 1)
+        tdist.broadcast(total, group=self.group, group_src=self.stages - 1)
         return float(total), {}
 
+    @torch.no_grad()
     def _sum_tied_grads(self) -> None:
-        """The tied matrix's two gradient parts (embedding on stage 0, head on the last) summed on both."""
-        if self.tied is None or not (self.first or self.last):
+        """The tied matrix's two gradient parts (embedding on stage 0, head on the last) summed on both
+        (under FSDP2, shard by shard: both ends hold the same rows of it)."""
+        tied = self.tied
+        if tied is None:
             return
-        if self.tied.grad is None:
-            self.tied.grad = torch.zeros_like(self.tied)
-        tdist.all_reduce(self.tied.grad, group=self.tied_group)
+        if tied.grad is None:
+            tied.grad = torch.zeros_like(tied)
+        tdist.all_reduce(_local(tied.grad), group=self.tied_group)
 
+    @torch.no_grad()
     def clip_grad_norm(self, clip: float) -> float:
-        """The whole model's gradient norm (this stage's squares summed over the stages, the tied matrix
-        counted once), and the gradients scaled as `clip_grad_norm_` does when it exceeds `clip` (0: no clipping)."""
-        grads = [p.grad for p in self.stage_module.parameters()
-                 if p.grad is not None and not (p is self.tied and not self.first)]
+        """The whole model's gradient norm (every stage's squares counted once, the tied matrix once, on stage
+        0), and the gradients scaled as `clip_grad_norm_` does when it exceeds `clip` (0: no clipping).
+        Replicas hold equal copies of their stage's gradients, so the squares are summed over one pipeline;
+        FSDP2 shards hold distinct parts, so they are summed over every rank."""
+        tied = self.tied
+        grads = [_local(p.grad) for p in self.stage_module.parameters()
+                 if p.grad is not None and not (p is tied and not self.first)]
         local = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).square().sum() if grads else \
             torch.zeros((), device=self.device)
         squares = local.to(torch.float64).reshape(1)
-        tdist.all_reduce(squares)
+        tdist.all_reduce(squares, group=None if self.sharded else self.group)
         norm = torch.sqrt(squares).to(torch.float32)
         if clip > 0:
             coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
             for p in self.stage_module.parameters():
                 if p.grad is not None:
-                    p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+                    g = _local(p.grad)
+                    g.mul_(coef.to(g.device, g.dtype))
         return float(norm)
 
     @torch.no_grad()
@@ -218,7 +268,7 @@ class PipelinedGPT(nn.Module):
         """The mean validation loss over `batches` (every rank holds the same ones), as `loop.evaluate`
         computes it on one process: the residual stream is passed stage to stage by plain send/recv (the
         batches may differ in size, which a schedule's fixed buffers do not allow), the last stage scores,
-        and the mean is broadcast."""
+        and the mean is broadcast to the pipeline's stages (every pipeline computes the same one)."""
         _check_objective(objective)
         self.stage_module.eval()
         total, n = 0.0, 0
@@ -229,18 +279,24 @@ class PipelinedGPT(nn.Module):
                     if not self.first:
                         shape = (*x.shape, self.module.config.d_model)
                         h = torch.empty(shape, dtype=self.hidden_dtype, device=self.device)
-                        tdist.recv(h, src=self.stage - 1)
+                        tdist.recv(h, group=self.group, group_src=self.stage - 1)
                     h = self.stage_module(h)
                     if not self.last:
-                        tdist.send(h.to(self.hidden_dtype).contiguous(), dst=self.stage + 1)
+                        tdist.send(h.to(self.hidden_dtype).contiguous(), group=self.group, group_dst=self.stage + 1)
                     else:
                         total += float(cross_entropy(h, y))
                     n += 1
         finally:
             self.stage_module.train()
         mean = torch.tensor([total / max(n, 1)], dtype=torch.float64, device=self.device)
-        tdist.broadcast(mean, src=self.stages - 1)
+        tdist.broadcast(mean, group=self.group, group_src=self.stages - 1)
         return float(mean), {}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's own storage: a DTensor's local shard (FSDP2), a plain tensor itself. In-place changes to
+    it change the DTensor (under no_grad `to_local()` is the shard itself)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _check_objective(objective) -> None:
@@ -258,27 +314,77 @@ def check_config(cfg, spec: str) -> None:
                         f"use ddp or fsdp")
 
 
-def parallelize(model: GPT, rank: int, stages: int, device: torch.device) -> PipelinedGPT:
-    """Cut `model` (the same weights on every rank: the same seed, or the same checkpoint) into `stages`
-    stages and keep stage `rank` here. Every rank must call this (it creates the tied-weights group)."""
+def parallelize(model: GPT, dist) -> PipelinedGPT:
+    """Cut `model` (the same weights on every rank: the same seed, or the same checkpoint) into `dist.pp`
+    stages on the (dp, pp) mesh of `dist` ("pp" or "pp+fsdp"; dp = dist.data_world, 1 for `pp=N` alone) and
+    keep this rank's stage, sharded over dp under "pp+fsdp". Every rank must call this (it creates the
+    mesh's and the tied matrix's groups)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    stages, pipelines = dist.pp, dist.data_world
     check_config(model.config, f"pp={stages}")
+    mesh = init_device_mesh(dist.device.type, (pipelines, stages), mesh_dim_names=("dp", "pp"))
+    # The batch is sliced by Dist.data_rank; the mesh must put this rank in the same pipeline.
+    assert mesh.get_local_rank("dp") == dist.data_rank and mesh.get_local_rank("pp") == dist.rank % stages
+    stage = mesh.get_local_rank("pp")
     tied_group = None
     if model.config.tie_embeddings:
-        tied_group = tdist.new_group([0, stages - 1])  # a collective: every rank creates it, two use it
-    pipe = PipelinedGPT(model, rank, stages, device, tied_group)
+        for d in range(pipelines):  # collectives: every rank creates every pipeline's group, two ranks use each
+            ends = tdist.new_group([d * stages, d * stages + stages - 1])
+            if d == dist.data_rank:
+                tied_group = ends
+    sharded = dist.strategy == "pp+fsdp"
+    pipe = PipelinedGPT(model, stage, stages, dist.device, mesh["pp"].get_group(), tied_group,
+                        mesh["dp"] if pipelines > 1 or sharded else None, sharded)
     _release_other_stages(model, pipe.stage_module)
+    if sharded:
+        _shard_stage(model, pipe.stage_module, mesh["dp"])
     return pipe
 
 
-def _held(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in tensors.items() if not v.is_meta}
+def _shard_stage(model: GPT, stage: StageModule, dp_mesh) -> None:
+    """FSDP2 over `dp_mesh` on each of the stage's blocks, then on the stage (the embeddings, final norm and
+    head it holds). FSDP2 replaces each parameter on the modules inside the stage; a tied matrix is also held
+    by a module outside it (`lm_head` on stage 0, `tok_emb` on the last), which is pointed at the sharded
+    parameter too, so the model's parameter list (names, order, tying) stays one process's."""
+    from torch.distributed.fsdp import fully_shard
+
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((module, name))
+    before = {name: p for name, p in stage.named_parameters()}
+    for block in stage.blocks.values():
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(stage, mesh=dp_mesh)
+    after = dict(stage.named_parameters())
+    for name, old in before.items():
+        for module, attr in holders[id(old)]:
+            if getattr(module, attr) is old:
+                setattr(module, attr, after[name])
 
 
-def full_state_dict(model: GPT, main: bool) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on rank 0: every rank's real tensors gathered there (every rank must
-    call this). The objects cross the process group in memory only; what is written stays safetensors."""
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole on the CPU: an FSDP2 shard gathered over its stage's dp group (a collective every copy
+    of the stage enters, in the same order: they hold the same parameters)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+
+def _held(tensors: dict[str, torch.Tensor], send: bool) -> dict[str, torch.Tensor]:
+    """This stage's real tensors, whole; empty on the pipelines after the first (their copies are the same),
+    which still take part in gathering their shards."""
+    held = {k: _whole(v) for k, v in tensors.items() if not v.is_meta}
+    return held if send else {}
+
+
+def full_state_dict(model: GPT, main: bool, first_replica: bool = True) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0: the first pipeline's stages' real tensors gathered there (every
+    rank must call this). The objects cross the process group in memory only; what is written stays
+    safetensors."""
     parts: list[Any] | None = [None] * tdist.get_world_size() if main else None
-    tdist.gather_object(_held(model.state_dict()), parts, dst=0)
+    tdist.gather_object(_held(model.state_dict(), first_replica), parts, dst=0)
     if not main:
         return None
     whole: dict[str, torch.Tensor] = {}
@@ -293,13 +399,15 @@ def full_state_dict(model: GPT, main: bool) -> dict[str, torch.Tensor] | None:
     return whole
 
 
-def full_optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, main: bool) -> dict | None:
+def full_optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, main: bool,
+                         first_replica: bool = True) -> dict | None:
     """The optimizer's whole state on rank 0, in one process's `state_dict()` layout: the optimizer is
     built over the whole model on every rank, so its numbering is already one process's and each rank
-    holds the state of its own stage's parameters (both ends hold the tied matrix's, equal)."""
+    holds the state of its own stage's parameters (both ends hold the tied matrix's, equal; FSDP2's
+    shards are made whole first, and the first pipeline's stages send theirs)."""
     sd = optimizer.state_dict()
-    mine = {idx: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-            for idx, s in sd["state"].items()}
+    mine = {idx: {k: _whole(v) if torch.is_tensor(v) else v for k, v in s.items()} for idx, s in sd["state"].items()}
+    mine = mine if first_replica else {}
     parts: list[Any] | None = [None] * tdist.get_world_size() if main else None
     tdist.gather_object(mine, parts, dst=0)
     if not main:
@@ -312,7 +420,18 @@ def full_optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, main: boo
 
 def load_full_optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, whole: dict) -> None:
     """Load a whole optimizer state (one process's, or `full_optimizer_state`'s), keeping the entries of
-    the parameters this stage holds."""
+    the parameters this stage holds; under FSDP2 each rank keeps its shard of each (the copies of a stage
+    walk the same entries in the same order, so the scatters line up)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = {int(idx): s for idx, s in whole["state"].items() if not params[int(idx)].is_meta}
+    state = {}
+    for idx, s in whole["state"].items():
+        p = params[int(idx)]
+        if p.is_meta:
+            continue
+        if isinstance(p, DTensor):
+            s = {k: distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+                 if torch.is_tensor(v) and v.shape == p.shape else v for k, v in s.items()}
+        state[int(idx)] = s
     optimizer.load_state_dict({"state": state, "param_groups": whole["param_groups"]})
