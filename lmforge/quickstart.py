@@ -90,17 +90,18 @@ def _banner(text: str) -> None:
 
 
 def _precision(state: dict, dev, plan: Plan) -> str:
-    """fp32 or bf16 for every stage: measured once on this machine's CPU (kept in the state, so a re-run
-    finishes in the precision it started with); on a GPU, the training loop's own choice."""
+    """fp32 or bf16 for every stage: what `--precision auto` resolves to (`precision.resolve_auto`: measured
+    once per machine and shape on a CPU, and cached; LMFORGE_PRECISION_AUTO pins it), kept in the state so a
+    re-run finishes in the precision it started with; on a GPU, the training loop's own choice."""
     if dev.type != "cpu":
         return "auto"
     if state.get("precision") in ("fp32", "bf16"):
         print(f"precision {state['precision']} (measured on the first run: {state.get('precision_note', '')})")
         return state["precision"]
     from lmforge.presets import get_preset
-    from lmforge.train.precision import measure_for_config
+    from lmforge.train.precision import resolve_auto
 
-    choice = measure_for_config(get_preset("small", context_length=CONTEXT), max(1, plan.pretrain_batch // 2))
+    choice = resolve_auto(get_preset("small", context_length=CONTEXT), max(1, plan.pretrain_batch // 2), dev)
     print(choice.describe(), flush=True)
     state["precision"], state["precision_note"] = choice.precision, choice.describe()
     return choice.precision
