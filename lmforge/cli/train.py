@@ -75,7 +75,7 @@ def _launch_torchrun(args, opts) -> int:
     par = parse_parallel(args.parallel, args.nproc)
     if par is None:
         return fail(f"--nproc {args.nproc} starts {args.nproc} processes; say how they share the work with "
-                    f"--parallel ddp, fsdp or tp={args.nproc}")
+                    f"--parallel ddp, fsdp, tp={args.nproc} or pp={args.nproc}")
     _, summary = pretrain(dataclasses.replace(opts, dry_run=True, world=args.nproc))
     batch = summary["recipe"].batch_size
     if batch % par.data_parallel:  # (tensor-parallel ranks and pipeline stages share their slice)

@@ -28,7 +28,7 @@ over N consecutive ranks, which all see the same slice of the batch: the data is
 `data_world` = world_size / tp data-parallel groups. With data parallelism too (`tp=2,dp=4`: replicas,
 strategy "tp"; `tp=2,fsdp`: FSDP2 shards, strategy "tp+fsdp") the processes form a 2-D (dp, tp) device mesh
 (`lmforge.train.mesh`); `tp=N` alone is its dp=1 case. Checkpoints are written whole, in one process's
-layout, like FSDP2's.
+layout.
 
 Pipeline parallelism (`--parallel pp=N`; `lmforge.train.pipeline`): the blocks are cut into N stages, one
 a rank, run by a 1F1B (or GPipe) schedule whose micro-batches are one step's `grad_accum` micro-batches;
@@ -81,6 +81,9 @@ def strategy_of(par: Parallel | None, spec: str = "") -> str:
     pp (alone, or with dp replicas) | pp+fsdp."""
     if par is None:
         return "none"
+    if par.dp > 1 and par.fsdp > 1:
+        raise UserError(f"--parallel {spec or par.describe()}: replicas of FSDP shards (HSDP: dp and fsdp both > 1) are "
+                        f"not available in training yet; use fsdp or dp over the data-parallel processes")
     if par.pp > 1 and par.tp > 1:
         raise UserError(f"--parallel {spec or par.describe()}: pipeline parallelism combined with tensor parallelism "
                         f"is not available yet; use pp=N with dp or fsdp, or tp=N with dp or fsdp")
@@ -154,8 +157,9 @@ class Dist:
 
     @property
     def gathers(self) -> bool:
-        """Whether the weights and optimizer state are split across ranks, so saving gathers them (a
-        collective) and resuming splits a whole state again."""
+        """Whether the weights are split across ranks, so saving gathers them (a collective every rank enters).
+        The optimizer state is then gathered too, except under FSDP2, whose ranks write and read their own
+        slices of it (`lmforge.train.sharded_state`)."""
         return self.strategy in ("fsdp", "tp", "tp+fsdp", "pp", "pp+fsdp")
 
     @property

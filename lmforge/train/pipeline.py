@@ -158,7 +158,6 @@ class PipelinedGPT(nn.Module):
         object.__setattr__(self, "module", model)  # not registered: see the class docstring
         self.stage, self.stages, self.device = stage, stages, torch.device(device)
         self.first, self.last = stage == 0, stage == stages - 1
-        object.__setattr__(self, "model", model)  # its methods run the pieces; not registered (its parameters are)
         self.group = group  # this pipeline's stages (mesh["pp"]): the schedule's sends, the loss broadcast
         self.tied_group = tied_group  # this pipeline's first and last stage, when the embeddings are tied
         self.dp_mesh = dp_mesh  # this stage's copies in the other pipelines (mesh["dp"]); None with one pipeline

@@ -96,7 +96,7 @@ class PretrainOptions:
     overwrite: bool = False  # replace a model already in `out` instead of refusing
     device: str = "auto"
     progress: bool = True
-    parallel: str = "none"  # none, or a --parallel spec (lmforge.parallel): ddp, fsdp, tp=N
+    parallel: str = "none"  # none, or a --parallel spec (lmforge.parallel): ddp, fsdp, tp=N, pp=N, tp=2,dp=2 ...
     world: int | None = None  # processes the job will have (None: as torchrun set WORLD_SIZE; 1 without it)
     backend: str = "auto"  # process-group backend: auto (gloo on CPU, NCCL on CUDA), gloo or nccl
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields the user set explicitly
@@ -163,7 +163,7 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
     par = parse_parallel(opts.parallel, opts.world)
     device = resolve_device(opts.device)
     if par is None and opts.backend != "auto":
-        raise UserError("--backend chooses how processes talk; it needs --parallel ddp, fsdp or tp=N")
+        raise UserError("--backend chooses how processes talk; it needs --parallel ddp, fsdp, tp=N or pp=N")
     check_backend(opts.backend, device)
     saved_state = None
     if opts.resume:

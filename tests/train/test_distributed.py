@@ -139,7 +139,8 @@ def test_cli_nproc_ddp_end_to_end(tmp_path, corpus_file):
     (["--parallel", "tp=2,pp=2", "--nproc", "4"], "pipeline parallelism combined with tensor parallelism is not available"),
     (["--parallel", "pp=2,dp=2", "--nproc", "4", "--batch-size", "3"], "must divide evenly among 2 data-parallel processes"),
     (["--parallel", "zero3"], "expected ddp, fsdp, or a list of dp=N, fsdp=N, tp=N, pp=N"),
-    (["--nproc", "2"], "--parallel ddp, fsdp or tp=2"),
+    (["--nproc", "2"], "--parallel ddp, fsdp, tp=2 or pp=2"),
+    (["--parallel", "dp=2,fsdp=2", "--nproc", "4"], "replicas of FSDP shards (HSDP"),
     (["--parallel", "ddp", "--backend", "nccl", "--device", "cpu"], "nccl"),
     (["--parallel", "ddp", "--nproc", "2", "--batch-size", "3"], "must divide evenly among 2 data-parallel processes"),
 ])
