@@ -54,7 +54,10 @@ def _forwarded_argv(parser: argparse.ArgumentParser, args) -> list[str]:
         if not action.option_strings or action.dest in ("help", "nproc"):
             continue
         value = getattr(args, action.dest, None)
-        if action.nargs == 0:  # store_true / store_false: the flag whose constant the value is
+        if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x: whichever was given
+            if value is not None and value != action.default:
+                argv.append(action.option_strings[0 if value else 1])
+        elif action.nargs == 0:  # store_true / store_false: the flag whose constant the value is
             if value is not None and value == action.const and value != action.default:
                 argv.append(action.option_strings[0])
         elif value is not None and value != action.default:
@@ -330,9 +333,11 @@ def register(sub) -> list[argparse.ArgumentParser]:
                    help="torch.compile the model; --compile alone = on. auto: on for CUDA GPUs; on a CPU only when the "
                    "run is long enough to repay the compile (tens of seconds), from the measured step time; the "
                    "decision is logged (default: auto)")
-    g.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute each "
-                   "transformer block's activations in the backward instead of keeping them: much less activation "
-                   "memory (longer contexts, bigger batches) for about a third more compute (default: off)")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each transformer block's activations in the backward instead of keeping them: "
+                   "much less activation memory (longer contexts, bigger batches) for about a third more compute; "
+                   "--no-activation-checkpointing switches it off, also on --resume (default: off; on --resume, "
+                   "the checkpoint's)")
     pt.add_argument("--val-fraction", type=float_arg, default=0.05, help="share of the data held out for validation (default: 0.05)")
     pt.add_argument("--eval-tokens", type=positive_int, default=131072, help="validation tokens scored per evaluation (default: 131072)")
     add_device_flag(pt)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +32,7 @@ from lmforge.errors import UserError
 from lmforge.loaders.model_dir import read_lmforge_meta
 from lmforge.train import objectives
 from lmforge.train.checkpointer import Checkpointer
+from lmforge.train.hardware import compile_mode
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.device import resolve_device
 from lmforge.io import check_writable
@@ -96,9 +97,17 @@ def _load_start(opts: FinetuneOptions, device: torch.device):
 
 
 def _recipe(opts: FinetuneOptions, n_examples: int, saved: dict | None) -> TrainConfig:
+    """The run's TrainConfig: the checkpoint's on --resume (with what was given now on top), else fine-tuning's
+    defaults. Compile "auto" (TrainConfig's default) resolves to off here, and only a caller's explicit "on"
+    compiles: SFT and DPO batches are padded to their longest record, so batches come in many sequence
+    lengths, each new one a recompile until dynamo falls back to dynamic shapes (generic kernels), and
+    fine-tuning runs are short, so the compile (tens of seconds and more) is rarely repaid; nothing measured
+    here says otherwise. Unresolved, `fit()` would read "auto" as on for CUDA. An "auto" saved by runs from
+    before this default is read the same way on --resume."""
     if saved is not None:
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
-        return TrainConfig(**{**cfg.__dict__, **opts.recipe})
+        cfg = TrainConfig(**{**cfg.__dict__, **opts.recipe})
+        return replace(cfg, compile="off") if compile_mode(cfg.compile) == "auto" else cfg
     r = dict(opts.recipe)
     batch, accum = r.get("batch_size", 8), r.get("grad_accum", 1)
     if "max_steps" not in r:
@@ -107,7 +116,8 @@ def _recipe(opts: FinetuneOptions, n_examples: int, saved: dict | None) -> Train
     defaults = dict(batch_size=batch, grad_accum=accum, lr=default_lr, weight_decay=0.0,
                     warmup_steps=min(100, max(1, r["max_steps"] // 10)), eval_interval=max(1, r["max_steps"] // 5),
                     save_interval=0, log_interval=max(1, min(10, r["max_steps"] // 20)))
-    return TrainConfig(**{**defaults, **r})
+    cfg = TrainConfig(**{**defaults, **r})
+    return replace(cfg, compile="off") if compile_mode(cfg.compile) == "auto" else cfg
 
 
 def _examples(opts: FinetuneOptions, tokenizer, max_len: int):

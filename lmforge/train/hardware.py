@@ -6,7 +6,9 @@ at the start of a run, said to the user, and recorded with the run.
     on a resume the precision the run was started in (recorded in its checkpoint), so a resumed run
     computes what the uninterrupted run would have;
   - compile: on for CUDA; on a CPU only where it pays (`compile_pays`), because compiling the model costs
-    tens of seconds of CPU there and a short run never earns that back;
+    tens of seconds of CPU there and a short run never earns that back; off under `--parallel pp=N`, whose
+    pipeline schedule runs the stages itself and never calls a compiled model (said, not silently ignored);
+    on a resume, what the checkpoint's recipe says unless --compile is given again;
   - activation checkpointing: as asked (`lmforge.train.memory`; off by default: it costs a third more
     compute and only pays when memory is what limits the batch or context).
 
@@ -15,7 +17,8 @@ is at least `COMPILE_MARGIN` times what it costs, compile_s. With the speed-ups 
 "compile when the run, uncompiled, is at least 7x the compile time in fp32, 22x under bf16 autocast"
 (margin x speedup / (speedup - 1); for `small`, compile ~48 s: from ~6 minutes of fp32 training, ~18 of bf16):
   - run_s: the remaining optimizer steps x micro-batches per step x seconds per forward+backward of one
-    micro-batch at the run's shape and precision (the precision measurement's figure, or one timed step);
+    micro-batch at the run's shape and precision (the precision measurement's figure, or one timed step;
+    both timed on a couple of rows and scaled to the micro-batch, `precision.MEASURE_ROWS`);
   - speedup: `CPU_COMPILE_SPEEDUP[precision]`;
   - compile_s: `estimate_compile_s`, seconds of a cold compile: `COMPILE_S_BASE + COMPILE_S_PER_LAYER *
     n_layers` (dynamo unrolls the loop over the blocks, but inductor's kernels for identical blocks are
@@ -41,7 +44,7 @@ from typing import Any, Callable
 import torch
 
 from lmforge.errors import UserError
-from lmforge.train.precision import PrecisionChoice, resolve_auto, time_step
+from lmforge.train.precision import PrecisionChoice, pinned, resolve_auto, time_step
 
 __all__ = ["COMPILE_MARGIN", "CPU_COMPILE_SPEEDUP", "RunHardware", "compile_mode", "compile_pays",
            "compile_in_fit", "decide_compile", "estimate_compile_s", "resolve_run"]
@@ -140,8 +143,15 @@ class RunHardware:
     def record(self) -> dict:
         p = self.precision
         return {"precision": p.precision, "precision_source": p.source, "precision_why": p.describe(),
-                "fp32_step_s": p.fp32_s, "bf16_step_s": p.bf16_s, "compile": self.compile,
+                "fp32_step_s": p.fp32_s, "bf16_step_s": p.bf16_s, "precision_timed_rows": p.rows, "compile": self.compile,
                 "compile_why": self.compile_why, "activation_checkpointing": self.activation_checkpointing}
+
+
+def _same_mode(saved, mode: str) -> bool:
+    try:
+        return compile_mode(saved) == mode
+    except UserError:  # a damaged recipe: not the checkpoint's word
+        return False
 
 
 def _saved_state(resume_dir) -> dict:
@@ -158,7 +168,9 @@ def resolve_run(recipe, config, device: torch.device, *, dist=None, resume_dir=N
                 on_info: Callable[[str], None] | None = None):
     """(recipe with precision and compile resolved, RunHardware). `recipe` is a resolved `TrainConfig`,
     `config` the model's `ModelConfig`, `dist` the process's `Dist` (every rank takes rank 0's decisions, so
-    all train alike; only rank 0 measures), `resume_dir` the run being resumed (None: a new run)."""
+    all train alike; only rank 0 measures, in seconds, while the others wait in a collective), `resume_dir`
+    the run being resumed (None: a new run). Every user mistake (a bad --precision, a bad
+    LMFORGE_PRECISION_AUTO) is raised on every rank before that collective, so none is left waiting."""
     main = dist is None or dist.is_main
     saved_state = _saved_state(resume_dir) if resume_dir is not None else {}
     steps_done = int(saved_state.get("step") or 0)
@@ -170,7 +182,10 @@ def resolve_run(recipe, config, device: torch.device, *, dist=None, resume_dir=N
     recorded = saved_state.get("precision")
     if recipe.precision not in ("auto", *_PRECISIONS):
         raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {recipe.precision!r}")
-    if recorded in _PRECISIONS and recipe.precision in ("auto", recorded):  # a resume keeps its precision
+    kept = recorded in _PRECISIONS and recipe.precision in ("auto", recorded)
+    if recipe.precision == "auto" and not kept:
+        pinned()  # on every rank: a bad pin is a UserError on each, not on rank 0 alone while the others wait
+    if kept:  # a resume keeps its precision
         choice = PrecisionChoice(recorded, None, None, source="checkpoint")
     elif recipe.precision in _PRECISIONS:
         choice = PrecisionChoice(recipe.precision, None, None, source="asked")
@@ -182,8 +197,17 @@ def resolve_run(recipe, config, device: torch.device, *, dist=None, resume_dir=N
             return time_step(config, per_rank, choice.precision)
         return choice.step_s
 
+    saved_mode = (saved_state.get("train_config") or {}).get("compile")
+    from_checkpoint = resume_dir is not None and saved_mode is not None and _same_mode(saved_mode, mode)
+    stages = getattr(dist, "pp", 1) if dist is not None else 1
     compiled, why = False, ""
-    if main:
+    if main and stages > 1 and mode != "off":  # fit() runs a pipeline's schedule, never the compiled forward
+        said = " from the checkpoint" if from_checkpoint else " asked" if mode == "on" else ""
+        why = (f"compile off: --parallel pp={stages} runs the model through its pipeline schedule, which does not "
+               f"use a compiled model (compile {mode}{said})")
+    elif main and mode != "auto" and from_checkpoint:  # the user asked nothing: the recipe the run started with
+        compiled, why = mode == "on", f"compile {mode} (from the checkpoint; --compile auto decides again)"
+    elif main:
         compiled, why = decide_compile(mode, device, config=config, precision=choice.precision,
                                        steps=recipe.max_steps - steps_done,
                                        micro_batches=recipe.grad_accum, tokens_per_micro=per_rank * config.context_length,

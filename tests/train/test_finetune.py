@@ -135,3 +135,16 @@ def test_qlora_trains_adapters_on_a_base_that_stays_quantized(tmp_path, base):
     ids = torch.randint(0, plain.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.allclose(adapted(ids), plain(ids))
+
+
+def test_finetune_does_not_compile_unless_asked(tmp_path):
+    """SFT/DPO batches come in many lengths (a recompile each) and the runs are short: TrainConfig's "auto"
+    resolves to off here, also for a resumed run that saved "auto"; an explicit "on" is kept."""
+    from lmforge.train.finetune import _recipe
+
+    opts = FinetuneOptions(model="m", data="d", out=tmp_path)
+    assert _recipe(opts, 100, None).compile == "off"
+    assert _recipe(opts, 100, {"max_steps": 5, "compile": "auto"}).compile == "off"
+    assert _recipe(FinetuneOptions(model="m", data="d", out=tmp_path, recipe={"compile": "on"}), 100, None).compile == "on"
+    with pytest.raises(UserError, match="auto, on or off"):
+        _recipe(FinetuneOptions(model="m", data="d", out=tmp_path, recipe={"compile": "maybe"}), 100, None)
