@@ -5,7 +5,6 @@ and gradients, fewer bytes kept for the backward). Nothing here depends on a tim
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
