@@ -26,7 +26,6 @@ from safetensors import SafetensorError
 
 from lmforge.checkpoint import recover, save_tensors
 from lmforge.config import ModelConfig, shown
-from lmforge.device import available_memory
 from lmforge.errors import UserError, one_line
 from lmforge.io import atomic_write_json, read_json
 from lmforge.loaders.hf import config_to_hf
