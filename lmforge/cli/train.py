@@ -79,6 +79,9 @@ def _launch_torchrun(args, opts) -> int:
     if par is None:
         return fail(f"--nproc {args.nproc} starts {args.nproc} processes; say how they share the work with "
                     f"--parallel ddp, fsdp, tp={args.nproc} or pp={args.nproc}")
+    from lmforge.train.precision import pinned
+
+    pinned()  # a bad LMFORGE_PRECISION_AUTO is one line here, not one per worker and torchrun's report
     _, summary = pretrain(dataclasses.replace(opts, dry_run=True, world=args.nproc))
     batch = summary["recipe"].batch_size
     if batch % par.data_parallel:  # (tensor-parallel ranks and pipeline stages share their slice)
