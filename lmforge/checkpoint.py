@@ -52,11 +52,11 @@ except ImportError:  # Windows: no flock; see the module docstring
 __all__ = [
     "LOCK",
     "MARKER",
-    "STAGING",
-    "TRAINER_STATE",
     "OPTIMIZER_FILE",
     "RNG_FILE",
     "SHARDS_DIR",
+    "STAGING",
+    "TRAINER_STATE",
     "FileLock",
     "WholeOptimizerState",
     "locked",

@@ -320,7 +320,7 @@ def fit(
         except Exception:
             try:
                 dist.sum([1.0])
-            except Exception:  # noqa: BLE001 - a peer gone (its loss is what failed the save): report the first error
+            except Exception:  # noqa: BLE001, S110 - a peer gone (its loss failed the save): report the first error
                 pass
             raise
         (failed,) = dist.sum([0.0])

@@ -199,7 +199,7 @@ def test_a_killed_rank_ends_the_job_with_a_message(tmp_path, corpus_file):
 def test_close_after_a_failure_skips_the_barrier(monkeypatch, ok, calls):
     """A rank leaving on an exception must not enter a barrier: it would pair with the barrier another rank
     reaches in its own run, which would then go on as if nothing had failed."""
-    import lmforge.train.distributed as distributed
+    from lmforge.train import distributed
 
     seen = []
     monkeypatch.setattr(distributed.tdist, "is_initialized", lambda: True)
