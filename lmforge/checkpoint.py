@@ -52,9 +52,13 @@ except ImportError:  # Windows: no flock; see the module docstring
 __all__ = [
     "LOCK",
     "MARKER",
+    "OPTIMIZER_FILE",
+    "RNG_FILE",
+    "SHARDS_DIR",
     "STAGING",
     "TRAINER_STATE",
     "FileLock",
+    "WholeOptimizerState",
     "locked",
     "read_trainer_state",
     "recover",
@@ -70,6 +74,11 @@ STAGING = ".staging"
 MARKER = ".commit.json"
 LOCK = ".lock"  # held (flock) by the directory's writer for a whole transaction
 TRAINER_STATE = "trainer_state"
+# The only names a trainer state's files have: state.json's "tensors_file" and "optimizer_shards" must be
+# these (a reader joins them as paths, so any other value is refused, not followed).
+OPTIMIZER_FILE = "optimizer.safetensors"  # the whole layout: moments and RNG states in one file
+RNG_FILE = "rng.safetensors"  # the sharded layout (lmforge.train.sharded_state): rank 0's RNG states
+SHARDS_DIR = "optimizer"  # the sharded layout: trainer_state/optimizer/, the ranks' safetensors files
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,7 +302,7 @@ def write_trainer_state(directory: Path, optimizer: torch.optim.Optimizer, param
     for idx, st in osd["state"].items():
         for key, val in st.items():
             tensors[f"optim.{idx}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
-    save_tensors(d / "optimizer.safetensors", tensors)
+    save_tensors(d / OPTIMIZER_FILE, tensors)
     atomic_write_json(d / "state.json", {**state, "param_names": param_names, "param_groups": osd["param_groups"]})
 
 
@@ -309,13 +318,38 @@ def rng_state_tensors() -> dict[str, torch.Tensor]:
 def read_trainer_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """state.json and the tensors file beside it: `optimizer.safetensors` (moments and RNG) in the whole
     layout, or the file state.json names (`tensors_file`: the RNG states) when ranks wrote the moments as
-    shards (`lmforge.train.sharded_state` reads those)."""
+    shards (`lmforge.train.sharded_state` reads those). The names state.json gives must be the ones lmforge
+    writes: they become paths, and a state.json from elsewhere must not lead the reader out of the checkpoint."""
     d = Path(directory) / TRAINER_STATE
     state = json.loads((d / "state.json").read_text()) if (d / "state.json").is_file() else None
-    tensors_file = d / (state or {}).get("tensors_file", "optimizer.safetensors")
+    if state is not None:
+        sharded = state.get("optimizer_shards")
+        name = state.get("tensors_file", OPTIMIZER_FILE)
+        for key, value, known in (("optimizer_shards", sharded, (None, "", SHARDS_DIR)),
+                                  ("tensors_file", name, (RNG_FILE,) if sharded else (OPTIMIZER_FILE,))):
+            if value not in known:
+                raise UserError(f"{d / 'state.json'} names {key} {value!r}: not a checkpoint lmforge wrote")
+    tensors_file = d / (state or {}).get("tensors_file", OPTIMIZER_FILE)
     if state is None or not tensors_file.is_file():
         raise UserError(f"{directory} has no trainer state to resume from (no {TRAINER_STATE}/state.json)")
     return state, load_file(tensors_file)
+
+
+class WholeOptimizerState:
+    """A whole optimizer state dict (`optimizer.state_dict()`'s layout) posing as the optimizer, for runs whose
+    ranks each hold a part of it (tensor and pipeline parallelism, and FSDP2 when its ranks cannot write
+    shards to one place): a save gathers the state on rank 0 and `write_trainer_state` reads it from here
+    through `state_dict()`; a resume has `restore_optimizer` leave the state it assembled here
+    (`load_state_dict`), for `Dist` to split among the ranks."""
+
+    def __init__(self, state: dict | None = None) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

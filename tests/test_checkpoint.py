@@ -15,6 +15,7 @@ import torch
 import lmforge.checkpoint as ckpt
 import lmforge.train.checkpointer as checkpointer
 from lmforge.checkpoint import read_trainer_state, recover, transaction
+from lmforge.errors import UserError
 from lmforge.loaders.model_dir import load_model
 from lmforge.model.gpt import GPT
 from lmforge.presets import get_preset
@@ -240,3 +241,31 @@ def test_killed_writer_is_rolled_back_or_forward_by_the_next_reader(tmp_path, ti
         assert torch.equal(load_model(tmp_path / "m")(idx), (new if die_in_commit else old)(idx))
     assert _files(tmp_path / "m") == (_files(tmp_path / "n") if die_in_commit else before)
     assert sorted(p.name for p in (tmp_path / "m").iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("key, value", [("tensors_file", "../../model.safetensors"), ("tensors_file", "/etc/passwd"),
+                                        ("optimizer_shards", "../optimizer"), ("optimizer_shards", "/tmp")])
+def test_state_json_names_only_lmforges_files(tmp_path, tiny_tokenizer, key, value):
+    """state.json's file names become paths: a value lmforge does not write is refused in one line, never
+    followed out of the checkpoint."""
+    import json
+
+    _save(tmp_path / "m", _model(), tiny_tokenizer)
+    path = tmp_path / "m" / "trainer_state" / "state.json"
+    state = json.loads(path.read_text())
+    read_trainer_state(tmp_path / "m")  # as written: fine
+    path.write_text(json.dumps({**state, key: value}))
+    with pytest.raises(UserError, match="not a checkpoint lmforge wrote"):
+        read_trainer_state(tmp_path / "m")
+
+
+def test_whole_optimizer_state_stands_in_for_the_optimizer(tmp_path, tiny_tokenizer):
+    """What TP and PP saves write from (`state_dict`) and their resumes read into (`load_state_dict`)."""
+    model = _model()
+    _save(tmp_path / "m", model, tiny_tokenizer)
+    state, tensors = read_trainer_state(tmp_path / "m")
+    whole = ckpt.WholeOptimizerState()
+    ckpt.restore_optimizer(whole, state, tensors)
+    assert whole.state_dict()["param_groups"] == state["param_groups"]
+    ckpt.write_trainer_state(tmp_path / "again", whole, state["param_names"], {"step": 1})
+    assert read_trainer_state(tmp_path / "again")[0]["param_groups"] == state["param_groups"]

@@ -242,15 +242,18 @@ class Dist:
             return pipeline.load_full_optimizer_state(model, optimizer, whole)
         raise ValueError(f"strategy {self.strategy!r} reads its optimizer state itself (lmforge.train.sharded_state)")
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         """Leave the group together: a barrier first (one rank tearing gloo down while another still reads from
         it can abort a process at exit: "terminate called without an active exception"), then destroy. A peer
-        already gone makes the barrier fail at once; there is nothing left to wait for then."""
+        already gone makes the barrier fail at once; there is nothing left to wait for then. `ok=False` (leaving
+        on an exception) skips the barrier: it could pair with a barrier the other ranks are still to reach in
+        their run and let them go on as if nothing had failed here."""
         if self.active:
-            try:
-                tdist.barrier()
-            except Exception:  # noqa: BLE001 - whatever the backend raises for a lost peer
-                pass
+            if ok:
+                try:
+                    tdist.barrier()
+                except Exception:  # noqa: BLE001 - whatever the backend raises for a lost peer
+                    pass
             tdist.destroy_process_group()
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from lmforge.checkpoint import read_trainer_state, restore_rng
+from lmforge.checkpoint import WholeOptimizerState, read_trainer_state, restore_rng
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.gpt import GPT, unwrap
 from lmforge.train import sharded_state
@@ -224,20 +224,6 @@ def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
     return float(norm)
 
 
-class _WholeOptimizerState:
-    """A whole optimizer state dict posing as the optimizer, for FSDP2: the trainer-state writer reads the
-    gathered state from it, and the reader leaves the state it read in it (to be sharded by `Dist`)."""
-
-    def __init__(self, state: dict | None = None) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = state
-
-
 def _read_history(path: Path, upto_step: int) -> list[dict]:
     if not path.is_file():
         return []
@@ -310,8 +296,7 @@ def fit(
     last_saved = step if resume else None
     result = FitResult(step=step, tokens_seen=tokens_seen, history=history)
 
-    def save() -> None:
-        nonlocal last_saved
+    def write() -> None:
         state = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": None if math.isinf(best_val) else best_val,
                  "train_config": asdict(cfg), "precision": precision, "objective": description}
         if sharded_state.writes_sharded(dist):  # FSDP2: rank 0 writes the model, every rank its optimizer slices
@@ -321,10 +306,27 @@ def fit(
             if main:
                 whole = GPT(bare.config)
                 whole.load_state_dict(full)
-                checkpointer.save(whole, _WholeOptimizerState(optim), param_names, state)
+                checkpointer.save(whole, WholeOptimizerState(optim), param_names, state)
         elif main:
             checkpointer.save(bare, optimizer, param_names, state)
-        dist.barrier()  # no rank runs ahead of (or exits before) a checkpoint being written
+
+    def save() -> None:
+        """Write a checkpoint, and agree on the outcome: no rank runs ahead of (or exits before) a checkpoint
+        being written, and a save that failed on one rank (rank 0 alone writes and commits) fails on all,
+        instead of the others going on as if it had been saved."""
+        nonlocal last_saved
+        try:
+            write()
+        except Exception:
+            try:
+                dist.sum([1.0])
+            except Exception:  # noqa: BLE001, S110 - a peer gone (its loss failed the save): report the first error
+                pass
+            raise
+        (failed,) = dist.sum([0.0])
+        if failed:
+            raise RuntimeError(f"the checkpoint of step {step} failed on {int(failed)} other process(es) (see their "
+                               f"error); the last good one is kept in {out}")
         last_saved = step
 
     def log(rec: dict) -> None:

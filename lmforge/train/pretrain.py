@@ -206,10 +206,13 @@ def pretrain(opts: PretrainOptions) -> tuple[FitResult | None, dict[str, Any]]:
     if opts.dry_run:
         return None, summary
     dist, device = setup(par, device, opts.backend)
+    ok = False
     try:
-        return _train(opts, out, cfg, tokenizer, token_data, recipe, data, summary, dist, device)
+        trained = _train(opts, out, cfg, tokenizer, token_data, recipe, data, summary, dist, device)
+        ok = True
+        return trained
     finally:
-        dist.close()
+        dist.close(ok)  # no closing barrier after a failure: see Dist.close
 
 
 def _train(opts: PretrainOptions, out: Path, cfg, tokenizer: Tokenizer, token_data: TokenData, recipe: TrainConfig,

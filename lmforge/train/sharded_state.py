@@ -44,6 +44,15 @@ that fails mid-save makes DCP raise on every rank (the failure travels through i
 makes rank 0's next collective fail: either way rank 0 leaves the transaction by an exception, the staging
 directory is discarded, and the previous checkpoint is the one on disk.
 
+Several machines. The shards land in rank 0's staging directory only if every rank sees it: one machine, or
+a file system the machines share. So every save checks first: rank 0 writes a probe file named by a random
+nonce into its staging directory, the all-reduce that tells the ranks the directory is open carries the nonce,
+and a second one collects whether each rank can read the probe. If one cannot, the ranks gather the optimizer
+state on rank 0, which writes the whole layout (as tensor parallelism does), for this save and the run's later
+ones, and rank 0 says why once. Without the check each rank would write its slices to its own disk and rank 0
+would commit a checkpoint missing them. As a second guard rank 0 reads the staged shard headers before it
+commits and fails the save if they do not cover every tensor (the check a resume makes too).
+
 Which runs write shards: FSDP2 (its state is split by rank). DDP ranks each hold the whole state, so rank 0
 writing it costs nothing extra; tensor parallelism permutes the rows of the fused projections per rank
 (`lmforge.train.tensor_parallel`), so its slices are not contiguous pieces of the one-process tensor, and it
@@ -53,12 +62,15 @@ keeps the whole layout (gathered on rank 0). Every strategy resumes from either 
 from __future__ import annotations
 
 import math
+import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmforge.checkpoint import STAGING, TRAINER_STATE, restore_optimizer, rng_state_tensors, save_tensors
+from lmforge.checkpoint import (RNG_FILE, SHARDS_DIR, STAGING, TRAINER_STATE, WholeOptimizerState, restore_optimizer,
+                                rng_state_tensors, save_tensors, write_trainer_state)
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json
 from lmforge.model.gpt import GPT
@@ -67,8 +79,8 @@ from lmforge.train.distributed import Dist
 
 __all__ = ["RNG_FILE", "SHARDS_DIR", "is_sharded", "restore_optimizer_state", "save_sharded", "writes_sharded"]
 
-SHARDS_DIR = "optimizer"  # trainer_state/optimizer/: one safetensors file per rank
-RNG_FILE = "rng.safetensors"
+# SHARDS_DIR (trainer_state/optimizer/: the ranks' safetensors files) and RNG_FILE live in lmforge.checkpoint,
+# whose reader refuses any other name in a state.json.
 
 
 def writes_sharded(dist: Dist) -> bool:
@@ -96,12 +108,14 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tens
     return out
 
 
-def _agree(dist: Dist, ok: bool, what: str) -> None:
+def _agree(dist: Dist, ok: bool, what: str, nonce: int = 0) -> int:
     """Every rank learns whether every rank got past `what`, so a rank that failed alone does not leave the
-    others waiting in the next collective until the group's timeout."""
-    (failed,) = dist.sum([0.0 if ok else 1.0])
+    others waiting in the next collective until the group's timeout. The same all-reduce carries rank 0's
+    `nonce` (the others pass 0) to every rank: the name of its shared-file-system probe. Returns it."""
+    failed, total = dist.sum([0.0 if ok else 1.0, float(nonce)])  # float64: exact below 2**53
     if failed and ok:
         raise RuntimeError(f"sharded checkpoint: another rank failed to {what}; nothing was saved")
+    return int(total)
 
 
 def _dcp(call, what: str):
@@ -156,35 +170,144 @@ def write_shards(directory: Path, optimizer: torch.optim.Optimizer, dist: Dist) 
          f"write the sharded optimizer state in {directory.parent.parent.parent}")
 
 
+PROBE = ".shared-fs-probe-{}"  # in the staging directory, removed before the commit
+_NOT_SHARED: set[str] = set()  # checkpoint directories some rank could not see rank 0's staging in
+
+
+def _sees(staging: Path, nonce: int) -> bool:
+    """Whether this rank sees rank 0's probe file (so shards written here land where rank 0 commits them)."""
+    try:
+        return (staging / PROBE.format(nonce)).read_text() == str(nonce)
+    except OSError:
+        return False
+
+
+def _notice(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _all_see(dist: Dist, staging: Path, nonce: int, key: str) -> bool:
+    """Every rank: whether every rank sees rank 0's staging directory (one all-reduce). If one cannot (several
+    machines without a shared file system), its shards would be written to its own disk and never committed:
+    this save and the run's later ones gather the optimizer state on rank 0 instead (the whole layout)."""
+    (blind,) = dist.sum([0.0 if _sees(staging, nonce) else 1.0])
+    if blind:
+        _NOT_SHARED.add(key)
+        if dist.is_main:
+            _notice(f"note: {int(blind)} of {dist.world_size} processes cannot see {staging.parent} (no shared file "
+                    f"system), so rank 0 gathers and writes the whole optimizer state at every save")
+    return not blind
+
+
+def _gather_whole(optimizer: torch.optim.Optimizer, dist: Dist) -> WholeOptimizerState | None:
+    """Every rank (a collective per tensor, in the same order everywhere): the whole optimizer state on rank 0,
+    in `optimizer.state_dict()`'s layout, None on the others. Rank 0 then holds all of it, as TP's saves do."""
+    from torch.distributed.tensor import DTensor
+
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in _optimizer_tensors(optimizer).items():
+        whole = t.full_tensor() if isinstance(t, DTensor) else t
+        if dist.is_main:
+            _, idx, key = name.split(".", 2)
+            per_param.setdefault(int(idx), {})[key] = whole.detach().cpu()
+    if not dist.is_main:
+        return None
+    return WholeOptimizerState({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def _check_cover(meta: dict, expected: dict[str, list[int]], what: str, directory: Path) -> None:
+    """Every tensor of `expected` (name -> whole shape) is in `meta` (DCP metadata rebuilt from the safetensors
+    headers) whole: its stored pieces add up to its shape. Else one line naming the first gap."""
+    missing = sorted(set(expected) - set(meta))
+    if missing:
+        raise UserError(f"{what} is incomplete: {missing[0]} (and {len(missing) - 1} more) missing from {directory}")
+    for name, size in expected.items():
+        md = meta[name]
+        stored = sum(math.prod(c.sizes) for c in md.chunks)  # chunks never overlap: each rank wrote its own
+        if list(md.size) != list(size) or stored != math.prod(size):
+            raise UserError(f"{what} is incomplete: {stored} of the {math.prod(size)} values of {name} are in "
+                            f"{directory}")
+
+
+def _staged_meta(directory: Path, what: str) -> dict:
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    try:
+        return HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata
+    except (OSError, ValueError, RuntimeError) as e:  # an unreadable or torn file (safetensors says which)
+        raise UserError(f"{what}: cannot read {directory}: {e}") from None
+
+
 def save_sharded(checkpointer: Checkpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  param_names: list[str], state: dict[str, Any], dist: Dist) -> None:
     """Every rank: one checkpoint, the weights gathered and written whole by rank 0, the optimizer state
-    written by every rank into rank 0's staging directory; rank 0 commits after all have written."""
+    written by every rank into rank 0's staging directory; rank 0 commits after all have written.
+
+    Before writing, the ranks check that they all see rank 0's staging directory (a probe file rank 0 writes
+    there, named by a nonce the ranks learn in the same all-reduce that says the directory is open). Where
+    one cannot, this save and the run's later ones write the whole layout instead (`_all_see`); and rank 0
+    checks the staged shard headers cover every tensor before it commits, in case a probe was fooled."""
+    key = str(Path(checkpointer.directory).resolve())
+    if key in _NOT_SHARED:  # found before: gather on rank 0 as tensor parallelism does
+        full, whole_optim = dist.full_state_dict(model), _gather_whole(optimizer, dist)
+        if dist.is_main:
+            with torch.device("meta"):
+                whole = GPT(model.config)
+            whole.load_state_dict(full, assign=True)
+            checkpointer.save(whole, whole_optim, param_names, state)
+        return
     full = dist.full_state_dict(model)  # a collective: the weights only, on rank 0
     if not dist.is_main:
-        _agree(dist, True, "open the checkpoint")  # wait for rank 0's staging directory
-        write_shards(Path(checkpointer.directory) / STAGING / TRAINER_STATE / SHARDS_DIR, optimizer, dist)
+        staging = Path(checkpointer.directory) / STAGING
+        nonce = _agree(dist, True, "open the checkpoint")  # wait for rank 0's staging directory and probe
+        if _all_see(dist, staging, nonce, key):
+            write_shards(staging / TRAINER_STATE / SHARDS_DIR, optimizer, dist)
+        else:
+            _gather_whole(optimizer, dist)
         return
     groups = optimizer.state_dict()["param_groups"]  # hyperparameters and numbering only: JSON
     opened = False
 
     def write_state(staging: Path) -> None:
         nonlocal opened
+        nonce = secrets.randbits(48) + 1
+        probe = staging / PROBE.format(nonce)
+        try:
+            probe.write_text(str(nonce))
+            problem = None
+        except OSError as e:
+            problem = e
         opened = True
-        _agree(dist, True, "open the checkpoint")
+        _agree(dist, problem is None, "open the checkpoint", nonce)
+        if problem is not None:
+            raise UserError(f"cannot write to {staging}: {problem.strerror or problem}")
+        try:
+            shared = _all_see(dist, staging, nonce, key)
+        finally:
+            try:
+                probe.unlink(missing_ok=True)  # not part of the checkpoint
+            except OSError:
+                pass  # a stray file in the checkpoint is better than the other ranks left waiting
+        if not shared:
+            write_trainer_state(staging, _gather_whole(optimizer, dist), param_names, state)
+            return
         d = staging / TRAINER_STATE
         write_shards(d / SHARDS_DIR, optimizer, dist)  # returns once every rank's write has returned
+        expected = {k: list(v.shape) for k, v in sorted(_optimizer_tensors(optimizer).items())}
+        what = (f"cannot save the checkpoint in {checkpointer.directory} (do all processes see it on one shared "
+                f"file system?): the optimizer state the ranks staged")
+        if expected:  # before the first step there are no moments, and so no files
+            _check_cover(_staged_meta(d / SHARDS_DIR, what), expected, what, d / SHARDS_DIR)
         save_tensors(d / RNG_FILE, rng_state_tensors())
         atomic_write_json(d / "state.json", {**state, "param_names": param_names, "param_groups": groups,
                                              "optimizer_shards": SHARDS_DIR, "tensors_file": RNG_FILE,
-                                             "optimizer_tensors": {k: list(v.shape) for k, v in
-                                                                   sorted(_optimizer_tensors(optimizer).items())}})
+                                             "optimizer_tensors": expected})
 
-    with torch.device("meta"):  # no second copy of the weights: the module takes the gathered tensors as they are
-        whole = GPT(model.config)
-    whole.load_state_dict(full, assign=True)
-    del full
     try:
+        with torch.device("meta"):  # no second copy of the weights: the module takes the gathered tensors as they are
+            whole = GPT(model.config)
+        whole.load_state_dict(full, assign=True)
+        del full
         checkpointer.save(whole, None, param_names, state, trainer_state=write_state)
     except BaseException:
         if not opened:  # the others are waiting to hear that the staging directory exists
@@ -208,9 +331,7 @@ def _read_tensors(directory: Path, params: list[torch.Tensor], as_shards: bool, 
         meta = reader.read_metadata().state_dict_metadata
     except (OSError, ValueError, RuntimeError) as e:  # an unreadable or torn file (safetensors says which)
         raise UserError(f"{what}: cannot read {directory}: {e}") from None
-    missing = sorted(set(expected or ()) - set(meta))
-    if missing:
-        raise UserError(f"{what} is incomplete: {missing[0]} (and {len(missing) - 1} more) missing from {directory}")
+    _check_cover(meta, expected or {}, what, directory)
     targets: dict[str, torch.Tensor] = {}
     for name, md in meta.items():
         if not name.startswith("optim."):
@@ -241,7 +362,7 @@ def restore_optimizer_state(run_dir: str | Path, model: torch.nn.Module, optimiz
     FSDP2 reads its own slices of either layout through DCP (no rank holds the whole state). Other strategies
     need the whole tensors: from the whole file as read, or assembled from the shards."""
     d = Path(run_dir) / TRAINER_STATE
-    source = d / state["optimizer_shards"] if is_sharded(state) else d
+    source = d / SHARDS_DIR if is_sharded(state) else d  # read_trainer_state refused any other name
     what = f"the trainer state in {Path(run_dir)}"
     expected = state.get("optimizer_tensors")
     if dist.strategy == "fsdp":
@@ -251,19 +372,8 @@ def restore_optimizer_state(run_dir: str | Path, model: torch.nn.Module, optimiz
     if is_sharded(state):
         tensors = _read_tensors(source, _ordered_params(optimizer), False, what, expected)
     if dist.gathers:  # tensor parallelism: each rank keeps the slice of the whole state its weights have
-        whole = _Collect()
+        whole = WholeOptimizerState()
         restore_optimizer(whole, state, tensors)
         dist.load_full_optimizer_state(model, optimizer, whole.state)
     else:
         restore_optimizer(optimizer, state, tensors)
-
-
-class _Collect:
-    """Stands in for the optimizer to take the whole state dict `restore_optimizer` assembles, for a strategy
-    that splits it itself."""
-
-    def __init__(self) -> None:
-        self.state: dict = {}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = state

@@ -194,3 +194,17 @@ def test_a_killed_rank_ends_the_job_with_a_message(tmp_path, corpus_file):
     assert "lmforge: error: the 2-process training job failed" in err, err[-3000:]
     root_cause = err[err.index("Root Cause"):]
     assert re.search(r"rank\s*:\s*1 ", root_cause) and "SIGKILL" in root_cause, err[-3000:]
+
+
+@pytest.mark.parametrize("ok, calls", [(True, ["barrier", "destroy"]), (False, ["destroy"])])
+def test_close_after_a_failure_skips_the_barrier(monkeypatch, ok, calls):
+    """A rank leaving on an exception must not enter a barrier: it would pair with the barrier another rank
+    reaches in its own run, which would then go on as if nothing had failed."""
+    from lmforge.train import distributed
+
+    seen = []
+    monkeypatch.setattr(distributed.tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.tdist, "barrier", lambda: seen.append("barrier"))
+    monkeypatch.setattr(distributed.tdist, "destroy_process_group", lambda: seen.append("destroy"))
+    Dist(rank=0, world_size=2, strategy="ddp").close(ok)
+    assert seen == calls

@@ -236,3 +236,63 @@ def test_sharded_checkpoint_resumes_on_any_process_count(tmp_path, tiny_tokenize
     next((tmp_path / "step-10" / "trainer_state" / "optimizer").glob("shard-00002-*")).unlink()
     with pytest.raises(UserError, match="incomplete"):
         _fit(tmp_path / "step-10", tiny_tokenizer, data_args, Dist(), max_steps=20, resume=True)
+
+
+def _blind_worker(rank: int, world: int, port: int, root: str, data_args) -> None:
+    """Two cases on 2 FSDP2 processes. 1: rank 1 cannot see rank 0's staging directory (as on another machine
+    without a shared file system): the saves fall back to the whole layout, said once. 2: the probe is fooled
+    (rank 1 sees the probe but writes its shards elsewhere): rank 0 refuses to commit, and rank 1, whose part
+    succeeded, fails too instead of going on."""
+    from lmforge.train import sharded_state
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), LMFORGE_DIST_TIMEOUT="60")
+    torch.set_num_threads(1)
+    root_p = Path(root)
+    tokenizer = Tokenizer.load(root_p / "tok")
+    dist, _ = setup("fsdp", torch.device("cpu"))
+    report: dict = {"notices": []}
+    sharded_state._notice = report["notices"].append
+    if rank == 1:
+        sharded_state._sees = lambda staging, nonce: False
+    report["losses"] = _fit(root_p / "blind", tokenizer, data_args, dist, max_steps=4, save_interval=2)
+
+    if rank == 1:
+        sharded_state._sees = lambda staging, nonce: True
+        write_shards = sharded_state.write_shards
+        sharded_state.write_shards = lambda directory, optimizer, d: write_shards(root_p / "elsewhere", optimizer, d)
+    try:
+        _fit(root_p / "fooled", tokenizer, data_args, dist, max_steps=2, save_interval=2)
+        report["fooled"] = "saved"
+    except Exception as e:  # noqa: BLE001 - every rank must fail
+        report["fooled"] = f"{type(e).__name__}: {e}"
+    (root_p / f"blind.{rank}.json").write_text(json.dumps(report))
+    dist.close()
+
+
+def test_without_a_shared_file_system_saves_fall_back_to_the_whole_layout(tmp_path, tiny_tokenizer, corpus_file):
+    import torch.multiprocessing as mp
+
+    tiny_tokenizer.save(tmp_path / "tok")
+    data_args = (str(corpus_file), tiny_tokenizer, tmp_path / "cache")
+    single = _fit(tmp_path / "single", tiny_tokenizer, data_args, Dist(), max_steps=6)
+    mp.spawn(_blind_worker, args=(2, _free_port(), str(tmp_path), data_args), nprocs=2, join=True)
+    reports = [json.loads((tmp_path / f"blind.{r}.json").read_text()) for r in (0, 1)]
+
+    # 1. both saves (steps 2 and 4) wrote the whole layout; rank 0 said why, once; the probe is not kept
+    assert len(reports[0]["notices"]) == 1 and "no shared file system" in reports[0]["notices"][0]
+    assert reports[1]["notices"] == []
+    assert _files(tmp_path / "blind" / "trainer_state") == ["optimizer.safetensors", "state.json"]
+    assert not any("probe" in f for f in _files(tmp_path / "blind"))
+    assert read_trainer_state(tmp_path / "blind")[0]["step"] == 4
+    _assert_no_pickle(tmp_path / "blind")
+    # ... and it resumes: the single-process curve goes on
+    assert _close(single[:4], reports[0]["losses"]) <= 1e-5
+    assert _close(single[4:], _fit(tmp_path / "blind", tiny_tokenizer, data_args, Dist(), max_steps=6,
+                                   resume=True)) <= 1e-5
+
+    # 2. shards that did not reach rank 0's staging directory: no commit, and every rank fails with one line
+    assert "UserError" in reports[0]["fooled"] and "incomplete" in reports[0]["fooled"], reports[0]["fooled"]
+    assert "failed on 1 other process" in reports[1]["fooled"], reports[1]["fooled"]
+    assert not (tmp_path / "fooled" / "model.safetensors").exists()
+    assert not (tmp_path / "fooled" / ".staging").exists()
