@@ -8,11 +8,11 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import torch
 
+from conftest import free_port
 from lmforge.data.shards import prepare_data
 from lmforge.loaders.model_dir import load_model
 from lmforge.model.gpt import GPT
@@ -69,12 +69,6 @@ def _worker(rank: int, port: int, root: str, data_args) -> None:
         dist.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_2d_mesh_and_four_process_runs_match_one_process(tmp_path, tiny_tokenizer, corpus_file):
     import torch.multiprocessing as mp
 
@@ -84,7 +78,7 @@ def test_2d_mesh_and_four_process_runs_match_one_process(tmp_path, tiny_tokenize
     assert len(single) == 20
     for name in RESUMED:
         shutil.copytree(tmp_path / "single", tmp_path / f"resumed-{name}")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), data_args), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), data_args), nprocs=WORLD, join=True)
 
     reference = load_model(tmp_path / "single").state_dict()
     for name in RUNS:

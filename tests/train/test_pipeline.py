@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import free_port, run_cli
 from lmforge.config import ModelConfig
 from lmforge.data.shards import prepare_data
 from lmforge.loaders.model_dir import load_model
@@ -103,12 +102,6 @@ def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:
         dist.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pp2_matches_one_process_and_resumes_across(tmp_path, tiny_tokenizer, corpus_file):
     import torch.multiprocessing as mp
 
@@ -117,7 +110,7 @@ def test_pp2_matches_one_process_and_resumes_across(tmp_path, tiny_tokenizer, co
     single = _fit(tmp_path / "single", tiny_tokenizer, data_args, Dist())
     assert len(single) == 22  # 20 steps, 2 evaluations
     shutil.copytree(tmp_path / "single", tmp_path / "resumed-pp")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), data_args), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), data_args), nprocs=2, join=True)
     for rank in (0, 1):  # the reported losses are the last stage's, the same on every rank
         losses = json.loads((tmp_path / f"pp.{rank}.json").read_text())
         assert len(losses) == 22

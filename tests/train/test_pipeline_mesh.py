@@ -10,11 +10,11 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import torch
 
+from conftest import free_port
 from lmforge.data.shards import prepare_data
 from lmforge.loaders.model_dir import load_model
 from lmforge.model.gpt import GPT
@@ -71,12 +71,6 @@ def _worker(rank: int, port: int, root: str, data_args) -> None:
         dist.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pp_on_a_2d_mesh_matches_one_process_and_resumes_across(tmp_path, tiny_tokenizer, corpus_file):
     import torch.multiprocessing as mp
 
@@ -86,7 +80,7 @@ def test_pp_on_a_2d_mesh_matches_one_process_and_resumes_across(tmp_path, tiny_t
     assert len(single) == 42  # 20 steps, evaluations at 10 and 20, 20 gradient norms
     for name in RUNS:
         shutil.copytree(tmp_path / "single", tmp_path / f"resumed-{name}")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), data_args), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), data_args), nprocs=WORLD, join=True)
 
     reference = load_model(tmp_path / "single").state_dict()
     for name in RUNS:

@@ -10,13 +10,13 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import free_port
 from lmforge.checkpoint import read_trainer_state
 from lmforge.data.shards import prepare_data
 from lmforge.errors import UserError
@@ -123,12 +123,6 @@ def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:
     dist.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _digest(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in ("metrics.jsonl", "loss.png")}
@@ -182,7 +176,7 @@ def test_sharded_checkpoint_resumes_on_any_process_count(tmp_path, tiny_tokenize
     tiny_tokenizer.save(tmp_path / "tok")
     data_args = (str(corpus_file), tiny_tokenizer, tmp_path / "cache")
     single = _fit(tmp_path / "single", tiny_tokenizer, data_args, Dist(), max_steps=20)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), data_args), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), data_args), nprocs=2, join=True)
     reports = [json.loads((tmp_path / f"report.{r}.json").read_text()) for r in (0, 1)]
 
     # FSDP2 followed the single-process curve; the save at step 20 failed on every rank, not only on rank 1
@@ -276,7 +270,7 @@ def test_without_a_shared_file_system_saves_fall_back_to_the_whole_layout(tmp_pa
     tiny_tokenizer.save(tmp_path / "tok")
     data_args = (str(corpus_file), tiny_tokenizer, tmp_path / "cache")
     single = _fit(tmp_path / "single", tiny_tokenizer, data_args, Dist(), max_steps=6)
-    mp.spawn(_blind_worker, args=(2, _free_port(), str(tmp_path), data_args), nprocs=2, join=True)
+    mp.spawn(_blind_worker, args=(2, free_port(), str(tmp_path), data_args), nprocs=2, join=True)
     reports = [json.loads((tmp_path / f"blind.{r}.json").read_text()) for r in (0, 1)]
 
     # 1. both saves (steps 2 and 4) wrote the whole layout; rank 0 said why, once; the probe is not kept
