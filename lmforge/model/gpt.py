@@ -363,9 +363,11 @@ class GPT(nn.Module):
             if mask is None and (slots.dim() == 2 or (T > 1 and S != T)):
                 raise ValueError("writing these slots of a KV cache needs an attention mask (KVCache.mask)")
             causal = mask is None and T > 1
-        if positions is None:
-            positions = slots if slots is not None else torch.arange(T, device=idx.device)
-        last = int(positions.max())
+        if positions is None and slots is None:  # training and scoring: 0..T-1, the last known without a sync
+            positions, last = torch.arange(T, device=idx.device), T - 1  # (int(max) broke torch.compile's graph)
+        else:
+            positions = slots if positions is None else positions
+            last = int(positions.max())
         if last >= cfg.context_length:
             raise ValueError(f"position {last} is beyond the context length {cfg.context_length}")
         pos2d = positions if positions.dim() == 2 else positions[None, :]  # (B or 1, T)
