@@ -17,40 +17,15 @@ import pytest
 import torch
 
 from conftest import free_port, pid_of_rank, run_cli, wait_until
-from lmforge.data.shards import prepare_data
+from tests.train.tiny_runs import fit_tiny
 from lmforge.loaders.model_dir import load_model
-from lmforge.model.gpt import GPT
 from lmforge.presets import get_preset
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import objectives
-from lmforge.train.checkpointer import Checkpointer
-from lmforge.train.distributed import Dist, setup, wrap
-from lmforge.train.loop import TrainConfig, fit
-from lmforge.train.memory import apply_activation_checkpointing
-from lmforge.train.pretrain import WindowBatches
-
-RECIPE = dict(max_steps=20, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2, lr_decay_steps=24, eval_interval=20,
-              log_interval=1, save_interval=0, seed=7)
-
+from lmforge.train.distributed import Dist, setup
 
 def _fit(out: Path, tokenizer, data_args, dist: Dist, *, resume_to: int | None = None, recompute: bool = False) -> list[float]:
-    """20 steps of the tiny model (or, with `resume_to`, the run in `out` continued to that step); returns
-    the per-step losses (every rank computes the same ones). `recompute`: with activation checkpointing,
-    applied before wrapping as `lmforge pretrain` does (the same losses: it only recomputes)."""
-    token_data = prepare_data(*data_args, show_progress=False)
-    tc = TrainConfig(**{**RECIPE, "max_steps": resume_to or RECIPE["max_steps"]})
-    torch.manual_seed(tc.seed)
-    if resume_to:
-        model = load_model(out).train()
-    else:
-        model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=32, dropout=0.0))
-    batches = WindowBatches(token_data, batch_size=tc.batch_size, block_size=32, grad_accum=tc.grad_accum, seed=tc.seed,
-                            eval_tokens=256, device=torch.device("cpu"), rank=dist.data_rank, world_size=dist.data_world)
-    if recompute:
-        apply_activation_checkpointing(model)
-    result = fit(wrap(model, dist), objectives.pretrain, batches, tc, Checkpointer(out, tokenizer=tokenizer),
-                 progress=False, dist=dist, resume=bool(resume_to))
-    return [h["loss"] for h in result.history if "loss" in h]
+    """20 steps of the tiny model (or, with `resume_to`, the run in `out` continued to that step): the per-step losses."""
+    return fit_tiny(out, tokenizer, data_args, dist, resume_to=resume_to, recompute=recompute)
 
 
 def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:

@@ -14,22 +14,15 @@ import pytest
 import torch
 
 from conftest import free_port, run_cli
+from tests.train.tiny_runs import fit_tiny
 from lmforge.config import ModelConfig
-from lmforge.data.shards import prepare_data
 from lmforge.loaders.model_dir import load_model
 from lmforge.model.gpt import GPT
-from lmforge.presets import get_preset
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import objectives
-from lmforge.train.checkpointer import Checkpointer
-from lmforge.train.distributed import Dist, setup, wrap
-from lmforge.train.loop import TrainConfig, fit
+from lmforge.train.distributed import Dist, setup
 from lmforge.train.pipeline import StageModule, stage_blocks
-from lmforge.train.pretrain import WindowBatches
 
 # grad_accum 2 = pp: the 1F1B schedule; the resumed runs (grad_accum 1 < pp) take GPipe's path
-RECIPE = dict(max_steps=20, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2, lr_decay_steps=24, eval_interval=10,
-              log_interval=1, save_interval=0, seed=7)
 UNTIED = dict(n_layers=3, tie_embeddings=False)
 SMALL = dict(vocab_size=96, context_length=16, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64)
 
@@ -67,20 +60,9 @@ def _fit(out: Path, tokenizer, data_args, dist: Dist, *, resume_to: int | None =
     """`steps` steps of the tiny model (its `shape` changed), or with `resume_to` the run in `out` continued
     to that step, one micro-batch a step; returns the per-step losses, then the validation losses (every
     rank reports the same ones)."""
-    token_data = prepare_data(*data_args, show_progress=False)
-    recipe = {**RECIPE, "max_steps": resume_to, "grad_accum": 1, "batch_size": 8} if resume_to else \
-        {**RECIPE, "max_steps": steps}
-    tc = TrainConfig(**recipe)
-    torch.manual_seed(tc.seed)
-    if resume_to:
-        model = load_model(out).train()
-    else:
-        model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=32, dropout=0.0, **shape))
-    batches = WindowBatches(token_data, batch_size=tc.batch_size, block_size=32, grad_accum=tc.grad_accum, seed=tc.seed,
-                            eval_tokens=256, device=torch.device("cpu"), rank=dist.data_rank, world_size=dist.data_world)
-    result = fit(wrap(model, dist), objectives.pretrain, batches, tc, Checkpointer(out, tokenizer=tokenizer),
-                 progress=False, dist=dist, resume=bool(resume_to))
-    return [h["loss"] for h in result.history if "loss" in h] + [h["val_loss"] for h in result.history if "val_loss" in h]
+    more = dict(max_steps=resume_to, grad_accum=1, batch_size=8) if resume_to else dict(max_steps=steps)
+    return fit_tiny(out, tokenizer, data_args, dist, resume_to=resume_to, shape=shape, eval_interval=10,
+                    record=("loss", "val_loss"), **more)
 
 
 def _worker(rank: int, world: int, port: int, root: str, data_args) -> None:

@@ -15,22 +15,14 @@ from pathlib import Path
 import torch
 
 from conftest import free_port
-from lmforge.data.shards import prepare_data
+from tests.train.tiny_runs import fit_tiny
 from lmforge.loaders.model_dir import load_model
-from lmforge.model.gpt import GPT
-from lmforge.presets import get_preset
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import objectives
-from lmforge.train.checkpointer import Checkpointer
-from lmforge.train.distributed import Dist, setup, wrap
-from lmforge.train.loop import TrainConfig, fit
-from lmforge.train.pretrain import WindowBatches
+from lmforge.train.distributed import Dist, setup
 
 WORLD, PP = 4, 2
 # batch 4: two rows per pipeline; grad_accum 2 = pp: the 1F1B schedule, whose first micro-step's backward
 # runs without a data-parallel sync
-RECIPE = dict(max_steps=20, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2, lr_decay_steps=24, eval_interval=10,
-              log_interval=1, save_interval=0, seed=7)
 RUNS = {"pp2-dp2": "pp", "pp2-fsdp2": "pp+fsdp"}  # name: strategy
 
 
@@ -38,19 +30,8 @@ def _fit(out: Path, tokenizer, data_args, dist: Dist, *, resume_to: int | None =
     """20 steps of the tiny model (2 blocks, tied embeddings), or with `resume_to` the run in `out` continued to
     that step; returns the per-step losses, then the validation losses, then the per-step gradient norms (the
     same on every rank: no stage or replica counted twice)."""
-    token_data = prepare_data(*data_args, show_progress=False)
-    tc = TrainConfig(**{**RECIPE, "max_steps": resume_to or RECIPE["max_steps"]})
-    torch.manual_seed(tc.seed)
-    if resume_to:
-        model = load_model(out).train()
-    else:
-        model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size, context_length=32, dropout=0.0))
-    batches = WindowBatches(token_data, batch_size=tc.batch_size, block_size=32, grad_accum=tc.grad_accum, seed=tc.seed,
-                            eval_tokens=128, device=torch.device("cpu"), rank=dist.data_rank, world_size=dist.data_world)
-    result = fit(wrap(model, dist), objectives.pretrain, batches, tc, Checkpointer(out, tokenizer=tokenizer),
-                 progress=False, dist=dist, resume=bool(resume_to))
-    return [h["loss"] for h in result.history if "loss" in h] + [h["val_loss"] for h in result.history if "val_loss" in h] \
-        + [h["grad_norm"] for h in result.history if "grad_norm" in h]
+    return fit_tiny(out, tokenizer, data_args, dist, resume_to=resume_to, eval_tokens=128, eval_interval=10,
+                    record=("loss", "val_loss", "grad_norm"))
 
 
 def _worker(rank: int, port: int, root: str, data_args) -> None:
