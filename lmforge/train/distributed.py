@@ -82,10 +82,10 @@ def strategy_of(par: Parallel | None, spec: str = "") -> str:
     if par is None:
         return "none"
     if par.dp > 1 and par.fsdp > 1:
-        raise UserError(f"--parallel {spec or par.describe()}: replicas of FSDP shards (HSDP: dp and fsdp both > 1) are "
+        raise UserError(f"--parallel {spec or par.describe()!r}: replicas of FSDP shards (HSDP: dp and fsdp both > 1) are "
                         f"not available in training yet; use fsdp or dp over the data-parallel processes")
     if par.pp > 1 and par.tp > 1:
-        raise UserError(f"--parallel {spec or par.describe()}: pipeline parallelism combined with tensor parallelism "
+        raise UserError(f"--parallel {spec or par.describe()!r}: pipeline parallelism combined with tensor parallelism "
                         f"is not available yet; use pp=N with dp or fsdp, or tp=N with dp or fsdp")
     if par.pp > 1:  # alone, or on a 2-D mesh with dp replicas ("pp") or FSDP2 shards ("pp+fsdp"): lmforge.train.pipeline
         return "pp+fsdp" if par.sharded else "pp"
@@ -100,7 +100,7 @@ def check_fits(par: Parallel | None, cfg, spec: str = "") -> None:
         return
     check_model(par, par.world, cfg, spec, **SPEC_UNIT)
     if par.tp > 1 and cfg.n_experts:
-        raise UserError(f"--parallel {spec}: mixture-of-experts models are not split by tensor parallelism yet; "
+        raise UserError(f"--parallel {spec!r}: mixture-of-experts models are not split by tensor parallelism yet; "
                         f"use ddp or fsdp")
     if par.pp > 1:
         from lmforge.train.pipeline import check_config

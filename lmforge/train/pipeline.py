@@ -308,7 +308,7 @@ def _check_objective(objective) -> None:
 def check_config(cfg, spec: str) -> None:
     """What a pipeline cannot split yet (a stage count above the layer count is refused by lmforge.parallel)."""
     if cfg.n_experts:
-        raise UserError(f"--parallel {spec}: mixture-of-experts models are not split into pipeline stages yet "
+        raise UserError(f"--parallel {spec!r}: mixture-of-experts models are not split into pipeline stages yet "
                         f"(the router's load-balancing loss needs every layer's routing on the last stage); "
                         f"use ddp or fsdp")
 
