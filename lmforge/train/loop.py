@@ -366,13 +366,14 @@ def fit(
             if pipe is not None:  # the same micro-batches through the stages; every rank gets the same loss sum
                 micros = [data.train_batch(step, m) for m in range(cfg.grad_accum)]
                 loss_sum, metrics = pipe.train_step(objective, micros, autocast)
-            for micro in range(0 if pipe is not None else cfg.grad_accum):
-                batch = data.train_batch(step, micro)
-                with dist.grad_sync(fwd, micro == cfg.grad_accum - 1):
-                    with autocast:
-                        loss, metrics = objective(fwd, batch)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach())
+            else:
+                for micro in range(cfg.grad_accum):
+                    batch = data.train_batch(step, micro)
+                    with dist.grad_sync(fwd, micro == cfg.grad_accum - 1):
+                        with autocast:
+                            loss, metrics = objective(fwd, batch)
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += float(loss.detach())
             loss_sum, stops = dist.sum([loss_sum, float(stop.signum is not None)])
             loss_val = loss_sum / cfg.grad_accum / dist.world_size
             gnorm = pipe.clip_grad_norm(cfg.grad_clip) if pipe is not None else _grad_norm(params, cfg.grad_clip)
