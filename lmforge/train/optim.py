@@ -47,6 +47,34 @@ def use_fused(params: list[torch.Tensor]) -> bool:
     return bool(real) and all(p.device.type in devices and p.dtype in _FUSED_DTYPES for p in real)
 
 
+def _mesh_key(p: torch.Tensor):
+    """Which device mesh a parameter lives on: None for a plain tensor."""
+    return getattr(p, "device_mesh", None)  # meshes compare (and hash) by their ranks and dimension names
+
+
+class _MeshAdamW(torch.optim.AdamW):
+    """AdamW that updates each parameter group in pieces of one device mesh apiece. Under tensor parallelism a
+    group can mix DTensors with plain tensors (1-D: the sharded embedding beside replicated norms, both
+    undecayed) or DTensors of two meshes (with FSDP2: tp x dp and dp alone), and torch's fused and foreach
+    kernels take one kind per call ("got mixed torch.Tensor and DTensor"). The pieces exist only during
+    `step`: the groups themselves, and so `state_dict()`'s layout, stay one process's, so checkpoints resume
+    across strategies. The update is the same; only how it is batched into kernels differs."""
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        pieces = []
+        for g in groups:
+            by_mesh: dict = {}
+            for p in g["params"]:
+                by_mesh.setdefault(_mesh_key(p), []).append(p)
+            pieces += [{**g, "params": ps} for ps in by_mesh.values()]
+        self.param_groups = pieces
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
+
+
 def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                    eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over `param_groups`: fused where `use_fused` says it runs, else foreach (multi-tensor ops:
@@ -55,8 +83,9 @@ def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, be
     groups = param_groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
     fused = use_fused(params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None,
-                             foreach=None if fused or not params else True)
+    mixed = any(len({_mesh_key(p) for p in g["params"] if not p.is_meta}) > 1 for g in groups)
+    return (_MeshAdamW if mixed else torch.optim.AdamW)(groups, lr=lr, betas=betas, eps=eps, fused=fused or None,
+                                                        foreach=None if fused or not params else True)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
