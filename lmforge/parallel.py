@@ -4,7 +4,7 @@ The spec is a comma-separated list of degrees, as torchtitan and Megatron write 
 
 - `ddp` (or `dp`): data parallelism over every device, each holding the whole model;
 - `fsdp`: sharded data parallelism (FSDP2 / ZeRO-3) over every device;
-- `tp=N`: tensor parallelism, each block's projections split over N devices;
+- `tp=N`: tensor parallelism, each block's projections, the embeddings and the head split over N devices;
 - `pp=N`: pipeline parallelism, the blocks split into N stages;
 - combinations such as `tp=2,dp=4` or `tp=2,fsdp` (a 2-D device mesh): a data-parallel degree left out
   fills the devices the others leave (as DDP, or FSDP when `fsdp` is named without a number).

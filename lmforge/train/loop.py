@@ -207,7 +207,7 @@ def plot_losses(history: list[dict], path: Path, title: str = "") -> None:
 def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
     """Clip the gradients to `clip` (0: no clipping) and return their global norm. Under FSDP2 the gradients
     are shards (DTensors) and so is the norm: `full_tensor()` makes it the whole model's, the same on every rank.
-    Under tensor parallelism only the split projections are DTensors; `implicit_replication` counts the
+    Under tensor parallelism only the split weights are DTensors; `implicit_replication` counts the
     others (identical on every rank) once. With FSDP2 on top (a 2-D mesh) the gradients span two meshes,
     whose norms `lmforge.train.mesh` adds."""
     from torch.distributed.tensor.experimental import implicit_replication

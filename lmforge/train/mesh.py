@@ -8,7 +8,8 @@ alone; the rows then divide the batch among themselves over mesh["dp"] (a column
 
 - `tp=N,fsdp=M` (strategy "tp+fsdp"), the torchtitan way: FSDP2 `fully_shard` with mesh["dp"] on every block
   and then on the root. A tensor-parallel weight becomes a 2-D DTensor, its tp shard split again over dp;
-  the weights tensor parallelism leaves whole (embeddings, norms, lm_head) are sharded over dp alone.
+  the weights tensor parallelism leaves whole (norms, position embeddings; the token embedding and lm_head
+  too when tp does not divide the vocabulary) are sharded over dp alone.
 - `tp=N,dp=M` (strategy "tp"): replicas, like DDP, with the gradients averaged over mesh["dp"] by one
   explicit all-reduce per bucket after the last micro-step's backward (`replica_sync`). Why not DDP: DDP
   does not take DTensor parameters (PyTorch's own TP+DDP path, `tensor.parallel.ddp`, swaps them for plain

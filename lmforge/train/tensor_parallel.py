@@ -15,15 +15,30 @@ each rank's whole heads of q, k and v, and matching halves of gate and up. Each 
 with its local head counts, set on the module here (`model/gpt.py` reads `self.n_heads`, `self.n_kv_heads`
 and knows nothing of this); checkpoints are written in the original row order (`full_state_dict`).
 
-What stays replicated in this first version: embeddings, norms and `lm_head` (every rank holds and
-computes them whole; their gradients agree across ranks because DTensor all-reduces the gradient flowing
-back into each column-parallel input). Mixture-of-experts blocks are not split.
+The token embedding and the output head (a small model's largest weights) are split by vocabulary:
+`tok_emb` is row-parallel (rank r holds rows r*V/tp .. (r+1)*V/tp of the table, looks up the tokens that fall
+there, zeros for the others, and one all-reduce sums the lookups into the whole embedding on every rank) and
+`lm_head` column-parallel (rank r computes the logits of its slice of the vocabulary, and one all-gather makes
+them whole, so the losses, masks and sampling see ordinary (B, T, V) logits; torch's `loss_parallel` would
+skip that gather, but only by leaving the logits a vocabulary-sharded DTensor that every one of those
+consumers would have to take, so it is not used). Both weights are `Shard(0)` over the vocabulary, so a
+tied model (`tie_embeddings`: one Parameter for both) stays tied: after sharding, `lm_head.weight` is set to
+`tok_emb`'s DTensor again, one parameter, one gradient, one optimizer state. A vocabulary that tp does not divide (GPT-2's 50257) is left replicated rather than refused, with a
+note on rank 0: the blocks still split, and padding the vocabulary would change the checkpoint's shapes.
+Gemma's `embed_scale` multiplies the embedding after the all-reduce, as on one process.
+
+What stays replicated: position embeddings (learned or sinusoidal: context x d_model, small), norms, and
+the row-parallel layers' biases (every rank holds and computes them whole; their gradients agree across ranks
+because DTensor all-reduces the gradient flowing back into each column-parallel input). Mixture-of-experts
+blocks are not split.
 
 The checkpoint functions below gather any DTensor whole, over every mesh dimension, so they also serve the
 2-D mesh, where FSDP2 shards these weights (and their optimizer moments) over dp as well.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -75,8 +90,29 @@ def parallelize(model: nn.Module, mesh, tp: int) -> nn.Module:
         assert isinstance(block.mlp, MLP)
         parallelize_module(block, mesh, plan)
         block.attn.n_heads, block.attn.n_kv_heads = cfg.n_heads // tp, cfg.n_kv_heads // tp
+    if cfg.vocab_size % tp == 0:
+        _shard_vocab(model, mesh)
+    elif torch.distributed.get_rank() == 0:
+        print(f"note: the vocabulary ({cfg.vocab_size} tokens) does not divide among tp={tp} ranks, so the "
+              f"embeddings and the output head stay whole on every rank", file=sys.stderr, flush=True)
     model._tp_row_orders = orders  # for writing checkpoints in the original row order
     return model
+
+
+def _shard_vocab(model: nn.Module, mesh) -> None:
+    """Split `tok_emb` and `lm_head` by vocabulary rows (both weights `Shard(0)`), keeping a tie a tie."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tied = model.lm_head.weight is model.tok_emb.weight
+    parallelize_module(model, mesh, {
+        # the token ids arrive whole on every rank; each looks up its rows, one all-reduce sums them
+        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        # each rank's logits for its slice of the vocabulary, gathered whole for the loss
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    })
+    if tied:  # each module got its own DTensor of the one weight: make them one parameter again
+        model.lm_head.weight = model.tok_emb.weight
 
 
 def _whole(name: str, t, orders: dict[str, torch.Tensor]) -> torch.Tensor:
