@@ -21,8 +21,9 @@ The rules, each a commonplace of the field:
   while it is recomputed.
 - Division across devices: DDP replicates everything; FSDP (ZeRO-3) shards weights, gradients and
   optimizer state over its ranks and holds two units gathered (one computing, one prefetched); tensor
-  parallelism divides the matrices, the heads and the MLP's intermediates by tp (norms' activations stay
-  whole, no sequence parallelism); pipeline parallelism gives each stage ceil(layers/pp) blocks (the first
+  parallelism divides the matrices (the embedding and output head too), the heads and the MLP's
+  intermediates by tp (norms' activations and the logits stay whole, as lmforge's TP gathers the logits
+  for the loss; no sequence parallelism); pipeline parallelism gives each stage ceil(layers/pp) blocks (the first
   also the embeddings, the last the output head) and with a 1F1B schedule the first stage keeps
   min(pp, micro-batches) micro-batches of activations in flight.
 - Inference: the weights at a dtype, or at a GGUF mix (`quant.mix.tensor_types`, llama.cpp's per-tensor
@@ -253,8 +254,9 @@ def training_memory(cfg: ModelConfig, *, batch: int, seq: int, precision: str = 
     else:
         kept, kept_f = per_stage * per_tok, f"{per_stage} blocks x {per_tok:,.0f}"
         transient, why = 0.0, ""
-    logits = tokens * 2 * cfg.vocab_size * 4 / par.tp
-    logits_f = f"logits and their gradient {batch} x {seq} x 2 x {cfg.vocab_size}{f'/{par.tp}' if par.tp > 1 else ''} x 4 B"
+    logits = tokens * 2 * cfg.vocab_size * 4  # whole on every tp rank: lmforge's TP gathers them for the loss
+    logits_f = f"logits and their gradient {batch} x {seq} x 2 x {cfg.vocab_size} x 4 B" + \
+        (" (gathered whole on each tensor-parallel rank)" if par.tp > 1 else "")
     last = (kept + transient) * tokens * act_b + logits
     formula = f"{batch} x {seq} tokens x ({kept_f}{why}) values x {act_b} B + {logits_f}"
     acts = last
